@@ -1,0 +1,517 @@
+"""Pure-Python twin of fastlb._core: the reference implementation.
+
+Same API and, for the same seed, the same picks as the compiled core. It is written
+to be obviously right, not fast: most picks scan every backend (O(n)). The tests run
+each behaviour against both implementations and compare their pick sequences; the
+benchmarks use this module as the baseline the compiled core must beat.
+
+Every ordering has a total tie-break (a sequence number), so "the same picks" is exact,
+not statistical. The random algorithms share one splitmix64 generator.
+"""
+from bisect import bisect_left
+from math import ceil
+import os
+import zlib
+
+import xxhash
+
+ALGORITHMS = ("roundrobin", "random", "leastconn", "leasttime", "p2c", "first",
+              "hash", "ketama", "maglev")
+STATE_NAMES = ("up", "drain", "down", "removed")
+UP, DRAIN, DOWN, REMOVED = range(4)
+
+MAX_WEIGHT = 256
+KETAMA_POINTS_PER_WEIGHT = 160      # nginx's ngx_http_upstream_hash_module
+MAGLEV_MIN_TABLE_SIZE = 65537       # prime; grown to a prime >= 100 x backends
+EWMA_ALPHA = 0.3                    # weight of the newest latency sample
+LATENCY_FLOOR = 1e-6                # keeps in-flight counts meaningful before any sample
+LEASTTIME_DECAY_PICKS = 1000        # a backend unpicked this long is probed again
+WALK_LIMIT = 64                     # ring/table steps before falling back to plain hashing
+MASK64 = (1 << 64) - 1
+MASK32 = (1 << 32) - 1
+
+_HEAP_ALGORITHMS = ("roundrobin", "leastconn", "leasttime", "first")
+_CONSISTENT = ("hash", "ketama", "maglev")
+
+
+def hash_key(key):
+    """The 64-bit xxh3 hash fastlb uses for every request key."""
+    return xxhash.xxh3_64_intdigest(_as_bytes(key))
+
+
+def _as_bytes(key):
+    if isinstance(key, bytes):
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    return bytes(key)
+
+
+def ketama_host_port(addr):
+    """Split an address the way nginx does before hashing it onto the ring."""
+    raw = addr.encode()
+    if raw[:5].lower() == b"unix:":
+        return raw[5:], b""
+    colon = raw.rfind(b":")
+    if colon >= 0 and raw[colon + 1:].isdigit():
+        return raw[:colon], raw[colon + 1:]
+    return raw, b""
+
+
+def ketama_points(addr, weight):
+    """nginx's points for one server: crc32(host \\0 port, previous point), chained."""
+    host, port = ketama_host_port(addr)
+    base = host + b"\0" + port
+    previous = 0
+    points = []
+    for _ in range(KETAMA_POINTS_PER_WEIGHT * weight):
+        previous = zlib.crc32(base + previous.to_bytes(4, "little"))
+        points.append(previous)
+    return points
+
+
+def maglev_table_size(n_backends):
+    """Smallest prime >= max(65537, 100 x backends): ~100 slots a backend keeps balance."""
+    size = max(MAGLEV_MIN_TABLE_SIZE, 100 * n_backends)
+    while not _is_prime(size):
+        size += 1
+    return size
+
+
+def _is_prime(n):
+    if n < 2 or n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+class Balancer:
+    """Backend selection and accounting; backends are known by index.
+
+    See fastlb/_core.pyx for the documented API and each algorithm's cost.
+    """
+
+    def __init__(self, addrs, algorithm="roundrobin", weights=None, *,
+                 bounded_load=0.0, seed=None, table_size=0):
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+        addrs = list(addrs)
+        if weights is None:
+            weights = [1] * len(addrs)
+        weights = list(weights)
+        if len(weights) != len(addrs):
+            raise ValueError(f"{len(weights)} weights for {len(addrs)} backends")
+        if bounded_load and bounded_load < 1.0:
+            raise ValueError(f"bounded_load must be 0 (off) or >= 1.0, not {bounded_load}")
+        if bounded_load and algorithm not in _CONSISTENT:
+            raise ValueError(f"bounded_load applies to hash, ketama and maglev, not {algorithm}")
+        self.algorithm = algorithm
+        self.bounded_load = float(bounded_load)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        self._rng = seed & MASK64
+        self._seq = 0
+        self._touches = 0
+        self._clock = 0
+        self._vtime = 0.0
+        self._total_inflight = 0
+        self._addr, self._weight, self._state = [], [], []
+        self._inflight, self._picks, self._failures, self._consecutive = [], [], [], []
+        self._ewma, self._key, self._order = [], [], []
+        self._touched, self._touched_at = [], []
+        self._eligible, self._eligible_pos = [], []
+        self._ring_hashes, self._ring_servers, self._maglev = [], [], []
+        self._table_size = table_size or maglev_table_size(len(addrs))
+        if self._table_size < 1 or not _is_prime(self._table_size):
+            raise ValueError(f"table_size must be a prime, not {self._table_size}")
+        for addr, weight in zip(addrs, weights):
+            self._append(addr, weight)
+        self._rebuild()
+
+    # ---- public API -------------------------------------------------------------
+
+    def __len__(self):
+        return len(self._addr)
+
+    @property
+    def available(self):
+        return len(self._eligible)
+
+    @property
+    def total_inflight(self):
+        return self._total_inflight
+
+    def pick(self, key=None, avoid=-1):
+        if not self._eligible:
+            return -1
+        if avoid >= 0 and (len(self._eligible) == 1 or not self._is_eligible(avoid)):
+            avoid = -1
+        h = self._key_hash(key) if self.algorithm in _CONSISTENT else 0
+        chosen = self._choose(h, (avoid,) if avoid >= 0 else ())
+        self._picks[chosen] += 1
+        return chosen
+
+    def candidates(self, key=None, n=2):
+        if not self._eligible or n < 1:
+            return []
+        h = self._key_hash(key) if self.algorithm in _CONSISTENT else 0
+        first = self._choose(h, ())
+        self._picks[first] += 1
+        chosen = [first]
+        algorithm = self.algorithm
+        if algorithm in _HEAP_ALGORITHMS:
+            rest = sorted((i for i in self._eligible if i != first), key=self._order_key)
+            chosen.extend(rest[:n - 1])
+        elif algorithm in ("random", "p2c"):
+            while len(chosen) < n and len(chosen) < len(self._eligible):
+                chosen.append(self._weighted_draw(chosen))
+        else:
+            for i in self._consistent_walk(h, steps=WALK_LIMIT * n):
+                if i not in chosen and self._is_eligible(i):
+                    chosen.append(i)
+                    if len(chosen) == n:
+                        break
+            if len(chosen) < n:
+                start = self._weighted_find(h % self._eligible_weight(()))
+                for i in self._index_walk(start):
+                    if i not in chosen:
+                        chosen.append(i)
+                        if len(chosen) == n:
+                            break
+        return chosen
+
+    def on_connect(self, i):
+        self._check_index(i)
+        self._inflight[i] += 1
+        self._total_inflight += 1
+        self._rekey(i)
+
+    def on_close(self, i):
+        self._check_index(i)
+        if self._inflight[i] > 0:
+            self._inflight[i] -= 1
+            self._total_inflight -= 1
+            self._rekey(i)
+
+    def on_response(self, i, seconds, ok=True):
+        self._check_index(i)
+        seconds = max(float(seconds), 0.0)
+        ewma = self._ewma[i]
+        self._ewma[i] = seconds if ewma <= 0.0 else ewma + EWMA_ALPHA * (seconds - ewma)
+        if ok:
+            self._consecutive[i] = 0
+        else:
+            self._failures[i] += 1
+            self._consecutive[i] += 1
+        self._rekey(i)
+
+    def set_weight(self, i, weight):
+        self._check_index(i)
+        weight = _check_weight(weight)
+        if weight == self._weight[i]:
+            return
+        was = self._is_eligible(i)
+        self._weight[i] = weight
+        self._eligibility_changed(i, was, reentered=was and self._is_eligible(i))
+        if self.algorithm in ("ketama", "maglev"):
+            self._rebuild()
+
+    def set_state(self, i, state):
+        self._check_index(i)
+        try:
+            code = STATE_NAMES.index(state, 0, REMOVED)
+        except ValueError:
+            raise ValueError(f"state must be 'up', 'down' or 'drain', not {state!r}") from None
+        if code == self._state[i]:
+            return
+        was = self._is_eligible(i)
+        self._state[i] = code
+        self._eligibility_changed(i, was)
+
+    def add(self, addr, weight=1):
+        i = self._append(addr, weight)
+        self._rebuild()
+        return i
+
+    def remove(self, i):
+        self._check_index(i)
+        was = self._is_eligible(i)
+        self._state[i] = REMOVED
+        self._total_inflight -= self._inflight[i]
+        self._inflight[i] = 0
+        self._eligibility_changed(i, was)
+        self._rebuild()
+
+    def stats(self, i):
+        if not 0 <= i < len(self._addr):
+            raise IndexError(f"no backend {i}")
+        return {
+            "addr": self._addr[i],
+            "weight": self._weight[i],
+            "state": STATE_NAMES[self._state[i]],
+            "inflight": self._inflight[i],
+            "picks": self._picks[i],
+            "failures": self._failures[i],
+            "consecutive_failures": self._consecutive[i],
+            "ewma": self._ewma[i],
+        }
+
+    # ---- membership ---------------------------------------------------------------
+
+    def _append(self, addr, weight):
+        if not isinstance(addr, str) or not addr:
+            raise ValueError(f"backend address must be a non-empty 'host:port' string, not {addr!r}")
+        weight = _check_weight(weight)
+        i = len(self._addr)
+        for column, value in ((self._addr, addr), (self._weight, weight), (self._state, UP),
+                              (self._inflight, 0), (self._picks, 0), (self._failures, 0),
+                              (self._consecutive, 0), (self._ewma, 0.0), (self._key, 0.0),
+                              (self._order, 0), (self._touched, 0), (self._touched_at, 0),
+                              (self._eligible_pos, -1)):
+            column.append(value)
+        self._eligibility_changed(i, False)
+        return i
+
+    def _is_eligible(self, i):
+        return self._state[i] == UP and self._weight[i] > 0
+
+    def _eligibility_changed(self, i, was, reentered=False):
+        now = self._is_eligible(i)
+        if was and not now:
+            pos = self._eligible_pos[i]
+            last = self._eligible.pop()
+            if last != i:
+                self._eligible[pos] = last
+                self._eligible_pos[last] = pos
+            self._eligible_pos[i] = -1
+        elif now and not was:
+            self._eligible_pos[i] = len(self._eligible)
+            self._eligible.append(i)
+        if now and (reentered or not was):
+            self._enter(i)
+
+    def _enter(self, i):
+        """A backend joins (or rejoins after a weight change) the pick order."""
+        self._seq += 1
+        self._order[i] = self._seq
+        if self.algorithm == "roundrobin":
+            self._key[i] = self._vtime + 0.5 / self._weight[i]
+        elif self.algorithm == "first":
+            self._key[i] = float(i)
+            self._order[i] = 0
+        else:
+            self._rekey(i)
+        self._touches += 1
+        self._touched[i] = self._touches
+        self._touched_at[i] = self._clock
+
+    def _rekey(self, i):
+        if self._weight[i] == 0:
+            return
+        if self.algorithm == "leastconn":
+            self._key[i] = (self._inflight[i] + 1.0) / self._weight[i]
+        elif self.algorithm == "leasttime":
+            self._key[i] = (self._ewma[i] + LATENCY_FLOOR) * (self._inflight[i] + 1.0) / self._weight[i]
+
+    def _rebuild(self):
+        if self.algorithm == "ketama":
+            points = []
+            for i, addr in enumerate(self._addr):
+                if self._state[i] != REMOVED and self._weight[i] > 0:
+                    points.extend((h, i) for h in ketama_points(addr, self._weight[i]))
+            points.sort()
+            self._ring_hashes, self._ring_servers = [], []
+            for h, i in points:
+                if not self._ring_hashes or self._ring_hashes[-1] != h:
+                    self._ring_hashes.append(h)
+                    self._ring_servers.append(i)
+        elif self.algorithm == "maglev":
+            self._maglev = self._maglev_populate()
+
+    def _maglev_populate(self):
+        size = self._table_size
+        entries = []
+        for i, addr in enumerate(self._addr):
+            if self._state[i] != REMOVED and self._weight[i] > 0:
+                raw = addr.encode()
+                offset = xxhash.xxh3_64_intdigest(raw, seed=0) % size
+                skip = xxhash.xxh3_64_intdigest(raw, seed=1) % (size - 1) + 1
+                entries.append([i, offset, skip, self._weight[i], 0, 0])  # ..., next, target
+        table = [-1] * size
+        if not entries:
+            return table
+        max_weight = max(e[3] for e in entries)
+        filled, iteration = 0, 1
+        while filled < size:
+            for entry in entries:
+                if filled >= size:
+                    break
+                i, offset, skip, weight, nxt, target = entry
+                if iteration * weight < target:
+                    continue
+                entry[5] = target + max_weight
+                slot = (offset + skip * nxt) % size
+                while table[slot] >= 0:
+                    nxt += 1
+                    slot = (offset + skip * nxt) % size
+                table[slot] = i
+                entry[4] = nxt + 1
+                filled += 1
+            iteration += 1
+        return table
+
+    # ---- choosing -------------------------------------------------------------------
+
+    def _choose(self, h, avoid):
+        algorithm = self.algorithm
+        if algorithm in _HEAP_ALGORITHMS:
+            return self._choose_ordered(avoid)
+        if algorithm == "random":
+            return self._weighted_draw(avoid)
+        if algorithm == "p2c":
+            return self._choose_p2c(avoid)
+        return self._choose_consistent(h, avoid)
+
+    def _order_key(self, i):
+        return (self._key[i], self._order[i])
+
+    def _choose_ordered(self, avoid):
+        algorithm = self.algorithm
+        chosen = -1
+        if algorithm == "leasttime":
+            self._clock += 1
+            head = min(self._eligible, key=self._touched.__getitem__)
+            stale_after = max(LEASTTIME_DECAY_PICKS, 2 * len(self._eligible))
+            if head not in avoid and self._clock - self._touched_at[head] > stale_after:
+                self._ewma[head] *= 0.5
+                self._rekey(head)
+                chosen = head
+        if chosen < 0:
+            chosen = min((i for i in self._eligible if i not in avoid), key=self._order_key)
+        if algorithm == "roundrobin":
+            self._vtime = self._key[chosen]
+            self._key[chosen] += 1.0 / self._weight[chosen]
+        if algorithm != "first":
+            self._seq += 1
+            self._order[chosen] = self._seq
+        if algorithm == "leasttime":
+            self._touches += 1
+            self._touched[chosen] = self._touches
+            self._touched_at[chosen] = self._clock
+        return chosen
+
+    def _next_random(self):
+        """splitmix64: tiny, fast, and easy to mirror exactly in C."""
+        self._rng = (self._rng + 0x9E3779B97F4A7C15) & MASK64
+        z = self._rng
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        return z ^ (z >> 31)
+
+    def _eligible_weight(self, excluded):
+        return sum(self._weight[i] for i in self._eligible if i not in excluded)
+
+    def _weighted_find(self, r, excluded=()):
+        """The backend owning position r of the eligible weights laid out in index order."""
+        for i in range(len(self._addr)):
+            if self._is_eligible(i) and i not in excluded:
+                if r < self._weight[i]:
+                    return i
+                r -= self._weight[i]
+        raise AssertionError("position beyond the total weight")
+
+    def _weighted_draw(self, excluded):
+        return self._weighted_find(self._next_random() % self._eligible_weight(excluded), excluded)
+
+    def _choose_p2c(self, avoid):
+        count = len(self._eligible)
+        if count == 1:
+            return self._eligible[0]
+        first_pos = self._next_random() % count
+        second_pos = self._next_random() % (count - 1)
+        if second_pos >= first_pos:
+            second_pos += 1
+        a, b = self._eligible[first_pos], self._eligible[second_pos]
+        if a in avoid:
+            return b
+        if b in avoid:
+            return a
+        # Compare (inflight + 1) / weight without division.
+        if (self._inflight[a] + 1) * self._weight[b] > (self._inflight[b] + 1) * self._weight[a]:
+            return b
+        return a
+
+    def _key_hash(self, key):
+        return self._next_random() if key is None else hash_key(key)
+
+    def _within_bound(self, i):
+        if self.bounded_load <= 0.0:
+            return True
+        capacity = ceil(self.bounded_load * (self._total_inflight + 1) * self._weight[i]
+                        / self._eligible_weight(()))
+        return self._inflight[i] + 1 <= capacity
+
+    def _choose_consistent(self, h, avoid):
+        fallback = -1
+        for i in self._consistent_walk(h, WALK_LIMIT):
+            if i in avoid or not self._is_eligible(i):
+                continue
+            if self._within_bound(i):
+                return i
+            if fallback < 0:
+                fallback = i
+        if fallback >= 0:
+            return fallback
+        # The ring or table walk met only unavailable backends: hash over those left.
+        return self._weighted_find(h % self._eligible_weight(avoid), avoid)
+
+    def _consistent_walk(self, h, steps):
+        """Backends in this key's preference order (may repeat, may be unavailable)."""
+        algorithm = self.algorithm
+        if algorithm == "hash":
+            start = self._weighted_find(h % self._eligible_weight(()))
+            walk = self._index_walk(start)
+        elif algorithm == "ketama":
+            walk = self._ring_walk(h & MASK32)
+        else:
+            walk = self._table_walk(h % self._table_size)
+        for step, i in enumerate(walk):
+            if step >= steps:
+                return
+            yield i
+
+    def _index_walk(self, start):
+        n = len(self._addr)
+        for offset in range(n):
+            i = (start + offset) % n
+            if self._is_eligible(i):
+                yield i
+
+    def _ring_walk(self, h32):
+        count = len(self._ring_hashes)
+        if count == 0:
+            return
+        pos = bisect_left(self._ring_hashes, h32)
+        for offset in range(count):
+            yield self._ring_servers[(pos + offset) % count]
+
+    def _table_walk(self, slot):
+        size = self._table_size
+        for offset in range(size):
+            i = self._maglev[(slot + offset) % size]
+            if i >= 0:
+                yield i
+
+    def _check_index(self, i):
+        if not 0 <= i < len(self._addr) or self._state[i] == REMOVED:
+            raise IndexError(f"no backend {i}")
+
+
+def _check_weight(weight):
+    if not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
+    return weight
