@@ -1,0 +1,119 @@
+"""The `fastlb` command: flags -> Config, then run (or check, or the demo)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from fastlb import __version__
+from fastlb.config import (FIELDS, ConfigError, build, flag_name, load_file, parse_backend, parse_bind)
+
+EXAMPLES = """\
+examples:
+  fastlb --bind 0.0.0.0:8080 --backend 10.0.0.1:80 --backend 10.0.0.2:80
+  fastlb --bind :5432 --backend db1:5432,weight=3 --backend db2:5432,backup --algorithm leastconn
+  fastlb --bind :8080,accept-proxy --backend 10.0.0.1:80,send-proxy-v2,maxconn=500 --workers auto
+  fastlb --bind :6379 --backend r1:6379 --backend r2:6379 --algorithm ketama --hash-key source
+  fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
+  fastlb --check-config /etc/fastlb.toml                (validate and exit)
+  fastlb demo                                           (a balancer in front of 3 demo backends)
+
+durations accept seconds or a unit: 5, 2.5s, 500ms, 1m. maxconn and queue limits are per worker.
+"""
+
+
+def _flag_type(field_name: str, parser: Callable[[Any], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return parser(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = field_name      # argparse names the type in some messages
+    return parse
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from fastlb import ALGORITHMS
+
+    parser = argparse.ArgumentParser(
+        prog="fastlb", description="fastlb: a fast TCP load balancer on uvloop with a compiled core.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+
+    def field(name: str, help: str, metavar: str | None = None) -> None:
+        add(flag_name(name), dest=name, type=_flag_type(name, FIELDS[name]), default=None,
+            metavar=metavar, help=help)
+
+    add("--version", action="version", version=f"fastlb {__version__}")
+    add("--config", metavar="FILE", help="TOML config file; flags given as well override its values")
+    add("--check-config", metavar="FILE", help="validate FILE (with any other flags) and exit")
+    field("mode", "tcp (default) or http (not available yet)", "tcp|http")
+    add("--bind", dest="binds", action="append", type=_flag_type("bind", parse_bind),
+        metavar="HOST:PORT[,accept-proxy]",
+        help="listen address (repeatable); accept-proxy expects a PROXY v1/v2 header on each connection")
+    add("--backend", dest="backends", action="append", type=_flag_type("backend", parse_backend),
+        metavar="HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2]",
+        help="backend server (repeatable). weight 0-256 (default 1); backup: used only when no primary "
+             "can take the connection; maxconn: per-backend limit; send-proxy[-v2]: PROXY header to it")
+    field("algorithm", f"balancing algorithm: {', '.join(ALGORITHMS)} (default roundrobin)", "NAME")
+    field("hash_key", "key for hash/ketama/maglev: source (the client IP)", "source")
+    field("bounded_load", "hash algorithms: cap a backend at this factor of the mean load (>= 1.0; "
+          "0 = off)", "F")
+    field("seed", "seed for the random algorithms (reproducible runs)", "N")
+    field("workers", "worker processes sharing the port with SO_REUSEPORT, or auto (one per CPU); "
+          "default 1", "N|auto")
+    field("maxconn", "relayed connections per worker (default: what the open-files limit allows)", "N")
+    field("queue_size", "connections that may wait for a free slot, per worker (default 1024)", "N")
+    field("queue_timeout", "how long a connection may wait for a slot (default 5s)", "DURATION")
+    field("connect_timeout", "backend connect timeout, and the PROXY header timeout (default 5s)",
+          "DURATION")
+    field("idle_timeout", "close a relayed connection idle both ways this long; 0 = never (default 5m)",
+          "DURATION")
+    field("retries", "further backends tried after a failed connect (default 2)", "N")
+    field("grace_period", "on SIGTERM, how long live connections may finish (default 10s)", "DURATION")
+    field("backlog", "listen backlog (default 1024)", "N")
+    field("log_level", "debug, info (default), warning or error", "LEVEL")
+    return parser
+
+
+def config_from_args(argv: list[str]):
+    """Parses flags and the config file into a Config. Exits 2 with argparse's message on a bad flag;
+    raises ConfigError (naming flag or file:line and field) on a bad value."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    config_path = args.check_config or args.config
+    if args.check_config and args.config and args.check_config != args.config:
+        parser.error("--config and --check-config name different files")
+    if config_path:
+        values, sources = load_file(config_path)
+    for name in (*FIELDS, "binds", "backends"):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+            sources[name] = flag_name(name).rstrip("s") if name in ("binds", "backends") else flag_name(name)
+    return args, build(values, sources)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from fastlb import demo
+        return demo.main(argv[1:])
+    try:
+        args, config = config_from_args(argv)
+    except ConfigError as exc:
+        print(f"fastlb: error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        primaries = sum(not b.backup for b in config.backends)
+        print(f"{args.check_config}: OK ({len(config.binds)} bind(s), {primaries} backend(s), "
+              f"{len(config.backends) - primaries} backup(s), algorithm {config.algorithm})")
+        return 0
+    from fastlb import server
+    return server.run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

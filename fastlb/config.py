@@ -1,0 +1,506 @@
+"""Configuration: the `Config` dataclasses, the TOML file, and validation.
+
+Flags and the TOML file share one table of field parsers (`FIELDS`), so a value is checked the same way
+wherever it comes from, and every error names where the value came from: the flag (`--workers`) or the
+file position and field (`lb.toml:7: backend[2].weight`).
+
+The file format (all keys optional; flags override the file; `bind`/`backend` given as flags replace the
+file's lists):
+
+    mode = "tcp"
+    algorithm = "leastconn"
+    workers = 2                      # or "auto"
+    connect_timeout = "2s"           # a number of seconds, or "500ms", "2s", "1m"
+    idle_timeout = "5m"
+    maxconn = 5000                   # per worker process
+
+    [[bind]]
+    address = "0.0.0.0:8080"
+    accept_proxy = false
+
+    [[backend]]
+    address = "10.0.0.1:80"
+    weight = 2
+    maxconn = 100
+    backup = false
+    send_proxy = "v2"                # false, "v1" or "v2"
+
+`bind` and `backend` may also be arrays of strings in the flag syntax:
+`backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup"]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+MODES = ("tcp", "http")
+HASHING_ALGORITHMS = ("hash", "ketama", "maglev")
+HASH_KEYS = ("source",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Open files a worker needs besides relayed connections: listeners, the event loop's own fds, logging,
+# stdio, a margin for connects in flight when the limit is reached.
+RESERVED_FDS = 64
+
+
+class ConfigError(Exception):
+    """A bad flag or config value. str() is the whole message, naming the flag or file:line and field."""
+
+
+@dataclass
+class BindSpec:
+    host: str
+    port: int
+    accept_proxy: bool = False
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+
+@dataclass
+class BackendSpec:
+    host: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+    maxconn: int = 0          # 0: no per-backend limit
+    send_proxy: int = 0       # 0: off, 1: PROXY v1 (text), 2: PROXY v2 (binary)
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+
+@dataclass
+class Config:
+    mode: str = "tcp"
+    binds: list[BindSpec] = field(default_factory=list)
+    backends: list[BackendSpec] = field(default_factory=list)
+    algorithm: str = "roundrobin"
+    hash_key: str | None = None
+    bounded_load: float = 0.0
+    seed: int | None = None
+    workers: int = 1
+    maxconn: int | None = None       # per worker; None: as many as the open-files limit allows
+    queue_size: int = 1024           # connections waiting for a free slot, per worker
+    queue_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0      # 0: never
+    retries: int = 2                 # further backends tried after a failed connect
+    grace_period: float = 10.0
+    backlog: int = 1024
+    log_level: str = "info"
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value parsers. Each takes the raw value (a flag's string, or a TOML value) and returns the typed value,
+# or raises ValueError with a short description of what is expected.
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[IPv6]:PORT' -> (host, port)."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected 'HOST:PORT' (got {text!r})")
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080 (got {text!r})")
+    host = match.group(1) if match.group(1) is not None else match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535 (got {port})")
+    if match.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad IPv6 address {host!r}") from None
+    if host in ("", "*"):
+        host = "0.0.0.0"
+    return host, port
+
+
+def parse_int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer >= {minimum} (got {value!r})")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip().replace("_", ""))
+            except ValueError:
+                raise ValueError(f"expected an integer >= {minimum} (got {value!r})") from None
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected an integer >= {minimum} (got {value!r})")
+        return value
+    return parse
+
+
+MAX_WEIGHT = 256  # the core's limit
+
+
+def parse_weight(value: Any) -> int:
+    weight = parse_int(0)(value)
+    if weight > MAX_WEIGHT:
+        raise ValueError(f"expected an integer from 0 to {MAX_WEIGHT} (got {value!r})")
+    return weight
+
+
+def parse_float(minimum: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number >= {minimum} (got {value!r})") from None
+        if number != number or number < minimum:
+            raise ValueError(f"expected a number >= {minimum} (got {value!r})")
+        return number
+    return parse
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds as a number, or a string with a unit: '250ms', '5s', '2m', '1h'. Never negative."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", value)
+        if not match:
+            raise ValueError(f"expected a duration such as 5, 2.5s, 500ms, 1m (got {value!r})")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    else:
+        raise ValueError(f"expected a duration such as 5, 2.5s, 500ms, 1m (got {value!r})")
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"expected a duration >= 0 (got {value!r})")
+    return seconds
+
+
+def parse_positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be greater than 0 (got {value!r})")
+    return seconds
+
+
+def parse_choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        return value.lower()
+    return parse
+
+
+def parse_algorithm(value: Any) -> str:
+    from fastlb import ALGORITHMS
+    return parse_choice("algorithm", tuple(ALGORITHMS))(value)
+
+
+def parse_workers(value: Any) -> int:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) or 1
+    try:
+        return parse_int(1)(value)
+    except ValueError:
+        raise ValueError(f"expected a number of processes >= 1, or 'auto' (got {value!r})") from None
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false (got {value!r})")
+
+
+def parse_send_proxy(value: Any) -> int:
+    if value is False or value in ("off", "none", "false"):
+        return 0
+    if value is True or value in ("v1", "1", 1):
+        return 1
+    if value in ("v2", "2", 2):
+        return 2
+    raise ValueError(f"expected false, \"v1\" or \"v2\" (got {value!r})")
+
+
+def parse_backend(text: Any) -> BackendSpec:
+    """'HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2]'."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected 'HOST:PORT[,weight=N][,backup][,maxconn=N]' (got {text!r})")
+    address, *options = text.split(",")
+    host, port = parse_address(address)
+    backend = BackendSpec(host, port)
+    for option in options:
+        name, _, value = option.strip().partition("=")
+        name = name.strip().replace("_", "-")
+        if name == "weight" and value:
+            backend.weight = _option(parse_weight, name, value)
+        elif name == "maxconn" and value:
+            backend.maxconn = _option(parse_int(0), name, value)
+        elif name == "backup" and not value:
+            backend.backup = True
+        elif name == "send-proxy" and not value:
+            backend.send_proxy = 1
+        elif name == "send-proxy-v2" and not value:
+            backend.send_proxy = 2
+        else:
+            raise ValueError(f"unknown backend option {option.strip()!r}; known: weight=N, maxconn=N, "
+                             f"backup, send-proxy, send-proxy-v2")
+    return backend
+
+
+def parse_bind(text: Any) -> BindSpec:
+    """'HOST:PORT[,accept-proxy]'."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected 'HOST:PORT[,accept-proxy]' (got {text!r})")
+    address, *options = text.split(",")
+    host, port = parse_address(address)
+    bind = BindSpec(host, port)
+    for option in options:
+        if option.strip().replace("_", "-") == "accept-proxy":
+            bind.accept_proxy = True
+        else:
+            raise ValueError(f"unknown bind option {option.strip()!r}; known: accept-proxy")
+    return bind
+
+
+def _option(parser: Callable[[Any], Any], name: str, value: str) -> Any:
+    try:
+        return parser(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+# Scalar fields shared by flags and the file: config name -> parser. The flag is `--` + name with dashes.
+FIELDS: dict[str, Callable[[Any], Any]] = {
+    "mode": parse_choice("mode", MODES),
+    "algorithm": parse_algorithm,
+    "hash_key": parse_choice("hash key", HASH_KEYS),
+    "bounded_load": parse_float(0.0),
+    "seed": parse_int(0),
+    "workers": parse_workers,
+    "maxconn": parse_int(1),
+    "queue_size": parse_int(0),
+    "queue_timeout": parse_positive_duration,
+    "connect_timeout": parse_positive_duration,
+    "idle_timeout": parse_duration,
+    "retries": parse_int(0),
+    "grace_period": parse_duration,
+    "backlog": parse_int(1),
+    "log_level": parse_choice("log level", LOG_LEVELS),
+}
+
+BIND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "address": parse_address,
+    "accept_proxy": parse_bool,
+}
+BACKEND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "address": parse_address,
+    "weight": parse_weight,
+    "maxconn": parse_int(0),
+    "backup": parse_bool,
+    "send_proxy": parse_send_proxy,
+}
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------------
+# TOML file
+
+class _Locator:
+    """Finds the line of a key in TOML text. tomllib gives values without positions, so errors about a
+    value find its line here: top-level keys, keys inside `[[bind]]` / `[[backend]]` tables (by their
+    index), and string items of `backend = [...]` arrays."""
+
+    _HEADER = re.compile(r"\s*\[\[\s*([A-Za-z0-9_.-]+)\s*\]\]|\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+    _KEY = re.compile(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.keys: dict[tuple[str, int, str], int] = {}
+        self.headers: dict[tuple[str, int], int] = {}
+        counts: dict[str, int] = {}
+        table, index = "", 0
+        for number, line in enumerate(self.lines, 1):
+            header = self._HEADER.match(line)
+            if header:
+                table = header.group(1) or header.group(2)
+                index = counts.get(table, 0)
+                counts[table] = index + 1 if header.group(1) else index
+                self.headers[(table, index)] = number
+                continue
+            key = self._KEY.match(line)
+            if key:
+                self.keys.setdefault((table, index, key.group(1).strip('"')), number)
+
+    def line_of(self, key: str, table: str = "", index: int = 0) -> int:
+        return self.keys.get((table, index, key)) or self.headers.get((table, index)) or 1
+
+    def line_of_item(self, key: str, item: str) -> int:
+        """Line of a string item inside a (possibly multi-line) array assigned to a top-level key."""
+        start = self.line_of(key)
+        quoted = (f'"{item}"', f"'{item}'")
+        for number in range(start, min(start + 1000, len(self.lines) + 1)):
+            if any(q in self.lines[number - 1] for q in quoted):
+                return number
+        return start
+
+
+def _unknown_key_message(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return f"unknown key{hint}"
+
+
+def load_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parses and checks a TOML config file.
+
+    Returns (values, sources): values maps Config field names to typed values (binds/backends as lists of
+    specs), sources maps each field to 'FILE:LINE' for messages about it. Raises ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            raw_bytes = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        text = raw_bytes.decode("utf-8")
+        document = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        match = re.search(r"\(at line (\d+), column (\d+)\)", message)
+        if match:
+            message = message[:match.start()].strip()
+            raise ConfigError(f"{path}:{match.group(1)}: TOML syntax error: {message} "
+                              f"(column {match.group(2)})") from None
+        raise ConfigError(f"{path}: TOML syntax error: {message}") from None
+
+    locator = _Locator(text)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def fail(line: int, where: str, problem: str) -> ConfigError:
+        return ConfigError(f"{path}:{line}: {where}: {problem}")
+
+    for key, value in document.items():
+        name = key.replace("-", "_")
+        line = locator.line_of(key)
+        if name in ("bind", "backend"):
+            values[name + "s"] = _load_list(path, locator, key, value, fail)
+            sources[name + "s"] = f"{path}:{line}"
+            continue
+        if name not in FIELDS:
+            raise fail(line, key, _unknown_key_message(key, [*FIELDS, "bind", "backend"]))
+        try:
+            values[name] = FIELDS[name](value)
+        except ValueError as exc:
+            raise fail(line, key, str(exc)) from None
+        sources[name] = f"{path}:{line} ({key})"
+    return values, sources
+
+
+def _load_list(path: str, locator: _Locator, key: str, value: Any, fail: Callable) -> list:
+    name = key.replace("-", "_")
+    string_parser = parse_bind if name == "bind" else parse_backend
+    table_fields = BIND_TABLE_FIELDS if name == "bind" else BACKEND_TABLE_FIELDS
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise fail(locator.line_of(key), key,
+                   f"expected a string, an array of strings or [[{key}]] tables (got {value!r})")
+    specs = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index + 1}]"
+        if isinstance(item, str):
+            try:
+                specs.append(string_parser(item))
+            except ValueError as exc:
+                raise fail(locator.line_of_item(key, item), where, str(exc)) from None
+            continue
+        if not isinstance(item, dict):
+            raise fail(locator.line_of(key), where, f"expected a string or a table (got {item!r})")
+        if "address" not in item:
+            raise fail(locator.line_of(key, key, index), where, "missing required key 'address'")
+        parsed = {}
+        for item_key, item_value in item.items():
+            field_name = item_key.replace("-", "_")
+            line = locator.line_of(item_key, key, index)
+            if field_name not in table_fields:
+                raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
+            try:
+                parsed[field_name] = table_fields[field_name](item_value)
+            except ValueError as exc:
+                raise fail(line, f"{where}.{item_key}", str(exc)) from None
+        host, port = parsed.pop("address")
+        specs.append((BindSpec if name == "bind" else BackendSpec)(host, port, **parsed))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole-config checks: the relations between fields, after flags and file are merged.
+
+def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
+    """Makes a Config from merged values and checks the relations between fields.
+
+    sources maps a field to where its value came from ('--algorithm' or 'lb.toml:3 (algorithm)'), so
+    a complaint about a combination names the place to change."""
+    config = Config(**values)
+
+    def where(name: str) -> str:
+        return sources.get(name, flag_name(name))
+
+    if not config.binds:
+        raise ConfigError("no listening address: give --bind HOST:PORT (or [[bind]] in the config file)")
+    if not config.backends:
+        raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file)")
+    if config.mode == "http":
+        raise ConfigError(f"{where('mode')}: mode 'http' is not available yet in this version; use --mode tcp")
+    if config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
+        raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs a hashing algorithm "
+                          f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
+    if not any(not b.backup for b in config.backends):
+        raise ConfigError(f"{where('backends')}: every backend is a backup; at least one must be a primary")
+    seen = set()
+    for spec in config.binds:
+        if (spec.host, spec.port) in seen:
+            raise ConfigError(f"{where('binds')}: address {spec.address} is bound twice")
+        seen.add((spec.host, spec.port))
+    return config
+
+
+def open_files_limit() -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE, after raising soft to hard: a relay needs every fd it may have."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def maxconn_capacity(fd_limit: int, queue_size: int) -> int:
+    """Relayed connections one worker can hold: each takes 2 fds (client + backend), each queued client
+    takes 1, and RESERVED_FDS are kept for listeners and the loop."""
+    return max(1, (fd_limit - RESERVED_FDS - queue_size) // 2)

@@ -1,0 +1,301 @@
+"""The L4 relay: asyncio protocols that copy bytes between a client and a backend.
+
+Hot path (one call per chunk read): `data_received` writes the chunk to the other side's transport and
+sets an activity flag. Nothing else runs per chunk: no timer re-arming (the idle timeout is a coarse
+periodic sweep over the flags, see `server.Worker`), no logging, no allocation beyond the bytes object
+uvloop hands over. `Protocol` rather than `BufferedProtocol`: uvloop keeps a reference to a partially
+written buffer, so a shared read buffer would need a copy anyway, and a per-connection one would cost
+64 KiB of memory per idle connection.
+
+Per connection: a `ClientSide` (accepted socket, owns the connection's state) and a thin `BackendSide`.
+Backpressure both ways: a side whose write buffer passes the high-water mark pauses reading on the other
+side until it drains (uvloop's pause/resume are no-ops when already in that state). Half-close: an EOF
+from either side is forwarded with `write_eof`, the other direction keeps flowing, and the connection is
+closed once both directions have ended.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from fastlb import proxy_protocol
+from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
+
+if TYPE_CHECKING:
+    from fastlb.config import BindSpec
+
+log = logging.getLogger("fastlb")
+
+
+class Listener:
+    """What connections accepted on one bind share."""
+
+    __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
+                 "last_failure_log")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool, bind: "BindSpec",
+                 hash_source: bool, header_timeout: float, connections: set) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.bind = bind
+        self.hash_source = hash_source
+        self.header_timeout = header_timeout
+        self.connections = connections      # the worker's set of live ClientSide objects
+        self.failures = 0                   # client connections refused since the last log line
+        self.last_failure_log = 0.0
+
+    def protocol_factory(self):
+        return lambda: ClientSide(self)
+
+    def refused(self, client: "ClientSide", reason: Exception) -> None:
+        """A client is closed because no backend took it. Logged at most once a second: a dead pool
+        must not turn into a log flood."""
+        self.failures += 1
+        now = self.loop.time()
+        if now - self.last_failure_log >= 1.0:
+            log.warning("closing client connection(s) from %s: %s (%d since last report)",
+                        client.source[0] if client.source else "?", reason, self.failures)
+            self.failures = 0
+            self.last_failure_log = now
+
+
+class ClientSide(asyncio.Protocol):
+    __slots__ = (
+        # shared
+        "listener",
+        # per connection
+        "transport", "peer", "backend", "backend_side", "connect_task", "source", "destination",
+        "closed", "eofs",
+        # idle timeout: set per chunk, swept by the worker's periodic timer
+        "active", "idle_ticks",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.transport = None
+        self.peer = None                  # the backend's transport once connected
+        self.backend: Backend | None = None
+        self.backend_side: BackendSide | None = None
+        self.connect_task = None
+        self.source = None
+        self.destination = None
+        self.closed = False
+        self.eofs = 0
+        self.active = False
+        self.idle_ticks = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.listener.connections.add(self)
+        # uvloop starts reading right after connection_made, whatever it did: until a backend is
+        # connected, a PendingClient takes the bytes (and reads the PROXY header on accept-proxy binds).
+        pending = PendingClient(self)
+        transport.set_protocol(pending)
+        if self.listener.bind.accept_proxy:
+            pending.timer = self.listener.loop.call_later(self.listener.header_timeout, transport.abort)
+        else:
+            self.source = transport.get_extra_info("peername")
+            self.start_connect()
+
+    def start_connect(self) -> None:
+        self.connect_task = self.listener.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        listener = self.listener
+        key = self.source[0].encode() if listener.hash_source else None
+        try:
+            backend, transport, side = await listener.pool.connect(key, self._make_backend_side)
+        except (NoBackendError, QueueError) as exc:
+            self.connect_task = None
+            if not self.closed:
+                listener.refused(self, exc)
+                self.transport.close()
+            return
+        self.connect_task = None
+        if self.closed or side.lost:
+            # The client left, or the backend hung up, while we were being scheduled.
+            listener.pool.release(backend)
+            transport.close()
+            self.transport.close()
+            return
+        self.backend = backend
+        if backend.send_proxy:
+            transport.write(self._proxy_header(backend.send_proxy))
+        pending = self.transport.get_protocol()
+        if pending.buffer:
+            transport.write(pending.buffer)
+        self.transport.set_protocol(self)
+        self.transport.resume_reading()
+        if pending.eof:
+            self.eof_received()
+
+    def _make_backend_side(self) -> "BackendSide":
+        side = self.backend_side = BackendSide(self)
+        return side
+
+    def _proxy_header(self, version: int) -> bytes:
+        source = self.source[:2]
+        destination = self.destination or self.transport.get_extra_info("sockname")[:2]
+        if version == 2:
+            return proxy_protocol.build_v2(source, destination)
+        return proxy_protocol.build_v1(source, destination)
+
+    # ---- hot path ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+        self.active = True
+
+    def pause_writing(self) -> None:
+        # The client is slower than the backend: stop reading the backend until the client drains.
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+    # ---- ends --------------------------------------------------------------------------------
+
+    def eof_received(self) -> bool:
+        peer = self.peer
+        if peer is None:
+            return False
+        if not peer.is_closing():
+            peer.write_eof()
+        self.eofs += 1
+        if self.eofs == 2:
+            self._close_both()
+        return True                      # keep our write side open: half-close
+
+    def _close_both(self) -> None:
+        self.transport.close()
+        if self.peer is not None:
+            self.peer.close()
+
+    def close(self) -> None:
+        """Ends the connection now (idle timeout, shutdown): pending bytes are dropped."""
+        self.transport.abort()
+        if self.peer is not None:
+            self.peer.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        if self.peer is not None:
+            self.peer.close()            # flush what the client sent, then FIN
+        self._release()
+
+    def _release(self) -> None:
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            self.listener.pool.release(backend)
+
+
+class BackendSide(asyncio.Protocol):
+    __slots__ = ("client", "peer", "transport", "active", "lost")
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.peer = client.transport
+        self.transport = None
+        self.active = False
+        self.lost = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        client = self.client
+        if client.closed:
+            transport.close()
+            return
+        client.peer = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+        self.active = True
+
+    def pause_writing(self) -> None:
+        # The backend is slower than the client: stop reading the client until the backend drains.
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+    def eof_received(self) -> bool:
+        client = self.client
+        if not self.peer.is_closing():
+            self.peer.write_eof()
+        client.eofs += 1
+        if client.eofs == 2:
+            client._close_both()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        client = self.client
+        if not client.closed:
+            client.transport.close()     # flush what the backend sent, then FIN
+        client._release()
+
+
+class PendingClient(asyncio.Protocol):
+    """The client socket's protocol until its backend is connected: keeps what the client sends early
+    (pausing reading past PENDING_LIMIT bytes) and its EOF, and on `accept-proxy` binds reads the PROXY
+    header first, closing connections that send no valid one within the header timeout."""
+
+    __slots__ = ("client", "buffer", "eof", "timer")
+
+    PENDING_LIMIT = 65536
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.buffer = b""
+        self.eof = False
+        self.timer = None            # set while a PROXY header is expected
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.timer is not None:
+            self._read_proxy_header()
+        if len(self.buffer) > self.PENDING_LIMIT:
+            self.client.transport.pause_reading()
+
+    def _read_proxy_header(self) -> None:
+        client = self.client
+        try:
+            parsed = proxy_protocol.parse(self.buffer)
+        except proxy_protocol.ProxyProtocolError as exc:
+            log.debug("closing connection from %s: %s", client.transport.get_extra_info("peername"), exc)
+            client.transport.abort()
+            return
+        if parsed is None:
+            return
+        length, source, destination = parsed
+        self.timer.cancel()
+        self.timer = None
+        if source is None:          # LOCAL / UNKNOWN: the real peer is the client
+            source = client.transport.get_extra_info("peername")
+        client.source = source
+        client.destination = destination
+        self.buffer = self.buffer[length:]
+        client.start_connect()
+
+    def eof_received(self) -> bool:
+        if self.timer is not None:
+            return False             # no complete PROXY header: nothing to relay
+        self.eof = True
+        return True
+
+    def pause_writing(self) -> None:
+        self.client.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.client.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.client.connection_lost(exc)

@@ -1,0 +1,236 @@
+"""Backends around the core's indexes, connection limits, the wait queue, and the connect-retry loop.
+
+The core (`fastlb.Balancer`) knows backends by index and decides who is next; this module owns the
+`Backend` objects (address, limits, PROXY protocol choice) and the one loop that turns picks into a
+connected socket: pick, connect, on failure report it and pick again avoiding the one that failed
+("candidates, not winners"). L4 uses it now; the HTTP mode will use the same `BackendPool.connect`.
+
+Limits, per worker process (like HAProxy's per-process maxconn):
+- `maxconn` bounds relayed connections (those holding or acquiring a backend connection);
+- a backend's `maxconn` bounds its connections: a full backend is put in the core's `drain` state, so
+  picks skip it at no cost, and back to its own state when a connection ends;
+- over either limit a connection waits in one FIFO queue (`queue_size` places, `queue_timeout` seconds).
+
+Backups live in a second Balancer: they are picked only when no primary can be (every primary down,
+or every primary already tried by this connection).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Callable
+
+from fastlb import Balancer
+from fastlb.config import BackendSpec, Config
+
+log = logging.getLogger("fastlb")
+
+
+class NoBackendError(Exception):
+    """No backend can take the connection: all are down, or every candidate failed to connect."""
+
+
+class QueueError(Exception):
+    """The wait queue is full, or the connection waited longer than queue_timeout."""
+
+
+class Backend:
+    """One backend server. `index` is its slot in `balancer` (the primary or the backup Balancer)."""
+
+    __slots__ = ("spec", "host", "port", "address", "index", "balancer", "is_backup", "maxconn",
+                 "inflight", "send_proxy", "state", "full")
+
+    def __init__(self, spec: BackendSpec, index: int, balancer: Balancer) -> None:
+        self.spec = spec
+        self.host = spec.host
+        self.port = spec.port
+        self.address = spec.address
+        self.index = index
+        self.balancer = balancer
+        self.is_backup = spec.backup
+        self.maxconn = spec.maxconn
+        self.inflight = 0
+        self.send_proxy = spec.send_proxy
+        self.state = "up"        # set by administration and, later, health checks
+        self.full = False        # at maxconn: drained in the core until a connection ends
+
+    def set_state(self, state: str) -> None:
+        """The operator's / health checker's state; the core sees it unless the backend is full."""
+        self.state = state
+        self._commit()
+
+    def _commit(self) -> None:
+        effective = "drain" if self.full and self.state == "up" else self.state
+        self.balancer.set_state(self.index, effective)
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.address} inflight={self.inflight} state={self.state}>"
+
+
+_FULL = object()   # select() result: a backend exists but is at its limit: wait in the queue
+
+
+class BackendPool:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, maxconn: int) -> None:
+        self.loop = loop
+        self.maxconn = maxconn
+        self.queue_size = config.queue_size
+        self.queue_timeout = config.queue_timeout
+        self.connect_timeout = config.connect_timeout
+        self.attempts = config.retries + 1
+        self.active = 0                      # connections holding a backend slot
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.woken = 0                       # waiters told a slot is free that have not run yet
+        primaries = [spec for spec in config.backends if not spec.backup]
+        backups = [spec for spec in config.backends if spec.backup]
+        self.primary = self._balancer(config, primaries)
+        self.primaries = [Backend(spec, i, self.primary) for i, spec in enumerate(primaries)]
+        self.backup = self._balancer(config, backups) if backups else None
+        self.backups = [Backend(spec, i, self.backup) for i, spec in enumerate(backups)]
+
+    @staticmethod
+    def _balancer(config: Config, specs: list[BackendSpec]) -> Balancer:
+        bounded = config.bounded_load if config.algorithm in ("hash", "ketama", "maglev") else 0.0
+        return Balancer([spec.address for spec in specs], algorithm=config.algorithm,
+                        weights=[spec.weight for spec in specs], bounded_load=bounded, seed=config.seed)
+
+    @property
+    def backends(self) -> list[Backend]:
+        return self.primaries + self.backups
+
+    # ---- slots --------------------------------------------------------------------------------
+
+    def _select(self, key: bytes | None, tried: list[Backend]) -> Backend | object | None:
+        """Picks a backend and takes a slot on it: a Backend, _FULL (wait), or None (nothing can serve).
+
+        Primaries first, avoiding the last one that failed; backups once no untried primary is left."""
+        if self.active >= self.maxconn:
+            return _FULL
+        backend = self._pick(self.primary, self.primaries, key, tried)
+        if backend is None and self.backup is not None:
+            backend = self._pick(self.backup, self.backups, key, tried)
+        if backend is None:
+            if any(b.full and b.state == "up" for b in self.backends):
+                return _FULL
+            return None
+        self._take(backend)
+        return backend
+
+    @staticmethod
+    def _pick(balancer: Balancer, backends: list[Backend], key: bytes | None,
+              tried: list[Backend]) -> Backend | None:
+        if not backends:
+            return None
+        avoid = tried[-1].index if tried and tried[-1].balancer is balancer else -1
+        index = balancer.pick(key, avoid)
+        if index < 0:
+            return None
+        backend = backends[index]
+        if backend in tried:
+            # The core only avoids the last failure; when it hands back an earlier one, every
+            # candidate it has has been tried by this connection.
+            untried = [b for b in balancer.candidates(key, len(backends)) if backends[b] not in tried]
+            if not untried:
+                return None
+            backend = backends[untried[0]]
+        return backend
+
+    def _take(self, backend: Backend) -> None:
+        self.active += 1
+        backend.inflight += 1
+        backend.balancer.on_connect(backend.index)
+        if backend.maxconn and backend.inflight >= backend.maxconn and not backend.full:
+            backend.full = True
+            backend._commit()
+
+    def release(self, backend: Backend) -> None:
+        """A connection that held a slot on backend has ended (or its connect failed)."""
+        self.active -= 1
+        backend.inflight -= 1
+        backend.balancer.on_close(backend.index)
+        if backend.full and backend.inflight < backend.maxconn:
+            backend.full = False
+            backend._commit()
+        if self.waiters:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.woken += 1
+                return
+
+    async def _wait_for_slot(self, deadline: float) -> None:
+        if len(self.waiters) >= self.queue_size:
+            raise QueueError("wait queue full")
+        waiter = self.loop.create_future()
+        self.waiters.append(waiter)
+        handed_a_slot = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+            handed_a_slot = True
+        except TimeoutError:
+            raise QueueError("timed out in the wait queue") from None
+        finally:
+            if waiter.done() and not waiter.cancelled():
+                self.woken -= 1
+                if not handed_a_slot:
+                    self._wake_one()      # woken, then cancelled or timed out: pass the slot on
+            else:
+                waiter.cancel()
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    # ---- the connect loop: candidates, not winners --------------------------------------------
+
+    async def connect(self, key: bytes | None, protocol_factory: Callable[[], asyncio.Protocol]
+                      ) -> tuple[Backend, asyncio.Transport, asyncio.Protocol]:
+        """Connects to a backend, retrying the next candidate after a failed connect.
+
+        Each failure is reported to the core (`on_response(ok=False)`) and the next pick avoids it;
+        at most `retries + 1` attempts. Waits in the queue when every candidate is at its limit. The
+        slot taken is the caller's to `release()` once the connection ends. Raises NoBackendError or
+        QueueError; never leaves a slot taken when it raises."""
+        loop = self.loop
+        tried: list[Backend] = []
+        queue_deadline = None
+        while True:
+            # A connection already waiting has priority over one that just arrived.
+            if (self.waiters or self.woken) and queue_deadline is None:
+                backend = _FULL
+            else:
+                backend = self._select(key, tried)
+            if backend is _FULL:
+                if queue_deadline is None:
+                    queue_deadline = loop.time() + self.queue_timeout
+                await self._wait_for_slot(queue_deadline)
+                continue
+            if backend is None:
+                raise NoBackendError("no backend available" if not tried else
+                                     f"connect failed to {len(tried)} backend(s)")
+            started = loop.time()
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    transport, protocol = await loop.create_connection(
+                        protocol_factory, backend.host, backend.port)
+            except (OSError, TimeoutError) as exc:
+                self.release(backend)
+                backend.balancer.on_response(backend.index, loop.time() - started, False)
+                tried.append(backend)
+                log.debug("connect to %s failed (%s); attempt %d of %d", backend.address,
+                          exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
+                          len(tried), self.attempts)
+                if len(tried) >= self.attempts:
+                    raise NoBackendError(f"connect failed to {len(tried)} backend(s)") from None
+                continue
+            except BaseException:
+                self.release(backend)
+                raise
+            backend.balancer.on_response(backend.index, loop.time() - started, True)
+            return backend, transport, protocol
