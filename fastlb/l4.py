@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastlb")
 
+# ClientSide.eofs: which directions have ended (bits, so a repeated EOF is harmless).
+CLIENT_EOF, BACKEND_EOF, BOTH_EOF = 1, 2, 3
+
 
 class Listener:
     """What connections accepted on one bind share."""
@@ -126,9 +129,10 @@ class ClientSide(asyncio.Protocol):
         if pending.buffer:
             transport.write(pending.buffer)
         self.transport.set_protocol(self)
-        self.transport.resume_reading()
         if pending.eof:
-            self.eof_received()
+            self.eof_received()           # reading again would only find the EOF a second time
+        else:
+            self.transport.resume_reading()
 
     def _make_backend_side(self) -> "BackendSide":
         side = self.backend_side = BackendSide(self)
@@ -162,8 +166,8 @@ class ClientSide(asyncio.Protocol):
             return False
         if not peer.is_closing():
             peer.write_eof()
-        self.eofs += 1
-        if self.eofs == 2:
+        self.eofs |= CLIENT_EOF
+        if self.eofs == BOTH_EOF:
             self._close_both()
         return True                      # keep our write side open: half-close
 
@@ -228,8 +232,8 @@ class BackendSide(asyncio.Protocol):
         client = self.client
         if not self.peer.is_closing():
             self.peer.write_eof()
-        client.eofs += 1
-        if client.eofs == 2:
+        client.eofs |= BACKEND_EOF
+        if client.eofs == BOTH_EOF:
             client._close_both()
         return True
 

@@ -1,0 +1,49 @@
+"""A test backend: `python tests/backend_server.py NAME:PORT [NAME:PORT ...]`.
+
+Each connection gets `NAME\n` first, then an echo of everything it sends; when the client half-closes,
+the echo is flushed and the backend half-closes too. One process serves every NAME:PORT given and prints
+`ready` once all listen.
+"""
+import asyncio
+import sys
+
+
+class Echo(asyncio.Protocol):
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.name + b"\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.transport.write_eof()
+        return True
+
+
+async def main(specs: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    servers = []
+    for spec in specs:
+        name, _, port = spec.rpartition(":")
+        servers.append(await loop.create_server(lambda name=name: Echo(name.encode()), "127.0.0.1",
+                                                int(port), reuse_address=True))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        pass

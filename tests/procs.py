@@ -1,0 +1,202 @@
+"""Helpers for tests that run real processes on 127.0.0.1: start, wait for a line or a port, kill by PID.
+
+Every process is started in its own session (its PID is its process group), so teardown kills it and
+anything it forked (fastlb's workers) with one killpg, even when the test failed halfway.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BACKEND_SERVER = str(Path(__file__).with_name("backend_server.py"))
+DEFAULT_TIMEOUT = 10.0
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    if "FASTLB_PURE_PYTHON" not in env:
+        try:
+            import fastlb._core  # noqa: F401
+        except ImportError:
+            env["FASTLB_PURE_PYTHON"] = "1"      # the compiled core is not built: use its twin
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout: float = DEFAULT_TIMEOUT, what: str = "condition", interval: float = 0.02):
+    """Polls condition() until it is truthy (returns its value) or fails the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A started process whose combined stdout/stderr lines are collected by a reader thread."""
+
+    def __init__(self, args: list[str], name: str) -> None:
+        self.name = name
+        self.args = args
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO,
+                                      start_new_session=True, text=True, bufsize=1)
+        self.pid = self.popen.pid
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self.changed:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, start: int = 0) -> re.Match:
+        """The first output line from index `start` matching the regex pattern."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self.changed:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.popen.poll() is not None and not self.reader.is_alive()):
+                    raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout}s; "
+                                         f"output:\n{chr(10).join(self.lines)}")
+                self.changed.wait(min(remaining, 0.2))
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} (pid {self.pid}) still running after {timeout}s; "
+                                 f"output:\n{self.output}") from None
+        self.reader.join(2)
+        return code
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything in its process group; reap it."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.kill()
+        except ProcessLookupError:
+            pass
+        self.popen.wait(5)
+        self.reader.join(2)
+
+
+class Processes:
+    """Starts fastlb and backend processes for one test; `cleanup()` kills all of them."""
+
+    def __init__(self) -> None:
+        self.started: list[Proc] = []
+
+    def start(self, args: list[str], name: str) -> Proc:
+        proc = Proc(args, name)
+        self.started.append(proc)
+        return proc
+
+    def fastlb(self, *args: str, wait_port: int | None = None) -> Proc:
+        """`python -m fastlb ARGS`; waits for the first --bind port to accept unless wait_port=0."""
+        proc = self.start([sys.executable, "-m", "fastlb", *args], "fastlb")
+        port = wait_port
+        if port is None and "--bind" in args:
+            port = int(args[args.index("--bind") + 1].split(",")[0].rsplit(":", 1)[1])
+        if port:
+            proc.wait_for_line(r"listening on")
+            wait_until(lambda: port_open(port), what=f"fastlb on port {port}")
+        return proc
+
+    def backends(self, *names: str) -> tuple[Proc, dict[str, int]]:
+        """One echo backend process serving each name on its own port: returns (proc, name -> port)."""
+        ports = {name: free_port() for name in names}
+        proc = self.start([sys.executable, BACKEND_SERVER, *(f"{n}:{p}" for n, p in ports.items())],
+                          "backends")
+        proc.wait_for_line(r"^ready$")
+        return proc, ports
+
+    def cleanup(self) -> None:
+        for proc in reversed(self.started):
+            proc.kill()
+
+
+# ---- clients --------------------------------------------------------------------------------------
+
+def connect(port: int, source_ip: str | None = None, timeout: float = 5.0) -> socket.socket:
+    sock = socket.socket()
+    sock.settimeout(timeout)
+    if source_ip:
+        sock.bind((source_ip, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_line(sock: socket.socket, limit: int = 4096) -> bytes:
+    """Reads up to and including the first newline (byte by byte: the rest stays in the socket)."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def backend_name(port: int, source_ip: str | None = None) -> str:
+    """Connects through fastlb and returns the name line the backend sends first, then closes."""
+    with connect(port, source_ip) as sock:
+        return read_line(sock).decode().strip()
