@@ -160,7 +160,7 @@ def parse_wrk_output(text: str) -> dict:
     dist = re.search(r"Latency Distribution\s*\n((?:\s*\d+(?:\.\d+)?%\s+\S+\s*\n?)+)", text)
     if dist:
         for pct, val in re.findall(r"(\d+(?:\.\d+)?)%\s+(\S+)", dist.group(1)):
-            key = "lat_p%s_us" % pct.rstrip("0").rstrip(".").replace(".", "")
+            key = "lat_p%s_us" % ("%g" % float(pct)).replace(".", "")  # 50 -> p50, 99.9 -> p999
             out[key] = parse_duration_us(val)
 
     m = re.search(r"Socket errors:\s*connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
