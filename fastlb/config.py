@@ -150,8 +150,11 @@ MAX_WEIGHT = 256  # the core's limit
 
 
 def parse_weight(value: Any) -> int:
-    weight = parse_int(0)(value)
-    if weight > MAX_WEIGHT:
+    try:
+        weight = parse_int(0)(value)
+    except ValueError:
+        weight = -1
+    if not 0 <= weight <= MAX_WEIGHT:
         raise ValueError(f"expected an integer from 0 to {MAX_WEIGHT} (got {value!r})")
     return weight
 
