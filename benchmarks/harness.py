@@ -504,6 +504,24 @@ def foreign_cpu(before: dict, after: dict, ours: Iterable[int], wall: float, top
             "top": [{"pid": pid, "comm": comm, "cpu_share": round(share, 3)} for share, pid, comm in users[:top]]}
 
 
+def wait_quiet(procs: "Procs", threshold: float, max_wait: float) -> dict:
+    """Wait (up to max_wait s) for a second in which other processes use <= threshold of a CPU.
+
+    Returns the last one-second foreign-load sample. Our own processes (idle targets) are excluded.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        ours = {os.getpid()}
+        for p in procs.procs:
+            ours.update(process_tree(p.pid))
+        a = snapshot_all_cpu()
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        f = foreign_cpu(a, snapshot_all_cpu(), ours, time.monotonic() - t0)
+        if f["share"] <= threshold or time.monotonic() >= deadline:
+            return f
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="other processes' CPU (share of one CPU) above which a run counts as noisy (default %(default)s)")
     p.add_argument("--noisy-retries", type=int, default=1,
                    help="re-run a noisy run this many times, keeping the quietest (default %(default)s)")
+    p.add_argument("--quiet-wait", type=float, default=10.0,
+                   help="before re-running a noisy run, wait up to this many seconds for a quiet second "
+                        "(default %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=10.0, help="seconds for a target to listen")
     p.add_argument("--no-chart", action="store_true", help="do not draw the PNG (no matplotlib needed)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
@@ -261,6 +264,8 @@ def main(argv=None) -> int:
                     try:
                         best = None
                         for attempt in range(1 + max(0, args.noisy_retries)):
+                            if attempt:
+                                h.wait_quiet(bench.procs, args.noise_threshold, args.quiet_wait)
                             m = h.measure(bench, t, wl["path"], wl["connections"], args.duration)
                             m["attempt"] = attempt + 1
                             if best is None or m["foreign"]["share"] < best["foreign"]["share"]:
