@@ -7,7 +7,9 @@ uvloop hands over. `Protocol` rather than `BufferedProtocol`: uvloop keeps a ref
 written buffer, so a shared read buffer would need a copy anyway, and a per-connection one would cost
 64 KiB of memory per idle connection.
 
-Per connection: a `ClientSide` (accepted socket, owns the connection's state) and a thin `BackendSide`.
+Per connection: a `ClientSide` (accepted socket, owns the connection's state) and a thin `BackendSide`;
+until the backend is connected, a `PendingClient` holds what the client sends early (uvloop starts
+reading right after `connection_made`, so pausing there would not stick) and reads PROXY headers.
 Backpressure both ways: a side whose write buffer passes the high-water mark pauses reading on the other
 side until it drains (uvloop's pause/resume are no-ops when already in that state). Half-close: an EOF
 from either side is forwarded with `write_eof`, the other direction keeps flowing, and the connection is

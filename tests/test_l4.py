@@ -322,3 +322,39 @@ def test_proxy_protocol_rejects_garbage():
                 b"\r\n\r\n\x00\r\nQUIX\n" + b"\x21\x11\x00\x0c"):
         with pytest.raises(proxy_protocol.ProxyProtocolError):
             proxy_protocol.parse(bad)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_backpressure_stops_a_client_that_does_not_read(procs):
+    """A client that writes without reading its echo must be stopped by full buffers along the path,
+    not buffered inside fastlb: its sends block, fastlb's memory stays flat, and every byte arrives."""
+    _, ports = procs.backends("a")
+    port = free_port()
+    fastlb = procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']}"]))
+    limit = 128 * 1024 * 1024
+    chunk = b"z" * (256 * 1024)
+    with connect(port, timeout=30) as sock:
+        assert read_line(sock) == b"a\n"
+        rss_before = rss_kib(fastlb.pid)
+        sock.settimeout(0.5)
+        sent = 0
+        try:
+            while sent < limit:
+                sent += sock.send(chunk)
+        except socket.timeout:
+            pass
+        assert sent < limit, "sending never blocked: nothing pushed back"
+        assert rss_kib(fastlb.pid) - rss_before < 16 * 1024
+        sock.settimeout(30)
+        sock.shutdown(socket.SHUT_WR)
+        received = 0
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+    assert received == sent
