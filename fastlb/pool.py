@@ -108,12 +108,17 @@ class BackendPool:
         if self.active >= self.maxconn:
             return _FULL
         backend = self._pick(self.primary, self.primaries, key, tried)
-        if backend is None and self.backup is not None:
-            backend = self._pick(self.backup, self.backups, key, tried)
         if backend is None:
-            if any(b.full and b.state == "up" for b in self.backends):
+            # Primaries at their maxconn are busy, not unavailable: wait for them (HAProxy does the
+            # same); backups are for when no primary is up or every one failed this connection.
+            if any(b.full and b.state == "up" and b not in tried for b in self.primaries):
                 return _FULL
-            return None
+            if self.backup is not None:
+                backend = self._pick(self.backup, self.backups, key, tried)
+            if backend is None:
+                if any(b.full and b.state == "up" for b in self.backups):
+                    return _FULL
+                return None
         self._take(backend)
         return backend
 

@@ -142,6 +142,13 @@ def test_backups_take_over_only_when_no_primary_can(procs):
     port2 = free_port()
     procs.fastlb(*relay_args(port2, [f"127.0.0.1:{dead}", f"127.0.0.1:{ports['spare']},backup"]))
     assert {backend_name(port2) for _ in range(5)} == {"spare"}
+    # A primary at its maxconn is busy, not down: the next client waits for it, never the backup.
+    port3 = free_port()
+    procs.fastlb(*relay_args(port3, [f"127.0.0.1:{ports['primary']},maxconn=1",
+                                     f"127.0.0.1:{ports['spare']},backup"], "--queue-timeout", "200ms"))
+    with connect(port3) as held:
+        assert read_line(held) == b"primary\n"
+        assert backend_name(port3) == ""          # queued, then closed at the queue timeout
 
 
 def test_no_backend_reachable_closes_the_client_quickly(procs):
