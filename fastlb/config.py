@@ -480,6 +480,12 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
     if config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs a hashing algorithm "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
+    if config.bounded_load and config.bounded_load < 1.0:
+        raise ConfigError(f"{where('bounded_load')}: bounded load must be 0 (off) or >= 1.0 "
+                          f"(got {config.bounded_load})")
+    if config.bounded_load and config.algorithm not in HASHING_ALGORITHMS:
+        raise ConfigError(f"{where('bounded_load')}: bounded load applies to the hashing algorithms "
+                          f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
     if not any(not b.backup for b in config.backends):
         raise ConfigError(f"{where('backends')}: every backend is a backup; at least one must be a primary")
     seen = set()

@@ -54,6 +54,10 @@ def test_bad_flag_fails_fast_naming_the_flag(args, expected):
      "--hash-key: hash key 'source' needs a hashing algorithm"),
     (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--mode", "http"], "--mode: mode 'http' is not"),
     (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2,backup"], "--backend: every backend is a backup"),
+    (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--algorithm", "ketama", "--bounded-load", "0.5"],
+     "--bounded-load: bounded load must be 0 (off) or >= 1.0"),
+    (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--bounded-load", "1.25"],
+     "--bounded-load: bounded load applies to the hashing algorithms"),
 ])
 def test_inconsistent_flags_name_the_flag(args, expected):
     result = run_fastlb(*args)
