@@ -25,8 +25,10 @@ KETAMA_POINTS_PER_WEIGHT = 160      # nginx's ngx_http_upstream_hash_module
 MAGLEV_MIN_TABLE_SIZE = 65537       # prime; grown to a prime >= 100 x backends
 EWMA_ALPHA = 0.3                    # weight of the newest latency sample
 LATENCY_FLOOR = 1e-6                # keeps in-flight counts meaningful before any sample
-LEASTTIME_DECAY_PICKS = 1000        # a backend unpicked this long is probed again
+LEASTTIME_DECAY_PICKS = 1000        # a backend unpicked this long is probed again,
+LEASTTIME_PROBE_EVERY = 50          # ... looked for once every 50 picks (<= 2% of traffic)
 WALK_LIMIT = 64                     # ring/table steps before falling back to plain hashing
+WEIGHT_CLASSES = 9                  # random: class c holds weights 2**c .. 2**(c+1) - 1
 MASK64 = (1 << 64) - 1
 MASK32 = (1 << 32) - 1
 
@@ -124,6 +126,9 @@ class Balancer:
         self._ewma, self._key, self._order = [], [], []
         self._touched, self._touched_at = [], []
         self._eligible, self._eligible_pos = [], []
+        self._class_members = [[] for _ in range(WEIGHT_CLASSES)]
+        self._class_weight = [0] * WEIGHT_CLASSES
+        self._class_pos = []
         self._ring_hashes, self._ring_servers, self._maglev = [], [], []
         self._table_size = table_size or maglev_table_size(len(addrs))
         if self._table_size < 1 or not _is_prime(self._table_size):
@@ -148,7 +153,7 @@ class Balancer:
     def pick(self, key=None, avoid=-1):
         if not self._eligible:
             return -1
-        if avoid >= 0 and (len(self._eligible) == 1 or not self._is_eligible(avoid)):
+        if avoid >= len(self._addr) or (avoid >= 0 and (len(self._eligible) == 1 or not self._is_eligible(avoid))):
             avoid = -1
         h = self._key_hash(key) if self.algorithm in _CONSISTENT else 0
         chosen = self._choose(h, (avoid,) if avoid >= 0 else ())
@@ -162,8 +167,15 @@ class Balancer:
         first = self._choose(h, ())
         self._picks[first] += 1
         chosen = [first]
+        if n == 1:
+            return chosen
         algorithm = self.algorithm
-        if algorithm in _HEAP_ALGORITHMS:
+        if algorithm == "roundrobin":
+            fifos = list(self._rr_classes(excluded=first).values())
+            while len(chosen) < n and any(fifos):
+                best = min((q for q in fifos if q), key=lambda q: self._order_key(q[0]))
+                chosen.append(best.pop(0))
+        elif algorithm in _HEAP_ALGORITHMS:
             rest = sorted((i for i in self._eligible if i != first), key=self._order_key)
             chosen.extend(rest[:n - 1])
         elif algorithm in ("random", "p2c"):
@@ -214,9 +226,9 @@ class Balancer:
         weight = _check_weight(weight)
         if weight == self._weight[i]:
             return
-        was = self._is_eligible(i)
+        was, old = self._is_eligible(i), self._weight[i]
         self._weight[i] = weight
-        self._eligibility_changed(i, was, reentered=was and self._is_eligible(i))
+        self._eligibility_changed(i, was, reentered=was and self._is_eligible(i), old_weight=old)
         if self.algorithm in ("ketama", "maglev"):
             self._rebuild()
 
@@ -271,7 +283,7 @@ class Balancer:
                               (self._inflight, 0), (self._picks, 0), (self._failures, 0),
                               (self._consecutive, 0), (self._ewma, 0.0), (self._key, 0.0),
                               (self._order, 0), (self._touched, 0), (self._touched_at, 0),
-                              (self._eligible_pos, -1)):
+                              (self._eligible_pos, -1), (self._class_pos, -1)):
             column.append(value)
         self._eligibility_changed(i, False)
         return i
@@ -279,8 +291,12 @@ class Balancer:
     def _is_eligible(self, i):
         return self._state[i] == UP and self._weight[i] > 0
 
-    def _eligibility_changed(self, i, was, reentered=False):
+    def _eligibility_changed(self, i, was, reentered=False, old_weight=None):
         now = self._is_eligible(i)
+        if was:
+            self._class_leave(i, self._weight[i] if old_weight is None else old_weight)
+        if now:
+            self._class_join(i)
         if was and not now:
             pos = self._eligible_pos[i]
             last = self._eligible.pop()
@@ -294,15 +310,36 @@ class Balancer:
         if now and (reentered or not was):
             self._enter(i)
 
+    def _class_join(self, i):
+        members = self._class_members[self._weight[i].bit_length() - 1]
+        self._class_pos[i] = len(members)
+        members.append(i)
+        self._class_weight[self._weight[i].bit_length() - 1] += self._weight[i]
+
+    def _class_leave(self, i, weight):
+        c = weight.bit_length() - 1
+        members = self._class_members[c]
+        last = members.pop()
+        if last != i:
+            members[self._class_pos[i]] = last
+            self._class_pos[last] = self._class_pos[i]
+        self._class_pos[i] = -1
+        self._class_weight[c] -= weight
+
     def _enter(self, i):
         """A backend joins (or rejoins after a weight change) the pick order."""
-        self._seq += 1
-        self._order[i] = self._seq
         if self.algorithm == "roundrobin":
-            self._key[i] = self._vtime + 0.5 / self._weight[i]
+            # Half a turn from now, but never ahead of a backend of the same weight:
+            # each weight class stays a FIFO, which keeps the compiled pick O(1).
+            weight = self._weight[i]
+            self._key[i] = self._vtime + 0.5 / weight
+            fifo = self._rr_classes(excluded=i).get(weight)
+            if fifo and self._key[fifo[-1]] > self._key[i]:
+                self._key[i] = self._key[fifo[-1]]
+            self._seq += 1
+            self._order[i] = self._seq
         elif self.algorithm == "first":
             self._key[i] = float(i)
-            self._order[i] = 0
         else:
             self._rekey(i)
         self._touches += 1
@@ -310,12 +347,15 @@ class Balancer:
         self._touched_at[i] = self._clock
 
     def _rekey(self, i):
-        if self._weight[i] == 0:
+        """A load change requeues the backend behind those of equal load (HAProxy's fwlc)."""
+        if self._weight[i] == 0 or self.algorithm not in ("leastconn", "leasttime"):
             return
         if self.algorithm == "leastconn":
             self._key[i] = (self._inflight[i] + 1.0) / self._weight[i]
-        elif self.algorithm == "leasttime":
+        else:
             self._key[i] = (self._ewma[i] + LATENCY_FLOOR) * (self._inflight[i] + 1.0) / self._weight[i]
+        self._seq += 1
+        self._order[i] = self._seq
 
     def _rebuild(self):
         if self.algorithm == "ketama":
@@ -379,25 +419,52 @@ class Balancer:
     def _order_key(self, i):
         return (self._key[i], self._order[i])
 
+    def _rr_classes(self, excluded=-1):
+        """Each weight's FIFO: its eligible backends in the order they queued.
+
+        Backends of one weight advance by the same 1/weight, so a FIFO per weight is in
+        turn order (the compiled core keeps exactly these queues; defining the order by
+        them, not by comparing rounded deadlines across a queue, keeps both identical).
+        """
+        fifos = {}
+        for j in sorted(self._eligible, key=self._order.__getitem__):
+            if j != excluded:
+                fifos.setdefault(self._weight[j], []).append(j)
+        return fifos
+
+    def _choose_roundrobin(self, avoid):
+        fifos = self._rr_classes()
+        chosen = min((q[0] for q in fifos.values()), key=self._order_key)
+        # Virtual time is the earliest turn, even when that backend is avoided: it
+        # never runs ahead of a waiting backend, so joiners never jump the queue.
+        self._vtime = self._key[chosen]
+        if chosen in avoid:
+            options = [q[0] for q in fifos.values() if q[0] != chosen]
+            own = fifos[self._weight[chosen]]
+            if len(own) > 1:
+                options.append(own[1])
+            chosen = min(options, key=self._order_key)
+        self._key[chosen] += 1.0 / self._weight[chosen]
+        self._seq += 1
+        self._order[chosen] = self._seq
+        return chosen
+
     def _choose_ordered(self, avoid):
         algorithm = self.algorithm
+        if algorithm == "roundrobin":
+            return self._choose_roundrobin(avoid)
         chosen = -1
         if algorithm == "leasttime":
             self._clock += 1
             head = min(self._eligible, key=self._touched.__getitem__)
             stale_after = max(LEASTTIME_DECAY_PICKS, 2 * len(self._eligible))
-            if head not in avoid and self._clock - self._touched_at[head] > stale_after:
+            if (self._clock % LEASTTIME_PROBE_EVERY == 0 and head not in avoid
+                    and self._clock - self._touched_at[head] > stale_after):
                 self._ewma[head] *= 0.5
                 self._rekey(head)
                 chosen = head
         if chosen < 0:
             chosen = min((i for i in self._eligible if i not in avoid), key=self._order_key)
-        if algorithm == "roundrobin":
-            self._vtime = self._key[chosen]
-            self._key[chosen] += 1.0 / self._weight[chosen]
-        if algorithm != "first":
-            self._seq += 1
-            self._order[chosen] = self._seq
         if algorithm == "leasttime":
             self._touches += 1
             self._touched[chosen] = self._touches
@@ -425,7 +492,23 @@ class Balancer:
         raise AssertionError("position beyond the total weight")
 
     def _weighted_draw(self, excluded):
-        return self._weighted_find(self._next_random() % self._eligible_weight(excluded), excluded)
+        """Weighted random draw in O(1): a weight class by its share, then a member by rejection.
+
+        Class c holds weights 2**c .. 2**(c+1) - 1, so a uniform member is kept with
+        probability weight / 2**(c+1) >= 1/2: two tries on average, whatever n is.
+        """
+        r = self._next_random() % self._eligible_weight(excluded)
+        for c in range(WEIGHT_CLASSES):
+            share = self._class_weight[c] - sum(self._weight[x] for x in excluded
+                                                if self._weight[x].bit_length() - 1 == c)
+            if r < share:
+                break
+            r -= share
+        members = self._class_members[c]
+        while True:
+            i = members[self._next_random() % len(members)]
+            if i not in excluded and self._next_random() % (2 << c) < self._weight[i]:
+                return i
 
     def _choose_p2c(self, avoid):
         count = len(self._eligible)
