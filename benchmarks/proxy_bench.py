@@ -39,6 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "compared with haproxy-MODE; it is appended to --targets")
     p.add_argument("--duration", type=int, default=5, help="whole seconds per wrk run (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of A B C ... (>= 3; default %(default)s)")
+    p.add_argument("--extra-rounds", type=int, default=2,
+                   help="up to this many more rounds while some target has fewer than --rounds quiet runs "
+                        "(default %(default)s; 0: exactly --rounds rounds)")
+    p.add_argument("--keep-noisy", action="store_true",
+                   help="take noisy runs into the medians too (default: only quiet runs when there are >= 2)")
     p.add_argument("--warmup", type=int, default=1, help="whole seconds of warm-up per target, 0: none (default %(default)s)")
     p.add_argument("--connections", default="64", help="wrk -c for small responses, comma list, e.g. 64,256")
     p.add_argument("--bulk-connections", type=int, default=8, help="wrk -c for the 1 MiB case (default %(default)s)")
@@ -52,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="other processes' CPU (share of one CPU) above which a run counts as noisy (default %(default)s)")
     p.add_argument("--noisy-retries", type=int, default=1,
                    help="re-run a noisy run this many times, keeping the quietest (default %(default)s)")
-    p.add_argument("--quiet-wait", type=float, default=10.0,
+    p.add_argument("--quiet-wait", type=float, default=5.0,
                    help="before re-running a noisy run, wait up to this many seconds for a quiet second "
                         "(default %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=10.0, help="seconds for a target to listen")
@@ -81,28 +86,53 @@ def workloads(args) -> list[dict]:
     return w
 
 
-def summarize(runs: list[dict], targets: list[h.Target], wls: list[dict]) -> dict:
-    """Per workload and target: medians over rounds, spread, and the median of per-round ratios to HAProxy."""
-    by = {}
+def select_runs(runs: list[dict], keep_noisy: bool) -> list[dict]:
+    """The runs the medians are taken over: the quiet ones of each (workload, target) when there are at
+    least 2 of them (and keep_noisy is off), else all of them."""
+    by: dict = {}
     for r in runs:
+        if "error" not in r:
+            by.setdefault((r["workload"], r["target"]), []).append(r)
+    out = []
+    for rs in by.values():
+        quiet = [r for r in rs if not r.get("noisy")]
+        out.extend(rs if keep_noisy or len(quiet) < 2 else quiet)
+    return out
+
+
+def paired_ratios(rs: list[dict], refs: list[dict], metric: str) -> list[float]:
+    """Per-round ratios: each run divided by the reference's run of the same round."""
+    ref_by_round = {x["round"]: x for x in refs}
+    return [r[metric] / ref_by_round[r["round"]][metric] for r in rs
+            if r["round"] in ref_by_round and ref_by_round[r["round"]][metric]]
+
+
+def summarize(runs: list[dict], targets: list[h.Target], wls: list[dict], keep_noisy: bool = False) -> dict:
+    """Per workload and target: medians over the selected runs, spread, median of per-round ratios to HAProxy."""
+    all_by, by = {}, {}
+    for r in runs:
+        if "error" not in r:
+            all_by.setdefault((r["workload"], r["target"]), []).append(r)
+    for r in select_runs(runs, keep_noisy):
         by.setdefault((r["workload"], r["target"]), []).append(r)
     out = {}
     for wl in wls:
         rows = {}
         for t in targets:
-            rs = [r for r in by.get((wl["name"], t.name), []) if "error" not in r]
+            rs = by.get((wl["name"], t.name), [])
             if not rs:
                 continue
             metric = "mib_per_s" if wl["bulk"] else "rps"
             vals = [r[metric] for r in rs]
             ref_name = f"haproxy-{t.spec.mode}"
-            ratios = []
-            for r in rs:
-                ref = [x for x in by.get((wl["name"], ref_name), []) if x["round"] == r["round"] and "error" not in x]
-                if ref and ref[0][metric]:
-                    ratios.append(r[metric] / ref[0][metric])
+            ratios = paired_ratios(rs, by.get((wl["name"], ref_name), []), metric)
+            if not ratios:  # no round where both were selected: pair over all runs
+                ratios = paired_ratios(all_by.get((wl["name"], t.name), []),
+                                       all_by.get((wl["name"], ref_name), []), metric)
             rows[t.name] = {
                 "mode": t.spec.mode, "kind": t.spec.kind, "runs": len(rs), "metric": metric,
+                "runs_total": len(all_by.get((wl["name"], t.name), [])),
+                "rounds_used": [r["round"] for r in rs],
                 "median": h.median(vals), "min": min(vals), "max": max(vals), "spread": h.spread(vals),
                 "ratio_ref": ref_name if ratios else None, "ratio": h.median(ratios),
                 "rps": h.median(r["rps"] for r in rs),
@@ -118,6 +148,7 @@ def summarize(runs: list[dict], targets: list[h.Target], wls: list[dict]) -> dic
                                  + [(r.get("load_cpu_usage") or {}).get("steal", 0) for r in rs]),
                 "errors": sum(sum(r["errors"].values()) for r in rs),
                 "other_cpu_max": max(r["foreign"]["share"] for r in rs),
+                "other_cpu_median": h.median(r["foreign"]["share"] for r in rs),
                 "noisy_runs": sum(1 for r in rs if r.get("noisy")),
                 "bytes_per_response": h.median(r["bytes"] / r["requests"] for r in rs if r["requests"]),
             }
@@ -131,7 +162,7 @@ def print_tables(summary: dict, wls: list[dict], unavailable: dict, failed: dict
         rows = summary.get(wl["name"], {})
         bulk = wl["bulk"]
         headers = ["target", "MiB/s" if bulk else "req/s", "spread", "x HAProxy", "p50", "p99",
-                   "CPU us/MiB (user+sys)" if bulk else "CPU us/req (user+sys)", "proxy CPU", "other CPU", "errors"]
+                   "CPU us/MiB (user+sys)" if bulk else "CPU us/req (user+sys)", "proxy CPU", "other CPU", "runs", "errors"]
         table = []
         for name, s in rows.items():
             val = f"{s['median']:,.0f}" if not bulk else f"{s['median']:,.1f}"
@@ -142,11 +173,12 @@ def print_tables(summary: dict, wls: list[dict], unavailable: dict, failed: dict
             else:
                 cpu, share = "-", "-"
             sp = f"{s['spread'] * 100:.0f}%" if s["spread"] is not None else "-"
-            other = f"{s['other_cpu_max'] * 100:.0f}%" + (f" ({s['noisy_runs']} noisy)" if s["noisy_runs"] else "")
+            other = f"{s['other_cpu_median'] * 100:.0f}%"
+            used = f"{s['runs']}/{s['runs_total']}" + (f" ({s['noisy_runs']} noisy)" if s["noisy_runs"] else "")
             table.append([name, val, sp, ratio, h.fmt_us(s["p50_us"]), h.fmt_us(s["p99_us"]), cpu, share,
-                          other, str(s["errors"])])
+                          other, used, str(s["errors"])])
         for name, why in {**unavailable, **failed}.items():
-            table.append([name, "NOT RUN", "", "", "", "", "", "", "", ""])
+            table.append([name, "NOT RUN", "", "", "", "", "", "", "", "", ""])
         text.append(f"\n### {wl['name']}: wrk -t1 -c{wl['connections']} GET {wl['path']}\n")
         text.append(h.render_table(headers, table))
     out = "\n".join(text)
@@ -171,10 +203,10 @@ def draw_chart(plt, summary: dict, wls: list[dict], path: str, title: str) -> No
         for i, k in enumerate(names):
             r = rows[k]["ratio"]
             label = f" {med[i]:,.0f}" + (f"  x{r:.2f} {rows[k]['ratio_ref']}" if r is not None else "")
-            ax.text(med[i], i, label, va="center", fontsize=8)
+            ax.text(rows[k]["max"], i, label, va="center", fontsize=8)
         ax.set_xlabel("MiB/s (median, whiskers min-max)" if wl["bulk"] else "req/s (median, whiskers min-max)")
         ax.set_title(f"{wl['name']}: wrk -t1 -c{wl['connections']} GET {wl['path']}", fontsize=10)
-        ax.set_xlim(0, max(med + [1]) * 1.45)
+        ax.set_xlim(0, max([rows[k]["max"] for k in names] + [1]) * 1.5)
     ax = axes[-1]
     first = summary.get(wls[0]["name"], {}) if wls else {}
     names = [k for k, v in first.items() if v["cpu_us_per_req"] is not None]
@@ -250,7 +282,15 @@ def main(argv=None) -> int:
             if args.warmup > 0:
                 h.run_wrk(bench, t.port, h.SMALL_PATH, max(args.connections), args.warmup)
 
-        for rnd in range(1, args.rounds + 1):
+        max_rounds = args.rounds + max(0, args.extra_rounds)
+        for rnd in range(1, max_rounds + 1):
+            if rnd > args.rounds:
+                short = [f"{wl['name']}/{t.name}" for wl in wls for t in targets if t.name not in failed
+                         and sum(1 for r in runs if r["workload"] == wl["name"] and r["target"] == t.name
+                                 and "error" not in r and not r.get("noisy")) < args.rounds]
+                if not short:
+                    break
+                h.log(f"extra round {rnd}/{max_rounds}: fewer than {args.rounds} quiet runs for {', '.join(short)}")
             for wl in wls:
                 for t in targets:
                     if t.name in failed:
@@ -291,7 +331,7 @@ def main(argv=None) -> int:
                         steal = max((rec.get("proxy_cpu_usage") or {}).get("steal", 0),
                                     (rec.get("load_cpu_usage") or {}).get("steal", 0))
                         errs = sum(rec["errors"].values())
-                        h.log(f"[{rnd}/{args.rounds}] {wl['name']:16} {t.name:14} {val}  p99 "
+                        h.log(f"[round {rnd}] {wl['name']:16} {t.name:14} {val}  p99 "
                               f"{h.fmt_us(rec.get('lat_p99_us')):>8}{cpu}"
                               f"  other {rec['foreign']['share'] * 100:3.0f}%"
                               + (f"  steal {steal * 100:.0f}%" if steal > 0.01 else "")
@@ -300,16 +340,16 @@ def main(argv=None) -> int:
     finally:
         bench.close()
 
-    summary = summarize(runs, [t for t in targets], wls) if runs else {}
+    summary = summarize(runs, [t for t in targets], wls, args.keep_noisy) if runs else {}
     title = (f"fastlb proxy bench {stamp}: {args.rounds} rounds x {args.duration:g}s, proxy on CPU {args.proxy_cpu}, "
              f"wrk+backends on CPU {args.load_cpu}")
     print(f"\n{title}")
     tables = print_tables(summary, wls, unavailable, failed)
     for name, why in {**unavailable, **failed}.items():
         print(f"\nNOT RUN {name}: " + "\n    ".join(why.splitlines()[-6:]))
-    print("\nspread: (max-min)/median of the rounds; x HAProxy: median of per-round ratios to haproxy-MODE; "
-          "proxy CPU: share of one CPU used by the proxy tree; other CPU: most CPU used by processes not "
-          "started by this run (max over rounds)")
+    print("\nmedians over the quiet runs when there are >= 2 (--keep-noisy: all); spread: (max-min)/median; "
+          "x HAProxy: median of per-round ratios to haproxy-MODE; proxy CPU: share of one CPU used by the proxy "
+          "tree; other CPU: median share of a CPU used by processes this run did not start; runs: used/measured")
     json_path = h.results_path("proxy", "json", stamp)
     with open(json_path, "w") as f:
         json.dump({"stamp": stamp, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),

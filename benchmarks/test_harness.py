@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import proxy_bench  # noqa: E402
 
 WRK_LATENCY = """\
 Running 5s test @ http://127.0.0.1:18089/
@@ -255,3 +256,22 @@ class TestTargets:
             for line in text.splitlines():
                 if "listen" in line or "server 1" in line:
                     assert "127.0.0.1" in line
+
+
+class TestRunSelection:
+    @staticmethod
+    def run(rnd, target, rps, noisy=False, workload="small-c64"):
+        return {"round": rnd, "target": target, "workload": workload, "rps": rps, "noisy": noisy}
+
+    def test_quiet_runs_only_when_at_least_two(self):
+        runs = [self.run(1, "a", 10, noisy=True), self.run(2, "a", 20), self.run(3, "a", 30),
+                self.run(1, "b", 10, noisy=True), self.run(2, "b", 20, noisy=True), self.run(3, "b", 30),
+                {"round": 4, "target": "a", "workload": "small-c64", "error": "boom"}]
+        sel = proxy_bench.select_runs(runs, keep_noisy=False)
+        assert sorted((r["target"], r["round"]) for r in sel) == [("a", 2), ("a", 3), ("b", 1), ("b", 2), ("b", 3)]
+        assert len(proxy_bench.select_runs(runs, keep_noisy=True)) == 6
+
+    def test_paired_ratios_match_rounds(self):
+        rs = [self.run(1, "f", 110), self.run(2, "f", 120), self.run(4, "f", 1)]
+        refs = [self.run(1, "h", 100), self.run(2, "h", 100), self.run(3, "h", 100)]
+        assert proxy_bench.paired_ratios(rs, refs, "rps") == [pytest.approx(1.1), pytest.approx(1.2)]
