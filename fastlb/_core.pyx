@@ -14,13 +14,20 @@ twin with the same API that makes the same picks (tests compare them pick for pi
 Algorithms and their cost per pick (n backends, P ring points, M table slots):
     roundrobin  smooth weighted round robin as earliest-deadline-first: each backend's
                 next turn is at last + 1/weight, so picks interleave (weights 5,1,1 give
-                a a a b c a a, never a burst of five). Heap: O(log n) pick and change.
-    random      weighted random, Fenwick tree: O(log n) pick and change.
-    leastconn   lowest (in-flight + 1) / weight, ties to the least recently picked.
-                Heap: O(log n) pick, connect, close and change.
-    leasttime   lowest (EWMA latency + 1 us) x (in-flight + 1) / weight. A backend
-                not picked for max(1000, 2n) picks (a once-slow one) is probed again
-                with its EWMA halved. Heap + LRU list: O(log n).
+                a b a a a c a, never a burst of five). One FIFO per weight plus a heap
+                of weight classes: O(1) pick with equal weights, O(log distinct
+                weights) otherwise; changes O(log 256).
+    random      weighted random: a weight class (powers of two) by its share, then a
+                member by rejection (accepted >= 1/2 of the time): O(1) pick and change.
+    leastconn   lowest (in-flight + 1) / weight; a load change requeues a backend
+                behind those of equal load (HAProxy's fwlc). Heap: O(1) pick,
+                O(log n) connect, close and change. Call on_connect right after
+                pick: a pick alone changes no load.
+    leasttime   lowest (EWMA latency + 1 us) x (in-flight + 1) / weight, ties to the
+                longest queued. A backend not picked for max(1000, 2n) picks (a once
+                slow one) is probed, at most every 50th pick: its EWMA drops to the
+                best backend's and its next samples decide. Heap + LRU list: O(1)
+                pick, O(log n) connect, close and response.
     p2c         power of two random choices on (in-flight + 1) / weight: O(1).
     first       the lowest-index available backend. Heap: O(1) pick, O(log n) change.
     hash        map-based: xxh3(key) mod total weight over the available backends
@@ -47,6 +54,11 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 import os
 
+from fastlb.core_shared import (
+    ALGORITHMS, STATE_NAMES, check_addr, check_arguments, check_weight, initial_phases,
+    is_prime, ketama_host_port, maglev_table_size,
+)
+
 cdef extern from "xxhash.h" nogil:
     uint64_t XXH3_64bits(const void* data, size_t length)
     uint64_t XXH3_64bits_withSeed(const void* data, size_t length, uint64_t seed)
@@ -61,10 +73,6 @@ include "core/maglev.pxi"
 
 crc32_init_table()
 
-ALGORITHMS = ("roundrobin", "random", "leastconn", "leasttime", "p2c", "first",
-              "hash", "ketama", "maglev")
-STATE_NAMES = ("up", "drain", "down", "removed")
-
 
 def hash_key(key):
     """The 64-bit xxh3 hash fastlb uses for every request key."""
@@ -78,31 +86,6 @@ cdef inline bytes _as_bytes(object key):
     if isinstance(key, str):
         return (<str>key).encode()
     return bytes(key)
-
-
-def maglev_table_size(Py_ssize_t n_backends):
-    """Smallest prime >= max(65537, 100 x backends): ~100 slots a backend keeps balance."""
-    cdef Py_ssize_t size = max(MAGLEV_MIN_TABLE_SIZE, 100 * n_backends)
-    while not _is_prime(size):
-        size += 1
-    return size
-
-
-cdef bint _is_prime(Py_ssize_t n):
-    if n < 2 or n % 2 == 0:
-        return n == 2
-    cdef Py_ssize_t f = 3
-    while f * f <= n:
-        if n % f == 0:
-            return False
-        f += 2
-    return True
-
-
-cdef int _check_weight(object weight) except -1:
-    if not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
-        raise ValueError(f"weight must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
-    return weight
 
 
 @cython.final
@@ -159,6 +142,7 @@ cdef class Balancer:
     # counters
     cdef uint64_t rng, seq, clock
     cdef double vtime
+    cdef double join_phase           # roundrobin: where a joiner starts in its first turn
     cdef int64_t total_inflight_count
 
     def __cinit__(self):
@@ -167,16 +151,7 @@ cdef class Balancer:
 
     def __init__(self, addrs, algorithm="roundrobin", weights=None, *,
                  double bounded_load=0.0, seed=None, Py_ssize_t table_size=0):
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-        addrs = list(addrs)
-        weights = [1] * len(addrs) if weights is None else list(weights)
-        if len(weights) != len(addrs):
-            raise ValueError(f"{len(weights)} weights for {len(addrs)} backends")
-        if bounded_load and bounded_load < 1.0:
-            raise ValueError(f"bounded_load must be 0 (off) or >= 1.0, not {bounded_load}")
-        if bounded_load and algorithm not in ("hash", "ketama", "maglev"):
-            raise ValueError(f"bounded_load applies to hash, ketama and maglev, not {algorithm}")
+        addrs, weights = check_arguments(addrs, algorithm, weights, bounded_load)
         self.algorithm = algorithm
         self.algo = ALGORITHMS.index(algorithm)
         self.bounded_load = bounded_load
@@ -184,7 +159,7 @@ cdef class Balancer:
             seed = int.from_bytes(os.urandom(8), "little")
         self.rng = seed & 0xFFFFFFFFFFFFFFFF
         self.table_size = table_size or maglev_table_size(len(addrs))
-        if not _is_prime(self.table_size):
+        if not is_prime(self.table_size):
             raise ValueError(f"table_size must be a prime, not {self.table_size}")
         self.addrs = []
         self.ketama_bases = []
@@ -196,8 +171,10 @@ cdef class Balancer:
         for w in range(MAX_WEIGHT + 1):
             self.rr_classes.pos[w] = -1
         self._grow(max(8, len(addrs)))
-        for addr, weight in zip(addrs, weights):
+        for addr, weight, phase in zip(addrs, weights, initial_phases(weights)):
+            self.join_phase = phase
             self._append(addr, weight)
+        self.join_phase = 0.5
         self._rebuild()
 
     def __dealloc__(self):
@@ -293,7 +270,7 @@ cdef class Balancer:
 
     def set_weight(self, Py_ssize_t i, weight):
         self._check_index(i)
-        cdef int32_t new = _check_weight(weight)
+        cdef int32_t new = check_weight(weight)
         cdef int32_t old = self.weight[i]
         if new == old:
             return
@@ -381,9 +358,8 @@ cdef class Balancer:
         return 0
 
     cdef int32_t _append(self, addr, weight) except -1:
-        if not isinstance(addr, str) or not addr:
-            raise ValueError(f"backend address must be a non-empty 'host:port' string, not {addr!r}")
-        cdef int32_t w = _check_weight(weight)
+        check_addr(addr)
+        cdef int32_t w = check_weight(weight)
         if self.n == self.cap:
             self._grow(2 * self.cap)
         cdef int32_t i = <int32_t>self.n
@@ -502,7 +478,7 @@ cdef class Balancer:
 
     cdef void _rr_enter(self, int32_t i) noexcept:
         cdef int32_t w = self.weight[i], tail = self.rr_tail[w]
-        cdef double deadline = self.vtime + 0.5 / w
+        cdef double deadline = self.vtime + self.join_phase / w
         if tail >= 0 and self.rr_deadline[tail] > deadline:
             deadline = self.rr_deadline[tail]
         self.rr_deadline[i] = deadline
@@ -633,7 +609,9 @@ cdef class Balancer:
             stale_after = max(<uint64_t>LEASTTIME_DECAY_PICKS, <uint64_t>(2 * self.n_eligible))
             if (self.clock % LEASTTIME_PROBE_EVERY == 0 and head != avoid
                     and self.clock - self.touched_at[head] > stale_after):
-                self.ewma[head] *= 0.5
+                # Re-measure it: start from the best backend's latency, so its own
+                # next sample decides, without a pile-up on a backend still slow.
+                self.ewma[head] = min(self.ewma[head], self.ewma[self.heap.items[0].id])
                 self._rekey(head)
                 chosen = head
         if chosen < 0:

@@ -15,14 +15,15 @@ import zlib
 
 import xxhash
 
-ALGORITHMS = ("roundrobin", "random", "leastconn", "leasttime", "p2c", "first",
-              "hash", "ketama", "maglev")
-STATE_NAMES = ("up", "drain", "down", "removed")
-UP, DRAIN, DOWN, REMOVED = range(4)
+from fastlb.core_shared import (
+    ALGORITHMS, HASHING_ALGORITHMS, STATE_NAMES, check_addr, check_arguments, check_weight,
+    initial_phases, is_prime, ketama_host_port, maglev_table_size,
+)
 
-MAX_WEIGHT = 256
+__all__ = ["ALGORITHMS", "Balancer", "hash_key"]
+
+UP, DRAIN, DOWN, REMOVED = range(4)
 KETAMA_POINTS_PER_WEIGHT = 160      # nginx's ngx_http_upstream_hash_module
-MAGLEV_MIN_TABLE_SIZE = 65537       # prime; grown to a prime >= 100 x backends
 EWMA_ALPHA = 0.3                    # weight of the newest latency sample
 LATENCY_FLOOR = 1e-6                # keeps in-flight counts meaningful before any sample
 LEASTTIME_DECAY_PICKS = 1000        # a backend unpicked this long is probed again,
@@ -33,7 +34,6 @@ MASK64 = (1 << 64) - 1
 MASK32 = (1 << 32) - 1
 
 _HEAP_ALGORITHMS = ("roundrobin", "leastconn", "leasttime", "first")
-_CONSISTENT = ("hash", "ketama", "maglev")
 
 
 def hash_key(key):
@@ -49,17 +49,6 @@ def _as_bytes(key):
     return bytes(key)
 
 
-def ketama_host_port(addr):
-    """Split an address the way nginx does before hashing it onto the ring."""
-    raw = addr.encode()
-    if raw[:5].lower() == b"unix:":
-        return raw[5:], b""
-    colon = raw.rfind(b":")
-    if colon >= 0 and raw[colon + 1:].isdigit():
-        return raw[:colon], raw[colon + 1:]
-    return raw, b""
-
-
 def ketama_points(addr, weight):
     """nginx's points for one server: crc32(host \\0 port, previous point), chained."""
     host, port = ketama_host_port(addr)
@@ -72,25 +61,6 @@ def ketama_points(addr, weight):
     return points
 
 
-def maglev_table_size(n_backends):
-    """Smallest prime >= max(65537, 100 x backends): ~100 slots a backend keeps balance."""
-    size = max(MAGLEV_MIN_TABLE_SIZE, 100 * n_backends)
-    while not _is_prime(size):
-        size += 1
-    return size
-
-
-def _is_prime(n):
-    if n < 2 or n % 2 == 0:
-        return n == 2
-    f = 3
-    while f * f <= n:
-        if n % f == 0:
-            return False
-        f += 2
-    return True
-
-
 class Balancer:
     """Backend selection and accounting; backends are known by index.
 
@@ -99,18 +69,7 @@ class Balancer:
 
     def __init__(self, addrs, algorithm="roundrobin", weights=None, *,
                  bounded_load=0.0, seed=None, table_size=0):
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-        addrs = list(addrs)
-        if weights is None:
-            weights = [1] * len(addrs)
-        weights = list(weights)
-        if len(weights) != len(addrs):
-            raise ValueError(f"{len(weights)} weights for {len(addrs)} backends")
-        if bounded_load and bounded_load < 1.0:
-            raise ValueError(f"bounded_load must be 0 (off) or >= 1.0, not {bounded_load}")
-        if bounded_load and algorithm not in _CONSISTENT:
-            raise ValueError(f"bounded_load applies to hash, ketama and maglev, not {algorithm}")
+        addrs, weights = check_arguments(addrs, algorithm, weights, bounded_load)
         self.algorithm = algorithm
         self.bounded_load = float(bounded_load)
         if seed is None:
@@ -131,10 +90,12 @@ class Balancer:
         self._class_pos = []
         self._ring_hashes, self._ring_servers, self._maglev = [], [], []
         self._table_size = table_size or maglev_table_size(len(addrs))
-        if self._table_size < 1 or not _is_prime(self._table_size):
+        if not is_prime(self._table_size):
             raise ValueError(f"table_size must be a prime, not {self._table_size}")
-        for addr, weight in zip(addrs, weights):
+        for addr, weight, phase in zip(addrs, weights, initial_phases(weights)):
+            self._join_phase = phase
             self._append(addr, weight)
+        self._join_phase = 0.5
         self._rebuild()
 
     # ---- public API -------------------------------------------------------------
@@ -155,7 +116,7 @@ class Balancer:
             return -1
         if avoid >= len(self._addr) or (avoid >= 0 and (len(self._eligible) == 1 or not self._is_eligible(avoid))):
             avoid = -1
-        h = self._key_hash(key) if self.algorithm in _CONSISTENT else 0
+        h = self._key_hash(key) if self.algorithm in HASHING_ALGORITHMS else 0
         chosen = self._choose(h, (avoid,) if avoid >= 0 else ())
         self._picks[chosen] += 1
         return chosen
@@ -163,7 +124,7 @@ class Balancer:
     def candidates(self, key=None, n=2):
         if not self._eligible or n < 1:
             return []
-        h = self._key_hash(key) if self.algorithm in _CONSISTENT else 0
+        h = self._key_hash(key) if self.algorithm in HASHING_ALGORITHMS else 0
         first = self._choose(h, ())
         self._picks[first] += 1
         chosen = [first]
@@ -223,7 +184,7 @@ class Balancer:
 
     def set_weight(self, i, weight):
         self._check_index(i)
-        weight = _check_weight(weight)
+        check_weight(weight)
         if weight == self._weight[i]:
             return
         was, old = self._is_eligible(i), self._weight[i]
@@ -275,9 +236,8 @@ class Balancer:
     # ---- membership ---------------------------------------------------------------
 
     def _append(self, addr, weight):
-        if not isinstance(addr, str) or not addr:
-            raise ValueError(f"backend address must be a non-empty 'host:port' string, not {addr!r}")
-        weight = _check_weight(weight)
+        check_addr(addr)
+        check_weight(weight)
         i = len(self._addr)
         for column, value in ((self._addr, addr), (self._weight, weight), (self._state, UP),
                               (self._inflight, 0), (self._picks, 0), (self._failures, 0),
@@ -332,7 +292,7 @@ class Balancer:
             # Half a turn from now, but never ahead of a backend of the same weight:
             # each weight class stays a FIFO, which keeps the compiled pick O(1).
             weight = self._weight[i]
-            self._key[i] = self._vtime + 0.5 / weight
+            self._key[i] = self._vtime + self._join_phase / weight
             fifo = self._rr_classes(excluded=i).get(weight)
             if fifo and self._key[fifo[-1]] > self._key[i]:
                 self._key[i] = self._key[fifo[-1]]
@@ -460,7 +420,10 @@ class Balancer:
             stale_after = max(LEASTTIME_DECAY_PICKS, 2 * len(self._eligible))
             if (self._clock % LEASTTIME_PROBE_EVERY == 0 and head not in avoid
                     and self._clock - self._touched_at[head] > stale_after):
-                self._ewma[head] *= 0.5
+                # Re-measure it: start from the best backend's latency, so its own
+                # next sample decides, without a pile-up on a backend still slow.
+                best = min(self._eligible, key=self._order_key)
+                self._ewma[head] = min(self._ewma[head], self._ewma[best])
                 self._rekey(head)
                 chosen = head
         if chosen < 0:
@@ -593,8 +556,3 @@ class Balancer:
         if not 0 <= i < len(self._addr) or self._state[i] == REMOVED:
             raise IndexError(f"no backend {i}")
 
-
-def _check_weight(weight):
-    if not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
-        raise ValueError(f"weight must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
-    return weight

@@ -35,17 +35,6 @@ cdef struct Ring:
     uint32_t* index     # index[b] = first point whose top bits are >= b; 2^16 + 1 entries
 
 
-cdef tuple ketama_host_port(str addr):
-    """nginx splits 'host:port' at the last colon followed only by digits."""
-    cdef bytes raw = addr.encode()
-    if raw[:5].lower() == b"unix:":
-        return raw[5:], b""
-    colon = raw.rfind(b":")
-    if colon >= 0 and raw[colon + 1:].isdigit():
-        return raw[:colon], raw[colon + 1:]
-    return raw, b""
-
-
 cdef uint32_t ketama_base(str addr):
     cdef bytes host, port
     host, port = ketama_host_port(addr)
