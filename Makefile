@@ -1,0 +1,55 @@
+# fastlb's commands. `make run` and `make test` set up everything on a fresh Debian
+# machine with Python 3.11 (Debian packages need root, as on CI).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Tools the tests and benchmarks drive, by the command each provides.
+DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux
+
+.PHONY: run test setup system-packages build bench-core bench-proxy bench-memory clean
+
+run: setup
+	$(VENV)/bin/fastlb demo
+
+test: setup
+	$(PY) -m pytest -q tests benchmarks/test_harness.py
+
+setup: system-packages $(VENV)/.installed
+
+# Installs only what is missing; `apt-get update` runs only when something is.
+system-packages:
+	@missing=""; \
+	for pair in $(DEBIAN_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	$(PYTHON) -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
+	  || missing="$$missing python3-venv python3-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  status=$$?; rm -f /usr/sbin/policy-rc.d; exit $$status; \
+	fi
+
+# The editable install compiles fastlb/_core.pyx in place; it reruns when a core source changes.
+$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx $(wildcard fastlb/core/*.pxi)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+bench-core: setup
+	$(PY) -m pytest -q benchmarks/test_core_bench.py --benchmark-columns=min,median,ops --benchmark-sort=name
+
+bench-proxy: setup
+	$(PY) benchmarks/proxy_bench.py
+
+bench-memory: setup
+	$(PY) benchmarks/memory_bench.py
+
+clean:
+	rm -rf build $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info
