@@ -97,15 +97,21 @@ class Worker:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, maxconn: int) -> None:
         self.config = config
         self.loop = loop
-        self.pool = BackendPool(config, loop, maxconn)
         self.connections: set = set()
+        self.http = None
+        if config.mode == "http":
+            from fastlb.http.runtime import HttpRuntime, build_router
+            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn), self.connections)
+            self.pool = None
+        else:
+            self.pool = BackendPool(config, loop, maxconn)
         self.servers: list[asyncio.AbstractServer] = []
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
         idle = config.idle_timeout
-        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle else 0.0
-        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if idle else 0
+        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle and not self.http else 0.0
+        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if self.sweep_interval else 0
         self.stopping = False
 
     async def start(self) -> None:
@@ -115,13 +121,17 @@ class Worker:
                 sock = listen_socket(bind.host, bind.port, self.config.backlog)
             except OSError as exc:
                 raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
-            listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                self.connections)
-            server = await self.loop.create_server(listener.protocol_factory(), sock=sock,
-                                                   backlog=self.config.backlog)
+            if self.http is not None:
+                factory = self.http.protocol_factory(bind)
+            else:
+                factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
+                                   self.connections).protocol_factory()
+            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog)
             self.servers.append(server)
         if self.sweep_interval:
             self.sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
+        if self.http is not None:
+            self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
     def _sweep(self) -> None:
         """Cuts relayed connections with no byte either way for idle_timeout: one pass over the flags the
@@ -146,6 +156,8 @@ class Worker:
         self.stopping = True
         for server in self.servers:
             server.close()
+        if self.http is not None:
+            self.http.draining = True          # responses say Connection: close; idle clients are closed
         deadline = self.loop.time() + grace_period
         if self.connections:
             log.info("draining %d connection(s), grace period %.3gs", len(self.connections), grace_period)
@@ -158,6 +170,8 @@ class Worker:
             await asyncio.sleep(0)
         if self.sweep_handle is not None:
             self.sweep_handle.cancel()
+        if self.http is not None:
+            self.http.stop()
 
 
 def _die_with_parent() -> None:
