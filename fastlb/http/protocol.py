@@ -362,7 +362,8 @@ class ClientConnection(asyncio.Protocol):
         if settings.forwarded_for:
             previous = req.captured.get(b"x-forwarded-for") if req.captured else None
             if previous is not None:
-                out += (b"X-Forwarded-For: ", previous, b", ", self.client_ip, b"\r\n")
+                out += (b"X-Forwarded-For: ", previous, b", ", self.client_ip, b"\r\nX-Forwarded-Proto: ",
+                        settings.scheme, b"\r\n")
             else:
                 out.append(self.forward_block)
             if req.host is not None:
