@@ -128,8 +128,15 @@ def build(method: str = "GET", path: str = "/", headers: dict | None = None, bod
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
-def requests_seen(proc, start: int = 0) -> list[dict]:
-    """The requests an http_backend process logged (from output line `start` on)."""
+def requests_seen(proc, start: int = 0, at_least: int = 0) -> list[dict]:
+    """The requests an http_backend process logged (from output line `start` on). The backend logs a
+    request before answering it, but a thread reads its output: wait for `at_least` of them."""
+    if at_least:
+        deadline = time.monotonic() + 10
+        while sum(line.startswith("REQ ") for line in list(proc.lines[start:])) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"backend logged fewer than {at_least} requests")
+            time.sleep(0.01)
     seen = []
     with proc.changed:
         lines = list(proc.lines[start:])

@@ -48,7 +48,7 @@ def test_get_is_proxied_with_forwarded_headers_and_without_hop_by_hop(shared):
             "TE": "trailers", "Proxy-Connection": "keep-alive", "X-Other": "kept",
             "X-Forwarded-Proto": "forged", "X-Forwarded-For": "10.9.9.9"})
     assert response.status == 200 and response.body.endswith(b"GET /hello?x=1\n")
-    seen = requests_seen(backend, start_line)[-1]
+    seen = requests_seen(backend, start_line, at_least=1)[-1]
     names = {k.lower(): v for k, v in seen["headers"]}
     assert names["x-other"] == "kept"
     assert names["x-forwarded-for"] == "10.9.9.9, 127.0.0.1"
@@ -72,7 +72,7 @@ def test_keep_alive_reuses_connections_on_both_sides(procs):
             assert client.request("GET", f"/r{i}").status == 200
     with Client(port) as client:
         assert client.request("GET", "/again").status == 200
-    conns = {r["conn"] for r in requests_seen(backend)}
+    conns = {r["conn"] for r in requests_seen(backend, at_least=6)}
     assert len(conns) == 1, conns
 
 
@@ -94,7 +94,7 @@ def test_chunked_request_body_is_streamed_to_the_backend(shared):
                     b"5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: t\r\n\r\n")
         response = client.read_response()
     assert response.status == 200 and response.body == b"hello world!"
-    seen = requests_seen(backend, start_line)[-1]
+    seen = requests_seen(backend, start_line, at_least=1)[-1]
     assert seen["length"] == 12
 
 
@@ -293,7 +293,7 @@ def test_idempotent_request_is_retried_but_post_is_never_replayed(procs):
         with Client(port) as client:
             statuses.append(client.request("POST", f"/dropif?name=a&i={i}", body=b"pay").status)
     assert statuses.count(502) >= 1 and set(statuses) <= {200, 502}
-    posts = [r for r in requests_seen(backend, start_line) if r["method"] == "POST"]
+    posts = [r for r in requests_seen(backend, start_line, at_least=4) if r["method"] == "POST"]
     urls = collections.Counter(r["url"] for r in posts)
     assert all(count == 1 for count in urls.values()), urls       # never sent twice
     assert statuses.count(502) == sum(1 for r in posts if r["backend"] == "a")
@@ -365,7 +365,7 @@ def test_limits(procs, flag, request_bytes, status):
         assert client.closed()
     with Client(port) as client:
         assert client.request("GET", "/fine").status == 200
-    assert [r["url"] for r in requests_seen(backend)] == ["/fine"]
+    assert [r["url"] for r in requests_seen(backend, at_least=1)] == ["/fine"]
 
 
 def test_header_rules_and_via(procs):
@@ -378,7 +378,7 @@ def test_header_rules_and_via(procs):
     assert response.header("Strict-Transport-Security") == "max-age=60"
     assert response.header("X-Backend") is None and response.header("Via") == "1.1 edge1"
     names = {}
-    for k, v in requests_seen(backend)[-1]["headers"]:
+    for k, v in requests_seen(backend, at_least=1)[-1]["headers"]:
         names.setdefault(k.lower(), []).append(v)
     assert names["x-env"] == ["prod"] and "x-internal" not in names and names["via"] == ["1.1 edge1"]
 

@@ -17,6 +17,7 @@ H_TRANSFER_ENCODING = 5
 H_UPGRADE = 6
 H_EXPECT = 7
 H_FORWARDED_FOR = 8
+H_REJECT = 9          # refused outright (400)
 
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
@@ -32,6 +33,9 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"upgrade": H_UPGRADE,
     b"expect": H_EXPECT,
     b"x-forwarded-for": H_FORWARDED_FOR,
+    # Framing headers spelt with '_': CGI/WSGI backends read them as the real ones (smuggling).
+    b"content_length": H_REJECT,
+    b"transfer_encoding": H_REJECT,
 }
 # Set by fastlb from the connection, so a client cannot forge them.
 FORWARDED_SET_BY_US = (b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")

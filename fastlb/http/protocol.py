@@ -29,9 +29,9 @@ import logging
 import httptools
 
 from fastlb.http import errors
-from fastlb.http.headers import (FORWARDED_SET_BY_US, H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_EXPECT,
-                                 H_FORWARDED_FOR, H_HOST, H_TRANSFER_ENCODING, H_UPGRADE,
-                                 IDEMPOTENT_METHODS, REQUEST_SPECIAL, connection_tokens, valid_host)
+from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
+                                 H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
+                                 connection_tokens, valid_host)
 from fastlb.http.upstream import BackendConnection
 from fastlb.pool import NoBackendError, QueueError
 
@@ -302,6 +302,8 @@ class ClientConnection(asyncio.Protocol):
             if value.strip().lower() != b"100-continue":
                 raise RequestError(417, "unsupported Expect")
             req.expect_continue = True
+        elif action == H_REJECT:
+            raise RequestError(400, "framing header spelt with '_'")
         elif action == H_FORWARDED_FOR:
             if settings.forwarded_for:
                 req.captured = req.captured or {}
