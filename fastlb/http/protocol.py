@@ -32,7 +32,6 @@ from fastlb.http import errors
 from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
                                  connection_tokens, valid_host)
-from fastlb.http.upstream import BackendConnection
 from fastlb.pool import NoBackendError, QueueError
 
 log = logging.getLogger("fastlb")
@@ -107,7 +106,7 @@ class Request:
         self.extra_response_headers = b""
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
     __slots__ = (
         # shared
         "runtime", "settings", "loop",
@@ -644,4 +643,4 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
 
 
-__all__ = ["ClientConnection", "Request", "BackendConnection"]
+__all__ = ["ClientConnection", "Request"]

@@ -27,7 +27,7 @@ HttpParserError = httptools.HttpParserError
 HttpParserUpgrade = httptools.HttpParserUpgrade
 
 
-class BackendConnection(asyncio.Protocol):
+class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is an extension type)
     __slots__ = (
         # shared
         "runtime", "settings",
