@@ -41,8 +41,10 @@ core = Extension(
 # with typed attributes; the compiled module takes precedence on import.
 http_modules = [
     Extension(f"fastlb.http.{name}", [f"fastlb/http/{name}.py"], extra_compile_args=compile_args)
-    for name in ("runtime", "protocol", "upstream")
+    for name in ("runtime", "protocol", "upstream", "routing")
 ]
+# (pool.py stays plain Python: compiled by Cython 3.3, its `async with asyncio.timeout()` connect loop
+# crashed the process on a failed connect.)
 
 setup(
     ext_modules=cythonize(

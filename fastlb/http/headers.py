@@ -68,7 +68,16 @@ def is_token(value: bytes) -> bool:
     return _TOKEN.fullmatch(value) is not None
 
 
+_REG_NAME_CHARS = bytes(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~!$&'()*+,;=%-")
+
+
 def valid_host(value: bytes) -> bool:
+    """A Host value: reg-name or IPv4 with an optional port, or [IPv6]:port. The common case (no
+    bracket, at most one colon) is one translate() instead of a regex match."""
+    if b"[" not in value and value.count(b":") <= 1:
+        name, _, port = value.partition(b":")
+        return not name.translate(None, _REG_NAME_CHARS) and (not port or port.isdigit()) or \
+            (not port and value.endswith(b":") and not name.translate(None, _REG_NAME_CHARS))
     return _HOST.fullmatch(value) is not None
 
 

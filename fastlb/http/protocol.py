@@ -213,6 +213,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             self.peer.write(data)
             self.tunnel_active = True
             return
+        # One clock read per read: every deadline set while handling these bytes uses runtime.now.
+        self.runtime.now = self.loop.time()
         parser = self.parser
         if parser is None:
             if self.tunnel_buffer is not None:       # bytes after an Upgrade request, before the 101
@@ -248,11 +250,12 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.header_count = 0
         self.head_done = False
         self.conn_tokens = None
+        now = self.runtime.now
         if not self.queue:
             # The head must now arrive within http_request_timeout (slowloris).
-            self.deadline = self.loop.time() + self.settings.http_request_timeout
+            self.deadline = now + self.settings.http_request_timeout
             self.deadline_kind = WAIT_HEAD
-        self.head_started = self.loop.time()
+        self.head_started = now
 
     def on_url(self, url: bytes) -> None:
         self.url_size += len(url)
@@ -416,7 +419,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if req.upstream is None and req.out_size > MAX_HELD_BYTES:
             self.pause(PAUSE_QUEUE)
         if req.upstream is not None and self.deadline_kind == WAIT_BACKEND:
-            self.deadline = self.loop.time() + self.settings.response_timeout
+            self.deadline = self.runtime.now + self.settings.response_timeout
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -495,7 +498,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
 
     def sent(self, req: Request) -> None:
         """req is attached to its backend connection: write what we have and wait for the response."""
-        now = self.loop.time()
+        now = self.runtime.now
         req.sent_at = now
         self.deadline = now + self.settings.response_timeout
         self.deadline_kind = WAIT_BACKEND
@@ -555,7 +558,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 self.closing = True
                 self.transport.close()
                 return
-            self.deadline = self.loop.time() + self.settings.keepalive_timeout
+            self.deadline = self.runtime.now + self.settings.keepalive_timeout
             self.deadline_kind = WAIT_IDLE
 
     def backend_failed(self, req: Request, status: int, retry: bool) -> None:

@@ -16,4 +16,4 @@ cdef class HttpRuntime:
     cdef public HttpSettings settings
     cdef public bint draining
     cdef public Py_ssize_t failures
-    cdef public double last_failure_log, sweep_interval
+    cdef public double last_failure_log, sweep_interval, now

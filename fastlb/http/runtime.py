@@ -105,6 +105,7 @@ class HttpRuntime:
         self.settings = HttpSettings(config, router.capture)
         self.connections = connections
         self.draining = False
+        self.now = loop.time()     # the loop's clock as last read by a protocol (one read per data_received)
         self.failures = 0
         self.last_failure_log = 0.0
         self.sweep_handle = None
@@ -138,7 +139,7 @@ class HttpRuntime:
         idle = backend.idle
         if len(idle) >= self.settings.backend_max_idle:
             idle.popleft().transport.close()        # the oldest one goes first
-        upstream.idle_since = self.loop.time()
+        upstream.idle_since = self.now
         idle.append(upstream)
 
     def unpark(self, upstream) -> None:
@@ -152,7 +153,7 @@ class HttpRuntime:
     # ---- the sweep -------------------------------------------------------------------------------
 
     def sweep(self) -> None:
-        now = self.loop.time()
+        now = self.now = self.loop.time()
         for client in list(self.connections):
             if client.deadline_kind and client.deadline <= now:
                 try:

@@ -93,7 +93,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         if backend is None or req is None:
             return
         pool = req.route.pool
-        backend.balancer.on_response(backend.index, self.runtime.loop.time() - req.sent_at, ok)
+        backend.balancer.on_response(backend.index, self.runtime.now - req.sent_at, ok)
         pool.release(backend)
         self.request = None
 
@@ -127,6 +127,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             client.transport.write(data)
             client.tunnel_active = True
             return
+        self.runtime.now = client.loop.time()        # the one clock read for these bytes
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -146,7 +147,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         if self.done:
             self._finish()
         elif client.deadline_kind == 3:            # WAIT_BACKEND: the backend is alive, wait again
-            client.deadline = client.loop.time() + self.settings.response_timeout
+            client.deadline = self.runtime.now + self.settings.response_timeout
 
     def on_message_begin(self) -> None:
         if self.done:
