@@ -18,7 +18,7 @@ cdef class ClientConnection:
     cdef public HttpRuntime runtime
     cdef public HttpSettings settings
     cdef public object loop, transport, parser, queue, connect_task, tunnel_buffer, peer, conn_tokens
-    cdef public bytes client_ip, forward_block
+    cdef public bytes client_ip, forward_block, checked_host
     cdef public bint closed, closing, tunnel, tunnel_active, head_done
     cdef public int paused, deadline_kind
     cdef public double deadline, head_started

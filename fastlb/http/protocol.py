@@ -116,7 +116,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         "peer",
         # the request being parsed
         "req", "parts", "url_parts", "url_size", "header_size", "header_count", "head_done",
-        "conn_tokens", "head_started",
+        "conn_tokens", "head_started", "checked_host",
     )
 
     def __init__(self, runtime, bind) -> None:
@@ -147,6 +147,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.head_done = False
         self.conn_tokens = None
         self.head_started = 0.0
+        self.checked_host = b""        # the last Host value found valid on this connection
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -284,8 +285,11 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if action == H_HOST:
             if req.host is not None:
                 raise RequestError(400, "more than one Host header")
-            if not valid_host(value):
-                raise RequestError(400, "invalid Host header")
+            # A keep-alive client sends the same Host every time: check it once per connection.
+            if value != self.checked_host:
+                if not valid_host(value):
+                    raise RequestError(400, "invalid Host header")
+                self.checked_host = value
             req.host = value
         elif action == H_CONNECTION:
             tokens = connection_tokens(value)
