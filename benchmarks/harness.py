@@ -350,6 +350,12 @@ def ensure_matplotlib():
     except ImportError:
         log("matplotlib missing: pip install matplotlib ...")
         r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], timeout=600)
+        if (r.returncode != 0 and sys.executable.startswith("/usr/bin/") and os.geteuid() == 0
+                and shutil.which("apt-get")):
+            # Debian's own python3 refuses pip installs (PEP 668): take Debian's package instead.
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            r = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "python3-matplotlib"],
+                               env=env, timeout=900)
         if r.returncode != 0:
             log("could not install matplotlib: no chart (JSON results are still written)")
             return None
