@@ -679,8 +679,8 @@ def _check_health(config: Config, where: Callable[[str], str], explicit: set[str
         if settings.check != "http":
             for name in HTTP_CHECK_FIELDS:
                 if name in spec.health or (name in explicit and "check" not in spec.health):
-                    raise ConfigError(f"{source(name)}: {flag_name(name)} applies to HTTP checks; "
-                                      f"the check of {spec.address} is {settings.check!r}")
+                    raise ConfigError(f"{source(name)}: applies to HTTP checks only; the check of "
+                                      f"{spec.address} is {settings.check!r}")
         if settings.slowstart and config.algorithm not in DYNAMIC_WEIGHT_ALGORITHMS:
             raise ConfigError(f"{source('slowstart')}: slow start ramps weights, which the "
                               f"{config.algorithm!r} algorithm does not follow gradually; use one of "
