@@ -220,3 +220,16 @@ def test_a_check_port_is_checked_instead_of_the_traffic_port(procs):
     fastlb.wait_for_line(rf"backend 127.0.0.1:{port_b} DOWN: first check failed \(connection refused\)")
     assert {backend_name(port) for _ in range(6)} == {"a"}
     assert f"127.0.0.1:{port_a} DOWN" not in fastlb.output
+
+
+def test_http_check_expecting_body_text(procs):
+    ports = {name: free_port() for name in ("good", "other")}
+    backends = procs.start([sys.executable, HEALTH_BACKEND, f"http200:good:{ports['good']}",
+                            f"http200:other:{ports['other']}"], "http backends")
+    backends.wait_for_line(r"^ready$")
+    port = free_port()
+    fastlb = procs.fastlb(*balancer_args(port, ports.values(), "--check", "http", "--check-body", "good",
+                                         "--check-interval", "0.2s", "--check-host", "health.internal"))
+    fastlb.wait_for_line(rf"backend 127.0.0.1:{ports['other']} DOWN: first check failed "
+                         rf"\(HTTP 200 but the body lacks 'good'\)")
+    assert f"127.0.0.1:{ports['good']} DOWN" not in fastlb.output
