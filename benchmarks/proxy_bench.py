@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fastlb-cmd", default=None,
                    help=f"override fastlb's command template (default: {h.FASTLB_CMD!r})")
     p.add_argument("--fastlb-args", default="", help="extra flags appended to fastlb's command")
-    p.add_argument("--noise-threshold", type=float, default=0.15,
+    p.add_argument("--noise-threshold", type=float, default=0.10,
                    help="other processes' CPU (share of one CPU) above which a run counts as noisy (default %(default)s)")
     p.add_argument("--noisy-retries", type=int, default=1,
                    help="re-run a noisy run this many times, keeping the quietest (default %(default)s)")

@@ -109,6 +109,36 @@ def make_parser() -> argparse.ArgumentParser:
             ("response_header_delete", "NAME", "remove a response header (repeatable)")):
         http.add_argument(flag_name(name), dest=name, action="append", default=None, metavar=metavar,
                           type=_flag_type(name, LIST_FIELDS[name]), help=help)
+
+    health = parser.add_argument_group(
+        "health", "active checks, slow start and passive outlier detection; a backend may override any "
+        "check setting and slowstart in its own options, e.g. --backend 10.0.0.1:80,check-port=8081,rise=3")
+
+    def health_field(name: str, help: str, metavar: str) -> None:
+        health.add_argument(flag_name(name), dest=name, type=_flag_type(name, FIELDS[name]), default=None,
+                            metavar=metavar, help=help)
+
+    health_field("check", "active check: none (default), tcp (connect) or http (a request)", "none|tcp|http")
+    health_field("check_interval", "time between two checks of a backend (default 2s)", "DURATION")
+    health_field("check_timeout", "a check not done within this fails (default 1s)", "DURATION")
+    health_field("rise", "consecutive passed checks that bring a backend up (default 2)", "N")
+    health_field("fall", "consecutive failed checks that take a backend down (default 3)", "N")
+    health_field("check_jitter", "each interval varies by up to this fraction (default 0.1)", "F")
+    health_field("check_port", "check this port instead of the backend's (default: its own)", "PORT")
+    health_field("check_method", "http checks: request method (default GET)", "METHOD")
+    health_field("check_path", "http checks: request path (default /)", "PATH")
+    health_field("check_host", "http checks: Host header (default: the backend's address)", "HOST")
+    health_field("check_expect", "http checks: passing status or range (default 200-399)", "STATUS[-STATUS]")
+    health_field("check_body", "http checks: text the response body must contain", "TEXT")
+    health_field("slowstart", "a backend coming back ramps its weight from low to full over this time "
+                 "(default 0: at once)", "DURATION")
+    health_field("outlier_failures", "consecutive connect failures seen by live traffic that eject a "
+                 "backend (default 5; 0: no passive ejection)", "N")
+    health_field("outlier_ejection_time", "first ejection lasts this; the n-th n times as long "
+                 "(default 30s)", "DURATION")
+    health_field("outlier_max_ejection_time", "longest ejection (default 5m)", "DURATION")
+    health_field("max_ejection_percent", "at most this share of a pool ejected at once, and never its "
+                 "last available backend (default 50)", "PERCENT")
     return parser
 
 

@@ -24,9 +24,30 @@ file's lists):
     maxconn = 100
     backup = false
     send_proxy = "v2"                # false, "v1" or "v2"
+    check_port = 8081                # any health setting below may be overridden per backend
+
+Health checks, passive outlier detection and slow start (see fastlb/health.py):
+
+    check = "http"                   # "none" (default), "tcp" or "http"
+    check_interval = "2s"
+    check_timeout = "1s"
+    rise = 2                         # consecutive passed checks before a down backend is up
+    fall = 3                         # consecutive failed checks before an up backend is down
+    check_jitter = 0.1               # each interval varies by +-10 % so checks do not fire in lockstep
+    check_port = 0                   # 0: the backend's own port
+    check_method = "GET"             # http checks only, like the three below
+    check_path = "/health"
+    check_host = "api.example"       # default: the backend's address
+    check_expect = "200-399"         # a status or a status range
+    check_body = "OK"                # a substring the body must contain
+    slowstart = "10s"                # a returning backend ramps its weight up over this time
+    outlier_failures = 5             # consecutive connect failures (or 5xx, HTTP mode) that eject; 0: off
+    outlier_ejection_time = "30s"    # first ejection; the n-th lasts n times this ...
+    outlier_max_ejection_time = "5m" # ... up to this
+    max_ejection_percent = 50        # at most this share of a pool ejected at once (never all)
 
 `bind` and `backend` may also be arrays of strings in the flag syntax:
-`backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup"]`.
+`backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup,check-port=8081"]`.
 """
 from __future__ import annotations
 
@@ -72,6 +93,10 @@ class BackendSpec:
     backup: bool = False
     maxconn: int = 0          # 0: no per-backend limit
     send_proxy: int = 0       # 0: off, 1: PROXY v1 (text), 2: PROXY v2 (binary)
+    # Per-backend health settings (HEALTH_FIELDS names -> values) over the global ones, and where each
+    # came from for messages; `Config.health_for(spec)` merges them.
+    health: dict[str, Any] = field(default_factory=dict)
+    health_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -139,9 +164,53 @@ class Config:
     pools: list[PoolSpec] = field(default_factory=list)
     routes: list[RouteSpec] = field(default_factory=list)
     default_pool: str | None = None
+    # Health: active checks (defaults as HAProxy's inter 2s, rise 2, fall 3) ...
+    check: str = "none"
+    check_interval: float = 2.0
+    check_timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    check_jitter: float = 0.1
+    check_port: int = 0
+    check_method: str = "GET"
+    check_path: str = "/"
+    check_host: str | None = None
+    check_expect: tuple[int, int] = (200, 399)
+    check_body: str | None = None
+    # ... slow start, and passive outlier detection (Envoy's defaults, but 50 % ejectable, not 10 %:
+    # with 3 backends 10 % would mean none).
+    slowstart: float = 0.0
+    outlier_failures: int = 5
+    outlier_ejection_time: float = 30.0
+    outlier_max_ejection_time: float = 300.0
+    max_ejection_percent: int = 50
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    def health_for(self, spec: BackendSpec) -> "HealthSettings":
+        """The health settings of one backend: the global ones with its own overrides."""
+        values = {name: getattr(self, name) for name in HEALTH_FIELDS}
+        values.update(spec.health)
+        return HealthSettings(**values)
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """One backend's active-check and slow-start settings (the fields of Config of the same names)."""
+    check: str
+    check_interval: float
+    check_timeout: float
+    rise: int
+    fall: int
+    check_jitter: float
+    check_port: int
+    check_method: str
+    check_path: str
+    check_host: str | None
+    check_expect: tuple[int, int]
+    check_body: str | None
+    slowstart: float
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,10 +426,70 @@ def parse_backend(text: Any) -> BackendSpec:
             backend.send_proxy = 1
         elif name == "send-proxy-v2" and not value:
             backend.send_proxy = 2
+        elif name.replace("-", "_") in HEALTH_FIELDS and value:
+            backend.health[name.replace("-", "_")] = _option(HEALTH_FIELDS[name.replace("-", "_")],
+                                                             name, value)
         else:
             raise ValueError(f"unknown backend option {option.strip()!r}; known: weight=N, maxconn=N, "
-                             f"backup, send-proxy, send-proxy-v2")
+                             f"backup, send-proxy, send-proxy-v2, and health settings such as "
+                             f"check=tcp, check-port=N, rise=N, fall=N")
     return backend
+
+
+def parse_check_expect(value: Any) -> tuple[int, int]:
+    """'200', '200-399' (or a TOML integer) -> an inclusive status range."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    match = re.fullmatch(r"([1-5]\d\d)(?:\s*-\s*([1-5]\d\d))?", text)
+    if not match:
+        raise ValueError(f"expected an HTTP status or a range such as 200-399 (got {value!r})")
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if high < low:
+        raise ValueError(f"the range's end is below its start (got {value!r})")
+    return low, high
+
+
+def parse_http_token(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z]{1,20}", value):
+        raise ValueError(f"expected an HTTP method such as GET, HEAD or OPTIONS (got {value!r})")
+    return value.upper()
+
+
+def parse_check_path(value: Any) -> str:
+    # The path goes into the request line as is: no spaces, controls or non-ASCII.
+    if not isinstance(value, str) or not re.fullmatch(r"/[\x21-\x7e]*", value):
+        raise ValueError(f"expected a path starting with '/', without spaces (got {value!r})")
+    return value
+
+
+def parse_header_text(value: Any) -> str:
+    if not isinstance(value, str) or not value or not re.fullmatch(r"[\x20-\x7e]+", value):
+        raise ValueError(f"expected non-empty printable ASCII text (got {value!r})")
+    return value
+
+
+def parse_percent(value: Any) -> int:
+    try:
+        percent = parse_int(0)(value)
+    except ValueError:
+        percent = -1
+    if not 0 <= percent <= 100:
+        raise ValueError(f"expected a percentage from 0 to 100 (got {value!r})")
+    return percent
+
+
+def parse_jitter(value: Any) -> float:
+    jitter = parse_float(0.0)(value)
+    if jitter > 0.5:
+        raise ValueError(f"expected a fraction of the interval from 0 to 0.5 (got {value!r})")
+    return jitter
+
+
+def parse_port_or_zero(value: Any) -> int:
+    port = parse_int(0)(value)
+    if port > 65535:
+        raise ValueError(f"expected a port 1-65535, or 0 for the backend's own (got {value!r})")
+    return port
 
 
 def parse_bind(text: Any) -> BindSpec:
@@ -402,6 +531,10 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "grace_period": parse_duration,
     "backlog": parse_int(1),
     "log_level": parse_choice("log level", LOG_LEVELS),
+    "outlier_failures": parse_int(0),
+    "outlier_ejection_time": parse_positive_duration,
+    "outlier_max_ejection_time": parse_positive_duration,
+    "max_ejection_percent": parse_percent,
     "http_request_timeout": parse_positive_duration,
     "keepalive_timeout": parse_positive_duration,
     "response_timeout": parse_positive_duration,
@@ -486,6 +619,26 @@ ROUTE_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "header": _header_condition,
 }
 
+# Health settings: global fields that a backend may also set for itself.
+CHECK_KINDS = ("none", "tcp", "http")
+HEALTH_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "check": parse_choice("check", CHECK_KINDS),
+    "check_interval": parse_positive_duration,
+    "check_timeout": parse_positive_duration,
+    "rise": parse_int(1),
+    "fall": parse_int(1),
+    "check_jitter": parse_jitter,
+    "check_port": parse_port_or_zero,
+    "check_method": parse_http_token,
+    "check_path": parse_check_path,
+    "check_host": parse_header_text,
+    "check_expect": parse_check_expect,
+    "check_body": parse_header_text,
+    "slowstart": parse_duration,
+}
+HTTP_CHECK_FIELDS = ("check_method", "check_path", "check_host", "check_expect", "check_body")
+FIELDS.update(HEALTH_FIELDS)
+
 BIND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "address": parse_address,
     "accept_proxy": parse_bool,
@@ -496,6 +649,7 @@ BACKEND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "maxconn": parse_int(0),
     "backup": parse_bool,
     "send_proxy": parse_send_proxy,
+    **HEALTH_FIELDS,
 }
 
 
@@ -675,18 +829,28 @@ def _load_list(path: str, locator: _Locator, key: str, value: Any, fail: Callabl
             raise fail(locator.line_of(key), where, f"expected a string or a table (got {item!r})")
         if "address" not in item:
             raise fail(locator.line_of(key, key, index), where, "missing required key 'address'")
-        parsed = {}
+        parsed: dict[str, Any] = {}
+        health: dict[str, Any] = {}
+        health_sources: dict[str, str] = {}
         for item_key, item_value in item.items():
             field_name = item_key.replace("-", "_")
             line = locator.line_of(item_key, key, index)
             if field_name not in table_fields:
                 raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
             try:
-                parsed[field_name] = table_fields[field_name](item_value)
+                value = table_fields[field_name](item_value)
             except ValueError as exc:
                 raise fail(line, f"{where}.{item_key}", str(exc)) from None
+            if name == "backend" and field_name in HEALTH_FIELDS:
+                health[field_name] = value
+                health_sources[field_name] = f"{path}:{line}: {where}.{item_key}"
+            else:
+                parsed[field_name] = value
         host, port = parsed.pop("address")
-        specs.append((BindSpec if name == "bind" else BackendSpec)(host, port, **parsed))
+        if name == "bind":
+            specs.append(BindSpec(host, port, **parsed))
+        else:
+            specs.append(BackendSpec(host, port, **parsed, health=health, health_sources=health_sources))
     return specs
 
 
@@ -726,6 +890,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
     if config.backends and not any(not b.backup for b in config.backends):
         raise ConfigError(f"{where('backends')}: every backend is a backup; at least one must be a primary")
+    _check_health(config, where, explicit=set(values))
     seen = set()
     for spec in config.binds:
         if (spec.host, spec.port) in seen:
@@ -757,6 +922,32 @@ def _check_pools(config: Config, where: Callable[[str], str]) -> None:
     if config.default_pool is not None and config.default_pool not in names:
         raise ConfigError(f"{where('default_pool')}: unknown pool {config.default_pool!r}; "
                           f"pools: {', '.join(names)}")
+
+
+DYNAMIC_WEIGHT_ALGORITHMS = ("roundrobin", "random", "leastconn", "leasttime", "p2c")
+
+
+def _check_health(config: Config, where: Callable[[str], str], explicit: set[str]) -> None:
+    """Health settings that only make sense together, globally and per backend."""
+    if config.outlier_max_ejection_time < config.outlier_ejection_time:
+        raise ConfigError(f"{where('outlier_max_ejection_time')}: must be >= outlier-ejection-time "
+                          f"({config.outlier_max_ejection_time:g}s < {config.outlier_ejection_time:g}s)")
+    for spec in config.backends:
+        settings = config.health_for(spec)
+
+        def source(name: str) -> str:
+            return spec.health_sources.get(name) or (
+                f"--backend {spec.address}" if name in spec.health else where(name))
+
+        if settings.check != "http":
+            for name in HTTP_CHECK_FIELDS:
+                if name in spec.health or (name in explicit and "check" not in spec.health):
+                    raise ConfigError(f"{source(name)}: applies to HTTP checks only; the check of "
+                                      f"{spec.address} is {settings.check!r}")
+        if settings.slowstart and config.algorithm not in DYNAMIC_WEIGHT_ALGORITHMS:
+            raise ConfigError(f"{source('slowstart')}: slow start ramps weights, which the "
+                              f"{config.algorithm!r} algorithm does not follow gradually; use one of "
+                              f"{', '.join(DYNAMIC_WEIGHT_ALGORITHMS)}, or slowstart 0")
 
 
 def open_files_limit() -> tuple[int, int]:

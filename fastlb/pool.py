@@ -13,6 +13,10 @@ Limits, per worker process (like HAProxy's per-process maxconn):
 
 Backups live in a second Balancer: they are picked only when no primary can be (every primary down,
 or every primary already tried by this connection).
+
+A backend's state in the core combines four sources (see `Backend.refresh`): the operator's state
+(`up` / `drain`), the active health checks (`checked_up`), a passive ejection (`ejected`), and the
+`full` flag. fastlb/health.py changes the health parts; this module only combines them.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import logging
 from typing import Callable
 
 from fastlb import Balancer
-from fastlb.config import BackendSpec, Config
+from fastlb.config import BackendSpec, Config, HealthSettings
+from fastlb.health import CONNECT, BackendHealth
 
 log = logging.getLogger("fastlb")
 
@@ -39,9 +44,12 @@ class Backend:
     """One backend server. `index` is its slot in `balancer` (the primary or the backup Balancer)."""
 
     __slots__ = ("spec", "host", "port", "address", "index", "balancer", "is_backup", "maxconn",
-                 "inflight", "send_proxy", "state", "full", "idle")
+                 "inflight", "send_proxy", "state", "full", "admin_state", "checked_up", "ejected",
+                 "health", "full_weight", "connect_failures", "bad_responses", "ejections",
+                 "returned_at", "eject_handle", "ramp_handle", "idle")
 
-    def __init__(self, spec: BackendSpec, index: int, balancer: Balancer) -> None:
+    def __init__(self, spec: BackendSpec, index: int, balancer: Balancer, health: HealthSettings,
+                 full_weight: int) -> None:
         self.spec = spec
         self.host = spec.host
         self.port = spec.port
@@ -52,24 +60,56 @@ class Backend:
         self.maxconn = spec.maxconn
         self.inflight = 0
         self.send_proxy = spec.send_proxy
-        self.state = "up"        # set by administration and, later, health checks
-        self.full = False        # at maxconn: drained in the core until a connection ends
+        # State: `state` is what the sources below make of it, without the full flag: "up" (can take
+        # new connections), "drain" (finishes its connections, takes no new one) or "down".
+        self.state = "up"
+        self.admin_state = "up"     # the operator's: "up" or "drain"
+        self.checked_up = True      # the active health checks' verdict
+        self.ejected = False        # ejected by passive outlier detection, until eject_handle fires
+        self.full = False           # at maxconn: drained in the core until a connection ends
+        # Health bookkeeping (fastlb/health.py)
+        self.health = health
+        self.full_weight = full_weight       # the core weight when not ramping up after a return
+        self.connect_failures = 0            # in a row, from live traffic
+        self.bad_responses = 0               # in a row (5xx, response timeouts), fed by the HTTP mode
+        self.ejections = 0                   # how many times in a row it was ejected: the n-th lasts n x base
+        self.returned_at = 0.0
+        self.eject_handle: asyncio.TimerHandle | None = None
+        self.ramp_handle: asyncio.TimerHandle | None = None
         # HTTP mode: idle keep-alive connections to this backend, oldest first (reused from the right,
         # expired from the left). They hold no slot: a slot is a request in flight.
         self.idle: collections.deque = collections.deque()
 
+    @property
+    def available(self) -> bool:
+        """Can take new connections (ignoring the full flag, which only makes connections wait)."""
+        return self.state == "up"
+
     def set_state(self, state: str) -> None:
-        """The operator's / health checker's state; the core sees it unless the backend is full."""
-        self.state = state
+        """The operator's state: "up", or "drain" (no new connections; live ones finish)."""
+        if state not in ("up", "drain"):
+            raise ValueError(f"operator state must be 'up' or 'drain', not {state!r}")
+        self.admin_state = state
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recombines the state sources and tells the core (a no-op there when nothing changed)."""
+        self.state = "down" if self.ejected or not self.checked_up else self.admin_state
         self._commit()
 
     def _commit(self) -> None:
         effective = "drain" if self.full and self.state == "up" else self.state
         self.balancer.set_state(self.index, effective)
 
+    def set_weight(self, weight: int) -> None:
+        self.balancer.set_weight(self.index, weight)
+
     def __repr__(self) -> str:
         return f"<Backend {self.address} inflight={self.inflight} state={self.state}>"
 
+
+MAX_CORE_WEIGHT = 256
+SLOWSTART_WEIGHT_SCALE = 16      # enough for a smooth ramp, small enough for weights up to 16
 
 _FULL = object()   # select() result: a backend exists but is at its limit: wait in the queue
 
@@ -85,18 +125,41 @@ class BackendPool:
         self.active = 0                      # connections holding a backend slot
         self.waiters: collections.deque[asyncio.Future] = collections.deque()
         self.woken = 0                       # waiters told a slot is free that have not run yet
+        settings = [config.health_for(spec) for spec in config.backends]
+        # Slow start lowers a returning backend's weight in steps; integer weights of 1 cannot go
+        # lower, so with slow start on every core weight is the configured one times weight_scale.
+        self.weight_scale = 1
+        if any(s.slowstart for s in settings):
+            self.weight_scale = max(1, min(SLOWSTART_WEIGHT_SCALE,
+                                           MAX_CORE_WEIGHT // max(1, *(b.weight for b in config.backends))))
         primaries = [spec for spec in config.backends if not spec.backup]
         backups = [spec for spec in config.backends if spec.backup]
-        self.primary = self._balancer(config, primaries)
-        self.primaries = [Backend(spec, i, self.primary) for i, spec in enumerate(primaries)]
-        self.backup = self._balancer(config, backups) if backups else None
-        self.backups = [Backend(spec, i, self.backup) for i, spec in enumerate(backups)]
+        self.primary = self._balancer(config, primaries, self.weight_scale)
+        self.backup = self._balancer(config, backups, self.weight_scale) if backups else None
+        self.primaries: list[Backend] = []
+        self.backups: list[Backend] = []
+        self.in_config_order: list[Backend] = []      # the index the master's health messages use
+        for spec, health in zip(config.backends, settings):
+            group, balancer = (self.backups, self.backup) if spec.backup else (self.primaries, self.primary)
+            backend = Backend(spec, len(group), balancer, health, spec.weight * self.weight_scale)
+            group.append(backend)
+            self.in_config_order.append(backend)
+        self.health = BackendHealth(loop, self, config)
 
     @staticmethod
-    def _balancer(config: Config, specs: list[BackendSpec]) -> Balancer:
+    def _balancer(config: Config, specs: list[BackendSpec], weight_scale: int) -> Balancer:
         bounded = config.bounded_load if config.algorithm in ("hash", "ketama", "maglev") else 0.0
         return Balancer([spec.address for spec in specs], algorithm=config.algorithm,
-                        weights=[spec.weight for spec in specs], bounded_load=bounded, seed=config.seed)
+                        weights=[spec.weight * weight_scale for spec in specs], bounded_load=bounded,
+                        seed=config.seed)
+
+    def group_of(self, backend: Backend) -> list[Backend]:
+        """The backends sharing backend's Balancer: the primaries or the backups."""
+        return self.backups if backend.is_backup else self.primaries
+
+    def close(self) -> None:
+        """Cancels the health timers (ejections, slow-start steps)."""
+        self.health.close()
 
     @property
     def backends(self) -> list[Backend]:
@@ -251,6 +314,7 @@ class BackendPool:
                 self.release(backend)
                 backend.balancer.on_response(backend.index, loop.time() - started, False)
                 tried.append(backend)
+                self.health.record(backend, False, CONNECT, exc)
                 log.debug("connect to %s failed (%s); attempt %d of %d", backend.address,
                           exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
                           len(tried), attempts)
@@ -261,4 +325,5 @@ class BackendPool:
                 self.release(backend)
                 raise
             backend.balancer.on_response(backend.index, loop.time() - started, True)
+            backend.connect_failures = 0        # health.record(ok=True) inlined: once per connection
             return backend, transport, protocol

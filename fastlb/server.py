@@ -1,9 +1,12 @@
 """Listeners, worker processes, the supervising master, signals and graceful shutdown.
 
-`--workers 1`: the fastlb process is the worker. `--workers N`: a master forks N workers before any
-event loop exists; each worker binds its own listening socket with SO_REUSEPORT, so the kernel spreads
-new connections over them. The master only supervises: it restarts a worker that dies (with a backoff
+`--workers 1`: the fastlb process is the worker, and runs the health checks itself. `--workers N`: a
+master forks N workers; each worker binds its own listening socket with SO_REUSEPORT, so the kernel
+spreads new connections over them. The master supervises: it restarts a worker that dies (with a backoff
 when workers die young, so a crash loop does not spin), and on SIGTERM/SIGINT forwards SIGTERM and waits.
+It also runs the active health checks, once for the whole balancer, on its own event loop, and sends each
+verdict to every worker over a socketpair; a worker it (re)starts inherits the current verdicts with the
+fork. The master forks only while its loop is not running, and the child closes what it inherited.
 
 A worker on SIGTERM (or SIGINT) drains: it closes its listening sockets, lets live connections finish
 for up to `grace_period` seconds, then cuts what is left and exits 0.
@@ -20,6 +23,7 @@ import sys
 import time
 
 from fastlb.config import Config, maxconn_capacity, open_files_limit
+from fastlb.health import HealthChecker, HealthFeed, check_targets, encode_verdict
 from fastlb.l4 import Listener
 from fastlb.pool import BackendPool
 
@@ -94,17 +98,31 @@ class StartupError(Exception):
 class Worker:
     """One event loop's balancer: listeners, the backend pool, the idle sweep, draining."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, maxconn: int) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
+                 health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None
+                 ) -> None:
         self.config = config
         self.loop = loop
+        # The pool of the top-level backends (in HTTP mode the pool named "default", beside any
+        # [[pool]]); the active health checks cover it.
+        self.pool = BackendPool(config, loop, maxconn) if config.backends else None
+        # Active checks: the master's verdicts (the state at fork, then a feed), or our own checker.
+        self.health_channel = health_channel
+        self.feed_transport: asyncio.BaseTransport | None = None
+        self.checker: HealthChecker | None = None
+        for index, up in (verdicts or {}).items():
+            if not up and self.pool is not None:
+                self.pool.health.set_checked(self.pool.in_config_order[index], False, "down at start")
+        if health_channel is None:
+            targets = check_targets(config)
+            if targets:
+                self.checker = HealthChecker(loop, targets, self._on_verdict)
         self.connections: set = set()
         self.http = None
         if config.mode == "http":
             from fastlb.http.runtime import HttpRuntime, build_router
-            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn), self.connections)
-            self.pool = None
-        else:
-            self.pool = BackendPool(config, loop, maxconn)
+            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool),
+                                    self.connections)
         self.servers: list[asyncio.AbstractServer] = []
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
@@ -128,10 +146,18 @@ class Worker:
                                    self.connections).protocol_factory()
             server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog)
             self.servers.append(server)
+        if self.health_channel is not None and self.pool is not None:
+            self.feed_transport, _ = await self.loop.create_unix_connection(
+                lambda: HealthFeed(self.pool), sock=self.health_channel)
+        if self.checker is not None:
+            self.checker.start()
         if self.sweep_interval:
             self.sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
         if self.http is not None:
             self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
+
+    def _on_verdict(self, index: int, up: bool, reason: str) -> None:
+        self.pool.health.set_checked(self.pool.in_config_order[index], up, reason)
 
     def _sweep(self) -> None:
         """Cuts relayed connections with no byte either way for idle_timeout: one pass over the flags the
@@ -172,6 +198,12 @@ class Worker:
             self.sweep_handle.cancel()
         if self.http is not None:
             self.http.stop()
+        if self.checker is not None:
+            self.checker.close()
+        if self.feed_transport is not None:
+            self.feed_transport.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _die_with_parent() -> None:
@@ -183,8 +215,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_worker(config: Config, worker_id: int | None = None, master_pid: int | None = None) -> int:
-    """Runs one worker until SIGTERM/SIGINT. Returns the process exit status."""
+def run_worker(config: Config, worker_id: int | None = None, master_pid: int | None = None,
+               health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None
+               ) -> int:
+    """Runs one worker until SIGTERM/SIGINT. Returns the process exit status.
+
+    health_channel / verdicts: from the master, which runs the checks (else the worker runs them)."""
     import uvloop
 
     maxconn = effective_maxconn(config)
@@ -195,7 +231,7 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     if master_pid is not None and os.getppid() != master_pid:
         return 0                                   # the master died before PDEATHSIG was set
-    worker = Worker(config, loop, maxconn)
+    worker = Worker(config, loop, maxconn, health_channel, verdicts)
     try:
         loop.run_until_complete(worker.start())
     except StartupError as exc:
@@ -227,45 +263,130 @@ def run(config: Config) -> int:
 
 
 class Master:
+    """Forks and supervises the workers; runs the active health checks for all of them.
+
+    Its event loop runs between forks only (`_wait` returns on a signal or a due restart), so a fork
+    never happens inside a running loop, and health checks keep their rhythm while it waits."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.workers: dict[int, tuple[int, float]] = {}      # pid -> (worker id, start time)
+        self.channels: dict[int, socket.socket] = {}         # pid -> the master's end of its socketpair
         self.young_deaths = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.checker: HealthChecker | None = None
+        self.signals: list[int] = []
+        self.wakeup: asyncio.Future | None = None
 
     def _spawn(self, worker_id: int) -> int:
+        channel = worker_end = None
+        if self.checker is not None:
+            channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, set())
-                _die_with_parent()
+                self._become_worker(worker_end)
                 setup_logging(self.config.log_level, worker_id)
-                status = run_worker(self.config, worker_id, self.master_pid)
+                verdicts = self.checker.states if self.checker is not None else None
+                status = run_worker(self.config, worker_id, self.master_pid, worker_end, verdicts)
             except BaseException:
                 logging.getLogger("fastlb").exception("worker crashed")
             finally:
                 sys.stderr.flush()
                 os._exit(status)
+        if worker_end is not None:
+            worker_end.close()
+            channel.setblocking(False)
+            self.channels[pid] = channel
         self.workers[pid] = (worker_id, time.monotonic())
         log.info("worker %d started (pid %d)", worker_id, pid)
         return pid
 
+    def _become_worker(self, worker_end: socket.socket | None) -> None:
+        """In a freshly forked worker: drop the master's signal handling and every file it had open
+        (its event loop, other workers' channels, health-check sockets in flight), keeping stdio and this
+        worker's own channel. The master's objects stay referenced until os._exit, so nothing closes
+        those numbers again once they are reused."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        keep = worker_end.fileno() if worker_end is not None else -1
+        if keep >= 0:
+            os.closerange(3, keep)
+            os.closerange(keep + 1, _max_fd())
+        else:
+            os.closerange(3, _max_fd())
+        _die_with_parent()
+
+    def _on_verdict(self, index: int, up: bool, reason: str) -> None:
+        """A health flip (the checker has logged it): every worker applies it."""
+        message = encode_verdict(index, up, reason)
+        for pid, channel in self.channels.items():
+            try:
+                channel.send(message)
+            except BlockingIOError:
+                # Only a worker stuck for thousands of flips gets here; it is restarted when it dies.
+                log.error("worker pid %d is not reading health verdicts; verdict dropped", pid)
+            except OSError:
+                pass                   # the worker died: it is reaped and restarted with the state
+
+    def _on_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    async def _wait(self, timeout: float) -> None:
+        """Returns after a signal or after timeout; health checks run meanwhile."""
+        if self.signals:
+            return
+        self.wakeup = self.loop.create_future()
+        try:
+            await asyncio.wait_for(self.wakeup, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.wakeup = None
+
     def run(self) -> int:
         self.master_pid = os.getpid()
-        handled = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-        for worker_id in range(self.config.workers):
-            self._spawn(worker_id)
-        log.info("master running %d workers", self.config.workers)
+        # The stdlib loop, not uvloop: uvloop keeps SIGCHLD for itself, and the master's few health
+        # checks per second do not need its speed.
+        self.loop = loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            targets = check_targets(self.config)
+            if targets:
+                self.checker = HealthChecker(loop, targets, self._on_verdict)
+            for worker_id in range(self.config.workers):
+                self._spawn(worker_id)
+            if self.checker is not None:
+                self.checker.start()
+            log.info("master running %d workers%s", self.config.workers,
+                     f", checking {len(targets)} backend(s)" if targets else "")
+            return self._supervise()
+        finally:
+            if self.checker is not None:
+                self.checker.close()
+            for channel in self.channels.values():
+                channel.close()
+            loop.run_until_complete(asyncio.sleep(0))     # let cancelled checks unwind
+            loop.close()
+
+    def _supervise(self) -> int:
         pending_restarts: list[tuple[float, int]] = []          # (when, worker id)
         while True:
             timeout = 1.0
             if pending_restarts:
                 timeout = max(0.0, min(when for when, _ in pending_restarts) - time.monotonic())
-            info = signal.sigtimedwait(handled, timeout)
+            self.loop.run_until_complete(self._wait(timeout))
+            signals, self.signals = self.signals, []
             now = time.monotonic()
-            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                return self._shutdown(signal.Signals(info.si_signo).name)
+            for signum in signals:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    return self._shutdown(signal.Signals(signum).name)
             for worker_id, status in self._reap():
                 if status == EXIT_STARTUP_FAILED:
                     log.error("worker %d could not start; stopping", worker_id)
@@ -288,6 +409,9 @@ class Master:
             if pid not in self.workers:
                 continue
             worker_id, started = self.workers.pop(pid)
+            channel = self.channels.pop(pid, None)
+            if channel is not None:
+                channel.close()
             status = os.waitstatus_to_exitcode(wait_status)
             how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
             log.warning("worker %d (pid %d) %s; restarting", worker_id, pid, how)
@@ -305,6 +429,8 @@ class Master:
 
     def _shutdown(self, reason: str) -> int:
         log.info("%s: stopping %d worker(s)", reason, len(self.workers))
+        if self.checker is not None:
+            self.checker.close()
         for pid in self.workers:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -312,7 +438,8 @@ class Master:
                 pass
         deadline = time.monotonic() + self.config.grace_period + 5.0
         while self.workers and time.monotonic() < deadline:
-            signal.sigtimedwait({signal.SIGCHLD}, 0.1)
+            self.loop.run_until_complete(self._wait(0.1))
+            self.signals.clear()
             while self.workers:
                 try:
                     pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -331,3 +458,9 @@ class Master:
                 pass
         log.info("stopped")
         return 0
+
+
+def _max_fd() -> int:
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 65536

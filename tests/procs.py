@@ -209,3 +209,55 @@ def backend_name(port: int, source_ip: str | None = None) -> str:
     """Connects through fastlb and returns the name line the backend sends first, then closes."""
     with connect(port, source_ip) as sock:
         return read_line(sock).decode().strip()
+
+
+class ConnectionLoad:
+    """A client loop in a thread: new connection after new connection through `port`, each reading the
+    echo backend's name line, sending a line and reading its echo. Records who answered and every
+    failure. Bounded: it stops at `stop()` or after `max_seconds`.
+
+    `between_connections()` holds the loop between two connections, so a test can kill a backend
+    without cutting a connection in flight (which no balancer can save): what is measured is whether
+    *new* connections fail."""
+
+    def __init__(self, port: int, max_seconds: float = 60.0, connect_timeout: float = 3.0) -> None:
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.deadline = time.monotonic() + max_seconds
+        self.answers: list[tuple[float, str]] = []      # (monotonic time, backend name)
+        self.failures: list[tuple[float, str]] = []
+        self.gate = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "ConnectionLoad":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stopping.is_set() and time.monotonic() < self.deadline:
+            with self.gate:
+                try:
+                    with connect(self.port, timeout=self.connect_timeout) as sock:
+                        name = read_line(sock).decode().strip()
+                        sock.sendall(b"ping\n")
+                        echo = read_line(sock)
+                    if not name or echo != b"ping\n":
+                        raise ConnectionError(f"short answer: name {name!r}, echo {echo!r}")
+                    self.answers.append((time.monotonic(), name))
+                except OSError as exc:
+                    self.failures.append((time.monotonic(), f"{exc.__class__.__name__}: {exc}"))
+
+    def between_connections(self):
+        return self.gate
+
+    def first_answer_by(self, name: str, since: float = 0.0) -> float | None:
+        """When `name` first answered at or after `since` (monotonic), or None."""
+        for t, n in self.answers[:]:
+            if t >= since and n == name:
+                return t
+        return None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)

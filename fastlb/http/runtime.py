@@ -79,7 +79,10 @@ class HttpSettings:
         return b"X-Forwarded-For: " + client_ip + b"\r\nX-Forwarded-Proto: " + self.scheme + b"\r\n"
 
 
-def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int) -> Router:
+def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
+                 default_pool: BackendPool | None = None) -> Router:
+    """The worker's pools and rules. default_pool: the worker's BackendPool of the top-level backends
+    (the one the active health checks feed), served as the pool named "default"."""
     pools: dict[str, RoutePool] = {}
     for spec in config.pools:
         pool_config = config.replace(backends=spec.backends, algorithm=spec.algorithm or config.algorithm,
@@ -90,7 +93,7 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int) 
                                      spec.max_body_size if spec.max_body_size is not None
                                      else config.max_body_size)
     if config.backends:
-        pools.setdefault("default", RoutePool("default", BackendPool(config, loop, maxconn),
+        pools.setdefault("default", RoutePool("default", default_pool or BackendPool(config, loop, maxconn),
                                               config.hash_key, config.max_body_size))
     default_name = config.default_pool or ("default" if "default" in pools else next(iter(pools)))
     rules = [Rule(spec, pools[spec.pool]) for spec in config.routes]
@@ -128,6 +131,8 @@ class HttpRuntime:
             for backend in route.pool.backends:
                 while backend.idle:
                     backend.idle.pop().transport.close()
+            if route.name != "default":
+                route.pool.close()          # the default pool is the worker's, closed by it
 
     def protocol_factory(self, bind):
         from fastlb.http.protocol import ClientConnection
