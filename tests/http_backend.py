@@ -15,6 +15,7 @@ Paths (the query string is ignored unless said):
   /hang            never answers
   /drop            closes the connection without answering
   /dropif?name=N   closes without answering on backend N, 200 on the others
+  /failif?name=N   500 on backend N, 200 on the others
   /garbage         a response with two Content-Lengths (invalid framing)
   /status?code=N   N with a short body (or none for 204/304)
   /ws              101 Switching Protocols (Upgrade: websocket), then echoes raw bytes
@@ -139,6 +140,8 @@ class Handler(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self.send(200, f"{self.name}\n".encode())
+        elif path == "/failif":
+            self.send(500 if query.get("name") == self.name else 200, f"{self.name}\n".encode())
         elif path == "/garbage":
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
         elif path == "/status":

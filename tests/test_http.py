@@ -394,3 +394,11 @@ def test_sigterm_drains_http(procs):
     assert response.status == 200 and response.header("Connection") == "close"
     assert fastlb.wait_exit(10) == 0
     client.close()
+
+
+def test_5xx_responses_eject_a_backend_passively(procs):
+    port, _, _ = start(procs, ("a", "b"), "--outlier-failures", "2", "--outlier-ejection-time", "30s")
+    with Client(port) as client:
+        answers = [client.request("GET", "/failif?name=a").header("X-Backend") for _ in range(10)]
+    # a answers twice with 500 (the 2 failures that eject it), then only b answers.
+    assert answers.count("a") == 2 and answers[-6:] == ["b"] * 6, answers

@@ -18,6 +18,7 @@ import logging
 
 import httptools
 
+from fastlb.health import RESPONSE
 from fastlb.http import errors
 from fastlb.http.headers import R_CONNECTION, R_DROP, R_FRAMING, R_UPGRADE, RESPONSE_SPECIAL
 
@@ -86,14 +87,19 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         req.upstream = self
         self._reset()
 
-    def release(self, ok: bool) -> None:
-        """Gives back the slot taken for the request and reports the outcome to the core."""
+    def release(self, ok: bool, detail: str = "") -> None:
+        """Gives back the slot taken for the request and reports the outcome to the core and to the
+        passive health checks (a 5xx, a bad response or a timeout counts against the backend)."""
         backend = self.backend
         req = self.request
         if backend is None or req is None:
             return
         pool = req.route.pool
         backend.balancer.on_response(backend.index, self.runtime.now - req.sent_at, ok)
+        if not ok:
+            pool.health.record(backend, False, RESPONSE, detail or f"status {self.status}")
+        elif backend.bad_responses:
+            pool.health.record(backend, True, RESPONSE)
         pool.release(backend)
         self.request = None
 
@@ -109,7 +115,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         client = self.client
         req = self.request
         self.client = None
-        self.release(ok=False)
+        self.release(False, "response timeout")
         self.transport.abort()
         req.upstream = None
         req.tried.append(self.backend)
@@ -300,7 +306,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         client = self.client
         req = self.request
         self.client = None
-        self.release(ok=False)
+        self.release(False, "bad response" if status == 502 and not retry else "connection lost")
         if self.transport is not None:
             self.transport.abort()
         if req is not None and client is not None:
