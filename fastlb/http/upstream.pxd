@@ -15,3 +15,10 @@ cdef class BackendConnection:
     cdef public Request request
     cdef public list out, parts
     cdef public int status
+
+    cpdef _reset(self)
+    cpdef attach(self, ClientConnection client, Request req, backend)
+    cpdef release(self, bint ok, str detail=*)
+    cpdef _plain_response(self, ClientConnection client, tuple found, bytes data)
+    cpdef bint _client_must_close(self, Request req, ClientConnection client)
+    cpdef _finish(self)

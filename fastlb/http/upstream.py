@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The backend side: one `BackendConnection` per connection to a backend, reused across requests.
 
 While serving a request it parses the response with httptools, rewrites the head (hop-by-hop headers
@@ -184,8 +185,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.done = True
         self._finish()
 
-    @staticmethod
-    def _client_must_close(req, client) -> bool:
+    def _client_must_close(self, req, client) -> bool:
         """The client connection ends after this response: it asked, a refused request follows, the
         request was not read to its end, or the worker is draining."""
         return (not req.keep_alive or req.close_after or client.closing and len(client.queue) <= 1
