@@ -32,8 +32,10 @@ system-packages:
 	  status=$$?; rm -f /usr/sbin/policy-rc.d; exit $$status; \
 	fi
 
-# The editable install compiles fastlb/_core.pyx in place; it reruns when a core source changes.
-$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx $(wildcard fastlb/core/*.pxi)
+# The editable install compiles fastlb/_core.pyx and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
+# in place; it reruns when one of their sources changes (a stale .so would shadow the edited .py).
+$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx $(wildcard fastlb/core/*.pxi) fastlb/pool.py \
+		$(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -36,20 +36,22 @@ core = Extension(
     extra_compile_args=compile_args,
 )
 
-# The HTTP hot path: the protocol modules are plain Python (the reference, used as-is when not built)
-# compiled by Cython with the .pxd files next to them, which turn their classes into extension types
-# with typed attributes; the compiled module takes precedence on import.
-http_modules = [
+# The per-request path of HTTP mode: plain Python modules (the reference, used as they are when not
+# built) compiled by Cython; the .pxd files beside the protocol modules turn their classes into extension
+# types with typed attributes, and a compiled module takes precedence on import. They keep Python's
+# semantics (bounds checks, negative indexes): compiled with the core's wraparound=False, pool.py's
+# `tried[-1]` read out of bounds and crashed the process.
+python_modules = [
     Extension(f"fastlb.http.{name}", [f"fastlb/http/{name}.py"], extra_compile_args=compile_args)
     for name in ("runtime", "protocol", "upstream", "routing")
-] + [Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)]
-# (pool.py stays plain Python: compiled by Cython 3.3, its `async with asyncio.timeout()` connect loop
-# crashed the process on a failed connect.)
+] + [Extension("fastlb.pool", ["fastlb/pool.py"], extra_compile_args=compile_args)]
+python_directives = {"language_level": 3, "annotation_typing": False}
+head_scanner = Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)
+annotate = os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1"
 
 setup(
-    ext_modules=cythonize(
-        [core, *http_modules],
-        compiler_directives=directives,
-        annotate=os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1",
-    )
+    ext_modules=[
+        *cythonize([core, head_scanner], compiler_directives=directives, annotate=annotate),
+        *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate),
+    ]
 )

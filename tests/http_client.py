@@ -68,7 +68,7 @@ class Client:
             while True:
                 if data:
                     try:
-                        parser.feed_data(data)
+                        self.leftover = self._feed(parser, response, headers_done, data, head)
                     except httptools.HttpParserUpgrade as exc:
                         self.leftover = data[exc.args[0]:]
                         response.status = parser.get_status_code()
@@ -93,6 +93,33 @@ class Client:
                 continue
             response.interim = interim
             return response
+
+    @staticmethod
+    def _feed(parser, response, headers_done, data: bytes, head: bool) -> bytes:
+        """Feeds the parser no byte past the end of this response (httptools would parse a next,
+        pipelined one into the same object); returns the bytes that belong to later responses."""
+        i = 0
+        while i < len(data) and not headers_done[0] and not response.complete:
+            try:
+                parser.feed_data(data[i:i + 1])
+            except httptools.HttpParserUpgrade as exc:
+                exc.args = (i + 1,)
+                raise
+            i += 1
+        if i == len(data) or response.complete or head:
+            return data[i:] if (response.complete or head) else b""
+        length = response.header("Content-Length")
+        if length is not None and response.header("Transfer-Encoding") is None:
+            take = max(0, int(length) - len(response.body))
+            parser.feed_data(data[i:i + take])
+            return data[i + take:]
+        if (response.header("Transfer-Encoding") or "").lower().endswith("chunked"):
+            while i < len(data) and not response.complete:
+                parser.feed_data(data[i:i + 1])
+                i += 1
+            return data[i:]
+        parser.feed_data(data[i:])           # delimited by the close
+        return b""
 
     def closed(self, timeout: float = 5.0) -> bool:
         """True when the server closes the connection (EOF or reset) within timeout."""
