@@ -353,7 +353,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         req.keep_alive = parser.should_keep_alive()
         if req.upgrade is not None and not parser.should_upgrade():
             req.upgrade = None                 # Upgrade without "Connection: upgrade": not asked for
-        route = self.runtime.router.route(method, url, req.host, req.captured)
+        router = self.runtime.router
+        route = router.single if router.single is not None else router.route(method, url, req.host,
+                                                                              req.captured)
         req.route = route
         if req.content_length is not None:
             length = int(req.content_length)
@@ -386,7 +388,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             out += (b"Connection: upgrade\r\nUpgrade: ", req.upgrade, b"\r\n\r\n")
         else:
             out.append(b"\r\n")
-        req.out_size = sum(map(len, out))
+        # An upper bound of the head's size (the limits and the replay budget only need that much):
+        # the client's header and URL bytes, the method, and what fastlb adds.
+        req.out_size = self.header_size + self.url_size + len(method) + len(settings.request_block) + 512
 
         queue = self.queue
         queue.append(req)
