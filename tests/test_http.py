@@ -402,3 +402,29 @@ def test_5xx_responses_eject_a_backend_passively(procs):
         answers = [client.request("GET", "/failif?name=a").header("X-Backend") for _ in range(10)]
     # a answers twice with 500 (the 2 failures that eject it), then only b answers.
     assert answers.count("a") == 2 and answers[-6:] == ["b"] * 6, answers
+
+
+def test_backend_connection_is_not_reused_after_a_response_not_read_to_its_end(procs):
+    port, backend, _ = start(procs, ("a",))
+    with Client(port) as client:
+        assert client.request("GET", "/first").status == 200
+    with Client(port) as client:
+        client.send(build("GET", f"/big?n={64 * 1024 * 1024}"))
+        assert client.sock.recv(1000).startswith(b"HTTP/1.1 200")
+    # The client left mid-body: that backend connection is closed, never handed to the next request.
+    with Client(port) as client:
+        assert client.request("GET", "/after").status == 200
+    seen = requests_seen(backend, at_least=3)
+    conns = {r["url"].split("?")[0]: r["conn"] for r in seen}
+    assert conns["/first"] == conns["/big"] and conns["/after"] != conns["/big"], conns
+
+
+def test_two_workers_serve_http(procs):
+    port, _, _ = start(procs, ("a", "b"), "--workers", "2")
+    names = set()
+    for _ in range(8):
+        with Client(port) as client:
+            response = client.request("GET", "/")
+            assert response.status == 200
+            names.add(response.header("X-Backend"))
+    assert names == {"a", "b"}
