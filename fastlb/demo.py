@@ -1,7 +1,7 @@
 """`fastlb demo`: a working balancer in front of demo backends it starts itself, in one process.
 
 The demo backends are tiny HTTP/1.0 servers (one response per connection) on ephemeral ports of
-127.0.0.1; fastlb relays them in tcp mode, so `curl` shows the round robin: each request names the
+127.0.0.1; fastlb proxies them in http mode (the default), so `curl` shows the round robin: each request names the
 backend that answered. Ctrl-C (or SIGTERM) drains and stops everything.
 """
 from __future__ import annotations
