@@ -270,6 +270,16 @@ class BackendPool:
             return None
         return backend
 
+    def take_pinned(self, backend: Backend, tried: list[Backend]) -> bool:
+        """Takes a slot on one given backend (a persistence hook's choice, e.g. a sticky cookie) when
+        it can serve now: up, not full, not already failed for this request, nobody queued. False: the
+        caller balances as usual (redispatch)."""
+        if (self.waiters or self.woken or self.active >= self.maxconn or backend.state != "up"
+                or backend.full or backend in tried):
+            return False
+        self._take(backend)
+        return True
+
     # ---- the connect loop: candidates, not winners --------------------------------------------
 
     async def connect(self, key: bytes | None, protocol_factory: Callable[[], asyncio.Protocol],

@@ -71,8 +71,9 @@ class Request:
         "out", "flushed", "out_size", "replayable", "written",
         # progress
         "error", "upstream", "sent_at", "response_started", "continue_sent", "close_after",
-        # hook for later features (sticky cookies): header lines added to the response head
-        "extra_response_headers",
+        # hooks for persistence (sticky cookies, stick tables): a backend to try first, and header lines
+        # added to the response head. Set by `HttpRuntime.request_hook` (see there).
+        "pinned", "extra_response_headers",
     )
 
     def __init__(self) -> None:
@@ -104,6 +105,7 @@ class Request:
         self.response_started = False
         self.continue_sent = False
         self.close_after = False
+        self.pinned = None
         self.extra_response_headers = b""
 
 
@@ -362,6 +364,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             if route.max_body_size and length > route.max_body_size:
                 raise RequestError(413, "body larger than max_body_size")
         req.key = route.key(self.client_ip, url, req.captured) if route.key_kind else None
+        hook = self.runtime.request_hook
+        if hook is not None:
+            hook(req, self)               # may set req.pinned and req.extra_response_headers
 
         # The head for the backend, as pieces joined at the first write.
         out = req.out
@@ -473,7 +478,11 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             self.answer(req, req.error, close=True)
             return
         pool = req.route.pool
-        backend = pool.select_now(req.key, req.tried)
+        pinned = req.pinned
+        if pinned is not None and pool.take_pinned(pinned, req.tried):
+            backend = pinned
+        else:
+            backend = pool.select_now(req.key, req.tried)
         if backend is not None:
             idle = backend.idle
             while idle:

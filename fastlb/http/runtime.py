@@ -112,6 +112,13 @@ class HttpRuntime:
         self.settings = HttpSettings(config, router.capture)
         self.connections = connections
         self.draining = False
+        # Persistence hook (issue 3: sticky cookies, stick tables): called as hook(request, client)
+        # once a request's head is parsed and routed, before a backend is picked. It may set
+        # request.pinned to a Backend of request.route.pool (taken if it can serve now, otherwise
+        # the request is balanced as usual: redispatch) and request.extra_response_headers to
+        # preformatted 'Name: value\r\n' lines (Set-Cookie). Headers it needs to read must be in
+        # the router's capture set (request.captured); the client IP is client.client_ip.
+        self.request_hook = None
         self.now = loop.time()     # the loop's clock as last read by a protocol (one read per data_received)
         self.failures = 0
         self.last_failure_log = 0.0
