@@ -428,3 +428,13 @@ def test_two_workers_serve_http(procs):
             assert response.status == 200
             names.add(response.header("X-Backend"))
     assert names == {"a", "b"}
+
+
+def test_408_when_the_client_stops_sending_its_body(procs):
+    port, _, _ = start(procs, ("a",), "--response-timeout", "300ms")
+    with Client(port) as client:
+        client.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        assert client.read_response().status == 408
+        assert client.closed()
+    with Client(port) as client:
+        assert client.request("GET", "/ok").status == 200
