@@ -33,7 +33,7 @@ system-packages:
 	fi
 
 # The editable install compiles fastlb/_core.pyx in place; it reruns when a core source changes.
-$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx $(wildcard fastlb/core/*.pxi)
+$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx fastlb/_relay.pyx $(wildcard fastlb/core/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

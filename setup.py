@@ -32,10 +32,11 @@ core = Extension(
     define_macros=macros,
     extra_compile_args=compile_args,
 )
+relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=compile_args)
 
 setup(
     ext_modules=cythonize(
-        [core],
+        [core, relay],
         compiler_directives=directives,
         annotate=os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1",
     )
