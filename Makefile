@@ -36,7 +36,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx fastlb/_relay.pyx $(wildcard fastlb/core/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 build: setup
@@ -46,10 +46,10 @@ bench-core: setup
 	$(PY) -m pytest -q benchmarks/test_core_bench.py --benchmark-columns=min,median,ops --benchmark-sort=name
 
 bench-proxy: setup
-	$(PY) benchmarks/proxy_bench.py
+	$(PY) benchmarks/proxy_bench.py $(BENCH_ARGS)
 
 bench-memory: setup
-	$(PY) benchmarks/memory_bench.py
+	$(PY) benchmarks/memory_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info
