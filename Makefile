@@ -43,7 +43,7 @@ build: setup
 	$(PY) setup.py -q build_ext --inplace
 
 bench-core: setup
-	$(PY) -m pytest -q benchmarks/test_core_bench.py --benchmark-columns=min,median,ops --benchmark-sort=name
+	$(PY) -m pytest -q benchmarks/test_core_bench.py -s --benchmark-columns=min,median,ops --benchmark-sort=name
 
 bench-proxy: setup
 	$(PY) benchmarks/proxy_bench.py $(BENCH_ARGS)
