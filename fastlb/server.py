@@ -103,26 +103,33 @@ class Worker:
                  ) -> None:
         self.config = config
         self.loop = loop
-        self.pool = BackendPool(config, loop, maxconn)
+        # The pool of the top-level backends (in HTTP mode the pool named "default", beside any
+        # [[pool]]); the active health checks cover it.
+        self.pool = BackendPool(config, loop, maxconn) if config.backends else None
         # Active checks: the master's verdicts (the state at fork, then a feed), or our own checker.
         self.health_channel = health_channel
         self.feed_transport: asyncio.BaseTransport | None = None
         self.checker: HealthChecker | None = None
         for index, up in (verdicts or {}).items():
-            if not up:
+            if not up and self.pool is not None:
                 self.pool.health.set_checked(self.pool.in_config_order[index], False, "down at start")
         if health_channel is None:
             targets = check_targets(config)
             if targets:
                 self.checker = HealthChecker(loop, targets, self._on_verdict)
         self.connections: set = set()
+        self.http = None
+        if config.mode == "http":
+            from fastlb.http.runtime import HttpRuntime, build_router
+            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool),
+                                    self.connections)
         self.servers: list[asyncio.AbstractServer] = []
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
         idle = config.idle_timeout
-        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle else 0.0
-        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if idle else 0
+        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle and not self.http else 0.0
+        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if self.sweep_interval else 0
         self.stopping = False
 
     async def start(self) -> None:
@@ -132,18 +139,22 @@ class Worker:
                 sock = listen_socket(bind.host, bind.port, self.config.backlog)
             except OSError as exc:
                 raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
-            listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                self.connections)
-            server = await self.loop.create_server(listener.protocol_factory(), sock=sock,
-                                                   backlog=self.config.backlog)
+            if self.http is not None:
+                factory = self.http.protocol_factory(bind)
+            else:
+                factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
+                                   self.connections).protocol_factory()
+            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog)
             self.servers.append(server)
-        if self.health_channel is not None:
+        if self.health_channel is not None and self.pool is not None:
             self.feed_transport, _ = await self.loop.create_unix_connection(
                 lambda: HealthFeed(self.pool), sock=self.health_channel)
         if self.checker is not None:
             self.checker.start()
         if self.sweep_interval:
             self.sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
+        if self.http is not None:
+            self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
     def _on_verdict(self, index: int, up: bool, reason: str) -> None:
         self.pool.health.set_checked(self.pool.in_config_order[index], up, reason)
@@ -171,6 +182,8 @@ class Worker:
         self.stopping = True
         for server in self.servers:
             server.close()
+        if self.http is not None:
+            self.http.draining = True          # responses say Connection: close; idle clients are closed
         deadline = self.loop.time() + grace_period
         if self.connections:
             log.info("draining %d connection(s), grace period %.3gs", len(self.connections), grace_period)
@@ -183,11 +196,14 @@ class Worker:
             await asyncio.sleep(0)
         if self.sweep_handle is not None:
             self.sweep_handle.cancel()
+        if self.http is not None:
+            self.http.stop()
         if self.checker is not None:
             self.checker.close()
         if self.feed_transport is not None:
             self.feed_transport.close()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _die_with_parent() -> None:
