@@ -417,10 +417,12 @@ class Sticky:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def pin(self, client_ip: bytes, cookies: bytes | None, header_value: bytes | None):
+    def pin(self, client_ip: bytes, captured: dict | None):
         """(backend to prefer or None, key to look up or record or None, the client's valid cookie or None).
 
-        The backend is returned whatever its state; the pool uses it only when it is up."""
+        captured: the request headers the router kept (cookie, the learned header). The backend is
+        returned whatever its state; the pool uses it only while it is up."""
+        cookies = captured.get(b"cookie") if captured is not None else None
         kind = self.kind
         if kind == COOKIE_INSERT:
             value = cookie_value(cookies, self.name)
@@ -439,7 +441,7 @@ class Sticky:
         elif kind == LEARN_COOKIE:
             key = cookie_value(cookies, self.name)
         else:
-            key = header_value
+            key = captured.get(self.lname) if captured is not None else None
         if not key:
             return None, None, None
         entry = self.table.get(key, self.store.loop.time())
@@ -563,13 +565,21 @@ class Sticky:
         return b"Set-Cookie: " + self.name + b"=" + value + self.attributes + b"\r\n" + self.nocache_line
 
 
-def read_secret(path: str) -> bytes:
-    with open(path, "rb") as f:
-        secret = f.read().strip()
-    if len(secret) < 16:
-        raise ValueError(f"{path}: the cookie secret must be at least 16 bytes")
-    return secret
+# Without --cookie-secret-file (source and learned persistence need no secrecy) backend ids still have to
+# agree between balancers: a fixed key does that.
+UNSECRET_KEY = b"fastlb backend ids without a configured secret"
+
+
+def default_secret(config: "Config") -> bytes:
+    if not config.cookie_secret_file:
+        return UNSECRET_KEY
+    with open(config.cookie_secret_file, "rb") as f:
+        return f.read().strip()
+
+
+def any_sticky(config: "Config") -> bool:
+    return config.sticky is not None or any(pool.sticky is not None for pool in config.pools)
 
 
 __all__ = ["Sticky", "StickTable", "SessionStore", "RedisStore", "MemcachedStore", "make_store",
-           "backend_id", "cookie_value", "read_secret"]
+           "backend_id", "cookie_value", "default_secret", "any_sticky"]

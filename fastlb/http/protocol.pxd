@@ -9,7 +9,7 @@ cdef class Request:
     cdef public bint replayable, written, response_started, continue_sent, close_after
     cdef public Py_ssize_t body_received, flushed, out_size, error
     cdef public dict captured
-    cdef public object route, key, upstream
+    cdef public object route, key, upstream, pinned, sticky_key, sticky_cookie
     cdef public list tried, out
     cdef public double sent_at
 

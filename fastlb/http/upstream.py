@@ -20,7 +20,8 @@ import httptools
 
 from fastlb.health import RESPONSE
 from fastlb.http import errors
-from fastlb.http.headers import R_CONNECTION, R_DROP, R_FRAMING, R_UPGRADE, RESPONSE_SPECIAL
+from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_SET_COOKIE, R_STICKY_HEADER, R_UPGRADE,
+                                 RESPONSE_SPECIAL)
 
 log = logging.getLogger("fastlb")
 
@@ -178,6 +179,18 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
         elif action == R_UPGRADE:
             self.upgrade = value
+        elif action == R_SET_COOKIE:
+            sticky = self.request.route.sticky
+            if sticky is not None and sticky.watches_set_cookie:
+                value = sticky.on_set_cookie(value, self.backend)
+                if value is None:
+                    return                          # insert + indirect: our cookie is fastlb's to set
+            self.parts += (name, b": ", value, b"\r\n")
+        elif action == R_STICKY_HEADER:
+            sticky = self.request.route.sticky
+            if sticky is not None and sticky.kind == 4 and name.lower() == sticky.lname:
+                sticky.on_response_header(value, self.backend)
+            self.parts += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -241,6 +254,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         out.append(self.settings.response_block)
         if req.extra_response_headers:
             out.append(req.extra_response_headers)
+        sticky = req.route.sticky
+        if sticky is not None and sticky.kind == 1:            # cookie insert: name the backend
+            block = sticky.response_block(req.sticky_cookie, self.backend)
+            if block:
+                out.append(block)
         out.append(b"\r\n")
         if self.no_body:
             self.done = True
