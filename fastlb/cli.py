@@ -96,7 +96,7 @@ def make_parser() -> argparse.ArgumentParser:
     http_field("backend_idle_timeout", "close an idle keep-alive backend connection (default 10s)",
                "DURATION")
     http_field("backend_max_idle", "idle keep-alive connections kept per backend, per worker "
-               "(default 64)", "N")
+               "(default 1000)", "N")
     http_field("max_header_size", "request header bytes; more: 431 (default 16k)", "SIZE")
     http_field("max_headers", "request header fields; more: 431 (default 100)", "N")
     http_field("max_uri_length", "request target bytes; more: 414 (default 8k)", "SIZE")

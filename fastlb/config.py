@@ -179,7 +179,7 @@ class Config:
     response_timeout: float = 30.0         # backend silent while a response is awaited or read
     tunnel_timeout: float = 3600.0         # upgraded (WebSocket) connection idle both ways
     backend_idle_timeout: float = 10.0     # idle keep-alive connection to a backend
-    backend_max_idle: int = 64             # idle keep-alive connections kept per backend, per worker
+    backend_max_idle: int = 1000           # idle keep-alive connections kept per backend, per worker
     max_header_size: int = 16384           # bytes of request header fields
     max_headers: int = 100
     max_uri_length: int = 8192

@@ -25,3 +25,11 @@ cdef class ClientConnection:
     cdef public Request req
     cdef public list parts, url_parts
     cdef public Py_ssize_t url_size, header_size, header_count
+
+    cpdef pause(self, int reason)
+    cpdef resume(self, int reason)
+    cpdef dispatch(self, Request req)
+    cpdef sent(self, Request req)
+    cpdef flush_request(self, Request req)
+    cpdef answer(self, Request req, int status, bint close)
+    cpdef finished(self, Request req, bint close)

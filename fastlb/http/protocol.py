@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The HTTP/1.1 client side: parse requests, route them, hand them to backends, answer in order.
 
 One `ClientConnection` per accepted socket. httptools (llhttp, strict mode) parses the requests; the few

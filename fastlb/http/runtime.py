@@ -25,7 +25,7 @@ class HttpSettings:
         "backend_idle_timeout", "backend_max_idle", "connect_wait_timeout",
         "max_header_size", "max_headers", "max_uri_length",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
-        "capture", "default_host", "scheme", "cookie_held",
+        "capture", "default_host", "scheme", "fast_responses", "cookie_held",
     )
 
     def __init__(self, config: Config, capture: frozenset) -> None:
@@ -66,6 +66,10 @@ class HttpSettings:
             response_extra.append(("Via", f"1.1 {config.via}"))
             request_actions[b"via"] = H_DROP       # replaced, not appended: simpler, and no loops
             response_actions[b"via"] = R_DROP
+        # The response fast path forwards header lines as they are: only without response rules.
+        from fastlb.http.upstream import scan_response
+        self.fast_responses = (scan_response is not None and not config.response_header_delete
+                               and not config.response_header_set and not config.via)
         self.request_block = format_header_block(extra)
         self.response_block = format_header_block(response_extra)
         self.capture = capture
@@ -93,6 +97,10 @@ class HttpSettings:
                 self.response_actions.setdefault(b"set-cookie", R_SET_COOKIE)
             if sticky.kind == 4:                          # learn:header:NAME
                 self.response_actions.setdefault(sticky.lname, R_STICKY_HEADER)
+            if sticky.kind != 5:
+                # Cookie and learned rules read or add response headers: the response fast path,
+                # which forwards header lines untouched, would skip them.
+                self.fast_responses = False
 
 
 def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
