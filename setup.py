@@ -43,7 +43,7 @@ relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=com
 http_modules = [
     Extension(f"fastlb.http.{name}", [f"fastlb/http/{name}.py"], extra_compile_args=compile_args)
     for name in ("runtime", "protocol", "upstream", "routing")
-]
+] + [Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)]
 # (pool.py stays plain Python: compiled by Cython 3.3, its `async with asyncio.timeout()` connect loop
 # crashed the process on a failed connect.)
 

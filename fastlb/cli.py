@@ -17,6 +17,8 @@ examples:
   fastlb --mode tcp --bind :5432 --backend db1:5432,weight=3 --backend db2:5432,backup --algorithm leastconn
   fastlb --bind :8080,accept-proxy --backend 10.0.0.1:80,send-proxy-v2,maxconn=500 --workers auto
   fastlb --bind :6379 --backend r1:6379 --backend r2:6379 --algorithm ketama --hash-key source
+  fastlb --bind :8080 --backend a:80 --backend b:80 --sticky cookie:SRV,indirect,httponly --cookie-secret-file /etc/fastlb/key
+  fastlb --bind :8080 --backend a:80 --backend b:80 --sticky learn:JSESSIONID --store redis://10.0.0.9:6379/0
   fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
   fastlb --check-config /etc/fastlb.toml                (validate and exit)
   fastlb demo                                           (a balancer in front of 3 demo backends)
@@ -109,6 +111,29 @@ def make_parser() -> argparse.ArgumentParser:
             ("response_header_delete", "NAME", "remove a response header (repeatable)")):
         http.add_argument(flag_name(name), dest=name, action="append", default=None, metavar=metavar,
                           type=_flag_type(name, LIST_FIELDS[name]), help=help)
+
+    sessions = parser.add_argument_group(
+        "session persistence", "pin a client's session to one backend; shared between balancers through "
+        "--store redis:// or memcached://")
+
+    def sessions_field(name: str, help: str, metavar: str) -> None:
+        sessions.add_argument(flag_name(name), dest=name, type=_flag_type(name, FIELDS[name]),
+                              default=None, metavar=metavar, help=help)
+
+    sessions_field("sticky", "cookie:NAME (insert a signed cookie naming the backend; options ,indirect "
+                   ",nocache ,httponly ,secure ,samesite=lax|strict|none ,maxidle=DURATION "
+                   ",maxlife=DURATION), prefix:NAME (prefix the application's cookie), learn:NAME or "
+                   "learn:header:NAME (learn the application's session id), source (client address; "
+                   "tcp mode too)", "KIND[:NAME][,OPTION...]")
+    sessions_field("store", "where learned and source mappings are shared: memory (default: the "
+                   "workers of this balancer), redis://HOST:PORT/DB, memcached://HOST:PORT",
+                   "memory|URL")
+    sessions_field("cookie_secret_file", "HMAC-SHA256 secret for sticky cookies (>= 16 bytes; the same "
+                   "on every balancer that must honour the cookies)", "FILE")
+    sessions_field("stick_ttl", "learned and source mappings expire this long after last use "
+                   "(default 30m)", "DURATION")
+    sessions_field("stick_table_size", "entries per pool in each worker's local table, least recently "
+                   "used out first (default 100000)", "N")
 
     health = parser.add_argument_group(
         "health", "active checks, slow start and passive outlier detection; a backend may override any "

@@ -46,6 +46,16 @@ Health checks, passive outlier detection and slow start (see fastlb/health.py):
     outlier_max_ejection_time = "5m" # ... up to this
     max_ejection_percent = 50        # at most this share of a pool ejected at once (never all)
 
+Session persistence (see fastlb/sticky.py); a [[pool]] may have its own `sticky`:
+
+    sticky = "cookie:SRVID,indirect,nocache,httponly,secure,samesite=lax,maxidle=30m,maxlife=8h"
+                                     # or "prefix:JSESSIONID", "learn:JSESSIONID",
+                                     # "learn:header:X-Session-Id", "source"
+    store = "redis://127.0.0.1:6379/0"   # "memory" (default), or "memcached://127.0.0.1:11211"
+    cookie_secret_file = "/etc/fastlb/cookie.key"   # HMAC secret (>= 16 bytes): needed by cookie:
+    stick_ttl = "30m"                # learned and source mappings expire this long after last use
+    stick_table_size = 100000        # entries per pool in each worker's local table (LRU)
+
 `bind` and `backend` may also be arrays of strings in the flag syntax:
 `backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup,check-port=8081"]`.
 """
@@ -104,6 +114,24 @@ class BackendSpec:
 
 
 @dataclass
+class StickySpec:
+    """`--sticky KIND[:NAME][,option...]`: how a pool pins sessions (fastlb/sticky.py)."""
+    kind: str                  # cookie (insert), prefix, learn, source
+    name: str = ""             # the cookie (or, learn:header:NAME, the header) name
+    header: bool = False       # learn from a response header, look up the request header
+    indirect: bool = False
+    nocache: bool = False
+    httponly: bool = False
+    secure: bool = False
+    samesite: str = ""         # "", "lax", "strict", "none"
+    maxidle: float = 0.0       # seconds; 0: no limit
+    maxlife: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+
+@dataclass
 class PoolSpec:
     """A named backend pool (HTTP mode): its backends, and optionally its own algorithm, key, limit."""
     name: str
@@ -111,6 +139,7 @@ class PoolSpec:
     algorithm: str | None = None
     hash_key: str | None = None
     max_body_size: int | None = None
+    sticky: StickySpec | None = None
 
 
 @dataclass
@@ -164,6 +193,12 @@ class Config:
     pools: list[PoolSpec] = field(default_factory=list)
     routes: list[RouteSpec] = field(default_factory=list)
     default_pool: str | None = None
+    # Session persistence
+    sticky: StickySpec | None = None
+    store: str = "memory"                  # memory | redis://HOST:PORT/DB | memcached://HOST:PORT
+    cookie_secret_file: str | None = None
+    stick_ttl: float = 1800.0
+    stick_table_size: int = 100000
     # Health: active checks (defaults as HAProxy's inter 2s, rise 2, fall 3) ...
     check: str = "none"
     check_interval: float = 2.0
@@ -507,6 +542,69 @@ def parse_bind(text: Any) -> BindSpec:
     return bind
 
 
+_COOKIE_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+
+
+def parse_sticky(value: Any) -> StickySpec:
+    """cookie:NAME | prefix:NAME | learn:NAME | learn:header:NAME | source, then ,options (cookie:)."""
+    usage = ("expected cookie:NAME, prefix:NAME, learn:NAME, learn:header:NAME or source, with options "
+             "indirect, nocache, httponly, secure, samesite=lax|strict|none, maxidle=DURATION, "
+             "maxlife=DURATION")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{usage} (got {value!r})")
+    head, *options = [part.strip() for part in value.split(",")]
+    kind, _, name = head.partition(":")
+    kind = kind.lower()
+    spec = StickySpec(kind)
+    if kind == "source":
+        if name:
+            raise ValueError(f"source takes no name (got {value!r})")
+    elif kind in ("cookie", "prefix", "learn"):
+        if kind == "learn" and name.lower().startswith("header:"):
+            spec.header = True
+            name = name[len("header:"):]
+        if not re.fullmatch(_COOKIE_NAME, name):
+            raise ValueError(f"{usage} (got {value!r})")
+        spec.name = name
+    else:
+        raise ValueError(f"{usage} (got {value!r})")
+    for option in options:
+        key, sep, text = option.partition("=")
+        key = key.strip().lower()
+        if kind != "cookie" and key not in ("",):
+            raise ValueError(f"option {option!r} applies to cookie: only")
+        if key in ("indirect", "nocache", "httponly", "secure") and not sep:
+            setattr(spec, key, True)
+        elif key == "samesite" and text.lower() in ("lax", "strict", "none"):
+            spec.samesite = text.lower()
+        elif key in ("maxidle", "maxlife") and sep:
+            setattr(spec, key, _option(parse_duration, key, text))
+        else:
+            raise ValueError(f"unknown sticky option {option!r}; {usage}")
+    return spec
+
+
+def parse_store(value: Any) -> str:
+    """memory | redis://HOST:PORT[/DB] | memcached://HOST:PORT."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "memory":
+            return "memory"
+        match = re.fullmatch(r"redis://([^/:]+|\[[0-9a-fA-F:]+\]):(\d+)(?:/(\d+))?", text)
+        if match and 1 <= int(match.group(2)) <= 65535:
+            return f"redis://{match.group(1)}:{match.group(2)}/{match.group(3) or 0}"
+        match = re.fullmatch(r"memcached://([^/:]+):(\d+)/?", text)
+        if match and 1 <= int(match.group(2)) <= 65535:
+            return f"memcached://{match.group(1)}:{match.group(2)}"
+    raise ValueError(f"expected memory, redis://HOST:PORT/DB or memcached://HOST:PORT (got {value!r})")
+
+
+def parse_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a file path (got {value!r})")
+    return value.strip()
+
+
 def _option(parser: Callable[[Any], Any], name: str, value: str) -> Any:
     try:
         return parser(value)
@@ -548,6 +646,11 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "forwarded_for": parse_bool,
     "via": parse_via,
     "default_pool": lambda value: _pool_name(value),
+    "sticky": parse_sticky,
+    "store": parse_store,
+    "cookie_secret_file": parse_path,
+    "stick_ttl": parse_positive_duration,
+    "stick_table_size": parse_int(1),
 }
 
 # Repeatable HTTP header rules: config name -> parser of one item (flags append, the file gives arrays).
@@ -609,6 +712,7 @@ POOL_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "algorithm": parse_algorithm,
     "hash_key": parse_hash_key,
     "max_body_size": parse_size,
+    "sticky": parse_sticky,
 }
 ROUTE_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "pool": _pool_name,
@@ -879,6 +983,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
             raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs mode 'http'; "
                               f"tcp mode hashes on source only")
     _check_pools(config, where)
+    _check_sticky(config, where)
     if config.backends and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs a hashing algorithm "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
@@ -922,6 +1027,29 @@ def _check_pools(config: Config, where: Callable[[str], str]) -> None:
     if config.default_pool is not None and config.default_pool not in names:
         raise ConfigError(f"{where('default_pool')}: unknown pool {config.default_pool!r}; "
                           f"pools: {', '.join(names)}")
+
+
+def _check_sticky(config: Config, where: Callable[[str], str]) -> None:
+    specs = [(config.sticky, where("sticky"))] + [
+        (pool.sticky, f"{where('pools')}: pool {pool.name!r}") for pool in config.pools]
+    for spec, place in specs:
+        if spec is None:
+            continue
+        if config.mode == "tcp" and spec.kind != "source":
+            raise ConfigError(f"{place}: sticky {spec} needs mode 'http'; tcp mode sticks on source only")
+        if spec.kind == "cookie" and not config.cookie_secret_file:
+            raise ConfigError(f"{place}: sticky {spec} signs its cookie: give --cookie-secret-file FILE "
+                              f"(at least 16 random bytes)")
+    if config.cookie_secret_file:
+        try:
+            with open(config.cookie_secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where('cookie_secret_file')}: cannot read {config.cookie_secret_file}: "
+                              f"{exc.strerror}") from None
+        if len(secret) < 16:
+            raise ConfigError(f"{where('cookie_secret_file')}: the secret must be at least 16 bytes "
+                              f"(got {len(secret)})")
 
 
 DYNAMIC_WEIGHT_ALGORITHMS = ("roundrobin", "random", "leastconn", "leasttime", "p2c")

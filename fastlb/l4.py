@@ -38,11 +38,12 @@ class Listener:
     """What connections accepted on one bind share."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log")
+                 "last_failure_log", "sticky")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool, bind: "BindSpec",
-                 hash_source: bool, header_timeout: float, connections: set) -> None:
+                 hash_source: bool, header_timeout: float, connections: set, sticky=None) -> None:
         self.loop = loop
+        self.sticky = sticky                # fastlb.sticky.Sticky (source) or None
         self.pool = pool
         self.bind = bind
         self.hash_source = hash_source
@@ -109,8 +110,15 @@ class ClientSide(RelayEnd, asyncio.Protocol):
     async def _connect(self) -> None:
         listener = self.listener
         key = self.source[0].encode() if listener.hash_source else None
+        sticky = listener.sticky
+        pinned = client_ip = None
+        if sticky is not None:
+            pinned, client_ip, _ = sticky.pin(self.source[0].encode(), None)
+            if pinned is None and sticky.store.shared:
+                pinned = await sticky.fetch(client_ip)     # a local miss only; bounded
         try:
-            backend, transport, side = await listener.pool.connect(key, self._make_backend_side)
+            backend, transport, side = await listener.pool.connect(key, self._make_backend_side,
+                                                                   pinned=pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
@@ -118,6 +126,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
                 self.transport.close()
             return
         self.connect_task = None
+        if sticky is not None and backend is not pinned:
+            sticky.record(client_ip, backend)         # a new client, or its backend could not serve it
         if self.closed or side.lost:
             # The client left, or the backend hung up, while we were being scheduled.
             listener.pool.release(backend)

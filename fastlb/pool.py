@@ -167,12 +167,20 @@ class BackendPool:
 
     # ---- slots --------------------------------------------------------------------------------
 
-    def _select(self, key: bytes | None, tried: list[Backend]) -> Backend | object | None:
+    def _select(self, key: bytes | None, tried: list[Backend], pinned: Backend | None = None
+                ) -> Backend | object | None:
         """Picks a backend and takes a slot on it: a Backend, _FULL (wait), or None (nothing can serve).
 
-        Primaries first, avoiding the last one that failed; backups once no untried primary is left."""
+        A pinned backend (session persistence) is taken when it is up and this request has not failed
+        on it; when it is full the request waits for it, like any other. Otherwise primaries first,
+        avoiding the last one that failed; backups once no untried primary is left."""
         if self.active >= self.maxconn:
             return _FULL
+        if pinned is not None and pinned.state == "up" and pinned not in tried:
+            if pinned.full:
+                return _FULL
+            self._take(pinned)
+            return pinned
         backend = self._pick(self.primary, self.primaries, key, tried)
         if backend is None:
             # Primaries at their maxconn are busy, not unavailable: wait for them (HAProxy does the
@@ -258,14 +266,15 @@ class BackendPool:
                 except ValueError:
                     pass
 
-    def select_now(self, key: bytes | None, tried: list[Backend]) -> Backend | None:
+    def select_now(self, key: bytes | None, tried: list[Backend], pinned: Backend | None = None
+                   ) -> Backend | None:
         """The synchronous fast path (HTTP mode): a backend with a slot taken, or None when the caller
         must go through `connect` (someone is queued, everything is full, or nothing can serve). The
         backend returned is the caller's to use (e.g. an idle connection from `backend.idle`), or to
         hand to `connect(..., selected=backend)` so the same pick is connected to."""
         if self.waiters or self.woken:
             return None
-        backend = self._select(key, tried)
+        backend = self._select(key, tried, pinned)
         if backend is _FULL or backend is None:
             return None
         return backend
@@ -273,7 +282,8 @@ class BackendPool:
     # ---- the connect loop: candidates, not winners --------------------------------------------
 
     async def connect(self, key: bytes | None, protocol_factory: Callable[[], asyncio.Protocol],
-                      tried: list[Backend] | None = None, selected: Backend | None = None
+                      tried: list[Backend] | None = None, selected: Backend | None = None,
+                      pinned: Backend | None = None
                       ) -> tuple[Backend, asyncio.Transport, asyncio.Protocol]:
         """Connects to a backend, retrying the next candidate after a failed connect.
 
@@ -283,7 +293,8 @@ class BackendPool:
         QueueError; never leaves a slot taken when it raises.
 
         HTTP mode passes `tried` (backends that already failed this request, avoided and counted
-        against the attempts) and `selected` (a backend select_now already took a slot on)."""
+        against the attempts) and `selected` (a backend select_now already took a slot on). `pinned`:
+        the session's backend, preferred while it is up and has not failed this connection."""
         loop = self.loop
         if tried is None:
             tried = []
@@ -296,7 +307,7 @@ class BackendPool:
             elif (self.waiters or self.woken) and queue_deadline is None:
                 backend = _FULL
             else:
-                backend = self._select(key, tried)
+                backend = self._select(key, tried, pinned)
             if backend is _FULL:
                 if queue_deadline is None:
                     queue_deadline = loop.time() + self.queue_timeout

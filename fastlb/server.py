@@ -118,11 +118,21 @@ class Worker:
             if targets:
                 self.checker = HealthChecker(loop, targets, self._on_verdict)
         self.connections: set = set()
+        # Session persistence: the worker's tables and the way to the shared store (fastlb/sticky.py).
+        self.store = None
+        self.tcp_sticky = None
+        from fastlb.sticky import any_sticky
+        if any_sticky(config):
+            from fastlb.sticky import make_store
+            self.store = make_store(config, loop)
         self.http = None
         if config.mode == "http":
             from fastlb.http.runtime import HttpRuntime, build_router
-            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool),
+            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool, self.store),
                                     self.connections)
+        elif config.sticky is not None and self.pool is not None:
+            from fastlb.sticky import Sticky, default_secret
+            self.tcp_sticky = Sticky(config.sticky, "default", self.pool, self.store, default_secret(config))
         self.servers: list[asyncio.AbstractServer] = []
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
@@ -143,9 +153,11 @@ class Worker:
                 factory = self.http.protocol_factory(bind)
             else:
                 factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                   self.connections).protocol_factory()
+                                   self.connections, self.tcp_sticky).protocol_factory()
             server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog)
             self.servers.append(server)
+        if self.store is not None:
+            await self.store.start()
         if self.health_channel is not None and self.pool is not None:
             self.feed_transport, _ = await self.loop.create_unix_connection(
                 lambda: HealthFeed(self.pool), sock=self.health_channel)
@@ -204,6 +216,8 @@ class Worker:
             self.feed_transport.close()
         if self.pool is not None:
             self.pool.close()
+        if self.store is not None:
+            await self.store.close()
 
 
 def _die_with_parent() -> None:

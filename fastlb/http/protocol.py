@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The HTTP/1.1 client side: parse requests, route them, hand them to backends, answer in order.
 
 One `ClientConnection` per accepted socket. httptools (llhttp, strict mode) parses the requests; the few
@@ -29,7 +30,7 @@ import logging
 import httptools
 
 from fastlb.http import errors
-from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
+from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
                                  connection_tokens, valid_host)
 from fastlb.pool import NoBackendError, QueueError
@@ -64,8 +65,8 @@ class Request:
         # parsed
         "method", "url", "host", "http10", "keep_alive", "idempotent", "is_head", "chunked",
         "content_length", "body_received", "complete", "upgrade", "expect_continue", "captured",
-        # routing
-        "route", "key", "tried",
+        # routing; session persistence: the pinned backend, the key to record, the client's valid cookie
+        "route", "key", "tried", "pinned", "sticky_key", "sticky_cookie",
         # outgoing bytes: out[flushed:] not yet written; out[:flushed] kept for a replay
         "out", "flushed", "out_size", "replayable", "written",
         # progress
@@ -92,6 +93,9 @@ class Request:
         self.route = None
         self.key = None
         self.tried = []
+        self.pinned = None
+        self.sticky_key = None
+        self.sticky_cookie = None
         self.out = []
         self.flushed = 0
         self.out_size = 0
@@ -310,6 +314,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             req.expect_continue = True
         elif action == H_REJECT:
             raise RequestError(400, "framing header spelt with '_'")
+        elif action == H_COOKIE:
+            self._capture(lname, value)            # re-emitted by on_headers_complete, maybe rewritten
         elif action == H_FORWARDED_FOR:
             if settings.forwarded_for:
                 req.captured = req.captured or {}
@@ -359,6 +365,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             if route.max_body_size and length > route.max_body_size:
                 raise RequestError(413, "body larger than max_body_size")
         req.key = route.key(self.client_ip, url, req.captured) if route.key_kind else None
+        sticky = route.sticky
+        if sticky is not None:
+            req.pinned, req.sticky_key, req.sticky_cookie = sticky.pin(self.client_ip, req.captured)
 
         # The head for the backend, as pieces joined at the first write.
         out = req.out
@@ -367,6 +376,13 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if self.conn_tokens is not None:
             parts = self._drop_connection_named(parts)
         out += parts
+        if settings.cookie_held and req.captured is not None:
+            cookies = req.captured.get(b"cookie")
+            if cookies is not None:
+                if sticky is not None and sticky.rewrites_cookie:
+                    cookies = sticky.forward_cookie(cookies)
+                if cookies:
+                    out += (b"Cookie: ", cookies, b"\r\n")
         if settings.forwarded_for:
             previous = req.captured.get(b"x-forwarded-for") if req.captured else None
             if previous is not None:
@@ -467,8 +483,16 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if req.error:
             self.answer(req, req.error, close=True)
             return
-        pool = req.route.pool
-        backend = pool.select_now(req.key, req.tried)
+        route = req.route
+        sticky = route.sticky
+        if (sticky is not None and req.pinned is None and req.sticky_key is not None and not req.tried
+                and sticky.store.shared and sticky.store.up):
+            # Not in the local table: the shared store is asked first (bounded, off the fast path).
+            self.deadline = self.loop.time() + self.settings.connect_wait_timeout
+            self.deadline_kind = WAIT_BACKEND
+            self.connect_task = self.loop.create_task(self._connect(req, None, True))
+            return
+        backend = route.pool.select_now(req.key, req.tried, req.pinned)
         if backend is not None:
             idle = backend.idle
             while idle:
@@ -479,13 +503,15 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                     return
         self.deadline = self.loop.time() + self.settings.connect_wait_timeout
         self.deadline_kind = WAIT_BACKEND
-        self.connect_task = self.loop.create_task(self._connect(req, backend))
+        self.connect_task = self.loop.create_task(self._connect(req, backend, False))
 
-    async def _connect(self, req: Request, selected) -> None:
+    async def _connect(self, req: Request, selected, fetch: bool) -> None:
         runtime = self.runtime
         try:
+            if fetch:
+                req.pinned = await req.route.sticky.fetch(req.sticky_key)
             backend, transport, upstream = await req.route.pool.connect(
-                req.key, runtime.backend_factory, req.tried, selected)
+                req.key, runtime.backend_factory, req.tried, selected, req.pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
@@ -504,6 +530,13 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         """req is attached to its backend connection: write what we have and wait for the response."""
         now = self.runtime.now
         req.sent_at = now
+        if req.sticky_key is not None and req.upstream.backend is not req.pinned and (
+                req.pinned is not None or req.route.sticky.kind == 5):
+            # A new source address, or a session whose backend could not serve it: it sticks to this
+            # one from now on. (An unknown learned id is not recorded: the backend that set it may be
+            # known to another balancer, whose mapping is on its way to the store.)
+            req.pinned = req.upstream.backend
+            req.route.sticky.record(req.sticky_key, req.pinned)
         self.deadline = now + self.settings.response_timeout
         self.deadline_kind = WAIT_BACKEND
         self.flush_request(req)
