@@ -46,6 +46,18 @@ Health checks, passive outlier detection and slow start (see fastlb/health.py):
     outlier_max_ejection_time = "5m" # ... up to this
     max_ejection_percent = 50        # at most this share of a pool ejected at once (never all)
 
+Operations (see fastlb/admin.py, fastlb/observe.py, fastlb/discovery.py):
+
+    admin = "127.0.0.1:9000"         # admin bind: /api (token), /metrics, /stats, /healthz; a bare port
+                                     # means loopback; off unless given
+    admin_token_file = "/etc/fastlb/token"   # bearer token for /api/...; without it /api/ answers 401
+    access_log = "/var/log/fastlb/access.log"   # or "-" for stdout; off unless given
+    access_log_format = "json"       # or "text" (default)
+    backends_file = "/etc/fastlb/backends"   # one backend per line in the --backend syntax; watched
+    backends_dns = "_api._tcp.example"       # SRV, or "NAME:PORT" for A/AAAA; re-resolved every ...
+    dns_interval = "5s"
+    dns_server = "127.0.0.1:53"      # default: the first nameserver of /etc/resolv.conf
+
 `bind` and `backend` may also be arrays of strings in the flag syntax:
 `backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup,check-port=8081"]`.
 """
@@ -64,6 +76,7 @@ MODES = ("tcp", "http")
 HASHING_ALGORITHMS = ("hash", "ketama", "maglev")
 HASH_KEYS = ("source",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("text", "json")
 
 # Open files a worker needs besides relayed connections: listeners, the event loop's own fds, logging,
 # stdio, a margin for connects in flight when the limit is reached.
@@ -142,6 +155,15 @@ class Config:
     outlier_ejection_time: float = 30.0
     outlier_max_ejection_time: float = 300.0
     max_ejection_percent: int = 50
+    # Operations: admin bind, access log, service discovery
+    admin: tuple[str, int] | None = None
+    admin_token_file: str | None = None
+    access_log: str | None = None
+    access_log_format: str = "text"
+    backends_file: str | None = None
+    backends_dns: str | None = None
+    dns_interval: float = 5.0
+    dns_server: tuple[str, int] | None = None
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -396,6 +418,32 @@ def parse_port_or_zero(value: Any) -> int:
     return port
 
 
+def parse_admin(value: Any) -> tuple[str, int]:
+    """'HOST:PORT', or a bare PORT meaning loopback: the admin API should not face the network by accident."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit():
+        value = f"127.0.0.1:{int(value)}"
+    return parse_address(value)
+
+
+def parse_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a file path (got {value!r})")
+    return value.strip()
+
+
+def parse_dns_name(value: Any) -> str:
+    """'_service._proto.name' (SRV) or 'name:PORT' (A and AAAA)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected '_service._proto.NAME' (SRV) or 'NAME:PORT' (A/AAAA) (got {value!r})")
+    value = value.strip()
+    if value.startswith("_"):
+        return value
+    name, _, port = value.rpartition(":")
+    if not name or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected '_service._proto.NAME' (SRV) or 'NAME:PORT' (A/AAAA) (got {value!r})")
+    return value
+
+
 def parse_bind(text: Any) -> BindSpec:
     """'HOST:PORT[,accept-proxy]'."""
     if not isinstance(text, str):
@@ -439,6 +487,14 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "outlier_ejection_time": parse_positive_duration,
     "outlier_max_ejection_time": parse_positive_duration,
     "max_ejection_percent": parse_percent,
+    "admin": parse_admin,
+    "admin_token_file": parse_path,
+    "access_log": parse_path,
+    "access_log_format": parse_choice("access log format", ACCESS_LOG_FORMATS),
+    "backends_file": parse_path,
+    "backends_dns": parse_dns_name,
+    "dns_interval": parse_positive_duration,
+    "dns_server": parse_address,
 }
 
 # Health settings: global fields that a backend may also set for itself.
@@ -637,8 +693,14 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
 
     if not config.binds:
         raise ConfigError("no listening address: give --bind HOST:PORT (or [[bind]] in the config file)")
-    if not config.backends:
-        raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file)")
+    if not config.backends and not (config.backends_file or config.backends_dns):
+        raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file), "
+                          "or a discovery source (--backends-file, --backends-dns)")
+    if config.admin_token_file:
+        try:
+            read_token(config.admin_token_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where('admin_token_file')}: {exc}") from None
     if config.mode == "http":
         raise ConfigError(f"{where('mode')}: mode 'http' is not available yet in this version; use --mode tcp")
     if config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
@@ -650,7 +712,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
     if config.bounded_load and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('bounded_load')}: bounded load applies to the hashing algorithms "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
-    if not any(not b.backup for b in config.backends):
+    if config.backends and not any(not b.backup for b in config.backends):
         raise ConfigError(f"{where('backends')}: every backend is a backup; at least one must be a primary")
     _check_health(config, where, explicit=set(values))
     seen = set()
@@ -685,6 +747,18 @@ def _check_health(config: Config, where: Callable[[str], str], explicit: set[str
             raise ConfigError(f"{source('slowstart')}: slow start ramps weights, which the "
                               f"{config.algorithm!r} algorithm does not follow gradually; use one of "
                               f"{', '.join(DYNAMIC_WEIGHT_ALGORITHMS)}, or slowstart 0")
+
+
+def read_token(path: str) -> str:
+    """The admin bearer token: the file's content without surrounding whitespace; at least 16 characters."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise OSError(f"cannot read token file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ValueError(f"token file {path} must hold a token of at least 16 characters")
+    return token
 
 
 def open_files_limit() -> tuple[int, int]:
