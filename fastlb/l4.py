@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from fastlb import proxy_protocol
@@ -103,7 +104,7 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.listener.connections.add(self)
-        self.started = self.listener.loop.time()
+        self.started = monotonic()
         # uvloop starts reading right after connection_made, whatever it did: until a backend is
         # connected, a PendingClient takes the bytes (and reads the PROXY header on accept-proxy binds).
         pending = PendingClient(self)
@@ -136,7 +137,7 @@ class ClientSide(asyncio.Protocol):
             self.transport.close()
             return
         self.backend = backend
-        self.connect_seconds = listener.loop.time() - self.started
+        self.connect_seconds = monotonic() - self.started
         if backend.send_proxy:
             transport.write(self._proxy_header(backend.send_proxy))
         pending = self.transport.get_protocol()

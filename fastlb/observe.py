@@ -180,8 +180,9 @@ class Observer:
         self.pool_name = pool_name
         self.access_log = access_log
         self.refused = 0               # client connections no backend took
-        # loop.time() -> wall clock, for access-log timestamps without a time.time() call per entry
-        self.wall_offset = time.time() - loop.time()
+        # monotonic -> wall clock, for access-log timestamps without a time.time() call per entry.
+        # (Timings use time.monotonic(), not loop.time(): uvloop's clock moves in milliseconds.)
+        self.wall_offset = time.time() - time.monotonic()
 
     def tcp_closed(self, client, gone: str | None) -> None:
         """A relayed connection ends. `gone`: which socket is already closed ("client", "backend", or
@@ -194,20 +195,24 @@ class Observer:
         client_side = client.transport if gone != "client" else None
         from_client = socket_bytes(client_side)
         from_backend = socket_bytes(backend_side)
+        # A received FIN counts one in tcpi_bytes_received, and an acked SYN or FIN one in
+        # tcpi_bytes_acked: `eofs` says which FINs went by.
+        client_fin = client.eofs & 1
+        backend_fin = client.eofs >> 1 & 1
         if from_client is not None:
-            bytes_in = from_client[1]
+            bytes_in = from_client[1] - client_fin
         elif from_backend is not None:
-            bytes_in = max(0, from_backend[0] - 1)     # acked by the backend, less our SYN
+            bytes_in = max(0, from_backend[0] - 1 - client_fin)       # acked by the backend, less our SYN
         if from_backend is not None:
-            bytes_out = from_backend[1]
+            bytes_out = from_backend[1] - backend_fin
         elif from_client is not None:
-            bytes_out = from_client[0] + client.transport.get_write_buffer_size()
+            bytes_out = max(0, from_client[0] - backend_fin) + client.transport.get_write_buffer_size()
         traffic = backend.traffic
         traffic.connections += 1
         traffic.bytes_in += bytes_in
         traffic.bytes_out += bytes_out
         if self.access_log is not None:
-            now = self.loop.time()
+            now = time.monotonic()
             self.access_log.add((self.wall_offset + client.started, _client_text(client.source),
                                  self.pool_name, backend.address, "-", bytes_in, bytes_out,
                                  client.connect_seconds, now - client.started, None, None))
@@ -215,7 +220,7 @@ class Observer:
     def tcp_refused(self, client, reason: str) -> None:
         self.refused += 1
         if self.access_log is not None:
-            now = self.loop.time()
+            now = time.monotonic()
             self.access_log.add((self.wall_offset + client.started, _client_text(client.source),
                                  self.pool_name, "-", reason, 0, 0, 0.0, now - client.started, None, None))
 
@@ -223,7 +228,7 @@ class Observer:
                      status: int, bytes_in: int, bytes_out: int, started: float,
                      connect_seconds: float, response_seconds: float | None) -> None:
         """The HTTP mode's hook: one call per finished request (status sent to the client, or 0 when the
-        client left first). `started`: loop.time() when the request head arrived; response_seconds:
+        client left first). `started`: loop.time() when the request head arrived (time.monotonic()); response_seconds:
         request sent -> response head received (None when no backend answered). Counts, histogram and
         access-log entry; formatting happens later, in the access log's flush."""
         if backend is not None:
@@ -236,7 +241,7 @@ class Observer:
             if response_seconds is not None:
                 traffic.response_time.observe(response_seconds)
         if self.access_log is not None:
-            now = self.loop.time()
+            now = time.monotonic()
             self.access_log.add((self.wall_offset + started, client_address, self.pool_name,
                                  backend.address if backend is not None else "-", status, bytes_in,
                                  bytes_out, connect_seconds, now - started, method, target))

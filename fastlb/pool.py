@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from time import monotonic
 from typing import Callable
 
 from fastlb import Balancer
@@ -363,6 +364,7 @@ class BackendPool:
                 raise NoBackendError("no backend available" if not tried else
                                      f"connect failed to {len(tried)} backend(s)")
             started = loop.time()
+            precise_start = monotonic() if self.track_latency else 0.0   # uvloop's clock is in ms
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     transport, protocol = await loop.create_connection(
@@ -390,5 +392,5 @@ class BackendPool:
             if tried:
                 backend.traffic.retries += 1
             if self.track_latency:
-                backend.traffic.connect_time.observe(seconds)
+                backend.traffic.connect_time.observe(monotonic() - precise_start)
             return backend, transport, protocol

@@ -169,8 +169,9 @@ class Worker:
                                                    backlog=self.config.backlog)
             self.servers.append(server)
         if self.channel_sock is not None:
-            _, self.channel = await self.loop.create_unix_connection(
-                lambda: LineChannel(self._on_master_message), sock=self.channel_sock)
+            # Bound before connecting: the master's first message may arrive within the connect.
+            self.channel = channel = LineChannel(self._on_master_message)
+            await self.loop.create_unix_connection(lambda: channel, sock=self.channel_sock)
             self.channel.send({"op": "ready"})
             self.snapshot_handle = self.loop.call_later(SNAPSHOT_INTERVAL, self._send_snapshot)
         if self.controller is not None:
@@ -491,8 +492,8 @@ class Master:
         worker_end.close()
         channel.setblocking(False)
         handle = self.workers[pid] = WorkerHandle(pid, worker_id, self.generation)
-        _, handle.channel = self.loop.run_until_complete(self.loop.create_unix_connection(
-            lambda: LineChannel(lambda m, h=handle: self._on_worker_message(h, m)), sock=channel))
+        handle.channel = LineChannel(lambda m, h=handle: self._on_worker_message(h, m))
+        self.loop.run_until_complete(self.loop.create_unix_connection(lambda: handle.channel, sock=channel))
         log.info("worker %d started (pid %d)", worker_id, pid)
         return pid
 
