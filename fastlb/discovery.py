@@ -167,9 +167,14 @@ async def resolve_host(loop, server: tuple[str, int], host: str) -> list[str]:
         return [str(ipaddress.ip_address(host))]
     except ValueError:
         pass
-    addresses = []
+    addresses, errors = [], []
     for qtype in (TYPE_A, TYPE_AAAA):
-        addresses += [data for rtype, data in await query(loop, server, host, qtype) if rtype == qtype]
+        try:
+            addresses += [data for rtype, data in await query(loop, server, host, qtype) if rtype == qtype]
+        except (OSError, TimeoutError, ValueError) as exc:
+            errors.append(exc)
+    if errors and not addresses:
+        raise errors[0]         # only when both failed: a name with IPv4 only may see AAAA refused
     return sorted(set(addresses))
 
 

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from procs import (REPO, ConnectionLoad, backend_name, connect, free_port, port_open, read_line,
+from procs import (REPO, ConnectionLoad, backend_name, connect, ensure_debian_tool, free_port, port_open, read_line,
                    subprocess_env, wait_until)
 
 TOKEN = "test-token-0123456789abcdef"
@@ -255,3 +256,189 @@ def test_access_log_text_to_stdout_one_worker(procs, token_file):
     ping(port)
     match = fastlb.wait_for_line(rf"^\S+Z 127\.0\.0\.1:\d+ default 127\.0\.0\.1:{ports['a']} - 5 7 [\d.]+ [\d.]+$")
     assert match
+
+
+# ---- the stats page in a real headless Chromium ------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def run_chromium(chromium, profile, *args, timeout=60):
+    """One headless Chromium run in its own session, killed with everything it forked when it is done
+    or over time."""
+    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def png_rows(data):
+    """Width, height and the distinct filtered scanline bytes of a PNG (enough to tell a blank image)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    offset, idat = 8, b""
+    while offset < len(data):
+        length = int.from_bytes(data[offset:offset + 4], "big")
+        kind = data[offset + 4:offset + 8]
+        if kind == b"IDAT":
+            idat += data[offset + 8:offset + 8 + length]
+        offset += 12 + length
+    return width, height, zlib.decompress(idat)
+
+
+def test_stats_page_renders_in_chromium(procs, token_file, tmp_path):
+    chromium = ensure_debian_tool("chromium", "chromium")
+    _, ports = procs.backends("a", "b")
+    _, port, admin = start_balancer(procs, ports.values(), token_file)
+    for _ in range(6):
+        ping(port)
+    api(admin, "POST", f"/api/backends/127.0.0.1:{ports['b']}/state", {"state": "drain"})
+    url = f"http://127.0.0.1:{admin}/stats"
+    # --virtual-time-budget lets the page's fetch and first render finish before the DOM is taken.
+    code, dom, err = run_chromium(chromium, tmp_path / "profile-dom", "--virtual-time-budget=5000",
+                                  "--dump-dom", url)
+    assert code == 0, err[-2000:]
+    assert 'data-loaded="yes"' in dom, dom[-2000:]
+    for name, state in (("a", "up"), ("b", "drain")):
+        address = f"127.0.0.1:{ports[name]}"
+        assert f'data-address="{address}"' in dom
+        row = dom.split(f'data-address="{address}"', 1)[1].split("</tr>", 1)[0]
+        assert f'<td class="{state}">{state}</td>' in row, row
+    assert "2 worker(s)" in dom
+    shot = tmp_path / "stats.png"
+    code, _, err = run_chromium(chromium, tmp_path / "profile-shot", "--virtual-time-budget=5000",
+                                "--window-size=1400,400", f"--screenshot={shot}", url)
+    assert code == 0, err[-2000:]
+    data = shot.read_bytes()
+    width, height, pixels = png_rows(data)
+    assert (width, height) == (1400, 400)
+    assert len(set(pixels)) > 16, "the screenshot is blank"
+
+
+# ---- hot reload under load ------------------------------------------------------------------------------
+
+def write_config(path, port, backends, workers, connect_timeout="2s", extra=""):
+    lines = [f"workers = {workers}", f'connect_timeout = "{connect_timeout}"', "grace_period = \"5s\"",
+             extra, "[[bind]]", f'address = "127.0.0.1:{port}"']
+    for address, weight in backends:
+        lines += ["[[backend]]", f'address = "{address}"', f"weight = {weight}"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)                 # atomic: a reload never reads half a file
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_under_load_drops_nothing(procs, token_file, tmp_path, workers):
+    _, ports = procs.backends("a", "b", "c")
+    a, b, c = (f"127.0.0.1:{ports[n]}" for n in "abc")
+    port, admin = free_port(), free_port()
+    config = tmp_path / "lb.toml"
+    write_config(config, port, [(a, 1), (b, 1)], workers)
+    fastlb = procs.fastlb("--config", str(config), "--admin", str(admin), "--admin-token-file", token_file,
+                          wait_port=port)
+    load = ConnectionLoad(port, max_seconds=40).start()
+    try:
+        wait_until(lambda: len(load.answers) >= 20, what="load before the reload")
+        # Backends change (a reweighted, b removed, c added), and with 2 workers a setting that needs new
+        # workers too (the connect timeout): they start beside the old ones, which drain.
+        write_config(config, port, [(a, 2), (c, 1)], workers,
+                     connect_timeout="3s" if workers > 1 else "2s")
+        mark = len(fastlb.lines)
+        fastlb.signal(signal.SIGHUP)
+        if workers > 1:
+            fastlb.wait_for_line(r"reload: 2 new worker\(s\) running; 2 old worker\(s\) draining", start=mark)
+            wait_until(lambda: sum(" exited with status 0" in line and "old worker" in line
+                                   for line in fastlb.lines[mark:]) == 2, what="both old workers gone")
+        else:
+            fastlb.wait_for_line(r"reloaded: 3 backend change\(s\)", start=mark)
+        after = time.monotonic()
+        wait_until(lambda: load.first_answer_by("c", since=after), what="the new backend serving")
+        view = backends_view(admin)
+        assert set(view) == {a, c} and view[a]["weight"] == 2
+        wait_until(lambda: not any(t > after + 0.5 and n == "b" for t, n in load.answers[-5:]),
+                   what="no more answers from the removed backend")
+        # A broken config is refused with file:line: field, and the running one stays.
+        config.write_text(config.read_text().replace("weight = 2", 'weight = "heavy"'))
+        mark = len(fastlb.lines)
+        fastlb.signal(signal.SIGHUP)
+        fastlb.wait_for_line(rf"reload failed, keeping the running configuration: {config}:\d+: "
+                             rf"backend\[1\]\.weight: expected an integer", start=mark)
+        count = len(load.answers)
+        wait_until(lambda: len(load.answers) >= count + 20, what="load after the failed reload")
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert fastlb.popen.poll() is None
+
+
+# ---- discovery --------------------------------------------------------------------------------------------
+
+def test_discovery_from_a_watched_file(procs, token_file, tmp_path):
+    _, ports = procs.backends("a", "b")
+    a, b = (f"127.0.0.1:{ports[n]}" for n in "ab")
+    listing = tmp_path / "backends"
+    listing.write_text(f"# discovered\n{a}\n")
+    port, admin = free_port(), free_port()
+    procs.fastlb("--bind", f"127.0.0.1:{port}", "--backends-file", str(listing), "--workers", "2",
+                 "--admin", str(admin), "--admin-token-file", token_file, wait_port=port)
+    wait_until(lambda: {backend_name(port) for _ in range(6)} == {"a"}, what="a from the file")
+    listing.write_text(f"{a}\n{b},weight=2\n")
+    wait_until(lambda: "b" in {backend_name(port) for _ in range(6)}, what="b added from the file")
+    assert backends_view(admin)[b]["weight"] == 2
+    listing.write_text(f"{b}\n")
+    wait_until(lambda: a not in backends_view(admin), what="a removed")
+    assert {backend_name(port) for _ in range(10)} == {"b"}
+
+
+DNSMASQ_CONFIG = """\
+port={port}
+listen-address=127.0.0.1
+bind-interfaces
+no-resolv
+no-hosts
+local=/test/
+pid-file=
+user=root
+log-facility=-
+host-record=be.test,127.0.0.1
+"""
+
+
+def start_dnsmasq(procs, dnsmasq, tmp_path, port, srv_ports, generation):
+    conf = tmp_path / f"dnsmasq-{generation}.conf"
+    conf.write_text(DNSMASQ_CONFIG.format(port=port) + "".join(
+        f"srv-host=_echo._tcp.svc.test,be.test,{p},0,10\n" for p in srv_ports))
+    proc = procs.start([dnsmasq, "--keep-in-foreground", f"--conf-file={conf}"], "dnsmasq")
+    proc.wait_for_line(r"started, version")
+    return proc
+
+
+def test_discovery_from_dns_srv(procs, token_file, tmp_path):
+    dnsmasq = ensure_debian_tool("dnsmasq", "dnsmasq-base")
+    _, ports = procs.backends("a", "b")
+    a, b = (f"127.0.0.1:{ports[n]}" for n in "ab")
+    dns_port = free_port()
+    dns = start_dnsmasq(procs, dnsmasq, tmp_path, dns_port, [ports["a"]], 1)
+    port, admin = free_port(), free_port()
+    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backends-dns", "_echo._tcp.svc.test",
+                          "--dns-server", f"127.0.0.1:{dns_port}", "--dns-interval", "200ms",
+                          "--admin", str(admin), "--admin-token-file", token_file, wait_port=0)
+    wait_until(lambda: port_open(admin), what="the admin bind")
+    wait_until(lambda: a in backends_view(admin), what="a from DNS")
+    assert {backend_name(port) for _ in range(4)} == {"a"}
+    # The DNS server changes its records: b appears, a goes.
+    dns.kill()
+    mark = len(fastlb.lines)
+    fastlb.wait_for_line(r"DNS lookup of _echo._tcp.svc.test .* failed", start=mark)
+    assert a in backends_view(admin)            # a failed lookup keeps the last backends
+    start_dnsmasq(procs, dnsmasq, tmp_path, dns_port, [ports["b"]], 2)
+    wait_until(lambda: set(backends_view(admin)) == {b}, what="b replacing a")
+    assert {backend_name(port) for _ in range(4)} == {"b"}
