@@ -1,4 +1,4 @@
-"""Builds fastlb._core from Cython; generated C and binaries are never committed.
+"""Builds fastlb._core (and the small fastlb._sockinfo) from Cython; generated C and binaries are never committed.
 
 Environment knobs (uvloop's setup.py has the same ones as flags):
   FASTLB_CYTHON_ANNOTATE=1   write the HTML annotation next to _core.pyx
@@ -33,9 +33,12 @@ core = Extension(
     extra_compile_args=compile_args,
 )
 
+# Per-connection byte counts from TCP_INFO (fastlb/observe.py); observe.py falls back to ctypes without it.
+sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile_args=compile_args)
+
 setup(
     ext_modules=cythonize(
-        [core],
+        [core, sockinfo],
         compiler_directives=directives,
         annotate=os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1",
     )

@@ -5,8 +5,8 @@ A B A B so drift hits both alike.
     python3 benchmarks/ops_cost.py [--connections 3000] [--rounds 4]
 
 A: `fastlb --bind ... --backend ...` (no admin, no access log: no observer at all)
-B: the same with `--admin PORT --access-log FILE` (counters, connect histogram, TCP_INFO at close,
-   one access-log entry per connection)
+metrics: the same with `--admin PORT` (counters, connect histogram, TCP_INFO at close)
+metrics+log: and `--access-log FILE` (one text entry per connection, formatted and written in batches)
 Each connection: connect, read the backend's name line, send a line, read its echo, close.
 """
 from __future__ import annotations
@@ -53,14 +53,18 @@ def main() -> int:
         _, ports = procs.backends("a", "b")
         backends = [arg for p in ports.values() for arg in ("--backend", f"127.0.0.1:{p}")]
         targets = {}
-        for name, extra in (("off", []), ("on", ["--admin", str(free_port()), "--access-log",
-                                                  os.path.join(tmp, "access.log")])):
+        for name, extra in (("off", []), ("metrics", ["--admin", str(free_port())]),
+                            ("metrics+log", ["--admin", str(free_port()), "--access-log",
+                                             os.path.join(tmp, "access.log")])):
             port = free_port()
             proc = procs.fastlb("--bind", f"127.0.0.1:{port}", *backends, *extra)
             targets[name] = (port, proc.pid)
         results: dict[str, list[float]] = {name: [] for name in targets}
-        for _ in range(args.rounds):
-            for name, (port, pid) in targets.items():
+        for round_number in range(args.rounds):
+            order = list(targets.items())
+            if round_number % 2:
+                order.reverse()            # no target always runs first, or always right after another
+            for name, (port, pid) in order:
                 run_connections(port, 200)            # warm up
                 before = cpu_seconds(pid)
                 run_connections(port, args.connections)
@@ -69,10 +73,12 @@ def main() -> int:
                 time.sleep(0.7)
                 results[name].append((cpu_seconds(pid) - before) / args.connections * 1e6)
         for name, values in results.items():
-            print(f"observability {name:3}: {statistics.median(values):6.1f} us CPU per connection "
+            print(f"{name:12}: {statistics.median(values):6.1f} us CPU per connection "
                   f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
-        off, on = (statistics.median(results[n]) for n in ("off", "on"))
-        print(f"cost: {on - off:+.1f} us per connection ({(on / off - 1) * 100:+.1f} %)")
+        off = statistics.median(results["off"])
+        for name in ("metrics", "metrics+log"):
+            on = statistics.median(results[name])
+            print(f"cost of {name}: {on - off:+.1f} us per connection ({(on / off - 1) * 100:+.1f} %)")
         lines = sum(1 for _ in open(os.path.join(tmp, "access.log")))
         print(f"access log lines written: {lines}")
     finally:
