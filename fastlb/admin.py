@@ -152,9 +152,13 @@ class AdminServer:
         if not path.startswith("/api/"):
             raise HttpError(404, f"no such path {path}")
         try:
-            return await self._api(method, path, _parse_body(body))
+            answer = await self._api(method, path, _parse_body(body))
         except ChangeError as exc:
             raise HttpError(exc.status, str(exc)) from None
+        # Answer once every worker has applied the change: a client acting on the answer (sending
+        # traffic, reading /metrics) sees it everywhere.
+        await self.controller.sync()
+        return answer
 
     async def _api(self, method: str, path: str, data: dict[str, Any]) -> tuple[int, str, bytes]:
         parts = [urllib.parse.unquote(p) for p in path.split("/")[2:]]

@@ -293,6 +293,9 @@ class LocalController:
     async def snapshot(self) -> dict:
         return aggregate(self.table, [self.worker.snapshot()], {})
 
+    async def sync(self) -> None:
+        """Changes apply in this process at once: nothing to wait for."""
+
     async def reload(self) -> str:
         """Applies the re-read config's backend changes in place. Other settings need new workers,
         which one process cannot start beside itself: they are reported, not applied."""
@@ -547,22 +550,31 @@ class Master:
             log.info("applied %s to %d worker(s)", _describe(change), len(self.workers))
         return change
 
+    async def sync(self) -> None:
+        """Returns once every worker has applied the changes sent so far (or after a second): the channel
+        is ordered, so a worker answering a report sent after them has applied them."""
+        await self._collect()
+
     async def snapshot(self) -> dict:
         """Asks every worker for its counters (waiting up to a second), then sums them."""
+        await self._collect()
+        snapshots = [h.snapshot for h in self.workers.values() if h.snapshot is not None]
+        return aggregate(self.table, snapshots, self.retired)
+
+    async def _collect(self) -> None:
         self.report_id += 1
+        report_id = self.report_id
         future = self.loop.create_future()
         waiting = {pid for pid, h in self.workers.items() if h.channel is not None}
-        self.reports[self.report_id] = (future, waiting)
-        self._send_all({"op": "report", "id": self.report_id})
+        self.reports[report_id] = (future, waiting)
+        self._send_all({"op": "report", "id": report_id})
         try:
             if waiting:
                 await asyncio.wait_for(asyncio.shield(future), 1.0)
         except TimeoutError:
             pass
         finally:
-            del self.reports[self.report_id]
-        snapshots = [h.snapshot for h in self.workers.values() if h.snapshot is not None]
-        return aggregate(self.table, snapshots, self.retired)
+            del self.reports[report_id]
 
     async def reload(self) -> str:
         return self._reload()

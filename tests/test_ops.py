@@ -442,3 +442,39 @@ def test_discovery_from_dns_srv(procs, token_file, tmp_path):
     start_dnsmasq(procs, dnsmasq, tmp_path, dns_port, [ports["b"]], 2)
     wait_until(lambda: set(backends_view(admin)) == {b}, what="b replacing a")
     assert {backend_name(port) for _ in range(4)} == {"b"}
+
+
+def test_backend_added_through_the_api_is_health_checked_before_traffic(procs, token_file):
+    _, ports = procs.backends("a", "b")
+    b = f"127.0.0.1:{ports['b']}"
+    dead = f"127.0.0.1:{free_port()}"
+    fastlb, port, admin = start_balancer(procs, [ports["a"]], token_file, "--check", "tcp",
+                                         "--check-interval", "100ms", "--rise", "2")
+    api(admin, "POST", "/api/backends", {"address": dead}, expect=201)
+    api(admin, "POST", "/api/backends", {"address": b}, expect=201)
+    # b passes its checks and takes traffic in both workers; the dead one never gets a connection.
+    fastlb.wait_for_line(rf"backend {b} UP")
+    wait_until(lambda: backends_view(admin)[b]["state"] == "up", what="b up in every worker")
+    assert backends_view(admin)[dead]["state"] == "down"
+    assert {backend_name(port) for _ in range(20)} == {"a", "b"}
+    samples = metrics(admin)
+    assert metric(samples, "fastlb_backend_up", pool="default", backend=dead) == 0
+    assert metric(samples, "fastlb_backend_connect_errors_total", pool="default", backend=dead) == 0
+
+
+def test_connect_errors_and_retries_are_counted(procs, token_file):
+    _, ports = procs.backends("a")
+    dead_port = free_port()
+    a, dead = f"127.0.0.1:{ports['a']}", f"127.0.0.1:{dead_port}"
+    _, port, admin = start_balancer(procs, [ports["a"], dead_port], token_file, "--outlier-failures", "0",
+                                    workers=1)
+    assert {ping(port) for _ in range(10)} == {"a"}       # every failed connect retried on a
+    # Counted when the relay closes, just after the client's close: wait for the last one.
+    samples = wait_until(lambda: (lambda m: m if metric(m, "fastlb_backend_connections_total", pool="default",
+                                                        backend=a) == 10 else None)(metrics(admin)),
+                         what="10 connections counted")
+    errors = metric(samples, "fastlb_backend_connect_errors_total", pool="default", backend=dead)
+    assert errors >= 4
+    assert metric(samples, "fastlb_backend_retries_total", pool="default", backend=a) == errors
+    assert metric(samples, "fastlb_backend_connections_total", pool="default", backend=a) == 10
+    assert metric(samples, "fastlb_pool_retries_total", pool="default") == errors
