@@ -8,6 +8,10 @@ A: `fastlb --bind ... --backend ...` (no admin, no access log: no observer at al
 metrics: the same with `--admin PORT` (counters, connect histogram, TCP_INFO at close)
 metrics+log: and `--access-log FILE` (one text entry per connection, formatted and written in batches)
 Each connection: connect, read the backend's name line, send a line, read its echo, close.
+
+First, in-process and much less noisy: the CPU of what a worker adds when a connection closes
+(`Observer.tcp_closed` with two TCP_INFO reads on real uvloop sockets, the connect histogram, and the
+access-log entry with its share of formatting and writing), over 50,000 calls.
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import argparse
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from procs import Processes, free_port, wait_until  # noqa: E402
+from procs import Processes, free_port  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -42,11 +45,59 @@ def run_connections(port: int, count: int) -> None:
             reader.readline()
 
 
+def in_process_cost(calls: int = 50000) -> None:
+    import asyncio
+    import types
+
+    import uvloop
+
+    sys.path.insert(0, str(REPO))
+    from fastlb.config import build, parse_backend, parse_bind
+    from fastlb.observe import AccessLog, Observer
+    from fastlb.pool import BackendPool
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        accepted = []
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                accepted.append(transport)
+
+        server = await loop.create_server(Accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for sock in clients:
+            sock.sendall(b"ping\n")
+        while len(accepted) < 2:
+            await asyncio.sleep(0.01)
+        config = build({"binds": [parse_bind("127.0.0.1:1")], "backends": [parse_backend("127.0.0.1:2")]}, {})
+        backend = BackendPool(config, loop, 100).primaries[0]
+        client = types.SimpleNamespace(backend=backend, transport=accepted[0], peer=accepted[1], eofs=3,
+                                       started=time.monotonic(), connect_seconds=0.0003,
+                                       source=("127.0.0.1", 5555))
+        for name, observer in (("metrics", Observer(loop)),
+                               ("metrics+log", Observer(loop, access_log=AccessLog(loop, os.devnull, "text")))):
+            start = time.process_time()
+            for _ in range(calls):
+                observer.tcp_closed(client, None)
+                backend.traffic.connect_time.observe(0.0004)
+            if observer.access_log is not None:
+                observer.access_log.flush()
+            print(f"in-process, {name:12}: {(time.process_time() - start) / calls * 1e6:5.2f} us CPU per connection")
+        server.close()
+        for sock in clients:
+            sock.close()
+
+    uvloop.run(run())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--connections", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
+    in_process_cost()
     procs = Processes()
     tmp = tempfile.mkdtemp(prefix="fastlb-ops-cost-")
     try:

@@ -3,7 +3,6 @@ log, `fastlb ctl`, hot reload under load, and discovery from a file and from a r
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
