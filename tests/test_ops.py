@@ -477,3 +477,24 @@ def test_connect_errors_and_retries_are_counted(procs, token_file):
     assert metric(samples, "fastlb_backend_retries_total", pool="default", backend=a) == errors
     assert metric(samples, "fastlb_backend_connections_total", pool="default", backend=a) == 10
     assert metric(samples, "fastlb_pool_retries_total", pool="default") == errors
+
+
+def test_operations_settings_are_validated_with_file_line_and_field(tmp_path):
+    def check(*args):
+        return subprocess.run([sys.executable, "-m", "fastlb", *args], capture_output=True, text=True,
+                              timeout=20, env=subprocess_env(), cwd=REPO)
+
+    config = tmp_path / "lb.toml"
+    config.write_text('bind = "127.0.0.1:8080"\nbackend = "127.0.0.1:9000"\naccess_log_format = "xml"\n')
+    result = check("--check-config", str(config))
+    assert result.returncode == 2
+    assert f"{config}:3: access_log_format:" in result.stderr, result.stderr
+    short = tmp_path / "short-token"
+    short.write_text("abc\n")
+    config.write_text('bind = "127.0.0.1:8080"\nbackends_file = "/etc/fastlb/backends"\nadmin = 9000\n')
+    result = check("--check-config", str(config))
+    assert result.returncode == 0, result.stderr          # discovery alone may supply the backends
+    config.write_text('bind = "127.0.0.1:8080"\nbackend = "127.0.0.1:9000"\nadmin_token_file = "' +
+                      str(short) + '"\n')
+    result = check("--check-config", str(config))
+    assert result.returncode == 2 and f"{config}:3 (admin_token_file): token file" in result.stderr, result.stderr
