@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tools the tests and benchmarks drive, by the command each provides.
-DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux
+DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux \
+  ip:iproute2 keepalived:keepalived
 
 .PHONY: run test setup system-packages build bench-core bench-proxy bench-memory clean
 
@@ -33,23 +34,23 @@ system-packages:
 	fi
 
 # The editable install compiles fastlb/_core.pyx in place; it reruns when a core source changes.
-$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx $(wildcard fastlb/core/*.pxi)
+$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx fastlb/_relay.pyx $(wildcard fastlb/core/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
 bench-core: setup
-	$(PY) -m pytest -q benchmarks/test_core_bench.py --benchmark-columns=min,median,ops --benchmark-sort=name
+	$(PY) -m pytest -q benchmarks/test_core_bench.py -s --benchmark-columns=min,median,ops --benchmark-sort=name
 
 bench-proxy: setup
-	$(PY) benchmarks/proxy_bench.py
+	$(PY) benchmarks/proxy_bench.py $(BENCH_ARGS)
 
 bench-memory: setup
-	$(PY) benchmarks/memory_bench.py
+	$(PY) benchmarks/memory_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info

@@ -1,4 +1,8 @@
-"""Builds fastlb._core (and the small fastlb._sockinfo) from Cython; generated C and binaries are never committed.
+"""Builds fastlb._core (with fastlb._relay and the small fastlb._sockinfo) from Cython; generated C and
+binaries are never committed.
+
+The HTTP protocol modules (fastlb/http/runtime.py, protocol.py, upstream.py, routing.py) are compiled
+too; delete their .so files (or never build) to run them as plain Python.
 
 Environment knobs (uvloop's setup.py has the same ones as flags):
   FASTLB_CYTHON_ANNOTATE=1   write the HTML annotation next to _core.pyx
@@ -32,13 +36,24 @@ core = Extension(
     define_macros=macros,
     extra_compile_args=compile_args,
 )
+relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=compile_args)
+
+# The HTTP hot path: the protocol modules are plain Python (the reference, used as-is when not built)
+# compiled by Cython with the .pxd files next to them, which turn their classes into extension types
+# with typed attributes; the compiled module takes precedence on import.
+http_modules = [
+    Extension(f"fastlb.http.{name}", [f"fastlb/http/{name}.py"], extra_compile_args=compile_args)
+    for name in ("runtime", "protocol", "upstream", "routing")
+]
+# (pool.py stays plain Python: compiled by Cython 3.3, its `async with asyncio.timeout()` connect loop
+# crashed the process on a failed connect.)
 
 # Per-connection byte counts from TCP_INFO (fastlb/observe.py); observe.py falls back to ctypes without it.
 sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile_args=compile_args)
 
 setup(
     ext_modules=cythonize(
-        [core, sockinfo],
+        [core, relay, sockinfo, *http_modules],
         compiler_directives=directives,
         annotate=os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1",
     )

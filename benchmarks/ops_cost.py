@@ -4,7 +4,7 @@ A B A B so drift hits both alike.
 
     python3 benchmarks/ops_cost.py [--connections 3000] [--rounds 4]
 
-A: `fastlb --bind ... --backend ...` (no admin, no access log: no observer at all)
+A: `fastlb --mode tcp --bind ... --backend ...` (no admin, no access log: no observer at all)
 metrics: the same with `--admin PORT` (counters, connect histogram, TCP_INFO at close)
 metrics+log: and `--access-log FILE` (one text entry per connection, formatted and written in batches)
 Each connection: connect, read the backend's name line, send a line, read its echo, close.
@@ -108,7 +108,7 @@ def main() -> int:
                             ("metrics+log", ["--admin", str(free_port()), "--access-log",
                                              os.path.join(tmp, "access.log")])):
             port = free_port()
-            proc = procs.fastlb("--bind", f"127.0.0.1:{port}", *backends, *extra)
+            proc = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", *backends, *extra)
             targets[name] = (port, proc.pid)
         results: dict[str, list[float]] = {name: [] for name in targets}
         for round_number in range(args.rounds):

@@ -12,6 +12,8 @@ worker over its channel (fastlb/channel.py):
 
 `BackendTable` is the authoritative list the controller keeps (the master's, or the single worker's):
 it validates a change before anyone applies it, so every worker gets only changes that apply cleanly.
+Changes act on the top-level backends (HTTP mode's pool "default"); HTTP mode's named pools are listed
+and counted (`aggregate`) but change only with the configuration (a reload starts new workers).
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ class BackendTable:
         """Checks and normalises a change; raises ChangeError."""
         op = change.get("op")
         if op == "add":
+            if not self.config.has_default_pool:
+                raise ChangeError("no top-level pool to add to: the named [[pool]]s change by reload", 409)
             spec = change["spec"]
             if isinstance(spec, BackendSpec):
                 spec = spec_to_dict(spec)
@@ -125,8 +129,11 @@ class BackendTable:
         return self.config.replace(backends=[dataclasses.replace(s) for s in self.specs.values()])
 
 
-def apply_to_pool(pool: "BackendPool", change: dict[str, Any]) -> None:
-    """Applies a validated change to one worker's pool."""
+def apply_to_pool(pool: "BackendPool | None", change: dict[str, Any]) -> None:
+    """Applies a validated change to one worker's top-level pool (None: HTTP mode with named pools only,
+    where the table refuses every change)."""
+    if pool is None:
+        return
     op = change["op"]
     if op == "add":
         pool.add_backend(spec_from_dict(change["spec"]))
@@ -220,33 +227,57 @@ def _latency(histogram: list) -> dict[str, Any]:
 
 def aggregate(table: BackendTable, snapshots: list[dict[str, Any]],
               retired: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Sums the workers' snapshots (and the counters of workers that exited) per backend.
+    """Sums the workers' snapshots (and the counters of workers that exited) per pool and backend.
 
+    Pools: the top-level one ("default": the table's backends, which the API, reload and discovery
+    change), then HTTP mode's named pools ([[pool]], fixed by the configuration), in config order.
     State: each worker's own (passive ejection is per worker); `state` is the common one, or the
     distinct ones joined by '/'. EWMA: the mean over workers that measured one."""
-    backends = []
-    pool = {"name": "default", "active": 0, "queued": 0, "refused": retired.get("", {}).get("refused", 0),
-            "algorithm": table.config.algorithm}
-    by_worker = [{b["address"]: b for b in snap["backends"]} for snap in snapshots]
+    config = table.config
+    pools = []
+    if config.has_default_pool:
+        pools.append(("default", table.specs, table.admin_states, table.sources, config.algorithm))
+    for spec in config.pools:
+        pools.append((spec.name, {b.address: b for b in spec.backends}, {}, {},
+                      spec.algorithm or config.algorithm))
+    by_pool: dict[str, list[dict[str, Any]]] = {}
     for snap in snapshots:
-        pool["active"] += snap["active"]
-        pool["queued"] += snap["queued"]
-        pool["refused"] += snap["refused"]
-    for address, spec in table.specs.items():
+        for view in snap["pools"]:
+            by_pool.setdefault(view["pool"], []).append(view)
+    return {"pools": [_aggregate_pool(name, specs, admin_states, sources, algorithm, by_pool.get(name, []),
+                                      retired.get(name, {}))
+                      for name, specs, admin_states, sources, algorithm in pools],
+            "workers": len(snapshots)}
+
+
+def _aggregate_pool(name: str, specs: dict[str, BackendSpec], admin_states: dict[str, str],
+                    sources: dict[str, str], algorithm: str, views: list[dict[str, Any]],
+                    retired: dict[str, Any]) -> dict[str, Any]:
+    pool = {"name": name, "active": 0, "queued": 0, "refused": retired.get("refused", 0),
+            "algorithm": algorithm}
+    for view in views:
+        pool["active"] += view["active"]
+        pool["queued"] += view["queued"]
+        pool["refused"] += view["refused"]
+    by_worker = [{b["address"]: b for b in view["backends"]} for view in views]
+    retired_backends = retired.get("backends", {})
+    backends = []
+    for address, spec in specs.items():
         traffic = empty_traffic()
-        if address in retired:
-            _add_traffic(traffic, retired[address])
-        views = [w[address] for w in by_worker if address in w]
-        for view in views:
+        if address in retired_backends:
+            _add_traffic(traffic, retired_backends[address])
+        backend_views = [w[address] for w in by_worker if address in w]
+        for view in backend_views:
             _add_traffic(traffic, view["traffic"])
-        states = sorted({v["state"] for v in views}) or ["unknown"]
-        ewmas = [v["ewma"] for v in views if v["ewma"]]
+        states = sorted({v["state"] for v in backend_views}) or ["unknown"]
+        ewmas = [v["ewma"] for v in backend_views if v["ewma"]]
         backends.append({
             "address": address, "backup": spec.backup, "weight": spec.weight,
-            "admin_state": table.admin_states.get(address, "up"), "state": "/".join(states),
-            "source": table.sources.get(address, "config"),
-            "inflight": sum(v["inflight"] for v in views),
-            "picks": sum(v["picks"] for v in views), "failures": sum(v["failures"] for v in views),
+            "admin_state": admin_states.get(address, "up"), "state": "/".join(states),
+            "source": sources.get(address, "config"),
+            "inflight": sum(v["inflight"] for v in backend_views),
+            "picks": sum(v["picks"] for v in backend_views),
+            "failures": sum(v["failures"] for v in backend_views),
             "ewma": sum(ewmas) / len(ewmas) if ewmas else 0.0,
             "connections": traffic["connections"], "requests": traffic["requests"],
             "responses": dict(zip(STATUS_CLASSES, traffic["responses"])),
@@ -256,13 +287,15 @@ def aggregate(table: BackendTable, snapshots: list[dict[str, Any]],
             "response_time": _latency(traffic["response_time"]),
         })
     pool["backends"] = backends
-    return {"pools": [pool], "workers": len(snapshots)}
+    return pool
 
 
 def retire(retired: dict[str, dict[str, Any]], snapshot: dict[str, Any]) -> None:
-    """Folds the last snapshot of a worker that exited into `retired`, so totals never go backwards."""
-    for backend in snapshot["backends"]:
-        total = retired.setdefault(backend["address"], empty_traffic())
-        _add_traffic(total, backend["traffic"])
-    pool = retired.setdefault("", {"refused": 0})
-    pool["refused"] += snapshot["refused"]
+    """Folds the last snapshot of a worker that exited into `retired` (pool name -> refused and
+    per-backend counters), so totals never go backwards."""
+    for view in snapshot["pools"]:
+        pool = retired.setdefault(view["pool"], {"refused": 0, "backends": {}})
+        pool["refused"] += view["refused"]
+        for backend in view["backends"]:
+            total = pool["backends"].setdefault(backend["address"], empty_traffic())
+            _add_traffic(total, backend["traffic"])

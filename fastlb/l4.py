@@ -22,6 +22,7 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING
 
+from fastlb._relay import RelayEnd
 from fastlb import proxy_protocol
 from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
@@ -71,23 +72,23 @@ class Listener:
             self.last_failure_log = now
 
 
-class ClientSide(asyncio.Protocol):
+class ClientSide(RelayEnd, asyncio.Protocol):
+    # RelayEnd (compiled) holds peer, peer_write and active, the per-chunk state.
     __slots__ = (
         # shared
         "listener",
         # per connection
-        "transport", "peer", "backend", "backend_side", "connect_task", "source", "destination",
+        "transport", "backend", "backend_side", "connect_task", "source", "destination",
         "closed", "eofs",
         # accounting (fastlb/observe.py): when it started, how long the backend took, reported yet
         "started", "connect_seconds", "observed",
-        # idle timeout: set per chunk, swept by the worker's periodic timer
-        "active", "idle_ticks",
+        # idle timeout: `active` is set per chunk, swept by the worker's periodic timer
+        "idle_ticks",
     )
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.transport = None
-        self.peer = None                  # the backend's transport once connected
         self.backend: Backend | None = None
         self.backend_side: BackendSide | None = None
         self.connect_task = None
@@ -98,7 +99,6 @@ class ClientSide(asyncio.Protocol):
         self.started = 0.0
         self.connect_seconds = 0.0
         self.observed = False
-        self.active = False
         self.idle_ticks = 0
 
     def connection_made(self, transport) -> None:
@@ -160,18 +160,7 @@ class ClientSide(asyncio.Protocol):
             return proxy_protocol.build_v2(source, destination)
         return proxy_protocol.build_v1(source, destination)
 
-    # ---- hot path ----------------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-        self.active = True
-
-    def pause_writing(self) -> None:
-        # The client is slower than the backend: stop reading the backend until the client drains.
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
+    # ---- hot path: data_received, pause_writing, resume_writing come from RelayEnd -----------
 
     # ---- ends --------------------------------------------------------------------------------
 
@@ -224,14 +213,13 @@ class ClientSide(asyncio.Protocol):
             self.listener.pool.release(backend)
 
 
-class BackendSide(asyncio.Protocol):
-    __slots__ = ("client", "peer", "transport", "active", "lost")
+class BackendSide(RelayEnd, asyncio.Protocol):
+    __slots__ = ("client", "transport", "lost")
 
     def __init__(self, client: ClientSide) -> None:
         self.client = client
-        self.peer = client.transport
+        self.set_peer(client.transport)
         self.transport = None
-        self.active = False
         self.lost = False
 
     def connection_made(self, transport) -> None:
@@ -240,18 +228,7 @@ class BackendSide(asyncio.Protocol):
         if client.closed:
             transport.close()
             return
-        client.peer = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-        self.active = True
-
-    def pause_writing(self) -> None:
-        # The backend is slower than the client: stop reading the client until the backend drains.
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
+        client.set_peer(transport)
 
     def eof_received(self) -> bool:
         client = self.client

@@ -222,7 +222,7 @@ class Observer:
         self.loop = loop
         self.pool_name = pool_name
         self.access_log = access_log
-        self.refused = 0               # client connections no backend took
+        self.refused: dict[str, int] = {}    # pool name -> clients (TCP) or requests (HTTP: 503) no backend took
         # monotonic -> wall clock, for access-log timestamps without a time.time() call per entry.
         # (Timings use time.monotonic(), not loop.time(): uvloop's clock moves in milliseconds.)
         self.wall_offset = time.time() - time.monotonic()
@@ -261,7 +261,7 @@ class Observer:
                                  client.connect_seconds, now - client.started, None, None))
 
     def tcp_refused(self, client, reason: str) -> None:
-        self.refused += 1
+        self.refused[self.pool_name] = self.refused.get(self.pool_name, 0) + 1
         if self.access_log is not None:
             now = time.monotonic()
             self.access_log.add((self.wall_offset + client.started, _client_text(client.source),
@@ -269,11 +269,14 @@ class Observer:
 
     def http_request(self, backend: "Backend | None", client_address: str, method: str, target: str,
                      status: int, bytes_in: int, bytes_out: int, started: float,
-                     connect_seconds: float, response_seconds: float | None) -> None:
+                     connect_seconds: float, response_seconds: float | None, pool: str | None = None) -> None:
         """The HTTP mode's hook: one call per finished request (status sent to the client, or 0 when the
-        client left first). `started`: loop.time() when the request head arrived (time.monotonic()); response_seconds:
-        request sent -> response head received (None when no backend answered). Counts, histogram and
-        access-log entry; formatting happens later, in the access log's flush."""
+        client left first). `started`: when the request head began to arrive, on the time.monotonic()
+        clock (uvloop's loop.time() is that clock in milliseconds); response_seconds: request sent ->
+        response head received (None when no backend answered); pool: the routed pool's name (None
+        when the request was refused before routing). Counts, histogram and access-log entry;
+        formatting happens later, in the access log's flush. A 503 without a backend counts as
+        refused for its pool."""
         if backend is not None:
             traffic = backend.traffic
             traffic.requests += 1
@@ -283,9 +286,11 @@ class Observer:
             traffic.bytes_out += bytes_out
             if response_seconds is not None:
                 traffic.response_time.observe(response_seconds)
+        elif status == 503 and pool is not None:
+            self.refused[pool] = self.refused.get(pool, 0) + 1
         if self.access_log is not None:
             now = time.monotonic()
-            self.access_log.add((self.wall_offset + started, client_address, self.pool_name,
+            self.access_log.add((self.wall_offset + started, client_address, pool or "-",
                                  backend.address if backend is not None else "-", status, bytes_in,
                                  bytes_out, connect_seconds, now - started, method, target))
 
@@ -294,8 +299,8 @@ class Observer:
             self.access_log.close()
 
 
-def pool_snapshot(pool: "BackendPool", observer: Observer | None) -> dict[str, Any]:
-    """One worker's view of its pool, JSON-ready: what the admin side aggregates over workers."""
+def pool_snapshot(name: str, pool: "BackendPool", observer: Observer | None) -> dict[str, Any]:
+    """One worker's view of one pool, JSON-ready: what the admin side aggregates over workers."""
     backends = []
     for backend in pool.backends:
         core = backend.balancer.stats(backend.index)
@@ -305,5 +310,5 @@ def pool_snapshot(pool: "BackendPool", observer: Observer | None) -> dict[str, A
             "ejected": backend.ejected, "weight": backend.full_weight // pool.weight_scale,
             "effective_weight": core["weight"], "inflight": backend.inflight, "picks": core["picks"],
             "failures": core["failures"], "ewma": core["ewma"], "traffic": backend.traffic.snapshot()})
-    return {"pool": "default", "active": pool.active, "queued": len(pool.waiters),
-            "refused": observer.refused if observer is not None else 0, "backends": backends}
+    return {"pool": name, "active": pool.active, "queued": len(pool.waiters),
+            "refused": observer.refused.get(name, 0) if observer is not None else 0, "backends": backends}

@@ -116,22 +116,26 @@ class Worker:
                  listen_socks: list[socket.socket] | None = None, reload_source=None) -> None:
         self.config = config
         self.loop = loop
-        self.pool = BackendPool(config, loop, maxconn)
+        # The pool of the top-level backends (in HTTP mode the pool named "default", beside any
+        # [[pool]]): the active health checks, the admin API's changes, reload and discovery act on it.
+        # None in HTTP mode when only named pools are configured.
+        self.pool = BackendPool(config, loop, maxconn) if config.has_default_pool else None
         self.listen_socks = listen_socks          # inherited from the master; else bound here
         # Counters and the access log exist only when something reads them.
         self.observer: Observer | None = None
         if config.admin or config.access_log:
             access_log = AccessLog(loop, config.access_log, config.access_log_format) if config.access_log else None
             self.observer = Observer(loop, access_log=access_log)
-            self.pool.track_latency = config.admin is not None
         runtime = runtime or {}
-        for address, up in runtime.get("verdicts", {}).items():
-            backend = self.pool.by_address.get(address)
-            if backend is not None and not up:
-                self.pool.health.set_checked(backend, False, "down at start")
-        for address, state in runtime.get("admin", {}).items():
-            if address in self.pool.by_address:
-                self.pool.set_admin_state(address, state)
+        if self.pool is not None:
+            self.pool.track_latency = config.admin is not None
+            for address, up in runtime.get("verdicts", {}).items():
+                backend = self.pool.by_address.get(address)
+                if backend is not None and not up:
+                    self.pool.health.set_checked(backend, False, "down at start")
+            for address, state in runtime.get("admin", {}).items():
+                if address in self.pool.by_address:
+                    self.pool.set_admin_state(address, state)
         # The master's channel, or our own controller (checks, admin bind, discovery).
         self.channel_sock = channel
         self.channel: LineChannel | None = None
@@ -140,13 +144,21 @@ class Worker:
         if channel is None:
             self.controller = LocalController(self, reload_source)
         self.connections: set = set()
+        self.http = None
+        if config.mode == "http":
+            from fastlb.http.runtime import HttpRuntime, build_router
+            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool),
+                                    self.connections, self.observer)
+            if config.admin is not None:
+                for route in self.http.router.pools.values():
+                    route.pool.track_latency = True
         self.servers: list[asyncio.AbstractServer] = []
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
         idle = config.idle_timeout
-        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle else 0.0
-        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if idle else 0
+        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle and not self.http else 0.0
+        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if self.sweep_interval else 0
         self.stopping = False
 
     @property
@@ -163,10 +175,12 @@ class Worker:
                     sock = listen_socket(bind.host, bind.port, self.config.backlog)
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
-            listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                self.connections, self.observer)
-            server = await self.loop.create_server(listener.protocol_factory(), sock=sock,
-                                                   backlog=self.config.backlog)
+            if self.http is not None:
+                factory = self.http.protocol_factory(bind)
+            else:
+                factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
+                                   self.connections, self.observer).protocol_factory()
+            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog)
             self.servers.append(server)
         if self.channel_sock is not None:
             # Bound before connecting: the master's first message may arrive within the connect.
@@ -178,9 +192,19 @@ class Worker:
             await self.controller.start()
         if self.sweep_interval:
             self.sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
+        if self.http is not None:
+            self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
     def snapshot(self) -> dict:
-        return pool_snapshot(self.pool, self.observer)
+        """This worker's pools, JSON-ready: the top-level one ("default"), then HTTP's named pools."""
+        pools = []
+        if self.pool is not None:
+            pools.append(pool_snapshot("default", self.pool, self.observer))
+        if self.http is not None:
+            for route in self.http.router.pools.values():
+                if route.pool is not self.pool:
+                    pools.append(pool_snapshot(route.name, route.pool, self.observer))
+        return {"pools": pools}
 
     def _on_master_message(self, message: dict) -> None:
         op = message["op"]
@@ -220,6 +244,8 @@ class Worker:
             server.close()
         if self.controller is not None:
             await self.controller.close()
+        if self.http is not None:
+            self.http.draining = True          # responses say Connection: close; idle clients are closed
         deadline = self.loop.time() + grace_period
         if self.connections:
             log.info("draining %d connection(s), grace period %.3gs", len(self.connections), grace_period)
@@ -232,6 +258,8 @@ class Worker:
             await asyncio.sleep(0)
         if self.sweep_handle is not None:
             self.sweep_handle.cancel()
+        if self.http is not None:
+            self.http.stop()
         if self.snapshot_handle is not None:
             self.snapshot_handle.cancel()
         if self.channel is not None:
@@ -242,7 +270,8 @@ class Worker:
                 self.channel.transport.close()
         if self.observer is not None:
             self.observer.close()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 class LocalController:

@@ -1,8 +1,10 @@
 """Operations with real processes: the admin API and its token, metrics summed over workers, the access
 log, `fastlb ctl`, hot reload under load, and discovery from a file and from a real DNS server."""
+import collections
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +64,7 @@ def token_file(tmp_path):
 
 def start_balancer(procs, backend_ports, token_file, *extra, workers=2):
     port, admin = free_port(), free_port()
-    args = ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--admin", str(admin),
+    args = ["--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--admin", str(admin),
             "--admin-token-file", token_file]
     for backend_port in backend_ports:
         args += ["--backend", f"127.0.0.1:{backend_port}"]
@@ -213,10 +215,14 @@ def test_metrics_add_up_across_two_workers(procs, token_file, tmp_path):
     assert expected[a] and expected[b]
 
     def settled():
+        # A connection is counted as its close begins (TCP_INFO needs the sockets open) and gives its
+        # slot back once both sockets are closed: wait for both.
         samples = metrics(admin)
-        return samples if metric(samples, "fastlb_pool_connections_total", pool="default") == count else None
+        if metric(samples, "fastlb_pool_connections_total", pool="default") != count:
+            return None
+        return samples if metric(samples, "fastlb_pool_active", pool="default") == 0 else None
 
-    samples = wait_until(settled, what=f"{count} connections counted")
+    samples = wait_until(settled, what=f"{count} connections counted and closed")
     for address, name in ((a, "a"), (b, "bb")):
         n = expected[address]
         labels = {"pool": "default", "backend": address}
@@ -250,7 +256,7 @@ def test_metrics_add_up_across_two_workers(procs, token_file, tmp_path):
 def test_access_log_text_to_stdout_one_worker(procs, token_file):
     _, ports = procs.backends("a")
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                           "--access-log", "-")
     ping(port)
     match = fastlb.wait_for_line(rf"^\S+Z 127\.0\.0\.1:\d+ default 127\.0\.0\.1:{ports['a']} - 5 7 [\d.]+ [\d.]+$")
@@ -325,7 +331,7 @@ def test_stats_page_renders_in_chromium(procs, token_file, tmp_path):
 # ---- hot reload under load ------------------------------------------------------------------------------
 
 def write_config(path, port, backends, workers, connect_timeout="2s", extra=""):
-    lines = [f"workers = {workers}", f'connect_timeout = "{connect_timeout}"', "grace_period = \"5s\"",
+    lines = ['mode = "tcp"', f"workers = {workers}", f'connect_timeout = "{connect_timeout}"', "grace_period = \"5s\"",
              extra, "[[bind]]", f'address = "127.0.0.1:{port}"']
     for address, weight in backends:
         lines += ["[[backend]]", f'address = "{address}"', f"weight = {weight}"]
@@ -386,7 +392,7 @@ def test_discovery_from_a_watched_file(procs, token_file, tmp_path):
     listing = tmp_path / "backends"
     listing.write_text(f"# discovered\n{a}\n")
     port, admin = free_port(), free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port}", "--backends-file", str(listing), "--workers", "2",
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backends-file", str(listing), "--workers", "2",
                  "--admin", str(admin), "--admin-token-file", token_file, wait_port=port)
     wait_until(lambda: {backend_name(port) for _ in range(6)} == {"a"}, what="a from the file")
     listing.write_text(f"{a}\n{b},weight=2\n")
@@ -427,7 +433,7 @@ def test_discovery_from_dns_srv(procs, token_file, tmp_path):
     dns_port = free_port()
     dns = start_dnsmasq(procs, dnsmasq, tmp_path, dns_port, [ports["a"]], 1)
     port, admin = free_port(), free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backends-dns", "_echo._tcp.svc.test",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backends-dns", "_echo._tcp.svc.test",
                           "--dns-server", f"127.0.0.1:{dns_port}", "--dns-interval", "200ms",
                           "--admin", str(admin), "--admin-token-file", token_file, wait_port=0)
     wait_until(lambda: port_open(admin), what="the admin bind")
@@ -498,3 +504,99 @@ def test_operations_settings_are_validated_with_file_line_and_field(tmp_path):
                       str(short) + '"\n')
     result = check("--check-config", str(config))
     assert result.returncode == 2 and f"{config}:3 (admin_token_file): token file" in result.stderr, result.stderr
+
+
+def test_http_metrics_add_up_by_pool_and_status_class_across_two_workers(procs, token_file, tmp_path):
+    """HTTP mode (the default): known requests through two workers to a top-level pool, a named pool
+    chosen by a route, and a named pool whose backend is down; /metrics counts them per pool, backend
+    and status class, the response-time histogram has one observation per answered request, 503s count
+    as refused, the access log has a line per request, and /api/backends lists the named pools."""
+    from http_client import Client
+
+    _, ports = procs.http_backends("a", "b")
+    dead = free_port()
+    a, b, dead_address = f"127.0.0.1:{ports['a']}", f"127.0.0.1:{ports['b']}", f"127.0.0.1:{dead}"
+    port, admin = free_port(), free_port()
+    log_path = tmp_path / "access.log"
+    config = tmp_path / "lb.toml"
+    config.write_text("\n".join([
+        "workers = 2", "outlier_failures = 0", 'access_log_format = "json"',
+        f'access_log = "{log_path}"', f'bind = "127.0.0.1:{port}"', f'backend = "{a}"',
+        "[[pool]]", 'name = "api"', f'backend = ["{b}"]',
+        "[[pool]]", 'name = "dead"', f'backend = ["{dead_address}"]',
+        "[[route]]", 'pool = "api"', 'header = "X-Pool: api"',
+        "[[route]]", 'pool = "dead"', 'header = "X-Pool: dead"']) + "\n")
+    fastlb = procs.fastlb("--config", str(config), "--admin", str(admin), "--admin-token-file", token_file,
+                          wait_port=0)
+    wait_until(lambda: fastlb.output.count("INFO listening on") == 2, what="workers listening")
+    wait_until(lambda: port_open(admin), what="the admin bind")
+    wait_until(lambda: api(admin, "GET", "/api/backends")["workers"] == 2, what="workers reporting")
+
+    # (pool header, path, status) -> how many; every request on a connection of its own, so the kernel
+    # spreads them over both workers (SO_REUSEPORT).
+    plan = {(None, "/hello", 200): 12, (None, "/status?code=404", 404): 5, (None, "/status?code=500", 500): 4,
+            ("api", "/hello", 200): 7, ("api", "/status?code=302", 302): 3, ("dead", "/hello", 503): 6}
+    for (pool, path, status), count in plan.items():
+        for _ in range(count):
+            with Client(port) as client:
+                response = client.request("GET", path, {"X-Pool": pool} if pool else None)
+                assert response.status == status, (pool, path, response.status)
+    total = sum(plan.values())
+    answered = {a: 12 + 5 + 4, b: 7 + 3}
+
+    def settled():
+        samples = metrics(admin)
+        requests = sum(metric(samples, "fastlb_pool_requests_total", pool=p) or 0 for p in ("default", "api"))
+        return samples if requests == sum(answered.values()) else None
+
+    samples = wait_until(settled, what="every request counted")
+    expected = {("default", a): {"2xx": 12, "3xx": 0, "4xx": 5, "5xx": 4},
+                ("api", b): {"2xx": 7, "3xx": 3, "4xx": 0, "5xx": 0}}
+    for (pool, address), classes in expected.items():
+        labels = {"pool": pool, "backend": address}
+        n = sum(classes.values())
+        assert metric(samples, "fastlb_backend_requests_total", **labels) == n
+        for code, count in classes.items():
+            assert metric(samples, "fastlb_backend_responses_total", code=code, **labels) == count, (pool, code)
+            assert metric(samples, "fastlb_pool_responses_total", pool=pool, code=code) == count
+        assert metric(samples, "fastlb_backend_response_seconds_count", **labels) == n
+        buckets = [v for (name, lbls), v in samples.items()
+                   if name == "fastlb_backend_response_seconds_bucket" and ("backend", address) in lbls
+                   and ("pool", pool) in lbls]
+        assert len(buckets) > 2 and max(buckets) == n
+        assert metric(samples, "fastlb_backend_response_seconds_bucket", le="+Inf", **labels) == n
+        assert metric(samples, "fastlb_backend_response_seconds_sum", **labels) > 0
+        assert metric(samples, "fastlb_backend_bytes_in_total", **labels) > 0
+        assert metric(samples, "fastlb_backend_bytes_out_total", **labels) > 0
+        assert metric(samples, "fastlb_pool_requests_total", pool=pool) == n
+    # No backend for pool "dead": connect errors on its backend, 503s counted as refused there only.
+    dead_labels = {"pool": "dead", "backend": dead_address}
+    assert metric(samples, "fastlb_backend_requests_total", **dead_labels) == 0
+    assert metric(samples, "fastlb_backend_connect_errors_total", **dead_labels) == 6
+    assert metric(samples, "fastlb_pool_refused_total", pool="dead") == 6
+    assert metric(samples, "fastlb_pool_refused_total", pool="default") == 0
+    assert metric(samples, "fastlb_workers") == 2
+    # The API lists every pool, top-level first; only the top-level one changes through it.
+    view = api(admin, "GET", "/api/backends")
+    assert [(p["name"], [x["address"] for x in p["backends"]]) for p in view["pools"]] == [
+        ("default", [a]), ("api", [b]), ("dead", [dead_address])]
+    lines = wait_until(lambda: (lambda l: l if len(l) == total else None)(
+        log_path.read_text().splitlines() if log_path.exists() else []), what="access log lines")
+    entries = [json.loads(line) for line in lines]
+    assert collections.Counter((e["pool"], e["status"]) for e in entries) == collections.Counter(
+        {("default", 200): 12, ("default", 404): 5, ("default", 500): 4, ("api", 200): 7, ("api", 302): 3,
+         ("dead", 503): 6})
+    assert all(e["method"] == "GET" and e["client"] == "127.0.0.1" for e in entries)
+    assert {e["backend"] for e in entries if e["status"] == 503} == {"-"}
+    # A killed worker's counters stay in the totals (the master keeps its last report).
+    worker_pids = {int(m) for m in re.findall(r"worker \d started \(pid (\d+)\)", fastlb.output)}
+    assert len(worker_pids) == 2
+    os.kill(max(worker_pids), signal.SIGKILL)
+    fastlb.wait_for_line(r"killed by SIGKILL; restarting")
+    wait_until(lambda: api(admin, "GET", "/api/backends")["workers"] == 2, what="the replacement reporting")
+    samples = metrics(admin)
+    for (pool, address), classes in expected.items():
+        labels = {"pool": pool, "backend": address}
+        assert metric(samples, "fastlb_backend_requests_total", **labels) == sum(classes.values())
+        assert metric(samples, "fastlb_backend_response_seconds_count", **labels) == sum(classes.values())
+    assert metric(samples, "fastlb_pool_refused_total", pool="dead") == 6
