@@ -22,6 +22,8 @@ examples:
   fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
   fastlb --check-config /etc/fastlb.toml                (validate and exit)
   fastlb demo                                           (a balancer in front of 3 demo backends)
+  fastlb --config lb.toml --admin 9000 --admin-token-file /etc/fastlb/token --access-log -
+  fastlb ctl --admin 127.0.0.1:9000 --token-file /etc/fastlb/token backends   (see `fastlb ctl -h`)
 
 durations accept seconds or a unit: 5, 2.5s, 500ms, 1m. maxconn and queue limits are per worker.
 """
@@ -164,6 +166,25 @@ def make_parser() -> argparse.ArgumentParser:
     health_field("outlier_max_ejection_time", "longest ejection (default 5m)", "DURATION")
     health_field("max_ejection_percent", "at most this share of a pool ejected at once, and never its "
                  "last available backend (default 50)", "PERCENT")
+
+    ops = parser.add_argument_group(
+        "operations", "admin API, metrics, access log and service discovery; SIGHUP reloads --config")
+
+    def ops_field(name: str, help: str, metavar: str) -> None:
+        ops.add_argument(flag_name(name), dest=name, type=_flag_type(name, FIELDS[name]), default=None,
+                         metavar=metavar, help=help)
+
+    ops_field("admin", "admin bind serving /api (token), /metrics, /stats, /healthz; a bare port means "
+              "127.0.0.1 (default: off)", "[HOST:]PORT")
+    ops_field("admin_token_file", "file holding the bearer token every /api/ request must send", "FILE")
+    ops_field("access_log", "one line per connection to FILE, or - for stdout (default: off)", "FILE|-")
+    ops_field("access_log_format", "text (default) or json", "text|json")
+    ops_field("backends_file", "more backends from FILE, one per line in the --backend syntax; the file "
+              "is watched and changes applied live", "FILE")
+    ops_field("backends_dns", "more backends from DNS: _service._proto.NAME (SRV) or NAME:PORT (A/AAAA), "
+              "re-resolved every --dns-interval", "NAME")
+    ops_field("dns_interval", "DNS re-resolution interval (default 5s)", "DURATION")
+    ops_field("dns_server", "DNS server for --backends-dns (default: /etc/resolv.conf's first)", "HOST:PORT")
     return parser
 
 
@@ -192,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         from fastlb import demo
         return demo.main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from fastlb import ctl
+        return ctl.main(argv[1:])
     try:
         args, config = config_from_args(argv)
     except ConfigError as exc:
@@ -204,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(config.backends) - primaries} backup(s), algorithm {config.algorithm}{pools})")
         return 0
     from fastlb import server
-    return server.run(config)
+    # A reload (SIGHUP, `fastlb ctl reload`) re-reads the config file with the same flags over it.
+    return server.run(config, lambda: config_from_args(argv)[1])
 
 
 if __name__ == "__main__":

@@ -56,6 +56,18 @@ Session persistence (see fastlb/sticky.py); a [[pool]] may have its own `sticky`
     stick_ttl = "30m"                # learned and source mappings expire this long after last use
     stick_table_size = 100000        # entries per pool in each worker's local table (LRU)
 
+Operations (see fastlb/admin.py, fastlb/observe.py, fastlb/discovery.py):
+
+    admin = "127.0.0.1:9000"         # admin bind: /api (token), /metrics, /stats, /healthz; a bare port
+                                     # means loopback; off unless given
+    admin_token_file = "/etc/fastlb/token"   # bearer token for /api/...; without it /api/ answers 401
+    access_log = "/var/log/fastlb/access.log"   # or "-" for stdout; off unless given
+    access_log_format = "json"       # or "text" (default)
+    backends_file = "/etc/fastlb/backends"   # one backend per line in the --backend syntax; watched
+    backends_dns = "_api._tcp.example"       # SRV, or "NAME:PORT" for A/AAAA; re-resolved every ...
+    dns_interval = "5s"
+    dns_server = "127.0.0.1:53"      # default: the first nameserver of /etc/resolv.conf
+
 `bind` and `backend` may also be arrays of strings in the flag syntax:
 `backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup,check-port=8081"]`.
 """
@@ -74,6 +86,7 @@ MODES = ("tcp", "http")
 HASHING_ALGORITHMS = ("hash", "ketama", "maglev")
 HASH_KEYS = ("source", "uri", "path", "header:NAME", "cookie:NAME", "query:NAME")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("text", "json")
 
 # Open files a worker needs besides relayed connections: listeners, the event loop's own fds, logging,
 # stdio, a margin for connects in flight when the limit is reached.
@@ -219,9 +232,29 @@ class Config:
     outlier_ejection_time: float = 30.0
     outlier_max_ejection_time: float = 300.0
     max_ejection_percent: int = 50
+    # Operations: admin bind, access log, service discovery
+    admin: tuple[str, int] | None = None
+    admin_token_file: str | None = None
+    access_log: str | None = None
+    access_log_format: str = "text"
+    backends_file: str | None = None
+    backends_dns: str | None = None
+    dns_interval: float = 5.0
+    dns_server: tuple[str, int] | None = None
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def discovers_backends(self) -> bool:
+        """A discovery source adds backends to the top-level pool at run time."""
+        return bool(self.backends_file or self.backends_dns)
+
+    @property
+    def has_default_pool(self) -> bool:
+        """The top-level backends form a pool (in HTTP mode the one named "default"): configured ones,
+        or a discovery source that will fill it."""
+        return bool(self.backends) or self.discovers_backends
 
     def health_for(self, spec: BackendSpec) -> "HealthSettings":
         """The health settings of one backend: the global ones with its own overrides."""
@@ -527,6 +560,32 @@ def parse_port_or_zero(value: Any) -> int:
     return port
 
 
+def parse_admin(value: Any) -> tuple[str, int]:
+    """'HOST:PORT', or a bare PORT meaning loopback: the admin API should not face the network by accident."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit():
+        value = f"127.0.0.1:{int(value)}"
+    return parse_address(value)
+
+
+def parse_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a file path (got {value!r})")
+    return value.strip()
+
+
+def parse_dns_name(value: Any) -> str:
+    """'_service._proto.name' (SRV) or 'name:PORT' (A and AAAA)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected '_service._proto.NAME' (SRV) or 'NAME:PORT' (A/AAAA) (got {value!r})")
+    value = value.strip()
+    if value.startswith("_"):
+        return value
+    name, _, port = value.rpartition(":")
+    if not name or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected '_service._proto.NAME' (SRV) or 'NAME:PORT' (A/AAAA) (got {value!r})")
+    return value
+
+
 def parse_bind(text: Any) -> BindSpec:
     """'HOST:PORT[,accept-proxy]'."""
     if not isinstance(text, str):
@@ -633,6 +692,14 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "outlier_ejection_time": parse_positive_duration,
     "outlier_max_ejection_time": parse_positive_duration,
     "max_ejection_percent": parse_percent,
+    "admin": parse_admin,
+    "admin_token_file": parse_path,
+    "access_log": parse_path,
+    "access_log_format": parse_choice("access log format", ACCESS_LOG_FORMATS),
+    "backends_file": parse_path,
+    "backends_dns": parse_dns_name,
+    "dns_interval": parse_positive_duration,
+    "dns_server": parse_address,
     "http_request_timeout": parse_positive_duration,
     "keepalive_timeout": parse_positive_duration,
     "response_timeout": parse_positive_duration,
@@ -973,8 +1040,14 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
 
     if not config.binds:
         raise ConfigError("no listening address: give --bind HOST:PORT (or [[bind]] in the config file)")
-    if not config.backends and not config.pools:
-        raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file)")
+    if not config.backends and not config.pools and not config.discovers_backends:
+        raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file), "
+                          "or a discovery source (--backends-file, --backends-dns)")
+    if config.admin_token_file:
+        try:
+            read_token(config.admin_token_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where('admin_token_file')}: {exc}") from None
     if config.mode == "tcp":
         for name in ("pools", "routes"):
             if getattr(config, name):
@@ -984,7 +1057,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
                               f"tcp mode hashes on source only")
     _check_pools(config, where)
     _check_sticky(config, where)
-    if config.backends and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
+    if config.has_default_pool and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs a hashing algorithm "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
     if config.bounded_load and config.bounded_load < 1.0:
@@ -1006,7 +1079,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
 
 def _check_pools(config: Config, where: Callable[[str], str]) -> None:
     names = [pool.name for pool in config.pools]
-    if config.backends:
+    if config.has_default_pool:
         names.append("default")
     for name in set(names):
         if names.count(name) > 1:
@@ -1076,6 +1149,18 @@ def _check_health(config: Config, where: Callable[[str], str], explicit: set[str
             raise ConfigError(f"{source('slowstart')}: slow start ramps weights, which the "
                               f"{config.algorithm!r} algorithm does not follow gradually; use one of "
                               f"{', '.join(DYNAMIC_WEIGHT_ALGORITHMS)}, or slowstart 0")
+
+
+def read_token(path: str) -> str:
+    """The admin bearer token: the file's content without surrounding whitespace; at least 16 characters."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise OSError(f"cannot read token file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ValueError(f"token file {path} must hold a token of at least 16 characters")
+    return token
 
 
 def open_files_limit() -> tuple[int, int]:

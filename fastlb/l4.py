@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from fastlb._relay import RelayEnd
@@ -27,6 +28,7 @@ from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
 if TYPE_CHECKING:
     from fastlb.config import BindSpec
+    from fastlb.observe import Observer
 
 log = logging.getLogger("fastlb")
 
@@ -38,10 +40,11 @@ class Listener:
     """What connections accepted on one bind share."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log", "sticky")
+                 "last_failure_log", "sticky", "observer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool, bind: "BindSpec",
-                 hash_source: bool, header_timeout: float, connections: set, sticky=None) -> None:
+                 hash_source: bool, header_timeout: float, connections: set, sticky=None,
+                 observer: "Observer | None" = None) -> None:
         self.loop = loop
         self.sticky = sticky                # fastlb.sticky.Sticky (source) or None
         self.pool = pool
@@ -51,6 +54,7 @@ class Listener:
         self.connections = connections      # the worker's set of live ClientSide objects
         self.failures = 0                   # client connections refused since the last log line
         self.last_failure_log = 0.0
+        self.observer = observer            # metrics / access log, once per connection; None when off
 
     def protocol_factory(self):
         return lambda: ClientSide(self)
@@ -59,6 +63,8 @@ class Listener:
         """A client is closed because no backend took it. Logged at most once a second: a dead pool
         must not turn into a log flood."""
         self.failures += 1
+        if self.observer is not None:
+            self.observer.tcp_refused(client, "refused")
         now = self.loop.time()
         if now - self.last_failure_log >= 1.0:
             log.warning("closing client connection(s) from %s: %s (%d since last report)",
@@ -75,6 +81,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         # per connection
         "transport", "backend", "backend_side", "connect_task", "source", "destination",
         "closed", "eofs",
+        # accounting (fastlb/observe.py): when it started, how long the backend took, reported yet
+        "started", "connect_seconds", "observed",
         # idle timeout: `active` is set per chunk, swept by the worker's periodic timer
         "idle_ticks",
     )
@@ -89,11 +97,15 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         self.destination = None
         self.closed = False
         self.eofs = 0
+        self.started = 0.0
+        self.connect_seconds = 0.0
+        self.observed = False
         self.idle_ticks = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.listener.connections.add(self)
+        self.started = monotonic()
         # uvloop starts reading right after connection_made, whatever it did: until a backend is
         # connected, a PendingClient takes the bytes (and reads the PROXY header on accept-proxy binds).
         pending = PendingClient(self)
@@ -135,6 +147,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             self.transport.close()
             return
         self.backend = backend
+        self.connect_seconds = monotonic() - self.started
         if backend.send_proxy:
             transport.write(self._proxy_header(backend.send_proxy))
         pending = self.transport.get_protocol()
@@ -172,13 +185,22 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             self._close_both()
         return True                      # keep our write side open: half-close
 
+    def _observe(self, gone: str | None) -> None:
+        """Once per connection, before its sockets close: counters and access log (off: one test)."""
+        observer = self.listener.observer
+        if observer is not None and not self.observed:
+            self.observed = True
+            observer.tcp_closed(self, gone)
+
     def _close_both(self) -> None:
+        self._observe(None)
         self.transport.close()
         if self.peer is not None:
             self.peer.close()
 
     def close(self) -> None:
         """Ends the connection now (idle timeout, shutdown): pending bytes are dropped."""
+        self._observe(None)
         self.transport.abort()
         if self.peer is not None:
             self.peer.abort()
@@ -190,6 +212,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             self.connect_task.cancel()
             self.connect_task = None
         if self.peer is not None:
+            self._observe("client")
             self.peer.close()            # flush what the client sent, then FIN
         self._release()
 
@@ -230,6 +253,7 @@ class BackendSide(RelayEnd, asyncio.Protocol):
         self.lost = True
         client = self.client
         if not client.closed:
+            client._observe("backend")
             client.transport.close()     # flush what the backend sent, then FIN
         client._release()
 

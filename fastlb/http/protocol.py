@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from time import monotonic
 
 import httptools
 
@@ -73,6 +74,9 @@ class Request:
         "error", "upstream", "sent_at", "response_started", "continue_sent", "close_after",
         # hook for later features (sticky cookies): header lines added to the response head
         "extra_response_headers",
+        # accounting (fastlb/observe.py): the backend that answered, the status and bytes sent to the
+        # client, when the head began (loop clock); sent_mono / response_seconds only with an observer
+        "backend", "status", "bytes_out", "started", "sent_mono", "response_seconds",
     )
 
     def __init__(self) -> None:
@@ -108,6 +112,12 @@ class Request:
         self.continue_sent = False
         self.close_after = False
         self.extra_response_headers = b""
+        self.backend = None
+        self.status = 0
+        self.bytes_out = 0
+        self.started = 0.0
+        self.sent_mono = 0.0
+        self.response_seconds = -1.0
 
 
 class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
@@ -351,6 +361,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if method == b"CONNECT":
             raise RequestError(405, "CONNECT")
         req.method = method
+        req.started = self.head_started
         req.is_head = method == b"HEAD"
         req.idempotent = method in IDEMPOTENT_METHODS
         url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
@@ -537,6 +548,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             # known to another balancer, whose mapping is on its way to the store.)
             req.pinned = req.upstream.backend
             req.route.sticky.record(req.sticky_key, req.pinned)
+        if self.runtime.observer is not None:
+            req.sent_mono = monotonic()       # the loop's clock moves in ms: too coarse for a histogram
         self.deadline = now + self.settings.response_timeout
         self.deadline_kind = WAIT_BACKEND
         self.flush_request(req)
@@ -563,7 +576,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def answer(self, req: Request, status: int, close: bool) -> None:
         """A response of fastlb's own for queue[0] (errors)."""
         close = close or self.closing and not self.req_pending_after(req) or req.close_after
-        self.transport.write(errors.response(status, close))
+        data = errors.response(status, close)
+        self.transport.write(data)
+        req.status = status
+        req.bytes_out = len(data)
         self.finished(req, close)
 
     def req_pending_after(self, req: Request) -> bool:
@@ -571,6 +587,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
 
     def finished(self, req: Request, close: bool) -> None:
         """queue[0] has been answered in full: next request, or keep-alive wait, or close."""
+        if self.runtime.observer is not None:
+            self.report(req)
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
@@ -597,6 +615,17 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 return
             self.deadline = self.runtime.now + self.settings.keepalive_timeout
             self.deadline_kind = WAIT_IDLE
+
+    def report(self, req: Request) -> None:
+        """Metrics and access log for a request answered in full (called only with an observer)."""
+        route = req.route
+        sent = req.sent_mono
+        self.runtime.observer.http_request(
+            req.backend, self.client_ip.decode("latin-1"), req.method.decode("latin-1"),
+            req.url.decode("latin-1"), req.status, req.out_size, req.bytes_out, req.started,
+            max(0.0, sent - req.started) if sent else 0.0,
+            req.response_seconds if req.response_seconds >= 0.0 else None,
+            route.name if route is not None else None)
 
     def backend_failed(self, req: Request, status: int, retry: bool) -> None:
         """The backend connection serving req broke (or timed out) before the response ended."""

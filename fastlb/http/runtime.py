@@ -118,7 +118,7 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
                                      pool_config.hash_key,
                                      spec.max_body_size if spec.max_body_size is not None
                                      else config.max_body_size)
-    if config.backends:
+    if config.backends or default_pool is not None:      # (a discovery source may fill it later)
         pools.setdefault("default", RoutePool("default", default_pool or BackendPool(config, loop, maxconn),
                                               config.hash_key, config.max_body_size))
     if store is not None:
@@ -135,9 +135,12 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
 
 class HttpRuntime:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, router: Router,
-                 connections: set) -> None:
+                 connections: set, observer=None) -> None:
         self.loop = loop
         self.router = router
+        # fastlb/observe.py's Observer (metrics, access log), called once per finished request; None
+        # when neither is configured, and then the request path does nothing for it.
+        self.observer = observer
         self.settings = HttpSettings(config, router.capture)
         self.settings.watch_sticky(router)
         self.connections = connections
