@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tools the tests and benchmarks drive, by the command each provides.
-DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux
+DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux \
+  ip:iproute2 keepalived:keepalived redis-server:redis-server memcached:memcached \
+  chromium:chromium dnsmasq:dnsmasq-base
 
 .PHONY: run test setup system-packages build bench-core bench-proxy bench-memory clean
 
@@ -32,26 +34,26 @@ system-packages:
 	  status=$$?; rm -f /usr/sbin/policy-rc.d; exit $$status; \
 	fi
 
-# The editable install compiles fastlb/_core.pyx and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
+# The editable install compiles the core, the relay and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
 # in place; it reruns when one of their sources changes (a stale .so would shadow the edited .py).
-$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx $(wildcard fastlb/core/*.pxi) fastlb/pool.py \
-		$(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx)
+$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx fastlb/_relay.pyx $(wildcard fastlb/core/*.pxi) \
+		fastlb/pool.py $(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
 bench-core: setup
-	$(PY) -m pytest -q benchmarks/test_core_bench.py --benchmark-columns=min,median,ops --benchmark-sort=name
+	$(PY) -m pytest -q benchmarks/test_core_bench.py -s --benchmark-columns=min,median,ops --benchmark-sort=name
 
 bench-proxy: setup
-	$(PY) benchmarks/proxy_bench.py
+	$(PY) benchmarks/proxy_bench.py $(BENCH_ARGS)
 
 bench-memory: setup
-	$(PY) benchmarks/memory_bench.py
+	$(PY) benchmarks/memory_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info

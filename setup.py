@@ -1,7 +1,8 @@
-"""Builds fastlb._core from Cython; generated C and binaries are never committed.
+"""Builds fastlb._core (with fastlb._relay and the small fastlb._sockinfo) from Cython; generated C and
+binaries are never committed.
 
-The HTTP protocol modules (fastlb/http/protocol.py, upstream.py) are compiled too; delete the .so
-files (or never build) to run them as plain Python.
+The HTTP protocol modules (fastlb/http/runtime.py, protocol.py, upstream.py, routing.py) are compiled
+too; delete their .so files (or never build) to run them as plain Python.
 
 Environment knobs (uvloop's setup.py has the same ones as flags):
   FASTLB_CYTHON_ANNOTATE=1   write the HTML annotation next to _core.pyx
@@ -35,6 +36,7 @@ core = Extension(
     define_macros=macros,
     extra_compile_args=compile_args,
 )
+relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=compile_args)
 
 # The per-request path of HTTP mode: plain Python modules (the reference, used as they are when not
 # built) compiled by Cython; the .pxd files beside the protocol modules turn their classes into extension
@@ -49,9 +51,12 @@ python_directives = {"language_level": 3, "annotation_typing": False}
 head_scanner = Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)
 annotate = os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1"
 
+# Per-connection byte counts from TCP_INFO (fastlb/observe.py); observe.py falls back to ctypes without it.
+sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile_args=compile_args)
+
 setup(
     ext_modules=[
-        *cythonize([core, head_scanner], compiler_directives=directives, annotate=annotate),
+        *cythonize([core, relay, sockinfo, head_scanner], compiler_directives=directives, annotate=annotate),
         *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate),
     ]
 )

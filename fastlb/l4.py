@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
+from fastlb._relay import RelayEnd
 from fastlb import proxy_protocol
 from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
 if TYPE_CHECKING:
     from fastlb.config import BindSpec
+    from fastlb.observe import Observer
 
 log = logging.getLogger("fastlb")
 
@@ -37,11 +40,13 @@ class Listener:
     """What connections accepted on one bind share."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log")
+                 "last_failure_log", "sticky", "observer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool, bind: "BindSpec",
-                 hash_source: bool, header_timeout: float, connections: set) -> None:
+                 hash_source: bool, header_timeout: float, connections: set, sticky=None,
+                 observer: "Observer | None" = None) -> None:
         self.loop = loop
+        self.sticky = sticky                # fastlb.sticky.Sticky (source) or None
         self.pool = pool
         self.bind = bind
         self.hash_source = hash_source
@@ -49,6 +54,7 @@ class Listener:
         self.connections = connections      # the worker's set of live ClientSide objects
         self.failures = 0                   # client connections refused since the last log line
         self.last_failure_log = 0.0
+        self.observer = observer            # metrics / access log, once per connection; None when off
 
     def protocol_factory(self):
         return lambda: ClientSide(self)
@@ -57,6 +63,8 @@ class Listener:
         """A client is closed because no backend took it. Logged at most once a second: a dead pool
         must not turn into a log flood."""
         self.failures += 1
+        if self.observer is not None:
+            self.observer.tcp_refused(client, "refused")
         now = self.loop.time()
         if now - self.last_failure_log >= 1.0:
             log.warning("closing client connection(s) from %s: %s (%d since last report)",
@@ -65,21 +73,23 @@ class Listener:
             self.last_failure_log = now
 
 
-class ClientSide(asyncio.Protocol):
+class ClientSide(RelayEnd, asyncio.Protocol):
+    # RelayEnd (compiled) holds peer, peer_write and active, the per-chunk state.
     __slots__ = (
         # shared
         "listener",
         # per connection
-        "transport", "peer", "backend", "backend_side", "connect_task", "source", "destination",
+        "transport", "backend", "backend_side", "connect_task", "source", "destination",
         "closed", "eofs",
-        # idle timeout: set per chunk, swept by the worker's periodic timer
-        "active", "idle_ticks",
+        # accounting (fastlb/observe.py): when it started, how long the backend took, reported yet
+        "started", "connect_seconds", "observed",
+        # idle timeout: `active` is set per chunk, swept by the worker's periodic timer
+        "idle_ticks",
     )
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.transport = None
-        self.peer = None                  # the backend's transport once connected
         self.backend: Backend | None = None
         self.backend_side: BackendSide | None = None
         self.connect_task = None
@@ -87,12 +97,15 @@ class ClientSide(asyncio.Protocol):
         self.destination = None
         self.closed = False
         self.eofs = 0
-        self.active = False
+        self.started = 0.0
+        self.connect_seconds = 0.0
+        self.observed = False
         self.idle_ticks = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.listener.connections.add(self)
+        self.started = monotonic()
         # uvloop starts reading right after connection_made, whatever it did: until a backend is
         # connected, a PendingClient takes the bytes (and reads the PROXY header on accept-proxy binds).
         pending = PendingClient(self)
@@ -109,8 +122,15 @@ class ClientSide(asyncio.Protocol):
     async def _connect(self) -> None:
         listener = self.listener
         key = self.source[0].encode() if listener.hash_source else None
+        sticky = listener.sticky
+        pinned = client_ip = None
+        if sticky is not None:
+            pinned, client_ip, _ = sticky.pin(self.source[0].encode(), None)
+            if pinned is None and sticky.store.shared:
+                pinned = await sticky.fetch(client_ip)     # a local miss only; bounded
         try:
-            backend, transport, side = await listener.pool.connect(key, self._make_backend_side)
+            backend, transport, side = await listener.pool.connect(key, self._make_backend_side,
+                                                                   pinned=pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
@@ -118,6 +138,8 @@ class ClientSide(asyncio.Protocol):
                 self.transport.close()
             return
         self.connect_task = None
+        if sticky is not None and backend is not pinned:
+            sticky.record(client_ip, backend)         # a new client, or its backend could not serve it
         if self.closed or side.lost:
             # The client left, or the backend hung up, while we were being scheduled.
             listener.pool.release(backend)
@@ -125,6 +147,7 @@ class ClientSide(asyncio.Protocol):
             self.transport.close()
             return
         self.backend = backend
+        self.connect_seconds = monotonic() - self.started
         if backend.send_proxy:
             transport.write(self._proxy_header(backend.send_proxy))
         pending = self.transport.get_protocol()
@@ -147,18 +170,7 @@ class ClientSide(asyncio.Protocol):
             return proxy_protocol.build_v2(source, destination)
         return proxy_protocol.build_v1(source, destination)
 
-    # ---- hot path ----------------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-        self.active = True
-
-    def pause_writing(self) -> None:
-        # The client is slower than the backend: stop reading the backend until the client drains.
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
+    # ---- hot path: data_received, pause_writing, resume_writing come from RelayEnd -----------
 
     # ---- ends --------------------------------------------------------------------------------
 
@@ -173,13 +185,22 @@ class ClientSide(asyncio.Protocol):
             self._close_both()
         return True                      # keep our write side open: half-close
 
+    def _observe(self, gone: str | None) -> None:
+        """Once per connection, before its sockets close: counters and access log (off: one test)."""
+        observer = self.listener.observer
+        if observer is not None and not self.observed:
+            self.observed = True
+            observer.tcp_closed(self, gone)
+
     def _close_both(self) -> None:
+        self._observe(None)
         self.transport.close()
         if self.peer is not None:
             self.peer.close()
 
     def close(self) -> None:
         """Ends the connection now (idle timeout, shutdown): pending bytes are dropped."""
+        self._observe(None)
         self.transport.abort()
         if self.peer is not None:
             self.peer.abort()
@@ -191,6 +212,7 @@ class ClientSide(asyncio.Protocol):
             self.connect_task.cancel()
             self.connect_task = None
         if self.peer is not None:
+            self._observe("client")
             self.peer.close()            # flush what the client sent, then FIN
         self._release()
 
@@ -201,14 +223,13 @@ class ClientSide(asyncio.Protocol):
             self.listener.pool.release(backend)
 
 
-class BackendSide(asyncio.Protocol):
-    __slots__ = ("client", "peer", "transport", "active", "lost")
+class BackendSide(RelayEnd, asyncio.Protocol):
+    __slots__ = ("client", "transport", "lost")
 
     def __init__(self, client: ClientSide) -> None:
         self.client = client
-        self.peer = client.transport
+        self.set_peer(client.transport)
         self.transport = None
-        self.active = False
         self.lost = False
 
     def connection_made(self, transport) -> None:
@@ -217,18 +238,7 @@ class BackendSide(asyncio.Protocol):
         if client.closed:
             transport.close()
             return
-        client.peer = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-        self.active = True
-
-    def pause_writing(self) -> None:
-        # The backend is slower than the client: stop reading the client until the backend drains.
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
+        client.set_peer(transport)
 
     def eof_received(self) -> bool:
         client = self.client
@@ -243,6 +253,7 @@ class BackendSide(asyncio.Protocol):
         self.lost = True
         client = self.client
         if not client.closed:
+            client._observe("backend")
             client.transport.close()     # flush what the backend sent, then FIN
         client._release()
 

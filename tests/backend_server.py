@@ -1,4 +1,4 @@
-"""A test backend: `python tests/backend_server.py NAME:PORT [NAME:PORT ...]`.
+"""A test backend: `python tests/backend_server.py NAME:[HOST:]PORT [NAME:[HOST:]PORT ...]`.
 
 Each connection gets `NAME\n` first, then an echo of everything it sends; when the client half-closes,
 the echo is flushed and the backend half-closes too. One process serves every NAME:PORT given and prints
@@ -35,8 +35,9 @@ async def main(specs: list[str]) -> None:
     loop = asyncio.get_running_loop()
     servers = []
     for spec in specs:
-        name, _, port = spec.rpartition(":")
-        servers.append(await loop.create_server(lambda name=name: Echo(name.encode()), "127.0.0.1",
+        name, _, address = spec.partition(":")
+        host, _, port = address.rpartition(":")
+        servers.append(await loop.create_server(lambda name=name: Echo(name.encode()), host or "127.0.0.1",
                                                 int(port), reuse_address=True))
     print("ready", flush=True)
     await asyncio.Event().wait()

@@ -20,6 +20,8 @@ Paths (the query string is ignored unless said):
   /status?code=N   N with a short body (or none for 204/304)
   /ws              101 Switching Protocols (Upgrade: websocket), then echoes raw bytes
   /headers         200 with Connection: X-Hop, X-Hop: 1, Keep-Alive: timeout=5, X-Keep: 1
+  .../setcookie?name=N&value=V   200 with Set-Cookie: N=V; Path=/ (any path prefix: sticky tests)
+  .../setheader?name=N&value=V   200 with header N: V
 """
 import asyncio
 import hashlib
@@ -156,6 +158,10 @@ class Handler(asyncio.Protocol):
             self.tunnel = True
         elif path == "/headers":
             self.send(200, b"h\n", "Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Keep: 1\r\n")
+        elif path.endswith("/setcookie"):
+            self.send(200, f"{self.name}\n".encode(), f"Set-Cookie: {query['name']}={query['value']}; Path=/\r\n")
+        elif path.endswith("/setheader"):
+            self.send(200, f"{self.name}\n".encode(), f"{query['name']}: {query['value']}\r\n")
         else:
             self.send(200, f"{self.name} {method} {url}\n".encode())
 

@@ -18,6 +18,7 @@ H_UPGRADE = 6
 H_EXPECT = 7
 H_FORWARDED_FOR = 8
 H_REJECT = 9          # refused outright (400)
+H_COOKIE = 10         # kept aside and re-emitted (sticky cookies rewrite it): only when a pool needs it
 
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
@@ -44,6 +45,8 @@ R_CONNECTION = 1
 R_DROP = 2
 R_FRAMING = 3         # Content-Length / Transfer-Encoding: fastlb writes the framing it forwards
 R_UPGRADE = 4
+R_SET_COOKIE = 5      # shown to the pool's sticky rule (prefix, learn, insert+indirect): only when needed
+R_STICKY_HEADER = 6   # learn:header:NAME: the session id a backend names
 
 RESPONSE_SPECIAL: dict[bytes, int] = {
     b"connection": R_CONNECTION,

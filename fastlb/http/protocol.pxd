@@ -9,9 +9,12 @@ cdef class Request:
     cdef public bint replayable, written, response_started, continue_sent, close_after
     cdef public Py_ssize_t body_received, flushed, out_size, error
     cdef public dict captured
-    cdef public object route, key, upstream, pinned
+    cdef public object route, key, upstream, pinned, sticky_key, sticky_cookie
     cdef public list tried, out
-    cdef public double sent_at
+    cdef public double sent_at, started, sent_mono, response_seconds
+    cdef public object backend
+    cdef public int status
+    cdef public Py_ssize_t bytes_out
 
 
 cdef class ClientConnection:

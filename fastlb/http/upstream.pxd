@@ -15,6 +15,7 @@ cdef class BackendConnection:
     cdef public Request request
     cdef public list out, parts
     cdef public int status
+    cdef public Py_ssize_t received
 
     cpdef _reset(self)
     cpdef attach(self, ClientConnection client, Request req, backend)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 
 import httptools
 
 from fastlb.health import RESPONSE
 from fastlb.http import errors
-from fastlb.http.headers import R_CONNECTION, R_DROP, R_FRAMING, R_UPGRADE, RESPONSE_SPECIAL
+from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_SET_COOKIE, R_STICKY_HEADER, R_UPGRADE,
+                                 RESPONSE_SPECIAL)
 
 try:
     from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
@@ -44,6 +46,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         "client", "request", "out", "parts", "status", "reason", "keep_alive", "chunked_in",
         "chunked_out", "close_delimited", "no_body", "done", "interim", "reusable", "upgrade",
         "te_value", "cl_value", "client_close", "conn_tokens", "seen",
+        # bytes of the current response read from the backend (the access log's and metrics' bytes out)
+        "received",
     )
 
     def __init__(self, runtime) -> None:
@@ -78,6 +82,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.client_close = False
         self.conn_tokens = None
         self.seen = False          # a byte of this response has been read
+        self.received = 0
 
     # ---- attach / detach -------------------------------------------------------------------------
 
@@ -92,6 +97,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.request = req
         self.backend = backend
         req.upstream = self
+        req.backend = backend
         self._reset()
 
     def release(self, ok: bool, detail: str = "") -> None:
@@ -141,6 +147,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             client.tunnel_active = True
             return
         self.runtime.now = client.loop.time()        # the one clock read for these bytes
+        self.received += len(data)
         if not self.seen:
             self.seen = True
             if self.settings.fast_responses and not self.request.is_head:
@@ -176,6 +183,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         req = self.request
         self.status = status
         req.response_started = True
+        if req.sent_mono:                           # only with an observer (metrics, access log)
+            req.response_seconds = monotonic() - req.sent_mono
         close = self._client_must_close(req, client)
         self.client_close = close
         self.keep_alive = not backend_close
@@ -214,6 +223,18 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
         elif action == R_UPGRADE:
             self.upgrade = value
+        elif action == R_SET_COOKIE:
+            sticky = self.request.route.sticky
+            if sticky is not None and sticky.watches_set_cookie:
+                value = sticky.on_set_cookie(value, self.backend)
+                if value is None:
+                    return                          # insert + indirect: our cookie is fastlb's to set
+            self.parts += (name, b": ", value, b"\r\n")
+        elif action == R_STICKY_HEADER:
+            sticky = self.request.route.sticky
+            if sticky is not None and sticky.kind == 4 and name.lower() == sticky.lname:
+                sticky.on_response_header(value, self.backend)
+            self.parts += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -229,6 +250,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
                 self.out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n", *self.parts, b"\r\n")
             return
         req.response_started = True
+        if req.sent_mono:                           # only with an observer (metrics, access log)
+            req.response_seconds = monotonic() - req.sent_mono
         self.keep_alive = parser.should_keep_alive()
         out = self.out
         out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n")
@@ -276,6 +299,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         out.append(self.settings.response_block)
         if req.extra_response_headers:
             out.append(req.extra_response_headers)
+        sticky = req.route.sticky
+        if sticky is not None and sticky.kind == 1:            # cookie insert: name the backend
+            block = sticky.response_block(req.sticky_cookie, self.backend)
+            if block:
+                out.append(block)
         out.append(b"\r\n")
         if self.no_body:
             self.done = True
@@ -315,6 +343,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.client = None
         self.release(ok=self.status < 500)
         req.upstream = None
+        req.status = self.status
+        req.bytes_out = self.received
         if self.keep_alive and self.reusable and req.complete and not self.close_delimited \
                 and not self.lost and not self.runtime.draining:
             self.runtime.park(self, backend)
@@ -335,6 +365,10 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.release(ok=True)
         client.queue.clear()
         req.upstream = None
+        if client.runtime.observer is not None:     # the request ends here; the tunnel is not counted
+            req.status = 101
+            req.bytes_out = self.received
+            client.report(req)
         client.start_tunnel(self.transport)
 
     def _failed(self, status: int, retry: bool) -> None:
