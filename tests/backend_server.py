@@ -1,4 +1,4 @@
-"""A test backend: `python tests/backend_server.py NAME:[HOST:]PORT [NAME:[HOST:]PORT ...]`.
+"""A test backend: `python tests/backend_server.py [--show-peer] NAME:[HOST:]PORT [NAME:[HOST:]PORT ...]`.
 
 Each connection gets `NAME\n` first, then an echo of everything it sends; when the client half-closes,
 the echo is flushed and the backend half-closes too. One process serves every NAME:PORT given and prints
@@ -8,6 +8,9 @@ import asyncio
 import sys
 
 
+SHOW_PEER = "--show-peer" in sys.argv   # greet with `NAME PEER_IP`: which balancer node connected
+
+
 class Echo(asyncio.Protocol):
     def __init__(self, name: bytes) -> None:
         self.name = name
@@ -15,7 +18,10 @@ class Echo(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        transport.write(self.name + b"\n")
+        greeting = self.name
+        if SHOW_PEER:
+            greeting += b" " + transport.get_extra_info("peername")[0].encode()
+        transport.write(greeting + b"\n")
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
@@ -45,6 +51,6 @@ async def main(specs: list[str]) -> None:
 
 if __name__ == "__main__":
     try:
-        asyncio.run(main(sys.argv[1:]))
+        asyncio.run(main([arg for arg in sys.argv[1:] if arg != "--show-peer"]))
     except KeyboardInterrupt:
         pass

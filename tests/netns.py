@@ -58,6 +58,12 @@ class Network:
         self.interfaces[namespace] = inside
         return namespace
 
+    def add_address(self, namespace: str, last_octet: int) -> str:
+        """Another address for a host (e.g. several client source IPs)."""
+        address = f"{self.subnet}.{last_octet}"
+        ip("-n", namespace, "addr", "add", f"{address}/24", "dev", self.interfaces[namespace])
+        return address
+
     def addresses(self, namespace: str) -> str:
         return ip("-n", namespace, "-4", "addr", "show")
 
