@@ -6,7 +6,8 @@ import sys
 from typing import Any, Callable
 
 from fastlb import __version__
-from fastlb.config import (FIELDS, ConfigError, build, flag_name, load_file, parse_backend, parse_bind)
+from fastlb.config import (FIELDS, ConfigError, build, flag_name, load_file, parse_backend, parse_bind,
+                           parse_sni_route)
 
 EXAMPLES = """\
 examples:
@@ -14,6 +15,10 @@ examples:
   fastlb --bind :5432 --backend db1:5432,weight=3 --backend db2:5432,backup --algorithm leastconn
   fastlb --bind :8080,accept-proxy --backend 10.0.0.1:80,send-proxy-v2,maxconn=500 --workers auto
   fastlb --bind :6379 --backend r1:6379 --backend r2:6379 --algorithm ketama --hash-key source
+  fastlb --bind :443,ssl,cert=site.pem,key=site.key,cert=api.pem --backend 10.0.0.1:80
+  fastlb --bind :443,ssl,cert=site.pem,ca=clients-ca.pem,verify=required --backend 10.0.0.1:443,ssl
+  fastlb --bind :443,sni-route --sni-route api.example.com=api --backend 10.0.0.1:443
+         --backend 10.0.0.2:443,group=api                 (TLS passthrough, routed by SNI)
   fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
   fastlb --check-config /etc/fastlb.toml                (validate and exit)
   fastlb demo                                           (a balancer in front of 3 demo backends)
@@ -49,12 +54,22 @@ def make_parser() -> argparse.ArgumentParser:
     add("--check-config", metavar="FILE", help="validate FILE (with any other flags) and exit")
     field("mode", "tcp (default) or http (not available yet)", "tcp|http")
     add("--bind", dest="binds", action="append", type=_flag_type("bind", parse_bind),
-        metavar="HOST:PORT[,accept-proxy]",
-        help="listen address (repeatable); accept-proxy expects a PROXY v1/v2 header on each connection")
+        metavar="HOST:PORT[,accept-proxy][,ssl,cert=FILE[,key=FILE]...[,ca=FILE[,verify=MODE]]][,sni-route]",
+        help="listen address (repeatable); accept-proxy expects a PROXY v1/v2 header on each connection. "
+             "ssl terminates TLS (1.2/1.3, ECDHE+AEAD only): the first cert= is the default, further ones "
+             "are chosen by SNI, each key= goes with the cert= before it (omit it when the cert file holds "
+             "the key); ca= asks for client certificates signed by it, verify=required (default) or "
+             "optional. sni-route passes TLS through, choosing the backend group by the ClientHello's SNI")
     add("--backend", dest="backends", action="append", type=_flag_type("backend", parse_backend),
-        metavar="HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2]",
+        metavar="HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2][,ssl[,verify=FILE|none]"
+                "[,sni=NAME]][,group=NAME]",
         help="backend server (repeatable). weight 0-256 (default 1); backup: used only when no primary "
-             "can take the connection; maxconn: per-backend limit; send-proxy[-v2]: PROXY header to it")
+             "can take the connection; maxconn: per-backend limit; send-proxy[-v2]: PROXY header to it; "
+             "ssl: TLS to it, verified against the system CAs, or verify=FILE, or verify=none (off); sni: "
+             "the name sent and checked (default its host); group: the SNI route group it belongs to")
+    add("--sni-route", dest="sni_routes", action="append", type=_flag_type("sni-route", parse_sni_route),
+        metavar="NAME=GROUP", help="on sni-route binds, send TLS connections for NAME (or *.parent) to the "
+        "backends of GROUP (repeatable); others go to the backends without a group")
     field("algorithm", f"balancing algorithm: {', '.join(ALGORITHMS)} (default roundrobin)", "NAME")
     field("hash_key", "key for hash/ketama/maglev: source (the client IP)", "source")
     field("bounded_load", "hash algorithms: cap a backend at this factor of the mean load (>= 1.0; "
@@ -118,11 +133,14 @@ def config_from_args(argv: list[str]):
         parser.error("--config and --check-config name different files")
     if config_path:
         values, sources = load_file(config_path)
-    for name in (*FIELDS, "binds", "backends"):
+    if args.sni_routes is not None:
+        args.sni_routes = dict(args.sni_routes)
+    for name in (*FIELDS, "binds", "backends", "sni_routes"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
-            sources[name] = flag_name(name).rstrip("s") if name in ("binds", "backends") else flag_name(name)
+            sources[name] = (flag_name(name).rstrip("s") if name in ("binds", "backends", "sni_routes")
+                             else flag_name(name))
     return args, build(values, sources)
 
 

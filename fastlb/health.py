@@ -383,10 +383,11 @@ def encode_verdict(index: int, up: bool, reason: str) -> bytes:
 
 
 class HealthFeed(asyncio.Protocol):
-    """A worker's end of the master's socketpair: applies each `INDEX up|down REASON` line."""
+    """A worker's end of the master's socketpair: hands each `INDEX up|down REASON` line to on_verdict
+    (the worker's, which knows which pool holds the backend of that index)."""
 
-    def __init__(self, pool: "BackendPool") -> None:
-        self.pool = pool
+    def __init__(self, on_verdict: Callable[[int, bool, str], None]) -> None:
+        self.on_verdict = on_verdict
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:
@@ -394,8 +395,7 @@ class HealthFeed(asyncio.Protocol):
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
             index, state, reason = line.decode().split(" ", 2)
-            backend = self.pool.in_config_order[int(index)]
-            self.pool.health.set_checked(backend, state == "up", reason)
+            self.on_verdict(int(index), state == "up", reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
         log.debug("health feed from the master closed")

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 from typing import Callable
 
 from fastlb import Balancer
 from fastlb.config import BackendSpec, Config, HealthSettings
 from fastlb.health import CONNECT, BackendHealth
+from fastlb.tls import backend_contexts
 
 log = logging.getLogger("fastlb")
 
@@ -46,7 +48,7 @@ class Backend:
     __slots__ = ("spec", "host", "port", "address", "index", "balancer", "is_backup", "maxconn",
                  "inflight", "send_proxy", "state", "full", "admin_state", "checked_up", "ejected",
                  "health", "full_weight", "connect_failures", "bad_responses", "ejections",
-                 "returned_at", "eject_handle", "ramp_handle")
+                 "returned_at", "eject_handle", "ramp_handle", "ssl_context", "server_hostname")
 
     def __init__(self, spec: BackendSpec, index: int, balancer: Balancer, health: HealthSettings,
                  full_weight: int) -> None:
@@ -76,6 +78,9 @@ class Backend:
         self.returned_at = 0.0
         self.eject_handle: asyncio.TimerHandle | None = None
         self.ramp_handle: asyncio.TimerHandle | None = None
+        # TLS to the backend (set by the pool): a verification failure is a failed connect.
+        self.ssl_context: ssl.SSLContext | None = None
+        self.server_hostname = spec.sni or spec.host if spec.ssl else None
 
     @property
     def available(self) -> bool:
@@ -141,6 +146,11 @@ class BackendPool:
             backend = Backend(spec, len(group), balancer, health, spec.weight * self.weight_scale)
             group.append(backend)
             self.in_config_order.append(backend)
+        tls_contexts = backend_contexts(config.backends)
+        for backend in self.in_config_order:
+            if backend.spec.ssl:
+                backend.ssl_context = tls_contexts[backend.spec.verify]
+        self.last_tls_warning = 0.0
         self.health = BackendHealth(loop, self, config)
 
     @staticmethod
@@ -153,6 +163,15 @@ class BackendPool:
     def group_of(self, backend: Backend) -> list[Backend]:
         """The backends sharing backend's Balancer: the primaries or the backups."""
         return self.backups if backend.is_backup else self.primaries
+
+    def _tls_failure(self, backend: Backend, exc: ssl.SSLError) -> None:
+        """A failed TLS handshake with a backend (a bad certificate, mostly) is a configuration or
+        security problem, so it is a warning, not debug; at most one line a second."""
+        now = self.loop.time()
+        if now - self.last_tls_warning >= 1.0:
+            self.last_tls_warning = now
+            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            log.warning("TLS handshake with backend %s failed: %s", backend.address, reason)
 
     def close(self) -> None:
         """Cancels the health timers (ejections, slow-start steps)."""
@@ -285,9 +304,17 @@ class BackendPool:
             started = loop.time()
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    transport, protocol = await loop.create_connection(
-                        protocol_factory, backend.host, backend.port)
+                    if backend.ssl_context is None:
+                        transport, protocol = await loop.create_connection(
+                            protocol_factory, backend.host, backend.port)
+                    else:
+                        transport, protocol = await loop.create_connection(
+                            protocol_factory, backend.host, backend.port, ssl=backend.ssl_context,
+                            server_hostname=backend.server_hostname,
+                            ssl_handshake_timeout=self.connect_timeout)
             except (OSError, TimeoutError) as exc:
+                if isinstance(exc, ssl.SSLError):
+                    self._tls_failure(backend, exc)
                 self.release(backend)
                 backend.balancer.on_response(backend.index, loop.time() - started, False)
                 tried.append(backend)

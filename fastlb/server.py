@@ -25,7 +25,9 @@ import time
 from fastlb.config import Config, maxconn_capacity, open_files_limit
 from fastlb.health import HealthChecker, HealthFeed, check_targets, encode_verdict
 from fastlb.l4 import Listener
-from fastlb.pool import BackendPool
+from fastlb.pool import Backend, BackendPool
+from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
+                        reload_certificates)
 
 log = logging.getLogger("fastlb")
 
@@ -99,18 +101,34 @@ class Worker:
     """One event loop's balancer: listeners, the backend pool, the idle sweep, draining."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
-                 health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None
-                 ) -> None:
+                 health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None,
+                 server_tls: dict[int, ServerTLS] | None = None) -> None:
         self.config = config
         self.loop = loop
-        self.pool = BackendPool(config, loop, maxconn)
+        # One pool per backend group: "default" (backends without group=) and the groups SNI routes name.
+        # Without groups that is one pool, as before; `pool` is the default group's (None if it has none).
+        by_group: dict[str, list] = {}
+        for spec in config.backends:
+            by_group.setdefault(spec.group, []).append(spec)
+        self.pools = {group: BackendPool(config.replace(backends=specs), loop, maxconn)
+                      for group, specs in by_group.items()}
+        self.pool = self.pools.get("default")
+        # Config position -> its Backend, for the health verdicts (which name backends by position).
+        taken = dict.fromkeys(self.pools, 0)
+        self.in_config_order: list[tuple[BackendPool, Backend]] = []
+        for spec in config.backends:
+            pool = self.pools[spec.group]
+            self.in_config_order.append((pool, pool.in_config_order[taken[spec.group]]))
+            taken[spec.group] += 1
+        # TLS binds' contexts, made before the fork (shared ticket keys), by bind position.
+        self.server_tls: dict[int, ServerTLS] = server_tls if server_tls is not None else {}
         # Active checks: the master's verdicts (the state at fork, then a feed), or our own checker.
         self.health_channel = health_channel
         self.feed_transport: asyncio.BaseTransport | None = None
         self.checker: HealthChecker | None = None
         for index, up in (verdicts or {}).items():
             if not up:
-                self.pool.health.set_checked(self.pool.in_config_order[index], False, "down at start")
+                self._on_verdict(index, False, "down at start")
         if health_channel is None:
             targets = check_targets(config)
             if targets:
@@ -127,26 +145,48 @@ class Worker:
 
     async def start(self) -> None:
         hash_source = self.config.hash_key == "source"
-        for bind in self.config.binds:
+        for index, bind in enumerate(self.config.binds):
             try:
                 sock = listen_socket(bind.host, bind.port, self.config.backlog)
             except OSError as exc:
                 raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
             listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                self.connections)
+                                self.connections, self.pools if bind.sni_route else None,
+                                self.config.sni_routes)
+            tls = self.server_tls.get(index)
+            tls_options = {} if tls is None else {
+                "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             server = await self.loop.create_server(listener.protocol_factory(), sock=sock,
-                                                   backlog=self.config.backlog)
+                                                   backlog=self.config.backlog, **tls_options)
             self.servers.append(server)
         if self.health_channel is not None:
             self.feed_transport, _ = await self.loop.create_unix_connection(
-                lambda: HealthFeed(self.pool), sock=self.health_channel)
+                lambda: HealthFeed(self._on_verdict), sock=self.health_channel)
         if self.checker is not None:
             self.checker.start()
         if self.sweep_interval:
             self.sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
 
     def _on_verdict(self, index: int, up: bool, reason: str) -> None:
-        self.pool.health.set_checked(self.pool.in_config_order[index], up, reason)
+        pool, backend = self.in_config_order[index]
+        pool.health.set_checked(backend, up, reason)
+
+    # ---- TLS hooks (hot reload, /metrics and the admin API call these) ---------------------------
+
+    def reload_certificates(self) -> list[str]:
+        """Reloads every TLS bind's certificate, key and CA files: new handshakes use them, live
+        connections keep theirs. Returns the errors (a bind that failed keeps its current files)."""
+        errors = reload_certificates(self.server_tls)
+        for error in errors:
+            log.error("certificate reload: %s; keeping the current certificates", error)
+        if self.server_tls and not errors:
+            log.info("certificates reloaded (%d TLS bind(s))", len(self.server_tls))
+        warn_expiring(self.server_tls)
+        return errors
+
+    def certificate_expiry(self) -> list[tuple[str, str, float]]:
+        """(bind address, certificate file, days left) of every certificate served."""
+        return certificate_expiry(self.server_tls)
 
     def _sweep(self) -> None:
         """Cuts relayed connections with no byte either way for idle_timeout: one pass over the flags the
@@ -187,7 +227,8 @@ class Worker:
             self.checker.close()
         if self.feed_transport is not None:
             self.feed_transport.close()
-        self.pool.close()
+        for pool in self.pools.values():
+            pool.close()
 
 
 def _die_with_parent() -> None:
@@ -199,15 +240,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_worker(config: Config, worker_id: int | None = None, master_pid: int | None = None,
-               health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None
-               ) -> int:
-    """Runs one worker until SIGTERM/SIGINT. Returns the process exit status.
+EXPIRY_WARNING_DAYS = 14
 
-    health_channel / verdicts: from the master, which runs the checks (else the worker runs them)."""
+
+def warn_expiring(server_tls: dict[int, ServerTLS]) -> None:
+    for address, path, days in certificate_expiry(server_tls):
+        if days < EXPIRY_WARNING_DAYS:
+            log.warning("certificate %s of %s %s", path, address,
+                        f"expired {-days:.1f} days ago" if days < 0 else f"expires in {days:.1f} days")
+
+
+def run_worker(config: Config, worker_id: int | None = None, master_pid: int | None = None,
+               health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None,
+               server_tls: dict[int, ServerTLS] | None = None) -> int:
+    """Runs one worker until SIGTERM/SIGINT; SIGHUP reloads the certificates. Returns the exit status.
+
+    health_channel / verdicts: from the master, which runs the checks (else the worker runs them).
+    server_tls: the TLS binds' contexts made before the fork (made here when None)."""
     import uvloop
 
     maxconn = effective_maxconn(config)
+    if server_tls is None:
+        try:
+            server_tls = prepare_server_tls(config.binds)
+        except TLSConfigError as exc:
+            log.error("%s", exc)
+            return EXIT_STARTUP_FAILED
+        warn_expiring(server_tls)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stop = loop.create_future()
@@ -215,7 +274,8 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     if master_pid is not None and os.getppid() != master_pid:
         return 0                                   # the master died before PDEATHSIG was set
-    worker = Worker(config, loop, maxconn, health_channel, verdicts)
+    worker = Worker(config, loop, maxconn, health_channel, verdicts, server_tls)
+    loop.add_signal_handler(signal.SIGHUP, worker.reload_certificates)
     try:
         loop.run_until_complete(worker.start())
     except StartupError as exc:
@@ -243,7 +303,14 @@ def run(config: Config) -> int:
         return 1
     if config.workers == 1:
         return run_worker(config)
-    return Master(config).run()
+    try:
+        # Made once, before the workers fork, so they all hold the same session ticket keys.
+        server_tls = prepare_server_tls(config.binds)
+    except TLSConfigError as exc:
+        log.error("%s", exc)
+        return 1
+    warn_expiring(server_tls)
+    return Master(config, server_tls).run()
 
 
 class Master:
@@ -252,8 +319,9 @@ class Master:
     Its event loop runs between forks only (`_wait` returns on a signal or a due restart), so a fork
     never happens inside a running loop, and health checks keep their rhythm while it waits."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, server_tls: dict[int, ServerTLS] | None = None) -> None:
         self.config = config
+        self.server_tls = server_tls or {}
         self.workers: dict[int, tuple[int, float]] = {}      # pid -> (worker id, start time)
         self.channels: dict[int, socket.socket] = {}         # pid -> the master's end of its socketpair
         self.young_deaths = 0
@@ -273,7 +341,8 @@ class Master:
                 self._become_worker(worker_end)
                 setup_logging(self.config.log_level, worker_id)
                 verdicts = self.checker.states if self.checker is not None else None
-                status = run_worker(self.config, worker_id, self.master_pid, worker_end, verdicts)
+                status = run_worker(self.config, worker_id, self.master_pid, worker_end, verdicts,
+                                    self.server_tls)
             except BaseException:
                 logging.getLogger("fastlb").exception("worker crashed")
             finally:
@@ -371,6 +440,12 @@ class Master:
             for signum in signals:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     return self._shutdown(signal.Signals(signum).name)
+            if signal.SIGHUP in signals:
+                # Each worker reloads its certificates; the master reloads its copy too, so a worker it
+                # forks later starts with the new ones (and the same front contexts: same ticket keys).
+                for error in reload_certificates(self.server_tls):
+                    log.error("certificate reload: %s; keeping the current certificates", error)
+                self._forward(signal.SIGHUP)
             for worker_id, status in self._reap():
                 if status == EXIT_STARTUP_FAILED:
                     log.error("worker %d could not start; stopping", worker_id)
@@ -380,6 +455,13 @@ class Master:
             for entry in [e for e in pending_restarts if e[0] <= now]:
                 pending_restarts.remove(entry)
                 self._spawn(entry[1])
+
+    def _forward(self, signum: int) -> None:
+        for pid in self.workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def _reap(self) -> list[tuple[int, int]]:
         dead = []
