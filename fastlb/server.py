@@ -276,17 +276,22 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         return 0                                   # the master died before PDEATHSIG was set
     worker = Worker(config, loop, maxconn, health_channel, verdicts, server_tls)
     loop.add_signal_handler(signal.SIGHUP, worker.reload_certificates)
+
+    async def serve() -> None:
+        # One run of the loop from start to drain: uvloop handles signals only while it runs, so a signal
+        # sent right after "listening on" must not find it stopped between two run_until_complete calls.
+        await worker.start()
+        log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
+                 ", ".join(b.address for b in config.binds), config.mode, config.algorithm,
+                 len(config.backends), maxconn)
+        await stop
+        await worker.drain(config.grace_period)
+
     try:
-        loop.run_until_complete(worker.start())
+        loop.run_until_complete(serve())
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP_FAILED
-    log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
-             ", ".join(b.address for b in config.binds), config.mode, config.algorithm,
-             len(config.backends), maxconn)
-    try:
-        loop.run_until_complete(stop)
-        loop.run_until_complete(worker.drain(config.grace_period))
     finally:
         loop.close()
     log.info("stopped")
