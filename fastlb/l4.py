@@ -13,8 +13,9 @@ reading right after `connection_made`, so pausing there would not stick) and rea
 Backpressure both ways: a side whose write buffer passes the high-water mark pauses reading on the other
 side until it drains (uvloop's pause/resume are no-ops when already in that state). Half-close: an EOF
 from either side is forwarded with `write_eof`, the other direction keeps flowing, and the connection is
-closed once both directions have ended. TLS has no half-close (close_notify ends both directions), so an
-EOF towards a TLS side is not forwarded: the connection ends when that side closes, or idles out.
+closed once both directions have ended. TLS has no half-close (close_notify ends both directions): a
+backend's EOF towards a TLS client closes the client connection; a client's EOF towards a TLS backend is
+not passed on, and the connection ends when the backend closes (or idles out).
 
 TLS binds: the listener's transport is uvloop's TLS transport, and `connection_made` runs once the
 handshake is done, so the relay is the same (the HTTP mode gets the connection's TLS facts from
@@ -171,7 +172,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         peer = self.peer
         if peer is None:
             return False
-        forward_eof(peer)
+        forward_eof(peer, close_if_tls=False)
         self.eofs |= CLIENT_EOF
         if self.eofs == BOTH_EOF:
             self._close_both()
@@ -225,7 +226,7 @@ class BackendSide(RelayEnd, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         client = self.client
-        forward_eof(self.peer)
+        forward_eof(self.peer, close_if_tls=True)
         client.eofs |= BACKEND_EOF
         if client.eofs == BOTH_EOF:
             client._close_both()
@@ -239,10 +240,16 @@ class BackendSide(RelayEnd, asyncio.Protocol):
         client._release()
 
 
-def forward_eof(peer) -> None:
-    """Passes an EOF on to the other side's transport, unless it is TLS (no half-close there)."""
-    if not peer.is_closing() and peer.can_write_eof():
+def forward_eof(peer, close_if_tls: bool) -> None:
+    """Passes an EOF on to the other side's transport. TLS has no half-close: towards a TLS client the
+    backend's EOF closes the connection (flush, close_notify): the backend is done. Towards a TLS
+    backend the client's EOF is not passed on: closing would lose the response still to come."""
+    if peer.is_closing():
+        return
+    if peer.can_write_eof():
         peer.write_eof()
+    elif close_if_tls:
+        peer.close()
 
 
 class PendingClient(asyncio.Protocol):

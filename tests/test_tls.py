@@ -134,6 +134,14 @@ def test_curl_gets_https_through_to_a_plain_http_backend(procs, pki, tmp_path):
     assert "CN=api.test" in result.stderr
     assert "ALPN: server accepted http/1.1" in result.stderr or "ALPN, server accepted to use http/1.1" in result.stderr
     assert backend.popen.poll() is None
+    # HTTP/1.0: the backend ends the response by closing; TLS has no half-close, so the client connection
+    # must be closed (close_notify) rather than left waiting.
+    with tls_connect(port, client_context(pki), "api.test") as sock:
+        sock.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):      # a socket timeout fails the test if the end never comes
+            response += chunk
+    assert response.startswith(b"HTTP/1.0 200") and response.endswith(b"hello over tls\n")
 
 
 def _port_open(port):
