@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tools the tests and benchmarks drive, by the command each provides.
-DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux
+DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux \
+	openssl:openssl curl:curl testssl:testssl.sh
 
-.PHONY: run test setup system-packages build bench-core bench-proxy bench-memory clean
+.PHONY: run test setup system-packages build bench-core bench-proxy bench-memory bench-tls clean
 
 run: setup
 	$(VENV)/bin/fastlb demo
@@ -50,6 +51,9 @@ bench-proxy: setup
 
 bench-memory: setup
 	$(PY) benchmarks/memory_bench.py $(BENCH_ARGS)
+
+bench-tls: setup
+	$(PY) benchmarks/tls_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info
