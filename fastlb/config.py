@@ -46,6 +46,30 @@ Health checks, passive outlier detection and slow start (see fastlb/health.py):
     outlier_max_ejection_time = "5m" # ... up to this
     max_ejection_percent = 50        # at most this share of a pool ejected at once (never all)
 
+TLS (see fastlb/tls.py and fastlb/sni.py):
+
+    [[bind]]
+    address = "0.0.0.0:443"
+    ssl = true
+    cert = ["site.pem", "api.pem"]   # the first is the default; others are chosen by SNI
+    key = ["site.key", "api.key"]    # optional: as many as cert, when keys are in their own files
+    ca = "clients-ca.pem"            # client certificates (mTLS) ...
+    verify = "required"              # ... "required" (the default with ca) or "optional"
+
+    [[bind]]
+    address = "0.0.0.0:8443"
+    sni_route = true                 # TLS passthrough, routed by the ClientHello's server name
+
+    [sni_routes]
+    "api.example.com" = "api"        # server name (or "*.parent") -> backend group
+
+    [[backend]]
+    address = "10.0.0.5:443"
+    ssl = true                       # TLS to the backend, verified against the system CAs ...
+    verify = "backend-ca.pem"        # ... or this CA file, or "none" (off: explicit only)
+    sni = "api.internal"             # name sent and verified (default: the address's host)
+    group = "api"
+
 `bind` and `backend` may also be arrays of strings in the flag syntax:
 `backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup,check-port=8081"]`.
 """
