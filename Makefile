@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tools the tests and benchmarks drive, by the command each provides.
 DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux \
-	openssl:openssl curl:curl testssl:testssl.sh
+	openssl:openssl curl:curl testssl:testssl.sh ip:iproute2 keepalived:keepalived
 
 .PHONY: run test setup system-packages build bench-core bench-proxy bench-memory bench-tls clean
 
@@ -44,7 +44,7 @@ build: setup
 	$(PY) setup.py -q build_ext --inplace
 
 bench-core: setup
-	$(PY) -m pytest -q benchmarks/test_core_bench.py --benchmark-columns=min,median,ops --benchmark-sort=name
+	$(PY) -m pytest -q benchmarks/test_core_bench.py -s --benchmark-columns=min,median,ops --benchmark-sort=name
 
 bench-proxy: setup
 	$(PY) benchmarks/proxy_bench.py $(BENCH_ARGS)

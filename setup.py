@@ -1,5 +1,8 @@
 """Builds fastlb._core from Cython; generated C and binaries are never committed.
 
+The HTTP protocol modules (fastlb/http/protocol.py, upstream.py) are compiled too; delete the .so
+files (or never build) to run them as plain Python.
+
 Environment knobs (uvloop's setup.py has the same ones as flags):
   FASTLB_CYTHON_ANNOTATE=1   write the HTML annotation next to _core.pyx
   FASTLB_DEBUG=1             -O0 -g and Cython linetrace, for profilers and gdb
@@ -34,9 +37,19 @@ core = Extension(
 )
 relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=compile_args)
 
+# The HTTP hot path: the protocol modules are plain Python (the reference, used as-is when not built)
+# compiled by Cython with the .pxd files next to them, which turn their classes into extension types
+# with typed attributes; the compiled module takes precedence on import.
+http_modules = [
+    Extension(f"fastlb.http.{name}", [f"fastlb/http/{name}.py"], extra_compile_args=compile_args)
+    for name in ("runtime", "protocol", "upstream", "routing")
+]
+# (pool.py stays plain Python: compiled by Cython 3.3, its `async with asyncio.timeout()` connect loop
+# crashed the process on a failed connect.)
+
 setup(
     ext_modules=cythonize(
-        [core, relay],
+        [core, relay, *http_modules],
         compiler_directives=directives,
         annotate=os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1",
     )

@@ -831,9 +831,9 @@ def haproxy_maxconn() -> int:
 # Targets: a proxy (or none) in front of the two backends
 # --------------------------------------------------------------------------------------------------
 
-# fastlb's modes: add "http" here once `fastlb --mode http` exists; the targets fastlb-http (proxy bench,
+# fastlb's modes; the targets fastlb-tcp and fastlb-http (proxy bench,
 # memory bench) and its comparison with haproxy-http follow from this tuple.
-FASTLB_MODES = ("tcp",)
+FASTLB_MODES = ("tcp", "http")
 FASTLB_CMD = ("{python} -m fastlb --mode {mode} --bind {bind} --backend {b1} --backend {b2} "
               "--algorithm roundrobin --workers 1 --log-level warning")
 

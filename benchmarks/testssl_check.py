@@ -36,7 +36,8 @@ def main() -> int:
         pem = make_certificate(bench.tmp)
         port = h.free_port()
         env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
-        lb = bench.procs.start("fastlb", [sys.executable, "-m", "fastlb", "--bind", f"{h.HOST}:{port},ssl,cert={pem}",
+        lb = bench.procs.start("fastlb", [sys.executable, "-m", "fastlb", "--mode", "tcp",
+                                          "--bind", f"{h.HOST}:{port},ssl,cert={pem}",
                                           "--backend", f"{h.HOST}:{bench.backend_ports[0]}"],
                                log_dir=bench.tmp, env=env, cwd=h.REPO_ROOT)
         h.wait_listening(port, lb)

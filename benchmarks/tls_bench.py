@@ -90,7 +90,7 @@ def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple
             cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
         else:
             env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
-            cmd = [sys.executable, "-m", "fastlb", "--bind", f"{h.HOST}:{port},ssl,cert={pem}",
+            cmd = [sys.executable, "-m", "fastlb", "--mode", "tcp", "--bind", f"{h.HOST}:{port},ssl,cert={pem}",
                    "--backend", f"{h.HOST}:{b1}", "--backend", f"{h.HOST}:{b2}", "--log-level", "warning"]
             cwd = h.REPO_ROOT
         proc = bench.procs.start(name, cmd, cpu=bench.proxy_cpu, log_dir=bench.tmp, env=env, cwd=cwd)

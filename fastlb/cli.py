@@ -6,18 +6,20 @@ import sys
 from typing import Any, Callable
 
 from fastlb import __version__
-from fastlb.config import (FIELDS, ConfigError, build, flag_name, load_file, parse_backend, parse_bind,
-                           parse_sni_route)
+from fastlb.config import (FIELDS, LIST_FIELDS, ConfigError, build, flag_name, load_file, parse_backend,
+                           parse_bind, parse_sni_route)
 
 EXAMPLES = """\
 examples:
-  fastlb --bind 0.0.0.0:8080 --backend 10.0.0.1:80 --backend 10.0.0.2:80
-  fastlb --bind :5432 --backend db1:5432,weight=3 --backend db2:5432,backup --algorithm leastconn
+  fastlb --bind 0.0.0.0:8080 --backend 10.0.0.1:80 --backend 10.0.0.2:80          (HTTP, the default)
+  fastlb --bind :8080 --backend a:80 --backend b:80 --algorithm ketama --hash-key cookie:session
+  fastlb --bind :8080 --backend a:80 --request-header-set 'X-Env: prod' --via fastlb --max-body-size 10m
+  fastlb --mode tcp --bind :5432 --backend db1:5432,weight=3 --backend db2:5432,backup --algorithm leastconn
   fastlb --bind :8080,accept-proxy --backend 10.0.0.1:80,send-proxy-v2,maxconn=500 --workers auto
   fastlb --bind :6379 --backend r1:6379 --backend r2:6379 --algorithm ketama --hash-key source
   fastlb --bind :443,ssl,cert=site.pem,key=site.key,cert=api.pem --backend 10.0.0.1:80
   fastlb --bind :443,ssl,cert=site.pem,ca=clients-ca.pem,verify=required --backend 10.0.0.1:443,ssl
-  fastlb --bind :443,sni-route --sni-route api.example.com=api --backend 10.0.0.1:443
+  fastlb --mode tcp --bind :443,sni-route --sni-route api.example.com=api --backend 10.0.0.1:443
          --backend 10.0.0.2:443,group=api                 (TLS passthrough, routed by SNI)
   fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
   fastlb --check-config /etc/fastlb.toml                (validate and exit)
@@ -41,7 +43,7 @@ def make_parser() -> argparse.ArgumentParser:
     from fastlb import ALGORITHMS
 
     parser = argparse.ArgumentParser(
-        prog="fastlb", description="fastlb: a fast TCP load balancer on uvloop with a compiled core.",
+        prog="fastlb", description="fastlb: a fast HTTP/TCP load balancer on uvloop with a compiled core.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
 
@@ -52,14 +54,15 @@ def make_parser() -> argparse.ArgumentParser:
     add("--version", action="version", version=f"fastlb {__version__}")
     add("--config", metavar="FILE", help="TOML config file; flags given as well override its values")
     add("--check-config", metavar="FILE", help="validate FILE (with any other flags) and exit")
-    field("mode", "tcp (default) or http (not available yet)", "tcp|http")
+    field("mode", "http (default: HTTP/1.1 reverse proxy) or tcp (L4 relay)", "http|tcp")
     add("--bind", dest="binds", action="append", type=_flag_type("bind", parse_bind),
         metavar="HOST:PORT[,accept-proxy][,ssl,cert=FILE[,key=FILE]...[,ca=FILE[,verify=MODE]]][,sni-route]",
         help="listen address (repeatable); accept-proxy expects a PROXY v1/v2 header on each connection. "
              "ssl terminates TLS (1.2/1.3, ECDHE+AEAD only): the first cert= is the default, further ones "
              "are chosen by SNI, each key= goes with the cert= before it (omit it when the cert file holds "
              "the key); ca= asks for client certificates signed by it, verify=required (default) or "
-             "optional. sni-route passes TLS through, choosing the backend group by the ClientHello's SNI")
+             "optional. sni-route passes TLS through, choosing the backend group by the ClientHello's SNI "
+             "(tcp mode)")
     add("--backend", dest="backends", action="append", type=_flag_type("backend", parse_backend),
         metavar="HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2][,ssl[,verify=FILE|none]"
                 "[,sni=NAME]][,group=NAME]",
@@ -71,7 +74,8 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="NAME=GROUP", help="on sni-route binds, send TLS connections for NAME (or *.parent) to the "
         "backends of GROUP (repeatable); others go to the backends without a group")
     field("algorithm", f"balancing algorithm: {', '.join(ALGORITHMS)} (default roundrobin)", "NAME")
-    field("hash_key", "key for hash/ketama/maglev: source (the client IP)", "source")
+    field("hash_key", "key for hash/ketama/maglev: source (the client IP); http mode also uri, path, "
+          "header:NAME, cookie:NAME, query:NAME", "KEY")
     field("bounded_load", "hash algorithms: cap a backend at this factor of the mean load (>= 1.0; "
           "0 = off)", "F")
     field("seed", "seed for the random algorithms (reproducible runs)", "N")
@@ -88,6 +92,38 @@ def make_parser() -> argparse.ArgumentParser:
     field("grace_period", "on SIGTERM, how long live connections may finish (default 10s)", "DURATION")
     field("backlog", "listen backlog (default 1024)", "N")
     field("log_level", "debug, info (default), warning or error", "LEVEL")
+    http = parser.add_argument_group("http mode")
+
+    def http_field(name: str, help: str, metavar: str) -> None:
+        http.add_argument(flag_name(name), dest=name, type=_flag_type(name, FIELDS[name]), default=None,
+                          metavar=metavar, help=help)
+
+    http_field("http_request_timeout", "a request head must arrive within this (slowloris; 408); "
+               "default 10s", "DURATION")
+    http_field("keepalive_timeout", "close a client connection idle between requests (default 60s)",
+               "DURATION")
+    http_field("response_timeout", "backend silent this long while a response is due: 504 "
+               "(default 30s)", "DURATION")
+    http_field("tunnel_timeout", "close an upgraded (WebSocket) connection idle both ways (default 1h)",
+               "DURATION")
+    http_field("backend_idle_timeout", "close an idle keep-alive backend connection (default 10s)",
+               "DURATION")
+    http_field("backend_max_idle", "idle keep-alive connections kept per backend, per worker "
+               "(default 1000)", "N")
+    http_field("max_header_size", "request header bytes; more: 431 (default 16k)", "SIZE")
+    http_field("max_headers", "request header fields; more: 431 (default 100)", "N")
+    http_field("max_uri_length", "request target bytes; more: 414 (default 8k)", "SIZE")
+    http_field("max_body_size", "request body bytes; more: 413 (default 0 = no limit)", "SIZE")
+    http_field("forwarded_for", "add X-Forwarded-For/-Proto/-Host (default true)", "true|false")
+    http_field("via", "add 'Via: 1.1 NAME' both ways (default: no Via)", "NAME")
+    http_field("default_pool", "pool for requests no [[route]] matches (config file pools)", "NAME")
+    for name, metavar, help in (
+            ("request_header_set", "'NAME: VALUE'", "set a request header (repeatable)"),
+            ("request_header_delete", "NAME", "remove a request header (repeatable)"),
+            ("response_header_set", "'NAME: VALUE'", "set a response header (repeatable)"),
+            ("response_header_delete", "NAME", "remove a response header (repeatable)")):
+        http.add_argument(flag_name(name), dest=name, action="append", default=None, metavar=metavar,
+                          type=_flag_type(name, LIST_FIELDS[name]), help=help)
 
     health = parser.add_argument_group(
         "health", "active checks, slow start and passive outlier detection; a backend may override any "
@@ -135,7 +171,7 @@ def config_from_args(argv: list[str]):
         values, sources = load_file(config_path)
     if args.sni_routes is not None:
         args.sni_routes = dict(args.sni_routes)
-    for name in (*FIELDS, "binds", "backends", "sni_routes"):
+    for name in (*FIELDS, *LIST_FIELDS, "binds", "backends", "sni_routes"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
@@ -156,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check_config:
         primaries = sum(not b.backup for b in config.backends)
+        pools = f", {len(config.pools)} pool(s), {len(config.routes)} route(s)" if config.pools else ""
         print(f"{args.check_config}: OK ({len(config.binds)} bind(s), {primaries} backend(s), "
-              f"{len(config.backends) - primaries} backup(s), algorithm {config.algorithm})")
+              f"{len(config.backends) - primaries} backup(s), algorithm {config.algorithm}{pools})")
         return 0
     from fastlb import server
     return server.run(config)

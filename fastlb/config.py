@@ -56,7 +56,7 @@ TLS (see fastlb/tls.py and fastlb/sni.py):
     ca = "clients-ca.pem"            # client certificates (mTLS) ...
     verify = "required"              # ... "required" (the default with ca) or "optional"
 
-    [[bind]]
+    [[bind]]                         # mode = "tcp" only:
     address = "0.0.0.0:8443"
     sni_route = true                 # TLS passthrough, routed by the ClientHello's server name
 
@@ -88,7 +88,7 @@ from fastlb.tls import CertificateSpec, check_readable
 
 MODES = ("tcp", "http")
 HASHING_ALGORITHMS = ("hash", "ketama", "maglev")
-HASH_KEYS = ("source",)
+HASH_KEYS = ("source", "uri", "path", "header:NAME", "cookie:NAME", "query:NAME")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Open files a worker needs besides relayed connections: listeners, the event loop's own fds, logging,
@@ -141,8 +141,30 @@ class BackendSpec:
 
 
 @dataclass
+class PoolSpec:
+    """A named backend pool (HTTP mode): its backends, and optionally its own algorithm, key, limit."""
+    name: str
+    backends: list[BackendSpec] = field(default_factory=list)
+    algorithm: str | None = None
+    hash_key: str | None = None
+    max_body_size: int | None = None
+
+
+@dataclass
+class RouteSpec:
+    """A routing rule: every condition given must match; the first matching rule names the pool."""
+    pool: str
+    host: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    methods: list[str] = field(default_factory=list)
+    header_name: str | None = None
+    header_value: str | None = None
+
+
+@dataclass
 class Config:
-    mode: str = "tcp"
+    mode: str = "http"
     binds: list[BindSpec] = field(default_factory=list)
     backends: list[BackendSpec] = field(default_factory=list)
     sni_routes: dict[str, str] = field(default_factory=dict)   # server name or *.parent -> backend group
@@ -160,6 +182,26 @@ class Config:
     grace_period: float = 10.0
     backlog: int = 1024
     log_level: str = "info"
+    # HTTP mode
+    http_request_timeout: float = 10.0     # a whole request head must arrive within it (slowloris)
+    keepalive_timeout: float = 60.0        # client connection idle between requests
+    response_timeout: float = 30.0         # backend silent while a response is awaited or read
+    tunnel_timeout: float = 3600.0         # upgraded (WebSocket) connection idle both ways
+    backend_idle_timeout: float = 10.0     # idle keep-alive connection to a backend
+    backend_max_idle: int = 1000           # idle keep-alive connections kept per backend, per worker
+    max_header_size: int = 16384           # bytes of request header fields
+    max_headers: int = 100
+    max_uri_length: int = 8192
+    max_body_size: int = 0                 # bytes; 0: no limit (per pool: [[pool]] max_body_size)
+    forwarded_for: bool = True             # X-Forwarded-For / -Proto / -Host
+    via: str = ""                          # Via pseudonym; empty: no Via header
+    request_header_set: list[tuple[str, str]] = field(default_factory=list)
+    request_header_delete: list[str] = field(default_factory=list)
+    response_header_set: list[tuple[str, str]] = field(default_factory=list)
+    response_header_delete: list[str] = field(default_factory=list)
+    pools: list[PoolSpec] = field(default_factory=list)
+    routes: list[RouteSpec] = field(default_factory=list)
+    default_pool: str | None = None
     # Health: active checks (defaults as HAProxy's inter 2s, rise 2, fall 3) ...
     check: str = "none"
     check_interval: float = 2.0
@@ -389,6 +431,60 @@ def parse_sni_routes(value: Any) -> dict[str, str]:
     return {parse_server_name(name): parse_group(group) for name, group in value.items()}
 
 
+def parse_hash_key(value: Any) -> str:
+    """source | uri | path | header:NAME | cookie:NAME | query:NAME."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected one of {', '.join(HASH_KEYS)} (got {value!r})")
+    kind, sep, name = value.strip().partition(":")
+    kind = kind.lower()
+    if kind in ("source", "uri", "path") and not sep:
+        return kind
+    if kind in ("header", "cookie", "query") and sep and re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+        return f"{kind}:{name}"
+    raise ValueError(f"unknown hash key {value!r}; choose one of: {', '.join(HASH_KEYS)}")
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes as an integer, or with a unit: '512k', '10m', '1g'."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", value)
+        if match:
+            return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    raise ValueError(f"expected a size in bytes such as 65536, 512k, 10m (got {value!r})")
+
+
+def parse_header_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value.strip()):
+        raise ValueError(f"expected a header name (got {value!r})")
+    return value.strip()
+
+
+def parse_header_line(value: Any) -> tuple[str, str]:
+    """'Name: value' -> (name, value); the value may not hold control characters."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected 'Name: value' (got {value!r})")
+    name, _, text = value.partition(":")
+    text = text.strip()
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 or ord(c) > 255 for c in text):
+        raise ValueError(f"header value with control or non-latin-1 characters (got {value!r})")
+    return parse_header_name(name), text
+
+
+def parse_via(value: Any) -> str:
+    if value is False or value == "":
+        return ""
+    if value is True:
+        return "fastlb"
+    if isinstance(value, str) and re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+        return value
+    raise ValueError(f"expected a pseudonym token such as 'fastlb', or false (got {value!r})")
+
+
 def parse_backend(text: Any) -> BackendSpec:
     """'HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2][,ssl[,verify=FILE|none]
     [,sni=NAME]][,group=NAME]'."""
@@ -566,7 +662,7 @@ def _option(parser: Callable[[Any], Any], name: str, value: str) -> Any:
 FIELDS: dict[str, Callable[[Any], Any]] = {
     "mode": parse_choice("mode", MODES),
     "algorithm": parse_algorithm,
-    "hash_key": parse_choice("hash key", HASH_KEYS),
+    "hash_key": parse_hash_key,
     "bounded_load": parse_float(0.0),
     "seed": parse_int(0),
     "workers": parse_workers,
@@ -583,6 +679,88 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "outlier_ejection_time": parse_positive_duration,
     "outlier_max_ejection_time": parse_positive_duration,
     "max_ejection_percent": parse_percent,
+    "http_request_timeout": parse_positive_duration,
+    "keepalive_timeout": parse_positive_duration,
+    "response_timeout": parse_positive_duration,
+    "tunnel_timeout": parse_positive_duration,
+    "backend_idle_timeout": parse_positive_duration,
+    "backend_max_idle": parse_int(0),
+    "max_header_size": parse_size,
+    "max_headers": parse_int(1),
+    "max_uri_length": parse_size,
+    "max_body_size": parse_size,
+    "forwarded_for": parse_bool,
+    "via": parse_via,
+    "default_pool": lambda value: _pool_name(value),
+}
+
+# Repeatable HTTP header rules: config name -> parser of one item (flags append, the file gives arrays).
+LIST_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "request_header_set": parse_header_line,
+    "request_header_delete": parse_header_name,
+    "response_header_set": parse_header_line,
+    "response_header_delete": parse_header_name,
+}
+
+
+def _pool_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        raise ValueError(f"expected a pool name of letters, digits, '_', '.', '-' (got {value!r})")
+    return value
+
+
+def _methods(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(
+            isinstance(m, str) and re.fullmatch(r"[A-Za-z]+", m) for m in items):
+        raise ValueError(f"expected a method or an array of methods, e.g. [\"GET\", \"HEAD\"] (got {value!r})")
+    return [m.upper() for m in items]
+
+
+def _regex(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a regular expression string (got {value!r})")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"bad regular expression {value!r}: {exc}") from None
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string (got {value!r})")
+    return value
+
+
+def _header_condition(value: Any) -> tuple[str, str | None]:
+    """'Name' (present) or 'Name: value' (equal)."""
+    if isinstance(value, str) and ":" in value:
+        return parse_header_line(value)
+    return parse_header_name(value), None
+
+
+def _backend_list(value: Any) -> list[BackendSpec]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"expected an array of backends in the flag syntax (got {value!r})")
+    return [parse_backend(item) for item in items]
+
+
+POOL_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "name": _pool_name,
+    "backend": _backend_list,
+    "algorithm": parse_algorithm,
+    "hash_key": parse_hash_key,
+    "max_body_size": parse_size,
+}
+ROUTE_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "pool": _pool_name,
+    "host": _string,
+    "path_prefix": _string,
+    "path_regex": _regex,
+    "method": _methods,
+    "header": _header_condition,
 }
 
 # Health settings: global fields that a backend may also set for itself.
@@ -733,14 +911,68 @@ def load_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
                 raise fail(line, key, str(exc)) from None
             sources[name] = f"{path}:{line} ({key})"
             continue
+        if name in ("pool", "route"):
+            values[name + "s"] = _load_tables(locator, key, value, fail)
+            sources[name + "s"] = f"{path}:{line} ({key})"
+            continue
+        if name in LIST_FIELDS:
+            items = value if isinstance(value, list) else [value]
+            try:
+                values[name] = [LIST_FIELDS[name](item) for item in items]
+            except ValueError as exc:
+                raise fail(line, key, str(exc)) from None
+            sources[name] = f"{path}:{line} ({key})"
+            continue
         if name not in FIELDS:
-            raise fail(line, key, _unknown_key_message(key, [*FIELDS, "bind", "backend", "sni_routes"]))
+            raise fail(line, key, _unknown_key_message(key, [*FIELDS, *LIST_FIELDS, "bind", "backend",
+                                                              "pool", "route", "sni_routes"]))
         try:
             values[name] = FIELDS[name](value)
         except ValueError as exc:
             raise fail(line, key, str(exc)) from None
         sources[name] = f"{path}:{line} ({key})"
     return values, sources
+
+
+def _load_tables(locator: _Locator, key: str, value: Any, fail: Callable) -> list:
+    """[[pool]] and [[route]] tables -> PoolSpec / RouteSpec, each error at its file line."""
+    name = key.replace("-", "_")
+    table_fields = POOL_TABLE_FIELDS if name == "pool" else ROUTE_TABLE_FIELDS
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise fail(locator.line_of(key), key, f"expected [[{key}]] tables")
+    specs = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index + 1}]"
+        required = "name" if name == "pool" else "pool"
+        if required not in item:
+            raise fail(locator.line_of(key, key, index), where, f"missing required key {required!r}")
+        parsed: dict[str, Any] = {}
+        for item_key, item_value in item.items():
+            field_name = item_key.replace("-", "_")
+            line = locator.line_of(item_key, key, index)
+            if field_name not in table_fields:
+                raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
+            try:
+                parsed[field_name] = table_fields[field_name](item_value)
+            except ValueError as exc:
+                raise fail(line, f"{where}.{item_key}", str(exc)) from None
+        if name == "pool":
+            if "backend" not in parsed:
+                raise fail(locator.line_of(key, key, index), where, "missing required key 'backend'")
+            parsed["backends"] = parsed.pop("backend")
+            specs.append(PoolSpec(**parsed))
+        else:
+            if len(parsed) == 1:
+                raise fail(locator.line_of(key, key, index), where,
+                           "a route needs a condition: host, path_prefix, path_regex, method or header")
+            if "method" in parsed:
+                parsed["methods"] = parsed.pop("method")
+            if "header" in parsed:
+                parsed["header_name"], parsed["header_value"] = parsed.pop("header")
+            specs.append(RouteSpec(**parsed))
+    return specs
 
 
 def _load_list(path: str, locator: _Locator, key: str, value: Any, fail: Callable) -> list:
@@ -821,11 +1053,29 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
 
     if not config.binds:
         raise ConfigError("no listening address: give --bind HOST:PORT (or [[bind]] in the config file)")
-    if not config.backends:
+    if not config.backends and not config.pools:
         raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file)")
-    if config.mode == "http":
-        raise ConfigError(f"{where('mode')}: mode 'http' is not available yet in this version; use --mode tcp")
-    if config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
+    if config.mode == "tcp":
+        for name in ("pools", "routes"):
+            if getattr(config, name):
+                raise ConfigError(f"{where(name)}: [[{name[:-1]}]] needs mode 'http'")
+        if config.hash_key not in (None, "source"):
+            raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs mode 'http'; "
+                              f"tcp mode hashes on source only")
+    else:
+        # SNI passthrough relays TLS bytes without reading HTTP: it is an L4 feature.
+        if any(b.sni_route for b in config.binds):
+            raise ConfigError(f"{where('binds')}: sni-route binds pass TLS through untouched: they need "
+                              f"--mode tcp (HTTP mode terminates TLS with ssl,cert=FILE instead)")
+        if config.sni_routes:
+            raise ConfigError(f"{where('sni_routes')}: SNI routes need mode 'tcp'; HTTP mode routes "
+                              f"requests to [[pool]]s by [[route]] rules")
+        grouped = [b for pool in config.pools for b in pool.backends] + config.backends
+        if any(b.group != "default" for b in grouped):
+            raise ConfigError(f"{where('backends')}: backend groups (group=) are for SNI routing in mode "
+                              f"'tcp'; HTTP mode uses [[pool]]s")
+    _check_pools(config, where)
+    if config.backends and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs a hashing algorithm "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
     if config.bounded_load and config.bounded_load < 1.0:
@@ -864,9 +1114,34 @@ def _check_groups(config: Config, where: Callable[[str], str]) -> None:
     if config.sni_routes and not any(b.sni_route for b in config.binds):
         raise ConfigError(f"{where('sni_routes')}: SNI routes apply to binds with the sni-route option; "
                           f"no bind has it")
-    if "default" not in groups and any(not b.sni_route for b in config.binds):
+    if config.backends and "default" not in groups and any(not b.sni_route for b in config.binds):
         raise ConfigError(f"{where('backends')}: every backend is in a named group, but a bind without "
                           f"sni-route needs backends in the default group")
+
+
+def _check_pools(config: Config, where: Callable[[str], str]) -> None:
+    names = [pool.name for pool in config.pools]
+    if config.backends:
+        names.append("default")
+    for name in set(names):
+        if names.count(name) > 1:
+            raise ConfigError(f"{where('pools')}: pool {name!r} is defined twice"
+                              + (" (the top-level backends form the pool 'default')" if name == "default" else ""))
+    for pool in config.pools:
+        algorithm = pool.algorithm or config.algorithm
+        key = pool.hash_key if pool.hash_key is not None else config.hash_key
+        if key and algorithm not in HASHING_ALGORITHMS:
+            raise ConfigError(f"{where('pools')}: pool {pool.name!r}: hash key {key!r} needs a hashing "
+                              f"algorithm ({', '.join(HASHING_ALGORITHMS)}); the algorithm is {algorithm!r}")
+        if not any(not b.backup for b in pool.backends):
+            raise ConfigError(f"{where('pools')}: pool {pool.name!r}: every backend is a backup")
+    for index, route in enumerate(config.routes, 1):
+        if route.pool not in names:
+            raise ConfigError(f"{where('routes')}: route[{index}]: unknown pool {route.pool!r}; "
+                              f"pools: {', '.join(names)}")
+    if config.default_pool is not None and config.default_pool not in names:
+        raise ConfigError(f"{where('default_pool')}: unknown pool {config.default_pool!r}; "
+                          f"pools: {', '.join(names)}")
 
 
 DYNAMIC_WEIGHT_ALGORITHMS = ("roundrobin", "random", "leastconn", "leasttime", "p2c")

@@ -48,7 +48,7 @@ class Backend:
     __slots__ = ("spec", "host", "port", "address", "index", "balancer", "is_backup", "maxconn",
                  "inflight", "send_proxy", "state", "full", "admin_state", "checked_up", "ejected",
                  "health", "full_weight", "connect_failures", "bad_responses", "ejections",
-                 "returned_at", "eject_handle", "ramp_handle", "ssl_context", "server_hostname")
+                 "returned_at", "eject_handle", "ramp_handle", "ssl_context", "server_hostname", "idle")
 
     def __init__(self, spec: BackendSpec, index: int, balancer: Balancer, health: HealthSettings,
                  full_weight: int) -> None:
@@ -81,6 +81,9 @@ class Backend:
         # TLS to the backend (set by the pool): a verification failure is a failed connect.
         self.ssl_context: ssl.SSLContext | None = None
         self.server_hostname = spec.sni or spec.host if spec.ssl else None
+        # HTTP mode: idle keep-alive connections to this backend, oldest first (reused from the right,
+        # expired from the left). They hold no slot: a slot is a request in flight.
+        self.idle: collections.deque = collections.deque()
 
     @property
     def available(self) -> bool:
@@ -274,22 +277,42 @@ class BackendPool:
                 except ValueError:
                     pass
 
+    def select_now(self, key: bytes | None, tried: list[Backend]) -> Backend | None:
+        """The synchronous fast path (HTTP mode): a backend with a slot taken, or None when the caller
+        must go through `connect` (someone is queued, everything is full, or nothing can serve). The
+        backend returned is the caller's to use (e.g. an idle connection from `backend.idle`), or to
+        hand to `connect(..., selected=backend)` so the same pick is connected to."""
+        if self.waiters or self.woken:
+            return None
+        backend = self._select(key, tried)
+        if backend is _FULL or backend is None:
+            return None
+        return backend
+
     # ---- the connect loop: candidates, not winners --------------------------------------------
 
-    async def connect(self, key: bytes | None, protocol_factory: Callable[[], asyncio.Protocol]
+    async def connect(self, key: bytes | None, protocol_factory: Callable[[], asyncio.Protocol],
+                      tried: list[Backend] | None = None, selected: Backend | None = None
                       ) -> tuple[Backend, asyncio.Transport, asyncio.Protocol]:
         """Connects to a backend, retrying the next candidate after a failed connect.
 
         Each failure is reported to the core (`on_response(ok=False)`) and the next pick avoids it;
         at most `retries + 1` attempts. Waits in the queue when every candidate is at its limit. The
         slot taken is the caller's to `release()` once the connection ends. Raises NoBackendError or
-        QueueError; never leaves a slot taken when it raises."""
+        QueueError; never leaves a slot taken when it raises.
+
+        HTTP mode passes `tried` (backends that already failed this request, avoided and counted
+        against the attempts) and `selected` (a backend select_now already took a slot on)."""
         loop = self.loop
-        tried: list[Backend] = []
+        if tried is None:
+            tried = []
         queue_deadline = None
+        attempts = self.attempts                 # per connection (HTTP: per request, retries included)
         while True:
             # A connection already waiting has priority over one that just arrived.
-            if (self.waiters or self.woken) and queue_deadline is None:
+            if selected is not None:
+                backend, selected = selected, None        # a slot already taken by select_now
+            elif (self.waiters or self.woken) and queue_deadline is None:
                 backend = _FULL
             else:
                 backend = self._select(key, tried)
@@ -321,8 +344,8 @@ class BackendPool:
                 self.health.record(backend, False, CONNECT, exc)
                 log.debug("connect to %s failed (%s); attempt %d of %d", backend.address,
                           exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
-                          len(tried), self.attempts)
-                if len(tried) >= self.attempts:
+                          len(tried), attempts)
+                if len(tried) >= attempts:
                     raise NoBackendError(f"connect failed to {len(tried)} backend(s)") from None
                 continue
             except BaseException:

@@ -107,6 +107,8 @@ class Worker:
         self.loop = loop
         # One pool per backend group: "default" (backends without group=) and the groups SNI routes name.
         # Without groups that is one pool, as before; `pool` is the default group's (None if it has none).
+        # In HTTP mode every top-level backend is in "default" (config checks it): that pool is the HTTP
+        # pool named "default", beside any [[pool]]; the active health checks cover it.
         by_group: dict[str, list] = {}
         for spec in config.backends:
             by_group.setdefault(spec.group, []).append(spec)
@@ -134,13 +136,18 @@ class Worker:
             if targets:
                 self.checker = HealthChecker(loop, targets, self._on_verdict)
         self.connections: set = set()
+        self.http = None
+        if config.mode == "http":
+            from fastlb.http.runtime import HttpRuntime, build_router
+            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool),
+                                    self.connections)
         self.servers: list[asyncio.AbstractServer] = []
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
         idle = config.idle_timeout
-        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle else 0.0
-        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if idle else 0
+        self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle and not self.http else 0.0
+        self.idle_ticks = max(1, round(idle / self.sweep_interval)) if self.sweep_interval else 0
         self.stopping = False
 
     async def start(self) -> None:
@@ -150,22 +157,27 @@ class Worker:
                 sock = listen_socket(bind.host, bind.port, self.config.backlog)
             except OSError as exc:
                 raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
-            listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                self.connections, self.pools if bind.sni_route else None,
-                                self.config.sni_routes)
             tls = self.server_tls.get(index)
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
-            server = await self.loop.create_server(listener.protocol_factory(), sock=sock,
-                                                   backlog=self.config.backlog, **tls_options)
+            if self.http is not None:
+                factory = self.http.protocol_factory(bind)
+            else:
+                factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
+                                   self.connections, self.pools if bind.sni_route else None,
+                                   self.config.sni_routes).protocol_factory()
+            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
+                                                   **tls_options)
             self.servers.append(server)
-        if self.health_channel is not None:
+        if self.health_channel is not None and self.pool is not None:
             self.feed_transport, _ = await self.loop.create_unix_connection(
                 lambda: HealthFeed(self._on_verdict), sock=self.health_channel)
         if self.checker is not None:
             self.checker.start()
         if self.sweep_interval:
             self.sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
+        if self.http is not None:
+            self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
     def _on_verdict(self, index: int, up: bool, reason: str) -> None:
         pool, backend = self.in_config_order[index]
@@ -211,6 +223,8 @@ class Worker:
         self.stopping = True
         for server in self.servers:
             server.close()
+        if self.http is not None:
+            self.http.draining = True          # responses say Connection: close; idle clients are closed
         deadline = self.loop.time() + grace_period
         if self.connections:
             log.info("draining %d connection(s), grace period %.3gs", len(self.connections), grace_period)
@@ -223,6 +237,8 @@ class Worker:
             await asyncio.sleep(0)
         if self.sweep_handle is not None:
             self.sweep_handle.cancel()
+        if self.http is not None:
+            self.http.stop()
         if self.checker is not None:
             self.checker.close()
         if self.feed_transport is not None:

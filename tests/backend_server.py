@@ -1,4 +1,4 @@
-"""A test backend: `python tests/backend_server.py NAME:PORT[@CERT] [NAME:PORT[@CERT] ...]`.
+"""A test backend: `python tests/backend_server.py NAME:[HOST:]PORT[@CERT] [NAME:[HOST:]PORT[@CERT] ...]`.
 
 With @CERT (a PEM file holding certificate and key) that port speaks TLS.
 
@@ -41,12 +41,13 @@ async def main(specs: list[str]) -> None:
     servers = []
     for spec in specs:
         spec, _, cert = spec.partition("@")
-        name, _, port = spec.rpartition(":")
+        name, _, address = spec.partition(":")
+        host, _, port = address.rpartition(":")
         context = None
         if cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(cert)
-        servers.append(await loop.create_server(lambda name=name: Echo(name.encode()), "127.0.0.1",
+        servers.append(await loop.create_server(lambda name=name: Echo(name.encode()), host or "127.0.0.1",
                                                 int(port), reuse_address=True, ssl=context))
     print("ready", flush=True)
     await asyncio.Event().wait()

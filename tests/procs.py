@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BACKEND_SERVER = str(Path(__file__).with_name("backend_server.py"))
+HTTP_BACKEND = str(Path(__file__).with_name("http_backend.py"))
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -157,6 +158,14 @@ class Processes:
         ports = {name: free_port() for name in names}
         proc = self.start([sys.executable, BACKEND_SERVER, *(f"{n}:{p}" for n, p in ports.items())],
                           "backends")
+        proc.wait_for_line(r"^ready$")
+        return proc, ports
+
+    def http_backends(self, *names: str) -> tuple[Proc, dict[str, int]]:
+        """One HTTP test backend process (tests/http_backend.py) serving each name on its own port."""
+        ports = {name: free_port() for name in names}
+        proc = self.start([sys.executable, HTTP_BACKEND, *(f"{n}:{p}" for n, p in ports.items())],
+                          "http-backends")
         proc.wait_for_line(r"^ready$")
         return proc, ports
 

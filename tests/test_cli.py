@@ -52,7 +52,8 @@ def test_bad_flag_fails_fast_naming_the_flag(args, expected):
     (["--backend", "127.0.0.1:2"], "no listening address: give --bind HOST:PORT"),
     (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--hash-key", "source"],
      "--hash-key: hash key 'source' needs a hashing algorithm"),
-    (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--mode", "http"], "--mode: mode 'http' is not"),
+    (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--mode", "tcp", "--algorithm", "ketama",
+      "--hash-key", "uri"], "--hash-key: hash key 'uri' needs mode 'http'"),
     (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2,backup"], "--backend: every backend is a backup"),
     (["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--algorithm", "ketama", "--bounded-load", "0.5"],
      "--bounded-load: bounded load must be 0 (off) or >= 1.0"),
@@ -68,7 +69,7 @@ def test_inconsistent_flags_name_the_flag(args, expected):
 def test_maxconn_beyond_the_open_files_limit_is_reported_at_start(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                           "--maxconn", "15000")
     line = fastlb.wait_for_line(r"--maxconn 15000 cannot be honoured").string
     assert "2 open files" in line and "open-files limit is" in line and "Capping maxconn at" in line
@@ -78,8 +79,8 @@ def test_maxconn_beyond_the_open_files_limit_is_reported_at_start(procs):
 def test_address_in_use_is_a_clear_error(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}")
-    second = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}", wait_port=0)
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}")
+    second = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}", wait_port=0)
     assert second.wait_exit() == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.output
 

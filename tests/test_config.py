@@ -175,6 +175,7 @@ def test_running_from_a_config_file(procs, tmp_path):
     _, ports = procs.backends("a", "b")
     port = free_port()
     path = write(tmp_path, f"""\
+        mode = "tcp"
         algorithm = "roundrobin"
         [[bind]]
         address = "127.0.0.1:{port}"

@@ -27,7 +27,7 @@ def echo_backend(procs, name, port=None):
 
 
 def balancer_args(port, backend_ports, *extra):
-    args = ["--bind", f"127.0.0.1:{port}"]
+    args = ["--mode", "tcp", "--bind", f"127.0.0.1:{port}"]
     for backend_port in backend_ports:
         args += ["--backend", f"127.0.0.1:{backend_port}"]
     return [*args, *extra]
@@ -199,7 +199,7 @@ def test_backup_takes_over_only_while_every_primary_is_down(procs):
     a, port_a = echo_backend(procs, "a")
     _, port_spare = echo_backend(procs, "spare")
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{port_a}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{port_a}",
                           "--backend", f"127.0.0.1:{port_spare},backup", *FAST_CHECKS)
     assert {backend_name(port) for _ in range(5)} == {"a"}
     a.kill()
@@ -215,7 +215,7 @@ def test_a_check_port_is_checked_instead_of_the_traffic_port(procs):
     _, port_b = echo_backend(procs, "b")
     closed_port = free_port()               # nothing listens there: b's checks fail, b's traffic port works
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{port_a}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{port_a}",
                           "--backend", f"127.0.0.1:{port_b},check-port={closed_port}", *FAST_CHECKS)
     fastlb.wait_for_line(rf"backend 127.0.0.1:{port_b} DOWN: first check failed \(connection refused\)")
     assert {backend_name(port) for _ in range(6)} == {"a"}

@@ -14,7 +14,7 @@ from procs import backend_name, connect, free_port, read_all, read_line, wait_un
 
 
 def relay_args(port, ports, *extra):
-    args = ["--bind", f"127.0.0.1:{port}"]
+    args = ["--mode", "tcp", "--bind", f"127.0.0.1:{port}"]
     for backend in ports:
         args += ["--backend", backend]
     return [*args, *extra]
@@ -290,7 +290,7 @@ def test_send_proxy_v1_tells_the_backend_the_client_address(procs):
 def test_accept_proxy_and_send_proxy_v2_carry_the_original_client(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},accept-proxy", "--backend", f"127.0.0.1:{ports['a']},send-proxy-v2")
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},accept-proxy", "--backend", f"127.0.0.1:{ports['a']},send-proxy-v2")
     with connect(port) as sock:
         sock.sendall(b"PROXY TCP4 10.1.2.3 10.0.0.1 1111 80\r\nhello")
         assert read_line(sock) == b"a\n"
@@ -307,7 +307,7 @@ def test_accept_proxy_and_send_proxy_v2_carry_the_original_client(procs):
 def test_accept_proxy_rejects_a_connection_without_header(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},accept-proxy", "--backend", f"127.0.0.1:{ports['a']}")
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},accept-proxy", "--backend", f"127.0.0.1:{ports['a']}")
     with connect(port) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert read_all(sock) == b""

@@ -101,7 +101,7 @@ def refused(sock) -> bool:
 def test_sni_selects_the_certificate_and_alpn_is_http11(procs, pki):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},cert={pki['api']},"
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},cert={pki['api']},"
                  f"cert={pki['dir']}/wild.crt,key={pki['dir']}/wild.key",
                  "--backend", f"127.0.0.1:{ports['a']}")
     for server_name, expected in [("api.test", "api.test"), ("default.test", "default.test"),
@@ -124,7 +124,7 @@ def test_curl_gets_https_through_to_a_plain_http_backend(procs, pki, tmp_path):
                            "--directory", str(tmp_path), str(backend_port)], "http.server")
     wait_until(lambda: _port_open(backend_port), what="http.server")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},cert={pki['api']}",
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},cert={pki['api']}",
                  "--backend", f"127.0.0.1:{backend_port}")
     result = subprocess.run(["curl", "-sS", "-v", "--cacert", pki["ca"], "--resolve",
                              f"api.test:{port}:127.0.0.1", f"https://api.test:{port}/index.html"],
@@ -161,7 +161,7 @@ def s_client(port, *options, timeout=10):
 def test_protocol_and_cipher_floor(procs, pki):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}", "--backend",
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}", "--backend",
                  f"127.0.0.1:{ports['a']}")
     # SECLEVEL=0 makes the client willing to offer the old protocol: what is refused, the server refuses.
     for old in ("-tls1", "-tls1_1"):
@@ -192,7 +192,7 @@ def test_protocol_and_cipher_floor(procs, pki):
 def test_server_cipher_preference_and_no_renegotiation(procs, pki):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}", "--backend",
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}", "--backend",
                  f"127.0.0.1:{ports['a']}")
     # The client prefers ChaCha20; the server's order (AES-GCM first) wins.
     result = s_client(port, "-tls1_2", "-CAfile", pki["ca"], "-cipher",
@@ -213,7 +213,7 @@ def test_server_cipher_preference_and_no_renegotiation(procs, pki):
 def test_mtls_required(procs, pki):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},ca={pki['client_ca']},"
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},ca={pki['client_ca']},"
                  f"verify=required", "--backend", f"127.0.0.1:{ports['a']}")
     with tls_connect(port, client_context(pki, cert=pki["alice"]), "default.test") as sock:
         assert echo_roundtrip(sock) == "a"
@@ -229,7 +229,7 @@ def test_mtls_required(procs, pki):
 def test_mtls_optional(procs, pki):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},ca={pki['client_ca']},"
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},ca={pki['client_ca']},"
                  f"verify=optional", "--backend", f"127.0.0.1:{ports['a']}")
     for cert in (None, pki["alice"]):
         with tls_connect(port, client_context(pki, cert=cert), "default.test") as sock:
@@ -280,7 +280,7 @@ def test_connection_tls_info_gives_the_http_mode_the_client_subject(pki):
 def test_backend_verification_failure_moves_to_the_next_backend(procs, pki):
     ports = tls_backends(procs, pki, rogue="rogue_backend", good="backend")
     port = free_port()
-    lb = procs.fastlb("--bind", f"127.0.0.1:{port}",
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}",
                       "--backend", f"127.0.0.1:{ports['rogue']},ssl,verify={pki['ca']},sni=backend.test",
                       "--backend", f"127.0.0.1:{ports['good']},ssl,verify={pki['ca']},sni=backend.test",
                       "--outlier-failures", "0")
@@ -294,13 +294,13 @@ def test_backend_verification_is_on_by_default_and_off_only_when_asked(procs, pk
     ports = tls_backends(procs, pki, rogue="rogue_backend")
     port = free_port()
     # No verify=: the system CA store, which does not know the test CAs: the connection is refused.
-    lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['rogue']},ssl")
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['rogue']},ssl")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         assert sock.recv(100) == b""
     lb.wait_for_line(r"TLS handshake with backend .* failed")
     lb.kill()
     port = free_port()
-    lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['rogue']},ssl,verify=none")
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['rogue']},ssl,verify=none")
     lb.wait_for_line(r"verification is off \(verify=none\)")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         assert echo_roundtrip(sock) == "rogue"
@@ -310,7 +310,7 @@ def test_tls_in_and_out(procs, pki):
     """Terminate with one certificate, re-encrypt to the backend: the client sees fastlb's certificate."""
     ports = tls_backends(procs, pki, secure="backend")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['api']}",
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['api']}",
                  "--backend", f"127.0.0.1:{ports['secure']},ssl,verify={pki['ca']}")
     with tls_connect(port, client_context(pki), "api.test") as sock:
         assert subject_cn(sock) == "api.test"
@@ -322,7 +322,7 @@ def test_tls_in_and_out(procs, pki):
 def test_sni_passthrough_routes_by_server_name(procs, pki):
     ports = tls_backends(procs, pki, main="backend", api="backend", wild="backend")
     port = free_port()
-    procs.fastlb("--bind", f"127.0.0.1:{port},sni-route",
+    procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},sni-route",
                  "--sni-route", "api.test=api", "--sni-route", "*.wild.test=wild",
                  "--backend", f"127.0.0.1:{ports['main']}",
                  "--backend", f"127.0.0.1:{ports['api']},group=api",
@@ -347,7 +347,7 @@ def test_reload_swaps_the_certificate_and_keeps_live_connections(procs, pki, tmp
     shutil.copy(pki["default"], site)
     _, ports = procs.backends("a")
     port = free_port()
-    lb = procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={site}", "--backend",
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={site}", "--backend",
                       f"127.0.0.1:{ports['a']}", "--workers", str(workers))
     old = tls_connect(port, client_context(pki), "default.test")
     try:
@@ -378,7 +378,7 @@ def test_a_broken_certificate_on_reload_keeps_the_current_one(procs, pki, tmp_pa
     shutil.copy(pki["default"], site)
     _, ports = procs.backends("a")
     port = free_port()
-    lb = procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={site}", "--backend", f"127.0.0.1:{ports['a']}")
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={site}", "--backend", f"127.0.0.1:{ports['a']}")
     site.write_text("not a certificate\n")
     lb.signal(signal.SIGHUP)
     lb.wait_for_line(r"certificate reload: .*site\.pem.*keeping the current certificates")
@@ -403,7 +403,7 @@ def test_certificate_expiry_hook(pki):
 def test_session_tickets_resume_on_any_worker(procs, pki):
     _, ports = procs.backends("a")
     port = free_port()
-    lb = procs.fastlb("--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}", "--backend",
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}", "--backend",
                       f"127.0.0.1:{ports['a']}", "--workers", "2")
     wait_until(lambda: len([l for l in lb.lines if "listening on" in l]) == 2, what="both workers")
     context = client_context(pki)
@@ -444,6 +444,8 @@ def test_ca_alone_means_client_certificates_are_required(pki):
 def test_toml_tls_settings_and_errors(pki, tmp_path):
     path = tmp_path / "lb.toml"
     path.write_text(f'''
+mode = "tcp"
+
 [[bind]]
 address = "127.0.0.1:8443"
 ssl = true
@@ -479,7 +481,7 @@ group = "api"
     with pytest.raises(ConfigError, match="backend group 'api' is named by no SNI route"):
         config_from_args(["--config", str(path)])
     path.write_text(path.read_text().replace('verify = "optional"', 'verify = "sometimes"'))
-    with pytest.raises(ConfigError, match=r"lb\.toml:8: bind\[1\]\.verify"):
+    with pytest.raises(ConfigError, match=r"lb\.toml:10: bind\[1\]\.verify"):
         config_from_args(["--config", str(path)])
 
 
@@ -506,3 +508,4 @@ def test_client_hello_sni_on_openssl_client_hellos():
     from fastlb.sni import NEED_MORE
     assert client_hello_sni(split[:150]) is NEED_MORE
     assert client_hello_sni(split) == "shop.example.com"
+

@@ -22,7 +22,7 @@ def pid_alive(pid):
 def test_master_restarts_a_killed_worker(procs):
     _, ports = procs.backends("a", "b")
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                           "--backend", f"127.0.0.1:{ports['b']}", "--workers", "2")
     pids = {int(fastlb.wait_for_line(rf"worker {i} started \(pid (\d+)\)").group(1)) for i in (0, 1)}
     victim = min(pids)
@@ -42,7 +42,7 @@ def test_master_restarts_a_killed_worker(procs):
 def test_sigterm_drains_live_connections_then_exits(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                           "--grace-period", "20s")
     with connect(port) as live:
         assert read_line(live) == b"a\n"
@@ -59,7 +59,7 @@ def test_sigterm_drains_live_connections_then_exits(procs):
 def test_grace_period_cuts_connections_that_do_not_finish(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                           "--grace-period", "300ms")
     with connect(port) as live:
         assert read_line(live) == b"a\n"
@@ -76,7 +76,7 @@ def test_grace_period_cuts_connections_that_do_not_finish(procs):
 def test_master_sigterm_stops_every_worker(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+    fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                           "--workers", "2", "--grace-period", "2s")
     pids = [int(fastlb.wait_for_line(rf"worker {i} started \(pid (\d+)\)").group(1)) for i in (0, 1)]
     assert backend_name(port) == "a"
@@ -93,7 +93,7 @@ def test_an_address_in_use_fails_fast_with_workers(procs):
     busy.listen(1)
     try:
         port = busy.getsockname()[1]
-        fastlb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9", "--workers", "2",
+        fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9", "--workers", "2",
                               wait_port=0)
         assert fastlb.wait_exit() == 1
         assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in fastlb.output

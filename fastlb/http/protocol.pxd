@@ -1,0 +1,27 @@
+# Declarations that make Request / ClientConnection extension types when protocol.py is compiled:
+# attributes become C struct fields. protocol.py runs unchanged as plain Python (the reference).
+from fastlb.http.runtime cimport HttpRuntime, HttpSettings
+
+
+cdef class Request:
+    cdef public bytes method, url, host, upgrade, content_length, extra_response_headers
+    cdef public bint http10, keep_alive, idempotent, is_head, chunked, complete, expect_continue
+    cdef public bint replayable, written, response_started, continue_sent, close_after
+    cdef public Py_ssize_t body_received, flushed, out_size, error
+    cdef public dict captured
+    cdef public object route, key, upstream
+    cdef public list tried, out
+    cdef public double sent_at
+
+
+cdef class ClientConnection:
+    cdef public HttpRuntime runtime
+    cdef public HttpSettings settings
+    cdef public object loop, transport, parser, queue, connect_task, tunnel_buffer, peer, conn_tokens
+    cdef public bytes client_ip, forward_block, checked_host
+    cdef public bint closed, closing, tunnel, tunnel_active, head_done
+    cdef public int paused, deadline_kind
+    cdef public double deadline, head_started
+    cdef public Request req
+    cdef public list parts, url_parts
+    cdef public Py_ssize_t url_size, header_size, header_count

@@ -1,0 +1,653 @@
+"""The HTTP/1.1 client side: parse requests, route them, hand them to backends, answer in order.
+
+One `ClientConnection` per accepted socket. httptools (llhttp, strict mode) parses the requests; the few
+things it lets through that RFC 9112 forbids (HTTP/0.9 and 2.0 request lines, Transfer-Encoding in an
+HTTP/1.0 request, a missing or repeated Host, an invalid Host value) are checked here. A refused request
+is answered with a short error and the connection is closed: after a framing error, nothing that
+follows on the connection can be trusted.
+
+Per request, the head for the backend is built once as a list of byte pieces (request line, the
+client's headers minus hop-by-hop ones, X-Forwarded-*, the framing) and joined with the first part of
+the body, so a small request is one `write` to the backend. Bodies stream: Content-Length bodies as
+they come, chunked bodies re-framed chunk by chunk (trailers dropped), never buffered whole. Pipelined
+requests queue behind the one in flight (`queue[0]`) and are answered in order; reading pauses while
+the queue or the bytes held for it are over their limits.
+
+Timeouts cost nothing per request beyond storing a deadline: a periodic sweep (`HttpRuntime.sweep`)
+looks at each connection's `deadline` and `deadline_kind` (waiting for a request head, idle between
+requests, waiting for a backend, tunnel idle). Retries follow the issue's rules: a failed connect goes
+to the next candidate inside `BackendPool.connect`; a request whose connection failed afterwards is
+sent again only if no byte of the response reached the client, we still hold its bytes, and it is
+idempotent or nothing of it was written.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import httptools
+
+from fastlb.http import errors
+from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
+                                 H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
+                                 connection_tokens, valid_host)
+from fastlb.pool import NoBackendError, QueueError
+
+log = logging.getLogger("fastlb")
+
+HttpParserError = httptools.HttpParserError
+HttpParserUpgrade = httptools.HttpParserUpgrade
+HttpParserCallbackError = httptools.HttpParserCallbackError
+RequestError = errors.RequestError
+
+# deadline_kind values: what the connection is waiting for when its deadline passes.
+WAIT_NONE = 0
+WAIT_HEAD = 1          # a request head (http_request_timeout: slowloris) -> 408
+WAIT_IDLE = 2          # the next request on a keep-alive connection -> close quietly
+WAIT_BACKEND = 3       # the backend's response, or the client's body -> 504 / 408
+WAIT_TUNNEL = 4        # any byte through an upgraded tunnel -> close both
+
+# Reading from the client pauses for these reasons (bits), and resumes when none is left.
+PAUSE_BACKEND_FULL = 1     # the backend's write buffer is over its high-water mark
+PAUSE_QUEUE = 2            # too many pipelined requests or bytes held for them
+
+MAX_PIPELINE = 32              # requests parsed ahead of the one in flight
+MAX_HELD_BYTES = 256 * 1024    # request bytes held for a request not yet handed to a backend
+REPLAY_LIMIT = 64 * 1024       # bytes of a request kept so it can be re-sent to another backend
+
+
+class Request:
+    """One request: how it was framed, where it goes, and the bytes not yet written to a backend."""
+
+    __slots__ = (
+        # parsed
+        "method", "url", "host", "http10", "keep_alive", "idempotent", "is_head", "chunked",
+        "content_length", "body_received", "complete", "upgrade", "expect_continue", "captured",
+        # routing
+        "route", "key", "tried",
+        # outgoing bytes: out[flushed:] not yet written; out[:flushed] kept for a replay
+        "out", "flushed", "out_size", "replayable", "written",
+        # progress
+        "error", "upstream", "sent_at", "response_started", "continue_sent", "close_after",
+        # hook for later features (sticky cookies): header lines added to the response head
+        "extra_response_headers",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.host = None
+        self.http10 = False
+        self.keep_alive = True
+        self.idempotent = True
+        self.is_head = False
+        self.chunked = False
+        self.content_length = None
+        self.body_received = 0
+        self.complete = False
+        self.upgrade = None
+        self.expect_continue = False
+        self.captured = None
+        self.route = None
+        self.key = None
+        self.tried = []
+        self.out = []
+        self.flushed = 0
+        self.out_size = 0
+        self.replayable = True
+        self.written = False
+        self.error = 0
+        self.upstream = None
+        self.sent_at = 0.0
+        self.response_started = False
+        self.continue_sent = False
+        self.close_after = False
+        self.extra_response_headers = b""
+
+
+class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
+    __slots__ = (
+        # shared
+        "runtime", "settings", "loop",
+        # per connection
+        "transport", "parser", "client_ip", "forward_block", "queue", "closed", "closing", "paused",
+        "connect_task", "deadline", "deadline_kind", "tunnel", "tunnel_buffer", "tunnel_active",
+        "peer",
+        # the request being parsed
+        "req", "parts", "url_parts", "url_size", "header_size", "header_count", "head_done",
+        "conn_tokens", "head_started", "checked_host",
+    )
+
+    def __init__(self, runtime, bind) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.loop = runtime.loop
+        self.transport = None
+        self.parser = None
+        self.client_ip = b""
+        self.forward_block = b""
+        self.queue: collections.deque[Request] = collections.deque()
+        self.closed = False
+        self.closing = False           # no further request will be read (Connection: close, errors)
+        self.paused = 0
+        self.connect_task = None
+        self.deadline = 0.0
+        self.deadline_kind = WAIT_NONE
+        self.tunnel = False
+        self.tunnel_buffer = None
+        self.tunnel_active = False
+        self.peer = None               # the backend transport while tunnelling
+        self.req = None
+        self.parts = None
+        self.url_parts = None
+        self.url_size = 0
+        self.header_size = 0
+        self.header_count = 0
+        self.head_done = False
+        self.conn_tokens = None
+        self.head_started = 0.0
+        self.checked_host = b""        # the last Host value found valid on this connection
+
+    # ---- connection ----------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0].encode() if peer else b""
+        settings = self.settings
+        self.forward_block = settings.forward_block_for(self.client_ip)
+        self.parser = httptools.HttpRequestParser(self)
+        self.runtime.connections.add(self)
+        # A new connection must send its first request head within http_request_timeout.
+        self.deadline = self.loop.time() + settings.http_request_timeout
+        self.deadline_kind = WAIT_HEAD
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.runtime.connections.discard(self)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        if self.queue:
+            upstream = self.queue[0].upstream
+            if upstream is not None:
+                upstream.abandon()    # mid-request: the backend connection cannot be reused
+        self.queue.clear()
+
+    def close(self) -> None:
+        """Ends the connection now (timeouts, grace period over)."""
+        if self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.abandon()
+        if self.peer is not None:
+            self.peer.abort()
+        self.transport.abort()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the backend answers: stop reading the backend.
+        if self.tunnel:
+            self.peer.pause_reading()
+        elif self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.tunnel:
+            self.peer.resume_reading()
+        elif self.queue and self.queue[0].upstream is not None:
+            self.queue[0].upstream.transport.resume_reading()
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    # ---- reading requests ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            self.peer.write(data)
+            self.tunnel_active = True
+            return
+        # One clock read per read: every deadline set while handling these bytes uses runtime.now.
+        self.runtime.now = self.loop.time()
+        parser = self.parser
+        if parser is None:
+            if self.tunnel_buffer is not None:       # bytes after an Upgrade request, before the 101
+                self.tunnel_buffer.append(data)
+                self.pause(PAUSE_QUEUE)
+            return                                    # after an error or a final request: ignored
+        try:
+            parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self.parser = None
+            self.tunnel_buffer = [data[exc.args[0]:]] if exc.args and exc.args[0] < len(data) else []
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self.refuse(cause.status if isinstance(cause, RequestError) else 400)
+            if not isinstance(cause, RequestError):
+                raise
+        except HttpParserError as exc:
+            log.debug("bad request from %s: %s", self.client_ip, exc)
+            self.refuse(400)
+        if self.queue:
+            req = self.queue[0]
+            if req.upstream is not None and req.flushed < len(req.out):
+                self.flush_request(req)
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise RequestError(400, "request after Connection: close")
+        self.req = Request()
+        self.parts = []
+        self.url_parts = []
+        self.url_size = 0
+        self.header_size = 0
+        self.header_count = 0
+        self.head_done = False
+        self.conn_tokens = None
+        now = self.runtime.now
+        if not self.queue:
+            # The head must now arrive within http_request_timeout (slowloris).
+            self.deadline = now + self.settings.http_request_timeout
+            self.deadline_kind = WAIT_HEAD
+        self.head_started = now
+
+    def on_url(self, url: bytes) -> None:
+        self.url_size += len(url)
+        if self.url_size > self.settings.max_uri_length:
+            raise RequestError(414, "URI too long")
+        self.url_parts.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        settings = self.settings
+        self.header_size += len(name) + len(value) + 4
+        self.header_count += 1
+        if self.header_size > settings.max_header_size or self.header_count > settings.max_headers:
+            raise RequestError(431, "request headers too large")
+        if self.head_done:
+            return                         # a trailer field: dropped (counted against the limits)
+        lname = name.lower()
+        action = settings.request_actions.get(lname)
+        if action is None:
+            self.parts += (name, b": ", value, b"\r\n")
+            if settings.capture and lname in settings.capture:
+                self._capture(lname, value)
+            return
+        req = self.req
+        if action == H_DROP:
+            return
+        if action == H_HOST:
+            if req.host is not None:
+                raise RequestError(400, "more than one Host header")
+            # A keep-alive client sends the same Host every time: check it once per connection.
+            if value != self.checked_host:
+                if not valid_host(value):
+                    raise RequestError(400, "invalid Host header")
+                self.checked_host = value
+            req.host = value
+        elif action == H_CONNECTION:
+            tokens = connection_tokens(value)
+            self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
+        elif action == H_CONTENT_LENGTH:
+            # llhttp has refused duplicates, signs, spaces and non-digits; it is only the size left.
+            req.content_length = value
+        elif action == H_TRANSFER_ENCODING:
+            if value.strip().lower() != b"chunked":
+                # llhttp lets "gzip, chunked" through; fastlb forwards only plain chunked framing.
+                raise RequestError(400, "Transfer-Encoding other than chunked")
+            req.chunked = True
+        elif action == H_UPGRADE:
+            req.upgrade = value
+        elif action == H_EXPECT:
+            if value.strip().lower() != b"100-continue":
+                raise RequestError(417, "unsupported Expect")
+            req.expect_continue = True
+        elif action == H_REJECT:
+            raise RequestError(400, "framing header spelt with '_'")
+        elif action == H_FORWARDED_FOR:
+            if settings.forwarded_for:
+                req.captured = req.captured or {}
+                previous = req.captured.get(b"x-forwarded-for")
+                req.captured[b"x-forwarded-for"] = value if previous is None else previous + b", " + value
+            else:
+                self.parts += (name, b": ", value, b"\r\n")
+
+    def _capture(self, lname: bytes, value: bytes) -> None:
+        req = self.req
+        if req.captured is None:
+            req.captured = {}
+        previous = req.captured.get(lname)
+        req.captured[lname] = value if previous is None else previous + (b"; " if lname == b"cookie"
+                                                                          else b", ") + value
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        parser = self.parser
+        req = self.req
+        settings = self.settings
+        version = parser.get_http_version()
+        if version == "1.1":
+            if req.host is None:
+                raise RequestError(400, "HTTP/1.1 request without Host")
+        elif version == "1.0":
+            req.http10 = True
+            if req.chunked:
+                raise RequestError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        else:
+            raise RequestError(400, f"HTTP version {version} not served")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise RequestError(405, "CONNECT")
+        req.method = method
+        req.is_head = method == b"HEAD"
+        req.idempotent = method in IDEMPOTENT_METHODS
+        url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
+        req.url = url
+        req.keep_alive = parser.should_keep_alive()
+        if req.upgrade is not None and not parser.should_upgrade():
+            req.upgrade = None                 # Upgrade without "Connection: upgrade": not asked for
+        route = self.runtime.router.route(method, url, req.host, req.captured)
+        req.route = route
+        if req.content_length is not None:
+            length = int(req.content_length)
+            if route.max_body_size and length > route.max_body_size:
+                raise RequestError(413, "body larger than max_body_size")
+        req.key = route.key(self.client_ip, url, req.captured) if route.key_kind else None
+
+        # The head for the backend, as pieces joined at the first write.
+        out = req.out
+        out += (method, b" ", url, b" HTTP/1.1\r\nHost: ", req.host or settings.default_host, b"\r\n")
+        parts = self.parts
+        if self.conn_tokens is not None:
+            parts = self._drop_connection_named(parts)
+        out += parts
+        if settings.forwarded_for:
+            previous = req.captured.get(b"x-forwarded-for") if req.captured else None
+            if previous is not None:
+                out += (b"X-Forwarded-For: ", previous, b", ", self.client_ip, b"\r\nX-Forwarded-Proto: ",
+                        settings.scheme, b"\r\n")
+            else:
+                out.append(self.forward_block)
+            if req.host is not None:
+                out += (b"X-Forwarded-Host: ", req.host, b"\r\n")
+        out.append(settings.request_block)
+        if req.chunked:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        elif req.content_length is not None:
+            out += (b"Content-Length: ", req.content_length, b"\r\n")
+        if req.upgrade is not None:
+            out += (b"Connection: upgrade\r\nUpgrade: ", req.upgrade, b"\r\n\r\n")
+        else:
+            out.append(b"\r\n")
+        req.out_size = sum(map(len, out))
+
+        queue = self.queue
+        queue.append(req)
+        if len(queue) == 1:
+            self.dispatch(req)
+        elif len(queue) > MAX_PIPELINE:
+            self.pause(PAUSE_QUEUE)
+
+    def _drop_connection_named(self, parts: list) -> list:
+        """Removes the headers the Connection header names (RFC 9110 7.6.1)."""
+        tokens = self.conn_tokens
+        req = self.req
+        if b"close" in tokens:
+            req.close_after = True
+        named = {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+        if not named:
+            return parts
+        kept = []
+        for i in range(0, len(parts), 4):
+            if parts[i].lower() not in named:
+                kept += parts[i:i + 4]
+        return kept
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        req.body_received += len(body)
+        limit = req.route.max_body_size
+        if limit and req.body_received > limit:
+            raise RequestError(413, "body larger than max_body_size")
+        if req.chunked:
+            req.out += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            req.out.append(body)
+        req.out_size += len(body)
+        if req.upstream is None and req.out_size > MAX_HELD_BYTES:
+            self.pause(PAUSE_QUEUE)
+        if req.upstream is not None and self.deadline_kind == WAIT_BACKEND:
+            self.deadline = self.runtime.now + self.settings.response_timeout
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        if req is None:
+            return
+        if req.chunked:
+            req.out.append(b"0\r\n\r\n")
+        req.complete = True
+        self.req = None
+        if not req.keep_alive or req.upgrade is not None:
+            self.closing = True           # nothing after this request is read as HTTP
+
+    def refuse(self, status: int) -> None:
+        """The request being parsed is refused: answered in turn with `status`, then the connection
+        closes. If the request in flight is the one that broke (its body's framing), it is cut."""
+        self.parser = None
+        self.closing = True
+        req = self.req
+        self.req = None
+        if req is not None and req in self.queue:
+            # The body of a request already queued is malformed.
+            if req is self.queue[0] and (req.upstream is not None or req.written):
+                if req.upstream is not None:
+                    req.upstream.abandon()
+                    req.upstream.release(ok=True)
+                    req.upstream = None
+                if req.response_started:
+                    self.transport.close()
+                    return
+            self.queue.remove(req)
+        error = Request()
+        error.error = status
+        self.queue.append(error)
+        if len(self.queue) == 1:
+            self.dispatch(error)
+
+    # ---- sending to a backend --------------------------------------------------------------------
+
+    def dispatch(self, req: Request) -> None:
+        """Starts serving queue[0]: an idle keep-alive connection if its pool has one, else connect."""
+        if req.error:
+            self.answer(req, req.error, close=True)
+            return
+        pool = req.route.pool
+        backend = pool.select_now(req.key, req.tried)
+        if backend is not None:
+            idle = backend.idle
+            while idle:
+                upstream = idle.pop()
+                if upstream.transport is not None and not upstream.transport.is_closing():
+                    upstream.attach(self, req, backend)
+                    self.sent(req)
+                    return
+        self.deadline = self.loop.time() + self.settings.connect_wait_timeout
+        self.deadline_kind = WAIT_BACKEND
+        self.connect_task = self.loop.create_task(self._connect(req, backend))
+
+    async def _connect(self, req: Request, selected) -> None:
+        runtime = self.runtime
+        try:
+            backend, transport, upstream = await req.route.pool.connect(
+                req.key, runtime.backend_factory, req.tried, selected)
+        except (NoBackendError, QueueError) as exc:
+            self.connect_task = None
+            if not self.closed:
+                runtime.refused(self, exc)
+                self.answer(req, 503, close=not req.complete)
+            return
+        self.connect_task = None
+        if self.closed or upstream.lost or not self.queue or self.queue[0] is not req:
+            req.route.pool.release(backend)
+            transport.close()
+            return
+        upstream.attach(self, req, backend)
+        self.sent(req)
+
+    def sent(self, req: Request) -> None:
+        """req is attached to its backend connection: write what we have and wait for the response."""
+        now = self.runtime.now
+        req.sent_at = now
+        self.deadline = now + self.settings.response_timeout
+        self.deadline_kind = WAIT_BACKEND
+        self.flush_request(req)
+        if req.expect_continue and not req.continue_sent and not req.complete and not req.body_received:
+            req.continue_sent = True
+            self.transport.write(errors.CONTINUE_100)
+        self.resume(PAUSE_QUEUE)
+
+    def flush_request(self, req: Request) -> None:
+        out = req.out
+        flushed = req.flushed
+        data = out[flushed] if len(out) - flushed == 1 else b"".join(out[flushed:])
+        req.upstream.transport.write(data)
+        req.written = True
+        if req.replayable and req.out_size <= REPLAY_LIMIT:
+            req.flushed = len(out)
+        else:
+            req.replayable = False
+            out.clear()
+            req.flushed = 0
+
+    # ---- responses -------------------------------------------------------------------------------
+
+    def answer(self, req: Request, status: int, close: bool) -> None:
+        """A response of fastlb's own for queue[0] (errors)."""
+        close = close or self.closing and not self.req_pending_after(req) or req.close_after
+        self.transport.write(errors.response(status, close))
+        self.finished(req, close)
+
+    def req_pending_after(self, req: Request) -> bool:
+        return len(self.queue) > 1
+
+    def finished(self, req: Request, close: bool) -> None:
+        """queue[0] has been answered in full: next request, or keep-alive wait, or close."""
+        queue = self.queue
+        if queue and queue[0] is req:
+            queue.popleft()
+        if close or (not queue and self.closing and self.req is None) or self.closed:
+            self.closing = True
+            self.parser = None
+            queue.clear()
+            self.deadline_kind = WAIT_NONE
+            if not self.closed:
+                self.transport.close()
+            return
+        if queue:
+            self.resume(PAUSE_QUEUE)
+            self.dispatch(queue[0])
+            return
+        self.resume(PAUSE_QUEUE)
+        if self.req is not None:
+            self.deadline = self.head_started + self.settings.http_request_timeout
+            self.deadline_kind = WAIT_HEAD
+        else:
+            if self.runtime.draining:
+                self.closing = True
+                self.transport.close()
+                return
+            self.deadline = self.runtime.now + self.settings.keepalive_timeout
+            self.deadline_kind = WAIT_IDLE
+
+    def backend_failed(self, req: Request, status: int, retry: bool) -> None:
+        """The backend connection serving req broke (or timed out) before the response ended."""
+        if self.closed:
+            return
+        if req.response_started:
+            self.transport.close()              # a truncated response: the client sees the cut
+            self.closing = True
+            return
+        pool = req.route.pool
+        if (retry and req.replayable and (req.idempotent or not req.written)
+                and len(req.tried) < pool.attempts):
+            req.flushed = 0
+            req.written = False
+            self.dispatch(req)
+            return
+        self.answer(req, status, close=not req.complete)
+
+    def start_tunnel(self, upstream_transport) -> None:
+        """The backend switched protocols (101): bytes flow both ways untouched from now on."""
+        self.tunnel = True
+        self.peer = upstream_transport
+        self.deadline = self.loop.time() + self.settings.tunnel_timeout
+        self.deadline_kind = WAIT_TUNNEL
+        if self.tunnel_buffer:
+            upstream_transport.write(b"".join(self.tunnel_buffer))
+        self.tunnel_buffer = None
+        self.paused = 0
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.tunnel:
+            if not self.peer.is_closing():
+                self.peer.write_eof()
+            return True
+        if self.queue:
+            # Half-closed after sending its request(s): still answer them, then close.
+            self.closing = True
+            self.parser = None
+            return True
+        return False
+
+    # ---- timeouts (called by the sweep) ----------------------------------------------------------
+
+    def on_deadline(self, now: float) -> None:
+        kind = self.deadline_kind
+        self.deadline_kind = WAIT_NONE
+        if kind == WAIT_IDLE:
+            self.transport.close()
+        elif kind == WAIT_HEAD:
+            if self.queue:
+                return
+            self.closing = True
+            self.parser = None
+            self.transport.write(errors.response(408, True))
+            self.transport.close()
+        elif kind == WAIT_BACKEND:
+            req = self.queue[0] if self.queue else None
+            if req is None:
+                return
+            if not req.complete and req.upstream is not None and not req.response_started:
+                # The client stopped sending its body.
+                req.upstream.abandon()
+                req.upstream.release(ok=True)
+                req.upstream = None
+                self.queue.clear()
+                self.transport.write(errors.response(408, True))
+                self.transport.close()
+                return
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+                self.connect_task = None
+                self.answer(req, 503, close=not req.complete)
+                return
+            upstream = req.upstream
+            if upstream is not None:
+                upstream.timed_out()
+        elif kind == WAIT_TUNNEL:
+            if self.tunnel_active:
+                self.tunnel_active = False
+                self.deadline = now + self.settings.tunnel_timeout
+                self.deadline_kind = WAIT_TUNNEL
+            else:
+                self.close()
+
+
+__all__ = ["ClientConnection", "Request"]

@@ -1,0 +1,19 @@
+# Declarations that make HttpSettings / HttpRuntime extension types when runtime.py is compiled
+# (typed attribute access from the protocols); runtime.py runs unchanged as plain Python.
+
+cdef class HttpSettings:
+    cdef public double http_request_timeout, keepalive_timeout, response_timeout, tunnel_timeout
+    cdef public double backend_idle_timeout, connect_wait_timeout
+    cdef public Py_ssize_t backend_max_idle, max_header_size, max_headers, max_uri_length
+    cdef public bint forwarded_for
+    cdef public dict request_actions, response_actions
+    cdef public bytes request_block, response_block, default_host, scheme
+    cdef public object capture
+
+
+cdef class HttpRuntime:
+    cdef public object loop, router, connections, sweep_handle, backend_factory
+    cdef public HttpSettings settings
+    cdef public bint draining
+    cdef public Py_ssize_t failures
+    cdef public double last_failure_log, sweep_interval, now

@@ -1,0 +1,187 @@
+"""What the HTTP connections of one worker share: settings, router, idle backend connections, the sweep.
+
+`HttpSettings` turns the Config into what the hot path reads: limits as ints, timeouts as floats, the
+header action tables (with the operator's delete/set rules folded in) and the header blocks fastlb adds,
+preformatted as bytes once. `HttpRuntime.sweep` is the one periodic timer that enforces every HTTP
+timeout and expires idle backend connections, so no request arms or cancels a timer of its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastlb.config import Config
+from fastlb.http.headers import (FORWARDED_SET_BY_US, H_DROP, R_DROP, REQUEST_SPECIAL, RESPONSE_SPECIAL,
+                                 format_header_block)
+from fastlb.http.routing import Router, RoutePool, Rule
+from fastlb.pool import BackendPool
+
+log = logging.getLogger("fastlb")
+
+
+class HttpSettings:
+    __slots__ = (
+        "http_request_timeout", "keepalive_timeout", "response_timeout", "tunnel_timeout",
+        "backend_idle_timeout", "backend_max_idle", "connect_wait_timeout",
+        "max_header_size", "max_headers", "max_uri_length",
+        "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
+        "capture", "default_host", "scheme",
+    )
+
+    def __init__(self, config: Config, capture: frozenset) -> None:
+        self.http_request_timeout = config.http_request_timeout
+        self.keepalive_timeout = config.keepalive_timeout
+        self.response_timeout = config.response_timeout
+        self.tunnel_timeout = config.tunnel_timeout
+        self.backend_idle_timeout = config.backend_idle_timeout
+        self.backend_max_idle = config.backend_max_idle
+        # A request waiting for a backend connection: the pool enforces queue and connect timeouts;
+        # this is only the sweep's backstop.
+        self.connect_wait_timeout = (config.queue_timeout + config.connect_timeout * (config.retries + 1)
+                                     + 1.0)
+        self.max_header_size = config.max_header_size
+        self.max_headers = config.max_headers
+        self.max_uri_length = config.max_uri_length
+        self.forwarded_for = config.forwarded_for
+        self.scheme = b"http"
+        request_actions = dict(REQUEST_SPECIAL)
+        response_actions = dict(RESPONSE_SPECIAL)
+        if config.forwarded_for:
+            for name in FORWARDED_SET_BY_US:
+                request_actions[name] = H_DROP
+        for name in config.request_header_delete:
+            request_actions.setdefault(name.lower().encode("latin-1"), H_DROP)
+        for name, _ in config.request_header_set:
+            request_actions.setdefault(name.lower().encode("latin-1"), H_DROP)
+        for name in config.response_header_delete:
+            response_actions.setdefault(name.lower().encode("latin-1"), R_DROP)
+        for name, _ in config.response_header_set:
+            response_actions.setdefault(name.lower().encode("latin-1"), R_DROP)
+        self.request_actions = request_actions
+        self.response_actions = response_actions
+        extra = list(config.request_header_set)
+        response_extra = list(config.response_header_set)
+        if config.via:
+            extra.append(("Via", f"1.1 {config.via}"))
+            response_extra.append(("Via", f"1.1 {config.via}"))
+            request_actions[b"via"] = H_DROP       # replaced, not appended: simpler, and no loops
+            response_actions[b"via"] = R_DROP
+        self.request_block = format_header_block(extra)
+        self.response_block = format_header_block(response_extra)
+        self.capture = capture
+        bind = config.binds[0] if config.binds else None
+        self.default_host = bind.address.encode() if bind else b"localhost"
+
+    def forward_block_for(self, client_ip: bytes) -> bytes:
+        """X-Forwarded-For and -Proto for a connection without an incoming X-Forwarded-For."""
+        if not self.forwarded_for:
+            return b""
+        return b"X-Forwarded-For: " + client_ip + b"\r\nX-Forwarded-Proto: " + self.scheme + b"\r\n"
+
+
+def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
+                 default_pool: BackendPool | None = None) -> Router:
+    """The worker's pools and rules. default_pool: the worker's BackendPool of the top-level backends
+    (the one the active health checks feed), served as the pool named "default"."""
+    pools: dict[str, RoutePool] = {}
+    for spec in config.pools:
+        pool_config = config.replace(backends=spec.backends, algorithm=spec.algorithm or config.algorithm,
+                                     hash_key=spec.hash_key if spec.hash_key is not None else
+                                     config.hash_key)
+        pools[spec.name] = RoutePool(spec.name, BackendPool(pool_config, loop, maxconn),
+                                     pool_config.hash_key,
+                                     spec.max_body_size if spec.max_body_size is not None
+                                     else config.max_body_size)
+    if config.backends:
+        pools.setdefault("default", RoutePool("default", default_pool or BackendPool(config, loop, maxconn),
+                                              config.hash_key, config.max_body_size))
+    default_name = config.default_pool or ("default" if "default" in pools else next(iter(pools)))
+    rules = [Rule(spec, pools[spec.pool]) for spec in config.routes]
+    return Router(pools, rules, pools[default_name])
+
+
+class HttpRuntime:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, router: Router,
+                 connections: set) -> None:
+        self.loop = loop
+        self.router = router
+        self.settings = HttpSettings(config, router.capture)
+        self.connections = connections
+        self.draining = False
+        self.now = loop.time()     # the loop's clock as last read by a protocol (one read per data_received)
+        self.failures = 0
+        self.last_failure_log = 0.0
+        self.sweep_handle = None
+        shortest = min(t for t in (config.http_request_timeout, config.keepalive_timeout,
+                                   config.response_timeout, config.tunnel_timeout,
+                                   config.backend_idle_timeout) if t > 0)
+        # Timeouts fire between t and t + interval: at most 10 % late, checked at most 20 times a second.
+        self.sweep_interval = min(1.0, max(0.05, shortest / 10))
+        from fastlb.http.upstream import BackendConnection
+        self.backend_factory = lambda: BackendConnection(self)
+
+    def start(self) -> None:
+        self.sweep_handle = self.loop.call_later(self.sweep_interval, self.sweep)
+
+    def stop(self) -> None:
+        if self.sweep_handle is not None:
+            self.sweep_handle.cancel()
+            self.sweep_handle = None
+        for route in self.router.pools.values():
+            for backend in route.pool.backends:
+                while backend.idle:
+                    backend.idle.pop().transport.close()
+            if route.name != "default":
+                route.pool.close()          # the default pool is the worker's, closed by it
+
+    def protocol_factory(self, bind):
+        from fastlb.http.protocol import ClientConnection
+        return lambda: ClientConnection(self, bind)
+
+    # ---- idle backend connections ----------------------------------------------------------------
+
+    def park(self, upstream, backend) -> None:
+        idle = backend.idle
+        if len(idle) >= self.settings.backend_max_idle:
+            idle.popleft().transport.close()        # the oldest one goes first
+        upstream.idle_since = self.now
+        idle.append(upstream)
+
+    def unpark(self, upstream) -> None:
+        backend = upstream.backend
+        if backend is not None:
+            try:
+                backend.idle.remove(upstream)
+            except ValueError:
+                pass
+
+    # ---- the sweep -------------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        now = self.now = self.loop.time()
+        for client in list(self.connections):
+            if client.deadline_kind and client.deadline <= now:
+                try:
+                    client.on_deadline(now)
+                except Exception:                   # one broken connection must not stop the sweep
+                    log.exception("timeout handling failed")
+                    client.transport.abort()
+            elif self.draining and client.deadline_kind == 2 and not client.closed:
+                client.transport.close()             # idle keep-alive connection: close it now
+        expire = now - self.settings.backend_idle_timeout
+        for route in self.router.pools.values():
+            for backend in route.pool.backends:
+                idle = backend.idle
+                while idle and idle[0].idle_since <= expire:
+                    idle.popleft().transport.close()
+        self.sweep_handle = self.loop.call_later(self.sweep_interval, self.sweep)
+
+    def refused(self, client, reason: Exception) -> None:
+        """A request got 503. Logged at most once a second, so a dead pool is not a log flood."""
+        self.failures += 1
+        now = self.loop.time()
+        if now - self.last_failure_log >= 1.0:
+            log.warning("503 to %s: %s (%d since last report)", client.client_ip.decode(), reason,
+                        self.failures)
+            self.failures = 0
+            self.last_failure_log = now

@@ -1,0 +1,17 @@
+# Declarations that make BackendConnection an extension type when upstream.py is compiled.
+from fastlb.http.protocol cimport ClientConnection, Request
+from fastlb.http.runtime cimport HttpRuntime, HttpSettings
+
+
+cdef class BackendConnection:
+    cdef public HttpRuntime runtime
+    cdef public HttpSettings settings
+    cdef public object transport, parser, backend, conn_tokens
+    cdef public bytes upgrade, te_value, cl_value, reason
+    cdef public bint lost, fresh_parser, keep_alive, chunked_in, chunked_out, close_delimited, no_body
+    cdef public bint done, interim, reusable, client_close
+    cdef public double idle_since
+    cdef public ClientConnection client
+    cdef public Request request
+    cdef public list out, parts
+    cdef public int status

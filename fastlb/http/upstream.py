@@ -1,0 +1,361 @@
+"""The backend side: one `BackendConnection` per connection to a backend, reused across requests.
+
+While serving a request it parses the response with httptools, rewrites the head (hop-by-hop headers
+out, the framing fastlb forwards, `Connection: close` when the client connection ends after it) and
+queues head and body pieces in `out`; they are written to the client in one `write` after each
+`feed_data`, so a small response is a single syscall. When the response has been read to its end,
+the backend said keep-alive and the request was fully sent, the connection goes back to its backend's
+idle deque (`Backend.idle`); anything else closes it. A connection is never reused after a response
+it did not read in full.
+
+HEAD responses: httptools does not know the request method, so a HEAD response is finished at the end
+of its head, and the connection gets a fresh parser before its next request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httptools
+
+from fastlb.health import RESPONSE
+from fastlb.http import errors
+from fastlb.http.headers import R_CONNECTION, R_DROP, R_FRAMING, R_UPGRADE, RESPONSE_SPECIAL
+
+log = logging.getLogger("fastlb")
+
+HttpParserError = httptools.HttpParserError
+HttpParserUpgrade = httptools.HttpParserUpgrade
+
+
+class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is an extension type)
+    __slots__ = (
+        # shared
+        "runtime", "settings",
+        # per connection
+        "transport", "parser", "lost", "backend", "idle_since", "fresh_parser",
+        # per request / response
+        "client", "request", "out", "parts", "status", "reason", "keep_alive", "chunked_in",
+        "chunked_out", "close_delimited", "no_body", "done", "interim", "reusable", "upgrade",
+        "te_value", "cl_value", "client_close", "conn_tokens",
+    )
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.transport = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.lost = False
+        self.backend = None
+        self.idle_since = 0.0
+        self.fresh_parser = False
+        self.client = None
+        self.request = None
+        self.out = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parts = []
+        self.status = 0
+        self.reason = b""
+        self.keep_alive = False
+        self.chunked_in = False
+        self.chunked_out = False
+        self.close_delimited = False
+        self.no_body = False
+        self.done = False
+        self.interim = False
+        self.reusable = True
+        self.upgrade = None
+        self.te_value = None
+        self.cl_value = None
+        self.client_close = False
+        self.conn_tokens = None
+
+    # ---- attach / detach -------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def attach(self, client, req, backend) -> None:
+        if self.fresh_parser:
+            self.parser = httptools.HttpResponseParser(self)
+            self.fresh_parser = False
+        self.client = client
+        self.request = req
+        self.backend = backend
+        req.upstream = self
+        self._reset()
+
+    def release(self, ok: bool, detail: str = "") -> None:
+        """Gives back the slot taken for the request and reports the outcome to the core and to the
+        passive health checks (a 5xx, a bad response or a timeout counts against the backend)."""
+        backend = self.backend
+        req = self.request
+        if backend is None or req is None:
+            return
+        pool = req.route.pool
+        backend.balancer.on_response(backend.index, self.runtime.now - req.sent_at, ok)
+        if not ok:
+            pool.health.record(backend, False, RESPONSE, detail or f"status {self.status}")
+        elif backend.bad_responses:
+            pool.health.record(backend, True, RESPONSE)
+        pool.release(backend)
+        self.request = None
+
+    def abandon(self) -> None:
+        """The client side is gone or broken mid-request: this connection is not reusable."""
+        self.client = None
+        if self.request is not None:
+            self.release(ok=True)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def timed_out(self) -> None:
+        client = self.client
+        req = self.request
+        self.client = None
+        self.release(False, "response timeout")
+        self.transport.abort()
+        req.upstream = None
+        req.tried.append(self.backend)
+        client.backend_failed(req, 504, retry=False)
+
+    # ---- reading the response --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # Bytes on an idle connection: nothing was asked, so the connection is out of step.
+            self.transport.close()
+            return
+        if client.tunnel:
+            client.transport.write(data)
+            client.tunnel_active = True
+            return
+        self.runtime.now = client.loop.time()        # the one clock read for these bytes
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            rest = data[exc.args[0]:] if exc.args else b""
+            self._switch(rest)
+            return
+        except HttpParserError as exc:
+            log.debug("bad response from %s: %s", self.backend.address, exc)
+            self.out.clear()
+            self.reusable = False
+            self._failed(502, retry=False)
+            return
+        out = self.out
+        if out:
+            client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+        if self.done:
+            self._finish()
+        elif client.deadline_kind == 3:            # WAIT_BACKEND: the backend is alive, wait again
+            client.deadline = self.runtime.now + self.settings.response_timeout
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.reusable = False                   # more bytes after a complete response
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:                             # trailers after a chunked body: dropped
+            return
+        action = self.settings.response_actions.get(name.lower())
+        if action is None:
+            self.parts += (name, b": ", value, b"\r\n")
+        elif action == R_FRAMING:
+            if len(name) == 17:                     # transfer-encoding
+                self.te_value = value
+            else:                                   # content-length (llhttp checked it)
+                self.cl_value = value
+        elif action == R_CONNECTION:
+            tokens = [t.strip().lower() for t in value.split(b",")]
+            self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
+        elif action == R_UPGRADE:
+            self.upgrade = value
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        self.status = status
+        req = self.request
+        client = self.client
+        if status < 200 and status != 101:
+            # An interim response (103 Early Hints...): forwarded, except 100 (fastlb answers
+            # Expect itself) and to HTTP/1.0 clients, which do not know them.
+            self.interim = True
+            if status != 100 and not req.http10:
+                self.out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n", *self.parts, b"\r\n")
+            return
+        req.response_started = True
+        self.keep_alive = parser.should_keep_alive()
+        out = self.out
+        out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n")
+        parts = self.parts
+        if self.conn_tokens is not None:
+            named = {t for t in self.conn_tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+            if named:
+                parts = [p for i in range(0, len(parts), 4) if parts[i].lower() not in named
+                         for p in parts[i:i + 4]]
+        out += parts
+        close = (not req.keep_alive or req.close_after or client.closing and len(client.queue) <= 1
+                 or not req.complete or client.runtime.draining)
+        if status == 101:
+            out += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade or b"", b"\r\n")
+            close = False
+        elif req.is_head or status == 204 or status == 304:
+            self.no_body = True
+            if self.cl_value is not None and status != 204:
+                out += (b"Content-Length: ", self.cl_value, b"\r\n")
+        else:
+            te = self.te_value
+            if te is not None:
+                if te.strip().lower().endswith(b"chunked"):
+                    self.chunked_in = True
+                    if req.http10:
+                        self.close_delimited = True
+                        close = True
+                    else:
+                        self.chunked_out = True
+                        out.append(b"Transfer-Encoding: chunked\r\n")
+                else:
+                    out += (b"Transfer-Encoding: ", te, b"\r\n")
+                    self.close_delimited = True
+                    close = True
+            else:
+                if self.cl_value is not None:
+                    out += (b"Content-Length: ", self.cl_value, b"\r\n")
+                else:
+                    self.close_delimited = True
+                    close = True
+        if close:
+            out.append(b"Connection: close\r\n")
+            self.client_close = True
+        elif req.http10:
+            out.append(b"Connection: keep-alive\r\n")
+        out.append(self.settings.response_block)
+        if req.extra_response_headers:
+            out.append(req.extra_response_headers)
+        out.append(b"\r\n")
+        if self.no_body:
+            self.done = True
+            if req.is_head:
+                self.fresh_parser = True            # the parser may wait for a body that never comes
+
+    def on_body(self, body: bytes) -> None:
+        if self.no_body:
+            self.reusable = False                   # a body where none may be: out of step
+            return
+        if self.chunked_out:
+            self.out += (b"%x\r\n" % len(body), body, b"\r\n")
+        else:
+            self.out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            self.status = 0
+            self.reason = b""
+            self.parts = []
+            self.te_value = None
+            self.cl_value = None
+            self.conn_tokens = None
+            return
+        if self.chunked_out:
+            self.out.append(b"0\r\n\r\n")
+        self.done = True
+
+    # ---- ends ------------------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """The response has been read and written to the client."""
+        client = self.client
+        req = self.request
+        backend = self.backend
+        self.client = None
+        self.release(ok=self.status < 500)
+        req.upstream = None
+        if self.keep_alive and self.reusable and req.complete and not self.close_delimited \
+                and not self.lost and not self.runtime.draining:
+            self.runtime.park(self, backend)
+        else:
+            self.transport.close()
+        client.finished(req, self.client_close)
+
+    def _switch(self, rest: bytes) -> None:
+        """101 Switching Protocols: the head goes to the client, then both sides become a tunnel."""
+        client = self.client
+        out = self.out
+        if rest:
+            out.append(rest)
+        if out:
+            client.transport.write(b"".join(out))
+            out.clear()
+        req = self.request
+        self.release(ok=True)
+        client.queue.clear()
+        req.upstream = None
+        client.start_tunnel(self.transport)
+
+    def _failed(self, status: int, retry: bool) -> None:
+        client = self.client
+        req = self.request
+        self.client = None
+        self.release(False, "bad response" if status == 502 and not retry else "connection lost")
+        if self.transport is not None:
+            self.transport.abort()
+        if req is not None and client is not None:
+            req.upstream = None
+            req.tried.append(self.backend)
+            client.backend_failed(req, status, retry)
+
+    def pause_writing(self) -> None:
+        # The backend reads slower than the client sends: stop reading the client.
+        client = self.client
+        if client is not None:
+            if client.tunnel:
+                client.transport.pause_reading()
+            else:
+                client.pause(1)
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            if client.tunnel:
+                client.transport.resume_reading()
+            else:
+                client.resume(1)
+
+    def eof_received(self) -> bool:
+        client = self.client
+        if client is not None and client.tunnel:
+            if not client.transport.is_closing():
+                client.transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        client = self.client
+        if client is None:
+            self.runtime.unpark(self)
+            return
+        if client.tunnel:
+            self.client = None
+            client.transport.close()
+            return
+        if self.request is None:
+            return
+        if self.close_delimited and self.status and not self.done:
+            # The end of a body read until close.
+            self.done = True
+            self.reusable = False
+            self._finish()
+            return
+        # Closed before the response ended: retry when the rules allow (nothing reached the client).
+        self._failed(502, retry=True)

@@ -1,0 +1,148 @@
+"""A raw HTTP/1.1 test client: send exact bytes, read responses with httptools, bounded in time."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httptools
+
+
+class Response:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.body = b""
+        self.complete = False
+        self.chunked = False
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def on_chunk_header(self) -> None:
+        self.chunked = True
+
+
+class Client:
+    """One client connection; `leftover` keeps bytes read past a response (pipelining)."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.leftover = b""
+        self.timeout = timeout
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method: str = "GET", path: str = "/", headers: dict | None = None,
+                body: bytes | None = None) -> Response:
+        self.send(build(method, path, headers, body))
+        return self.read_response(head=method == "HEAD")
+
+    def read_response(self, head: bool = False) -> Response:
+        """Reads one final response (1xx are skipped and kept in .interim). Raises on a close first."""
+        interim = []
+        while True:
+            response = Response()
+            headers_done = [False]
+            response.on_headers_complete = lambda: headers_done.__setitem__(0, True)
+            parser = httptools.HttpResponseParser(response)     # binds the callbacks present now
+            data, self.leftover = self.leftover, b""
+            deadline = time.monotonic() + self.timeout
+            while True:
+                if data:
+                    try:
+                        parser.feed_data(data)
+                    except httptools.HttpParserUpgrade as exc:
+                        self.leftover = data[exc.args[0]:]
+                        response.status = parser.get_status_code()
+                        response.complete = True
+                        return response
+                if response.complete or (head and headers_done[0]):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no complete response")
+                data = self.sock.recv(65536)
+                if not data:
+                    if headers_done[0] and not response.complete:
+                        # A body delimited by the close.
+                        response.status = parser.get_status_code()
+                        response.complete = True
+                        response.closed = True
+                        return response
+                    raise ConnectionError("closed before a complete response")
+            response.status = parser.get_status_code()
+            if 100 <= response.status < 200 and response.status != 101:
+                interim.append(response)
+                continue
+            response.interim = interim
+            return response
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the connection (EOF or reset) within timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def build(method: str = "GET", path: str = "/", headers: dict | None = None, body: bytes | None = None,
+          host: str = "test") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body is not None and not any(k.lower() in ("content-length", "transfer-encoding")
+                                    for k in (headers or {})):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+def requests_seen(proc, start: int = 0, at_least: int = 0) -> list[dict]:
+    """The requests an http_backend process logged (from output line `start` on). The backend logs a
+    request before answering it, but a thread reads its output: wait for `at_least` of them."""
+    if at_least:
+        deadline = time.monotonic() + 10
+        while sum(line.startswith("REQ ") for line in list(proc.lines[start:])) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"backend logged fewer than {at_least} requests")
+            time.sleep(0.01)
+    seen = []
+    with proc.changed:
+        lines = list(proc.lines[start:])
+    for line in lines:
+        if line.startswith("REQ "):
+            _, name, conn, method, url, length, digest, headers = line.split(" ", 7)
+            seen.append({"backend": name, "conn": int(conn), "method": method, "url": url,
+                         "length": int(length), "sha": digest, "headers": json.loads(headers)})
+    return seen
