@@ -292,6 +292,9 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         return 0                                   # the master died before PDEATHSIG was set
     worker = Worker(config, loop, maxconn, health_channel, verdicts, server_tls)
     loop.add_signal_handler(signal.SIGHUP, worker.reload_certificates)
+    # A forked worker starts with SIGHUP blocked (Master._spawn): a reload sent before the handler above
+    # existed is delivered now, and reloads this worker's copy of the certificates.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     async def serve() -> None:
         # One run of the loop from start to drain: uvloop handles signals only while it runs, so a signal
@@ -355,7 +358,15 @@ class Master:
         channel = worker_end = None
         if self.checker is not None:
             channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
+        # SIGHUP stays blocked in the child until its worker has a handler for it (run_worker): one sent
+        # meanwhile (the master forwards reloads to every worker) waits instead of killing the worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         if pid == 0:
             status = 1
             try:
