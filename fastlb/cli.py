@@ -19,6 +19,7 @@ examples:
   fastlb --bind :6379 --backend r1:6379 --backend r2:6379 --algorithm ketama --hash-key source
   fastlb --bind :443,ssl,cert=site.pem,key=site.key,cert=api.pem --backend 10.0.0.1:80
   fastlb --bind :443,ssl,cert=site.pem,ca=clients-ca.pem,verify=required --backend 10.0.0.1:443,ssl
+  fastlb --bind :443,ssl,cert=site.pem --bind :80,redirect-https --hsts 365d --backend 10.0.0.1:80
   fastlb --mode tcp --bind :443,sni-route --sni-route api.example.com=api --backend 10.0.0.1:443
          --backend 10.0.0.2:443,group=api                 (TLS passthrough, routed by SNI)
   fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
@@ -56,13 +57,15 @@ def make_parser() -> argparse.ArgumentParser:
     add("--check-config", metavar="FILE", help="validate FILE (with any other flags) and exit")
     field("mode", "http (default: HTTP/1.1 reverse proxy) or tcp (L4 relay)", "http|tcp")
     add("--bind", dest="binds", action="append", type=_flag_type("bind", parse_bind),
-        metavar="HOST:PORT[,accept-proxy][,ssl,cert=FILE[,key=FILE]...[,ca=FILE[,verify=MODE]]][,sni-route]",
+        metavar="HOST:PORT[,accept-proxy][,ssl,cert=FILE[,key=FILE]...[,ca=FILE[,verify=MODE]]][,sni-route]"
+                "[,redirect-https[=PORT]]",
         help="listen address (repeatable); accept-proxy expects a PROXY v1/v2 header on each connection. "
              "ssl terminates TLS (1.2/1.3, ECDHE+AEAD only): the first cert= is the default, further ones "
              "are chosen by SNI, each key= goes with the cert= before it (omit it when the cert file holds "
              "the key); ca= asks for client certificates signed by it, verify=required (default) or "
              "optional. sni-route passes TLS through, choosing the backend group by the ClientHello's SNI "
-             "(tcp mode)")
+             "(tcp mode). redirect-https (http mode): a plain bind answering every request with a redirect "
+             "to https://HOST[:PORT]/target")
     add("--backend", dest="backends", action="append", type=_flag_type("backend", parse_backend),
         metavar="HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2][,ssl[,verify=FILE|none]"
                 "[,sni=NAME]][,group=NAME]",
@@ -117,6 +120,8 @@ def make_parser() -> argparse.ArgumentParser:
     http_field("forwarded_for", "add X-Forwarded-For/-Proto/-Host (default true)", "true|false")
     http_field("via", "add 'Via: 1.1 NAME' both ways (default: no Via)", "NAME")
     http_field("default_pool", "pool for requests no [[route]] matches (config file pools)", "NAME")
+    http_field("hsts", "Strict-Transport-Security max-age added to responses on TLS binds (seconds, "
+               "or e.g. 365d; default 0: off; per pool in TOML)", "SECONDS")
     for name, metavar, help in (
             ("request_header_set", "'NAME: VALUE'", "set a request header (repeatable)"),
             ("request_header_delete", "NAME", "remove a request header (repeatable)"),

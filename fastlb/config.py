@@ -56,6 +56,12 @@ TLS (see fastlb/tls.py and fastlb/sni.py):
     ca = "clients-ca.pem"            # client certificates (mTLS) ...
     verify = "required"              # ... "required" (the default with ca) or "optional"
 
+    [[bind]]
+    address = "0.0.0.0:80"
+    redirect_https = true            # HTTP mode: answer 301/308 to https://HOST/target (or a port: 8443)
+
+    hsts = "365d"                    # HTTP mode: Strict-Transport-Security on TLS binds (per [[pool]] too)
+
     [[bind]]                         # mode = "tcp" only:
     address = "0.0.0.0:8443"
     sni_route = true                 # TLS passthrough, routed by the ClientHello's server name
@@ -112,6 +118,9 @@ class BindSpec:
     verify: str = "none"             # ... "required" or "optional"; "required" when ca is given alone
     # TLS passthrough: read the SNI of the ClientHello and pick the backend group from Config.sni_routes.
     sni_route: bool = False
+    # HTTP mode: a plain bind that answers every request with a redirect to https://HOST[:PORT]/target
+    # (None: off; 443: no port in the Location; another port: that port).
+    redirect_https: int | None = None
 
     @property
     def address(self) -> str:
@@ -148,6 +157,7 @@ class PoolSpec:
     algorithm: str | None = None
     hash_key: str | None = None
     max_body_size: int | None = None
+    hsts: int | None = None            # Strict-Transport-Security max-age on TLS binds (None: the global)
 
 
 @dataclass
@@ -193,6 +203,7 @@ class Config:
     max_headers: int = 100
     max_uri_length: int = 8192
     max_body_size: int = 0                 # bytes; 0: no limit (per pool: [[pool]] max_body_size)
+    hsts: int = 0                          # HSTS max-age seconds on TLS binds; 0: off (per pool: hsts)
     forwarded_for: bool = True             # X-Forwarded-For / -Proto / -Host
     via: str = ""                          # Via pseudonym; empty: no Via header
     request_header_set: list[tuple[str, str]] = field(default_factory=list)
@@ -475,6 +486,30 @@ def parse_header_line(value: Any) -> tuple[str, str]:
     return parse_header_name(name), text
 
 
+def parse_hsts(value: Any) -> int:
+    """HSTS max-age: seconds, or a duration with a unit ('1h', '365d'); 0 is off."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*d\s*", value):
+        return int(value.strip()[:-1].strip()) * 86400
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError(f"expected an HSTS max-age in seconds, or with a unit such as '365d' "
+                         f"(got {value!r})") from None
+    if seconds != int(seconds):
+        raise ValueError(f"expected whole seconds (got {value!r})")
+    return int(seconds)
+
+
+def parse_redirect_port(value: Any) -> int:
+    """redirect-https[=PORT] (flag) or redirect_https = true | PORT (TOML): the HTTPS port."""
+    if value is True or value == "":
+        return 443
+    port = parse_int(1)(value)
+    if port > 65535:
+        raise ValueError(f"expected a port 1-65535 (got {value!r})")
+    return port
+
+
 def parse_via(value: Any) -> str:
     if value is False or value == "":
         return ""
@@ -618,9 +653,12 @@ def parse_bind(text: Any) -> BindSpec:
             verify = _option(parse_verify, name, value)
         elif name == "sni-route" and not value:
             bind.sni_route = True
+        elif name == "redirect-https":
+            bind.redirect_https = _option(parse_redirect_port, name, value)
         else:
             raise ValueError(f"unknown bind option {option.strip()!r}; known: accept-proxy, ssl, cert=FILE, "
-                             f"key=FILE, ca=FILE, verify=required|optional, sni-route")
+                             f"key=FILE, ca=FILE, verify=required|optional, sni-route, "
+                             f"redirect-https[=PORT]")
     if verify is not None:
         bind.verify = verify
     check_bind_tls(bind)
@@ -649,6 +687,9 @@ def check_bind_tls(bind: BindSpec) -> None:
         raise ValueError("accept-proxy together with ssl is not supported yet")
     if bind.ssl and bind.sni_route:
         raise ValueError("sni-route passes TLS through without terminating it: it excludes ssl")
+    if bind.redirect_https is not None and (bind.ssl or bind.sni_route or bind.accept_proxy):
+        raise ValueError("redirect-https makes a plain HTTP bind that only redirects: it excludes ssl, "
+                         "sni-route and accept-proxy")
 
 
 def _option(parser: Callable[[Any], Any], name: str, value: str) -> Any:
@@ -691,6 +732,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_body_size": parse_size,
     "forwarded_for": parse_bool,
     "via": parse_via,
+    "hsts": parse_hsts,
     "default_pool": lambda value: _pool_name(value),
 }
 
@@ -753,6 +795,7 @@ POOL_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "algorithm": parse_algorithm,
     "hash_key": parse_hash_key,
     "max_body_size": parse_size,
+    "hsts": parse_hsts,
 }
 ROUTE_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "pool": _pool_name,
@@ -799,6 +842,7 @@ BIND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "ca": parse_file("CA"),
     "verify": parse_verify,
     "sni_route": parse_bool,
+    "redirect_https": lambda value: parse_redirect_port(value) if value is not False else None,
 }
 BACKEND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "address": parse_address,
@@ -1062,6 +1106,10 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
         if config.hash_key not in (None, "source"):
             raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs mode 'http'; "
                               f"tcp mode hashes on source only")
+        if any(b.redirect_https is not None for b in config.binds):
+            raise ConfigError(f"{where('binds')}: redirect-https answers HTTP requests: it needs mode 'http'")
+        if config.hsts or any(p.hsts for p in config.pools):
+            raise ConfigError(f"{where('hsts')}: HSTS is an HTTP response header: it needs mode 'http'")
     else:
         # SNI passthrough relays TLS bytes without reading HTTP: it is an L4 feature.
         if any(b.sni_route for b in config.binds):

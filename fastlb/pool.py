@@ -35,7 +35,11 @@ log = logging.getLogger("fastlb")
 
 
 class NoBackendError(Exception):
-    """No backend can take the connection: all are down, or every candidate failed to connect."""
+    """No backend can take the connection: all are down, or every candidate failed to connect.
+    tls_failure: a candidate's TLS handshake failed (its certificate did not verify, mostly): the HTTP
+    mode answers 502 Bad Gateway then, not 503."""
+
+    tls_failure = False
 
 
 class QueueError(Exception):
@@ -308,6 +312,7 @@ class BackendPool:
             tried = []
         queue_deadline = None
         attempts = self.attempts                 # per connection (HTTP: per request, retries included)
+        tls_failure = False                      # a candidate failed its TLS handshake
         while True:
             # A connection already waiting has priority over one that just arrived.
             if selected is not None:
@@ -322,8 +327,10 @@ class BackendPool:
                 await self._wait_for_slot(queue_deadline)
                 continue
             if backend is None:
-                raise NoBackendError("no backend available" if not tried else
-                                     f"connect failed to {len(tried)} backend(s)")
+                error = NoBackendError("no backend available" if not tried else
+                                       f"connect failed to {len(tried)} backend(s)")
+                error.tls_failure = tls_failure
+                raise error
             started = loop.time()
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -337,6 +344,7 @@ class BackendPool:
                             ssl_handshake_timeout=self.connect_timeout)
             except (OSError, TimeoutError) as exc:
                 if isinstance(exc, ssl.SSLError):
+                    tls_failure = True
                     self._tls_failure(backend, exc)
                 self.release(backend)
                 backend.balancer.on_response(backend.index, loop.time() - started, False)
@@ -346,7 +354,9 @@ class BackendPool:
                           exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
                           len(tried), attempts)
                 if len(tried) >= attempts:
-                    raise NoBackendError(f"connect failed to {len(tried)} backend(s)") from None
+                    error = NoBackendError(f"connect failed to {len(tried)} backend(s)")
+                    error.tls_failure = tls_failure
+                    raise error from None
                 continue
             except BaseException:
                 self.release(backend)

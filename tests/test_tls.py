@@ -1,6 +1,7 @@
 """TLS end to end: real fastlb processes, real TLS clients (Python ssl, curl, openssl s_client), a test PKI
 made here (tests/pki.py). Terminating binds (SNI, ALPN, protocol and cipher floor, mTLS), TLS backends
-(verification, failover), SNI passthrough routing, certificate reload, shared session tickets."""
+(verification, failover), SNI passthrough routing, certificate reload, shared session tickets; in HTTP
+mode: X-Forwarded-Proto, the client subject header, HSTS, the redirect bind, 502 on backend verification."""
 import asyncio
 import os
 import shutil
@@ -17,6 +18,7 @@ from fastlb import tls
 from fastlb.config import ConfigError
 from fastlb.cli import config_from_args
 from fastlb.sni import client_hello_sni
+from http_client import Client, build, requests_seen
 from pki import CA
 from procs import free_port, read_line, wait_until
 
@@ -509,3 +511,190 @@ def test_client_hello_sni_on_openssl_client_hellos():
     assert client_hello_sni(split[:150]) is NEED_MORE
     assert client_hello_sni(split) == "shop.example.com"
 
+
+# ---- HTTP mode on TLS binds -------------------------------------------------------------------------
+
+class HTTPSClient(Client):
+    """tests/http_client.Client over a TLS connection (Python ssl, verifying fastlb's certificate)."""
+
+    def __init__(self, port, context, server_name="default.test", timeout=5.0):
+        self.sock = tls_connect(port, context, server_name)
+        self.sock.settimeout(timeout)
+        self.leftover = b""
+        self.timeout = timeout
+
+
+def seen_headers(backend, start, count):
+    """The lower-cased headers of the last `count` requests the HTTP backend logged after line start."""
+    seen = requests_seen(backend, start, at_least=count)
+    assert len(seen) == count, seen
+    return [[(k.lower(), v) for k, v in request["headers"]] for request in seen]
+
+
+def test_http_tls_bind_sets_forwarded_proto_and_the_client_subject(procs, pki):
+    backend, ports = procs.http_backends("a")
+    tls_port, plain_port = free_port(), free_port()
+    procs.fastlb("--bind", f"127.0.0.1:{tls_port},ssl,cert={pki['default']},ca={pki['client_ca']},"
+                 f"verify=optional", "--bind", f"127.0.0.1:{plain_port}",
+                 "--backend", f"127.0.0.1:{ports['a']}")
+    forged = {"X-Client-Subject": "CN=root", "x-client-subject": "CN=admin", "X-Client-Verified": "SUCCESS",
+              "X-Forwarded-Proto": "http"}
+    start = len(backend.lines)
+    # mTLS with a certificate: fastlb's subject, once per request, on every request of the connection.
+    with HTTPSClient(tls_port, client_context(pki, cert=pki["alice"])) as client:
+        for _ in range(2):
+            response = client.request("GET", "/who", headers=forged)
+            assert response.status == 200 and response.body == b"a GET /who\n"
+    # No client certificate (verify=optional): no subject; the forged ones are still removed.
+    with HTTPSClient(tls_port, client_context(pki)) as client:
+        assert client.request("GET", "/anon", headers=forged).status == 200
+    # A plain bind: X-Forwarded-Proto http, forged subject removed.
+    with Client(plain_port) as client:
+        assert client.request("GET", "/plain", headers=forged).status == 200
+    alice1, alice2, anonymous, plain = seen_headers(backend, start, 4)
+    for headers in (alice1, alice2):
+        assert [v for k, v in headers if k == "x-client-subject"] == [r"CN=alice,O=Payments\, Inc"]
+        assert [v for k, v in headers if k == "x-forwarded-proto"] == ["https"]
+    for headers, proto in ((anonymous, "https"), (plain, "http")):
+        assert [v for k, v in headers if k == "x-client-subject"] == []
+        assert [v for k, v in headers if k == "x-forwarded-proto"] == [proto]
+    for headers in (alice1, alice2, anonymous, plain):
+        assert "x-client-verified" not in dict(headers)
+
+
+def test_http_hsts_on_tls_binds_only_and_per_pool(procs, pki, tmp_path):
+    backend, ports = procs.http_backends("a", "b")
+    tls_port, plain_port = free_port(), free_port()
+    path = tmp_path / "lb.toml"
+    path.write_text(f'''
+hsts = "365d"
+
+[[bind]]
+address = "127.0.0.1:{tls_port}"
+ssl = true
+cert = "{pki['default']}"
+
+[[bind]]
+address = "127.0.0.1:{plain_port}"
+
+[[backend]]
+address = "127.0.0.1:{ports['a']}"
+
+[[pool]]
+name = "api"
+backend = ["127.0.0.1:{ports['b']}"]
+hsts = 600
+
+[[pool]]
+name = "legacy"
+backend = ["127.0.0.1:{ports['b']}"]
+hsts = 0
+
+[[route]]
+pool = "api"
+path_prefix = "/api/"
+
+[[route]]
+pool = "legacy"
+path_prefix = "/legacy/"
+''')
+    procs.fastlb("--config", str(path), wait_port=tls_port)
+    with HTTPSClient(tls_port, client_context(pki)) as client:
+        response = client.request("GET", "/")
+        assert response.header_all("Strict-Transport-Security") == ["max-age=31536000"]
+        assert client.request("GET", "/api/x").header_all("Strict-Transport-Security") == ["max-age=600"]
+        assert client.request("GET", "/legacy/x").header_all("Strict-Transport-Security") == []
+        # fastlb's header replaces the backend's own where the pool sets HSTS ...
+        assert client.request("GET", "/hsts").header_all("Strict-Transport-Security") == ["max-age=31536000"]
+        # ... and the backend's passes unchanged where it does not.
+        assert client.request("GET", "/legacy/hsts").header_all("Strict-Transport-Security") == []
+    with Client(plain_port) as client:
+        assert client.request("GET", "/").header_all("Strict-Transport-Security") == []
+        assert client.request("GET", "/api/x").header_all("Strict-Transport-Security") == []
+        assert client.request("GET", "/hsts").header_all("Strict-Transport-Security") == ["max-age=1"]
+
+
+def test_plain_bind_redirects_to_https(procs, pki):
+    backend, ports = procs.http_backends("a")
+    tls_port, redirect_port, default_port = free_port(), free_port(), free_port()
+    procs.fastlb("--bind", f"127.0.0.1:{tls_port},ssl,cert={pki['default']}",
+                 "--bind", f"127.0.0.1:{redirect_port},redirect-https={tls_port}",
+                 "--bind", f"127.0.0.1:{default_port},redirect-https",
+                 "--backend", f"127.0.0.1:{ports['a']}")
+    wait_until(lambda: _port_open(redirect_port) and _port_open(default_port), what="redirect binds")
+    start = len(backend.lines)
+    with Client(redirect_port) as client:
+        # GET and HEAD: 301; the Host's port is replaced by the HTTPS one; target kept with its query.
+        client.send(build("GET", "/pay/1?x=y", host=f"default.test:{redirect_port}"))
+        response = client.read_response()
+        assert response.status == 301 and response.body == b""
+        assert response.header("Location") == f"https://default.test:{tls_port}/pay/1?x=y"
+        # Other methods: 308 (method and body kept by the client); the connection stays usable.
+        response = client.request("POST", "/pay", body=b"amount=5")
+        assert response.status == 308
+        assert response.header("Location") == f"https://test:{tls_port}/pay"
+        client.send(b"GET http://Shop.Example:8080/a/b HTTP/1.1\r\nHost: ignored\r\n\r\n")
+        assert client.read_response().header("Location") == f"https://Shop.Example:{tls_port}/a/b"
+        client.send(b"GET / HTTP/1.0\r\n\r\n")        # no Host to redirect to
+        assert client.read_response().status == 400
+    with Client(default_port) as client:
+        response = client.request("GET", "/x")
+        assert response.status == 301 and response.header("Location") == "https://test/x"
+    # curl follows the redirect to the TLS bind, verifies fastlb's certificate and gets the backend's answer.
+    result = subprocess.run(["curl", "-sS", "-L", "--cacert", pki["ca"], "-D", "-",
+                             "--resolve", f"default.test:{redirect_port}:127.0.0.1",
+                             "--resolve", f"default.test:{tls_port}:127.0.0.1",
+                             f"http://default.test:{redirect_port}/followed"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "HTTP/1.1 301" in result.stdout and result.stdout.endswith("a GET /followed\n")
+    # Only the request curl made over HTTPS reached the backend, with X-Forwarded-Proto https.
+    (seen,) = requests_seen(backend, start, at_least=1)
+    assert seen["url"] == "/followed"
+    assert dict((k.lower(), v) for k, v in seen["headers"])["x-forwarded-proto"] == "https"
+
+
+def test_http_backend_verification_failure_gives_502(procs, pki):
+    backend, ports = procs.http_backends("plain")
+    tls_ports = {name: free_port() for name in ("rogue", "good")}
+    tls_backend = procs.start([sys.executable, "tests/http_backend.py",
+                               f"rogue:{tls_ports['rogue']}@{pki['rogue_backend']}",
+                               f"good:{tls_ports['good']}@{pki['backend']}"], "https-backends")
+    tls_backend.wait_for_line(r"^ready$")
+    verify = f"ssl,verify={pki['ca']},sni=backend.test"
+    # Round robin over a backend whose certificate does not verify and a good one: every request
+    # is served by the good one (a failed handshake is a failed connect: the next candidate).
+    port = free_port()
+    lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{tls_ports['rogue']},{verify}",
+                      "--backend", f"127.0.0.1:{tls_ports['good']},{verify}", "--outlier-failures", "0")
+    with Client(port) as client:
+        for _ in range(4):
+            response = client.request("GET", "/x")
+            assert response.status == 200 and response.body == b"good GET /x\n"
+    lb.wait_for_line(r"TLS handshake with backend 127\.0\.0\.1:\d+ failed: .*certificate")
+    # Only the unverifiable backend: 502 Bad Gateway (not 503), and the request never reached it.
+    port = free_port()
+    procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{tls_ports['rogue']},{verify}",
+                 "--outlier-failures", "0")
+    with Client(port) as client:
+        response = client.request("GET", "/secret")
+        assert response.status == 502
+    assert not any(line.startswith("REQ rogue") for line in tls_backend.lines[:])
+
+
+def test_http_mode_tls_config_errors(pki, capsys):
+    for argv, message in [
+        (["--bind", "127.0.0.1:1,redirect-https,ssl,cert=" + pki["default"]], "excludes ssl"),
+        (["--mode", "tcp", "--bind", "127.0.0.1:1,redirect-https"], "needs mode 'http'"),
+        (["--mode", "tcp", "--bind", "127.0.0.1:1", "--hsts", "60"], "needs mode 'http'"),
+        (["--bind", "127.0.0.1:1,sni-route"], "need --mode tcp"),
+        (["--bind", "127.0.0.1:1", "--hsts", "1.5"], "whole seconds"),
+    ]:
+        try:
+            config_from_args([*argv, "--backend", "127.0.0.1:2"])
+        except ConfigError as exc:
+            assert message in str(exc), (argv, exc)
+        except SystemExit:
+            assert message in capsys.readouterr().err, argv
+        else:
+            raise AssertionError(f"accepted: {argv}")

@@ -36,6 +36,10 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     # Framing headers spelt with '_': CGI/WSGI backends read them as the real ones (smuggling).
     b"content_length": H_REJECT,
     b"transfer_encoding": H_REJECT,
+    # fastlb's own TLS client-certificate headers (tls.CLIENT_SUBJECT_HEADER, CLIENT_VERIFIED_HEADER):
+    # always removed from what a client sends; on mTLS binds fastlb sets the subject itself.
+    b"x-client-subject": H_DROP,
+    b"x-client-verified": H_DROP,
 }
 # Set by fastlb from the connection, so a client cannot forge them.
 FORWARDED_SET_BY_US = (b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")
@@ -44,6 +48,7 @@ R_CONNECTION = 1
 R_DROP = 2
 R_FRAMING = 3         # Content-Length / Transfer-Encoding: fastlb writes the framing it forwards
 R_UPGRADE = 4
+R_HSTS = 5            # Strict-Transport-Security: replaced by fastlb's where a pool sets HSTS on a TLS bind
 
 RESPONSE_SPECIAL: dict[bytes, int] = {
     b"connection": R_CONNECTION,

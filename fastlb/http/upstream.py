@@ -20,7 +20,7 @@ import httptools
 
 from fastlb.health import RESPONSE
 from fastlb.http import errors
-from fastlb.http.headers import R_CONNECTION, R_DROP, R_FRAMING, R_UPGRADE, RESPONSE_SPECIAL
+from fastlb.http.headers import R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_UPGRADE, RESPONSE_SPECIAL
 
 log = logging.getLogger("fastlb")
 
@@ -178,6 +178,10 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
         elif action == R_UPGRADE:
             self.upgrade = value
+        elif action == R_HSTS:
+            # fastlb's HSTS replaces the backend's where it applies (a TLS bind, a pool with HSTS).
+            if not (self.client.tls and self.request.route.hsts_block):
+                self.parts += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -239,6 +243,10 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         elif req.http10:
             out.append(b"Connection: keep-alive\r\n")
         out.append(self.settings.response_block)
+        if client.tls:
+            hsts = req.route.hsts_block
+            if hsts:
+                out.append(hsts)
         if req.extra_response_headers:
             out.append(req.extra_response_headers)
         out.append(b"\r\n")
