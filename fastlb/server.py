@@ -292,13 +292,14 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         return 0                                   # the master died before PDEATHSIG was set
     worker = Worker(config, loop, maxconn, health_channel, verdicts, server_tls)
     loop.add_signal_handler(signal.SIGHUP, worker.reload_certificates)
-    # A forked worker starts with SIGHUP blocked (Master._spawn): a reload sent before the handler above
-    # existed is delivered now, and reloads this worker's copy of the certificates.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     async def serve() -> None:
         # One run of the loop from start to drain: uvloop handles signals only while it runs, so a signal
         # sent right after "listening on" must not find it stopped between two run_until_complete calls.
+        # A forked worker starts with SIGHUP blocked (Master._spawn); unblocked here, with the loop running
+        # and the handler above in place, a reload sent meanwhile is delivered now and reloads this
+        # worker's copy of the certificates (unblocked before the loop runs, uvloop would drop it).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         await worker.start()
         log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
                  ", ".join(b.address for b in config.binds), config.mode, config.algorithm,
