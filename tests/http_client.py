@@ -68,18 +68,25 @@ class Client:
             while True:
                 if data:
                     try:
-                        parser.feed_data(data)
+                        # Only this response's bytes: httptools would parse a following one into it.
+                        used = _feed_one(parser, response, headers_done, data, head)
                     except httptools.HttpParserUpgrade as exc:
                         self.leftover = data[exc.args[0]:]
                         response.status = parser.get_status_code()
                         response.complete = True
                         return response
+                    self.leftover = data[used:]
                 if response.complete or (head and headers_done[0]):
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError("no complete response")
-                data = self.sock.recv(65536)
-                if not data:
+                chunk = self.sock.recv(65536)
+                data, self.leftover = self.leftover + chunk, b""
+                if not chunk:
+                    if data:
+                        parser.feed_data(data)           # bytes held back by _feed_one
+                        if response.complete:
+                            break
                     if headers_done[0] and not response.complete:
                         # A body delimited by the close.
                         response.status = parser.get_status_code()
@@ -115,6 +122,43 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _feed_one(parser, response: Response, headers_done: list, data: bytes, head: bool) -> int:
+    """Feeds data to parser up to the end of the response being read; returns the bytes used (the rest
+    belongs to the next response, e.g. pipelined answers arriving in one read).
+
+    httptools cannot stop after a message, so the data is cut where the message can end: a head, a
+    chunked body and every bodiless response end just after an empty line (CRLF CRLF), a Content-Length
+    body after that many bytes, a close-delimited body at the close. Up to 3 bytes that may start an
+    empty line are held back (not used) until more data shows whether they do."""
+    used = 0
+    size = len(data)
+    while used < size and not response.complete and not (head and headers_done[0]):
+        if headers_done[0]:
+            status = parser.get_status_code()
+            length = response.header("content-length")
+            bodiless = head or status in (204, 304) or 100 <= status < 200
+            if not bodiless and response.header("transfer-encoding") is None:
+                if length is None:
+                    parser.feed_data(data[used:])          # delimited by the close
+                    return size
+                end = min(size, used + int(length) - len(response.body))
+                parser.feed_data(data[used:end])
+                used = end
+                continue
+        # The next place an empty line ends (occurrences may overlap: try each end in turn).
+        start = data.find(b"\r\n\r\n", max(0, used - 3))
+        while start != -1 and start + 4 <= used:
+            start = data.find(b"\r\n\r\n", start + 1)
+        if start == -1:
+            end = max(used, size - 3)
+            if end > used:
+                parser.feed_data(data[used:end])
+            return end
+        parser.feed_data(data[used:start + 4])
+        used = start + 4
+    return used
 
 
 def build(method: str = "GET", path: str = "/", headers: dict | None = None, body: bytes | None = None,
