@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tools the tests and benchmarks drive, by the command each provides.
 DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux \
-	openssl:openssl curl:curl testssl:testssl.sh ip:iproute2 keepalived:keepalived
+  openssl:openssl curl:curl testssl:testssl.sh ip:iproute2 keepalived:keepalived \
+  redis-server:redis-server memcached:memcached chromium:chromium dnsmasq:dnsmasq-base
 
 .PHONY: run test setup system-packages build bench-core bench-proxy bench-memory bench-tls clean
 

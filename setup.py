@@ -1,7 +1,8 @@
-"""Builds fastlb._core from Cython; generated C and binaries are never committed.
+"""Builds fastlb._core (with fastlb._relay and the small fastlb._sockinfo) from Cython; generated C and
+binaries are never committed.
 
-The HTTP protocol modules (fastlb/http/protocol.py, upstream.py) are compiled too; delete the .so
-files (or never build) to run them as plain Python.
+The HTTP protocol modules (fastlb/http/runtime.py, protocol.py, upstream.py, routing.py) are compiled
+too; delete their .so files (or never build) to run them as plain Python.
 
 Environment knobs (uvloop's setup.py has the same ones as flags):
   FASTLB_CYTHON_ANNOTATE=1   write the HTML annotation next to _core.pyx
@@ -43,13 +44,16 @@ relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=com
 http_modules = [
     Extension(f"fastlb.http.{name}", [f"fastlb/http/{name}.py"], extra_compile_args=compile_args)
     for name in ("runtime", "protocol", "upstream", "routing")
-]
+] + [Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)]
 # (pool.py stays plain Python: compiled by Cython 3.3, its `async with asyncio.timeout()` connect loop
 # crashed the process on a failed connect.)
 
+# Per-connection byte counts from TCP_INFO (fastlb/observe.py); observe.py falls back to ctypes without it.
+sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile_args=compile_args)
+
 setup(
     ext_modules=cythonize(
-        [core, relay, *http_modules],
+        [core, relay, sockinfo, *http_modules],
         compiler_directives=directives,
         annotate=os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1",
     )

@@ -22,9 +22,13 @@ examples:
   fastlb --bind :443,ssl,cert=site.pem --bind :80,redirect-https --hsts 365d --backend 10.0.0.1:80
   fastlb --mode tcp --bind :443,sni-route --sni-route api.example.com=api --backend 10.0.0.1:443
          --backend 10.0.0.2:443,group=api                 (TLS passthrough, routed by SNI)
+  fastlb --bind :8080 --backend a:80 --backend b:80 --sticky cookie:SRV,indirect,httponly --cookie-secret-file /etc/fastlb/key
+  fastlb --bind :8080 --backend a:80 --backend b:80 --sticky learn:JSESSIONID --store redis://10.0.0.9:6379/0
   fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
   fastlb --check-config /etc/fastlb.toml                (validate and exit)
   fastlb demo                                           (a balancer in front of 3 demo backends)
+  fastlb --config lb.toml --admin 9000 --admin-token-file /etc/fastlb/token --access-log -
+  fastlb ctl --admin 127.0.0.1:9000 --token-file /etc/fastlb/token backends   (see `fastlb ctl -h`)
 
 durations accept seconds or a unit: 5, 2.5s, 500ms, 1m. maxconn and queue limits are per worker.
 """
@@ -130,6 +134,29 @@ def make_parser() -> argparse.ArgumentParser:
         http.add_argument(flag_name(name), dest=name, action="append", default=None, metavar=metavar,
                           type=_flag_type(name, LIST_FIELDS[name]), help=help)
 
+    sessions = parser.add_argument_group(
+        "session persistence", "pin a client's session to one backend; shared between balancers through "
+        "--store redis:// or memcached://")
+
+    def sessions_field(name: str, help: str, metavar: str) -> None:
+        sessions.add_argument(flag_name(name), dest=name, type=_flag_type(name, FIELDS[name]),
+                              default=None, metavar=metavar, help=help)
+
+    sessions_field("sticky", "cookie:NAME (insert a signed cookie naming the backend; options ,indirect "
+                   ",nocache ,httponly ,secure ,samesite=lax|strict|none ,maxidle=DURATION "
+                   ",maxlife=DURATION), prefix:NAME (prefix the application's cookie), learn:NAME or "
+                   "learn:header:NAME (learn the application's session id), source (client address; "
+                   "tcp mode too)", "KIND[:NAME][,OPTION...]")
+    sessions_field("store", "where learned and source mappings are shared: memory (default: the "
+                   "workers of this balancer), redis://HOST:PORT/DB, memcached://HOST:PORT",
+                   "memory|URL")
+    sessions_field("cookie_secret_file", "HMAC-SHA256 secret for sticky cookies (>= 16 bytes; the same "
+                   "on every balancer that must honour the cookies)", "FILE")
+    sessions_field("stick_ttl", "learned and source mappings expire this long after last use "
+                   "(default 30m)", "DURATION")
+    sessions_field("stick_table_size", "entries per pool in each worker's local table, least recently "
+                   "used out first (default 100000)", "N")
+
     health = parser.add_argument_group(
         "health", "active checks, slow start and passive outlier detection; a backend may override any "
         "check setting and slowstart in its own options, e.g. --backend 10.0.0.1:80,check-port=8081,rise=3")
@@ -159,6 +186,25 @@ def make_parser() -> argparse.ArgumentParser:
     health_field("outlier_max_ejection_time", "longest ejection (default 5m)", "DURATION")
     health_field("max_ejection_percent", "at most this share of a pool ejected at once, and never its "
                  "last available backend (default 50)", "PERCENT")
+
+    ops = parser.add_argument_group(
+        "operations", "admin API, metrics, access log and service discovery; SIGHUP reloads --config")
+
+    def ops_field(name: str, help: str, metavar: str) -> None:
+        ops.add_argument(flag_name(name), dest=name, type=_flag_type(name, FIELDS[name]), default=None,
+                         metavar=metavar, help=help)
+
+    ops_field("admin", "admin bind serving /api (token), /metrics, /stats, /healthz; a bare port means "
+              "127.0.0.1 (default: off)", "[HOST:]PORT")
+    ops_field("admin_token_file", "file holding the bearer token every /api/ request must send", "FILE")
+    ops_field("access_log", "one line per connection to FILE, or - for stdout (default: off)", "FILE|-")
+    ops_field("access_log_format", "text (default) or json", "text|json")
+    ops_field("backends_file", "more backends from FILE, one per line in the --backend syntax; the file "
+              "is watched and changes applied live", "FILE")
+    ops_field("backends_dns", "more backends from DNS: _service._proto.NAME (SRV) or NAME:PORT (A/AAAA), "
+              "re-resolved every --dns-interval", "NAME")
+    ops_field("dns_interval", "DNS re-resolution interval (default 5s)", "DURATION")
+    ops_field("dns_server", "DNS server for --backends-dns (default: /etc/resolv.conf's first)", "HOST:PORT")
     return parser
 
 
@@ -190,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         from fastlb import demo
         return demo.main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from fastlb import ctl
+        return ctl.main(argv[1:])
     try:
         args, config = config_from_args(argv)
     except ConfigError as exc:
@@ -202,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(config.backends) - primaries} backup(s), algorithm {config.algorithm}{pools})")
         return 0
     from fastlb import server
-    return server.run(config)
+    # A reload (SIGHUP, `fastlb ctl reload`) re-reads the config file with the same flags over it.
+    return server.run(config, lambda: config_from_args(argv)[1])
 
 
 if __name__ == "__main__":

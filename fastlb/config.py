@@ -76,6 +76,28 @@ TLS (see fastlb/tls.py and fastlb/sni.py):
     sni = "api.internal"             # name sent and verified (default: the address's host)
     group = "api"
 
+Session persistence (see fastlb/sticky.py); a [[pool]] may have its own `sticky`:
+
+    sticky = "cookie:SRVID,indirect,nocache,httponly,secure,samesite=lax,maxidle=30m,maxlife=8h"
+                                     # or "prefix:JSESSIONID", "learn:JSESSIONID",
+                                     # "learn:header:X-Session-Id", "source"
+    store = "redis://127.0.0.1:6379/0"   # "memory" (default), or "memcached://127.0.0.1:11211"
+    cookie_secret_file = "/etc/fastlb/cookie.key"   # HMAC secret (>= 16 bytes): needed by cookie:
+    stick_ttl = "30m"                # learned and source mappings expire this long after last use
+    stick_table_size = 100000        # entries per pool in each worker's local table (LRU)
+
+Operations (see fastlb/admin.py, fastlb/observe.py, fastlb/discovery.py):
+
+    admin = "127.0.0.1:9000"         # admin bind: /api (token), /metrics, /stats, /healthz; a bare port
+                                     # means loopback; off unless given
+    admin_token_file = "/etc/fastlb/token"   # bearer token for /api/...; without it /api/ answers 401
+    access_log = "/var/log/fastlb/access.log"   # or "-" for stdout; off unless given
+    access_log_format = "json"       # or "text" (default)
+    backends_file = "/etc/fastlb/backends"   # one backend per line in the --backend syntax; watched
+    backends_dns = "_api._tcp.example"       # SRV, or "NAME:PORT" for A/AAAA; re-resolved every ...
+    dns_interval = "5s"
+    dns_server = "127.0.0.1:53"      # default: the first nameserver of /etc/resolv.conf
+
 `bind` and `backend` may also be arrays of strings in the flag syntax:
 `backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup,check-port=8081"]`.
 """
@@ -96,6 +118,7 @@ MODES = ("tcp", "http")
 HASHING_ALGORITHMS = ("hash", "ketama", "maglev")
 HASH_KEYS = ("source", "uri", "path", "header:NAME", "cookie:NAME", "query:NAME")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_FORMATS = ("text", "json")
 
 # Open files a worker needs besides relayed connections: listeners, the event loop's own fds, logging,
 # stdio, a margin for connects in flight when the limit is reached.
@@ -150,6 +173,24 @@ class BackendSpec:
 
 
 @dataclass
+class StickySpec:
+    """`--sticky KIND[:NAME][,option...]`: how a pool pins sessions (fastlb/sticky.py)."""
+    kind: str                  # cookie (insert), prefix, learn, source
+    name: str = ""             # the cookie (or, learn:header:NAME, the header) name
+    header: bool = False       # learn from a response header, look up the request header
+    indirect: bool = False
+    nocache: bool = False
+    httponly: bool = False
+    secure: bool = False
+    samesite: str = ""         # "", "lax", "strict", "none"
+    maxidle: float = 0.0       # seconds; 0: no limit
+    maxlife: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+
+@dataclass
 class PoolSpec:
     """A named backend pool (HTTP mode): its backends, and optionally its own algorithm, key, limit."""
     name: str
@@ -158,6 +199,7 @@ class PoolSpec:
     hash_key: str | None = None
     max_body_size: int | None = None
     hsts: int | None = None            # Strict-Transport-Security max-age on TLS binds (None: the global)
+    sticky: StickySpec | None = None
 
 
 @dataclass
@@ -213,6 +255,12 @@ class Config:
     pools: list[PoolSpec] = field(default_factory=list)
     routes: list[RouteSpec] = field(default_factory=list)
     default_pool: str | None = None
+    # Session persistence
+    sticky: StickySpec | None = None
+    store: str = "memory"                  # memory | redis://HOST:PORT/DB | memcached://HOST:PORT
+    cookie_secret_file: str | None = None
+    stick_ttl: float = 1800.0
+    stick_table_size: int = 100000
     # Health: active checks (defaults as HAProxy's inter 2s, rise 2, fall 3) ...
     check: str = "none"
     check_interval: float = 2.0
@@ -233,9 +281,29 @@ class Config:
     outlier_ejection_time: float = 30.0
     outlier_max_ejection_time: float = 300.0
     max_ejection_percent: int = 50
+    # Operations: admin bind, access log, service discovery
+    admin: tuple[str, int] | None = None
+    admin_token_file: str | None = None
+    access_log: str | None = None
+    access_log_format: str = "text"
+    backends_file: str | None = None
+    backends_dns: str | None = None
+    dns_interval: float = 5.0
+    dns_server: tuple[str, int] | None = None
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def discovers_backends(self) -> bool:
+        """A discovery source adds backends to the top-level pool at run time."""
+        return bool(self.backends_file or self.backends_dns)
+
+    @property
+    def has_default_pool(self) -> bool:
+        """The top-level backends form a pool (in HTTP mode the one named "default"): configured ones,
+        or a discovery source that will fill it."""
+        return bool(self.backends) or self.discovers_backends
 
     def health_for(self, spec: BackendSpec) -> "HealthSettings":
         """The health settings of one backend: the global ones with its own overrides."""
@@ -625,6 +693,32 @@ def parse_verify(value: Any) -> str:
     return parse_choice("verify mode", ("required", "optional"))(value)
 
 
+def parse_admin(value: Any) -> tuple[str, int]:
+    """'HOST:PORT', or a bare PORT meaning loopback: the admin API should not face the network by accident."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit():
+        value = f"127.0.0.1:{int(value)}"
+    return parse_address(value)
+
+
+def parse_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a file path (got {value!r})")
+    return value.strip()
+
+
+def parse_dns_name(value: Any) -> str:
+    """'_service._proto.name' (SRV) or 'name:PORT' (A and AAAA)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected '_service._proto.NAME' (SRV) or 'NAME:PORT' (A/AAAA) (got {value!r})")
+    value = value.strip()
+    if value.startswith("_"):
+        return value
+    name, _, port = value.rpartition(":")
+    if not name or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected '_service._proto.NAME' (SRV) or 'NAME:PORT' (A/AAAA) (got {value!r})")
+    return value
+
+
 def parse_bind(text: Any) -> BindSpec:
     """'HOST:PORT[,accept-proxy][,ssl,cert=FILE[,key=FILE][,cert=FILE...][,ca=FILE[,verify=required|
     optional]]][,sni-route]'. Each key= belongs to the cert= before it."""
@@ -692,6 +786,63 @@ def check_bind_tls(bind: BindSpec) -> None:
                          "sni-route and accept-proxy")
 
 
+_COOKIE_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+
+
+def parse_sticky(value: Any) -> StickySpec:
+    """cookie:NAME | prefix:NAME | learn:NAME | learn:header:NAME | source, then ,options (cookie:)."""
+    usage = ("expected cookie:NAME, prefix:NAME, learn:NAME, learn:header:NAME or source, with options "
+             "indirect, nocache, httponly, secure, samesite=lax|strict|none, maxidle=DURATION, "
+             "maxlife=DURATION")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{usage} (got {value!r})")
+    head, *options = [part.strip() for part in value.split(",")]
+    kind, _, name = head.partition(":")
+    kind = kind.lower()
+    spec = StickySpec(kind)
+    if kind == "source":
+        if name:
+            raise ValueError(f"source takes no name (got {value!r})")
+    elif kind in ("cookie", "prefix", "learn"):
+        if kind == "learn" and name.lower().startswith("header:"):
+            spec.header = True
+            name = name[len("header:"):]
+        if not re.fullmatch(_COOKIE_NAME, name):
+            raise ValueError(f"{usage} (got {value!r})")
+        spec.name = name
+    else:
+        raise ValueError(f"{usage} (got {value!r})")
+    for option in options:
+        key, sep, text = option.partition("=")
+        key = key.strip().lower()
+        if kind != "cookie" and key not in ("",):
+            raise ValueError(f"option {option!r} applies to cookie: only")
+        if key in ("indirect", "nocache", "httponly", "secure") and not sep:
+            setattr(spec, key, True)
+        elif key == "samesite" and text.lower() in ("lax", "strict", "none"):
+            spec.samesite = text.lower()
+        elif key in ("maxidle", "maxlife") and sep:
+            setattr(spec, key, _option(parse_duration, key, text))
+        else:
+            raise ValueError(f"unknown sticky option {option!r}; {usage}")
+    return spec
+
+
+def parse_store(value: Any) -> str:
+    """memory | redis://HOST:PORT[/DB] | memcached://HOST:PORT."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "memory":
+            return "memory"
+        match = re.fullmatch(r"redis://([^/:]+|\[[0-9a-fA-F:]+\]):(\d+)(?:/(\d+))?", text)
+        if match and 1 <= int(match.group(2)) <= 65535:
+            return f"redis://{match.group(1)}:{match.group(2)}/{match.group(3) or 0}"
+        match = re.fullmatch(r"memcached://([^/:]+):(\d+)/?", text)
+        if match and 1 <= int(match.group(2)) <= 65535:
+            return f"memcached://{match.group(1)}:{match.group(2)}"
+    raise ValueError(f"expected memory, redis://HOST:PORT/DB or memcached://HOST:PORT (got {value!r})")
+
+
 def _option(parser: Callable[[Any], Any], name: str, value: str) -> Any:
     try:
         return parser(value)
@@ -720,6 +871,14 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "outlier_ejection_time": parse_positive_duration,
     "outlier_max_ejection_time": parse_positive_duration,
     "max_ejection_percent": parse_percent,
+    "admin": parse_admin,
+    "admin_token_file": parse_path,
+    "access_log": parse_path,
+    "access_log_format": parse_choice("access log format", ACCESS_LOG_FORMATS),
+    "backends_file": parse_path,
+    "backends_dns": parse_dns_name,
+    "dns_interval": parse_positive_duration,
+    "dns_server": parse_address,
     "http_request_timeout": parse_positive_duration,
     "keepalive_timeout": parse_positive_duration,
     "response_timeout": parse_positive_duration,
@@ -734,6 +893,11 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "via": parse_via,
     "hsts": parse_hsts,
     "default_pool": lambda value: _pool_name(value),
+    "sticky": parse_sticky,
+    "store": parse_store,
+    "cookie_secret_file": parse_path,
+    "stick_ttl": parse_positive_duration,
+    "stick_table_size": parse_int(1),
 }
 
 # Repeatable HTTP header rules: config name -> parser of one item (flags append, the file gives arrays).
@@ -796,6 +960,7 @@ POOL_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "hash_key": parse_hash_key,
     "max_body_size": parse_size,
     "hsts": parse_hsts,
+    "sticky": parse_sticky,
 }
 ROUTE_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "pool": _pool_name,
@@ -1097,8 +1262,14 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
 
     if not config.binds:
         raise ConfigError("no listening address: give --bind HOST:PORT (or [[bind]] in the config file)")
-    if not config.backends and not config.pools:
-        raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file)")
+    if not config.backends and not config.pools and not config.discovers_backends:
+        raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file), "
+                          "or a discovery source (--backends-file, --backends-dns)")
+    if config.admin_token_file:
+        try:
+            read_token(config.admin_token_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where('admin_token_file')}: {exc}") from None
     if config.mode == "tcp":
         for name in ("pools", "routes"):
             if getattr(config, name):
@@ -1123,7 +1294,8 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
             raise ConfigError(f"{where('backends')}: backend groups (group=) are for SNI routing in mode "
                               f"'tcp'; HTTP mode uses [[pool]]s")
     _check_pools(config, where)
-    if config.backends and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
+    _check_sticky(config, where)
+    if config.has_default_pool and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs a hashing algorithm "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
     if config.bounded_load and config.bounded_load < 1.0:
@@ -1169,7 +1341,7 @@ def _check_groups(config: Config, where: Callable[[str], str]) -> None:
 
 def _check_pools(config: Config, where: Callable[[str], str]) -> None:
     names = [pool.name for pool in config.pools]
-    if config.backends:
+    if config.has_default_pool:
         names.append("default")
     for name in set(names):
         if names.count(name) > 1:
@@ -1190,6 +1362,29 @@ def _check_pools(config: Config, where: Callable[[str], str]) -> None:
     if config.default_pool is not None and config.default_pool not in names:
         raise ConfigError(f"{where('default_pool')}: unknown pool {config.default_pool!r}; "
                           f"pools: {', '.join(names)}")
+
+
+def _check_sticky(config: Config, where: Callable[[str], str]) -> None:
+    specs = [(config.sticky, where("sticky"))] + [
+        (pool.sticky, f"{where('pools')}: pool {pool.name!r}") for pool in config.pools]
+    for spec, place in specs:
+        if spec is None:
+            continue
+        if config.mode == "tcp" and spec.kind != "source":
+            raise ConfigError(f"{place}: sticky {spec} needs mode 'http'; tcp mode sticks on source only")
+        if spec.kind == "cookie" and not config.cookie_secret_file:
+            raise ConfigError(f"{place}: sticky {spec} signs its cookie: give --cookie-secret-file FILE "
+                              f"(at least 16 random bytes)")
+    if config.cookie_secret_file:
+        try:
+            with open(config.cookie_secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where('cookie_secret_file')}: cannot read {config.cookie_secret_file}: "
+                              f"{exc.strerror}") from None
+        if len(secret) < 16:
+            raise ConfigError(f"{where('cookie_secret_file')}: the secret must be at least 16 bytes "
+                              f"(got {len(secret)})")
 
 
 DYNAMIC_WEIGHT_ALGORITHMS = ("roundrobin", "random", "leastconn", "leasttime", "p2c")
@@ -1216,6 +1411,18 @@ def _check_health(config: Config, where: Callable[[str], str], explicit: set[str
             raise ConfigError(f"{source('slowstart')}: slow start ramps weights, which the "
                               f"{config.algorithm!r} algorithm does not follow gradually; use one of "
                               f"{', '.join(DYNAMIC_WEIGHT_ALGORITHMS)}, or slowstart 0")
+
+
+def read_token(path: str) -> str:
+    """The admin bearer token: the file's content without surrounding whitespace; at least 16 characters."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise OSError(f"cannot read token file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ValueError(f"token file {path} must hold a token of at least 16 characters")
+    return token
 
 
 def open_files_limit() -> tuple[int, int]:

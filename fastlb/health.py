@@ -12,8 +12,8 @@ Three parts, all off the relay's data path (they run on timers and on failures, 
   HTTP mode's 5xx and response timeouts), brings them back after the ejection time, and ramps a
   returning backend's weight (slow start). Every state and weight change goes through the core via
   `Backend.refresh` / `Backend.set_weight`.
-- `HealthFeed` carries the master's verdicts to a worker: a line per flip on a socketpair
-  (`INDEX up|down REASON`), the index being the backend's position in the configuration.
+- The master's verdicts reach its workers over the worker channel (fastlb/channel.py), one message per
+  flip naming the backend by address.
 
 Passive detection is per worker (each sees its own traffic, as Envoy's per-host detectors see theirs);
 active verdicts are global.
@@ -73,15 +73,21 @@ class CheckTarget:
     settings: HealthSettings
 
 
-def check_targets(config: Config) -> list[CheckTarget]:
+def check_targets(config: Config, first_index: int = 0) -> list[CheckTarget]:
     """The backends that have an active check (`check` not "none"), with where to check them."""
     targets = []
-    for index, spec in enumerate(config.backends):
-        settings = config.health_for(spec)
-        if settings.check != "none":
-            targets.append(CheckTarget(index, spec.address, spec.host, settings.check_port or spec.port,
-                                       settings))
+    for index, spec in enumerate(config.backends, first_index):
+        target = check_target(config, spec, index)
+        if target is not None:
+            targets.append(target)
     return targets
+
+
+def check_target(config: Config, spec, index: int) -> CheckTarget | None:
+    settings = config.health_for(spec)
+    if settings.check == "none":
+        return None
+    return CheckTarget(index, spec.address, spec.host, settings.check_port or spec.port, settings)
 
 
 async def probe_tcp(loop: asyncio.AbstractEventLoop, target: CheckTarget) -> str | None:
@@ -169,8 +175,31 @@ class HealthChecker:
 
     @property
     def states(self) -> dict[int, bool]:
-        """index -> up, for every checked backend (what a newly started worker must know)."""
+        """index -> up, for every checked backend."""
         return {index: check.up for index, check in self.checks.items()}
+
+    @property
+    def verdicts(self) -> dict[str, bool]:
+        """address -> up, for every checked backend (what a newly started worker must know)."""
+        return {check.target.address: check.up for check in self.checks.values()}
+
+    def add_target(self, target: CheckTarget, up: bool = False) -> None:
+        """Starts checking a backend added at run time. It starts down (`up=False`): a new server takes
+        traffic once `rise` checks passed."""
+        if target.index in self.checks:
+            return
+        check = self.checks[target.index] = _CheckState(target, up)
+        check.fresh = up
+        if not self.closed:
+            check.handle = self.loop.call_soon(self._run, check)
+
+    def remove_target(self, address: str) -> None:
+        for index, check in list(self.checks.items()):
+            if check.target.address == address:
+                for job in (check.handle, check.task):
+                    if job is not None:
+                        job.cancel()
+                del self.checks[index]
 
     def start(self) -> None:
         # First checks are spread over a short time rather than fired together: a backend that is down
@@ -374,28 +403,3 @@ class BackendHealth:
             backend.ramp_handle.cancel()
             backend.ramp_handle = None
         backend.set_weight(backend.full_weight)    # a down backend is not picked whatever its weight
-
-
-# ---- the master's verdicts, carried to a worker -----------------------------------------------------
-
-def encode_verdict(index: int, up: bool, reason: str) -> bytes:
-    return f"{index} {'up' if up else 'down'} {reason}\n".encode()
-
-
-class HealthFeed(asyncio.Protocol):
-    """A worker's end of the master's socketpair: hands each `INDEX up|down REASON` line to on_verdict
-    (the worker's, which knows which pool holds the backend of that index)."""
-
-    def __init__(self, on_verdict: Callable[[int, bool, str], None]) -> None:
-        self.on_verdict = on_verdict
-        self.buffer = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
-            index, state, reason = line.decode().split(" ", 2)
-            self.on_verdict(int(index), state == "up", reason)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        log.debug("health feed from the master closed")

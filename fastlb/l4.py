@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from fastlb._relay import RelayEnd
@@ -35,6 +36,7 @@ from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
 if TYPE_CHECKING:
     from fastlb.config import BindSpec
+    from fastlb.observe import Observer
 
 log = logging.getLogger("fastlb")
 
@@ -46,22 +48,25 @@ class Listener:
     """What connections accepted on one bind share."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log", "pools", "sni_routes")
+                 "last_failure_log", "pools", "sni_routes", "sticky", "observer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, bind: "BindSpec",
-                 hash_source: bool, header_timeout: float, connections: set,
-                 pools: dict[str, BackendPool] | None = None, sni_routes: dict[str, str] | None = None
-                 ) -> None:
+                 hash_source: bool, header_timeout: float, connections: set, sticky=None,
+                 observer: "Observer | None" = None, pools: dict[str, BackendPool] | None = None,
+                 sni_routes: dict[str, str] | None = None) -> None:
         self.loop = loop
         self.pool = pool                    # the default group's (None: no default group)
         self.pools = pools or {}            # sni-route binds: group -> pool
         self.sni_routes = sni_routes or {}
+        # fastlb.sticky.Sticky (source) or None; it pins to backends of the default group's pool only.
+        self.sticky = sticky
         self.bind = bind
         self.hash_source = hash_source
         self.header_timeout = header_timeout
         self.connections = connections      # the worker's set of live ClientSide objects
         self.failures = 0                   # client connections refused since the last log line
         self.last_failure_log = 0.0
+        self.observer = observer            # metrics / access log, once per connection; None when off
 
     def protocol_factory(self):
         return lambda: ClientSide(self)
@@ -70,6 +75,8 @@ class Listener:
         """A client is closed because no backend took it. Logged at most once a second: a dead pool
         must not turn into a log flood."""
         self.failures += 1
+        if self.observer is not None:
+            self.observer.tcp_refused(client, "refused")
         now = self.loop.time()
         if now - self.last_failure_log >= 1.0:
             log.warning("closing client connection(s) from %s: %s (%d since last report)",
@@ -86,6 +93,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         # per connection
         "transport", "pool", "backend", "backend_side", "connect_task", "source", "destination",
         "closed", "eofs",
+        # accounting (fastlb/observe.py): when it started, how long the backend took, reported yet
+        "started", "connect_seconds", "observed",
         # idle timeout: `active` is set per chunk, swept by the worker's periodic timer
         "idle_ticks",
     )
@@ -101,11 +110,15 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         self.destination = None
         self.closed = False
         self.eofs = 0
+        self.started = 0.0
+        self.connect_seconds = 0.0
+        self.observed = False
         self.idle_ticks = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.listener.connections.add(self)
+        self.started = monotonic()
         # uvloop starts reading right after connection_made, whatever it did: until a backend is
         # connected, a PendingClient takes the bytes (and reads the PROXY header on accept-proxy binds).
         pending = PendingClient(self)
@@ -126,8 +139,17 @@ class ClientSide(RelayEnd, asyncio.Protocol):
     async def _connect(self) -> None:
         listener = self.listener
         key = self.source[0].encode() if listener.hash_source else None
+        # Source persistence pins to the default group's backends: not for a connection SNI routed
+        # to another group.
+        sticky = listener.sticky if self.pool is listener.pool else None
+        pinned = client_ip = None
+        if sticky is not None:
+            pinned, client_ip, _ = sticky.pin(self.source[0].encode(), None)
+            if pinned is None and sticky.store.shared:
+                pinned = await sticky.fetch(client_ip)     # a local miss only; bounded
         try:
-            backend, transport, side = await self.pool.connect(key, self._make_backend_side)
+            backend, transport, side = await self.pool.connect(key, self._make_backend_side,
+                                                               pinned=pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
@@ -135,6 +157,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
                 self.transport.close()
             return
         self.connect_task = None
+        if sticky is not None and backend is not pinned:
+            sticky.record(client_ip, backend)         # a new client, or its backend could not serve it
         if self.closed or side.lost:
             # The client left, or the backend hung up, while we were being scheduled.
             self.pool.release(backend)
@@ -142,6 +166,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             self.transport.close()
             return
         self.backend = backend
+        self.connect_seconds = monotonic() - self.started
         if backend.send_proxy:
             transport.write(self._proxy_header(backend.send_proxy))
         pending = self.transport.get_protocol()
@@ -179,13 +204,22 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         # Keep our write side open (half-close); a TLS transport closes anyway, and warns when told not to.
         return self.transport.can_write_eof()
 
+    def _observe(self, gone: str | None) -> None:
+        """Once per connection, before its sockets close: counters and access log (off: one test)."""
+        observer = self.listener.observer
+        if observer is not None and not self.observed:
+            self.observed = True
+            observer.tcp_closed(self, gone)
+
     def _close_both(self) -> None:
+        self._observe(None)
         self.transport.close()
         if self.peer is not None:
             self.peer.close()
 
     def close(self) -> None:
         """Ends the connection now (idle timeout, shutdown): pending bytes are dropped."""
+        self._observe(None)
         self.transport.abort()
         if self.peer is not None:
             self.peer.abort()
@@ -197,6 +231,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             self.connect_task.cancel()
             self.connect_task = None
         if self.peer is not None:
+            self._observe("client")
             self.peer.close()            # flush what the client sent, then FIN
         self._release()
 
@@ -236,6 +271,7 @@ class BackendSide(RelayEnd, asyncio.Protocol):
         self.lost = True
         client = self.client
         if not client.closed:
+            client._observe("backend")
             client.transport.close()     # flush what the backend sent, then FIN
         client._release()
 

@@ -15,7 +15,7 @@ Backups live in a second Balancer: they are picked only when no primary can be (
 or every primary already tried by this connection).
 
 A backend's state in the core combines four sources (see `Backend.refresh`): the operator's state
-(`up` / `drain`), the active health checks (`checked_up`), a passive ejection (`ejected`), and the
+(`up` / `drain` / `maint`), the active health checks (`checked_up`), a passive ejection (`ejected`), and the
 `full` flag. fastlb/health.py changes the health parts; this module only combines them.
 """
 from __future__ import annotations
@@ -24,12 +24,14 @@ import asyncio
 import collections
 import logging
 import ssl
+from time import monotonic
 from typing import Callable
 
 from fastlb import Balancer
 from fastlb.config import BackendSpec, Config, HealthSettings
 from fastlb.health import CONNECT, BackendHealth
-from fastlb.tls import backend_contexts
+from fastlb.observe import Traffic
+from fastlb.tls import backend_context, backend_contexts
 
 log = logging.getLogger("fastlb")
 
@@ -52,7 +54,8 @@ class Backend:
     __slots__ = ("spec", "host", "port", "address", "index", "balancer", "is_backup", "maxconn",
                  "inflight", "send_proxy", "state", "full", "admin_state", "checked_up", "ejected",
                  "health", "full_weight", "connect_failures", "bad_responses", "ejections",
-                 "returned_at", "eject_handle", "ramp_handle", "ssl_context", "server_hostname", "idle")
+                 "returned_at", "eject_handle", "ramp_handle", "removed", "traffic", "ssl_context",
+                 "server_hostname", "idle")
 
     def __init__(self, spec: BackendSpec, index: int, balancer: Balancer, health: HealthSettings,
                  full_weight: int) -> None:
@@ -69,7 +72,7 @@ class Backend:
         # State: `state` is what the sources below make of it, without the full flag: "up" (can take
         # new connections), "drain" (finishes its connections, takes no new one) or "down".
         self.state = "up"
-        self.admin_state = "up"     # the operator's: "up" or "drain"
+        self.admin_state = "up"     # the operator's: "up", "drain" or "maint" (disabled: down)
         self.checked_up = True      # the active health checks' verdict
         self.ejected = False        # ejected by passive outlier detection, until eject_handle fires
         self.full = False           # at maxconn: drained in the core until a connection ends
@@ -82,6 +85,8 @@ class Backend:
         self.returned_at = 0.0
         self.eject_handle: asyncio.TimerHandle | None = None
         self.ramp_handle: asyncio.TimerHandle | None = None
+        self.removed = False        # removed at run time: its core slot is gone, live connections finish
+        self.traffic = Traffic()
         # TLS to the backend (set by the pool): a verification failure is a failed connect.
         self.ssl_context: ssl.SSLContext | None = None
         self.server_hostname = spec.sni or spec.host if spec.ssl else None
@@ -95,28 +100,36 @@ class Backend:
         return self.state == "up"
 
     def set_state(self, state: str) -> None:
-        """The operator's state: "up", or "drain" (no new connections; live ones finish)."""
-        if state not in ("up", "drain"):
-            raise ValueError(f"operator state must be 'up' or 'drain', not {state!r}")
+        """The operator's state: "up", "drain" (no new connections; live ones finish) or "maint"
+        (disabled: down whatever the health checks say; live connections finish too)."""
+        if state not in ADMIN_STATES:
+            raise ValueError(f"operator state must be one of {', '.join(ADMIN_STATES)}, not {state!r}")
         self.admin_state = state
         self.refresh()
 
     def refresh(self) -> None:
         """Recombines the state sources and tells the core (a no-op there when nothing changed)."""
-        self.state = "down" if self.ejected or not self.checked_up else self.admin_state
+        if self.ejected or not self.checked_up or self.admin_state == "maint":
+            self.state = "down"
+        else:
+            self.state = self.admin_state
         self._commit()
 
     def _commit(self) -> None:
+        if self.removed:
+            return
         effective = "drain" if self.full and self.state == "up" else self.state
         self.balancer.set_state(self.index, effective)
 
     def set_weight(self, weight: int) -> None:
-        self.balancer.set_weight(self.index, weight)
+        if not self.removed:
+            self.balancer.set_weight(self.index, weight)
 
     def __repr__(self) -> str:
         return f"<Backend {self.address} inflight={self.inflight} state={self.state}>"
 
 
+ADMIN_STATES = ("up", "drain", "maint")
 MAX_CORE_WEIGHT = 256
 SLOWSTART_WEIGHT_SCALE = 16      # enough for a smooth ramp, small enough for weights up to 16
 
@@ -147,18 +160,90 @@ class BackendPool:
         self.backup = self._balancer(config, backups, self.weight_scale) if backups else None
         self.primaries: list[Backend] = []
         self.backups: list[Backend] = []
-        self.in_config_order: list[Backend] = []      # the index the master's health messages use
-        for spec, health in zip(config.backends, settings):
-            group, balancer = (self.backups, self.backup) if spec.backup else (self.primaries, self.primary)
-            backend = Backend(spec, len(group), balancer, health, spec.weight * self.weight_scale)
-            group.append(backend)
-            self.in_config_order.append(backend)
-        tls_contexts = backend_contexts(config.backends)
-        for backend in self.in_config_order:
-            if backend.spec.ssl:
-                backend.ssl_context = tls_contexts[backend.spec.verify]
+        self.by_address: dict[str, Backend] = {}      # what health and admin messages name
+        self.config = config
+        self.track_latency = False           # connect-time histogram, on when metrics are served
+        # Client contexts for TLS backends, one per `verify` setting (shared: they hold the session cache).
+        self.tls_contexts = backend_contexts(config.backends)
         self.last_tls_warning = 0.0
+        for spec, health in zip(config.backends, settings):
+            self._append(spec, health)
         self.health = BackendHealth(loop, self, config)
+
+    def _append(self, spec: BackendSpec, health: HealthSettings) -> Backend:
+        if spec.backup and self.backup is None:
+            self.backup = self._balancer(self.config, [], self.weight_scale)
+        group, balancer = (self.backups, self.backup) if spec.backup else (self.primaries, self.primary)
+        # Indexes are the core's: it never reuses a removed slot, so neither do these lists.
+        backend = Backend(spec, len(group), balancer, health, spec.weight * self.weight_scale)
+        if spec.ssl:
+            context = self.tls_contexts.get(spec.verify)
+            if context is None:              # a backend added at run time with a verify of its own
+                context = self.tls_contexts[spec.verify] = backend_context(spec.verify)
+            backend.ssl_context = context
+        group.append(backend)
+        self.by_address[spec.address] = backend
+        return backend
+
+    # ---- run-time changes (admin API, reload, discovery); each a no-op when nothing changes ----
+
+    def find(self, address: str) -> Backend:
+        try:
+            return self.by_address[address]
+        except KeyError:
+            raise KeyError(f"no backend {address}") from None
+
+    def add_backend(self, spec: BackendSpec) -> Backend | None:
+        """Adds a backend (None if one with that address exists). It starts up, unless the active checks
+        are on: then it starts down until the master's checks pass, as a new server should."""
+        if spec.address in self.by_address:
+            return None
+        health = self.config.health_for(spec)
+        backend = self._append(spec, health)
+        backend.balancer.add(spec.address, spec.weight * self.weight_scale)
+        if health.check != "none":
+            backend.checked_up = False
+            backend.refresh()
+        log.info("backend %s added (weight %d%s)", spec.address, spec.weight, ", backup" if spec.backup else "")
+        return backend
+
+    def remove_backend(self, address: str) -> Backend:
+        """Removes a backend from the core at once; its live connections finish."""
+        backend = self.find(address)
+        for handle in (backend.eject_handle, backend.ramp_handle):
+            if handle is not None:
+                handle.cancel()
+        backend.eject_handle = backend.ramp_handle = None
+        while backend.idle:                      # HTTP mode: its idle keep-alive connections go now
+            backend.idle.pop().transport.close()
+        backend.balancer.remove(backend.index)
+        backend.removed = True
+        backend.full = False
+        del self.by_address[address]
+        log.info("backend %s removed (%d live connection(s) finish)", address, backend.inflight)
+        return backend
+
+    def set_weight(self, address: str, weight: int) -> None:
+        """The configured weight; a backend ramping up after slow start continues towards it."""
+        backend = self.find(address)
+        backend.spec.weight = weight
+        backend.full_weight = weight * self.weight_scale
+        if backend.ramp_handle is None:
+            backend.set_weight(backend.full_weight)
+        log.info("backend %s weight %d", address, weight)
+
+    def set_admin_state(self, address: str, state: str) -> None:
+        backend = self.find(address)
+        if backend.admin_state == state:
+            return
+        was_available = backend.available
+        backend.set_state(state)
+        if backend.available and not was_available:
+            self.health._start_ramp(backend)
+        elif was_available and not backend.available:
+            self.health._stop_ramp(backend)
+        log.info("backend %s %s by the operator", address, {"up": "enabled", "drain": "draining",
+                                                            "maint": "disabled"}[state])
 
     @staticmethod
     def _balancer(config: Config, specs: list[BackendSpec], weight_scale: int) -> Balancer:
@@ -168,8 +253,8 @@ class BackendPool:
                         seed=config.seed)
 
     def group_of(self, backend: Backend) -> list[Backend]:
-        """The backends sharing backend's Balancer: the primaries or the backups."""
-        return self.backups if backend.is_backup else self.primaries
+        """The live backends sharing backend's Balancer: the primaries or the backups."""
+        return [b for b in (self.backups if backend.is_backup else self.primaries) if not b.removed]
 
     def _tls_failure(self, backend: Backend, exc: ssl.SSLError) -> None:
         """A failed TLS handshake with a backend (a bad certificate, mostly) is a configuration or
@@ -186,16 +271,25 @@ class BackendPool:
 
     @property
     def backends(self) -> list[Backend]:
-        return self.primaries + self.backups
+        """Every backend not removed."""
+        return [b for b in self.primaries + self.backups if not b.removed]
 
     # ---- slots --------------------------------------------------------------------------------
 
-    def _select(self, key: bytes | None, tried: list[Backend]) -> Backend | object | None:
+    def _select(self, key: bytes | None, tried: list[Backend], pinned: Backend | None = None
+                ) -> Backend | object | None:
         """Picks a backend and takes a slot on it: a Backend, _FULL (wait), or None (nothing can serve).
 
-        Primaries first, avoiding the last one that failed; backups once no untried primary is left."""
+        A pinned backend (session persistence) is taken when it is up and this request has not failed
+        on it; when it is full the request waits for it, like any other. Otherwise primaries first,
+        avoiding the last one that failed; backups once no untried primary is left."""
         if self.active >= self.maxconn:
             return _FULL
+        if pinned is not None and pinned.state == "up" and pinned not in tried:
+            if pinned.full:
+                return _FULL
+            self._take(pinned)
+            return pinned
         backend = self._pick(self.primary, self.primaries, key, tried)
         if backend is None:
             # Primaries at their maxconn are busy, not unavailable: wait for them (HAProxy does the
@@ -242,7 +336,8 @@ class BackendPool:
         """A connection that held a slot on backend has ended (or its connect failed)."""
         self.active -= 1
         backend.inflight -= 1
-        backend.balancer.on_close(backend.index)
+        if not backend.removed:
+            backend.balancer.on_close(backend.index)
         if backend.full and backend.inflight < backend.maxconn:
             backend.full = False
             backend._commit()
@@ -281,14 +376,15 @@ class BackendPool:
                 except ValueError:
                     pass
 
-    def select_now(self, key: bytes | None, tried: list[Backend]) -> Backend | None:
+    def select_now(self, key: bytes | None, tried: list[Backend], pinned: Backend | None = None
+                   ) -> Backend | None:
         """The synchronous fast path (HTTP mode): a backend with a slot taken, or None when the caller
         must go through `connect` (someone is queued, everything is full, or nothing can serve). The
         backend returned is the caller's to use (e.g. an idle connection from `backend.idle`), or to
         hand to `connect(..., selected=backend)` so the same pick is connected to."""
         if self.waiters or self.woken:
             return None
-        backend = self._select(key, tried)
+        backend = self._select(key, tried, pinned)
         if backend is _FULL or backend is None:
             return None
         return backend
@@ -296,7 +392,8 @@ class BackendPool:
     # ---- the connect loop: candidates, not winners --------------------------------------------
 
     async def connect(self, key: bytes | None, protocol_factory: Callable[[], asyncio.Protocol],
-                      tried: list[Backend] | None = None, selected: Backend | None = None
+                      tried: list[Backend] | None = None, selected: Backend | None = None,
+                      pinned: Backend | None = None
                       ) -> tuple[Backend, asyncio.Transport, asyncio.Protocol]:
         """Connects to a backend, retrying the next candidate after a failed connect.
 
@@ -306,7 +403,8 @@ class BackendPool:
         QueueError; never leaves a slot taken when it raises.
 
         HTTP mode passes `tried` (backends that already failed this request, avoided and counted
-        against the attempts) and `selected` (a backend select_now already took a slot on)."""
+        against the attempts) and `selected` (a backend select_now already took a slot on). `pinned`:
+        the session's backend, preferred while it is up and has not failed this connection."""
         loop = self.loop
         if tried is None:
             tried = []
@@ -320,7 +418,7 @@ class BackendPool:
             elif (self.waiters or self.woken) and queue_deadline is None:
                 backend = _FULL
             else:
-                backend = self._select(key, tried)
+                backend = self._select(key, tried, pinned)
             if backend is _FULL:
                 if queue_deadline is None:
                     queue_deadline = loop.time() + self.queue_timeout
@@ -332,6 +430,7 @@ class BackendPool:
                 error.tls_failure = tls_failure
                 raise error
             started = loop.time()
+            precise_start = monotonic() if self.track_latency else 0.0   # uvloop's clock is in ms
             try:
                 async with asyncio.timeout(self.connect_timeout):
                     if backend.ssl_context is None:
@@ -347,9 +446,11 @@ class BackendPool:
                     tls_failure = True
                     self._tls_failure(backend, exc)
                 self.release(backend)
-                backend.balancer.on_response(backend.index, loop.time() - started, False)
+                backend.traffic.connect_errors += 1
                 tried.append(backend)
-                self.health.record(backend, False, CONNECT, exc)
+                if not backend.removed:
+                    backend.balancer.on_response(backend.index, loop.time() - started, False)
+                    self.health.record(backend, False, CONNECT, exc)
                 log.debug("connect to %s failed (%s); attempt %d of %d", backend.address,
                           exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
                           len(tried), attempts)
@@ -361,6 +462,12 @@ class BackendPool:
             except BaseException:
                 self.release(backend)
                 raise
-            backend.balancer.on_response(backend.index, loop.time() - started, True)
+            seconds = loop.time() - started
+            if not backend.removed:
+                backend.balancer.on_response(backend.index, seconds, True)
             backend.connect_failures = 0        # health.record(ok=True) inlined: once per connection
+            if tried:
+                backend.traffic.retries += 1
+            if self.track_latency:
+                backend.traffic.connect_time.observe(monotonic() - precise_start)
             return backend, transport, protocol

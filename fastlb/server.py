@@ -4,9 +4,20 @@
 master forks N workers; each worker binds its own listening socket with SO_REUSEPORT, so the kernel
 spreads new connections over them. The master supervises: it restarts a worker that dies (with a backoff
 when workers die young, so a crash loop does not spin), and on SIGTERM/SIGINT forwards SIGTERM and waits.
-It also runs the active health checks, once for the whole balancer, on its own event loop, and sends each
-verdict to every worker over a socketpair; a worker it (re)starts inherits the current verdicts with the
-fork. The master forks only while its loop is not running, and the child closes what it inherited.
+It also runs the active health checks, once for the whole balancer, on its own event loop, the admin bind
+and discovery, and sends each verdict and change to every worker over its channel (fastlb/channel.py);
+a worker it (re)starts gets the current backends, verdicts and operator states with the fork. The master
+forks only while its loop is not running, and the child closes what it inherited.
+
+Reload (SIGHUP, or the admin API): the TLS certificates reload (the master's copy, then every worker's
+over its channel); backend changes apply in place everywhere; other changes start a new generation of
+workers on the same listening sockets (with TLS contexts made for the new config), and the old
+generation drains. A forked worker starts with SIGHUP blocked, unblocked once its loop runs with a
+handler (a SIGHUP sent to a worker itself reloads that worker's certificates).
+
+TLS binds: the contexts are made once before the workers fork (fastlb/tls.py: shared ticket keys) and
+each worker's listener on its inherited socket gets its bind's front context. Backends are one pool per
+backend group (tcp mode's SNI routes); verdicts and admin changes name backends by address.
 
 A worker on SIGTERM (or SIGINT) drains: it closes its listening sockets, lets live connections finish
 for up to `grace_period` seconds, then cuts what is left and exits 0.
@@ -22,10 +33,16 @@ import socket
 import sys
 import time
 
-from fastlb.config import Config, maxconn_capacity, open_files_limit
-from fastlb.health import HealthChecker, HealthFeed, check_targets, encode_verdict
+from fastlb.admin import AdminServer
+from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
+from fastlb.config import Config, ConfigError, maxconn_capacity, open_files_limit
+from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_changes, retire,
+                            spec_from_dict)
+from fastlb.discovery import Discovery
+from fastlb.health import HealthChecker, check_target, check_targets
 from fastlb.l4 import Listener
-from fastlb.pool import Backend, BackendPool
+from fastlb.observe import AccessLog, Observer, pool_snapshot
+from fastlb.pool import BackendPool
 from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
                         reload_certificates)
 
@@ -98,49 +115,73 @@ class StartupError(Exception):
 
 
 class Worker:
-    """One event loop's balancer: listeners, the backend pool, the idle sweep, draining."""
+    """One event loop's balancer: listeners, the backend pool, the idle sweep, draining.
+
+    With a master (`channel` given) it applies the master's changes and reports its counters; alone
+    (`--workers 1`) it runs the health checks, the admin bind and discovery itself (`LocalController`)."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
-                 health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None,
+                 channel: socket.socket | None = None, runtime: dict | None = None,
+                 listen_socks: list[socket.socket] | None = None, reload_source=None,
                  server_tls: dict[int, ServerTLS] | None = None) -> None:
         self.config = config
         self.loop = loop
-        # One pool per backend group: "default" (backends without group=) and the groups SNI routes name.
-        # Without groups that is one pool, as before; `pool` is the default group's (None if it has none).
-        # In HTTP mode every top-level backend is in "default" (config checks it): that pool is the HTTP
-        # pool named "default", beside any [[pool]]; the active health checks cover it.
-        by_group: dict[str, list] = {}
+        # The top-level backends, one pool per backend group: "default" (backends without group=) and
+        # the groups SNI routes name (tcp mode). `pool` is the default group's: in HTTP mode the pool
+        # named "default", beside any [[pool]]; None when only named pools (or only groups) are
+        # configured. The active health checks, the admin API's changes, reload and discovery act on
+        # these pools, naming backends by address (`apply_to_pools`).
+        by_group: dict[str, list] = {"default": []} if config.has_default_pool else {}
         for spec in config.backends:
             by_group.setdefault(spec.group, []).append(spec)
-        self.pools = {group: BackendPool(config.replace(backends=specs), loop, maxconn)
-                      for group, specs in by_group.items()}
+        self.pools: dict[str, BackendPool] = {
+            group: BackendPool(config.replace(backends=specs), loop, maxconn) for group, specs in by_group.items()
+            if specs or group == "default"}
         self.pool = self.pools.get("default")
-        # Config position -> its Backend, for the health verdicts (which name backends by position).
-        taken = dict.fromkeys(self.pools, 0)
-        self.in_config_order: list[tuple[BackendPool, Backend]] = []
-        for spec in config.backends:
-            pool = self.pools[spec.group]
-            self.in_config_order.append((pool, pool.in_config_order[taken[spec.group]]))
-            taken[spec.group] += 1
         # TLS binds' contexts, made before the fork (shared ticket keys), by bind position.
         self.server_tls: dict[int, ServerTLS] = server_tls if server_tls is not None else {}
-        # Active checks: the master's verdicts (the state at fork, then a feed), or our own checker.
-        self.health_channel = health_channel
-        self.feed_transport: asyncio.BaseTransport | None = None
-        self.checker: HealthChecker | None = None
-        for index, up in (verdicts or {}).items():
-            if not up:
-                self._on_verdict(index, False, "down at start")
-        if health_channel is None:
-            targets = check_targets(config)
-            if targets:
-                self.checker = HealthChecker(loop, targets, self._on_verdict)
+        self.listen_socks = listen_socks          # inherited from the master; else bound here
+        # Counters and the access log exist only when something reads them.
+        self.observer: Observer | None = None
+        if config.admin or config.access_log:
+            access_log = AccessLog(loop, config.access_log, config.access_log_format) if config.access_log else None
+            self.observer = Observer(loop, access_log=access_log)
+        runtime = runtime or {}
+        for pool in self.pools.values():
+            pool.track_latency = config.admin is not None
+            for address, up in runtime.get("verdicts", {}).items():
+                backend = pool.by_address.get(address)
+                if backend is not None and not up:
+                    pool.health.set_checked(backend, False, "down at start")
+            for address, state in runtime.get("admin", {}).items():
+                if address in pool.by_address:
+                    pool.set_admin_state(address, state)
+        # The master's channel, or our own controller (checks, admin bind, discovery).
+        self.channel_sock = channel
+        self.channel: LineChannel | None = None
+        self.snapshot_handle: asyncio.TimerHandle | None = None
+        self.controller: LocalController | None = None
+        if channel is None:
+            self.controller = LocalController(self, reload_source)
         self.connections: set = set()
+        # Session persistence: the worker's tables and the way to the shared store (fastlb/sticky.py).
+        self.store = None
+        self.tcp_sticky = None
+        from fastlb.sticky import any_sticky
+        if any_sticky(config):
+            from fastlb.sticky import make_store
+            self.store = make_store(config, loop)
         self.http = None
         if config.mode == "http":
             from fastlb.http.runtime import HttpRuntime, build_router
-            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool),
-                                    self.connections)
+            self.http = HttpRuntime(config, loop, build_router(config, loop, maxconn, self.pool, self.store),
+                                    self.connections, self.observer)
+            if config.admin is not None:
+                for route in self.http.router.pools.values():
+                    route.pool.track_latency = True
+        elif config.sticky is not None and self.pool is not None:
+            from fastlb.sticky import Sticky, default_secret
+            self.tcp_sticky = Sticky(config.sticky, "default", self.pool, self.store, default_secret(config))
         self.servers: list[asyncio.AbstractServer] = []
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
@@ -150,40 +191,76 @@ class Worker:
         self.idle_ticks = max(1, round(idle / self.sweep_interval)) if self.sweep_interval else 0
         self.stopping = False
 
+    @property
+    def checker(self) -> HealthChecker | None:
+        return self.controller.checker if self.controller is not None else None
+
     async def start(self) -> None:
         hash_source = self.config.hash_key == "source"
-        for index, bind in enumerate(self.config.binds):
-            try:
-                sock = listen_socket(bind.host, bind.port, self.config.backlog)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
-            tls = self.server_tls.get(index)
+        for number, bind in enumerate(self.config.binds):
+            if self.listen_socks is not None:
+                sock = self.listen_socks[number]
+            else:
+                try:
+                    sock = listen_socket(bind.host, bind.port, self.config.backlog)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
+            tls = self.server_tls.get(number)
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
                 factory = self.http.protocol_factory(bind)
             else:
                 factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                   self.connections, self.pools if bind.sni_route else None,
+                                   self.connections, self.tcp_sticky, self.observer,
+                                   self.pools if bind.sni_route else None,
                                    self.config.sni_routes).protocol_factory()
             server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
                                                    **tls_options)
             self.servers.append(server)
-        if self.health_channel is not None and self.pool is not None:
-            self.feed_transport, _ = await self.loop.create_unix_connection(
-                lambda: HealthFeed(self._on_verdict), sock=self.health_channel)
-        if self.checker is not None:
-            self.checker.start()
+        if self.store is not None:
+            await self.store.start()
+        if self.channel_sock is not None:
+            # Bound before connecting: the master's first message may arrive within the connect.
+            self.channel = channel = LineChannel(self._on_master_message)
+            await self.loop.create_unix_connection(lambda: channel, sock=self.channel_sock)
+            self.channel.send({"op": "ready"})
+            self.snapshot_handle = self.loop.call_later(SNAPSHOT_INTERVAL, self._send_snapshot)
+        if self.controller is not None:
+            await self.controller.start()
         if self.sweep_interval:
             self.sweep_handle = self.loop.call_later(self.sweep_interval, self._sweep)
         if self.http is not None:
             self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
-    def _on_verdict(self, index: int, up: bool, reason: str) -> None:
-        pool, backend = self.in_config_order[index]
-        pool.health.set_checked(backend, up, reason)
+    def snapshot(self) -> dict:
+        """This worker's pools, JSON-ready: the top-level one ("default", with the backends of every
+        SNI group: the table the controller keeps lists them all), then HTTP's named pools."""
+        pools = []
+        if self.pools:
+            views = [pool_snapshot("default", pool, self.observer) for pool in self.pools.values()]
+            merged = views[0]
+            for view in views[1:]:
+                merged["active"] += view["active"]
+                merged["queued"] += view["queued"]
+                merged["backends"] += view["backends"]
+            pools.append(merged)
+        if self.http is not None:
+            for route in self.http.router.pools.values():
+                if route.pool is not self.pool:
+                    pools.append(pool_snapshot(route.name, route.pool, self.observer))
+        return {"pools": pools}
 
-    # ---- TLS hooks (hot reload, /metrics and the admin API call these) ---------------------------
+    def _on_master_message(self, message: dict) -> None:
+        op = message["op"]
+        if op == "report":
+            self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot()})
+        elif op == "certificates":
+            self.reload_certificates()
+        else:
+            apply_to_pools(self.pools, message)
+
+    # ---- TLS hooks (reload, /metrics and the admin API call these) ---------------------------------
 
     def reload_certificates(self) -> list[str]:
         """Reloads every TLS bind's certificate, key and CA files: new handshakes use them, live
@@ -199,6 +276,12 @@ class Worker:
     def certificate_expiry(self) -> list[tuple[str, str, float]]:
         """(bind address, certificate file, days left) of every certificate served."""
         return certificate_expiry(self.server_tls)
+
+    def _send_snapshot(self) -> None:
+        self.snapshot_handle = None
+        if self.channel is not None:
+            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot()})
+            self.snapshot_handle = self.loop.call_later(SNAPSHOT_INTERVAL, self._send_snapshot)
 
     def _sweep(self) -> None:
         """Cuts relayed connections with no byte either way for idle_timeout: one pass over the flags the
@@ -223,6 +306,8 @@ class Worker:
         self.stopping = True
         for server in self.servers:
             server.close()
+        if self.controller is not None:
+            await self.controller.close()
         if self.http is not None:
             self.http.draining = True          # responses say Connection: close; idle clients are closed
         deadline = self.loop.time() + grace_period
@@ -239,21 +324,97 @@ class Worker:
             self.sweep_handle.cancel()
         if self.http is not None:
             self.http.stop()
-        if self.checker is not None:
-            self.checker.close()
-        if self.feed_transport is not None:
-            self.feed_transport.close()
+        if self.snapshot_handle is not None:
+            self.snapshot_handle.cancel()
+        if self.channel is not None:
+            # The last counters, so the master's totals keep this worker's traffic after it exits.
+            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot(), "final": True})
+            await asyncio.sleep(0)
+            if self.channel.transport is not None:
+                self.channel.transport.close()
+        if self.observer is not None:
+            self.observer.close()
         for pool in self.pools.values():
             pool.close()
+        if self.store is not None:
+            await self.store.close()
 
 
-def _die_with_parent() -> None:
-    """A worker gets SIGTERM when the master dies, whatever killed it, so no orphan keeps the port."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+class LocalController:
+    """`--workers 1`: the worker is its own controller: it runs the health checks, applies changes to
+    its pool at once, serves the admin bind and runs discovery."""
+
+    def __init__(self, worker: Worker, reload_source=None) -> None:
+        self.worker = worker
+        self.loop = worker.loop
+        self.table = BackendTable(worker.config)
+        self.reload_source = reload_source
+        targets = check_targets(worker.config)
+        self.checker: HealthChecker | None = HealthChecker(self.loop, targets, self._on_verdict) if targets else None
+        self.next_check_index = len(worker.config.backends)
+        self.admin: AdminServer | None = None
+        self.discovery: Discovery | None = None
+
+    async def start(self) -> None:
+        config = self.worker.config
+        if self.checker is not None:
+            self.checker.start()
+        if config.admin:
+            self.admin = AdminServer(self.loop, config, self)
+            await self.admin.start()
+        self.discovery = Discovery.from_config(self.loop, config, self)
+        if self.discovery is not None:
+            self.discovery.start()
+
+    async def close(self) -> None:
+        if self.discovery is not None:
+            self.discovery.close()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.checker is not None:
+            self.checker.close()
+
+    def _on_verdict(self, index: int, up: bool, reason: str) -> None:
+        address = self.checker.checks[index].target.address
+        apply_to_pools(self.worker.pools, {"op": "health", "address": address, "up": up, "reason": reason})
+
+    def apply(self, change: dict) -> dict:
+        change = self.table.validate(change)
+        apply_to_pools(self.worker.pools, change)
+        self.table.commit(change)
+        self.next_check_index = follow_checks(self.checker, self.table.config, change, self.next_check_index)
+        return change
+
+    async def snapshot(self) -> dict:
+        view = aggregate(self.table, [self.worker.snapshot()], {})
+        view["certificates"] = certificate_view(self.worker.certificate_expiry())
+        return view
+
+    async def sync(self) -> None:
+        """Changes apply in this process at once: nothing to wait for."""
+
+    async def reload(self) -> str:
+        """Reloads the TLS certificates, and applies the re-read config's backend changes in place.
+        Other settings need new workers, which one process cannot start beside itself: they are
+        reported, not applied."""
+        certificates = describe_certificate_reload(self.worker.server_tls, self.worker.reload_certificates())
+        if self.reload_source is None:
+            if certificates:
+                return certificates
+            raise ConfigError("no config to reload")
+        new = self.reload_source()
+        changes, other = reload_changes(self.table, new)
+        for change in changes:
+            self.apply(change)
+        if other:
+            log.warning("reload: %s changed; with --workers 1 only backends change in place: restart "
+                        "fastlb (or run --workers 2+) to apply them", ", ".join(other))
+        message = f"reloaded: {len(changes)} backend change(s)" + (f"; not applied: {', '.join(other)}"
+                                                                    if other else "")
+        if certificates:
+            message += "; " + certificates
+        log.info("%s", message)
+        return message
 
 
 EXPIRY_WARNING_DAYS = 14
@@ -266,16 +427,56 @@ def warn_expiring(server_tls: dict[int, ServerTLS]) -> None:
                         f"expired {-days:.1f} days ago" if days < 0 else f"expires in {days:.1f} days")
 
 
-def run_worker(config: Config, worker_id: int | None = None, master_pid: int | None = None,
-               health_channel: socket.socket | None = None, verdicts: dict[int, bool] | None = None,
-               server_tls: dict[int, ServerTLS] | None = None) -> int:
-    """Runs one worker until SIGTERM/SIGINT; SIGHUP reloads the certificates. Returns the exit status.
+def certificate_view(expiry: list[tuple[str, str, float]]) -> list[dict]:
+    """The certificates served, JSON-ready, for the admin API and /metrics."""
+    return [{"bind": address, "file": path, "days_left": round(days, 3)} for address, path, days in expiry]
 
-    health_channel / verdicts: from the master, which runs the checks (else the worker runs them).
-    server_tls: the TLS binds' contexts made before the fork (made here when None)."""
+
+def describe_certificate_reload(server_tls: dict[int, ServerTLS], errors: list[str]) -> str:
+    """The reload answer's words about certificates ("" without TLS binds)."""
+    if not server_tls:
+        return ""
+    if errors:
+        return f"TLS certificates: {len(errors)} error(s), current ones kept: {'; '.join(errors)}"
+    # (Not the words each worker logs, "certificates reloaded": those count the workers that did.)
+    return f"TLS certificates: reloaded for {len(server_tls)} bind(s)"
+
+
+def follow_checks(checker: HealthChecker | None, config: Config, change: dict, next_index: int) -> int:
+    """Starts or stops the active checks of a backend added or removed at run time."""
+    if checker is None:
+        return next_index
+    if change["op"] == "remove":
+        checker.remove_target(change["address"])
+    elif change["op"] == "add":
+        target = check_target(config, spec_from_dict(change["spec"]), next_index)
+        if target is not None:
+            checker.add_target(target, up=False)
+            return next_index + 1
+    return next_index
+
+
+def _die_with_parent() -> None:
+    """A worker gets SIGTERM when the master dies, whatever killed it, so no orphan keeps the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_worker(config: Config, worker_id: int | None = None, master_pid: int | None = None,
+               channel: socket.socket | None = None, runtime: dict | None = None,
+               listen_socks: list[socket.socket] | None = None, reload_source=None,
+               server_tls: dict[int, ServerTLS] | None = None) -> int:
+    """Runs one worker until SIGTERM/SIGINT. Returns the process exit status.
+
+    channel / runtime / listen_socks / server_tls: from the master (else the worker is alone and runs
+    the checks, the admin bind and discovery itself; SIGHUP then reloads config and certificates in
+    place). Under a master, SIGHUP reloads this worker's certificates (the master's reloads reach it
+    over the channel). server_tls: the TLS binds' contexts made before the fork (made here when None)."""
     import uvloop
 
-    maxconn = effective_maxconn(config)
     if server_tls is None:
         try:
             server_tls = prepare_server_tls(config.binds)
@@ -283,6 +484,7 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
             log.error("%s", exc)
             return EXIT_STARTUP_FAILED
         warn_expiring(server_tls)
+    maxconn = effective_maxconn(config)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stop = loop.create_future()
@@ -290,15 +492,18 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     if master_pid is not None and os.getppid() != master_pid:
         return 0                                   # the master died before PDEATHSIG was set
-    worker = Worker(config, loop, maxconn, health_channel, verdicts, server_tls)
-    loop.add_signal_handler(signal.SIGHUP, worker.reload_certificates)
+    worker = Worker(config, loop, maxconn, channel, runtime, listen_socks, reload_source, server_tls)
+    if worker.controller is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged(worker.controller)))
+    else:
+        loop.add_signal_handler(signal.SIGHUP, worker.reload_certificates)
 
     async def serve() -> None:
         # One run of the loop from start to drain: uvloop handles signals only while it runs, so a signal
         # sent right after "listening on" must not find it stopped between two run_until_complete calls.
         # A forked worker starts with SIGHUP blocked (Master._spawn); unblocked here, with the loop running
-        # and the handler above in place, a reload sent meanwhile is delivered now and reloads this
-        # worker's copy of the certificates (unblocked before the loop runs, uvloop would drop it).
+        # and the handler above in place, a reload sent meanwhile is delivered now (unblocked before the
+        # loop runs, uvloop would drop it).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         await worker.start()
         log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
@@ -318,16 +523,25 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
     return 0
 
 
-def run(config: Config) -> int:
+async def _reload_logged(controller) -> None:
+    try:
+        await controller.reload()
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+
+
+def run(config: Config, reload_source=None) -> int:
     """Runs fastlb as configured: one worker in this process, or a master with N workers."""
     setup_logging(config.log_level, None if config.workers > 1 else 0)
     try:
         check_addresses_free(config)
+        if config.admin:
+            check_admin_free(config)
     except StartupError as exc:
         log.error("%s", exc)
         return 1
     if config.workers == 1:
-        return run_worker(config)
+        return run_worker(config, reload_source=reload_source)
     try:
         # Made once, before the workers fork, so they all hold the same session ticket keys.
         server_tls = prepare_server_tls(config.binds)
@@ -335,32 +549,100 @@ def run(config: Config) -> int:
         log.error("%s", exc)
         return 1
     warn_expiring(server_tls)
-    return Master(config, server_tls).run()
+    return Master(config, reload_source, server_tls).run()
+
+
+def check_admin_free(config: Config) -> None:
+    host, port = config.admin
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on admin address {host}:{port}: {exc.strerror}") from None
+
+
+class WorkerHandle:
+    __slots__ = ("pid", "worker_id", "started", "generation", "channel", "snapshot", "ready")
+
+    def __init__(self, pid: int, worker_id: int, generation: int) -> None:
+        self.pid = pid
+        self.worker_id = worker_id
+        self.started = time.monotonic()
+        self.generation = generation
+        self.channel: LineChannel | None = None
+        self.snapshot: dict | None = None
+        self.ready = False
 
 
 class Master:
-    """Forks and supervises the workers; runs the active health checks for all of them.
+    """Forks and supervises the workers; runs the active health checks, the admin bind and discovery
+    for all of them, and sends every change to every worker over its channel.
 
-    Its event loop runs between forks only (`_wait` returns on a signal or a due restart), so a fork
-    never happens inside a running loop, and health checks keep their rhythm while it waits."""
+    The master owns the listening sockets (one per bind and worker slot, SO_REUSEPORT between slots);
+    a worker inherits its slot's sockets with the fork. So a worker that exits (a reload's old
+    generation draining, or a crash) only drops its copy: connections waiting in the accept queue stay
+    there for the next worker of that slot instead of being reset.
 
-    def __init__(self, config: Config, server_tls: dict[int, ServerTLS] | None = None) -> None:
+    Its event loop runs between forks only (`_wait` returns on a signal, a due restart or a pending
+    reload), so a fork never happens inside a running loop; checks, the admin bind and discovery keep
+    running while it waits."""
+
+    def __init__(self, config: Config, reload_source=None, server_tls: dict[int, ServerTLS] | None = None
+                 ) -> None:
         self.config = config
-        self.server_tls = server_tls or {}
-        self.workers: dict[int, tuple[int, float]] = {}      # pid -> (worker id, start time)
-        self.channels: dict[int, socket.socket] = {}         # pid -> the master's end of its socketpair
+        self.reload_source = reload_source
+        # The TLS binds' contexts of the current config, handed to each worker with the fork (one set of
+        # session ticket keys); reloaded here too, so a worker forked later starts with the new files.
+        self.server_tls = server_tls if server_tls is not None else {}
+        self.table = BackendTable(config)
+        self.workers: dict[int, WorkerHandle] = {}
+        self.generation = 0
+        self.listen_socks: dict[tuple[str, int], socket.socket] = {}    # (bind address, slot) -> socket
         self.young_deaths = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.checker: HealthChecker | None = None
+        self.next_check_index = len(config.backends)
+        self.admin: AdminServer | None = None
+        self.discovery: Discovery | None = None
         self.signals: list[int] = []
         self.wakeup: asyncio.Future | None = None
+        self.retired: dict[str, dict] = {}            # counters of workers that exited
+        self.reports: dict[int, tuple[asyncio.Future, set[int]]] = {}
+        self.report_id = 0
+        self.pending_generation: Config | None = None
 
-    def _spawn(self, worker_id: int) -> int:
-        channel = worker_end = None
-        if self.checker is not None:
-            channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # ---- listening sockets -------------------------------------------------------------------------
+
+    def _slot_sockets(self, config: Config, slot: int) -> list[socket.socket]:
+        socks = []
+        for bind in config.binds:
+            key = (bind.address, slot)
+            if key not in self.listen_socks:
+                try:
+                    self.listen_socks[key] = listen_socket(bind.host, bind.port, config.backlog)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
+            socks.append(self.listen_socks[key])
+        return socks
+
+    def _close_unused_sockets(self, config: Config) -> None:
+        wanted = {(b.address, slot) for b in config.binds for slot in range(config.workers)}
+        for key in [k for k in self.listen_socks if k not in wanted]:
+            self.listen_socks.pop(key).close()
+
+    # ---- workers -----------------------------------------------------------------------------------
+
+    def _spawn(self, worker_id: int, config: Config | None = None) -> int:
+        config = config or self.table.current_config()
+        socks = self._slot_sockets(config, worker_id)
+        channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        runtime = {"verdicts": self.checker.verdicts if self.checker is not None else {},
+                   "admin": dict(self.table.admin_states)}
+        server_tls = self.server_tls
         # SIGHUP stays blocked in the child until its worker has a handler for it (run_worker): one sent
-        # meanwhile (the master forwards reloads to every worker) waits instead of killing the worker.
+        # meanwhile (to the process group, say) waits instead of killing the worker.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = -1
         try:
@@ -371,60 +653,155 @@ class Master:
         if pid == 0:
             status = 1
             try:
-                self._become_worker(worker_end)
-                setup_logging(self.config.log_level, worker_id)
-                verdicts = self.checker.states if self.checker is not None else None
-                status = run_worker(self.config, worker_id, self.master_pid, worker_end, verdicts,
-                                    self.server_tls)
+                self._become_worker([worker_end, *socks])
+                setup_logging(config.log_level, worker_id)
+                status = run_worker(config, worker_id, self.master_pid, worker_end, runtime, socks,
+                                    server_tls=server_tls)
             except BaseException:
                 logging.getLogger("fastlb").exception("worker crashed")
             finally:
                 sys.stderr.flush()
                 os._exit(status)
-        if worker_end is not None:
-            worker_end.close()
-            channel.setblocking(False)
-            self.channels[pid] = channel
-        self.workers[pid] = (worker_id, time.monotonic())
+        worker_end.close()
+        channel.setblocking(False)
+        handle = self.workers[pid] = WorkerHandle(pid, worker_id, self.generation)
+        handle.channel = LineChannel(lambda m, h=handle: self._on_worker_message(h, m))
+        self.loop.run_until_complete(self.loop.create_unix_connection(lambda: handle.channel, sock=channel))
         log.info("worker %d started (pid %d)", worker_id, pid)
         return pid
 
-    def _become_worker(self, worker_end: socket.socket | None) -> None:
+    def _become_worker(self, keep: list[socket.socket]) -> None:
         """In a freshly forked worker: drop the master's signal handling and every file it had open
-        (its event loop, other workers' channels, health-check sockets in flight), keeping stdio and this
-        worker's own channel. The master's objects stay referenced until os._exit, so nothing closes
-        those numbers again once they are reused."""
+        (its event loop, other workers' channels, other slots' listeners, health-check sockets in
+        flight), keeping stdio, this worker's channel and its listeners. The master's objects stay
+        referenced until os._exit, so nothing closes those numbers again once they are reused."""
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
-        keep = worker_end.fileno() if worker_end is not None else -1
-        if keep >= 0:
-            os.closerange(3, keep)
-            os.closerange(keep + 1, _max_fd())
-        else:
-            os.closerange(3, _max_fd())
+        low = 3
+        for fd in sorted(s.fileno() for s in keep):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, _max_fd())
         _die_with_parent()
+
+    def _on_worker_message(self, handle: WorkerHandle, message: dict) -> None:
+        op = message.get("op")
+        if op == "ready":
+            handle.ready = True
+            self._wake()
+        elif op == "snapshot":
+            handle.snapshot = message["data"]
+            report = self.reports.get(message.get("id"))
+            if report is not None:
+                future, waiting = report
+                waiting.discard(handle.pid)
+                if not waiting and not future.done():
+                    future.set_result(None)
+
+    def _send_all(self, message: dict) -> None:
+        for handle in self.workers.values():
+            if handle.channel is not None:
+                handle.channel.send(message)
 
     def _on_verdict(self, index: int, up: bool, reason: str) -> None:
         """A health flip (the checker has logged it): every worker applies it."""
-        message = encode_verdict(index, up, reason)
-        for pid, channel in self.channels.items():
-            try:
-                channel.send(message)
-            except BlockingIOError:
-                # Only a worker stuck for thousands of flips gets here; it is restarted when it dies.
-                log.error("worker pid %d is not reading health verdicts; verdict dropped", pid)
-            except OSError:
-                pass                   # the worker died: it is reaped and restarted with the state
+        address = self.checker.checks[index].target.address
+        self._send_all({"op": "health", "address": address, "up": up, "reason": reason})
 
-    def _on_signal(self, signum: int) -> None:
-        self.signals.append(signum)
+    # ---- the controller interface (admin API, discovery) -----------------------------------------
+
+    def apply(self, change: dict) -> dict:
+        change = self.table.validate(change)
+        self._send_all(change)
+        self.table.commit(change)
+        self.next_check_index = follow_checks(self.checker, self.table.config, change, self.next_check_index)
+        if change["op"] != "health":
+            log.info("applied %s to %d worker(s)", _describe(change), len(self.workers))
+        return change
+
+    async def sync(self) -> None:
+        """Returns once every worker has applied the changes sent so far (or after a second): the channel
+        is ordered, so a worker answering a report sent after them has applied them."""
+        await self._collect()
+
+    async def snapshot(self) -> dict:
+        """Asks every worker for its counters (waiting up to a second), then sums them."""
+        await self._collect()
+        snapshots = [h.snapshot for h in self.workers.values() if h.snapshot is not None]
+        view = aggregate(self.table, snapshots, self.retired)
+        # The master's copy of the certificates: the files every worker serves (reloaded together).
+        view["certificates"] = certificate_view(certificate_expiry(self.server_tls))
+        return view
+
+    async def _collect(self) -> None:
+        self.report_id += 1
+        report_id = self.report_id
+        future = self.loop.create_future()
+        waiting = {pid for pid, h in self.workers.items() if h.channel is not None}
+        self.reports[report_id] = (future, waiting)
+        self._send_all({"op": "report", "id": report_id})
+        try:
+            if waiting:
+                await asyncio.wait_for(asyncio.shield(future), 1.0)
+        except TimeoutError:
+            pass
+        finally:
+            del self.reports[report_id]
+
+    async def reload(self) -> str:
+        return self._reload()
+
+    def _reload_certificates(self) -> str:
+        """Reloads the master's copy of the certificates, then every worker's (over the channel, so it
+        is ordered with the other changes and `sync` waits for it)."""
+        if not self.server_tls:
+            return ""
+        errors = reload_certificates(self.server_tls)
+        for error in errors:
+            log.error("certificate reload: %s; keeping the current certificates", error)
+        warn_expiring(self.server_tls)
+        if not errors:
+            self._send_all({"op": "certificates"})
+        return describe_certificate_reload(self.server_tls, errors)
+
+    def _reload(self) -> str:
+        """Reloads the TLS certificates, and re-reads the config. Backend changes apply in place; any
+        other change starts a new generation of workers with the new config beside the old one, which
+        then drains. Raises ConfigError."""
+        certificates = self._reload_certificates()
+        if self.reload_source is None:
+            if certificates:
+                log.info("%s", certificates)
+                return certificates
+            raise ConfigError("no config to reload")
+        new = self.reload_source()
+        changes, other = reload_changes(self.table, new)
+        for change in changes:
+            self.apply(change)
+        message = f"reloaded: {len(changes)} backend change(s) applied in place"
+        if other:
+            self.pending_generation = new
+            self._wake()
+            message += f"; new workers for: {', '.join(other)}"
+        if certificates:
+            message += "; " + certificates
+        log.info("%s", message)
+        return message
+
+    # ---- supervision -------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
+    def _on_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        self._wake()
+
     async def _wait(self, timeout: float) -> None:
-        """Returns after a signal or after timeout; health checks run meanwhile."""
-        if self.signals:
+        """Returns after a signal, a pending reload or timeout; checks and the admin bind run meanwhile."""
+        if self.signals or self.pending_generation is not None:
             return
         self.wakeup = self.loop.create_future()
         try:
@@ -446,18 +823,36 @@ class Master:
             targets = check_targets(self.config)
             if targets:
                 self.checker = HealthChecker(loop, targets, self._on_verdict)
-            for worker_id in range(self.config.workers):
-                self._spawn(worker_id)
+            try:
+                for worker_id in range(self.config.workers):
+                    self._spawn(worker_id)
+            except StartupError as exc:
+                log.error("%s", exc)
+                self._shutdown("startup failure")
+                return 1
             if self.checker is not None:
                 self.checker.start()
+            if self.config.admin:
+                self.admin = AdminServer(loop, self.config, self)
+                loop.run_until_complete(self.admin.start())
+            self.discovery = Discovery.from_config(loop, self.config, self)
+            if self.discovery is not None:
+                self.discovery.start()
             log.info("master running %d workers%s", self.config.workers,
                      f", checking {len(targets)} backend(s)" if targets else "")
             return self._supervise()
         finally:
+            if self.discovery is not None:
+                self.discovery.close()
+            if self.admin is not None:
+                loop.run_until_complete(self.admin.close())
             if self.checker is not None:
                 self.checker.close()
-            for channel in self.channels.values():
-                channel.close()
+            for handle in self.workers.values():
+                if handle.channel is not None and handle.channel.transport is not None:
+                    handle.channel.transport.close()
+            for sock in self.listen_socks.values():
+                sock.close()
             loop.run_until_complete(asyncio.sleep(0))     # let cancelled checks unwind
             loop.close()
 
@@ -474,11 +869,14 @@ class Master:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     return self._shutdown(signal.Signals(signum).name)
             if signal.SIGHUP in signals:
-                # Each worker reloads its certificates; the master reloads its copy too, so a worker it
-                # forks later starts with the new ones (and the same front contexts: same ticket keys).
-                for error in reload_certificates(self.server_tls):
-                    log.error("certificate reload: %s; keeping the current certificates", error)
-                self._forward(signal.SIGHUP)
+                try:
+                    self._reload()
+                except ConfigError as exc:
+                    log.error("reload failed, keeping the running configuration: %s", exc)
+            if self.pending_generation is not None:
+                config, self.pending_generation = self.pending_generation, None
+                pending_restarts = [r for r in pending_restarts if r[1] < config.workers]
+                self._new_generation(config)
             for worker_id, status in self._reap():
                 if status == EXIT_STARTUP_FAILED:
                     log.error("worker %d could not start; stopping", worker_id)
@@ -489,12 +887,75 @@ class Master:
                 pending_restarts.remove(entry)
                 self._spawn(entry[1])
 
-    def _forward(self, signum: int) -> None:
-        for pid in self.workers:
+    def _new_generation(self, config: Config) -> None:
+        """Starts config.workers workers with the new config on the same sockets, waits until each
+        listens, then lets the old ones drain. If the new ones do not come up, they go and the old
+        ones stay."""
+        try:
+            server_tls = prepare_server_tls(config.binds)
+        except TLSConfigError as exc:
+            log.error("reload: %s; keeping the old workers", exc)
+            return
+        old = [h for h in self.workers.values() if h.generation == self.generation]
+        old_config, old_tls = self.table.config, self.server_tls
+        self.generation += 1
+        self.table.config = config
+        self.server_tls = server_tls
+        new_pids = []
+        try:
+            for worker_id in range(config.workers):
+                new_pids.append(self._spawn(worker_id, self.table.current_config()))
+        except StartupError as exc:
+            log.error("reload: %s; keeping the old workers", exc)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not all(
+                self.workers[p].ready for p in new_pids if p in self.workers):
+            self.loop.run_until_complete(self._wait(0.1))
+            if any(p not in self.workers for p in new_pids) or any(
+                    s in self.signals for s in (signal.SIGTERM, signal.SIGINT)):
+                break
+            self._reap_generation(new_pids)
+        ready = len(new_pids) == config.workers and all(
+            p in self.workers and self.workers[p].ready for p in new_pids)
+        if not ready:
+            log.error("reload: the new workers did not start; keeping the old ones")
+            for pid in new_pids:
+                _kill(pid, signal.SIGKILL)
+            self.generation -= 1
+            self.table.config, self.server_tls = old_config, old_tls
+            return
+        if self.checker is not None:
+            self._renew_checker(config)
+        for handle in old:
+            _kill(handle.pid, signal.SIGTERM)
+        self.config = config
+        self._close_unused_sockets(config)
+        log.info("reload: %d new worker(s) running; %d old worker(s) draining", len(new_pids), len(old))
+
+    def _reap_generation(self, pids: list[int]) -> None:
+        for pid in pids:
             try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                handle = self.workers.pop(pid, None)
+                if handle is not None and handle.channel is not None and handle.channel.transport:
+                    handle.channel.transport.close()
+
+    def _renew_checker(self, config: Config) -> None:
+        """New check settings: a new checker, keeping each staying backend's verdict."""
+        states = self.checker.verdicts
+        self.checker.close()
+        targets = check_targets(self.table.current_config())
+        self.checker = HealthChecker(self.loop, targets, self._on_verdict) if targets else None
+        self.next_check_index = len(targets)
+        if self.checker is not None:
+            for check in self.checker.checks.values():
+                if check.target.address in states:
+                    check.up = states[check.target.address]
+                    check.fresh = False
+            self.checker.start()
 
     def _reap(self) -> list[tuple[int, int]]:
         dead = []
@@ -505,20 +966,24 @@ class Master:
                 break
             if pid == 0:
                 break
-            if pid not in self.workers:
+            handle = self.workers.pop(pid, None)
+            if handle is None:
                 continue
-            worker_id, started = self.workers.pop(pid)
-            channel = self.channels.pop(pid, None)
-            if channel is not None:
-                channel.close()
+            if handle.channel is not None and handle.channel.transport is not None:
+                handle.channel.transport.close()
+            if handle.snapshot is not None:
+                retire(self.retired, handle.snapshot)
             status = os.waitstatus_to_exitcode(wait_status)
             how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
-            log.warning("worker %d (pid %d) %s; restarting", worker_id, pid, how)
-            if time.monotonic() - started < YOUNG_WORKER_SECONDS:
+            if handle.generation != self.generation:
+                log.info("old worker %d (pid %d) %s", handle.worker_id, pid, how)
+                continue
+            log.warning("worker %d (pid %d) %s; restarting", handle.worker_id, pid, how)
+            if time.monotonic() - handle.started < YOUNG_WORKER_SECONDS:
                 self.young_deaths += 1
             else:
                 self.young_deaths = 0
-            dead.append((worker_id, status))
+            dead.append((handle.worker_id, status))
         return dead
 
     def _restart_delay(self) -> float:
@@ -531,10 +996,7 @@ class Master:
         if self.checker is not None:
             self.checker.close()
         for pid in self.workers:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.grace_period + 5.0
         while self.workers and time.monotonic() < deadline:
             self.loop.run_until_complete(self._wait(0.1))
@@ -557,6 +1019,24 @@ class Master:
                 pass
         log.info("stopped")
         return 0
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(change: dict) -> str:
+    op = change["op"]
+    if op == "add":
+        return f"add {spec_from_dict(change['spec']).address}"
+    if op == "weight":
+        return f"weight {change['weight']} to {change['address']}"
+    if op == "state":
+        return f"state {change['state']} to {change['address']}"
+    return f"{op} {change.get('address', '')}"
 
 
 def _max_fd() -> int:

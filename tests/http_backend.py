@@ -23,6 +23,8 @@ Paths (the query string is ignored unless said):
   /ws              101 Switching Protocols (Upgrade: websocket), then echoes raw bytes
   /headers         200 with Connection: X-Hop, X-Hop: 1, Keep-Alive: timeout=5, X-Keep: 1
   /hsts            200 with the backend's own Strict-Transport-Security: max-age=1
+  .../setcookie?name=N&value=V   200 with Set-Cookie: N=V; Path=/ (any path prefix: sticky tests)
+  .../setheader?name=N&value=V   200 with header N: V
 """
 import asyncio
 import hashlib
@@ -162,6 +164,10 @@ class Handler(asyncio.Protocol):
             self.send(200, b"hsts\n", "Strict-Transport-Security: max-age=1\r\n")
         elif path == "/headers":
             self.send(200, b"h\n", "Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Keep: 1\r\n")
+        elif path.endswith("/setcookie"):
+            self.send(200, f"{self.name}\n".encode(), f"Set-Cookie: {query['name']}={query['value']}; Path=/\r\n")
+        elif path.endswith("/setheader"):
+            self.send(200, f"{self.name}\n".encode(), f"{query['name']}: {query['value']}\r\n")
         else:
             self.send(200, f"{self.name} {method} {url}\n".encode())
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -261,3 +262,19 @@ class ConnectionLoad:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(10)
+
+
+def ensure_debian_tool(command: str, package: str) -> str:
+    """The path of `command`, installing Debian's `package` with apt-get when it is missing (the tests
+    run as root on Debian, like CI). Fails the test, never skips it, when that is not possible."""
+    path = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+    if path:
+        return path
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+        if result.returncode:
+            raise AssertionError(f"{command} is missing and `{' '.join(args)}` failed:\n{result.stderr}")
+    path = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+    assert path, f"{package} installed but {command} not found"
+    return path

@@ -18,6 +18,7 @@ H_UPGRADE = 6
 H_EXPECT = 7
 H_FORWARDED_FOR = 8
 H_REJECT = 9          # refused outright (400)
+H_COOKIE = 10         # kept aside and re-emitted (sticky cookies rewrite it): only when a pool needs it
 
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
@@ -48,7 +49,9 @@ R_CONNECTION = 1
 R_DROP = 2
 R_FRAMING = 3         # Content-Length / Transfer-Encoding: fastlb writes the framing it forwards
 R_UPGRADE = 4
-R_HSTS = 5            # Strict-Transport-Security: replaced by fastlb's where a pool sets HSTS on a TLS bind
+R_SET_COOKIE = 5      # shown to the pool's sticky rule (prefix, learn, insert+indirect): only when needed
+R_STICKY_HEADER = 6   # learn:header:NAME: the session id a backend names
+R_HSTS = 7            # Strict-Transport-Security: replaced by fastlb's where a pool sets HSTS on a TLS bind
 
 RESPONSE_SPECIAL: dict[bytes, int] = {
     b"connection": R_CONNECTION,

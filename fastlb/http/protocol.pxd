@@ -9,9 +9,12 @@ cdef class Request:
     cdef public bint replayable, written, response_started, continue_sent, close_after
     cdef public Py_ssize_t body_received, flushed, out_size, error
     cdef public dict captured
-    cdef public object route, key, upstream
+    cdef public object route, key, upstream, pinned, sticky_key, sticky_cookie
     cdef public list tried, out
-    cdef public double sent_at
+    cdef public double sent_at, started, sent_mono, response_seconds
+    cdef public object backend
+    cdef public int status
+    cdef public Py_ssize_t bytes_out
 
 
 cdef class ClientConnection:
@@ -26,3 +29,11 @@ cdef class ClientConnection:
     cdef public Request req
     cdef public list parts, url_parts
     cdef public Py_ssize_t url_size, header_size, header_count
+
+    cpdef pause(self, int reason)
+    cpdef resume(self, int reason)
+    cpdef dispatch(self, Request req)
+    cpdef sent(self, Request req)
+    cpdef flush_request(self, Request req)
+    cpdef answer(self, Request req, int status, bint close)
+    cpdef finished(self, Request req, bint close)

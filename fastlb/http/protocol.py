@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The HTTP/1.1 client side: parse requests, route them, hand them to backends, answer in order.
 
 One `ClientConnection` per accepted socket. httptools (llhttp, strict mode) parses the requests; the few
@@ -25,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from time import monotonic
 
 import httptools
 
 from fastlb import tls
 from fastlb.http import errors
-from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
+from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
                                  connection_tokens, valid_host)
 from fastlb.pool import NoBackendError, QueueError
@@ -65,14 +67,17 @@ class Request:
         # parsed
         "method", "url", "host", "http10", "keep_alive", "idempotent", "is_head", "chunked",
         "content_length", "body_received", "complete", "upgrade", "expect_continue", "captured",
-        # routing
-        "route", "key", "tried",
+        # routing; session persistence: the pinned backend, the key to record, the client's valid cookie
+        "route", "key", "tried", "pinned", "sticky_key", "sticky_cookie",
         # outgoing bytes: out[flushed:] not yet written; out[:flushed] kept for a replay
         "out", "flushed", "out_size", "replayable", "written",
         # progress
         "error", "upstream", "sent_at", "response_started", "continue_sent", "close_after",
         # hook for later features (sticky cookies): header lines added to the response head
         "extra_response_headers",
+        # accounting (fastlb/observe.py): the backend that answered, the status and bytes sent to the
+        # client, when the head began (loop clock); sent_mono / response_seconds only with an observer
+        "backend", "status", "bytes_out", "started", "sent_mono", "response_seconds",
     )
 
     def __init__(self) -> None:
@@ -93,6 +98,9 @@ class Request:
         self.route = None
         self.key = None
         self.tried = []
+        self.pinned = None
+        self.sticky_key = None
+        self.sticky_cookie = None
         self.out = []
         self.flushed = 0
         self.out_size = 0
@@ -105,6 +113,12 @@ class Request:
         self.continue_sent = False
         self.close_after = False
         self.extra_response_headers = b""
+        self.backend = None
+        self.status = 0
+        self.bytes_out = 0
+        self.started = 0.0
+        self.sent_mono = 0.0
+        self.response_seconds = -1.0
 
 
 class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
@@ -326,6 +340,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             req.expect_continue = True
         elif action == H_REJECT:
             raise RequestError(400, "framing header spelt with '_'")
+        elif action == H_COOKIE:
+            self._capture(lname, value)            # re-emitted by on_headers_complete, maybe rewritten
         elif action == H_FORWARDED_FOR:
             if settings.forwarded_for:
                 req.captured = req.captured or {}
@@ -361,6 +377,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if method == b"CONNECT":
             raise RequestError(405, "CONNECT")
         req.method = method
+        req.started = self.head_started
         req.is_head = method == b"HEAD"
         req.idempotent = method in IDEMPOTENT_METHODS
         url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
@@ -375,6 +392,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             if route.max_body_size and length > route.max_body_size:
                 raise RequestError(413, "body larger than max_body_size")
         req.key = route.key(self.client_ip, url, req.captured) if route.key_kind else None
+        sticky = route.sticky
+        if sticky is not None:
+            req.pinned, req.sticky_key, req.sticky_cookie = sticky.pin(self.client_ip, req.captured)
 
         # The head for the backend, as pieces joined at the first write.
         out = req.out
@@ -383,6 +403,13 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if self.conn_tokens is not None:
             parts = self._drop_connection_named(parts)
         out += parts
+        if settings.cookie_held and req.captured is not None:
+            cookies = req.captured.get(b"cookie")
+            if cookies is not None:
+                if sticky is not None and sticky.rewrites_cookie:
+                    cookies = sticky.forward_cookie(cookies)
+                if cookies:
+                    out += (b"Cookie: ", cookies, b"\r\n")
         if settings.forwarded_for:
             previous = req.captured.get(b"x-forwarded-for") if req.captured else None
             if previous is not None:
@@ -498,8 +525,16 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 self.deadline = self.runtime.now + self.settings.http_request_timeout
                 self.deadline_kind = WAIT_HEAD
             return
-        pool = req.route.pool
-        backend = pool.select_now(req.key, req.tried)
+        route = req.route
+        sticky = route.sticky
+        if (sticky is not None and req.pinned is None and req.sticky_key is not None and not req.tried
+                and sticky.store.shared and sticky.store.up):
+            # Not in the local table: the shared store is asked first (bounded, off the fast path).
+            self.deadline = self.loop.time() + self.settings.connect_wait_timeout
+            self.deadline_kind = WAIT_BACKEND
+            self.connect_task = self.loop.create_task(self._connect(req, None, True))
+            return
+        backend = route.pool.select_now(req.key, req.tried, req.pinned)
         if backend is not None:
             idle = backend.idle
             while idle:
@@ -510,13 +545,15 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                     return
         self.deadline = self.loop.time() + self.settings.connect_wait_timeout
         self.deadline_kind = WAIT_BACKEND
-        self.connect_task = self.loop.create_task(self._connect(req, backend))
+        self.connect_task = self.loop.create_task(self._connect(req, backend, False))
 
-    async def _connect(self, req: Request, selected) -> None:
+    async def _connect(self, req: Request, selected, fetch: bool) -> None:
         runtime = self.runtime
         try:
+            if fetch:
+                req.pinned = await req.route.sticky.fetch(req.sticky_key)
             backend, transport, upstream = await req.route.pool.connect(
-                req.key, runtime.backend_factory, req.tried, selected)
+                req.key, runtime.backend_factory, req.tried, selected, req.pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
@@ -538,6 +575,15 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         """req is attached to its backend connection: write what we have and wait for the response."""
         now = self.runtime.now
         req.sent_at = now
+        if req.sticky_key is not None and req.upstream.backend is not req.pinned and (
+                req.pinned is not None or req.route.sticky.kind == 5):
+            # A new source address, or a session whose backend could not serve it: it sticks to this
+            # one from now on. (An unknown learned id is not recorded: the backend that set it may be
+            # known to another balancer, whose mapping is on its way to the store.)
+            req.pinned = req.upstream.backend
+            req.route.sticky.record(req.sticky_key, req.pinned)
+        if self.runtime.observer is not None:
+            req.sent_mono = monotonic()       # the loop's clock moves in ms: too coarse for a histogram
         self.deadline = now + self.settings.response_timeout
         self.deadline_kind = WAIT_BACKEND
         self.flush_request(req)
@@ -564,7 +610,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def answer(self, req: Request, status: int, close: bool) -> None:
         """A response of fastlb's own for queue[0] (errors)."""
         close = close or self.closing and not self.req_pending_after(req) or req.close_after
-        self.transport.write(errors.response(status, close))
+        data = errors.response(status, close)
+        self.transport.write(data)
+        req.status = status
+        req.bytes_out = len(data)
         self.finished(req, close)
 
     def redirect_https(self, req: Request) -> None:
@@ -588,7 +637,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             return
         status = 301 if req.method == b"GET" or req.is_head else 308
         close = not req.complete or self.closing and not self.req_pending_after(req) or req.close_after
-        self.transport.write(errors.redirect(status, b"https://" + name + self.redirect + url, close))
+        data = errors.redirect(status, b"https://" + name + self.redirect + url, close)
+        self.transport.write(data)
+        req.status = status
+        req.bytes_out = len(data)
         self.finished(req, close)
 
     def req_pending_after(self, req: Request) -> bool:
@@ -596,6 +648,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
 
     def finished(self, req: Request, close: bool) -> None:
         """queue[0] has been answered in full: next request, or keep-alive wait, or close."""
+        if self.runtime.observer is not None:
+            self.report(req)
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
@@ -622,6 +676,17 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 return
             self.deadline = self.runtime.now + self.settings.keepalive_timeout
             self.deadline_kind = WAIT_IDLE
+
+    def report(self, req: Request) -> None:
+        """Metrics and access log for a request answered in full (called only with an observer)."""
+        route = req.route
+        sent = req.sent_mono
+        self.runtime.observer.http_request(
+            req.backend, self.client_ip.decode("latin-1"), req.method.decode("latin-1"),
+            req.url.decode("latin-1"), req.status, req.out_size, req.bytes_out, req.started,
+            max(0.0, sent - req.started) if sent else 0.0,
+            req.response_seconds if req.response_seconds >= 0.0 else None,
+            route.name if route is not None else None)
 
     def backend_failed(self, req: Request, status: int, retry: bool) -> None:
         """The backend connection serving req broke (or timed out) before the response ended."""

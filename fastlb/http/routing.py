@@ -22,12 +22,13 @@ if TYPE_CHECKING:
 class RoutePool:
     """One named pool as the HTTP side sees it: the BackendPool plus how to key and limit requests."""
 
-    __slots__ = ("name", "pool", "key_kind", "key_name", "max_body_size", "hsts_block")
+    __slots__ = ("name", "pool", "key_kind", "key_name", "max_body_size", "hsts_block", "sticky")
 
     def __init__(self, name: str, pool: "BackendPool", hash_key: str | None, max_body_size: int,
-                 hsts: int = 0) -> None:
+                 hsts: int = 0, sticky=None) -> None:
         self.name = name
         self.pool = pool
+        self.sticky = sticky                        # fastlb.sticky.Sticky, or None
         self.max_body_size = max_body_size          # 0: no limit
         # The HSTS header line added to this pool's responses on TLS binds (b"": none).
         self.hsts_block = b"Strict-Transport-Security: max-age=%d\r\n" % hsts if hsts else b""
@@ -133,6 +134,9 @@ class Router:
                 capture.add(pool.key_name)
             elif pool.key_kind == "cookie":
                 capture.add(b"cookie")
+            sticky = pool.sticky
+            if sticky is not None and sticky.kind != 5:       # all but source read the request
+                capture.add(sticky.lname if sticky.kind == 4 else b"cookie")
         capture.discard(b"host")            # always kept by the protocol itself
         self.capture = frozenset(capture)
 

@@ -5,14 +5,14 @@ cdef class HttpSettings:
     cdef public double http_request_timeout, keepalive_timeout, response_timeout, tunnel_timeout
     cdef public double backend_idle_timeout, connect_wait_timeout
     cdef public Py_ssize_t backend_max_idle, max_header_size, max_headers, max_uri_length
-    cdef public bint forwarded_for
+    cdef public bint forwarded_for, fast_responses, cookie_held
     cdef public dict request_actions, response_actions
     cdef public bytes request_block, response_block, default_host
     cdef public object capture
 
 
 cdef class HttpRuntime:
-    cdef public object loop, router, connections, sweep_handle, backend_factory
+    cdef public object loop, router, connections, sweep_handle, backend_factory, observer
     cdef public HttpSettings settings
     cdef public bint draining
     cdef public Py_ssize_t failures

@@ -11,8 +11,8 @@ import asyncio
 import logging
 
 from fastlb.config import Config
-from fastlb.http.headers import (FORWARDED_SET_BY_US, H_DROP, R_DROP, R_HSTS, REQUEST_SPECIAL,
-                                 RESPONSE_SPECIAL, format_header_block)
+from fastlb.http.headers import (FORWARDED_SET_BY_US, H_COOKIE, H_DROP, R_DROP, R_HSTS, R_SET_COOKIE,
+                                 R_STICKY_HEADER, REQUEST_SPECIAL, RESPONSE_SPECIAL, format_header_block)
 from fastlb.http.routing import Router, RoutePool, Rule
 from fastlb.pool import BackendPool
 
@@ -25,7 +25,7 @@ class HttpSettings:
         "backend_idle_timeout", "backend_max_idle", "connect_wait_timeout",
         "max_header_size", "max_headers", "max_uri_length",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
-        "capture", "default_host",
+        "capture", "default_host", "fast_responses", "cookie_held",
     )
 
     def __init__(self, config: Config, capture: frozenset) -> None:
@@ -68,9 +68,14 @@ class HttpSettings:
             response_extra.append(("Via", f"1.1 {config.via}"))
             request_actions[b"via"] = H_DROP       # replaced, not appended: simpler, and no loops
             response_actions[b"via"] = R_DROP
+        # The response fast path forwards header lines as they are: only without response rules.
+        from fastlb.http.upstream import scan_response
+        self.fast_responses = (scan_response is not None and not config.response_header_delete
+                               and not config.response_header_set and not config.via)
         self.request_block = format_header_block(extra)
         self.response_block = format_header_block(response_extra)
         self.capture = capture
+        self.cookie_held = False        # the Cookie header is held back and re-emitted (sticky rewrites)
         bind = config.binds[0] if config.binds else None
         self.default_host = bind.address.encode() if bind else b"localhost"
 
@@ -80,12 +85,33 @@ class HttpSettings:
             return b""
         return b"X-Forwarded-For: " + client_ip + b"\r\nX-Forwarded-Proto: " + scheme + b"\r\n"
 
+    def watch_sticky(self, router: Router) -> None:
+        """Header actions for the pools' sticky rules: added only when a rule needs them, so a balancer
+        without persistence looks at no extra header."""
+        for route in router.pools.values():
+            sticky = route.sticky
+            if sticky is None:
+                continue
+            if sticky.rewrites_cookie:
+                self.request_actions[b"cookie"] = H_COOKIE
+                self.cookie_held = True
+            if sticky.watches_set_cookie:
+                self.response_actions.setdefault(b"set-cookie", R_SET_COOKIE)
+            if sticky.kind == 4:                          # learn:header:NAME
+                self.response_actions.setdefault(sticky.lname, R_STICKY_HEADER)
+            if sticky.kind != 5:
+                # Cookie and learned rules read or add response headers: the response fast path,
+                # which forwards header lines untouched, would skip them.
+                self.fast_responses = False
+
 
 def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
-                 default_pool: BackendPool | None = None) -> Router:
+                 default_pool: BackendPool | None = None, store=None) -> Router:
     """The worker's pools and rules. default_pool: the worker's BackendPool of the top-level backends
-    (the one the active health checks feed), served as the pool named "default"."""
+    (the one the active health checks feed), served as the pool named "default". store: the worker's
+    fastlb.sticky.SessionStore when any pool is sticky."""
     pools: dict[str, RoutePool] = {}
+    sticky_of = {spec.name: spec.sticky for spec in config.pools}
     for spec in config.pools:
         pool_config = config.replace(backends=spec.backends, algorithm=spec.algorithm or config.algorithm,
                                      hash_key=spec.hash_key if spec.hash_key is not None else
@@ -95,9 +121,16 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
                                      spec.max_body_size if spec.max_body_size is not None
                                      else config.max_body_size,
                                      spec.hsts if spec.hsts is not None else config.hsts)
-    if config.backends:
+    if config.backends or default_pool is not None:      # (a discovery source may fill it later)
         pools.setdefault("default", RoutePool("default", default_pool or BackendPool(config, loop, maxconn),
                                               config.hash_key, config.max_body_size, config.hsts))
+    if store is not None:
+        from fastlb.sticky import Sticky, default_secret
+        secret = default_secret(config)
+        for route in pools.values():
+            spec = sticky_of.get(route.name) or config.sticky
+            if spec is not None:
+                route.sticky = Sticky(spec, route.name, route.pool, store, secret)
     default_name = config.default_pool or ("default" if "default" in pools else next(iter(pools)))
     rules = [Rule(spec, pools[spec.pool]) for spec in config.routes]
     return Router(pools, rules, pools[default_name])
@@ -105,10 +138,14 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
 
 class HttpRuntime:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, router: Router,
-                 connections: set) -> None:
+                 connections: set, observer=None) -> None:
         self.loop = loop
         self.router = router
+        # fastlb/observe.py's Observer (metrics, access log), called once per finished request; None
+        # when neither is configured, and then the request path does nothing for it.
+        self.observer = observer
         self.settings = HttpSettings(config, router.capture)
+        self.settings.watch_sticky(router)
         self.connections = connections
         self.draining = False
         self.now = loop.time()     # the loop's clock as last read by a protocol (one read per data_received)

@@ -9,9 +9,17 @@ cdef class BackendConnection:
     cdef public object transport, parser, backend, conn_tokens
     cdef public bytes upgrade, te_value, cl_value, reason
     cdef public bint lost, fresh_parser, keep_alive, chunked_in, chunked_out, close_delimited, no_body
-    cdef public bint done, interim, reusable, client_close
+    cdef public bint done, interim, reusable, client_close, seen
     cdef public double idle_since
     cdef public ClientConnection client
     cdef public Request request
     cdef public list out, parts
     cdef public int status
+    cdef public Py_ssize_t received
+
+    cpdef _reset(self)
+    cpdef attach(self, ClientConnection client, Request req, backend)
+    cpdef release(self, bint ok, str detail=*)
+    cpdef _plain_response(self, ClientConnection client, tuple found, bytes data)
+    cpdef bint _client_must_close(self, Request req, ClientConnection client)
+    cpdef _finish(self)

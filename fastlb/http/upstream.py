@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The backend side: one `BackendConnection` per connection to a backend, reused across requests.
 
 While serving a request it parses the response with httptools, rewrites the head (hop-by-hop headers
@@ -15,12 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 
 import httptools
 
 from fastlb.health import RESPONSE
 from fastlb.http import errors
-from fastlb.http.headers import R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_UPGRADE, RESPONSE_SPECIAL
+from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
+                                 R_UPGRADE, RESPONSE_SPECIAL)
+
+try:
+    from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
+except ImportError:                                   # not built: every response goes through httptools
+    scan_response = None
 
 log = logging.getLogger("fastlb")
 
@@ -37,7 +45,9 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         # per request / response
         "client", "request", "out", "parts", "status", "reason", "keep_alive", "chunked_in",
         "chunked_out", "close_delimited", "no_body", "done", "interim", "reusable", "upgrade",
-        "te_value", "cl_value", "client_close", "conn_tokens",
+        "te_value", "cl_value", "client_close", "conn_tokens", "seen",
+        # bytes of the current response read from the backend (the access log's and metrics' bytes out)
+        "received",
     )
 
     def __init__(self, runtime) -> None:
@@ -71,6 +81,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.cl_value = None
         self.client_close = False
         self.conn_tokens = None
+        self.seen = False          # a byte of this response has been read
+        self.received = 0
 
     # ---- attach / detach -------------------------------------------------------------------------
 
@@ -85,6 +97,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.request = req
         self.backend = backend
         req.upstream = self
+        req.backend = backend
         self._reset()
 
     def release(self, ok: bool, detail: str = "") -> None:
@@ -134,6 +147,18 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             client.tunnel_active = True
             return
         self.runtime.now = client.loop.time()        # the one clock read for these bytes
+        self.received += len(data)
+        if not self.seen:
+            self.seen = True
+            req = self.request
+            # Not where fastlb adds HSTS (a TLS bind, a pool with HSTS): the fast path forwards the
+            # backend's header lines untouched, so it would neither add nor replace that header.
+            if (self.settings.fast_responses and not req.is_head
+                    and not (client.tls and req.route.hsts_block)):
+                found = scan_response(data)
+                if found is not None:
+                    self._plain_response(client, found, data)
+                    return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -154,6 +179,30 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self._finish()
         elif client.deadline_kind == 3:            # WAIT_BACKEND: the backend is alive, wait again
             client.deadline = self.runtime.now + self.settings.response_timeout
+
+    def _plain_response(self, client, found, data: bytes) -> None:
+        """The fast path: a whole plain response in one read (see _head.scan_response), forwarded in
+        one write without httptools; the parser, untouched, is still at a message start."""
+        status, head, body_start, backend_close = found
+        req = self.request
+        self.status = status
+        req.response_started = True
+        if req.sent_mono:                           # only with an observer (metrics, access log)
+            req.response_seconds = monotonic() - req.sent_mono
+        close = self._client_must_close(req, client)
+        self.client_close = close
+        self.keep_alive = not backend_close
+        client.transport.write(b"".join((
+            head, b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n" if req.http10 else b"",
+            self.settings.response_block, req.extra_response_headers, b"\r\n", data[body_start:])))
+        self.done = True
+        self._finish()
+
+    def _client_must_close(self, req, client) -> bool:
+        """The client connection ends after this response: it asked, a refused request follows, the
+        request was not read to its end, or the worker is draining."""
+        return (not req.keep_alive or req.close_after or client.closing and len(client.queue) <= 1
+                or not req.complete or client.runtime.draining)
 
     def on_message_begin(self) -> None:
         if self.done:
@@ -182,6 +231,18 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             # fastlb's HSTS replaces the backend's where it applies (a TLS bind, a pool with HSTS).
             if not (self.client.tls and self.request.route.hsts_block):
                 self.parts += (name, b": ", value, b"\r\n")
+        elif action == R_SET_COOKIE:
+            sticky = self.request.route.sticky
+            if sticky is not None and sticky.watches_set_cookie:
+                value = sticky.on_set_cookie(value, self.backend)
+                if value is None:
+                    return                          # insert + indirect: our cookie is fastlb's to set
+            self.parts += (name, b": ", value, b"\r\n")
+        elif action == R_STICKY_HEADER:
+            sticky = self.request.route.sticky
+            if sticky is not None and sticky.kind == 4 and name.lower() == sticky.lname:
+                sticky.on_response_header(value, self.backend)
+            self.parts += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -197,6 +258,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
                 self.out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n", *self.parts, b"\r\n")
             return
         req.response_started = True
+        if req.sent_mono:                           # only with an observer (metrics, access log)
+            req.response_seconds = monotonic() - req.sent_mono
         self.keep_alive = parser.should_keep_alive()
         out = self.out
         out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n")
@@ -207,8 +270,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
                 parts = [p for i in range(0, len(parts), 4) if parts[i].lower() not in named
                          for p in parts[i:i + 4]]
         out += parts
-        close = (not req.keep_alive or req.close_after or client.closing and len(client.queue) <= 1
-                 or not req.complete or client.runtime.draining)
+        close = self._client_must_close(req, client)
         if status == 101:
             out += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade or b"", b"\r\n")
             close = False
@@ -249,6 +311,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
                 out.append(hsts)
         if req.extra_response_headers:
             out.append(req.extra_response_headers)
+        sticky = req.route.sticky
+        if sticky is not None and sticky.kind == 1:            # cookie insert: name the backend
+            block = sticky.response_block(req.sticky_cookie, self.backend)
+            if block:
+                out.append(block)
         out.append(b"\r\n")
         if self.no_body:
             self.done = True
@@ -288,6 +355,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.client = None
         self.release(ok=self.status < 500)
         req.upstream = None
+        req.status = self.status
+        req.bytes_out = self.received
         if self.keep_alive and self.reusable and req.complete and not self.close_delimited \
                 and not self.lost and not self.runtime.draining:
             self.runtime.park(self, backend)
@@ -308,6 +377,10 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.release(ok=True)
         client.queue.clear()
         req.upstream = None
+        if client.runtime.observer is not None:     # the request ends here; the tunnel is not counted
+            req.status = 101
+            req.bytes_out = self.received
+            client.report(req)
         client.start_tunnel(self.transport)
 
     def _failed(self, status: int, retry: bool) -> None:

@@ -1,0 +1,294 @@
+"""The admin bind: runtime API, Prometheus metrics, the stats page.
+
+    GET  /healthz                       200 "ok" (no token)
+    GET  /metrics                       Prometheus text format (no token)
+    GET  /stats                         HTML stats page, refreshing itself from /stats.json (no token)
+    GET  /stats.json                    read-only view: pools, backends, state, counters (no token)
+    GET  /api/backends                  the same view                          } every /api/ path needs
+    POST /api/backends                  {"address": "H:P", "weight": N, "backup": false} -> add
+    DELETE /api/backends/ADDR           remove                                 } `Authorization:
+    POST /api/backends/ADDR/weight      {"weight": N}                          }  Bearer TOKEN`, checked
+    POST /api/backends/ADDR/state       {"state": "enable|drain|disable"}     }  before any routing
+    POST /api/reload                    re-read the config file (as SIGHUP)
+
+Why the stats page needs no token: it shows only what /metrics already shows to anyone who can reach
+the admin bind (addresses, states, weights, counters), never the token or the configuration, and it
+changes nothing. So, like /metrics, it is protected by where the bind listens (loopback by default),
+and everything that changes state sits under /api/ with the token. An operator who wants the page
+private keeps the bind on loopback or behind a proxy with its own auth (as HAProxy's `stats auth`).
+
+The server is a deliberately small HTTP/1.1 implementation on asyncio streams (one request per
+connection, bodies up to MAX_BODY): the admin bind sees a scrape every few seconds and a few operator
+calls, and must not need the HTTP mode's machinery.
+
+Metrics come from the controller's aggregated view (every worker's counters, see fastlb/control.py)
+through a prometheus-client custom collector: the families are built at scrape time, so nothing of
+prometheus-client runs on the traffic path.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from fastlb.config import Config, ConfigError, read_token
+from fastlb.control import ChangeError, parse_spec, spec_to_dict
+from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES
+
+log = logging.getLogger("fastlb")
+
+MAX_HEAD = 16384
+MAX_BODY = 65536
+REQUEST_TIMEOUT = 10.0
+STATE_VALUES = {"up": 1, "drain": 0.5}      # fastlb_backend_up: 1 up, 0.5 draining, 0 down
+STATS_PAGE = Path(__file__).with_name("stats.html")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+           405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error"}
+
+
+class AdminServer:
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config, controller: Any) -> None:
+        self.loop = loop
+        self.host, self.port = config.admin
+        self.token = read_token(config.admin_token_file).encode() if config.admin_token_file else None
+        if self.token is None:
+            log.warning("admin bind without --admin-token-file: /api/ answers 401 to every request")
+        self.controller = controller
+        self.server: asyncio.AbstractServer | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = MetricsCollector()
+        self.registry.register(self.collector)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True,
+                                                 limit=MAX_HEAD)
+        log.info("admin API on http://%s:%d/ (/api, /metrics, /stats)", self.host, self.port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    # ---- HTTP ------------------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                status, content_type, body = await self._answer(reader)
+        except HttpError as exc:
+            status, content_type, body = exc.status, "application/json", _json({"error": str(exc)})
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        except Exception as exc:                  # a bug must not take the admin bind down
+            log.exception("admin request failed")
+            status, content_type, body = 500, "application/json", _json({"error": str(exc)})
+        head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n")
+        if status == 401:
+            head += 'WWW-Authenticate: Bearer realm="fastlb"\r\n'
+        writer.write(head.encode() + b"\r\n" + body)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, _ = request_line.split(" ", 2)
+        except ValueError:
+            raise HttpError(400, "bad request line") from None
+        headers = {}
+        for line in header_lines:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        path = urllib.parse.urlsplit(target).path
+        if path == "/api" or path.startswith("/api/"):
+            # The token first: an unauthenticated client learns nothing about the routes.
+            self._authorize(headers.get("authorization", ""))
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            raise HttpError(413 if length.isdigit() else 400, "bad or too large body")
+        body = await reader.readexactly(int(length)) if int(length) else b""
+        return await self._route(method, path, body)
+
+    def _authorize(self, authorization: str) -> None:
+        scheme, _, presented = authorization.partition(" ")
+        # compare_digest takes time independent of where the strings differ.
+        if self.token is None or scheme.lower() != "bearer" or not hmac.compare_digest(
+                presented.strip().encode(), self.token):
+            raise HttpError(401, "a valid bearer token is required")
+
+    async def _route(self, method: str, path: str, body: bytes) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == "/metrics":
+            self.collector.view = await self.controller.snapshot()
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/stats":
+            return 200, "text/html; charset=utf-8", STATS_PAGE.read_bytes()
+        if path in ("/stats.json", "/api/backends") and method == "GET":
+            return 200, "application/json", _json(await self.controller.snapshot())
+        if not path.startswith("/api/"):
+            raise HttpError(404, f"no such path {path}")
+        try:
+            answer = await self._api(method, path, _parse_body(body))
+        except ChangeError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+        # Answer once every worker has applied the change: a client acting on the answer (sending
+        # traffic, reading /metrics) sees it everywhere.
+        await self.controller.sync()
+        return answer
+
+    async def _api(self, method: str, path: str, data: dict[str, Any]) -> tuple[int, str, bytes]:
+        parts = [urllib.parse.unquote(p) for p in path.split("/")[2:]]
+        if parts == ["reload"]:
+            _require(method, "POST")
+            try:
+                message = await self.controller.reload()
+            except ConfigError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                raise HttpError(400, f"reload failed, running configuration kept: {exc}") from None
+            return 200, "application/json", _json({"result": message})
+        if parts == ["backends"]:
+            _require(method, "POST")
+            if "address" not in data:
+                raise HttpError(400, "missing 'address'")
+            spec = parse_spec(str(data["address"]), data.get("weight"), bool(data.get("backup", False)))
+            change = self.controller.apply({"op": "add", "spec": spec_to_dict(spec), "source": "api"})
+            return 201, "application/json", _json({"result": "added", "change": change})
+        if len(parts) == 2 and parts[0] == "backends":
+            _require(method, "DELETE")
+            change = self.controller.apply({"op": "remove", "address": parts[1]})
+            return 200, "application/json", _json({"result": "removed", "change": change})
+        if len(parts) == 3 and parts[0] == "backends" and parts[2] in ("weight", "state"):
+            _require(method, "POST")
+            op = parts[2]
+            change = self.controller.apply({"op": op, "address": parts[1], op: data.get(op)})
+            return 200, "application/json", _json({"result": "applied", "change": change})
+        raise HttpError(404, f"no such path {path}")
+
+
+def _require(method: str, expected: str) -> None:
+    if method != expected:
+        raise HttpError(405, f"use {expected}")
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    if not body:
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise HttpError(400, "body is not JSON") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "body must be a JSON object")
+    return data
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, indent=1).encode() + b"\n"
+
+
+# ---- Prometheus ---------------------------------------------------------------------------------------
+
+class MetricsCollector:
+    """Builds the metric families from the last aggregated view (set just before each scrape)."""
+
+    def __init__(self) -> None:
+        self.view: dict[str, Any] = {"pools": [], "workers": 0}
+
+    def collect(self):
+        B = ["pool", "backend"]
+        families = {
+            "connections": CounterMetricFamily("fastlb_backend_connections", "Relayed connections that reached the backend (ended)", labels=B),
+            "requests": CounterMetricFamily("fastlb_backend_requests", "HTTP requests sent to the backend", labels=B),
+            "responses": CounterMetricFamily("fastlb_backend_responses", "HTTP responses by status class", labels=B + ["code"]),
+            "bytes_in": CounterMetricFamily("fastlb_backend_bytes_in", "Bytes from clients to the backend", labels=B),
+            "bytes_out": CounterMetricFamily("fastlb_backend_bytes_out", "Bytes from the backend to clients", labels=B),
+            "connect_errors": CounterMetricFamily("fastlb_backend_connect_errors", "Failed connect attempts", labels=B),
+            "retries": CounterMetricFamily("fastlb_backend_retries", "Attempts that were a retry after another backend failed", labels=B),
+            "up": GaugeMetricFamily("fastlb_backend_up", "1 up, 0.5 draining, 0 down (in every worker)", labels=B),
+            "weight": GaugeMetricFamily("fastlb_backend_weight", "Configured weight", labels=B),
+            "inflight": GaugeMetricFamily("fastlb_backend_inflight", "Connections in flight", labels=B),
+        }
+        connect_time = HistogramMetricFamily("fastlb_backend_connect_seconds", "Time to connect to the backend", labels=B)
+        response_time = HistogramMetricFamily("fastlb_backend_response_seconds", "HTTP: request sent to response head", labels=B)
+        pool_connections = CounterMetricFamily("fastlb_pool_connections", "Relayed connections (ended), all backends", labels=["pool"])
+        pool_refused = CounterMetricFamily("fastlb_pool_refused", "Client connections no backend took", labels=["pool"])
+        pool_bytes_in = CounterMetricFamily("fastlb_pool_bytes_in", "Bytes from clients", labels=["pool"])
+        pool_bytes_out = CounterMetricFamily("fastlb_pool_bytes_out", "Bytes to clients", labels=["pool"])
+        pool_requests = CounterMetricFamily("fastlb_pool_requests", "HTTP requests", labels=["pool"])
+        pool_errors = CounterMetricFamily("fastlb_pool_connect_errors", "Failed connect attempts", labels=["pool"])
+        pool_retries = CounterMetricFamily("fastlb_pool_retries", "Retried connect attempts", labels=["pool"])
+        pool_responses = CounterMetricFamily("fastlb_pool_responses", "HTTP responses by status class", labels=["pool", "code"])
+        pool_active = GaugeMetricFamily("fastlb_pool_active", "Connections holding a backend", labels=["pool"])
+        pool_queued = GaugeMetricFamily("fastlb_pool_queued", "Connections waiting for a slot", labels=["pool"])
+        pool_up = GaugeMetricFamily("fastlb_pool_backends_up", "Backends up", labels=["pool"])
+        workers = GaugeMetricFamily("fastlb_workers", "Worker processes reporting")
+        workers.add_metric([], self.view["workers"])
+        for pool in self.view["pools"]:
+            name = pool["name"]
+            totals = {"connections": 0, "bytes_in": 0, "bytes_out": 0, "requests": 0, "connect_errors": 0,
+                      "retries": 0}
+            responses = dict.fromkeys(STATUS_CLASSES, 0)
+            up = 0
+            for b in pool["backends"]:
+                labels = [name, b["address"]]
+                for key in ("connections", "requests", "bytes_in", "bytes_out", "connect_errors", "retries"):
+                    families[key].add_metric(labels, b[key])
+                    totals[key] += b[key]
+                for code, count in b["responses"].items():
+                    families["responses"].add_metric(labels + [code], count)
+                    responses[code] += count
+                value = STATE_VALUES.get(b["state"], 0)
+                up += value == 1
+                families["up"].add_metric(labels, value)
+                families["weight"].add_metric(labels, b["weight"])
+                families["inflight"].add_metric(labels, b["inflight"])
+                for family, data in ((connect_time, b["connect_time"]), (response_time, b["response_time"])):
+                    family.add_metric(labels, _cumulative(data["buckets"]), data["sum"])
+            pool_connections.add_metric([name], totals["connections"])
+            pool_bytes_in.add_metric([name], totals["bytes_in"])
+            pool_bytes_out.add_metric([name], totals["bytes_out"])
+            pool_requests.add_metric([name], totals["requests"])
+            pool_errors.add_metric([name], totals["connect_errors"])
+            pool_retries.add_metric([name], totals["retries"])
+            for code, count in responses.items():
+                pool_responses.add_metric([name, code], count)
+            pool_refused.add_metric([name], pool["refused"])
+            pool_active.add_metric([name], pool["active"])
+            pool_queued.add_metric([name], pool["queued"])
+            pool_up.add_metric([name], up)
+        yield from families.values()
+        yield from (connect_time, response_time, pool_connections, pool_refused, pool_bytes_in,
+                    pool_bytes_out, pool_requests, pool_errors, pool_retries, pool_responses, pool_active,
+                    pool_queued, pool_up, workers)
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
+    buckets, total = [], 0
+    for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], counts):
+        total += count
+        buckets.append((bound, total))
+    return buckets
