@@ -698,3 +698,146 @@ def test_http_mode_tls_config_errors(pki, capsys):
             assert message in capsys.readouterr().err, argv
         else:
             raise AssertionError(f"accepted: {argv}")
+
+
+# ---- TLS with the operations side (admin API, metrics, reload, health verdicts by address) -----------
+
+def _admin_get(admin, path, token):
+    import http.client
+    import json
+    connection = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    try:
+        connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+def _expiry_metrics(admin):
+    from prometheus_client.parser import text_string_to_metric_families
+    status, text = _admin_get(admin, "/metrics", "")
+    assert status == 200
+    return {(s.labels["bind"], os.path.basename(s.labels["file"])): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "fastlb_certificate_expiry_days"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_certificate_expiry_in_metrics_and_api_and_ctl_reload_reloads_certificates(procs, pki, tmp_path,
+                                                                                      workers):
+    import json
+    from procs import REPO, port_open, subprocess_env
+    token = "tls-admin-token-0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    site = tmp_path / "site.pem"
+    shutil.copy(pki["default"], site)
+    _, ports = procs.backends("a")
+    port, admin = free_port(), free_port()
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},ssl,cert={site},cert={pki['api']}",
+                      "--backend", f"127.0.0.1:{ports['a']}", "--workers", str(workers),
+                      "--admin", str(admin), "--admin-token-file", str(token_file), wait_port=0)
+    wait_until(lambda: lb.output.count("INFO listening on") == workers, what="workers listening")
+    wait_until(lambda: port_open(admin), what="the admin bind")
+    bind = f"127.0.0.1:{port}"
+    expiry = _expiry_metrics(admin)
+    assert set(expiry) == {(bind, "site.pem"), (bind, "api.pem")}
+    assert all(89 < days <= 90 for days in expiry.values())
+    status, body = _admin_get(admin, "/api/certificates", "wrong")
+    assert status == 401
+    status, body = _admin_get(admin, "/api/certificates", token)
+    assert status == 200
+    listed = json.loads(body)["certificates"]
+    assert [(c["bind"], os.path.basename(c["file"])) for c in listed] == [(bind, "site.pem"), (bind, "api.pem")]
+
+    # A new certificate in place, then `fastlb ctl reload`: no config file, yet the certificates reload
+    # everywhere (answered once every worker has applied it), and the expiry follows.
+    new_pem = pki["ca_obj"].issue("site-v3", "default-v3.test", ("default.test",), days=5)
+    os.replace(new_pem, site)
+    result = subprocess.run([sys.executable, "-m", "fastlb", "ctl", "--admin", f"127.0.0.1:{admin}",
+                             "--token-file", str(token_file), "reload"],
+                            capture_output=True, text=True, timeout=30, env=subprocess_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "TLS certificates: reloaded for 1 bind(s)" in result.stdout
+    wait_until(lambda: sum("certificates reloaded" in line for line in lb.lines[:]) >= workers,
+               what="every worker reloaded")
+    seen = set()
+    for _ in range(8):
+        with tls_connect(port, client_context(pki), "default.test") as sock:
+            seen.add(subject_cn(sock))
+            assert echo_roundtrip(sock) == "a"
+    assert seen == {"default-v3.test"}
+    expiry = _expiry_metrics(admin)
+    assert 4 < expiry[(bind, "site.pem")] <= 5 and 89 < expiry[(bind, "api.pem")] <= 90
+    ctl = subprocess.run([sys.executable, "-m", "fastlb", "ctl", "--admin", f"127.0.0.1:{admin}",
+                          "--token-file", str(token_file), "certificates"],
+                         capture_output=True, text=True, timeout=30, env=subprocess_env(), cwd=REPO)
+    assert ctl.returncode == 0 and "site.pem" in ctl.stdout and "api.pem" in ctl.stdout
+
+
+def test_health_verdicts_reach_the_sni_group_pools_by_address(procs, pki, tmp_path):
+    """The master's checks send verdicts by address over the channel: a backend of an SNI group that
+    stops answering is down in that group's pool in every worker, and the group's other backend serves."""
+    import json
+    from procs import port_open
+    token = "tls-admin-token-0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    main_ports = tls_backends(procs, pki, main="backend", api1="backend")
+    api2_ports = tls_backends(procs, pki, api2="backend")
+    api2_proc = procs.started[-1]
+    port, admin = free_port(), free_port()
+    lb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port},sni-route", "--sni-route", "api.test=api",
+                      "--backend", f"127.0.0.1:{main_ports['main']}",
+                      "--backend", f"127.0.0.1:{main_ports['api1']},group=api",
+                      "--backend", f"127.0.0.1:{api2_ports['api2']},group=api",
+                      "--check", "tcp", "--check-interval", "100ms", "--fall", "2",
+                      "--workers", "2", "--admin", str(admin), "--admin-token-file", str(token_file),
+                      wait_port=0)
+    wait_until(lambda: lb.output.count("INFO listening on") == 2, what="workers listening")
+    wait_until(lambda: port_open(admin), what="the admin bind")
+
+    def view():
+        status, body = _admin_get(admin, "/api/backends", token)
+        assert status == 200
+        data = json.loads(body)
+        return data["workers"], {b["address"]: b for b in data["pools"][0]["backends"]}
+
+    api2 = f"127.0.0.1:{api2_ports['api2']}"
+    wait_until(lambda: view()[0] == 2, what="workers reporting")
+    workers, backends = view()
+    assert backends[api2]["group"] == "api" and backends[api2]["state"] == "up"
+    assert backends[f"127.0.0.1:{main_ports['main']}"]["group"] == "default"
+    api2_proc.kill()
+    # Down in every worker (the state is each worker's own; one value means all agree).
+    wait_until(lambda: view()[1][api2]["state"] == "down", what="the verdict in every worker")
+    for _ in range(6):
+        with tls_connect(port, client_context(pki), "api.test") as sock:
+            assert echo_roundtrip(sock) == "api1"
+
+
+def test_hsts_is_added_to_responses_the_fast_path_would_take(procs, pki):
+    """The response fast path forwards a backend's header lines untouched; where fastlb adds HSTS (a TLS
+    bind, a pool with hsts) it must not be taken, or the header would be missing."""
+    from fastlb.http.runtime import HttpSettings
+    from fastlb.http.upstream import scan_response
+    backend, ports = procs.http_backends("a")
+    tls_port, plain_port = free_port(), free_port()
+    args = ["--bind", f"127.0.0.1:{tls_port},ssl,cert={pki['default']}", "--bind", f"127.0.0.1:{plain_port}",
+            "--backend", f"127.0.0.1:{ports['a']}", "--hsts", "3600", "--workers", "2"]
+    config = config_from_args(args)[1]
+    # The configuration keeps the fast path on (it stays on for plain binds) ...
+    assert scan_response is not None, "compiled _head module missing: build with setup.py build_ext"
+    assert HttpSettings(config, frozenset()).fast_responses
+    # ... and the backend's answer to "/" is one plain response the scanner takes whole.
+    assert scan_response(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\na GET /x\n123") is not None
+    procs.fastlb(*args, wait_port=tls_port)
+    with HTTPSClient(tls_port, client_context(pki)) as client:
+        for _ in range(4):                          # keep-alive: each response on a reused connection
+            response = client.request("GET", "/x")
+            assert response.status == 200 and response.body == b"a GET /x\n"
+            assert response.header_all("Strict-Transport-Security") == ["max-age=3600"]
+    with Client(plain_port) as client:
+        response = client.request("GET", "/x")
+        assert response.status == 200 and response.header_all("Strict-Transport-Security") == []
