@@ -6,10 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Tools the tests and benchmarks drive, by the command each provides.
 DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux \
-  ip:iproute2 keepalived:keepalived redis-server:redis-server memcached:memcached \
-  chromium:chromium dnsmasq:dnsmasq-base
+  openssl:openssl curl:curl testssl:testssl.sh ip:iproute2 keepalived:keepalived \
+  redis-server:redis-server memcached:memcached chromium:chromium dnsmasq:dnsmasq-base
 
-.PHONY: run test setup system-packages build bench-core bench-proxy bench-memory clean
+.PHONY: run test setup system-packages build bench-core bench-proxy bench-memory bench-tls clean
 
 run: setup
 	$(VENV)/bin/fastlb demo
@@ -54,6 +54,9 @@ bench-proxy: setup
 
 bench-memory: setup
 	$(PY) benchmarks/memory_bench.py $(BENCH_ARGS)
+
+bench-tls: setup
+	$(PY) benchmarks/tls_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info

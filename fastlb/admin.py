@@ -9,7 +9,8 @@
     DELETE /api/backends/ADDR           remove                                 } `Authorization:
     POST /api/backends/ADDR/weight      {"weight": N}                          }  Bearer TOKEN`, checked
     POST /api/backends/ADDR/state       {"state": "enable|drain|disable"}     }  before any routing
-    POST /api/reload                    re-read the config file (as SIGHUP)
+    GET  /api/certificates              the TLS binds' certificates: bind, file, days left
+    POST /api/reload                    re-read the config file and reload the certificates (as SIGHUP)
 
 Why the stats page needs no token: it shows only what /metrics already shows to anyone who can reach
 the admin bind (addresses, states, weights, counters), never the token or the configuration, and it
@@ -170,6 +171,10 @@ class AdminServer:
                 log.error("reload failed, keeping the running configuration: %s", exc)
                 raise HttpError(400, f"reload failed, running configuration kept: {exc}") from None
             return 200, "application/json", _json({"result": message})
+        if parts == ["certificates"]:
+            _require(method, "GET")
+            view = await self.controller.snapshot()
+            return 200, "application/json", _json({"certificates": view.get("certificates", [])})
         if parts == ["backends"]:
             _require(method, "POST")
             if "address" not in data:
@@ -247,6 +252,11 @@ class MetricsCollector:
         pool_up = GaugeMetricFamily("fastlb_pool_backends_up", "Backends up", labels=["pool"])
         workers = GaugeMetricFamily("fastlb_workers", "Worker processes reporting")
         workers.add_metric([], self.view["workers"])
+        expiry = GaugeMetricFamily("fastlb_certificate_expiry_days",
+                                   "Days until a served TLS certificate expires (negative: expired)",
+                                   labels=["bind", "file"])
+        for certificate in self.view.get("certificates", []):
+            expiry.add_metric([certificate["bind"], certificate["file"]], certificate["days_left"])
         for pool in self.view["pools"]:
             name = pool["name"]
             totals = {"connections": 0, "bytes_in": 0, "bytes_out": 0, "requests": 0, "connect_errors": 0,
@@ -283,7 +293,7 @@ class MetricsCollector:
         yield from families.values()
         yield from (connect_time, response_time, pool_connections, pool_refused, pool_bytes_in,
                     pool_bytes_out, pool_requests, pool_errors, pool_retries, pool_responses, pool_active,
-                    pool_queued, pool_up, workers)
+                    pool_queued, pool_up, workers, expiry)
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, int]]:

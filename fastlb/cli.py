@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from fastlb import __version__
 from fastlb.config import (FIELDS, LIST_FIELDS, ConfigError, build, flag_name, load_file, parse_backend,
-                           parse_bind)
+                           parse_bind, parse_sni_route)
 
 EXAMPLES = """\
 examples:
@@ -17,6 +17,11 @@ examples:
   fastlb --mode tcp --bind :5432 --backend db1:5432,weight=3 --backend db2:5432,backup --algorithm leastconn
   fastlb --bind :8080,accept-proxy --backend 10.0.0.1:80,send-proxy-v2,maxconn=500 --workers auto
   fastlb --bind :6379 --backend r1:6379 --backend r2:6379 --algorithm ketama --hash-key source
+  fastlb --bind :443,ssl,cert=site.pem,key=site.key,cert=api.pem --backend 10.0.0.1:80
+  fastlb --bind :443,ssl,cert=site.pem,ca=clients-ca.pem,verify=required --backend 10.0.0.1:443,ssl
+  fastlb --bind :443,ssl,cert=site.pem --bind :80,redirect-https --hsts 365d --backend 10.0.0.1:80
+  fastlb --mode tcp --bind :443,sni-route --sni-route api.example.com=api --backend 10.0.0.1:443
+         --backend 10.0.0.2:443,group=api                 (TLS passthrough, routed by SNI)
   fastlb --bind :8080 --backend a:80 --backend b:80 --sticky cookie:SRV,indirect,httponly --cookie-secret-file /etc/fastlb/key
   fastlb --bind :8080 --backend a:80 --backend b:80 --sticky learn:JSESSIONID --store redis://10.0.0.9:6379/0
   fastlb --config /etc/fastlb.toml --workers 4          (flags override the file)
@@ -56,12 +61,25 @@ def make_parser() -> argparse.ArgumentParser:
     add("--check-config", metavar="FILE", help="validate FILE (with any other flags) and exit")
     field("mode", "http (default: HTTP/1.1 reverse proxy) or tcp (L4 relay)", "http|tcp")
     add("--bind", dest="binds", action="append", type=_flag_type("bind", parse_bind),
-        metavar="HOST:PORT[,accept-proxy]",
-        help="listen address (repeatable); accept-proxy expects a PROXY v1/v2 header on each connection")
+        metavar="HOST:PORT[,accept-proxy][,ssl,cert=FILE[,key=FILE]...[,ca=FILE[,verify=MODE]]][,sni-route]"
+                "[,redirect-https[=PORT]]",
+        help="listen address (repeatable); accept-proxy expects a PROXY v1/v2 header on each connection. "
+             "ssl terminates TLS (1.2/1.3, ECDHE+AEAD only): the first cert= is the default, further ones "
+             "are chosen by SNI, each key= goes with the cert= before it (omit it when the cert file holds "
+             "the key); ca= asks for client certificates signed by it, verify=required (default) or "
+             "optional. sni-route passes TLS through, choosing the backend group by the ClientHello's SNI "
+             "(tcp mode). redirect-https (http mode): a plain bind answering every request with a redirect "
+             "to https://HOST[:PORT]/target")
     add("--backend", dest="backends", action="append", type=_flag_type("backend", parse_backend),
-        metavar="HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2]",
+        metavar="HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2][,ssl[,verify=FILE|none]"
+                "[,sni=NAME]][,group=NAME]",
         help="backend server (repeatable). weight 0-256 (default 1); backup: used only when no primary "
-             "can take the connection; maxconn: per-backend limit; send-proxy[-v2]: PROXY header to it")
+             "can take the connection; maxconn: per-backend limit; send-proxy[-v2]: PROXY header to it; "
+             "ssl: TLS to it, verified against the system CAs, or verify=FILE, or verify=none (off); sni: "
+             "the name sent and checked (default its host); group: the SNI route group it belongs to")
+    add("--sni-route", dest="sni_routes", action="append", type=_flag_type("sni-route", parse_sni_route),
+        metavar="NAME=GROUP", help="on sni-route binds, send TLS connections for NAME (or *.parent) to the "
+        "backends of GROUP (repeatable); others go to the backends without a group")
     field("algorithm", f"balancing algorithm: {', '.join(ALGORITHMS)} (default roundrobin)", "NAME")
     field("hash_key", "key for hash/ketama/maglev: source (the client IP); http mode also uri, path, "
           "header:NAME, cookie:NAME, query:NAME", "KEY")
@@ -106,6 +124,8 @@ def make_parser() -> argparse.ArgumentParser:
     http_field("forwarded_for", "add X-Forwarded-For/-Proto/-Host (default true)", "true|false")
     http_field("via", "add 'Via: 1.1 NAME' both ways (default: no Via)", "NAME")
     http_field("default_pool", "pool for requests no [[route]] matches (config file pools)", "NAME")
+    http_field("hsts", "Strict-Transport-Security max-age added to responses on TLS binds (seconds, "
+               "or e.g. 365d; default 0: off; per pool in TOML)", "SECONDS")
     for name, metavar, help in (
             ("request_header_set", "'NAME: VALUE'", "set a request header (repeatable)"),
             ("request_header_delete", "NAME", "remove a request header (repeatable)"),
@@ -200,11 +220,14 @@ def config_from_args(argv: list[str]):
         parser.error("--config and --check-config name different files")
     if config_path:
         values, sources = load_file(config_path)
-    for name in (*FIELDS, *LIST_FIELDS, "binds", "backends"):
+    if args.sni_routes is not None:
+        args.sni_routes = dict(args.sni_routes)
+    for name in (*FIELDS, *LIST_FIELDS, "binds", "backends", "sni_routes"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
-            sources[name] = flag_name(name).rstrip("s") if name in ("binds", "backends") else flag_name(name)
+            sources[name] = (flag_name(name).rstrip("s") if name in ("binds", "backends", "sni_routes")
+                             else flag_name(name))
     return args, build(values, sources)
 
 

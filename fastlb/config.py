@@ -46,6 +46,36 @@ Health checks, passive outlier detection and slow start (see fastlb/health.py):
     outlier_max_ejection_time = "5m" # ... up to this
     max_ejection_percent = 50        # at most this share of a pool ejected at once (never all)
 
+TLS (see fastlb/tls.py and fastlb/sni.py):
+
+    [[bind]]
+    address = "0.0.0.0:443"
+    ssl = true
+    cert = ["site.pem", "api.pem"]   # the first is the default; others are chosen by SNI
+    key = ["site.key", "api.key"]    # optional: as many as cert, when keys are in their own files
+    ca = "clients-ca.pem"            # client certificates (mTLS) ...
+    verify = "required"              # ... "required" (the default with ca) or "optional"
+
+    [[bind]]
+    address = "0.0.0.0:80"
+    redirect_https = true            # HTTP mode: answer 301/308 to https://HOST/target (or a port: 8443)
+
+    hsts = "365d"                    # HTTP mode: Strict-Transport-Security on TLS binds (per [[pool]] too)
+
+    [[bind]]                         # mode = "tcp" only:
+    address = "0.0.0.0:8443"
+    sni_route = true                 # TLS passthrough, routed by the ClientHello's server name
+
+    [sni_routes]
+    "api.example.com" = "api"        # server name (or "*.parent") -> backend group
+
+    [[backend]]
+    address = "10.0.0.5:443"
+    ssl = true                       # TLS to the backend, verified against the system CAs ...
+    verify = "backend-ca.pem"        # ... or this CA file, or "none" (off: explicit only)
+    sni = "api.internal"             # name sent and verified (default: the address's host)
+    group = "api"
+
 Session persistence (see fastlb/sticky.py); a [[pool]] may have its own `sticky`:
 
     sticky = "cookie:SRVID,indirect,nocache,httponly,secure,samesite=lax,maxidle=30m,maxlife=8h"
@@ -82,6 +112,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from fastlb.tls import CertificateSpec, check_readable
+
 MODES = ("tcp", "http")
 HASHING_ALGORITHMS = ("hash", "ketama", "maglev")
 HASH_KEYS = ("source", "uri", "path", "header:NAME", "cookie:NAME", "query:NAME")
@@ -102,6 +134,16 @@ class BindSpec:
     host: str
     port: int
     accept_proxy: bool = False
+    # TLS termination (fastlb/tls.py): the first certificate is the default, the others are chosen by SNI.
+    ssl: bool = False
+    certificates: list["CertificateSpec"] = field(default_factory=list)
+    ca: str | None = None            # client certificates (mTLS) signed by this CA ...
+    verify: str = "none"             # ... "required" or "optional"; "required" when ca is given alone
+    # TLS passthrough: read the SNI of the ClientHello and pick the backend group from Config.sni_routes.
+    sni_route: bool = False
+    # HTTP mode: a plain bind that answers every request with a redirect to https://HOST[:PORT]/target
+    # (None: off; 443: no port in the Location; another port: that port).
+    redirect_https: int | None = None
 
     @property
     def address(self) -> str:
@@ -116,6 +158,10 @@ class BackendSpec:
     backup: bool = False
     maxconn: int = 0          # 0: no per-backend limit
     send_proxy: int = 0       # 0: off, 1: PROXY v1 (text), 2: PROXY v2 (binary)
+    ssl: bool = False         # TLS to the backend ...
+    verify: str | None = None  # ... verified against the system CA store (None), a CA file, or "none"
+    sni: str | None = None    # server name sent and verified; default: the backend's host
+    group: str = "default"    # the backend group SNI routes name (fastlb/sni.py)
     # Per-backend health settings (HEALTH_FIELDS names -> values) over the global ones, and where each
     # came from for messages; `Config.health_for(spec)` merges them.
     health: dict[str, Any] = field(default_factory=dict)
@@ -152,6 +198,7 @@ class PoolSpec:
     algorithm: str | None = None
     hash_key: str | None = None
     max_body_size: int | None = None
+    hsts: int | None = None            # Strict-Transport-Security max-age on TLS binds (None: the global)
     sticky: StickySpec | None = None
 
 
@@ -172,6 +219,7 @@ class Config:
     mode: str = "http"
     binds: list[BindSpec] = field(default_factory=list)
     backends: list[BackendSpec] = field(default_factory=list)
+    sni_routes: dict[str, str] = field(default_factory=dict)   # server name or *.parent -> backend group
     algorithm: str = "roundrobin"
     hash_key: str | None = None
     bounded_load: float = 0.0
@@ -197,6 +245,7 @@ class Config:
     max_headers: int = 100
     max_uri_length: int = 8192
     max_body_size: int = 0                 # bytes; 0: no limit (per pool: [[pool]] max_body_size)
+    hsts: int = 0                          # HSTS max-age seconds on TLS binds; 0: off (per pool: hsts)
     forwarded_for: bool = True             # X-Forwarded-For / -Proto / -Host
     via: str = ""                          # Via pseudonym; empty: no Via header
     request_header_set: list[tuple[str, str]] = field(default_factory=list)
@@ -420,6 +469,47 @@ def parse_send_proxy(value: Any) -> int:
     raise ValueError(f"expected false, \"v1\" or \"v2\" (got {value!r})")
 
 
+GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SERVER_NAME = re.compile(r"(\*\.)?[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})*\.?")
+
+
+def parse_group(value: Any) -> str:
+    if not isinstance(value, str) or not GROUP_NAME.fullmatch(value):
+        raise ValueError(f"expected a group name of letters, digits, '_', '-', '.' (got {value!r})")
+    return value
+
+
+def parse_server_name(value: Any) -> str:
+    """A DNS name, or '*.parent' (matches one label): as TLS SNI carries it, lower case."""
+    if not isinstance(value, str) or not SERVER_NAME.fullmatch(value) or len(value) > 253:
+        raise ValueError(f"expected a server name such as api.example.com or *.example.com (got {value!r})")
+    return value.lower().rstrip(".")
+
+
+def parse_backend_verify(value: Any) -> str:
+    """'none' (no certificate verification: explicit), or a readable CA file."""
+    if value == "none":
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a CA file or 'none' (got {value!r})")
+    return check_readable(value, "CA")
+
+
+def parse_sni_route(text: Any) -> tuple[str, str]:
+    """'NAME=GROUP' (a flag) -> (server name, group)."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ValueError(f"expected SERVER_NAME=GROUP, e.g. api.example.com=api (got {text!r})")
+    name, _, group = text.partition("=")
+    return parse_server_name(name.strip()), parse_group(group.strip())
+
+
+def parse_sni_routes(value: Any) -> dict[str, str]:
+    """The TOML table `[sni_routes]`: server name -> group."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table of \"server name\" = \"group\" (got {value!r})")
+    return {parse_server_name(name): parse_group(group) for name, group in value.items()}
+
+
 def parse_hash_key(value: Any) -> str:
     """source | uri | path | header:NAME | cookie:NAME | query:NAME."""
     if not isinstance(value, str):
@@ -464,6 +554,30 @@ def parse_header_line(value: Any) -> tuple[str, str]:
     return parse_header_name(name), text
 
 
+def parse_hsts(value: Any) -> int:
+    """HSTS max-age: seconds, or a duration with a unit ('1h', '365d'); 0 is off."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*d\s*", value):
+        return int(value.strip()[:-1].strip()) * 86400
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ValueError(f"expected an HSTS max-age in seconds, or with a unit such as '365d' "
+                         f"(got {value!r})") from None
+    if seconds != int(seconds):
+        raise ValueError(f"expected whole seconds (got {value!r})")
+    return int(seconds)
+
+
+def parse_redirect_port(value: Any) -> int:
+    """redirect-https[=PORT] (flag) or redirect_https = true | PORT (TOML): the HTTPS port."""
+    if value is True or value == "":
+        return 443
+    port = parse_int(1)(value)
+    if port > 65535:
+        raise ValueError(f"expected a port 1-65535 (got {value!r})")
+    return port
+
+
 def parse_via(value: Any) -> str:
     if value is False or value == "":
         return ""
@@ -475,7 +589,8 @@ def parse_via(value: Any) -> str:
 
 
 def parse_backend(text: Any) -> BackendSpec:
-    """'HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2]'."""
+    """'HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2][,ssl[,verify=FILE|none]
+    [,sni=NAME]][,group=NAME]'."""
     if not isinstance(text, str):
         raise ValueError(f"expected 'HOST:PORT[,weight=N][,backup][,maxconn=N]' (got {text!r})")
     address, *options = text.split(",")
@@ -494,14 +609,28 @@ def parse_backend(text: Any) -> BackendSpec:
             backend.send_proxy = 1
         elif name == "send-proxy-v2" and not value:
             backend.send_proxy = 2
+        elif name == "ssl" and not value:
+            backend.ssl = True
+        elif name == "verify" and value:
+            backend.verify = _option(parse_backend_verify, name, value)
+        elif name == "sni" and value:
+            backend.sni = _option(parse_server_name, name, value)
+        elif name == "group" and value:
+            backend.group = _option(parse_group, name, value)
         elif name.replace("-", "_") in HEALTH_FIELDS and value:
             backend.health[name.replace("-", "_")] = _option(HEALTH_FIELDS[name.replace("-", "_")],
                                                              name, value)
         else:
             raise ValueError(f"unknown backend option {option.strip()!r}; known: weight=N, maxconn=N, "
-                             f"backup, send-proxy, send-proxy-v2, and health settings such as "
-                             f"check=tcp, check-port=N, rise=N, fall=N")
+                             f"backup, send-proxy, send-proxy-v2, ssl, verify=FILE|none, sni=NAME, "
+                             f"group=NAME, and health settings such as check=tcp, check-port=N, rise=N")
+    check_backend_tls(backend)
     return backend
+
+
+def check_backend_tls(backend: BackendSpec) -> None:
+    if not backend.ssl and (backend.verify or backend.sni):
+        raise ValueError("verify= and sni= apply to TLS backends: add the 'ssl' option")
 
 
 def parse_check_expect(value: Any) -> tuple[int, int]:
@@ -560,6 +689,10 @@ def parse_port_or_zero(value: Any) -> int:
     return port
 
 
+def parse_verify(value: Any) -> str:
+    return parse_choice("verify mode", ("required", "optional"))(value)
+
+
 def parse_admin(value: Any) -> tuple[str, int]:
     """'HOST:PORT', or a bare PORT meaning loopback: the admin API should not face the network by accident."""
     if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit():
@@ -587,18 +720,70 @@ def parse_dns_name(value: Any) -> str:
 
 
 def parse_bind(text: Any) -> BindSpec:
-    """'HOST:PORT[,accept-proxy]'."""
+    """'HOST:PORT[,accept-proxy][,ssl,cert=FILE[,key=FILE][,cert=FILE...][,ca=FILE[,verify=required|
+    optional]]][,sni-route]'. Each key= belongs to the cert= before it."""
     if not isinstance(text, str):
-        raise ValueError(f"expected 'HOST:PORT[,accept-proxy]' (got {text!r})")
+        raise ValueError(f"expected 'HOST:PORT[,accept-proxy][,ssl,cert=FILE]' (got {text!r})")
     address, *options = text.split(",")
     host, port = parse_address(address)
     bind = BindSpec(host, port)
+    verify = None
     for option in options:
-        if option.strip().replace("_", "-") == "accept-proxy":
+        name, _, value = option.strip().partition("=")
+        name = name.strip().replace("_", "-")
+        if name == "accept-proxy" and not value:
             bind.accept_proxy = True
+        elif name == "ssl" and not value:
+            bind.ssl = True
+        elif name == "cert" and value:
+            bind.certificates.append(CertificateSpec(_option(parse_file("certificate"), name, value)))
+        elif name == "key" and value:
+            if not bind.certificates or bind.certificates[-1].key is not None:
+                raise ValueError("key= must follow the cert= it belongs to")
+            bind.certificates[-1].key = _option(parse_file("key"), name, value)
+        elif name == "ca" and value:
+            bind.ca = _option(parse_file("CA"), name, value)
+        elif name == "verify" and value:
+            verify = _option(parse_verify, name, value)
+        elif name == "sni-route" and not value:
+            bind.sni_route = True
+        elif name == "redirect-https":
+            bind.redirect_https = _option(parse_redirect_port, name, value)
         else:
-            raise ValueError(f"unknown bind option {option.strip()!r}; known: accept-proxy")
+            raise ValueError(f"unknown bind option {option.strip()!r}; known: accept-proxy, ssl, cert=FILE, "
+                             f"key=FILE, ca=FILE, verify=required|optional, sni-route, "
+                             f"redirect-https[=PORT]")
+    if verify is not None:
+        bind.verify = verify
+    check_bind_tls(bind)
     return bind
+
+
+def parse_file(what: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected a {what} file name (got {value!r})")
+        return check_readable(value, what)
+    return parse
+
+
+def check_bind_tls(bind: BindSpec) -> None:
+    """The TLS options of one bind, together; sets verify=required when a CA is given alone."""
+    if bind.ssl and not bind.certificates:
+        raise ValueError("ssl needs a certificate: add cert=FILE (and key=FILE unless the file holds it)")
+    if not bind.ssl and (bind.certificates or bind.ca):
+        raise ValueError("cert=, key= and ca= apply to TLS binds: add the 'ssl' option")
+    if bind.verify != "none" and not bind.ca:
+        raise ValueError(f"verify={bind.verify} needs the CA that signs client certificates: add ca=FILE")
+    if bind.ca and bind.verify == "none":
+        bind.verify = "required"     # a CA alone means client certificates are wanted: the safe reading
+    if bind.ssl and bind.accept_proxy:
+        raise ValueError("accept-proxy together with ssl is not supported yet")
+    if bind.ssl and bind.sni_route:
+        raise ValueError("sni-route passes TLS through without terminating it: it excludes ssl")
+    if bind.redirect_https is not None and (bind.ssl or bind.sni_route or bind.accept_proxy):
+        raise ValueError("redirect-https makes a plain HTTP bind that only redirects: it excludes ssl, "
+                         "sni-route and accept-proxy")
 
 
 _COOKIE_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -658,12 +843,6 @@ def parse_store(value: Any) -> str:
     raise ValueError(f"expected memory, redis://HOST:PORT/DB or memcached://HOST:PORT (got {value!r})")
 
 
-def parse_path(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected a file path (got {value!r})")
-    return value.strip()
-
-
 def _option(parser: Callable[[Any], Any], name: str, value: str) -> Any:
     try:
         return parser(value)
@@ -712,6 +891,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_body_size": parse_size,
     "forwarded_for": parse_bool,
     "via": parse_via,
+    "hsts": parse_hsts,
     "default_pool": lambda value: _pool_name(value),
     "sticky": parse_sticky,
     "store": parse_store,
@@ -779,6 +959,7 @@ POOL_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "algorithm": parse_algorithm,
     "hash_key": parse_hash_key,
     "max_body_size": parse_size,
+    "hsts": parse_hsts,
     "sticky": parse_sticky,
 }
 ROUTE_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
@@ -810,9 +991,23 @@ HEALTH_FIELDS: dict[str, Callable[[Any], Any]] = {
 HTTP_CHECK_FIELDS = ("check_method", "check_path", "check_host", "check_expect", "check_body")
 FIELDS.update(HEALTH_FIELDS)
 
+def parse_file_list(what: str) -> Callable[[Any], list[str]]:
+    def parse(value: Any) -> list[str]:
+        files = value if isinstance(value, list) else [value]
+        return [parse_file(what)(item) for item in files]
+    return parse
+
+
 BIND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "address": parse_address,
     "accept_proxy": parse_bool,
+    "ssl": parse_bool,
+    "cert": parse_file_list("certificate"),    # a file, or an array of files (the first is the default)
+    "key": parse_file_list("key"),             # the same number of files, when keys are separate
+    "ca": parse_file("CA"),
+    "verify": parse_verify,
+    "sni_route": parse_bool,
+    "redirect_https": lambda value: parse_redirect_port(value) if value is not False else None,
 }
 BACKEND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "address": parse_address,
@@ -820,6 +1015,10 @@ BACKEND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "maxconn": parse_int(0),
     "backup": parse_bool,
     "send_proxy": parse_send_proxy,
+    "ssl": parse_bool,
+    "verify": parse_backend_verify,
+    "sni": parse_server_name,
+    "group": parse_group,
     **HEALTH_FIELDS,
 }
 
@@ -914,6 +1113,13 @@ def load_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
             values[name + "s"] = _load_list(path, locator, key, value, fail)
             sources[name + "s"] = f"{path}:{line}"
             continue
+        if name == "sni_routes":
+            try:
+                values[name] = parse_sni_routes(value)
+            except ValueError as exc:
+                raise fail(line, key, str(exc)) from None
+            sources[name] = f"{path}:{line} ({key})"
+            continue
         if name in ("pool", "route"):
             values[name + "s"] = _load_tables(locator, key, value, fail)
             sources[name + "s"] = f"{path}:{line} ({key})"
@@ -928,7 +1134,7 @@ def load_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
             continue
         if name not in FIELDS:
             raise fail(line, key, _unknown_key_message(key, [*FIELDS, *LIST_FIELDS, "bind", "backend",
-                                                              "pool", "route"]))
+                                                              "pool", "route", "sni_routes"]))
         try:
             values[name] = FIELDS[name](value)
         except ValueError as exc:
@@ -1018,11 +1224,27 @@ def _load_list(path: str, locator: _Locator, key: str, value: Any, fail: Callabl
             else:
                 parsed[field_name] = value
         host, port = parsed.pop("address")
-        if name == "bind":
-            specs.append(BindSpec(host, port, **parsed))
-        else:
-            specs.append(BackendSpec(host, port, **parsed, health=health, health_sources=health_sources))
+        try:
+            if name == "bind":
+                specs.append(_bind_from_table(host, port, parsed))
+            else:
+                spec = BackendSpec(host, port, **parsed, health=health, health_sources=health_sources)
+                check_backend_tls(spec)
+                specs.append(spec)
+        except ValueError as exc:
+            raise fail(locator.line_of(key, key, index), where, str(exc)) from None
     return specs
+
+
+def _bind_from_table(host: str, port: int, parsed: dict[str, Any]) -> BindSpec:
+    certs = parsed.pop("cert", [])
+    keys = parsed.pop("key", None)
+    if keys is not None and len(keys) != len(certs):
+        raise ValueError(f"key lists {len(keys)} file(s) for {len(certs)} certificate(s)")
+    bind = BindSpec(host, port, **parsed)
+    bind.certificates = [CertificateSpec(cert, keys[i] if keys else None) for i, cert in enumerate(certs)]
+    check_bind_tls(bind)
+    return bind
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1055,6 +1277,22 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
         if config.hash_key not in (None, "source"):
             raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs mode 'http'; "
                               f"tcp mode hashes on source only")
+        if any(b.redirect_https is not None for b in config.binds):
+            raise ConfigError(f"{where('binds')}: redirect-https answers HTTP requests: it needs mode 'http'")
+        if config.hsts or any(p.hsts for p in config.pools):
+            raise ConfigError(f"{where('hsts')}: HSTS is an HTTP response header: it needs mode 'http'")
+    else:
+        # SNI passthrough relays TLS bytes without reading HTTP: it is an L4 feature.
+        if any(b.sni_route for b in config.binds):
+            raise ConfigError(f"{where('binds')}: sni-route binds pass TLS through untouched: they need "
+                              f"--mode tcp (HTTP mode terminates TLS with ssl,cert=FILE instead)")
+        if config.sni_routes:
+            raise ConfigError(f"{where('sni_routes')}: SNI routes need mode 'tcp'; HTTP mode routes "
+                              f"requests to [[pool]]s by [[route]] rules")
+        grouped = [b for pool in config.pools for b in pool.backends] + config.backends
+        if any(b.group != "default" for b in grouped):
+            raise ConfigError(f"{where('backends')}: backend groups (group=) are for SNI routing in mode "
+                              f"'tcp'; HTTP mode uses [[pool]]s")
     _check_pools(config, where)
     _check_sticky(config, where)
     if config.has_default_pool and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
@@ -1066,8 +1304,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
     if config.bounded_load and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('bounded_load')}: bounded load applies to the hashing algorithms "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
-    if config.backends and not any(not b.backup for b in config.backends):
-        raise ConfigError(f"{where('backends')}: every backend is a backup; at least one must be a primary")
+    _check_groups(config, where)
     _check_health(config, where, explicit=set(values))
     seen = set()
     for spec in config.binds:
@@ -1075,6 +1312,31 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
             raise ConfigError(f"{where('binds')}: address {spec.address} is bound twice")
         seen.add((spec.host, spec.port))
     return config
+
+
+def _check_groups(config: Config, where: Callable[[str], str]) -> None:
+    """Backend groups (SNI routing) and the binds that use them: each group used has a primary."""
+    groups: dict[str, list[BackendSpec]] = {}
+    for spec in config.backends:
+        groups.setdefault(spec.group, []).append(spec)
+    routed = set(config.sni_routes.values())
+    for name, specs in groups.items():
+        if not any(not b.backup for b in specs):
+            what = "every backend" if len(groups) == 1 else f"every backend of group {name!r}"
+            raise ConfigError(f"{where('backends')}: {what} is a backup; at least one must be a primary")
+        if name != "default" and name not in routed:
+            raise ConfigError(f"{where('backends')}: backend group {name!r} is named by no SNI route; "
+                              f"add --sni-route NAME={name} (or [sni_routes] in the config file)")
+    for server_name, group in config.sni_routes.items():
+        if group not in groups:
+            raise ConfigError(f"{where('sni_routes')}: SNI route {server_name} names group {group!r}, "
+                              f"which has no backend (give one with group={group})")
+    if config.sni_routes and not any(b.sni_route for b in config.binds):
+        raise ConfigError(f"{where('sni_routes')}: SNI routes apply to binds with the sni-route option; "
+                          f"no bind has it")
+    if config.backends and "default" not in groups and any(not b.sni_route for b in config.binds):
+        raise ConfigError(f"{where('backends')}: every backend is in a named group, but a bind without "
+                          f"sni-route needs backends in the default group")
 
 
 def _check_pools(config: Config, where: Callable[[str], str]) -> None:

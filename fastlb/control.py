@@ -12,8 +12,10 @@ worker over its channel (fastlb/channel.py):
 
 `BackendTable` is the authoritative list the controller keeps (the master's, or the single worker's):
 it validates a change before anyone applies it, so every worker gets only changes that apply cleanly.
-Changes act on the top-level backends (HTTP mode's pool "default"); HTTP mode's named pools are listed
-and counted (`aggregate`) but change only with the configuration (a reload starts new workers).
+Changes act on the top-level backends (HTTP mode's pool "default"; in tcp mode every backend group SNI
+routes name, each its own pool in a worker: a change names a backend by address, an added one goes to
+its spec's group); HTTP mode's named pools are listed and counted (`aggregate`) but change only with the
+configuration (a reload starts new workers).
 """
 from __future__ import annotations
 
@@ -81,9 +83,12 @@ class BackendTable:
             spec = change["spec"]
             if isinstance(spec, BackendSpec):
                 spec = spec_to_dict(spec)
-            address = spec_from_dict(spec).address
+            parsed = spec_from_dict(spec)
+            address = parsed.address
             if address in self.specs:
                 raise ChangeError(f"backend {address} exists", 409)
+            if parsed.group not in self.groups():
+                raise ChangeError(f"no backend group {parsed.group!r}: a new group comes with a reload", 409)
             return {"op": "add", "spec": spec, "source": change.get("source", "api")}
         address = change.get("address")
         if address not in self.specs:
@@ -104,6 +109,13 @@ class BackendTable:
                 raise ChangeError(f"{address} is the last backend", 409)
             return {"op": "remove", "address": address}
         raise ChangeError(f"unknown change {op!r}")
+
+    def groups(self) -> set[str]:
+        """The backend groups a worker has a pool for (fixed by the configuration it started with)."""
+        groups = {s.group for s in self.config.backends}
+        if self.config.has_default_pool:
+            groups.add("default")
+        return groups
 
     def commit(self, change: dict[str, Any]) -> None:
         """Records a validated change (after it was applied or sent)."""
@@ -127,6 +139,20 @@ class BackendTable:
     def current_config(self) -> Config:
         """The configuration a newly started worker gets: the current backends."""
         return self.config.replace(backends=[dataclasses.replace(s) for s in self.specs.values()])
+
+
+def apply_to_pools(pools: dict[str, "BackendPool"], change: dict[str, Any]) -> None:
+    """Applies a validated change to one worker's top-level pools (one per backend group): an added
+    backend joins its group's pool; any other change goes to the pool that holds the address (a health
+    verdict names backends by address, across groups)."""
+    if change["op"] == "add":
+        apply_to_pool(pools.get(spec_from_dict(change["spec"]).group), change)
+        return
+    address = change["address"]
+    for pool in pools.values():
+        if address in pool.by_address:
+            apply_to_pool(pool, change)
+            return
 
 
 def apply_to_pool(pool: "BackendPool | None", change: dict[str, Any]) -> None:
@@ -156,6 +182,8 @@ def reload_changes(table: BackendTable, new: Config) -> tuple[list[dict[str, Any
     added stay: the source owns them), a changed weight is set; a backend whose other settings changed
     (backup, maxconn, send_proxy, health overrides) is removed and added again."""
     changes: list[dict[str, Any]] = []
+    groups = table.groups()
+    new_group = False                 # a backend of a group the workers have no pool for: new workers
     old_specs = {a: s for a, s in table.specs.items() if table.sources.get(a) == "config"}
     new_specs = {s.address: s for s in new.backends}
     for address, spec in old_specs.items():
@@ -169,17 +197,25 @@ def reload_changes(table: BackendTable, new: Config) -> tuple[list[dict[str, Any
                 if table.specs[address].weight != spec.weight:
                     changes.append({"op": "weight", "address": address, "weight": spec.weight})
                 continue
+            if spec.group not in groups:
+                new_group = True
+                continue
             changes.append({"op": "add", "spec": spec_to_dict(spec), "source": "config"})
             continue
         same_but_weight = dataclasses.replace(old, weight=spec.weight, health_sources={})
         if same_but_weight != dataclasses.replace(spec, health_sources={}):
             changes.append({"op": "remove", "address": address})
-            changes.append({"op": "add", "spec": spec_to_dict(spec), "source": "config"})
+            if spec.group not in groups:
+                new_group = True
+            else:
+                changes.append({"op": "add", "spec": spec_to_dict(spec), "source": "config"})
         elif old.weight != spec.weight:
             changes.append({"op": "weight", "address": address, "weight": spec.weight})
     ignored = {"backends", "log_level", "admin_token_file"}
     other = [f.name for f in dataclasses.fields(Config)
              if f.name not in ignored and getattr(table.config, f.name) != getattr(new, f.name)]
+    if new_group:
+        other.append("backend groups")
     return changes, other
 
 
@@ -272,7 +308,7 @@ def _aggregate_pool(name: str, specs: dict[str, BackendSpec], admin_states: dict
         states = sorted({v["state"] for v in backend_views}) or ["unknown"]
         ewmas = [v["ewma"] for v in backend_views if v["ewma"]]
         backends.append({
-            "address": address, "backup": spec.backup, "weight": spec.weight,
+            "address": address, "group": spec.group, "backup": spec.backup, "weight": spec.weight,
             "admin_state": admin_states.get(address, "up"), "state": "/".join(states),
             "source": sources.get(address, "config"),
             "inflight": sum(v["inflight"] for v in backend_views),

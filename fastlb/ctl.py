@@ -2,7 +2,7 @@
 
     fastlb ctl --admin 127.0.0.1:9000 --token-file TOKEN backends
     fastlb ctl ... set-weight ADDR N | drain ADDR | enable ADDR | disable ADDR
-    fastlb ctl ... add ADDR [--weight N] [--backup] | remove ADDR | reload
+    fastlb ctl ... add ADDR [--weight N] [--backup] | remove ADDR | reload | certificates
 
 Exit status: 0 done, 1 the API refused (its message on stderr), 2 usage or connection error.
 """
@@ -35,7 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     add.add_argument("address", help="HOST:PORT, options as in --backend")
     add.add_argument("--weight", type=int)
     add.add_argument("--backup", action="store_true")
-    commands.add_parser("reload", help="re-read the config file (as SIGHUP)")
+    commands.add_parser("reload", help="re-read the config file and reload the TLS certificates (as SIGHUP)")
+    commands.add_parser("certificates", help="the TLS certificates served and their days left")
     return parser
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> int:
     calls = {
         "backends": ("GET", "/api/backends", None),
         "reload": ("POST", "/api/reload", None),
+        "certificates": ("GET", "/api/certificates", None),
         "remove": ("DELETE", f"/api/backends/{quote(getattr(args, 'address', ''))}", None),
         "set-weight": ("POST", f"/api/backends/{quote(getattr(args, 'address', ''))}/weight",
                        {"weight": getattr(args, "weight", None)}),
@@ -102,6 +104,9 @@ def main(argv: list[str]) -> int:
         print(json.dumps(data, indent=1))
     elif args.command == "backends":
         print(_table(data))
+    elif args.command == "certificates":
+        for c in data["certificates"]:
+            print(f"{c['bind']:24} {c['days_left']:>9.1f} days  {c['file']}")
     else:
         print(data.get("result", "ok"))
     return 0

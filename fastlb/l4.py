@@ -13,7 +13,15 @@ reading right after `connection_made`, so pausing there would not stick) and rea
 Backpressure both ways: a side whose write buffer passes the high-water mark pauses reading on the other
 side until it drains (uvloop's pause/resume are no-ops when already in that state). Half-close: an EOF
 from either side is forwarded with `write_eof`, the other direction keeps flowing, and the connection is
-closed once both directions have ended.
+closed once both directions have ended. TLS has no half-close (close_notify ends both directions): a
+backend's EOF towards a TLS client closes the client connection; a client's EOF towards a TLS backend is
+not passed on, and the connection ends when the backend closes (or idles out).
+
+TLS binds: the listener's transport is uvloop's TLS transport, and `connection_made` runs once the
+handshake is done, so the relay is the same (the HTTP mode gets the connection's TLS facts from
+`fastlb.tls.connection_tls_info(transport)`). `sni-route` binds do not terminate TLS: `PendingClient`
+reads the ClientHello's server name (fastlb/sni.py), picks the backend group, and the buffered bytes are
+replayed to it.
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from fastlb._relay import RelayEnd
-from fastlb import proxy_protocol
+from fastlb import proxy_protocol, sni
 from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
 if TYPE_CHECKING:
@@ -40,14 +48,18 @@ class Listener:
     """What connections accepted on one bind share."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log", "sticky", "observer")
+                 "last_failure_log", "pools", "sni_routes", "sticky", "observer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool, bind: "BindSpec",
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, bind: "BindSpec",
                  hash_source: bool, header_timeout: float, connections: set, sticky=None,
-                 observer: "Observer | None" = None) -> None:
+                 observer: "Observer | None" = None, pools: dict[str, BackendPool] | None = None,
+                 sni_routes: dict[str, str] | None = None) -> None:
         self.loop = loop
-        self.sticky = sticky                # fastlb.sticky.Sticky (source) or None
-        self.pool = pool
+        self.pool = pool                    # the default group's (None: no default group)
+        self.pools = pools or {}            # sni-route binds: group -> pool
+        self.sni_routes = sni_routes or {}
+        # fastlb.sticky.Sticky (source) or None; it pins to backends of the default group's pool only.
+        self.sticky = sticky
         self.bind = bind
         self.hash_source = hash_source
         self.header_timeout = header_timeout
@@ -79,7 +91,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         # shared
         "listener",
         # per connection
-        "transport", "backend", "backend_side", "connect_task", "source", "destination",
+        "transport", "pool", "backend", "backend_side", "connect_task", "source", "destination",
         "closed", "eofs",
         # accounting (fastlb/observe.py): when it started, how long the backend took, reported yet
         "started", "connect_seconds", "observed",
@@ -90,6 +102,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.transport = None
+        self.pool: BackendPool | None = listener.pool    # sni-route binds choose it from the ClientHello
         self.backend: Backend | None = None
         self.backend_side: BackendSide | None = None
         self.connect_task = None
@@ -110,10 +123,14 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         # connected, a PendingClient takes the bytes (and reads the PROXY header on accept-proxy binds).
         pending = PendingClient(self)
         transport.set_protocol(pending)
-        if self.listener.bind.accept_proxy:
+        bind = self.listener.bind
+        if bind.accept_proxy or bind.sni_route:
+            pending.expect_proxy = bind.accept_proxy
+            pending.expect_hello = bind.sni_route
             pending.timer = self.listener.loop.call_later(self.listener.header_timeout, transport.abort)
-        else:
+        if not bind.accept_proxy:
             self.source = transport.get_extra_info("peername")
+        if not pending.timer:
             self.start_connect()
 
     def start_connect(self) -> None:
@@ -122,15 +139,17 @@ class ClientSide(RelayEnd, asyncio.Protocol):
     async def _connect(self) -> None:
         listener = self.listener
         key = self.source[0].encode() if listener.hash_source else None
-        sticky = listener.sticky
+        # Source persistence pins to the default group's backends: not for a connection SNI routed
+        # to another group.
+        sticky = listener.sticky if self.pool is listener.pool else None
         pinned = client_ip = None
         if sticky is not None:
             pinned, client_ip, _ = sticky.pin(self.source[0].encode(), None)
             if pinned is None and sticky.store.shared:
                 pinned = await sticky.fetch(client_ip)     # a local miss only; bounded
         try:
-            backend, transport, side = await listener.pool.connect(key, self._make_backend_side,
-                                                                   pinned=pinned)
+            backend, transport, side = await self.pool.connect(key, self._make_backend_side,
+                                                               pinned=pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
@@ -142,7 +161,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             sticky.record(client_ip, backend)         # a new client, or its backend could not serve it
         if self.closed or side.lost:
             # The client left, or the backend hung up, while we were being scheduled.
-            listener.pool.release(backend)
+            self.pool.release(backend)
             transport.close()
             self.transport.close()
             return
@@ -178,12 +197,12 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         peer = self.peer
         if peer is None:
             return False
-        if not peer.is_closing():
-            peer.write_eof()
+        forward_eof(peer, close_if_tls=False)
         self.eofs |= CLIENT_EOF
         if self.eofs == BOTH_EOF:
             self._close_both()
-        return True                      # keep our write side open: half-close
+        # Keep our write side open (half-close); a TLS transport closes anyway, and warns when told not to.
+        return self.transport.can_write_eof()
 
     def _observe(self, gone: str | None) -> None:
         """Once per connection, before its sockets close: counters and access log (off: one test)."""
@@ -220,7 +239,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         backend = self.backend
         if backend is not None:
             self.backend = None
-            self.listener.pool.release(backend)
+            self.pool.release(backend)
 
 
 class BackendSide(RelayEnd, asyncio.Protocol):
@@ -242,12 +261,11 @@ class BackendSide(RelayEnd, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         client = self.client
-        if not self.peer.is_closing():
-            self.peer.write_eof()
+        forward_eof(self.peer, close_if_tls=True)
         client.eofs |= BACKEND_EOF
         if client.eofs == BOTH_EOF:
             client._close_both()
-        return True
+        return self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -258,12 +276,25 @@ class BackendSide(RelayEnd, asyncio.Protocol):
         client._release()
 
 
+def forward_eof(peer, close_if_tls: bool) -> None:
+    """Passes an EOF on to the other side's transport. TLS has no half-close: towards a TLS client the
+    backend's EOF closes the connection (flush, close_notify): the backend is done. Towards a TLS
+    backend the client's EOF is not passed on: closing would lose the response still to come."""
+    if peer.is_closing():
+        return
+    if peer.can_write_eof():
+        peer.write_eof()
+    elif close_if_tls:
+        peer.close()
+
+
 class PendingClient(asyncio.Protocol):
     """The client socket's protocol until its backend is connected: keeps what the client sends early
-    (pausing reading past PENDING_LIMIT bytes) and its EOF, and on `accept-proxy` binds reads the PROXY
-    header first, closing connections that send no valid one within the header timeout."""
+    (pausing reading past PENDING_LIMIT bytes) and its EOF. On `accept-proxy` binds it reads the PROXY
+    header first, on `sni-route` binds the TLS ClientHello (to choose the backend group); a connection
+    that sends neither in full within the header timeout is closed."""
 
-    __slots__ = ("client", "buffer", "eof", "timer")
+    __slots__ = ("client", "buffer", "eof", "timer", "expect_proxy", "expect_hello")
 
     PENDING_LIMIT = 65536
 
@@ -271,14 +302,40 @@ class PendingClient(asyncio.Protocol):
         self.client = client
         self.buffer = b""
         self.eof = False
-        self.timer = None            # set while a PROXY header is expected
+        self.timer = None            # set while a PROXY header or a ClientHello is expected
+        self.expect_proxy = False
+        self.expect_hello = False
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.timer is not None:
+        if self.expect_proxy:
             self._read_proxy_header()
+        if self.expect_hello and not self.expect_proxy and self.buffer:
+            self._read_client_hello()
         if len(self.buffer) > self.PENDING_LIMIT:
             self.client.transport.pause_reading()
+
+    def _read_client_hello(self) -> None:
+        client = self.client
+        listener = client.listener
+        try:
+            server_name = sni.client_hello_sni(self.buffer)
+        except sni.NotTLS as exc:
+            log.debug("closing connection from %s: %s", client.source, exc)
+            client.transport.abort()
+            return
+        if server_name is sni.NEED_MORE:
+            return
+        self.expect_hello = False
+        self.timer.cancel()
+        self.timer = None
+        group = sni.route(listener.sni_routes, server_name)
+        client.pool = listener.pools.get(group)
+        if client.pool is None:
+            listener.refused(client, NoBackendError(f"no backend group for server name {server_name!r}"))
+            client.transport.abort()
+            return
+        client.start_connect()
 
     def _read_proxy_header(self) -> None:
         client = self.client
@@ -291,20 +348,22 @@ class PendingClient(asyncio.Protocol):
         if parsed is None:
             return
         length, source, destination = parsed
-        self.timer.cancel()
-        self.timer = None
+        self.expect_proxy = False
         if source is None:          # LOCAL / UNKNOWN: the real peer is the client
             source = client.transport.get_extra_info("peername")
         client.source = source
         client.destination = destination
         self.buffer = self.buffer[length:]
-        client.start_connect()
+        if not self.expect_hello:
+            self.timer.cancel()
+            self.timer = None
+            client.start_connect()
 
     def eof_received(self) -> bool:
         if self.timer is not None:
-            return False             # no complete PROXY header: nothing to relay
+            return False             # no complete PROXY header / ClientHello: nothing to relay
         self.eof = True
-        return True
+        return self.client.transport.can_write_eof()
 
     def pause_writing(self) -> None:
         self.client.pause_writing()

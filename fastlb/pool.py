@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 from time import monotonic
 from typing import Callable
 
@@ -30,12 +31,17 @@ from fastlb import Balancer
 from fastlb.config import BackendSpec, Config, HealthSettings
 from fastlb.health import CONNECT, BackendHealth
 from fastlb.observe import Traffic
+from fastlb.tls import backend_context, backend_contexts
 
 log = logging.getLogger("fastlb")
 
 
 class NoBackendError(Exception):
-    """No backend can take the connection: all are down, or every candidate failed to connect."""
+    """No backend can take the connection: all are down, or every candidate failed to connect.
+    tls_failure: a candidate's TLS handshake failed (its certificate did not verify, mostly): the HTTP
+    mode answers 502 Bad Gateway then, not 503."""
+
+    tls_failure = False
 
 
 class QueueError(Exception):
@@ -48,7 +54,8 @@ class Backend:
     __slots__ = ("spec", "host", "port", "address", "index", "balancer", "is_backup", "maxconn",
                  "inflight", "send_proxy", "state", "full", "admin_state", "checked_up", "ejected",
                  "health", "full_weight", "connect_failures", "bad_responses", "ejections",
-                 "returned_at", "eject_handle", "ramp_handle", "removed", "traffic", "idle")
+                 "returned_at", "eject_handle", "ramp_handle", "removed", "traffic", "ssl_context",
+                 "server_hostname", "idle")
 
     def __init__(self, spec: BackendSpec, index: int, balancer: Balancer, health: HealthSettings,
                  full_weight: int) -> None:
@@ -80,6 +87,9 @@ class Backend:
         self.ramp_handle: asyncio.TimerHandle | None = None
         self.removed = False        # removed at run time: its core slot is gone, live connections finish
         self.traffic = Traffic()
+        # TLS to the backend (set by the pool): a verification failure is a failed connect.
+        self.ssl_context: ssl.SSLContext | None = None
+        self.server_hostname = spec.sni or spec.host if spec.ssl else None
         # HTTP mode: idle keep-alive connections to this backend, oldest first (reused from the right,
         # expired from the left). They hold no slot: a slot is a request in flight.
         self.idle: collections.deque = collections.deque()
@@ -153,6 +163,9 @@ class BackendPool:
         self.by_address: dict[str, Backend] = {}      # what health and admin messages name
         self.config = config
         self.track_latency = False           # connect-time histogram, on when metrics are served
+        # Client contexts for TLS backends, one per `verify` setting (shared: they hold the session cache).
+        self.tls_contexts = backend_contexts(config.backends)
+        self.last_tls_warning = 0.0
         for spec, health in zip(config.backends, settings):
             self._append(spec, health)
         self.health = BackendHealth(loop, self, config)
@@ -163,6 +176,11 @@ class BackendPool:
         group, balancer = (self.backups, self.backup) if spec.backup else (self.primaries, self.primary)
         # Indexes are the core's: it never reuses a removed slot, so neither do these lists.
         backend = Backend(spec, len(group), balancer, health, spec.weight * self.weight_scale)
+        if spec.ssl:
+            context = self.tls_contexts.get(spec.verify)
+            if context is None:              # a backend added at run time with a verify of its own
+                context = self.tls_contexts[spec.verify] = backend_context(spec.verify)
+            backend.ssl_context = context
         group.append(backend)
         self.by_address[spec.address] = backend
         return backend
@@ -237,6 +255,15 @@ class BackendPool:
     def group_of(self, backend: Backend) -> list[Backend]:
         """The live backends sharing backend's Balancer: the primaries or the backups."""
         return [b for b in (self.backups if backend.is_backup else self.primaries) if not b.removed]
+
+    def _tls_failure(self, backend: Backend, exc: ssl.SSLError) -> None:
+        """A failed TLS handshake with a backend (a bad certificate, mostly) is a configuration or
+        security problem, so it is a warning, not debug; at most one line a second."""
+        now = self.loop.time()
+        if now - self.last_tls_warning >= 1.0:
+            self.last_tls_warning = now
+            reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            log.warning("TLS handshake with backend %s failed: %s", backend.address, reason)
 
     def close(self) -> None:
         """Cancels the health timers (ejections, slow-start steps)."""
@@ -383,6 +410,7 @@ class BackendPool:
             tried = []
         queue_deadline = None
         attempts = self.attempts                 # per connection (HTTP: per request, retries included)
+        tls_failure = False                      # a candidate failed its TLS handshake
         while True:
             # A connection already waiting has priority over one that just arrived.
             if selected is not None:
@@ -397,15 +425,26 @@ class BackendPool:
                 await self._wait_for_slot(queue_deadline)
                 continue
             if backend is None:
-                raise NoBackendError("no backend available" if not tried else
-                                     f"connect failed to {len(tried)} backend(s)")
+                error = NoBackendError("no backend available" if not tried else
+                                       f"connect failed to {len(tried)} backend(s)")
+                error.tls_failure = tls_failure
+                raise error
             started = loop.time()
             precise_start = monotonic() if self.track_latency else 0.0   # uvloop's clock is in ms
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    transport, protocol = await loop.create_connection(
-                        protocol_factory, backend.host, backend.port)
+                    if backend.ssl_context is None:
+                        transport, protocol = await loop.create_connection(
+                            protocol_factory, backend.host, backend.port)
+                    else:
+                        transport, protocol = await loop.create_connection(
+                            protocol_factory, backend.host, backend.port, ssl=backend.ssl_context,
+                            server_hostname=backend.server_hostname,
+                            ssl_handshake_timeout=self.connect_timeout)
             except (OSError, TimeoutError) as exc:
+                if isinstance(exc, ssl.SSLError):
+                    tls_failure = True
+                    self._tls_failure(backend, exc)
                 self.release(backend)
                 backend.traffic.connect_errors += 1
                 tried.append(backend)
@@ -416,7 +455,9 @@ class BackendPool:
                           exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
                           len(tried), attempts)
                 if len(tried) >= attempts:
-                    raise NoBackendError(f"connect failed to {len(tried)} backend(s)") from None
+                    error = NoBackendError(f"connect failed to {len(tried)} backend(s)")
+                    error.tls_failure = tls_failure
+                    raise error from None
                 continue
             except BaseException:
                 self.release(backend)

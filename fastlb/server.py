@@ -9,8 +9,15 @@ and discovery, and sends each verdict and change to every worker over its channe
 a worker it (re)starts gets the current backends, verdicts and operator states with the fork. The master
 forks only while its loop is not running, and the child closes what it inherited.
 
-Reload (SIGHUP, or the admin API): backend changes apply in place everywhere; other changes start a new
-generation of workers on the same listening sockets, and the old generation drains.
+Reload (SIGHUP, or the admin API): the TLS certificates reload (the master's copy, then every worker's
+over its channel); backend changes apply in place everywhere; other changes start a new generation of
+workers on the same listening sockets (with TLS contexts made for the new config), and the old
+generation drains. A forked worker starts with SIGHUP blocked, unblocked once its loop runs with a
+handler (a SIGHUP sent to a worker itself reloads that worker's certificates).
+
+TLS binds: the contexts are made once before the workers fork (fastlb/tls.py: shared ticket keys) and
+each worker's listener on its inherited socket gets its bind's front context. Backends are one pool per
+backend group (tcp mode's SNI routes); verdicts and admin changes name backends by address.
 
 A worker on SIGTERM (or SIGINT) drains: it closes its listening sockets, lets live connections finish
 for up to `grace_period` seconds, then cuts what is left and exits 0.
@@ -29,13 +36,15 @@ import time
 from fastlb.admin import AdminServer
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
 from fastlb.config import Config, ConfigError, maxconn_capacity, open_files_limit
-from fastlb.control import (BackendTable, aggregate, apply_to_pool, reload_changes, retire,
+from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_changes, retire,
                             spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
 from fastlb.l4 import Listener
 from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
+from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
+                        reload_certificates)
 
 log = logging.getLogger("fastlb")
 
@@ -113,13 +122,24 @@ class Worker:
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
                  channel: socket.socket | None = None, runtime: dict | None = None,
-                 listen_socks: list[socket.socket] | None = None, reload_source=None) -> None:
+                 listen_socks: list[socket.socket] | None = None, reload_source=None,
+                 server_tls: dict[int, ServerTLS] | None = None) -> None:
         self.config = config
         self.loop = loop
-        # The pool of the top-level backends (in HTTP mode the pool named "default", beside any
-        # [[pool]]): the active health checks, the admin API's changes, reload and discovery act on it.
-        # None in HTTP mode when only named pools are configured.
-        self.pool = BackendPool(config, loop, maxconn) if config.has_default_pool else None
+        # The top-level backends, one pool per backend group: "default" (backends without group=) and
+        # the groups SNI routes name (tcp mode). `pool` is the default group's: in HTTP mode the pool
+        # named "default", beside any [[pool]]; None when only named pools (or only groups) are
+        # configured. The active health checks, the admin API's changes, reload and discovery act on
+        # these pools, naming backends by address (`apply_to_pools`).
+        by_group: dict[str, list] = {"default": []} if config.has_default_pool else {}
+        for spec in config.backends:
+            by_group.setdefault(spec.group, []).append(spec)
+        self.pools: dict[str, BackendPool] = {
+            group: BackendPool(config.replace(backends=specs), loop, maxconn) for group, specs in by_group.items()
+            if specs or group == "default"}
+        self.pool = self.pools.get("default")
+        # TLS binds' contexts, made before the fork (shared ticket keys), by bind position.
+        self.server_tls: dict[int, ServerTLS] = server_tls if server_tls is not None else {}
         self.listen_socks = listen_socks          # inherited from the master; else bound here
         # Counters and the access log exist only when something reads them.
         self.observer: Observer | None = None
@@ -127,15 +147,15 @@ class Worker:
             access_log = AccessLog(loop, config.access_log, config.access_log_format) if config.access_log else None
             self.observer = Observer(loop, access_log=access_log)
         runtime = runtime or {}
-        if self.pool is not None:
-            self.pool.track_latency = config.admin is not None
+        for pool in self.pools.values():
+            pool.track_latency = config.admin is not None
             for address, up in runtime.get("verdicts", {}).items():
-                backend = self.pool.by_address.get(address)
+                backend = pool.by_address.get(address)
                 if backend is not None and not up:
-                    self.pool.health.set_checked(backend, False, "down at start")
+                    pool.health.set_checked(backend, False, "down at start")
             for address, state in runtime.get("admin", {}).items():
-                if address in self.pool.by_address:
-                    self.pool.set_admin_state(address, state)
+                if address in pool.by_address:
+                    pool.set_admin_state(address, state)
         # The master's channel, or our own controller (checks, admin bind, discovery).
         self.channel_sock = channel
         self.channel: LineChannel | None = None
@@ -185,12 +205,18 @@ class Worker:
                     sock = listen_socket(bind.host, bind.port, self.config.backlog)
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
+            tls = self.server_tls.get(number)
+            tls_options = {} if tls is None else {
+                "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
                 factory = self.http.protocol_factory(bind)
             else:
                 factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                   self.connections, self.tcp_sticky, self.observer).protocol_factory()
-            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog)
+                                   self.connections, self.tcp_sticky, self.observer,
+                                   self.pools if bind.sni_route else None,
+                                   self.config.sni_routes).protocol_factory()
+            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
+                                                   **tls_options)
             self.servers.append(server)
         if self.store is not None:
             await self.store.start()
@@ -208,10 +234,17 @@ class Worker:
             self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
     def snapshot(self) -> dict:
-        """This worker's pools, JSON-ready: the top-level one ("default"), then HTTP's named pools."""
+        """This worker's pools, JSON-ready: the top-level one ("default", with the backends of every
+        SNI group: the table the controller keeps lists them all), then HTTP's named pools."""
         pools = []
-        if self.pool is not None:
-            pools.append(pool_snapshot("default", self.pool, self.observer))
+        if self.pools:
+            views = [pool_snapshot("default", pool, self.observer) for pool in self.pools.values()]
+            merged = views[0]
+            for view in views[1:]:
+                merged["active"] += view["active"]
+                merged["queued"] += view["queued"]
+                merged["backends"] += view["backends"]
+            pools.append(merged)
         if self.http is not None:
             for route in self.http.router.pools.values():
                 if route.pool is not self.pool:
@@ -222,8 +255,27 @@ class Worker:
         op = message["op"]
         if op == "report":
             self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot()})
+        elif op == "certificates":
+            self.reload_certificates()
         else:
-            apply_to_pool(self.pool, message)
+            apply_to_pools(self.pools, message)
+
+    # ---- TLS hooks (reload, /metrics and the admin API call these) ---------------------------------
+
+    def reload_certificates(self) -> list[str]:
+        """Reloads every TLS bind's certificate, key and CA files: new handshakes use them, live
+        connections keep theirs. Returns the errors (a bind that failed keeps its current files)."""
+        errors = reload_certificates(self.server_tls)
+        for error in errors:
+            log.error("certificate reload: %s; keeping the current certificates", error)
+        if self.server_tls and not errors:
+            log.info("certificates reloaded (%d TLS bind(s))", len(self.server_tls))
+        warn_expiring(self.server_tls)
+        return errors
+
+    def certificate_expiry(self) -> list[tuple[str, str, float]]:
+        """(bind address, certificate file, days left) of every certificate served."""
+        return certificate_expiry(self.server_tls)
 
     def _send_snapshot(self) -> None:
         self.snapshot_handle = None
@@ -282,8 +334,8 @@ class Worker:
                 self.channel.transport.close()
         if self.observer is not None:
             self.observer.close()
-        if self.pool is not None:
-            self.pool.close()
+        for pool in self.pools.values():
+            pool.close()
         if self.store is not None:
             await self.store.close()
 
@@ -324,25 +376,31 @@ class LocalController:
 
     def _on_verdict(self, index: int, up: bool, reason: str) -> None:
         address = self.checker.checks[index].target.address
-        apply_to_pool(self.worker.pool, {"op": "health", "address": address, "up": up, "reason": reason})
+        apply_to_pools(self.worker.pools, {"op": "health", "address": address, "up": up, "reason": reason})
 
     def apply(self, change: dict) -> dict:
         change = self.table.validate(change)
-        apply_to_pool(self.worker.pool, change)
+        apply_to_pools(self.worker.pools, change)
         self.table.commit(change)
         self.next_check_index = follow_checks(self.checker, self.table.config, change, self.next_check_index)
         return change
 
     async def snapshot(self) -> dict:
-        return aggregate(self.table, [self.worker.snapshot()], {})
+        view = aggregate(self.table, [self.worker.snapshot()], {})
+        view["certificates"] = certificate_view(self.worker.certificate_expiry())
+        return view
 
     async def sync(self) -> None:
         """Changes apply in this process at once: nothing to wait for."""
 
     async def reload(self) -> str:
-        """Applies the re-read config's backend changes in place. Other settings need new workers,
-        which one process cannot start beside itself: they are reported, not applied."""
+        """Reloads the TLS certificates, and applies the re-read config's backend changes in place.
+        Other settings need new workers, which one process cannot start beside itself: they are
+        reported, not applied."""
+        certificates = describe_certificate_reload(self.worker.server_tls, self.worker.reload_certificates())
         if self.reload_source is None:
+            if certificates:
+                return certificates
             raise ConfigError("no config to reload")
         new = self.reload_source()
         changes, other = reload_changes(self.table, new)
@@ -353,8 +411,35 @@ class LocalController:
                         "fastlb (or run --workers 2+) to apply them", ", ".join(other))
         message = f"reloaded: {len(changes)} backend change(s)" + (f"; not applied: {', '.join(other)}"
                                                                     if other else "")
+        if certificates:
+            message += "; " + certificates
         log.info("%s", message)
         return message
+
+
+EXPIRY_WARNING_DAYS = 14
+
+
+def warn_expiring(server_tls: dict[int, ServerTLS]) -> None:
+    for address, path, days in certificate_expiry(server_tls):
+        if days < EXPIRY_WARNING_DAYS:
+            log.warning("certificate %s of %s %s", path, address,
+                        f"expired {-days:.1f} days ago" if days < 0 else f"expires in {days:.1f} days")
+
+
+def certificate_view(expiry: list[tuple[str, str, float]]) -> list[dict]:
+    """The certificates served, JSON-ready, for the admin API and /metrics."""
+    return [{"bind": address, "file": path, "days_left": round(days, 3)} for address, path, days in expiry]
+
+
+def describe_certificate_reload(server_tls: dict[int, ServerTLS], errors: list[str]) -> str:
+    """The reload answer's words about certificates ("" without TLS binds)."""
+    if not server_tls:
+        return ""
+    if errors:
+        return f"TLS certificates: {len(errors)} error(s), current ones kept: {'; '.join(errors)}"
+    # (Not the words each worker logs, "certificates reloaded": those count the workers that did.)
+    return f"TLS certificates: reloaded for {len(server_tls)} bind(s)"
 
 
 def follow_checks(checker: HealthChecker | None, config: Config, change: dict, next_index: int) -> int:
@@ -382,13 +467,23 @@ def _die_with_parent() -> None:
 
 def run_worker(config: Config, worker_id: int | None = None, master_pid: int | None = None,
                channel: socket.socket | None = None, runtime: dict | None = None,
-               listen_socks: list[socket.socket] | None = None, reload_source=None) -> int:
+               listen_socks: list[socket.socket] | None = None, reload_source=None,
+               server_tls: dict[int, ServerTLS] | None = None) -> int:
     """Runs one worker until SIGTERM/SIGINT. Returns the process exit status.
 
-    channel / runtime / listen_socks: from the master (else the worker is alone and runs the checks, the
-    admin bind and discovery itself; SIGHUP then reloads in place)."""
+    channel / runtime / listen_socks / server_tls: from the master (else the worker is alone and runs
+    the checks, the admin bind and discovery itself; SIGHUP then reloads config and certificates in
+    place). Under a master, SIGHUP reloads this worker's certificates (the master's reloads reach it
+    over the channel). server_tls: the TLS binds' contexts made before the fork (made here when None)."""
     import uvloop
 
+    if server_tls is None:
+        try:
+            server_tls = prepare_server_tls(config.binds)
+        except TLSConfigError as exc:
+            log.error("%s", exc)
+            return EXIT_STARTUP_FAILED
+        warn_expiring(server_tls)
     maxconn = effective_maxconn(config)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -397,20 +492,31 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     if master_pid is not None and os.getppid() != master_pid:
         return 0                                   # the master died before PDEATHSIG was set
-    worker = Worker(config, loop, maxconn, channel, runtime, listen_socks, reload_source)
+    worker = Worker(config, loop, maxconn, channel, runtime, listen_socks, reload_source, server_tls)
     if worker.controller is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged(worker.controller)))
+    else:
+        loop.add_signal_handler(signal.SIGHUP, worker.reload_certificates)
+
+    async def serve() -> None:
+        # One run of the loop from start to drain: uvloop handles signals only while it runs, so a signal
+        # sent right after "listening on" must not find it stopped between two run_until_complete calls.
+        # A forked worker starts with SIGHUP blocked (Master._spawn); unblocked here, with the loop running
+        # and the handler above in place, a reload sent meanwhile is delivered now (unblocked before the
+        # loop runs, uvloop would drop it).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        await worker.start()
+        log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
+                 ", ".join(b.address for b in config.binds), config.mode, config.algorithm,
+                 len(config.backends), maxconn)
+        await stop
+        await worker.drain(config.grace_period)
+
     try:
-        loop.run_until_complete(worker.start())
+        loop.run_until_complete(serve())
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP_FAILED
-    log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
-             ", ".join(b.address for b in config.binds), config.mode, config.algorithm,
-             len(config.backends), maxconn)
-    try:
-        loop.run_until_complete(stop)
-        loop.run_until_complete(worker.drain(config.grace_period))
     finally:
         loop.close()
     log.info("stopped")
@@ -436,7 +542,14 @@ def run(config: Config, reload_source=None) -> int:
         return 1
     if config.workers == 1:
         return run_worker(config, reload_source=reload_source)
-    return Master(config, reload_source).run()
+    try:
+        # Made once, before the workers fork, so they all hold the same session ticket keys.
+        server_tls = prepare_server_tls(config.binds)
+    except TLSConfigError as exc:
+        log.error("%s", exc)
+        return 1
+    warn_expiring(server_tls)
+    return Master(config, reload_source, server_tls).run()
 
 
 def check_admin_free(config: Config) -> None:
@@ -476,9 +589,13 @@ class Master:
     reload), so a fork never happens inside a running loop; checks, the admin bind and discovery keep
     running while it waits."""
 
-    def __init__(self, config: Config, reload_source=None) -> None:
+    def __init__(self, config: Config, reload_source=None, server_tls: dict[int, ServerTLS] | None = None
+                 ) -> None:
         self.config = config
         self.reload_source = reload_source
+        # The TLS binds' contexts of the current config, handed to each worker with the fork (one set of
+        # session ticket keys); reloaded here too, so a worker forked later starts with the new files.
+        self.server_tls = server_tls if server_tls is not None else {}
         self.table = BackendTable(config)
         self.workers: dict[int, WorkerHandle] = {}
         self.generation = 0
@@ -523,13 +640,23 @@ class Master:
         channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runtime = {"verdicts": self.checker.verdicts if self.checker is not None else {},
                    "admin": dict(self.table.admin_states)}
-        pid = os.fork()
+        server_tls = self.server_tls
+        # SIGHUP stays blocked in the child until its worker has a handler for it (run_worker): one sent
+        # meanwhile (to the process group, say) waits instead of killing the worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         if pid == 0:
             status = 1
             try:
                 self._become_worker([worker_end, *socks])
                 setup_logging(config.log_level, worker_id)
-                status = run_worker(config, worker_id, self.master_pid, worker_end, runtime, socks)
+                status = run_worker(config, worker_id, self.master_pid, worker_end, runtime, socks,
+                                    server_tls=server_tls)
             except BaseException:
                 logging.getLogger("fastlb").exception("worker crashed")
             finally:
@@ -602,7 +729,10 @@ class Master:
         """Asks every worker for its counters (waiting up to a second), then sums them."""
         await self._collect()
         snapshots = [h.snapshot for h in self.workers.values() if h.snapshot is not None]
-        return aggregate(self.table, snapshots, self.retired)
+        view = aggregate(self.table, snapshots, self.retired)
+        # The master's copy of the certificates: the files every worker serves (reloaded together).
+        view["certificates"] = certificate_view(certificate_expiry(self.server_tls))
+        return view
 
     async def _collect(self) -> None:
         self.report_id += 1
@@ -622,10 +752,28 @@ class Master:
     async def reload(self) -> str:
         return self._reload()
 
+    def _reload_certificates(self) -> str:
+        """Reloads the master's copy of the certificates, then every worker's (over the channel, so it
+        is ordered with the other changes and `sync` waits for it)."""
+        if not self.server_tls:
+            return ""
+        errors = reload_certificates(self.server_tls)
+        for error in errors:
+            log.error("certificate reload: %s; keeping the current certificates", error)
+        warn_expiring(self.server_tls)
+        if not errors:
+            self._send_all({"op": "certificates"})
+        return describe_certificate_reload(self.server_tls, errors)
+
     def _reload(self) -> str:
-        """Re-reads the config. Backend changes apply in place; any other change starts a new generation
-        of workers with the new config beside the old one, which then drains. Raises ConfigError."""
+        """Reloads the TLS certificates, and re-reads the config. Backend changes apply in place; any
+        other change starts a new generation of workers with the new config beside the old one, which
+        then drains. Raises ConfigError."""
+        certificates = self._reload_certificates()
         if self.reload_source is None:
+            if certificates:
+                log.info("%s", certificates)
+                return certificates
             raise ConfigError("no config to reload")
         new = self.reload_source()
         changes, other = reload_changes(self.table, new)
@@ -636,6 +784,8 @@ class Master:
             self.pending_generation = new
             self._wake()
             message += f"; new workers for: {', '.join(other)}"
+        if certificates:
+            message += "; " + certificates
         log.info("%s", message)
         return message
 
@@ -741,9 +891,16 @@ class Master:
         """Starts config.workers workers with the new config on the same sockets, waits until each
         listens, then lets the old ones drain. If the new ones do not come up, they go and the old
         ones stay."""
+        try:
+            server_tls = prepare_server_tls(config.binds)
+        except TLSConfigError as exc:
+            log.error("reload: %s; keeping the old workers", exc)
+            return
         old = [h for h in self.workers.values() if h.generation == self.generation]
+        old_config, old_tls = self.table.config, self.server_tls
         self.generation += 1
         self.table.config = config
+        self.server_tls = server_tls
         new_pids = []
         try:
             for worker_id in range(config.workers):
@@ -765,6 +922,7 @@ class Master:
             for pid in new_pids:
                 _kill(pid, signal.SIGKILL)
             self.generation -= 1
+            self.table.config, self.server_tls = old_config, old_tls
             return
         if self.checker is not None:
             self._renew_checker(config)

@@ -1,4 +1,6 @@
-"""An HTTP/1.1 test backend: `python tests/http_backend.py NAME:PORT [NAME:PORT ...]`.
+"""An HTTP/1.1 test backend: `python tests/http_backend.py NAME:PORT[@CERT] [NAME:PORT[@CERT] ...]`.
+
+With @CERT (a PEM file holding certificate and key) that port speaks HTTPS.
 
 Prints `ready` once every port listens, then one line per request it receives:
 `REQ NAME CONN METHOD URL BODYLEN SHA256-PREFIX HEADERS-JSON` (CONN numbers the backend's connections,
@@ -20,12 +22,14 @@ Paths (the query string is ignored unless said):
   /status?code=N   N with a short body (or none for 204/304)
   /ws              101 Switching Protocols (Upgrade: websocket), then echoes raw bytes
   /headers         200 with Connection: X-Hop, X-Hop: 1, Keep-Alive: timeout=5, X-Keep: 1
+  /hsts            200 with the backend's own Strict-Transport-Security: max-age=1
   .../setcookie?name=N&value=V   200 with Set-Cookie: N=V; Path=/ (any path prefix: sticky tests)
   .../setheader?name=N&value=V   200 with header N: V
 """
 import asyncio
 import hashlib
 import json
+import ssl
 import sys
 from urllib.parse import parse_qs, urlsplit
 
@@ -156,6 +160,8 @@ class Handler(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                                  b"Connection: Upgrade\r\n\r\n")
             self.tunnel = True
+        elif path == "/hsts":
+            self.send(200, b"hsts\n", "Strict-Transport-Security: max-age=1\r\n")
         elif path == "/headers":
             self.send(200, b"h\n", "Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-Keep: 1\r\n")
         elif path.endswith("/setcookie"):
@@ -169,8 +175,14 @@ class Handler(asyncio.Protocol):
 async def main(specs: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for spec in specs:
+        spec, _, cert = spec.partition("@")
         name, _, port = spec.rpartition(":")
-        await loop.create_server(lambda name=name: Handler(name), "127.0.0.1", int(port), reuse_address=True)
+        context = None
+        if cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert)
+        await loop.create_server(lambda name=name: Handler(name), "127.0.0.1", int(port), reuse_address=True,
+                                 ssl=context)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

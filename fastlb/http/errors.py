@@ -7,6 +7,8 @@ its framing cannot be trusted: the connection must not be reused).
 from __future__ import annotations
 
 REASONS = {
+    301: "Moved Permanently",
+    308: "Permanent Redirect",
     400: "Bad Request",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -40,6 +42,12 @@ CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 def response(status: int, close: bool) -> bytes:
     return (CLOSE if close else KEEP)[status]
+
+
+def redirect(status: int, location: bytes, close: bool) -> bytes:
+    """301/308 to location (a plain-HTTP bind redirecting to HTTPS), with an empty body."""
+    return (b"HTTP/1.1 %d %s\r\nLocation: %s\r\nContent-Length: 0\r\n%s\r\n"
+            % (status, REASONS[status].encode(), location, b"Connection: close\r\n" if close else b""))
 
 
 class RequestError(Exception):

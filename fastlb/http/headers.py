@@ -37,6 +37,10 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     # Framing headers spelt with '_': CGI/WSGI backends read them as the real ones (smuggling).
     b"content_length": H_REJECT,
     b"transfer_encoding": H_REJECT,
+    # fastlb's own TLS client-certificate headers (tls.CLIENT_SUBJECT_HEADER, CLIENT_VERIFIED_HEADER):
+    # always removed from what a client sends; on mTLS binds fastlb sets the subject itself.
+    b"x-client-subject": H_DROP,
+    b"x-client-verified": H_DROP,
 }
 # Set by fastlb from the connection, so a client cannot forge them.
 FORWARDED_SET_BY_US = (b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip")
@@ -47,6 +51,7 @@ R_FRAMING = 3         # Content-Length / Transfer-Encoding: fastlb writes the fr
 R_UPGRADE = 4
 R_SET_COOKIE = 5      # shown to the pool's sticky rule (prefix, learn, insert+indirect): only when needed
 R_STICKY_HEADER = 6   # learn:header:NAME: the session id a backend names
+R_HSTS = 7            # Strict-Transport-Security: replaced by fastlb's where a pool sets HSTS on a TLS bind
 
 RESPONSE_SPECIAL: dict[bytes, int] = {
     b"connection": R_CONNECTION,

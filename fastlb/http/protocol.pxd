@@ -21,8 +21,9 @@ cdef class ClientConnection:
     cdef public HttpRuntime runtime
     cdef public HttpSettings settings
     cdef public object loop, transport, parser, queue, connect_task, tunnel_buffer, peer, conn_tokens
-    cdef public bytes client_ip, forward_block, checked_host
-    cdef public bint closed, closing, tunnel, tunnel_active, head_done
+    cdef public bytes client_ip, forward_block, checked_host, scheme, tls_block
+    cdef public bint closed, closing, tunnel, tunnel_active, head_done, tls, mtls
+    cdef public object redirect
     cdef public int paused, deadline_kind
     cdef public double deadline, head_started
     cdef public Request req

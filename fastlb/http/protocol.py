@@ -30,6 +30,7 @@ from time import monotonic
 
 import httptools
 
+from fastlb import tls
 from fastlb.http import errors
 from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
@@ -128,6 +129,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         "transport", "parser", "client_ip", "forward_block", "queue", "closed", "closing", "paused",
         "connect_task", "deadline", "deadline_kind", "tunnel", "tunnel_buffer", "tunnel_active",
         "peer",
+        # the bind: TLS (scheme, client subject header), or a redirect to HTTPS
+        "tls", "mtls", "scheme", "tls_block", "redirect",
         # the request being parsed
         "req", "parts", "url_parts", "url_size", "header_size", "header_count", "head_done",
         "conn_tokens", "head_started", "checked_host",
@@ -162,6 +165,13 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.conn_tokens = None
         self.head_started = 0.0
         self.checked_host = b""        # the last Host value found valid on this connection
+        self.tls = bind.ssl
+        self.mtls = bind.ssl and bind.ca is not None
+        self.scheme = b"https" if bind.ssl else b"http"
+        self.tls_block = b""           # X-Client-Subject on mTLS binds, set once per connection
+        # A plain bind that redirects every request to HTTPS: the port part of the Location (b"": 443).
+        port = bind.redirect_https
+        self.redirect = None if port is None else (b"" if port == 443 else b":%d" % port)
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -170,7 +180,13 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
         settings = self.settings
-        self.forward_block = settings.forward_block_for(self.client_ip)
+        self.forward_block = settings.forward_block_for(self.client_ip, self.scheme)
+        if self.mtls:
+            # connection_made comes after the handshake: the peer certificate (verified) is known.
+            info = tls.connection_tls_info(transport)
+            if info is not None and info.client_subject is not None:
+                self.tls_block = (tls.CLIENT_SUBJECT_HEADER.encode() + b": "
+                                  + subject_header_value(info.client_subject) + b"\r\n")
         self.parser = httptools.HttpRequestParser(self)
         self.runtime.connections.add(self)
         # A new connection must send its first request head within http_request_timeout.
@@ -400,12 +416,14 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             previous = req.captured.get(b"x-forwarded-for") if req.captured else None
             if previous is not None:
                 out += (b"X-Forwarded-For: ", previous, b", ", self.client_ip, b"\r\nX-Forwarded-Proto: ",
-                        settings.scheme, b"\r\n")
+                        self.scheme, b"\r\n")
             else:
                 out.append(self.forward_block)
             if req.host is not None:
                 out += (b"X-Forwarded-Host: ", req.host, b"\r\n")
         out.append(settings.request_block)
+        if self.tls_block:
+            out.append(self.tls_block)
         if req.chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length is not None:
@@ -446,6 +464,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         limit = req.route.max_body_size
         if limit and req.body_received > limit:
             raise RequestError(413, "body larger than max_body_size")
+        if self.redirect is not None:
+            return                          # a redirect bind: the body goes nowhere
         if req.chunked:
             req.out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
@@ -466,6 +486,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.req = None
         if not req.keep_alive or req.upgrade is not None:
             self.closing = True           # nothing after this request is read as HTTP
+        if self.redirect is not None and self.queue and self.queue[0] is req:
+            self.redirect_https(req)
 
     def refuse(self, status: int) -> None:
         """The request being parsed is refused: answered in turn with `status`, then the connection
@@ -497,6 +519,15 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         """Starts serving queue[0]: an idle keep-alive connection if its pool has one, else connect."""
         if req.error:
             self.answer(req, req.error, close=True)
+            return
+        if self.redirect is not None:
+            if req.complete:
+                self.redirect_https(req)
+            else:
+                # Answered once the body has been read (and dropped), so the connection stays usable;
+                # the body must arrive within http_request_timeout like a head.
+                self.deadline = self.runtime.now + self.settings.http_request_timeout
+                self.deadline_kind = WAIT_HEAD
             return
         route = req.route
         sticky = route.sticky
@@ -531,7 +562,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             self.connect_task = None
             if not self.closed:
                 runtime.refused(self, exc)
-                self.answer(req, 503, close=not req.complete)
+                # Every candidate failed, the last one on its TLS handshake (a certificate that does not
+                # verify): a bad gateway, not an absent one.
+                status = 502 if getattr(exc, "tls_failure", False) else 503
+                self.answer(req, status, close=not req.complete)
             return
         self.connect_task = None
         if self.closed or upstream.lost or not self.queue or self.queue[0] is not req:
@@ -581,6 +615,33 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         """A response of fastlb's own for queue[0] (errors)."""
         close = close or self.closing and not self.req_pending_after(req) or req.close_after
         data = errors.response(status, close)
+        self.transport.write(data)
+        req.status = status
+        req.bytes_out = len(data)
+        self.finished(req, close)
+
+    def redirect_https(self, req: Request) -> None:
+        """A redirect bind's answer: 301 (GET, HEAD) or 308 (other methods keep method and body) to
+        https://HOST[:PORT]/target; the Host's own port is dropped. No Host to build it from: 400."""
+        url = req.url
+        host = req.host
+        if not url.startswith(b"/"):
+            if url[:7].lower() == b"http://":          # absolute-form: its authority is the host
+                authority, _, path = url[7:].partition(b"/")
+                host = authority.rpartition(b"@")[2] if valid_host(authority.rpartition(b"@")[2]) else None
+                url = b"/" + path
+            else:
+                url = b"/"                             # OPTIONS *
+        if not host:
+            self.answer(req, 400, close=True)
+            return
+        name = host[:host.index(b"]") + 1] if host.startswith(b"[") else host.partition(b":")[0]
+        if not name:
+            self.answer(req, 400, close=True)
+            return
+        status = 301 if req.method == b"GET" or req.is_head else 308
+        close = not req.complete or self.closing and not self.req_pending_after(req) or req.close_after
+        data = errors.redirect(status, b"https://" + name + self.redirect + url, close)
         self.transport.write(data)
         req.status = status
         req.bytes_out = len(data)
@@ -680,8 +741,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if kind == WAIT_IDLE:
             self.transport.close()
         elif kind == WAIT_HEAD:
-            if self.queue:
-                return
+            if self.queue and (self.redirect is None or self.queue[0].complete):
+                return                    # a request in flight: its own deadline kind follows
             self.closing = True
             self.parser = None
             self.transport.write(errors.response(408, True))
@@ -714,6 +775,16 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 self.deadline_kind = WAIT_TUNNEL
             else:
                 self.close()
+
+
+def subject_header_value(subject: str) -> bytes:
+    """An RFC 4514 subject as a header value: tls.format_subject has escaped the specials and control
+    characters; non-ASCII characters become RFC 4514 hex pairs of their UTF-8 bytes, so the value is
+    printable ASCII and cannot break the head."""
+    if subject.isascii():
+        return subject.encode("ascii")
+    return "".join(c if c.isascii() else "".join(f"\\{b:02x}" for b in c.encode()) for c in subject
+                   ).encode("ascii")
 
 
 __all__ = ["ClientConnection", "Request"]

@@ -22,14 +22,16 @@ if TYPE_CHECKING:
 class RoutePool:
     """One named pool as the HTTP side sees it: the BackendPool plus how to key and limit requests."""
 
-    __slots__ = ("name", "pool", "key_kind", "key_name", "max_body_size", "sticky")
+    __slots__ = ("name", "pool", "key_kind", "key_name", "max_body_size", "hsts_block", "sticky")
 
     def __init__(self, name: str, pool: "BackendPool", hash_key: str | None, max_body_size: int,
-                 sticky=None) -> None:
+                 hsts: int = 0, sticky=None) -> None:
         self.name = name
         self.pool = pool
         self.sticky = sticky                        # fastlb.sticky.Sticky, or None
         self.max_body_size = max_body_size          # 0: no limit
+        # The HSTS header line added to this pool's responses on TLS binds (b"": none).
+        self.hsts_block = b"Strict-Transport-Security: max-age=%d\r\n" % hsts if hsts else b""
         kind, _, key_name = (hash_key or "").partition(":")
         self.key_kind = kind or None
         self.key_name = key_name.lower().encode("latin-1") if key_name else b""

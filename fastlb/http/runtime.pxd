@@ -7,7 +7,7 @@ cdef class HttpSettings:
     cdef public Py_ssize_t backend_max_idle, max_header_size, max_headers, max_uri_length
     cdef public bint forwarded_for, fast_responses, cookie_held
     cdef public dict request_actions, response_actions
-    cdef public bytes request_block, response_block, default_host, scheme
+    cdef public bytes request_block, response_block, default_host
     cdef public object capture
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from fastlb.config import Config
-from fastlb.http.headers import (FORWARDED_SET_BY_US, H_COOKIE, H_DROP, R_DROP, R_SET_COOKIE,
+from fastlb.http.headers import (FORWARDED_SET_BY_US, H_COOKIE, H_DROP, R_DROP, R_HSTS, R_SET_COOKIE,
                                  R_STICKY_HEADER, REQUEST_SPECIAL, RESPONSE_SPECIAL, format_header_block)
 from fastlb.http.routing import Router, RoutePool, Rule
 from fastlb.pool import BackendPool
@@ -25,7 +25,7 @@ class HttpSettings:
         "backend_idle_timeout", "backend_max_idle", "connect_wait_timeout",
         "max_header_size", "max_headers", "max_uri_length",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
-        "capture", "default_host", "scheme", "fast_responses", "cookie_held",
+        "capture", "default_host", "fast_responses", "cookie_held",
     )
 
     def __init__(self, config: Config, capture: frozenset) -> None:
@@ -43,7 +43,6 @@ class HttpSettings:
         self.max_headers = config.max_headers
         self.max_uri_length = config.max_uri_length
         self.forwarded_for = config.forwarded_for
-        self.scheme = b"http"
         request_actions = dict(REQUEST_SPECIAL)
         response_actions = dict(RESPONSE_SPECIAL)
         if config.forwarded_for:
@@ -57,6 +56,9 @@ class HttpSettings:
             response_actions.setdefault(name.lower().encode("latin-1"), R_DROP)
         for name, _ in config.response_header_set:
             response_actions.setdefault(name.lower().encode("latin-1"), R_DROP)
+        if config.hsts or any(pool.hsts for pool in config.pools):
+            # A pool's HSTS replaces the backend's own header (on TLS binds; see upstream.on_header).
+            response_actions.setdefault(b"strict-transport-security", R_HSTS)
         self.request_actions = request_actions
         self.response_actions = response_actions
         extra = list(config.request_header_set)
@@ -77,11 +79,11 @@ class HttpSettings:
         bind = config.binds[0] if config.binds else None
         self.default_host = bind.address.encode() if bind else b"localhost"
 
-    def forward_block_for(self, client_ip: bytes) -> bytes:
+    def forward_block_for(self, client_ip: bytes, scheme: bytes) -> bytes:
         """X-Forwarded-For and -Proto for a connection without an incoming X-Forwarded-For."""
         if not self.forwarded_for:
             return b""
-        return b"X-Forwarded-For: " + client_ip + b"\r\nX-Forwarded-Proto: " + self.scheme + b"\r\n"
+        return b"X-Forwarded-For: " + client_ip + b"\r\nX-Forwarded-Proto: " + scheme + b"\r\n"
 
     def watch_sticky(self, router: Router) -> None:
         """Header actions for the pools' sticky rules: added only when a rule needs them, so a balancer
@@ -117,10 +119,11 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
         pools[spec.name] = RoutePool(spec.name, BackendPool(pool_config, loop, maxconn),
                                      pool_config.hash_key,
                                      spec.max_body_size if spec.max_body_size is not None
-                                     else config.max_body_size)
+                                     else config.max_body_size,
+                                     spec.hsts if spec.hsts is not None else config.hsts)
     if config.backends or default_pool is not None:      # (a discovery source may fill it later)
         pools.setdefault("default", RoutePool("default", default_pool or BackendPool(config, loop, maxconn),
-                                              config.hash_key, config.max_body_size))
+                                              config.hash_key, config.max_body_size, config.hsts))
     if store is not None:
         from fastlb.sticky import Sticky, default_secret
         secret = default_secret(config)

@@ -22,8 +22,8 @@ import httptools
 
 from fastlb.health import RESPONSE
 from fastlb.http import errors
-from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_SET_COOKIE, R_STICKY_HEADER, R_UPGRADE,
-                                 RESPONSE_SPECIAL)
+from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
+                                 R_UPGRADE, RESPONSE_SPECIAL)
 
 try:
     from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
@@ -150,7 +150,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.received += len(data)
         if not self.seen:
             self.seen = True
-            if self.settings.fast_responses and not self.request.is_head:
+            req = self.request
+            # Not where fastlb adds HSTS (a TLS bind, a pool with HSTS): the fast path forwards the
+            # backend's header lines untouched, so it would neither add nor replace that header.
+            if (self.settings.fast_responses and not req.is_head
+                    and not (client.tls and req.route.hsts_block)):
                 found = scan_response(data)
                 if found is not None:
                     self._plain_response(client, found, data)
@@ -223,6 +227,10 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens + tokens
         elif action == R_UPGRADE:
             self.upgrade = value
+        elif action == R_HSTS:
+            # fastlb's HSTS replaces the backend's where it applies (a TLS bind, a pool with HSTS).
+            if not (self.client.tls and self.request.route.hsts_block):
+                self.parts += (name, b": ", value, b"\r\n")
         elif action == R_SET_COOKIE:
             sticky = self.request.route.sticky
             if sticky is not None and sticky.watches_set_cookie:
@@ -297,6 +305,10 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         elif req.http10:
             out.append(b"Connection: keep-alive\r\n")
         out.append(self.settings.response_block)
+        if client.tls:
+            hsts = req.route.hsts_block
+            if hsts:
+                out.append(hsts)
         if req.extra_response_headers:
             out.append(req.extra_response_headers)
         sticky = req.route.sticky
