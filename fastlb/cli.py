@@ -122,6 +122,9 @@ def make_parser() -> argparse.ArgumentParser:
     http_field("max_uri_length", "request target bytes; more: 414 (default 8k)", "SIZE")
     http_field("max_body_size", "request body bytes; more: 413 (default 0 = no limit)", "SIZE")
     http_field("forwarded_for", "add X-Forwarded-For/-Proto/-Host (default true)", "true|false")
+    http_field("retry_on", "also re-send an idempotent request to another backend on: empty-response "
+               "(default), junk-response, response-timeout, 500, 502, 503, 504, all-retryable-errors, "
+               "none (comma-separated; a failed connect is always retried)", "LIST")
     http_field("via", "add 'Via: 1.1 NAME' both ways (default: no Via)", "NAME")
     http_field("default_pool", "pool for requests no [[route]] matches (config file pools)", "NAME")
     http_field("hsts", "Strict-Transport-Security max-age added to responses on TLS binds (seconds, "

@@ -247,6 +247,9 @@ class Config:
     max_body_size: int = 0                 # bytes; 0: no limit (per pool: [[pool]] max_body_size)
     hsts: int = 0                          # HSTS max-age seconds on TLS binds; 0: off (per pool: hsts)
     forwarded_for: bool = True             # X-Forwarded-For / -Proto / -Host
+    # What else re-sends a request to another backend (beyond a failed connect, always retried): see
+    # parse_retry_on. Only ever for idempotent requests we still hold in full.
+    retry_on: frozenset = frozenset({"empty-response"})
     via: str = ""                          # Via pseudonym; empty: no Via header
     request_header_set: list[tuple[str, str]] = field(default_factory=list)
     request_header_delete: list[str] = field(default_factory=list)
@@ -447,6 +450,35 @@ def parse_workers(value: Any) -> int:
         return parse_int(1)(value)
     except ValueError:
         raise ValueError(f"expected a number of processes >= 1, or 'auto' (got {value!r})") from None
+
+
+RETRY_CONDITIONS = ("empty-response", "junk-response", "response-timeout", "500", "502", "503", "504")
+RETRY_DEFAULT = frozenset({"empty-response"})
+
+
+def parse_retry_on(value: Any) -> frozenset:
+    """HAProxy's `retry-on` words, comma-separated (or a TOML array): when an idempotent request that
+    has already been sent is re-sent to another backend, within `retries`.
+
+    - empty-response: the connection closed before a byte of the response (the default; also a
+      non-idempotent request nothing of which was written yet)
+    - junk-response: an unparsable response; response-timeout: no response within response_timeout
+    - 500, 502, 503, 504: that status (the backend's response is dropped, the client never sees it;
+      the last attempt's answer is forwarded as it is)
+    - all-retryable-errors: all of the above; none: only failed connects are retried.
+    A failed connect is always retried (nothing was sent). Non-idempotent requests (POST, PATCH) are
+    never re-sent once written, whatever this says."""
+    words = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    conditions = set()
+    for word in (str(w).strip().lower() for w in words):
+        if word == "all-retryable-errors":
+            conditions.update(RETRY_CONDITIONS)
+        elif word in RETRY_CONDITIONS:
+            conditions.add(word)
+        elif word != "none":
+            raise ValueError(f"unknown retry-on condition {word!r}; choose from: "
+                             f"{', '.join(RETRY_CONDITIONS)}, all-retryable-errors, none")
+    return frozenset(conditions)
 
 
 def parse_bool(value: Any) -> bool:
@@ -890,6 +922,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_uri_length": parse_size,
     "max_body_size": parse_size,
     "forwarded_for": parse_bool,
+    "retry_on": parse_retry_on,
     "via": parse_via,
     "hsts": parse_hsts,
     "default_pool": lambda value: _pool_name(value),

@@ -190,3 +190,68 @@ def requests_seen(proc, start: int = 0, at_least: int = 0) -> list[dict]:
             seen.append({"backend": name, "conn": int(conn), "method": method, "url": url,
                          "length": int(length), "sha": digest, "headers": json.loads(headers)})
     return seen
+
+
+class KeepAliveLoad:
+    """A client loop in a thread: GET after GET on one keep-alive connection through `port` (a new
+    connection only after the server closed the previous one at a response's end). Records who answered
+    (the first word of the body, which every test backend starts with its name) and every failure: a
+    status other than 200, a reset or a timeout. Bounded: it stops at `stop()`, after `max_seconds`, or
+    after `max_requests`.
+
+    Unlike ConnectionLoad (tcp), nothing is held between requests: a request in flight on a backend
+    that dies must be re-sent elsewhere by the balancer, so every request counts."""
+
+    def __init__(self, port: int, path: str = "/", max_seconds: float = 60.0, max_requests: int = 200_000,
+                 timeout: float = 5.0) -> None:
+        import threading
+        self.port = port
+        self.path = path
+        self.timeout = timeout
+        self.deadline = time.monotonic() + max_seconds
+        self.max_requests = max_requests
+        self.answers: list[tuple[float, str]] = []      # (monotonic time, backend name)
+        self.failures: list[tuple[float, str]] = []
+        self.connections = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "KeepAliveLoad":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        client = None
+        request = build("GET", self.path)
+        while (not self.stopping.is_set() and time.monotonic() < self.deadline
+               and len(self.answers) + len(self.failures) < self.max_requests):
+            try:
+                if client is None:
+                    client = Client(self.port, timeout=self.timeout)
+                    self.connections += 1
+                client.send(request)
+                response = client.read_response()
+                if response.status != 200:
+                    raise ConnectionError(f"HTTP {response.status}: {response.body[:80]!r}")
+                self.answers.append((time.monotonic(), response.body.split(b" ", 1)[0].strip().decode()))
+                if (response.header("Connection") or "").lower() == "close":
+                    client.close()
+                    client = None
+            except (OSError, ConnectionError) as exc:
+                self.failures.append((time.monotonic(), f"{exc.__class__.__name__}: {exc}"))
+                if client is not None:
+                    client.close()
+                client = None
+        if client is not None:
+            client.close()
+
+    def first_answer_by(self, name: str, since: float = 0.0) -> float | None:
+        """When `name` first answered at or after `since` (monotonic), or None."""
+        for t, n in self.answers[:]:
+            if t >= since and n == name:
+                return t
+        return None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(self.timeout + 5)

@@ -188,3 +188,15 @@ def test_running_from_a_config_file(procs, tmp_path):
     procs.fastlb("--config", path, wait_port=port)
     names = [backend_name(port) for _ in range(8)]
     assert names.count("a") == 2 and names.count("b") == 6
+
+
+def test_retry_on_takes_haproxy_words_from_a_flag_or_a_toml_array(tmp_path):
+    minimal = '[[bind]]\naddress = "127.0.0.1:8080"\n[[backend]]\naddress = "10.0.0.1:80"\n'
+    assert load(tmp_path, minimal).retry_on == {"empty-response"}
+    assert load(tmp_path, minimal, "--retry-on", "none").retry_on == set()
+    assert load(tmp_path, minimal, "--retry-on", "all-retryable-errors").retry_on == {
+        "empty-response", "junk-response", "response-timeout", "500", "502", "503", "504"}
+    assert load(tmp_path, 'retry_on = ["503", "response-timeout"]\n' + minimal).retry_on == {
+        "503", "response-timeout"}
+    message = error_of(tmp_path, 'retry_on = "404"\n' + minimal)
+    assert "retry_on: unknown retry-on condition '404'" in message

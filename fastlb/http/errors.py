@@ -16,6 +16,7 @@ REASONS = {
     414: "URI Too Long",
     417: "Expectation Failed",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     501: "Not Implemented",
     502: "Bad Gateway",
     503: "Service Unavailable",

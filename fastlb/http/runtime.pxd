@@ -6,6 +6,8 @@ cdef class HttpSettings:
     cdef public double backend_idle_timeout, connect_wait_timeout
     cdef public Py_ssize_t backend_max_idle, max_header_size, max_headers, max_uri_length
     cdef public bint forwarded_for, fast_responses, cookie_held
+    cdef public bint retry_empty, retry_junk, retry_timeout
+    cdef public frozenset retry_statuses
     cdef public dict request_actions, response_actions
     cdef public bytes request_block, response_block, default_host
     cdef public object capture

@@ -26,6 +26,8 @@ class HttpSettings:
         "max_header_size", "max_headers", "max_uri_length",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
         "capture", "default_host", "fast_responses", "cookie_held",
+        # retry-on (config.parse_retry_on): what re-sends an idempotent request to another backend
+        "retry_statuses", "retry_empty", "retry_junk", "retry_timeout",
     )
 
     def __init__(self, config: Config, capture: frozenset) -> None:
@@ -39,6 +41,11 @@ class HttpSettings:
         # this is only the sweep's backstop.
         self.connect_wait_timeout = (config.queue_timeout + config.connect_timeout * (config.retries + 1)
                                      + 1.0)
+        retry_on = config.retry_on
+        self.retry_statuses = frozenset(int(c) for c in retry_on if c.isdigit())
+        self.retry_empty = "empty-response" in retry_on
+        self.retry_junk = "junk-response" in retry_on
+        self.retry_timeout = "response-timeout" in retry_on
         self.max_header_size = config.max_header_size
         self.max_headers = config.max_headers
         self.max_uri_length = config.max_uri_length

@@ -9,7 +9,7 @@ cdef class BackendConnection:
     cdef public object transport, parser, backend, conn_tokens
     cdef public bytes upgrade, te_value, cl_value, reason
     cdef public bint lost, fresh_parser, keep_alive, chunked_in, chunked_out, close_delimited, no_body
-    cdef public bint done, interim, reusable, client_close, seen
+    cdef public bint done, interim, reusable, client_close, seen, retrying
     cdef public double idle_since
     cdef public ClientConnection client
     cdef public Request request

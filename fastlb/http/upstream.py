@@ -46,6 +46,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         "client", "request", "out", "parts", "status", "reason", "keep_alive", "chunked_in",
         "chunked_out", "close_delimited", "no_body", "done", "interim", "reusable", "upgrade",
         "te_value", "cl_value", "client_close", "conn_tokens", "seen",
+        # a response retry_on names (a 5xx) being dropped: the request goes to another backend
+        "retrying",
         # bytes of the current response read from the backend (the access log's and metrics' bytes out)
         "received",
     )
@@ -82,6 +84,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.client_close = False
         self.conn_tokens = None
         self.seen = False          # a byte of this response has been read
+        self.retrying = False
         self.received = 0
 
     # ---- attach / detach -------------------------------------------------------------------------
@@ -124,15 +127,23 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         if self.transport is not None:
             self.transport.abort()
 
+    def may_retry(self, req) -> bool:
+        """Whether req may be re-sent to another backend after this one failed it with a condition
+        retry_on names: it is idempotent, we hold all of it, nothing of a response reached the client,
+        and an attempt is left (`retries`). The caller checks its own condition is asked for."""
+        return (req.idempotent and req.complete and req.replayable and not req.response_started
+                and len(req.tried) + 1 < req.route.pool.attempts)
+
     def timed_out(self) -> None:
         client = self.client
         req = self.request
+        retry = self.settings.retry_timeout and self.may_retry(req)
         self.client = None
         self.release(False, "response timeout")
         self.transport.abort()
         req.upstream = None
         req.tried.append(self.backend)
-        client.backend_failed(req, 504, retry=False)
+        client.backend_failed(req, 504, retry=retry)
 
     # ---- reading the response --------------------------------------------------------------------
 
@@ -166,10 +177,16 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self._switch(rest)
             return
         except HttpParserError as exc:
+            if self.retrying:                       # the rest of a response we drop anyway
+                self._drop_and_retry()
+                return
             log.debug("bad response from %s: %s", self.backend.address, exc)
             self.out.clear()
             self.reusable = False
-            self._failed(502, retry=False)
+            self._failed(502, self.settings.retry_junk and self.may_retry(self.request), "bad response")
+            return
+        if self.retrying:
+            self._drop_and_retry()
             return
         out = self.out
         if out:
@@ -186,6 +203,9 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         status, head, body_start, backend_close = found
         req = self.request
         self.status = status
+        if status in self.settings.retry_statuses and self.may_retry(req):
+            self._drop_and_retry()
+            return
         req.response_started = True
         if req.sent_mono:                           # only with an observer (metrics, access log)
             req.response_seconds = monotonic() - req.sent_mono
@@ -257,6 +277,9 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             if status != 100 and not req.http10:
                 self.out += (b"HTTP/1.1 %d " % status, self.reason, b"\r\n", *self.parts, b"\r\n")
             return
+        if status in self.settings.retry_statuses and self.may_retry(req):
+            self.retrying = True                    # dropped: data_received re-sends the request
+            return
         req.response_started = True
         if req.sent_mono:                           # only with an observer (metrics, access log)
             req.response_seconds = monotonic() - req.sent_mono
@@ -323,6 +346,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
                 self.fresh_parser = True            # the parser may wait for a body that never comes
 
     def on_body(self, body: bytes) -> None:
+        if self.retrying:
+            return
         if self.no_body:
             self.reusable = False                   # a body where none may be: out of step
             return
@@ -332,6 +357,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.out.append(body)
 
     def on_message_complete(self) -> None:
+        if self.retrying:
+            return
         if self.interim:
             self.interim = False
             self.status = 0
@@ -383,11 +410,17 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             client.report(req)
         client.start_tunnel(self.transport)
 
-    def _failed(self, status: int, retry: bool) -> None:
+    def _drop_and_retry(self) -> None:
+        """A response retry_on names (a 5xx), for a request may_retry allows: the client never sees it;
+        the connection closes (the rest of the response stays unread) and the request goes to another
+        backend. The 5xx counts against this backend's passive health like a forwarded one."""
+        self._failed(self.status, True, f"status {self.status}")
+
+    def _failed(self, status: int, retry: bool, detail: str) -> None:
         client = self.client
         req = self.request
         self.client = None
-        self.release(False, "bad response" if status == 502 and not retry else "connection lost")
+        self.release(False, detail)
         if self.transport is not None:
             self.transport.abort()
         if req is not None and client is not None:
@@ -438,5 +471,6 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.reusable = False
             self._finish()
             return
-        # Closed before the response ended: retry when the rules allow (nothing reached the client).
-        self._failed(502, retry=True)
+        # Closed before the response ended: retry when the rules allow (nothing reached the client):
+        # always when nothing of the request was written, else with retry_on's empty-response.
+        self._failed(502, self.settings.retry_empty or not self.request.written, "connection lost")
