@@ -83,6 +83,14 @@ def without_cookie(header: bytes, name: bytes) -> bytes:
                       if p and not p.startswith(name + b"="))
 
 
+def remember(cache: dict, header: bytes, answer):
+    """Caches what a raw request header means (Sticky's per-header caches); returns the answer."""
+    if len(cache) >= SESSION_CACHE_SIZE:
+        cache.clear()                   # cheap bound: a header costs one parse (and HMAC) again
+    cache[header] = answer
+    return answer
+
+
 class StickTable:
     """key (bytes) -> backend id with an expiry; least recently used out first past `size` entries.
 
@@ -416,6 +424,10 @@ class Sticky:
         # header on every request, so the parse and the HMAC happen once per header, not per request.
         # The signature never changes its answer; maxidle/maxlife are checked on every request.
         self.sessions: dict[bytes, tuple] = {}
+        # Raw Cookie header -> the Cookie header sent on (prefix, insert+indirect), and -> the learned
+        # session id (learn:NAME; b"" without one): per header once, like `sessions`.
+        self.forwarded: dict[bytes, bytes] = {}
+        self.learned_keys: dict[bytes, bytes] = {}
         self.fresh_cookies: dict["Backend", tuple] = {}  # backend -> (second, Set-Cookie line of a new session)
         self.rewrites_cookie = self.kind == COOKIE_PREFIX or (self.kind == COOKIE_INSERT and spec.indirect)
         self.watches_set_cookie = self.kind in (COOKIE_PREFIX, LEARN_COOKIE) or (
@@ -448,7 +460,11 @@ class Sticky:
         if kind == SOURCE:
             key = client_ip
         elif kind == LEARN_COOKIE:
-            key = cookie_value(cookies, self.name)
+            if cookies is None:
+                return None, None, None
+            key = self.learned_keys.get(cookies)
+            if key is None:
+                key = remember(self.learned_keys, cookies, cookie_value(cookies, self.name) or b"")
         else:
             key = captured.get(self.lname) if captured is not None else None
         if not key:
@@ -507,11 +523,7 @@ class Sticky:
     def _session_of(self, cookies: bytes) -> tuple:
         """A Cookie header seen for the first time: parsed and checked once, then cached."""
         value = cookie_value(cookies, self.name)
-        session = (self._check(value) if value is not None else None) or NO_SESSION
-        if len(self.sessions) >= SESSION_CACHE_SIZE:
-            self.sessions.clear()                   # cheap bound: a header costs one parse and HMAC again
-        self.sessions[cookies] = session
-        return session
+        return remember(self.sessions, cookies, (self._check(value) if value is not None else None) or NO_SESSION)
 
     def _expired(self, session: tuple) -> bool:
         if not (self.maxlife or self.maxidle):
@@ -534,6 +546,12 @@ class Sticky:
 
     def forward_cookie(self, header: bytes) -> bytes:
         """The Cookie header for the backend: prefix mode strips `ID~`, insert+indirect drops ours."""
+        forwarded = self.forwarded.get(header)
+        if forwarded is None:
+            forwarded = remember(self.forwarded, header, self._rewrite_cookie(header))
+        return forwarded
+
+    def _rewrite_cookie(self, header: bytes) -> bytes:
         name = self.name
         if self.kind == COOKIE_INSERT:
             return without_cookie(header, name)
