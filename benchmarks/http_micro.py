@@ -5,6 +5,10 @@ backend. A quiet, repeatable measure of fastlb's own per-request work (the proxy
 includes uvloop's).
 
     taskset -c 1 python3 benchmarks/http_micro.py [ITERATIONS] [slow]   # slow: without the response fast path
+    STICKY=cookie:SRV taskset -c 1 python3 benchmarks/http_micro.py    # with a sticky rule (any --sticky)
+
+With STICKY, every request carries the cookie a first response set (a valid insert cookie, as a returning
+client sends it) and a JSESSIONID, like benchmarks/sticky_cost.py.
 """
 import os
 import sys
@@ -13,13 +17,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import uvloop  # noqa: E402
 
-from fastlb.config import BackendSpec, BindSpec, Config  # noqa: E402
+from fastlb.config import BackendSpec, BindSpec, Config, parse_sticky  # noqa: E402
 from fastlb.http.runtime import HttpRuntime, build_router  # noqa: E402
 
 
 class FakeTransport:
-    def __init__(self): self.out = 0; self.closing = False
-    def write(self, data): self.out += len(data)
+    def __init__(self): self.out = 0; self.closing = False; self.last = b""
+    def write(self, data): self.out += len(data); self.last = data
     def is_closing(self): return self.closing
     def get_extra_info(self, name, default=None): return ("127.0.0.1", 5555) if name == "peername" else default
     def pause_reading(self): pass
@@ -31,7 +35,13 @@ class FakeTransport:
 
 loop = uvloop.new_event_loop()
 config = Config(binds=[BindSpec("127.0.0.1", 1)], backends=[BackendSpec("127.0.0.1", 2), BackendSpec("127.0.0.1", 3)])
-rt = HttpRuntime(config, loop, build_router(config, loop, 10000), set())
+STICKY = os.environ.get("STICKY")
+store = None
+if STICKY:
+    from fastlb.sticky import SessionStore
+    config.sticky = parse_sticky(STICKY)
+    store = SessionStore(loop, config.stick_ttl, config.stick_table_size)
+rt = HttpRuntime(config, loop, build_router(config, loop, 10000, store=store), set())
 pool = rt.router.default.pool
 ups = []
 for b in pool.backends:
@@ -42,6 +52,12 @@ ct = FakeTransport(); client.connection_made(ct)
 REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESP = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 21 Nov 2026 02:00:00 GMT\r\n"
         b"Content-Type: application/octet-stream\r\nContent-Length: 72\r\nConnection: keep-alive\r\n\r\n" + b"x" * 72)
+if STICKY:
+    client.data_received(REQ)
+    client.queue[0].upstream.data_received(RESP)
+    line = next((l for l in ct.last.split(b"\r\n") if l.startswith(b"Set-Cookie: SRV=")), b"Set-Cookie: SRV=x")
+    cookie = line.split(b": ", 1)[1].split(b";")[0]
+    REQ = REQ[:-2] + b"Cookie: " + cookie + b"; JSESSIONID=bench-session-1\r\n\r\n"
 if len(sys.argv) > 2: rt.settings.fast_responses = False
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200000
 
@@ -54,4 +70,5 @@ def run(n):
 run(1000)
 assert not client.queue and ct.out > 0, (client.queue, ct.out)
 t0 = time.process_time(); run(N); t1 = time.process_time()
-print(f"{(t1 - t0) / N * 1e6:.2f} us/request user-space (fast_responses={rt.settings.fast_responses})")
+print(f"{(t1 - t0) / N * 1e6:.2f} us/request user-space (fast_responses={rt.settings.fast_responses}, "
+      f"sticky={STICKY or 'none'})")

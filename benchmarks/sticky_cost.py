@@ -1,6 +1,10 @@
 """What session persistence costs: proxy CPU per request, sticky rules vs plain round robin.
 
     python3 benchmarks/sticky_cost.py [--rounds 5] [--duration 5] [--connections 64]
+        [--targets roundrobin,cookie] [--baseline-tree DIR]
+
+--baseline-tree DIR also runs every target from another built checkout (e.g. `git archive` of an older
+commit, built in place), as NAME@base in the same rounds: before/after figures from one run.
 
 Method (shared/PERF-NOTES.md): two nginx backends and wrk -t1 on CPU 0, each fastlb (one worker) alone on
 CPU 1 with taskset; every target started once and kept running, then rounds of A B C ... in one run, each
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--proxy-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
+    parser.add_argument("--targets", default="", help="comma-separated subset of the targets (roundrobin first)")
+    parser.add_argument("--baseline-tree", default="", help="a built checkout to run each target from too")
     args = parser.parse_args(argv)
     h.ensure_tools(["nginx", "wrk", "taskset"])
     procs = h.Procs()
@@ -72,18 +78,25 @@ def main(argv=None) -> int:
         targets = {"roundrobin": [], "cookie": ["--sticky", "cookie:SRV", "--cookie-secret-file", secret_file],
                    "cookie-indirect": ["--sticky", "cookie:SRV,indirect", "--cookie-secret-file", secret_file],
                    "source": ["--sticky", "source"], "learn": ["--sticky", "learn:JSESSIONID"]}
-        env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
+        if args.targets:
+            targets = {name: targets[name] for name in args.targets.split(",")}
+        trees = {name: h.REPO_ROOT for name in targets}
+        if args.baseline_tree:
+            base = os.path.abspath(args.baseline_tree)
+            targets = {f"{n}{suffix}": extra for n, extra in targets.items() for suffix in ("", "@base")}
+            trees = {name: base if name.endswith("@base") else h.REPO_ROOT for name in targets}
         ports = {}
         running = {}
         for name, extra in targets.items():
             port = ports[name] = h.free_port()
             cmd = [sys.executable, "-m", "fastlb", "--bind", f"{h.HOST}:{port}", "--log-level", "warning",
                    *(a for p in backend_ports for a in ("--backend", f"{h.HOST}:{p}")), *extra]
-            running[name] = procs.start(f"fastlb-{name}", cmd, cpu=args.proxy_cpu, log_dir=tmp, env=env,
-                                        cwd=h.REPO_ROOT)
+            running[name] = procs.start(f"fastlb-{name}", cmd, cpu=args.proxy_cpu, log_dir=tmp,
+                                        env=dict(os.environ, PYTHONPATH=trees[name]), cwd=trees[name])
             h.wait_listening(port, running[name])
         # The request every target gets: a valid insert cookie, and a session id the learn rule knows.
-        cookie = set_cookie(http_head(ports["cookie"], "/"), b"SRV").decode()
+        cookie = set_cookie(http_head(ports[next(n for n in targets if n.startswith("cookie"))], "/"),
+                            b"SRV").decode()
         session = "JSESSIONID=bench-session-1"
         # nginx sets no JSESSIONID, so the learn target's table lookup misses on every request (and an
         # unknown id is not recorded): the same cookie parse and dict lookup a hit costs.
@@ -106,12 +119,13 @@ def main(argv=None) -> int:
                 us = (delta["user_s"] + delta["sys_s"]) * 1e6 / max(1, requests)
                 results[name].append({"us": us, "user_us": delta["user_s"] * 1e6 / max(1, requests),
                                       "rps": parsed["rps"], "errors": errors})
-                print(f"round {round_number + 1} {name:10s} {parsed['rps']:9.0f} req/s "
+                print(f"round {round_number + 1} {name:20s} {parsed['rps']:9.0f} req/s "
                       f"{us:6.2f} us CPU/request  errors {errors}", flush=True)
         print("\n| target | req/s (median) | proxy CPU us/request (median) | user us/request | vs roundrobin (median of per-round ratios) |")
         print("|---|---:|---:|---:|---:|")
         for name in targets:
-            ratios = [r["us"] / b["us"] for r, b in zip(results[name], results["roundrobin"])]
+            baseline = "roundrobin@base" if name.endswith("@base") else "roundrobin"
+            ratios = [r["us"] / b["us"] for r, b in zip(results[name], results[baseline])]
             print(f"| {name} | {statistics.median(r['rps'] for r in results[name]):.0f} | "
                   f"{statistics.median(r['us'] for r in results[name]):.2f} | "
                   f"{statistics.median(r['user_us'] for r in results[name]):.2f} | "

@@ -49,9 +49,10 @@ STORE_LOOKUP_TIMEOUT = 0.05    # a local miss waits at most this for the shared 
 STORE_PROBE_INTERVAL = 1.0     # how often an unreachable store is tried again
 STORE_OP_TIMEOUT = 0.5         # one batch of writes, or a probe
 MAX_PENDING_WRITES = 10000     # writes kept while the store is down (the newest per key)
-VERIFIED_CACHE_SIZE = 10000    # cookie values whose signature was checked, kept to skip the HMAC
+SESSION_CACHE_SIZE = 10000     # Cookie headers already parsed and checked, kept to skip parse and HMAC
 SIGNATURE_BYTES = 16           # HMAC-SHA256 truncated to 128 bits (RFC 2104 allows truncation)
 PREFIX_SEPARATOR = b"~"        # prefix mode: ID~application-value (HAProxy's separator)
+NO_SESSION = ()                # Sticky.sessions: a Cookie header without a valid insert cookie
 
 
 def backend_id(secret: bytes, pool_name: str, address: str) -> bytes:
@@ -80,6 +81,14 @@ def without_cookie(header: bytes, name: bytes) -> bytes:
     """The Cookie header minus cookie `name` (insert + indirect: the backend never sees ours)."""
     return b"; ".join(p for p in (part.strip() for part in header.split(b";"))
                       if p and not p.startswith(name + b"="))
+
+
+def remember(cache: dict, header: bytes, answer):
+    """Caches what a raw request header means (Sticky's per-header caches); returns the answer."""
+    if len(cache) >= SESSION_CACHE_SIZE:
+        cache.clear()                   # cheap bound: a header costs one parse (and HMAC) again
+    cache[header] = answer
+    return answer
 
 
 class StickTable:
@@ -410,7 +419,16 @@ class Sticky:
         self.maxlife = spec.maxlife
         # Refresh the last-seen stamp when it is this old (a quarter of maxidle): not on every request.
         self.refresh_after = max(1.0, spec.maxidle / 4) if spec.maxidle else 0.0
-        self.verified: dict[bytes, tuple] = {}       # cookie value -> (backend, first seen, last seen)
+        # Raw Cookie header -> (backend, first seen, last seen, the Set-Cookie line re-sending it) when it
+        # carries a correctly signed cookie, NO_SESSION when not: a keep-alive client sends the same
+        # header on every request, so the parse and the HMAC happen once per header, not per request.
+        # The signature never changes its answer; maxidle/maxlife are checked on every request.
+        self.sessions: dict[bytes, tuple] = {}
+        # Raw Cookie header -> the Cookie header sent on (prefix, insert+indirect), and -> the learned
+        # session id (learn:NAME; b"" without one): per header once, like `sessions`.
+        self.forwarded: dict[bytes, bytes] = {}
+        self.learned_keys: dict[bytes, bytes] = {}
+        self.fresh_cookies: dict["Backend", tuple] = {}  # backend -> (second, Set-Cookie line of a new session)
         self.rewrites_cookie = self.kind == COOKIE_PREFIX or (self.kind == COOKIE_INSERT and spec.indirect)
         self.watches_set_cookie = self.kind in (COOKIE_PREFIX, LEARN_COOKIE) or (
             self.kind == COOKIE_INSERT and spec.indirect)
@@ -425,11 +443,14 @@ class Sticky:
         cookies = captured.get(b"cookie") if captured is not None else None
         kind = self.kind
         if kind == COOKIE_INSERT:
-            value = cookie_value(cookies, self.name)
-            if value is None:
+            if cookies is None:
                 return None, None, None
-            backend = self.verify(value)
-            return backend, None, (value if backend is not None else None)
+            session = self.sessions.get(cookies)
+            if session is None:
+                session = self._session_of(cookies)
+            if not session or self._expired(session):
+                return None, None, None
+            return session[0], None, session
         if kind == COOKIE_PREFIX:
             value = cookie_value(cookies, self.name)
             if value is None:
@@ -439,7 +460,11 @@ class Sticky:
         if kind == SOURCE:
             key = client_ip
         elif kind == LEARN_COOKIE:
-            key = cookie_value(cookies, self.name)
+            if cookies is None:
+                return None, None, None
+            key = self.learned_keys.get(cookies)
+            if key is None:
+                key = remember(self.learned_keys, cookies, cookie_value(cookies, self.name) or b"")
         else:
             key = captured.get(self.lname) if captured is not None else None
         if not key:
@@ -472,31 +497,43 @@ class Sticky:
 
     def verify(self, value: bytes):
         """The backend a signed insert cookie names, or None when forged, tampered, stale or unknown."""
-        cached = self.verified.get(value)
+        session = self._check(value)
+        return None if session is None or self._expired(session) else session[0]
+
+    def _check(self, value: bytes) -> tuple | None:
+        """(backend, first seen, last seen, Set-Cookie line re-sending value) when value is signed by us and
+        names a backend of the pool, else None. Its age is not looked at."""
+        parts = value.split(b".")
+        if len(parts) != 4:
+            return None
+        ident, first, last, signature = parts
+        try:
+            if not hmac.compare_digest(self._sign(ident + b"." + first + b"." + last), signature):
+                return None
+            first_seen, last_seen = int(first, 16), int(last, 16)
+        except ValueError:
+            return None
+        backend = self.by_id.get(ident)
+        if backend is None:
+            return None
+        # Not indirect: HAProxy sets the cookie on every response; the same value costs no HMAC.
+        line = b"" if self.spec.indirect else self._set_cookie_line(value)
+        return backend, first_seen, last_seen, line
+
+    def _session_of(self, cookies: bytes) -> tuple:
+        """A Cookie header seen for the first time: parsed and checked once, then cached."""
+        value = cookie_value(cookies, self.name)
+        return remember(self.sessions, cookies, (self._check(value) if value is not None else None) or NO_SESSION)
+
+    def _expired(self, session: tuple) -> bool:
+        if not (self.maxlife or self.maxidle):
+            return False
         now = self.clock()
-        if cached is None:
-            parts = value.split(b".")
-            if len(parts) != 4:
-                return None
-            ident, first, last, signature = parts
-            try:
-                expected = self._sign(ident + b"." + first + b"." + last)
-                if not hmac.compare_digest(expected, signature):
-                    return None
-                cached = (self.by_id.get(ident), int(first, 16), int(last, 16))
-            except ValueError:
-                return None
-            if cached[0] is None:
-                return None
-            if len(self.verified) >= VERIFIED_CACHE_SIZE:
-                self.verified.clear()               # cheap bound: re-verifying costs one HMAC each
-            self.verified[value] = cached
-        backend, first, last = cached
-        if self.maxlife and now - first > self.maxlife:
-            return None
-        if self.maxidle and now - last > self.maxidle:
-            return None
-        return backend
+        return bool(self.maxlife and now - session[1] > self.maxlife
+                    or self.maxidle and now - session[2] > self.maxidle)
+
+    def _set_cookie_line(self, value: bytes) -> bytes:
+        return b"Set-Cookie: " + self.name + b"=" + value + self.attributes + b"\r\n" + self.nocache_line
 
     def _sign(self, payload: bytes) -> bytes:
         digest = hmac.new(self.secret, self.name + b"=" + payload, hashlib.sha256).digest()
@@ -509,6 +546,12 @@ class Sticky:
 
     def forward_cookie(self, header: bytes) -> bytes:
         """The Cookie header for the backend: prefix mode strips `ID~`, insert+indirect drops ours."""
+        forwarded = self.forwarded.get(header)
+        if forwarded is None:
+            forwarded = remember(self.forwarded, header, self._rewrite_cookie(header))
+        return forwarded
+
+    def _rewrite_cookie(self, header: bytes) -> bytes:
         name = self.name
         if self.kind == COOKIE_INSERT:
             return without_cookie(header, name)
@@ -547,22 +590,22 @@ class Sticky:
         if session:
             self.record(session, backend)
 
-    def response_block(self, valid_cookie: bytes | None, backend: "Backend") -> bytes:
-        """Header lines for the response head (insert mode): the cookie for the backend that answered."""
+    def response_block(self, session: tuple | None, backend: "Backend") -> bytes:
+        """Header lines for the response head (insert mode): the cookie for the backend that answered.
+        session: what pin() returned for the request's cookie (None: no valid cookie)."""
         if self.kind != COOKIE_INSERT:
             return b""
-        if valid_cookie is not None and self.verified.get(valid_cookie, (None,))[0] is backend:
-            first, last = self.verified[valid_cookie][1:]
-            if not self.refresh_after or self.clock() - last < self.refresh_after:
-                if self.spec.indirect:
-                    return b""
-                # Not indirect: HAProxy sets the cookie on every response; the same value costs no HMAC.
-                return b"Set-Cookie: " + self.name + b"=" + valid_cookie + self.attributes + b"\r\n" \
-                    + self.nocache_line
-            value = self.make_cookie(backend, first)
-        else:
-            value = self.make_cookie(backend)
-        return b"Set-Cookie: " + self.name + b"=" + value + self.attributes + b"\r\n" + self.nocache_line
+        if session is not None and session[0] is backend:
+            if not self.refresh_after or self.clock() - session[2] < self.refresh_after:
+                return session[3]
+            return self._set_cookie_line(self.make_cookie(backend, session[1]))
+        # A new session: its cookie depends only on the backend and the second, so it is signed once
+        # per backend per second however many new clients arrive.
+        second = int(self.clock())
+        fresh = self.fresh_cookies.get(backend)
+        if fresh is None or fresh[0] != second:
+            fresh = self.fresh_cookies[backend] = (second, self._set_cookie_line(self.make_cookie(backend)))
+        return fresh[1]
 
 
 # Without --cookie-secret-file (source and learned persistence need no secrecy) backend ids still have to

@@ -47,3 +47,13 @@ def test_connection_close_is_reported():
 ])
 def test_anything_unusual_is_left_to_httptools(data):
     assert scan(data) is None
+
+
+def test_watched_headers_are_left_to_the_slow_path():
+    # A sticky rule that must read or rewrite a backend's Set-Cookie (or a learned header) names it:
+    # such a response goes to httptools, any other stays on the fast path.
+    cookie = b"HTTP/1.1 200 OK\r\nSET-COOKIE: SRV=1\r\nContent-Length: 0\r\n\r\n"
+    other = b"HTTP/1.1 200 OK\r\nX-Set-Cookie: 1\r\nSet-Cookies: 1\r\nContent-Length: 0\r\n\r\n"
+    assert scan(cookie) is not None
+    assert scan(cookie, (b"x-session", b"set-cookie")) is None
+    assert scan(other, (b"set-cookie",)) is not None

@@ -216,6 +216,20 @@ def test_pinned_backend_killed_moves_once_and_stays(procs, tmp_path):
     assert all(set_cookie(r, "SRV") is None for r in answers)   # indirect: a valid cookie is not re-sent
 
 
+def test_indirect_replaces_the_backends_own_cookie_and_keeps_its_others(procs, tmp_path):
+    # The response fast path stays on with cookie rules; a backend Set-Cookie sends the response to the
+    # slow path, which drops a backend's cookie of our name (indirect) and keeps every other one.
+    port, _ = start_cookie_balancer(procs, tmp_path, "cookie:SRV,indirect")
+    plain = get(port, "/plain")
+    served, cookie = plain.header("X-Backend"), set_cookie(plain, "SRV")
+    assert cookie
+    own = get(port, "/setcookie?name=SRV&value=from-backend")
+    assert set_cookie(own, "SRV") not in (None, "from-backend")      # fastlb's, for the backend that answered
+    app = get(port, "/setcookie?name=app&value=42", f"SRV={cookie}")
+    assert app.header("X-Backend") == served and set_cookie(app, "app") == "42"
+    assert set_cookie(app, "SRV") is None                              # indirect: a valid cookie is not re-sent
+
+
 def test_source_stick_table_in_tcp_mode(procs, tmp_path):
     from procs import backend_name
     proc, ports = procs.backends(*NAMES)

@@ -5,7 +5,8 @@
 `HTTP/1.1 2xx-5xx` (not 204/304), every header line well formed (token name, no obs-fold, no control
 bytes, CRLF endings), exactly one Content-Length made of digits, no Transfer-Encoding or Upgrade, a
 Connection header holding only `keep-alive` / `close`, and the whole body in this read with nothing
-after it. It returns the head to forward (status line and header lines minus the hop-by-hop ones,
+after it, and none of the `watched` header names (lower-case bytes: the ones a sticky rule must read or
+rewrite, e.g. set-cookie). It returns the head to forward (status line and header lines minus the hop-by-hop ones,
 without the final CRLF), where the body starts, and whether the backend asked to close. For anything
 else it returns None, and the caller hands the read to httptools as if this had never run: nothing
 is consumed, so the fallback is exact.
@@ -79,12 +80,22 @@ cdef int classify(const unsigned char* p, Py_ssize_t n):
     return KEEP
 
 
+cdef bint is_watched(const unsigned char* p, Py_ssize_t n, tuple watched):
+    """A header line named in `watched` (a handful of names: compared by length first)."""
+    cdef bytes name
+    for name in watched:
+        if PyBytes_GET_SIZE(name) == n and name_is(p, n, PyBytes_AS_STRING(name), n):
+            return True
+    return False
+
+
 cdef bint value_is(const unsigned char* p, Py_ssize_t n, const char* word, Py_ssize_t word_len):
     return name_is(p, n, word, word_len)
 
 
-def scan_response(bytes data):
-    """(status, head, body_start, backend_close) for a plain complete response in `data`, else None."""
+def scan_response(bytes data, tuple watched=()):
+    """(status, head, body_start, backend_close) for a plain complete response in `data`, else None
+    (also when a header named in `watched` is present: the slow path shows it to the sticky rule)."""
     cdef const unsigned char* buf = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t pos, line_start, line_end, name_end, value_start, value_end, i
@@ -145,6 +156,8 @@ def scan_response(bytes data):
         line_end = pos + 2
         pos = line_end
         kind = classify(buf + line_start, name_end - line_start)
+        if watched and kind == KEEP and is_watched(buf + line_start, name_end - line_start, watched):
+            return None
         if kind == KEEP or kind == CLEN:
             if kind == CLEN:
                 if content_length >= 0 or value_end == value_start or value_end - value_start > 15:

@@ -11,6 +11,7 @@ cdef class HttpSettings:
     cdef public dict request_actions, response_actions
     cdef public bytes request_block, response_block, default_host
     cdef public object capture
+    cdef public tuple response_watch
 
 
 cdef class HttpRuntime:

@@ -25,7 +25,7 @@ class HttpSettings:
         "backend_idle_timeout", "backend_max_idle", "connect_wait_timeout",
         "max_header_size", "max_headers", "max_uri_length",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
-        "capture", "default_host", "fast_responses", "cookie_held",
+        "capture", "default_host", "fast_responses", "cookie_held", "response_watch",
         # retry-on (config.parse_retry_on): what re-sends an idempotent request to another backend
         "retry_statuses", "retry_empty", "retry_junk", "retry_timeout",
     )
@@ -83,6 +83,7 @@ class HttpSettings:
         self.response_block = format_header_block(response_extra)
         self.capture = capture
         self.cookie_held = False        # the Cookie header is held back and re-emitted (sticky rewrites)
+        self.response_watch = ()        # response headers the fast path leaves to the slow one (sticky)
         bind = config.binds[0] if config.binds else None
         self.default_host = bind.address.encode() if bind else b"localhost"
 
@@ -102,14 +103,17 @@ class HttpSettings:
             if sticky.rewrites_cookie:
                 self.request_actions[b"cookie"] = H_COOKIE
                 self.cookie_held = True
+            watch = list(self.response_watch)
             if sticky.watches_set_cookie:
                 self.response_actions.setdefault(b"set-cookie", R_SET_COOKIE)
+                watch.append(b"set-cookie")
             if sticky.kind == 4:                          # learn:header:NAME
                 self.response_actions.setdefault(sticky.lname, R_STICKY_HEADER)
-            if sticky.kind != 5:
-                # Cookie and learned rules read or add response headers: the response fast path,
-                # which forwards header lines untouched, would skip them.
-                self.fast_responses = False
+                watch.append(sticky.lname)
+            # The response fast path forwards header lines untouched and appends the insert cookie
+            # itself; a response carrying a header the rule must read or rewrite (a backend's
+            # Set-Cookie, the learned header) goes to the slow path, which shows it to the rule.
+            self.response_watch = tuple(dict.fromkeys(watch))
 
 
 def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,

@@ -166,7 +166,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             # backend's header lines untouched, so it would neither add nor replace that header.
             if (self.settings.fast_responses and not req.is_head
                     and not (client.tls and req.route.hsts_block)):
-                found = scan_response(data)
+                found = scan_response(data, self.settings.response_watch)
                 if found is not None:
                     self._plain_response(client, found, data)
                     return
@@ -199,7 +199,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
 
     def _plain_response(self, client, found, data: bytes) -> None:
         """The fast path: a whole plain response in one read (see _head.scan_response), forwarded in
-        one write without httptools; the parser, untouched, is still at a message start."""
+        one write without httptools, with fastlb's own header lines (and the insert cookie) appended;
+        the parser, untouched, is still at a message start."""
         status, head, body_start, backend_close = found
         req = self.request
         self.status = status
@@ -212,9 +213,13 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         close = self._client_must_close(req, client)
         self.client_close = close
         self.keep_alive = not backend_close
+        sticky = req.route.sticky
+        cookie_line = (sticky.response_block(req.sticky_cookie, self.backend)
+                       if sticky is not None and sticky.kind == 1 else b"")       # cookie insert
         client.transport.write(b"".join((
             head, b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n" if req.http10 else b"",
-            self.settings.response_block, req.extra_response_headers, b"\r\n", data[body_start:])))
+            self.settings.response_block, req.extra_response_headers, cookie_line, b"\r\n",
+            data[body_start:])))
         self.done = True
         self._finish()
 
