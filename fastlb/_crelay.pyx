@@ -445,6 +445,9 @@ cdef class Relay:
             memcpy(c.buf[0], PyBytes_AS_STRING(to_backend), size)
             c.len[0] = <uint32_t>size
         c.eof[0] = client_eof
+        if client_eof and c.buf[0] == NULL:
+            c.shut[0] = 1                   # nothing to send first: forward the client's EOF now
+            shutdown(backend_fd, SHUT_WR)
         c.mask[0] = (EPOLLIN if not c.eof[0] and c.buf[0] == NULL else 0)
         c.mask[1] = EPOLLIN | (EPOLLOUT if c.buf[0] != NULL else 0)
         pthread_mutex_lock(&e.lock)
