@@ -100,6 +100,7 @@ cdef struct Conn:
     uint32_t off[2]
     unsigned char eof[2]      # fd[d] returned 0 (its direction ends once buf[d] is written)
     unsigned char shut[2]     # fd[1-d] had its write side shut
+    unsigned char removed[2]  # fd[d] taken out of epoll (hung up while nothing was wanted from it)
     unsigned char dead        # closed in this batch; freed after it
     unsigned char reason
     int slot
@@ -153,6 +154,14 @@ cdef inline void set_mask(Engine *e, Conn *c, int side) noexcept nogil:
         want |= EPOLLIN
     if c.buf[1 - side] != NULL:
         want |= EPOLLOUT
+    if c.removed[side]:
+        if want:
+            c.removed[side] = 0
+            c.mask[side] = want
+            ev.events = want
+            ev.data.u64 = <uint64_t>c | <uint64_t>side
+            epoll_ctl(e.epfd, EPOLL_CTL_ADD, c.fd[side], &ev)
+        return
     if want != c.mask[side]:
         c.mask[side] = want
         ev.events = want
@@ -347,10 +356,15 @@ cdef void *relay_main(void *arg) noexcept nogil:
             if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
                 if c.mask[d] & EPOLLIN:
                     on_readable(e, c, d)
-                elif ev & (EPOLLERR | EPOLLHUP):
-                    # Not reading this side, yet it reports an error or a hang-up (level-triggered, it
-                    # would spin): the socket is finished.
+                elif ev & EPOLLERR:
                     kill_conn(e, c, END_CLIENT if d == 0 else END_BACKEND)
+                elif not c.removed[d]:
+                    # A hang-up (both ways shut) on a side we do not read: level-triggered, it would be
+                    # reported again and again. What it sent may still be waiting for its peer, so the
+                    # connection lives on; the fd leaves epoll until it is wanted again.
+                    epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[d], NULL)
+                    c.removed[d] = 1
+                    c.mask[d] = 0
         flush_dead(e)
         if e.stop:
             break
