@@ -37,6 +37,8 @@ core = Extension(
     extra_compile_args=compile_args,
 )
 relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=compile_args)
+# `--relay epoll`: the C relay thread (fastlb/_crelay.pyx).
+crelay = Extension("fastlb._crelay", ["fastlb/_crelay.pyx"], extra_compile_args=compile_args)
 
 # The per-request path of HTTP mode: plain Python modules (the reference, used as they are when not
 # built) compiled by Cython; the .pxd files beside the protocol modules turn their classes into extension
@@ -56,7 +58,7 @@ sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile
 
 setup(
     ext_modules=[
-        *cythonize([core, relay, sockinfo, head_scanner], compiler_directives=directives, annotate=annotate),
+        *cythonize([core, relay, crelay, sockinfo, head_scanner], compiler_directives=directives, annotate=annotate),
         *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate),
     ]
 )

@@ -115,6 +115,7 @@ from typing import Any, Callable
 from fastlb.tls import CertificateSpec, check_readable
 
 MODES = ("tcp", "http")
+RELAYS = ("uvloop", "epoll")
 HASHING_ALGORITHMS = ("hash", "ketama", "maglev")
 HASH_KEYS = ("source", "uri", "path", "header:NAME", "cookie:NAME", "query:NAME")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -230,6 +231,7 @@ class Config:
     queue_timeout: float = 5.0
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0      # 0: never
+    relay: str = "uvloop"            # tcp mode's data path: uvloop protocols, or the epoll C thread
     retries: int = 2                 # further backends tried after a failed connect
     grace_period: float = 10.0
     backlog: int = 1024
@@ -895,6 +897,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "queue_timeout": parse_positive_duration,
     "connect_timeout": parse_positive_duration,
     "idle_timeout": parse_duration,
+    "relay": parse_choice("relay", RELAYS),
     "retries": parse_int(0),
     "grace_period": parse_duration,
     "backlog": parse_int(1),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -48,13 +49,14 @@ class Listener:
     """What connections accepted on one bind share."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log", "pools", "sni_routes", "sticky", "observer")
+                 "last_failure_log", "pools", "sni_routes", "sticky", "observer", "relay")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, bind: "BindSpec",
                  hash_source: bool, header_timeout: float, connections: set, sticky=None,
                  observer: "Observer | None" = None, pools: dict[str, BackendPool] | None = None,
-                 sni_routes: dict[str, str] | None = None) -> None:
+                 sni_routes: dict[str, str] | None = None, relay: "EpollRelay | None" = None) -> None:
         self.loop = loop
+        self.relay = relay                  # `--relay epoll`: established connections go to its thread
         self.pool = pool                    # the default group's (None: no default group)
         self.pools = pools or {}            # sni-route binds: group -> pool
         self.sni_routes = sni_routes or {}
@@ -97,6 +99,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         "started", "connect_seconds", "observed",
         # idle timeout: `active` is set per chunk, swept by the worker's periodic timer
         "idle_ticks",
+        # `--relay epoll`: the connection's id in the relay thread once handed over (0: not)
+        "relay_id",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -114,6 +118,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         self.connect_seconds = 0.0
         self.observed = False
         self.idle_ticks = 0
+        self.relay_id = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -167,9 +172,12 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             return
         self.backend = backend
         self.connect_seconds = monotonic() - self.started
+        pending = self.transport.get_protocol()
+        relay = listener.relay
+        if relay is not None and relay.take(self, transport, pending):
+            return
         if backend.send_proxy:
             transport.write(self._proxy_header(backend.send_proxy))
-        pending = self.transport.get_protocol()
         if pending.buffer:
             transport.write(pending.buffer)
         self.transport.set_protocol(self)
@@ -219,6 +227,9 @@ class ClientSide(RelayEnd, asyncio.Protocol):
 
     def close(self) -> None:
         """Ends the connection now (idle timeout, shutdown): pending bytes are dropped."""
+        if self.relay_id:
+            self.listener.relay.relay.abort(self.relay_id)     # its close record follows
+            return
         self._observe(None)
         self.transport.abort()
         if self.peer is not None:
@@ -233,6 +244,17 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         if self.peer is not None:
             self._observe("client")
             self.peer.close()            # flush what the client sent, then FIN
+        self._release()
+
+    def relay_closed(self, bytes_in: int, bytes_out: int) -> None:
+        """The relay thread closed both sockets (once per connection)."""
+        self.closed = True
+        self.relay_id = 0
+        self.listener.connections.discard(self)
+        observer = self.listener.observer
+        if observer is not None and not self.observed:
+            self.observed = True
+            observer.tcp_counted(self, bytes_in, bytes_out)
         self._release()
 
     def _release(self) -> None:
@@ -375,3 +397,93 @@ class PendingClient(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.client.connection_lost(exc)
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a uvloop transport whose socket the relay thread took over (a dup of it)."""
+
+    __slots__ = ()
+
+
+DETACHED = _Detached()
+
+
+class EpollRelay:
+    """`--relay epoll`: a worker's C relay thread (fastlb/_crelay.pyx) and the connections it holds.
+
+    Python accepts, reads PROXY headers and connects through the pool as with the uvloop relay; once the
+    backend is connected, `take()` moves both sockets to the thread: each uvloop transport's socket is
+    dup()ed, the transport aborted (no bytes are pending in it, else the connection stays on uvloop),
+    and the dups added to the relay with what must reach the backend first (PROXY header, bytes the
+    client sent early). The thread reports each connection's end once, with its byte counts, through an
+    eventfd read here: then the pool slot is released and the observer told. Nothing per chunk."""
+
+    __slots__ = ("loop", "relay", "clients", "capacity")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int, idle_timeout: float,
+                 sweep_interval: float) -> None:
+        from fastlb._crelay import Relay
+        self.loop = loop
+        self.capacity = capacity
+        self.relay = Relay(capacity, idle_timeout, sweep_interval)
+        self.clients: dict[int, ClientSide] = {}
+
+    def start(self) -> None:
+        self.relay.start()
+        self.loop.add_reader(self.relay.notify_fd, self.on_closed)
+
+    def take(self, client: ClientSide, backend_transport, pending: "PendingClient") -> bool:
+        """Hands an established connection to the thread; False leaves it on uvloop (full, bytes still
+        queued in a transport, or TLS on either side)."""
+        client_transport = client.transport
+        if (len(self.clients) >= self.capacity or client_transport.get_write_buffer_size()
+                or backend_transport.get_write_buffer_size()):
+            return False
+        if (client_transport.get_extra_info("ssl_object") is not None
+                or backend_transport.get_extra_info("ssl_object") is not None):
+            return False            # TLS on either side: the relay moves raw bytes, uvloop keeps it
+        client_sock = client_transport.get_extra_info("socket")
+        backend_sock = backend_transport.get_extra_info("socket")
+        if client_sock is None or backend_sock is None:
+            return False
+        first = pending.buffer
+        if client.backend.send_proxy:
+            first = client._proxy_header(client.backend.send_proxy) + first
+        client_fd = os.dup(client_sock.fileno())
+        try:
+            backend_fd = os.dup(backend_sock.fileno())
+        except OSError:
+            os.close(client_fd)
+            return False
+        # uvloop lets go first (its epoll registration is removed at once), then the thread takes over:
+        # no read can happen on the loop's side in between.
+        client_transport.set_protocol(DETACHED)
+        backend_transport.set_protocol(DETACHED)
+        client_transport.abort()
+        backend_transport.abort()
+        client.set_peer(None)
+        client.backend_side = None
+        conn_id = self.relay.add(client_fd, backend_fd, first or None, pending.eof)
+        if not conn_id:            # cannot happen: capacity checked above, only this thread adds
+            os.close(client_fd)
+            os.close(backend_fd)
+            client.closed = True
+            client.listener.connections.discard(client)
+            client._release()
+            return True
+        client.relay_id = conn_id
+        self.clients[conn_id] = client
+        return True
+
+    def on_closed(self) -> None:
+        clients = self.clients
+        for conn_id, bytes_in, bytes_out, _reason in self.relay.closed():
+            client = clients.pop(conn_id, None)
+            if client is not None:
+                client.relay_closed(bytes_in, bytes_out)
+
+    def close(self) -> None:
+        """Stops the thread (connections still relayed are cut) and reports what ended."""
+        self.loop.remove_reader(self.relay.notify_fd)
+        self.relay.stop()
+        self.on_closed()

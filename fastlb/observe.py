@@ -250,6 +250,13 @@ class Observer:
             bytes_out = from_backend[1] - backend_fin
         elif from_client is not None:
             bytes_out = max(0, from_client[0] - backend_fin) + client.transport.get_write_buffer_size()
+        self.tcp_counted(client, bytes_in, bytes_out)
+
+    def tcp_counted(self, client, bytes_in: int, bytes_out: int) -> None:
+        """A relayed connection ends with these byte counts (`--relay epoll` counts them itself)."""
+        backend: Backend | None = client.backend
+        if backend is None:
+            return
         traffic = backend.traffic
         traffic.connections += 1
         traffic.bytes_in += bytes_in

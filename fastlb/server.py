@@ -40,7 +40,7 @@ from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_chan
                             spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
-from fastlb.l4 import Listener
+from fastlb.l4 import EpollRelay, Listener
 from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
 from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
@@ -189,6 +189,10 @@ class Worker:
         idle = config.idle_timeout
         self.sweep_interval = min(1.0, max(0.02, idle / 10)) if idle and not self.http else 0.0
         self.idle_ticks = max(1, round(idle / self.sweep_interval)) if self.sweep_interval else 0
+        # `--relay epoll`: a C thread relays established connections; it sweeps idle ones itself.
+        self.relay: EpollRelay | None = None
+        if config.mode == "tcp" and config.relay == "epoll" and self.pool is not None:
+            self.relay = EpollRelay(loop, maxconn, idle, min(1.0, max(0.02, idle / 10)) if idle else 1.0)
         self.stopping = False
 
     @property
@@ -214,10 +218,14 @@ class Worker:
                 factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
                                    self.connections, self.tcp_sticky, self.observer,
                                    self.pools if bind.sni_route else None,
-                                   self.config.sni_routes).protocol_factory()
+                                   self.config.sni_routes,
+                                   # TLS-terminating binds stay on uvloop: the relay moves raw bytes
+                                   None if tls_options else self.relay).protocol_factory()
             server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
                                                    **tls_options)
             self.servers.append(server)
+        if self.relay is not None:
+            self.relay.start()
         if self.store is not None:
             await self.store.start()
         if self.channel_sock is not None:
@@ -320,6 +328,8 @@ class Worker:
             for client in list(self.connections):
                 client.close()
             await asyncio.sleep(0)
+        if self.relay is not None:
+            self.relay.close()
         if self.sweep_handle is not None:
             self.sweep_handle.cancel()
         if self.http is not None:
