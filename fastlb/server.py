@@ -46,6 +46,7 @@ from fastlb.pool import BackendPool
 from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
                         reload_certificates)
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3       # glibc mallopt() parameters
 log = logging.getLogger("fastlb")
 
 EXIT_STARTUP_FAILED = 3       # a worker that cannot start (e.g. address in use): the master gives up
@@ -540,9 +541,26 @@ async def _reload_logged(controller) -> None:
         log.error("reload failed, keeping the running configuration: %s", exc)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory instead of giving it back to the OS after every large chunk.
+
+    By default a freed block over 128 KiB is unmapped (and the heap top trimmed), so each body chunk
+    a proxy reads costs fresh page faults: PERF-NOTES measured that halving a Python L7 proxy's MiB/s.
+    Blocks up to 4 MiB now come from the heap, and up to 64 MiB of free heap is kept. Forked workers
+    inherit the setting.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):
+        pass                              # not glibc: nothing to tune
+
+
 def run(config: Config, reload_source=None) -> int:
     """Runs fastlb as configured: one worker in this process, or a master with N workers."""
     setup_logging(config.log_level, None if config.workers > 1 else 0)
+    keep_freed_memory()
     try:
         check_addresses_free(config)
         if config.admin:
