@@ -25,6 +25,7 @@ for up to `grace_period` seconds, then cuts what is left and exits 0.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import logging
 import os
@@ -235,6 +236,9 @@ class Worker:
             await self.loop.create_unix_connection(lambda: channel, sock=self.channel_sock)
             self.channel.send({"op": "ready"})
             self.snapshot_handle = self.loop.call_later(SNAPSHOT_INTERVAL, self._send_snapshot)
+            if self.store is not None and not self.store.shared:
+                # --store memory with several workers: the master relays each new mapping to the others.
+                self.store.relay = self._relay_stick
         if self.controller is not None:
             await self.controller.start()
         if self.sweep_interval:
@@ -260,9 +264,16 @@ class Worker:
                     pools.append(pool_snapshot(route.name, route.pool, self.observer))
         return {"pools": pools}
 
+    def _relay_stick(self, namespace: bytes, key: bytes, ident: bytes) -> None:
+        self.channel.send({"op": "stick", "ns": namespace.hex(), "key": key.hex(), "id": ident.hex()})
+
     def _on_master_message(self, message: dict) -> None:
         op = message["op"]
-        if op == "report":
+        if op == "stick":
+            if self.store is not None:
+                self.store.learn_relayed(bytes.fromhex(message["ns"]), bytes.fromhex(message["key"]),
+                                         bytes.fromhex(message["id"]))
+        elif op == "report":
             self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot()})
         elif op == "certificates":
             self.reload_certificates()
@@ -640,6 +651,9 @@ class Master:
         self.reports: dict[int, tuple[asyncio.Future, set[int]]] = {}
         self.report_id = 0
         self.pending_generation: Config | None = None
+        # --store memory: the workers' session mappings, relayed to every other worker and replayed to
+        # workers started later; bounded like a worker's table, entries expire after stick_ttl.
+        self.sticks: collections.OrderedDict[tuple[str, str], tuple[dict, float]] = collections.OrderedDict()
 
     # ---- listening sockets -------------------------------------------------------------------------
 
@@ -717,7 +731,13 @@ class Master:
         op = message.get("op")
         if op == "ready":
             handle.ready = True
+            now = time.monotonic()
+            for message, expires in self.sticks.values():
+                if expires > now:
+                    handle.channel.send(message)
             self._wake()
+        elif op == "stick":
+            self._relay_stick(handle, message)
         elif op == "snapshot":
             handle.snapshot = message["data"]
             report = self.reports.get(message.get("id"))
@@ -726,6 +746,17 @@ class Master:
                 waiting.discard(handle.pid)
                 if not waiting and not future.done():
                     future.set_result(None)
+
+    def _relay_stick(self, source: WorkerHandle, message: dict) -> None:
+        """A worker's new session mapping (--store memory): to every other worker, and kept for new ones."""
+        key = (message["ns"], message["key"])
+        self.sticks[key] = (message, time.monotonic() + self.config.stick_ttl)
+        self.sticks.move_to_end(key)
+        if len(self.sticks) > self.config.stick_table_size:
+            self.sticks.popitem(last=False)
+        for handle in self.workers.values():
+            if handle is not source and handle.channel is not None:
+                handle.channel.send(message)
 
     def _send_all(self, message: dict) -> None:
         for handle in self.workers.values():

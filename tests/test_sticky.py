@@ -247,6 +247,31 @@ def test_source_stick_table_in_tcp_mode(procs, tmp_path):
         assert {backend_name(port, source) for _ in range(3)} == {name}
 
 
+def test_memory_store_is_shared_by_the_workers_of_one_balancer(procs):
+    from procs import backend_name
+    _, ports = procs.backends(*NAMES)
+    port = free_port()
+    args = ["--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--sticky", "source", "--store", "memory",
+            "--workers", "2"]
+    for name in NAMES:
+        args += ["--backend", f"127.0.0.1:{ports[name]}"]
+    procs.fastlb(*args)
+    # SO_REUSEPORT spreads each source's connections over both workers (by port hash): a source keeps
+    # one backend only if the worker that pinned it told the other, through the master. Two first
+    # connections may race on both workers at once; the mapping settles on one of them.
+    sources = [f"127.0.4.{i + 1}" for i in range(6)]
+
+    def settled(source):
+        names = [backend_name(port, source) for _ in range(10)]
+        return len(set(names)) == 1 and names[0]
+
+    pinned = {source: wait_until(lambda: settled(source), what=f"{source} settling on a backend")
+              for source in sources}
+    assert len(set(pinned.values())) > 1                 # new addresses are balanced
+    for source, name in pinned.items():
+        assert {backend_name(port, source) for _ in range(40)} == {name}, source
+
+
 # ---- the store going away -------------------------------------------------------------------------
 
 def test_redis_stopped_mid_test_fails_no_request_and_sharing_resumes(procs, tmp_path):
