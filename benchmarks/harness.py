@@ -902,11 +902,42 @@ class Target:
         return self.proc.pid if self.proc else None
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def cpu_quota_group(name: str, fraction: float) -> str:
+    """A cgroup allowed `fraction` of one CPU (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us); its path.
+
+    With a quota every proxy is CPU-bound at the same budget, so req/s measures what each costs per
+    request, not what the load generator's CPU can offer (near that ceiling every proxy ties)."""
+    period = 100_000
+    quota = max(1000, int(period * fraction))
+    if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):          # v2
+        path = os.path.join(CGROUP_ROOT, name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "cpu.max"), "w") as f:
+            f.write(f"{quota} {period}")
+    else:                                                                           # v1
+        path = os.path.join(CGROUP_ROOT, "cpu", name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "cpu.cfs_period_us"), "w") as f:
+            f.write(str(period))
+        with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
+            f.write(str(quota))
+    return path
+
+
+def in_cgroup(path: str, cmd: Sequence[str]) -> list[str]:
+    """cmd started inside the cgroup from its first instruction (children it forks stay in it)."""
+    return ["sh", "-c", f'echo $$ > {path}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
 class Bench:
     """Starts the backends and the targets for one run; everything is torn down by close()."""
 
     def __init__(self, *, load_cpu: str = "0", proxy_cpu: str = "1", fastlb_cmd: str | None = None,
-                 fastlb_extra: str = "", backend_connections: int = 12000, keep_tmp: bool = False):
+                 fastlb_extra: str = "", backend_connections: int = 12000, keep_tmp: bool = False,
+                 proxy_cpu_quota: float | None = None):
         self.tmp = tempfile.mkdtemp(prefix="fastlb-bench-")
         os.chmod(self.tmp, 0o755)
         self.procs = Procs()
@@ -918,10 +949,16 @@ class Bench:
         self.keep_tmp = keep_tmp
         self.backend_ports: list[int] = []
         self.backends: Proc | None = None
+        self.proxy_cpu_quota = proxy_cpu_quota
+        self.cgroups: list[str] = []
         atexit.register(self.close)
 
     def close(self) -> None:
         self.procs.stop_all()
+        for path in self.cgroups:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        self.cgroups.clear()
         if not self.keep_tmp and os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -950,6 +987,10 @@ class Bench:
             else:
                 t.port = free_port()
                 cmd, env, cwd = self._command(spec, t.port, b1, b2)
+                if self.proxy_cpu_quota:
+                    group = cpu_quota_group(f"fastlb-bench-{os.getpid()}-{spec.name}", self.proxy_cpu_quota)
+                    self.cgroups.append(group)
+                    cmd = in_cgroup(group, cmd)
                 t.proc = self.procs.start(spec.name, cmd, cpu=self.proxy_cpu, log_dir=self.tmp, env=env, cwd=cwd)
                 wait_listening(t.port, t.proc, startup_timeout)
             self.probe(t)

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-bulk", action="store_true", help="skip the 1 MiB case")
     p.add_argument("--load-cpu", default="0", help="CPU of wrk and the backends (default %(default)s)")
     p.add_argument("--proxy-cpu", default="1", help="CPU of the proxy under test (default %(default)s)")
+    p.add_argument("--proxy-cpu-quota", type=float, default=None, metavar="F",
+                   help="give each proxy only F of its CPU (a cgroup quota, e.g. 0.5), so that the proxies, "
+                        "not the load generator, are the bottleneck and req/s compares their cost per request")
     p.add_argument("--fastlb-cmd", default=None,
                    help=f"override fastlb's command template (default: {h.FASTLB_CMD!r})")
     p.add_argument("--fastlb-args", default="", help="extra flags appended to fastlb's command")
@@ -251,7 +254,8 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     info = h.system_info()
     bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu, fastlb_cmd=args.fastlb_cmd,
-                    fastlb_extra=args.fastlb_args, keep_tmp=args.keep_tmp)
+                    fastlb_extra=args.fastlb_args, keep_tmp=args.keep_tmp,
+                    proxy_cpu_quota=args.proxy_cpu_quota)
     runs: list[dict] = []
     targets: list[h.Target] = []
     unavailable: dict[str, str] = {}

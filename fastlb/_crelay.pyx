@@ -49,6 +49,7 @@ cdef extern from "<sys/eventfd.h>" nogil:
 cdef extern from "<sys/socket.h>" nogil:
     int shutdown(int fd, int how)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
     enum:
         SHUT_WR, MSG_NOSIGNAL
 
@@ -251,7 +252,8 @@ cdef int on_readable(Engine *e, Conn *c, int d) noexcept nogil:
     connection was killed."""
     cdef ssize_t n, w
     cdef uint32_t rest
-    n = read(c.fd[d], e.scratch, SCRATCH)
+    # recv/send, not read/write: the socket calls skip the VFS layer (HAProxy's choice too)
+    n = recv(c.fd[d], e.scratch, SCRATCH, 0)
     if n < 0:
         if errno == EAGAIN or errno == EINTR:
             return 0

@@ -95,8 +95,9 @@ def make_parser() -> argparse.ArgumentParser:
           "DURATION")
     field("idle_timeout", "close a relayed connection idle both ways this long; 0 = never (default 5m)",
           "DURATION")
-    field("relay", "tcp mode's data path: uvloop (default; protocols on the event loop) or epoll (a C "
-          "thread relays established connections without the GIL)", "uvloop|epoll")
+    field("relay", "tcp mode's data path: epoll (default: a C thread relays established connections "
+          "without the GIL; TLS connections stay on uvloop) or uvloop (protocols on the event loop)",
+          "epoll|uvloop")
     field("retries", "further backends tried after a failed connect (default 2)", "N")
     field("grace_period", "on SIGTERM, how long live connections may finish (default 10s)", "DURATION")
     field("backlog", "listen backlog (default 1024)", "N")

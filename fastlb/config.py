@@ -231,7 +231,7 @@ class Config:
     queue_timeout: float = 5.0
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0      # 0: never
-    relay: str = "uvloop"            # tcp mode's data path: uvloop protocols, or the epoll C thread
+    relay: str = "epoll"             # tcp mode's data path: the epoll C thread, or uvloop protocols
     retries: int = 2                 # further backends tried after a failed connect
     grace_period: float = 10.0
     backlog: int = 1024

@@ -146,8 +146,8 @@ class Processes:
     def fastlb(self, *args: str, wait_port: int | None = None) -> Proc:
         """`python -m fastlb ARGS`; waits for the first --bind port to accept unless wait_port=0.
 
-        FASTLB_TEST_RELAY=epoll runs every `--mode tcp` fastlb with `--relay epoll` (the C relay thread),
-        so the L4 tests check both data paths."""
+        FASTLB_TEST_RELAY=uvloop (or epoll) runs every `--mode tcp` fastlb with that `--relay`, so the
+        L4 tests check both data paths."""
         relay = os.environ.get("FASTLB_TEST_RELAY")
         if relay and "--relay" not in args and "--mode" in args and args[args.index("--mode") + 1] == "tcp":
             args = (*args, "--relay", relay)

@@ -1,7 +1,8 @@
-"""The L4 tests again, on the C relay thread (`--relay epoll`): each behaviour written once in
-test_l4.py / test_workers.py (and the TCP parts of test_health.py / test_sticky.py), run here against the
-second data path, uvloop's `Test_UV_TCP` / `Test_AIO_TCP` way. Plus what only this relay has to prove:
-no file descriptor left behind."""
+"""The L4 tests again, on the uvloop relay (`--relay uvloop`, the fallback of the default C relay
+thread): each behaviour written once in test_l4.py / test_workers.py (and the TCP parts of
+test_health.py / test_sticky.py), run here against the second data path, uvloop's `Test_UV_TCP` /
+`Test_AIO_TCP` way. Plus what the C relay (`--relay epoll`, given explicitly) has to prove: byte-exact
+transfers with half-close, and no file descriptor left behind."""
 import hashlib
 import os
 import socket
@@ -19,8 +20,8 @@ from test_sticky import test_source_stick_table_in_tcp_mode  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
-def epoll_relay(monkeypatch):
-    monkeypatch.setenv("FASTLB_TEST_RELAY", "epoll")
+def uvloop_relay(monkeypatch):
+    monkeypatch.setenv("FASTLB_TEST_RELAY", "uvloop")
 
 
 def _echo_server(sock):
