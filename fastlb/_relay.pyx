@@ -15,6 +15,7 @@ cdef class RelayEnd:
     cdef public object peer          # the other side's transport, once connected
     cdef public object peer_write    # peer.write, bound once
     cdef public bint active          # set per chunk, cleared by the idle-timeout sweep
+    cdef public unsigned long long received   # bytes this side read (what the event loop relayed)
 
     def set_peer(self, transport):
         self.peer = transport
@@ -23,6 +24,7 @@ cdef class RelayEnd:
     def data_received(self, data):
         self.peer_write(data)
         self.active = True
+        self.received += len(data)
 
     def pause_writing(self):
         # Our transport's buffer is full: stop reading the peer until it drains.

@@ -101,6 +101,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         "idle_ticks",
         # `--relay epoll`: the connection's id in the relay thread once handed over (0: not)
         "relay_id",
+        # bytes the event loop had already received from (client, backend) when the relay took over
+        "relay_base",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -119,6 +121,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         self.observed = False
         self.idle_ticks = 0
         self.relay_id = 0
+        self.relay_base = (0, 0)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -254,7 +257,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         observer = self.listener.observer
         if observer is not None and not self.observed:
             self.observed = True
-            observer.tcp_counted(self, bytes_in, bytes_out)
+            observer.tcp_counted(self, bytes_in + self.relay_base[0], bytes_out + self.relay_base[1])
         self._release()
 
     def _release(self) -> None:
@@ -455,6 +458,10 @@ class EpollRelay:
         except OSError:
             os.close(client_fd)
             return False
+        # What the event loop already relayed (the client's first bytes, a backend's greeting): the relay
+        # thread counts only what it reads itself.
+        side = client.backend_side
+        client.relay_base = (len(pending.buffer), side.received if side is not None else 0)
         # uvloop lets go first (its epoll registration is removed at once), then the thread takes over:
         # no read can happen on the loop's side in between.
         client_transport.set_protocol(DETACHED)

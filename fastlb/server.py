@@ -737,7 +737,7 @@ class Master:
                     handle.channel.send(message)
             self._wake()
         elif op == "stick":
-            self._relay_stick(handle, message)
+            self._relay_stick(message)
         elif op == "snapshot":
             handle.snapshot = message["data"]
             report = self.reports.get(message.get("id"))
@@ -747,16 +747,18 @@ class Master:
                 if not waiting and not future.done():
                     future.set_result(None)
 
-    def _relay_stick(self, source: WorkerHandle, message: dict) -> None:
-        """A worker's new session mapping (--store memory): to every other worker, and kept for new ones."""
+    def _relay_stick(self, message: dict) -> None:
+        """A worker's new session mapping (--store memory): to every worker, and kept for new ones.
+
+        The sender gets it back too: two workers pinning one new client at once would otherwise swap
+        their picks and never agree. Every worker applies the master's order, so the last one wins
+        everywhere (as a redispatch after a backend died must)."""
         key = (message["ns"], message["key"])
         self.sticks[key] = (message, time.monotonic() + self.config.stick_ttl)
         self.sticks.move_to_end(key)
         if len(self.sticks) > self.config.stick_table_size:
             self.sticks.popitem(last=False)
-        for handle in self.workers.values():
-            if handle is not source and handle.channel is not None:
-                handle.channel.send(message)
+        self._send_all(message)
 
     def _send_all(self, message: dict) -> None:
         for handle in self.workers.values():
