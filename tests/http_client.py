@@ -7,6 +7,8 @@ import time
 
 import httptools
 
+from procs import LoadLoop
+
 
 class Response:
     def __init__(self) -> None:
@@ -192,7 +194,7 @@ def requests_seen(proc, start: int = 0, at_least: int = 0) -> list[dict]:
     return seen
 
 
-class KeepAliveLoad:
+class KeepAliveLoad(LoadLoop):
     """A client loop in a thread: GET after GET on one keep-alive connection through `port` (a new
     connection only after the server closed the previous one at a response's end). Records who answered
     (the first word of the body, which every test backend starts with its name) and every failure: a
@@ -204,21 +206,11 @@ class KeepAliveLoad:
 
     def __init__(self, port: int, path: str = "/", max_seconds: float = 60.0, max_requests: int = 200_000,
                  timeout: float = 5.0) -> None:
-        import threading
-        self.port = port
+        super().__init__(port, max_seconds, join_timeout=timeout + 5)
         self.path = path
         self.timeout = timeout
-        self.deadline = time.monotonic() + max_seconds
         self.max_requests = max_requests
-        self.answers: list[tuple[float, str]] = []      # (monotonic time, backend name)
-        self.failures: list[tuple[float, str]] = []
         self.connections = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "KeepAliveLoad":
-        self.thread.start()
-        return self
 
     def _run(self) -> None:
         client = None
@@ -244,14 +236,3 @@ class KeepAliveLoad:
                 client = None
         if client is not None:
             client.close()
-
-    def first_answer_by(self, name: str, since: float = 0.0) -> float | None:
-        """When `name` first answered at or after `since` (monotonic), or None."""
-        for t, n in self.answers[:]:
-            if t >= since and n == name:
-                return t
-        return None
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(self.timeout + 5)

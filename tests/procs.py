@@ -181,6 +181,15 @@ class Processes:
             proc.kill()
 
 
+def balancer_args(port: int, backends, *extra: str, mode: str = "tcp") -> list[str]:
+    """fastlb's flags for one bind on 127.0.0.1:port in front of `backends`: ports, or
+    'HOST:PORT[,options]' strings."""
+    args = ["--mode", mode, "--bind", f"127.0.0.1:{port}"]
+    for backend in backends:
+        args += ["--backend", f"127.0.0.1:{backend}" if isinstance(backend, int) else backend]
+    return [*args, *extra]
+
+
 # ---- clients --------------------------------------------------------------------------------------
 
 def connect(port: int, source_ip: str | None = None, timeout: float = 5.0) -> socket.socket:
@@ -218,7 +227,39 @@ def backend_name(port: int, source_ip: str | None = None) -> str:
         return read_line(sock).decode().strip()
 
 
-class ConnectionLoad:
+class LoadLoop:
+    """A bounded client loop in a thread: records who answered and every failure, with the time.
+    Subclasses give `_run`, which stops at `stop()` or at `deadline`."""
+
+    def __init__(self, port: int, max_seconds: float, join_timeout: float) -> None:
+        self.port = port
+        self.deadline = time.monotonic() + max_seconds
+        self.join_timeout = join_timeout
+        self.answers: list[tuple[float, str]] = []      # (monotonic time, backend name)
+        self.failures: list[tuple[float, str]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def first_answer_by(self, name: str, since: float = 0.0) -> float | None:
+        """When `name` first answered at or after `since` (monotonic), or None."""
+        for t, n in self.answers[:]:
+            if t >= since and n == name:
+                return t
+        return None
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(self.join_timeout)
+
+
+class ConnectionLoad(LoadLoop):
     """A client loop in a thread: new connection after new connection through `port`, each reading the
     echo backend's name line, sending a line and reading its echo. Records who answered and every
     failure. Bounded: it stops at `stop()` or after `max_seconds`.
@@ -228,18 +269,9 @@ class ConnectionLoad:
     *new* connections fail."""
 
     def __init__(self, port: int, max_seconds: float = 60.0, connect_timeout: float = 3.0) -> None:
-        self.port = port
+        super().__init__(port, max_seconds, join_timeout=10)
         self.connect_timeout = connect_timeout
-        self.deadline = time.monotonic() + max_seconds
-        self.answers: list[tuple[float, str]] = []      # (monotonic time, backend name)
-        self.failures: list[tuple[float, str]] = []
         self.gate = threading.Lock()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "ConnectionLoad":
-        self.thread.start()
-        return self
 
     def _run(self) -> None:
         while not self.stopping.is_set() and time.monotonic() < self.deadline:
@@ -258,17 +290,6 @@ class ConnectionLoad:
     def between_connections(self):
         return self.gate
 
-    def first_answer_by(self, name: str, since: float = 0.0) -> float | None:
-        """When `name` first answered at or after `since` (monotonic), or None."""
-        for t, n in self.answers[:]:
-            if t >= since and n == name:
-                return t
-        return None
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(10)
-
 
 def ensure_debian_tool(command: str, package: str) -> str:
     """The path of `command`, installing Debian's `package` with apt-get when it is missing (the tests
@@ -276,6 +297,25 @@ def ensure_debian_tool(command: str, package: str) -> str:
     path = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
     if path:
         return path
+    # Debian starts a package's service on install unless policy-rc.d says no: the tests want none.
+    policy = "/usr/sbin/policy-rc.d"
+    had_policy = os.path.exists(policy)
+    if not had_policy:
+        with open(policy, "w") as f:
+            f.write("#!/bin/sh\nexit 101\n")
+        os.chmod(policy, 0o755)
+    try:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+            result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+            if result.returncode:
+                raise AssertionError(f"{command} is missing and `{' '.join(args)}` failed:\n{result.stderr}")
+    finally:
+        if not had_policy:
+            os.unlink(policy)
+    path = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
+    assert path, f"{package} installed but {command} not found"
+    return path
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
         result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
 
 import pytest
 
 from netns import Network, namespaces_available
-from procs import BACKEND_SERVER, REPO, wait_until
+from procs import BACKEND_SERVER, REPO, ensure_debian_tool, wait_until
 
 EXAMPLES = REPO / "examples" / "keepalived"
 VIP = "10.213.0.100"
@@ -33,11 +31,8 @@ def setup_module():
     reason = namespaces_available()
     if reason:
         pytest.skip(reason)
-    missing = [tool for tool, package in (("keepalived", "keepalived"), ("redis-server", "redis-server"))
-               if shutil.which(tool) is None]
-    if missing:
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, capture_output=True,
-                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    ensure_debian_tool("keepalived", "keepalived")
+    ensure_debian_tool("redis-server", "redis-server")
 
 
 @pytest.fixture

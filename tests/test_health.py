@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from procs import (BACKEND_SERVER, ConnectionLoad, backend_name, connect, free_port, read_line,
-                   wait_until)
+from procs import (BACKEND_SERVER, ConnectionLoad, backend_name, balancer_args, connect, free_port,
+                   read_line, wait_until)
 
 HEALTH_BACKEND = str(Path(__file__).with_name("health_backend.py"))
 FAST_CHECKS = ["--check", "tcp", "--check-interval", "0.2s", "--check-timeout", "0.5s",
@@ -24,13 +24,6 @@ def echo_backend(procs, name, port=None):
     proc = procs.start([sys.executable, BACKEND_SERVER, f"{name}:{port}"], f"backend {name}")
     proc.wait_for_line(r"^ready$")
     return proc, port
-
-
-def balancer_args(port, backend_ports, *extra):
-    args = ["--mode", "tcp", "--bind", f"127.0.0.1:{port}"]
-    for backend_port in backend_ports:
-        args += ["--backend", f"127.0.0.1:{backend_port}"]
-    return [*args, *extra]
 
 
 def test_tcp_backend_killed_and_restarted_under_load_loses_no_connection(procs):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from http_client import Client, KeepAliveLoad
 from procs import HTTP_BACKEND, free_port, wait_until
+from procs import balancer_args as procs_balancer_args
 
 HEALTH_BACKEND = str(Path(__file__).with_name("health_backend.py"))
 RISE, INTERVAL = 2, 0.2
@@ -26,10 +27,7 @@ def http_backend(procs, name, port=None):
 
 
 def balancer_args(port, backend_ports, *extra):
-    args = ["--mode", "http", "--bind", f"127.0.0.1:{port}"]
-    for backend_port in backend_ports:
-        args += ["--backend", f"127.0.0.1:{backend_port}"]
-    return [*args, *extra]
+    return procs_balancer_args(port, backend_ports, *extra, mode="http")
 
 
 def test_http_backend_killed_and_restarted_under_keepalive_load_fails_no_request(procs):

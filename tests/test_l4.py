@@ -10,14 +10,7 @@ import time
 import pytest
 
 from fastlb import ALGORITHMS, proxy_protocol
-from procs import backend_name, connect, free_port, read_all, read_line, wait_until
-
-
-def relay_args(port, ports, *extra):
-    args = ["--mode", "tcp", "--bind", f"127.0.0.1:{port}"]
-    for backend in ports:
-        args += ["--backend", backend]
-    return [*args, *extra]
+from procs import balancer_args, backend_name, connect, free_port, read_all, read_line, wait_until
 
 
 def hold_connections(port, count):
@@ -40,7 +33,7 @@ def test_every_core_algorithm_is_covered():
 def test_roundrobin_follows_weights_exactly(procs):
     _, ports = procs.backends("a", "b", "c")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']}", f"127.0.0.1:{ports['b']}",
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']}", f"127.0.0.1:{ports['b']}",
                                     f"127.0.0.1:{ports['c']},weight=2"]))
     counts = collections.Counter(backend_name(port) for _ in range(40))
     assert counts == {"a": 10, "b": 10, "c": 20}
@@ -50,7 +43,7 @@ def test_roundrobin_follows_weights_exactly(procs):
 def test_random_algorithms_reach_every_backend(procs, algorithm):
     _, ports = procs.backends("a", "b", "c")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{p}" for p in ports.values()],
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{p}" for p in ports.values()],
                              "--algorithm", algorithm, "--seed", "7"))
     counts = collections.Counter(backend_name(port) for _ in range(60))
     assert set(counts) == {"a", "b", "c"} and sum(counts.values()) == 60
@@ -59,7 +52,7 @@ def test_random_algorithms_reach_every_backend(procs, algorithm):
 def test_leastconn_spreads_held_connections_evenly(procs):
     _, ports = procs.backends("a", "b", "c")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{p}" for p in ports.values()], "--algorithm", "leastconn"))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{p}" for p in ports.values()], "--algorithm", "leastconn"))
     socks, names = hold_connections(port, 30)
     try:
         assert collections.Counter(names) == {"a": 10, "b": 10, "c": 10}
@@ -71,7 +64,7 @@ def test_leastconn_spreads_held_connections_evenly(procs):
 def test_leasttime_spreads_held_connections(procs):
     _, ports = procs.backends("a", "b", "c")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{p}" for p in ports.values()], "--algorithm", "leasttime"))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{p}" for p in ports.values()], "--algorithm", "leasttime"))
     socks, names = hold_connections(port, 30)
     try:
         counts = collections.Counter(names)
@@ -84,7 +77,7 @@ def test_leasttime_spreads_held_connections(procs):
 def test_first_fills_backends_in_order_up_to_their_maxconn(procs):
     _, ports = procs.backends("a", "b", "c")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']},maxconn=4", f"127.0.0.1:{ports['b']}",
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']},maxconn=4", f"127.0.0.1:{ports['b']}",
                                     f"127.0.0.1:{ports['c']}"], "--algorithm", "first"))
     socks, names = hold_connections(port, 10)
     try:
@@ -98,7 +91,7 @@ def test_first_fills_backends_in_order_up_to_their_maxconn(procs):
 def test_source_hashing_is_sticky_per_client_ip(procs, algorithm):
     _, ports = procs.backends("a", "b", "c")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{p}" for p in ports.values()],
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{p}" for p in ports.values()],
                              "--algorithm", algorithm, "--hash-key", "source"))
     # All of 127.0.0.0/8 is loopback on Linux: each source address is a different client IP.
     sources = [f"127.0.0.{i}" for i in range(2, 26)]
@@ -114,7 +107,7 @@ def test_failed_connect_goes_to_the_next_candidate(procs):
     _, ports = procs.backends("a", "b")
     closed = free_port()
     port = free_port()
-    fastlb = procs.fastlb(*relay_args(port, [f"127.0.0.1:{closed}", f"127.0.0.1:{ports['a']}",
+    fastlb = procs.fastlb(*balancer_args(port, [f"127.0.0.1:{closed}", f"127.0.0.1:{ports['a']}",
                                              f"127.0.0.1:{ports['b']}"], "--log-level", "debug"))
     names = [backend_name(port) for _ in range(30)]
     assert collections.Counter(names).keys() == {"a", "b"} and len(names) == 30
@@ -126,7 +119,7 @@ def test_backend_killed_mid_run_is_failed_over(procs):
     proc_a, ports_a = procs.backends("a")
     _, ports_b = procs.backends("b")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports_a['a']}", f"127.0.0.1:{ports_b['b']}"]))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports_a['a']}", f"127.0.0.1:{ports_b['b']}"]))
     assert {backend_name(port) for _ in range(4)} == {"a", "b"}
     proc_a.kill()
     assert [backend_name(port) for _ in range(10)] == ["b"] * 10
@@ -136,15 +129,15 @@ def test_backups_take_over_only_when_no_primary_can(procs):
     _, ports = procs.backends("primary", "spare")
     dead = free_port()
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['primary']}", f"127.0.0.1:{ports['spare']},backup"]))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['primary']}", f"127.0.0.1:{ports['spare']},backup"]))
     assert {backend_name(port) for _ in range(10)} == {"primary"}
     # A second balancer whose only primary is dead: every connection lands on the backup.
     port2 = free_port()
-    procs.fastlb(*relay_args(port2, [f"127.0.0.1:{dead}", f"127.0.0.1:{ports['spare']},backup"]))
+    procs.fastlb(*balancer_args(port2, [f"127.0.0.1:{dead}", f"127.0.0.1:{ports['spare']},backup"]))
     assert {backend_name(port2) for _ in range(5)} == {"spare"}
     # A primary at its maxconn is busy, not down: the next client waits for it, never the backup.
     port3 = free_port()
-    procs.fastlb(*relay_args(port3, [f"127.0.0.1:{ports['primary']},maxconn=1",
+    procs.fastlb(*balancer_args(port3, [f"127.0.0.1:{ports['primary']},maxconn=1",
                                      f"127.0.0.1:{ports['spare']},backup"], "--queue-timeout", "200ms"))
     with connect(port3) as held:
         assert read_line(held) == b"primary\n"
@@ -153,7 +146,7 @@ def test_backups_take_over_only_when_no_primary_can(procs):
 
 def test_no_backend_reachable_closes_the_client_quickly(procs):
     port = free_port()
-    fastlb = procs.fastlb(*relay_args(port, [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]))
+    fastlb = procs.fastlb(*balancer_args(port, [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]))
     with connect(port) as sock:
         assert read_all(sock) == b""
     fastlb.wait_for_line(r"closing client connection\(s\) from 127\.0\.0\.1: connect failed")
@@ -162,7 +155,7 @@ def test_no_backend_reachable_closes_the_client_quickly(procs):
 def test_global_maxconn_queues_then_serves_in_order(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']}"], "--maxconn", "2", "--queue-timeout", "10s"))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']}"], "--maxconn", "2", "--queue-timeout", "10s"))
     held, _ = hold_connections(port, 2)
     waiting = connect(port)
     try:
@@ -181,7 +174,7 @@ def test_global_maxconn_queues_then_serves_in_order(procs):
 def test_queue_timeout_and_queue_size_bound_the_wait(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']},maxconn=1"], "--queue-size", "1",
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']},maxconn=1"], "--queue-size", "1",
                              "--queue-timeout", "300ms"))
     held, _ = hold_connections(port, 1)
     queued = connect(port)
@@ -210,7 +203,7 @@ def test_connect_timeout_moves_on_to_the_next_backend(procs):
             fillers.append(filler)
         _, ports = procs.backends("a")
         port = free_port()
-        fastlb = procs.fastlb(*relay_args(port, [f"127.0.0.1:{black_hole.getsockname()[1]}",
+        fastlb = procs.fastlb(*balancer_args(port, [f"127.0.0.1:{black_hole.getsockname()[1]}",
                                                  f"127.0.0.1:{ports['a']}"],
                                           "--connect-timeout", "200ms", "--log-level", "debug"))
         assert [backend_name(port) for _ in range(4)] == ["a"] * 4
@@ -223,7 +216,7 @@ def test_connect_timeout_moves_on_to_the_next_backend(procs):
 def test_idle_timeout_closes_silent_connections(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']}"], "--idle-timeout", "300ms"))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']}"], "--idle-timeout", "300ms"))
     with connect(port) as sock:
         assert read_line(sock) == b"a\n"
         sock.sendall(b"ping")
@@ -238,7 +231,7 @@ def test_idle_timeout_closes_silent_connections(procs):
 def test_half_close_forwards_eof_and_keeps_the_other_direction(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']}"]))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']}"]))
     with connect(port) as sock:
         sock.sendall(b"hello")
         sock.shutdown(socket.SHUT_WR)
@@ -249,7 +242,7 @@ def test_half_close_forwards_eof_and_keeps_the_other_direction(procs):
 def test_large_transfer_is_byte_exact(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']}"]))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']}"]))
     payload = os.urandom(20 * 1024 * 1024)
     with connect(port, timeout=30) as sock:
         assert read_line(sock) == b"a\n"
@@ -277,7 +270,7 @@ def test_large_transfer_is_byte_exact(procs):
 def test_send_proxy_v1_tells_the_backend_the_client_address(procs):
     _, ports = procs.backends("a")
     port = free_port()
-    procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']},send-proxy"]))
+    procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']},send-proxy"]))
     with connect(port, source_ip="127.0.0.9") as sock:
         client_port = sock.getsockname()[1]
         assert read_line(sock) == b"a\n"
@@ -341,7 +334,7 @@ def test_backpressure_stops_a_client_that_does_not_read(procs):
     not buffered inside fastlb: its sends block, fastlb's memory stays flat, and every byte arrives."""
     _, ports = procs.backends("a")
     port = free_port()
-    fastlb = procs.fastlb(*relay_args(port, [f"127.0.0.1:{ports['a']}"]))
+    fastlb = procs.fastlb(*balancer_args(port, [f"127.0.0.1:{ports['a']}"]))
     limit = 128 * 1024 * 1024
     chunk = b"z" * (256 * 1024)
     with connect(port, timeout=30) as sock:

@@ -12,7 +12,7 @@ import pytest
 
 from procs import free_port, wait_until
 from test_l4 import *          # noqa: F401,F403  (collected again, under the fixture below)
-from test_l4 import relay_args
+from procs import balancer_args
 from test_workers import (test_grace_period_cuts_connections_that_do_not_finish,   # noqa: F401
                           test_sigterm_drains_live_connections_then_exits)
 from test_health import test_tcp_backend_killed_and_restarted_under_load_loses_no_connection  # noqa: F401
@@ -64,7 +64,7 @@ def test_epoll_relay_is_byte_exact_and_leaks_no_fd(procs):
     threading.Thread(target=_echo_server, args=(listener,), daemon=True).start()
     try:
         port = free_port()
-        fastlb = procs.fastlb(*relay_args(port, [f"127.0.0.1:{listener.getsockname()[1]}"],
+        fastlb = procs.fastlb(*balancer_args(port, [f"127.0.0.1:{listener.getsockname()[1]}"],
                                           "--relay", "epoll"))
         assert len(os.listdir(f"/proc/{fastlb.pid}/task")) == 2          # the loop and the relay thread
         fds = lambda: len(os.listdir(f"/proc/{fastlb.pid}/fd"))
