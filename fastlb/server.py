@@ -424,10 +424,7 @@ class LocalController:
             if certificates:
                 return certificates
             raise ConfigError("no config to reload")
-        new = self.reload_source()
-        changes, other = reload_changes(self.table, new)
-        for change in changes:
-            self.apply(change)
+        _, changes, other = reread_and_apply(self)
         if other:
             log.warning("reload: %s changed; with --workers 1 only backends change in place: restart "
                         "fastlb (or run --workers 2+) to apply them", ", ".join(other))
@@ -550,6 +547,17 @@ async def _reload_logged(controller) -> None:
         await controller.reload()
     except ConfigError as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
+
+
+def reread_and_apply(controller) -> tuple[Config, list[dict], list[str]]:
+    """Re-reads the config and applies its backend changes in place, through `controller.apply` (a
+    worker's own controller, or the master's that fans out): (new config, changes applied, names of the
+    other settings that changed). Raises ConfigError."""
+    new = controller.reload_source()
+    changes, other = reload_changes(controller.table, new)
+    for change in changes:
+        controller.apply(change)
+    return new, changes, other
 
 
 def keep_freed_memory() -> None:
@@ -836,10 +844,7 @@ class Master:
                 log.info("%s", certificates)
                 return certificates
             raise ConfigError("no config to reload")
-        new = self.reload_source()
-        changes, other = reload_changes(self.table, new)
-        for change in changes:
-            self.apply(change)
+        new, changes, other = reread_and_apply(self)
         message = f"reloaded: {len(changes)} backend change(s) applied in place"
         if other:
             self.pending_generation = new
