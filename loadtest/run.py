@@ -18,9 +18,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,76 +26,41 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import harness as h  # noqa: E402  (the benchmarks' process registry and port helpers)
 RESULTS = HERE / "results"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def start(procs: h.Procs, name: str, cmd: list[str], cpu: str, **kwargs) -> h.Proc:
+    """A process pinned to `cpu` that can import fastlb from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(kwargs.pop("env", {}))
+    return procs.start(name, cmd, cpu=cpu if (os.cpu_count() or 1) > 1 else None, env=env, cwd=str(REPO),
+                       **kwargs)
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
-
-
-class Processes:
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, args: list[str], cpu: int | None = None, env: dict | None = None,
-              **kwargs) -> subprocess.Popen:
-        if cpu is not None and shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1:
-            args = ["taskset", "-c", str(cpu), *args]
-        env = dict(env or os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True, **kwargs)
-        self.started.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            self.stop(proc)
-
-
-def start_backends(procs: Processes, count: int) -> list[int]:
-    ports = [free_port() for _ in range(count)]
-    proc = procs.start([sys.executable, str(HERE / "payment_app.py"), *(f"app{i + 1}:{p}" for i, p in enumerate(ports))],
-                       cpu=0, stdout=subprocess.PIPE, text=True)
-    if proc.stdout.readline().strip() != "ready":
+def start_backends(procs: h.Procs, count: int) -> list[int]:
+    ports = h.free_ports(count)
+    proc = start(procs, "payment_app", [sys.executable, str(HERE / "payment_app.py"),
+                                        *(f"app{i + 1}:{p}" for i, p in enumerate(ports))],
+                 cpu="0", stdout=subprocess.PIPE)
+    if proc.popen.stdout.readline().strip() != b"ready":
         raise RuntimeError("payment_app did not start")
     return ports
 
 
-def start_fastlb(procs: Processes, port: int, backends: list[int], workdir: Path) -> subprocess.Popen:
+def start_fastlb(procs: h.Procs, port: int, backends: list[int], workdir: Path) -> h.Proc:
     secret = workdir / "cookie-secret"
     secret.write_text(os.urandom(32).hex())
     args = [sys.executable, "-m", "fastlb", "--mode", "http", "--bind", f"127.0.0.1:{port}",
             "--sticky", "cookie:SRV", "--cookie-secret-file", str(secret), "--log-level", "warning"]
     for backend in backends:
         args += ["--backend", f"127.0.0.1:{backend}"]
-    return procs.start(args, cpu=1)
+    return start(procs, "fastlb", args, cpu="1")
 
 
-def start_haproxy(procs: Processes, port: int, backends: list[int], workdir: Path) -> subprocess.Popen:
+def start_haproxy(procs: h.Procs, port: int, backends: list[int], workdir: Path) -> h.Proc:
     servers = "\n".join(f"  server app{i + 1} 127.0.0.1:{p} cookie app{i + 1}" for i, p in enumerate(backends))
     config = workdir / "haproxy.cfg"
     config.write_text(f"""global
@@ -119,21 +81,21 @@ backend apps
   cookie SRV insert indirect nocache
 {servers}
 """)
-    return procs.start(["haproxy", "-f", str(config), "-db"], cpu=1)
+    return start(procs, "haproxy", ["haproxy", "-f", str(config), "-db"], cpu="1")
 
 
 BALANCERS = {"fastlb": start_fastlb, "haproxy": start_haproxy}
 
 
-def run_locust(procs: Processes, name: str, port: int, time_limit: float, workdir: Path) -> dict:
+def run_locust(procs: h.Procs, name: str, port: int, time_limit: float, workdir: Path) -> dict:
     summary = workdir / f"{name}.json"
-    env = dict(os.environ, TIME_LIMIT=str(time_limit), LOADTEST_SUMMARY=str(summary))
+    env = {"TIME_LIMIT": str(time_limit), "LOADTEST_SUMMARY": str(summary)}
     args = [sys.executable, "-m", "locust", "-f", f"{HERE / 'locustfile.py'},{HERE / 'step_shape.py'}",
             "--headless", "--host", f"http://127.0.0.1:{port}", "--only-summary",
             "--csv", str(RESULTS / name), "--html", str(RESULTS / f"{name}.html")]
-    proc = procs.start(args, cpu=0, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = start(procs, f"locust-{name}", args, cpu="0", stdout=subprocess.PIPE, env=env)
     try:
-        output, _ = proc.communicate(timeout=time_limit + 60)
+        output = proc.popen.communicate(timeout=time_limit + 60)[0].decode(errors="replace")
     except subprocess.TimeoutExpired:
         procs.stop(proc)
         raise RuntimeError(f"locust against {name} did not stop within {time_limit + 60:.0f}s")
@@ -154,17 +116,16 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(BALANCERS)}")
     RESULTS.mkdir(exist_ok=True)
-    procs = Processes()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    procs = h.Procs()        # stops everything by PID at exit, on errors and on signals
     results = {}
     try:
         with tempfile.TemporaryDirectory(prefix="fastlb-loadtest-") as tmp:
             workdir = Path(tmp)
             backends = start_backends(procs, options.backends)
             for name in targets:
-                port = free_port()
+                port = h.free_port()
                 balancer = BALANCERS[name](procs, port, backends, workdir)
-                wait_port(port, balancer)
+                h.wait_listening(port, balancer, timeout=15)
                 print(f"{name}: locust step run (at most {options.time_limit:g}s) ...", flush=True)
                 results[name] = run_locust(procs, name, port, options.time_limit, workdir)
                 procs.stop(balancer)
