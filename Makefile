@@ -36,14 +36,17 @@ system-packages:
 
 # The editable install compiles the core, the relay and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
 # in place; it reruns when one of their sources changes (a stale .so would shadow the edited .py).
-$(VENV)/.installed: pyproject.toml setup.py fastlb/_core.pyx fastlb/_relay.pyx $(wildcard fastlb/core/*.pxi) \
-		fastlb/pool.py $(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/core/*.pxi) \
+		fastlb/pool.py $(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx fastlb/http/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
+# Rebuilds the extensions in place after an edit (the editable install built them in an isolated
+# environment: Cython is installed into the venv for this).
 build: setup
+	$(PY) -m pip install -q 'cython>=3.0'
 	$(PY) setup.py -q build_ext --inplace
 
 bench-core: setup

@@ -329,16 +329,20 @@ class Worker:
         if self.controller is not None:
             await self.controller.close()
         if self.http is not None:
-            self.http.draining = True          # responses say Connection: close; idle clients are closed
+            self.http.start_draining()         # responses say Connection: close; idle clients are closed
         deadline = self.loop.time() + grace_period
-        if self.connections:
-            log.info("draining %d connection(s), grace period %.3gs", len(self.connections), grace_period)
-        while self.connections and self.loop.time() < deadline:
+        live = self.http.live if self.http is not None else len(self.connections)
+        if live:
+            log.info("draining %d connection(s), grace period %.3gs", live, grace_period)
+        while (self.http.live if self.http is not None else self.connections) and self.loop.time() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - self.loop.time())))
-        if self.connections:
-            log.warning("grace period over: closing %d connection(s)", len(self.connections))
+        live = self.http.live if self.http is not None else len(self.connections)
+        if live:
+            log.warning("grace period over: closing %d connection(s)", live)
             for client in list(self.connections):
                 client.close()
+            if self.http is not None and self.http.fast is not None:
+                self.http.fast.engine.close_all()
             await asyncio.sleep(0)
         if self.relay is not None:
             self.relay.close()

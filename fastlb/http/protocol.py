@@ -134,6 +134,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # the request being parsed
         "req", "parts", "url_parts", "url_size", "header_size", "header_count", "head_done",
         "conn_tokens", "head_started", "checked_host",
+        # a connection the C engine hands over (fastlb/http/fast.py): bytes it read, and the request
+        # in flight with its backend connection (upstream, backend, sent_at)
+        "pending_input", "adopting",
     )
 
     def __init__(self, runtime, bind) -> None:
@@ -172,6 +175,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # A plain bind that redirects every request to HTTPS: the port part of the Location (b"": 443).
         port = bind.redirect_https
         self.redirect = None if port is None else (b"" if port == 443 else b":%d" % port)
+        self.pending_input = None
+        self.adopting = None
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -192,6 +197,12 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # A new connection must send its first request head within http_request_timeout.
         self.deadline = self.loop.time() + settings.http_request_timeout
         self.deadline_kind = WAIT_HEAD
+        pending = self.pending_input
+        if pending is not None:
+            # From the C engine: parsed before uvloop reads anything more from the socket.
+            self.pending_input = None
+            if pending:
+                self.data_received(pending)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -217,13 +228,13 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # The client reads slower than the backend answers: stop reading the backend.
         if self.tunnel:
             self.peer.pause_reading()
-        elif self.queue and self.queue[0].upstream is not None:
+        elif self.queue and self.queue[0].upstream is not None and self.queue[0].upstream.transport is not None:
             self.queue[0].upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.tunnel:
             self.peer.resume_reading()
-        elif self.queue and self.queue[0].upstream is not None:
+        elif self.queue and self.queue[0].upstream is not None and self.queue[0].upstream.transport is not None:
             self.queue[0].upstream.transport.resume_reading()
 
     def pause(self, reason: int) -> None:
@@ -520,6 +531,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if req.error:
             self.answer(req, req.error, close=True)
             return
+        if self.adopting is not None:
+            self._adopt_in_flight(req)
+            return
         if self.redirect is not None:
             if req.complete:
                 self.redirect_https(req)
@@ -550,6 +564,17 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.deadline = self.loop.time() + self.settings.connect_wait_timeout
         self.deadline_kind = WAIT_BACKEND
         self.connect_task = self.loop.create_task(self._connect(req, backend, False))
+
+    def _adopt_in_flight(self, req: Request) -> None:
+        """The C engine's request, re-parsed here: it was sent on `upstream` (slot taken) at sent_at."""
+        upstream, backend, sent_at = self.adopting
+        self.adopting = None
+        upstream.attach(self, req, backend)
+        req.written = True
+        req.flushed = len(req.out)
+        req.sent_at = sent_at
+        self.deadline = sent_at + self.settings.response_timeout
+        self.deadline_kind = WAIT_BACKEND
 
     async def _connect(self, req: Request, selected, fetch: bool) -> None:
         runtime = self.runtime

@@ -170,14 +170,30 @@ class HttpRuntime:
         self.sweep_interval = min(1.0, max(0.05, shortest / 10))
         from fastlb.http.upstream import BackendConnection
         self.backend_factory = lambda: BackendConnection(self)
+        self.config = config
+        self.fast = None               # the C engine (fastlb/http/fast.py), made for the first bind it serves
 
     def start(self) -> None:
         self.sweep_handle = self.loop.call_later(self.sweep_interval, self.sweep)
+        if self.fast is not None:
+            self.fast.start()
+
+    @property
+    def live(self) -> int:
+        """Client connections open (the Python path's and the engine's)."""
+        return len(self.connections) + (self.fast.live if self.fast is not None else 0)
+
+    def start_draining(self) -> None:
+        self.draining = True
+        if self.fast is not None:
+            self.fast.engine.draining = True
 
     def stop(self) -> None:
         if self.sweep_handle is not None:
             self.sweep_handle.cancel()
             self.sweep_handle = None
+        if self.fast is not None:
+            self.fast.stop()
         for route in self.router.pools.values():
             for backend in route.pool.backends:
                 while backend.idle:
@@ -186,6 +202,16 @@ class HttpRuntime:
                 route.pool.close()          # the default pool is the worker's, closed by it
 
     def protocol_factory(self, bind):
+        """What serves the bind's connections: the C engine where it can (fastlb/http/fast.py), else
+        the Python protocol."""
+        from fastlb.http import fast
+        reason = fast.why_not(self.config, self, bind)
+        if reason is None:
+            if self.fast is None:
+                self.fast = fast.FastPath(self, bind)
+            log.info("%s: HTTP engine c", bind.address)
+            return self.fast.protocol_factory()
+        log.info("%s: HTTP engine python (%s)", bind.address, reason)
         from fastlb.http.protocol import ClientConnection
         return lambda: ClientConnection(self, bind)
 
@@ -210,6 +236,8 @@ class HttpRuntime:
 
     def sweep(self) -> None:
         now = self.now = self.loop.time()
+        if self.fast is not None:
+            self.fast.engine.sweep()
         for client in list(self.connections):
             if client.deadline_kind and client.deadline <= now:
                 try:

@@ -6,7 +6,7 @@ from fastlb.http.runtime cimport HttpRuntime, HttpSettings
 cdef class BackendConnection:
     cdef public HttpRuntime runtime
     cdef public HttpSettings settings
-    cdef public object transport, parser, backend, conn_tokens
+    cdef public object transport, parser, backend, conn_tokens, pending_input
     cdef public bytes upgrade, te_value, cl_value, reason
     cdef public bint lost, fresh_parser, keep_alive, chunked_in, chunked_out, close_delimited, no_body
     cdef public bint done, interim, reusable, client_close, seen, retrying

@@ -50,6 +50,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         "retrying",
         # bytes of the current response read from the backend (the access log's and metrics' bytes out)
         "received",
+        # response bytes the C engine read before handing the connection over (fastlb/http/fast.py)
+        "pending_input",
     )
 
     def __init__(self, runtime) -> None:
@@ -64,6 +66,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.client = None
         self.request = None
         self.out = []
+        self.pending_input = None
         self._reset()
 
     def _reset(self) -> None:
@@ -91,6 +94,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        pending = self.pending_input
+        if pending is not None:
+            self.pending_input = None
+            if pending:
+                self.data_received(pending)
 
     def attach(self, client, req, backend) -> None:
         if self.fresh_parser:
@@ -140,7 +148,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         retry = self.settings.retry_timeout and self.may_retry(req)
         self.client = None
         self.release(False, "response timeout")
-        self.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
         req.upstream = None
         req.tried.append(self.backend)
         client.backend_failed(req, 504, retry=retry)

@@ -1,0 +1,962 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The C engine of HTTP mode: the common request served without Python objects or libuv.
+
+What it serves: on a plain bind of a balancer with one pool and nothing per request in Python (no routing
+rules, hashing key, sticky sessions, captured headers, metrics or access log, response rules or retried
+statuses; see fastlb/http/fast.py), a keep-alive HTTP/1.1 client whose request is a head only (GET,
+DELETE, OPTIONS; no body), complete in one read, made of bytes a strict subset of RFC 9112 allows, and
+whose backend answers with a plain response complete in one read (fastlb/http/_scan.pxi).
+
+How: the engine owns an epoll set that uvloop watches as one file descriptor (`loop.add_reader`). Client
+and backend sockets are in it edge-triggered, registered once (no epoll_ctl per request). Per request:
+one recv from the client, one scan of the head, the backend's head built into a buffer, one send on an
+idle backend connection the engine keeps per backend, one recv of the response, one scan, one writev to
+the client. Python is called twice (the pool picks a backend and takes its slot; the slot is released
+with the outcome), both on compiled code.
+
+Everything else leaves the engine at once, by adoption: the client socket (and, mid-request, the
+backend socket) becomes a uvloop transport with the ordinary Python protocol (fastlb/http/protocol.py),
+which is fed the bytes the engine read and not yet answered, so it parses them as if it had read them
+itself: malformed or unusual requests, bodies, pipelining, responses that are not plain, a backend that
+closes or fails, a response timeout. Python's own rules (errors, retries, timeouts) then apply exactly.
+A request that needs a new backend connection is connected by Python (the pool's retries, queue and
+timeouts), which hands the connected socket back. A connection that left the engine does not return.
+"""
+from libc.stdlib cimport malloc, free, realloc
+from libc.string cimport memcpy, memcmp, memmove
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from posix.unistd cimport close
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+
+include "_scan.pxi"
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLLET, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    enum:
+        MSG_NOSIGNAL
+
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    enum:
+        CLOCK_MONOTONIC
+
+cdef enum:
+    SCRATCH = 65536
+    MAX_EVENTS = 256
+    MAX_IOV = MAX_SPANS + 4
+    MAX_FAST_HEAD = 12288      # a longer request head (or added block) goes to the Python path
+
+# What a socket in the epoll set is (the first field of both structs).
+cdef enum:
+    IS_CLIENT = 1
+    IS_BACKEND = 2
+
+# Client states.
+cdef enum:
+    WAITING = 0        # for a request
+    CONNECTING = 1     # Python is connecting a backend for the request
+    SENT = 2           # the request went to the backend (maybe partly): waiting for the response
+    WRITING = 3        # an answer is still being written to the client; nothing is read meanwhile
+
+# Deadline kinds (the sweep's), as in protocol.py.
+cdef enum:
+    NO_DEADLINE = 0
+    FIRST_HEAD = 1     # a new connection's first request: http_request_timeout, then 408
+    IDLE = 2           # between requests: keepalive_timeout, then a quiet close
+    RESPONSE = 3       # the backend's response: response_timeout, then Python (504 or a retry)
+
+# Request header names the engine acts on (from HttpSettings.request_actions): what it does with them.
+cdef enum:
+    H_FORWARD = 0      # not in the table: forwarded as `name: value`
+    H_SKIP = 1         # hop-by-hop, or set by fastlb: not forwarded
+    H_IS_HOST = 2
+    H_IS_CONNECTION = 3
+    H_ADOPT = 4        # anything else the Python path handles (framing, Upgrade, Expect, X-Forwarded-For...)
+
+cdef struct Backend
+cdef struct Client
+
+
+cdef struct Backend:
+    int kind
+    int fd
+    int slot               # index of its fastlb Backend in Engine.backends
+    Client *client         # the client whose request it serves; NULL: idle
+    Backend *next_idle
+    Backend *prev_idle
+    double idle_since
+
+
+cdef struct Client:
+    int kind
+    int fd
+    int state
+    int deadline_kind
+    double deadline
+    Client *prev
+    Client *next
+    Backend *backend       # serving the request in flight
+    int slot               # its backend's index in Engine.backends (-1: none)
+    double sent_at
+    # The request in flight: buf[0:req_len] as the client sent it (for an adoption), then
+    # buf[req_len:req_len + head_len] the head for the backend, sent up to head_sent.
+    char *buf
+    uint32_t buf_cap
+    uint32_t req_len
+    uint32_t head_len
+    uint32_t head_sent
+    # An answer not yet written in full.
+    char *pending
+    uint32_t pending_len
+    uint32_t pending_off
+    # X-Forwarded-For / -Proto for this client (HttpSettings.forward_block_for), made once.
+    char *forward
+    uint32_t forward_len
+    unsigned char close_after     # close once the answer is written (Connection: close, draining)
+    unsigned char read_pending    # readable while busy: read once back to WAITING
+    unsigned char gone            # closed while Python was connecting for it: freed on the callback
+
+
+cdef struct HeaderRule:
+    const char *name       # lower-case
+    int length
+    int action
+
+
+cdef inline double monotonic_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# Bytes of a request target the engine accepts: visible ASCII (llhttp also refuses 0x80 and above).
+# Host values: reg-name characters (RFC 3986) and ':' for a port; anything else is the Python path's.
+cdef unsigned char HOST_CHAR[256]
+
+
+cdef void _init_host_chars():
+    cdef int c
+    for c in range(256):
+        HOST_CHAR[c] = 0
+    for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~!$&'()*+,;=%-":
+        HOST_CHAR[c] = 1
+
+
+_init_host_chars()
+
+
+cdef bint valid_simple_host(const unsigned char *p, Py_ssize_t n):
+    """A Host the engine forwards: a non-empty reg-name or IPv4, an optional `:digits`."""
+    cdef Py_ssize_t i = 0
+    while i < n and HOST_CHAR[p[i]]:
+        i += 1
+    if i == 0:
+        return False
+    if i == n:
+        return True
+    if p[i] != 58:
+        return False
+    i += 1
+    while i < n:
+        if not 48 <= p[i] <= 57:
+            return False
+        i += 1
+    return True
+
+
+cdef inline bint lower_equals(const unsigned char *p, Py_ssize_t n, const char *word, Py_ssize_t word_len):
+    return name_is(p, n, word, word_len)
+
+
+cdef class Engine:
+    """One worker's engine. `glue` (fastlb/http/fast.py's FastPath) answers select(), finish(),
+    connect(), adopt() and refused()."""
+
+    cdef int epfd
+    cdef object glue, loop
+    cdef char *scratch         # one read at a time, shared by every socket
+    cdef char *headbuf         # the backend head being built
+    cdef Client *clients       # every client the engine holds (for the sweep and close_all)
+    cdef public Py_ssize_t live
+    cdef public bint draining
+    # Per backend: the fastlb Backend object (slot -> object) and its idle connections (LIFO).
+    cdef list backends
+    cdef dict slots
+    cdef Backend **idle
+    cdef int *idle_count
+    cdef int slot_capacity
+    # Settings (HttpSettings), read once.
+    cdef double http_request_timeout, keepalive_timeout, response_timeout, backend_idle_timeout
+    cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length
+    cdef bint forwarded_for
+    cdef bytes request_block, response_block, timeout_408
+    cdef HeaderRule *rules
+    cdef int nrules
+    cdef list rule_names       # keeps the rule names' bytes alive
+    cdef double now
+    cdef bint in_batch
+    cdef Client *dead_clients
+    cdef Backend *dead_backends
+    # Counters (tests and the stats: how much the engine served itself).
+    cdef public unsigned long long served, adopted, connects
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.scratch = NULL
+        self.headbuf = NULL
+        self.clients = NULL
+        self.idle = NULL
+        self.idle_count = NULL
+        self.rules = NULL
+        self.dead_clients = NULL
+        self.dead_backends = NULL
+
+    def __init__(self, glue, loop, settings, dict request_actions, dict action_codes, bytes timeout_408):
+        """request_actions: HttpSettings.request_actions (lower-case name -> action); action_codes maps
+        the actions the engine handles itself: {'drop': H_DROP, 'host': H_HOST, 'connection': ...}."""
+        cdef int i = 0
+        cdef bytes name
+        self.glue = glue
+        self.loop = loop
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1")
+        self.scratch = <char *>malloc(SCRATCH)
+        self.headbuf = <char *>malloc(SCRATCH)
+        if self.scratch == NULL or self.headbuf == NULL:
+            raise MemoryError()
+        self.backends = []
+        self.slots = {}
+        self.http_request_timeout = settings.http_request_timeout
+        self.keepalive_timeout = settings.keepalive_timeout
+        self.response_timeout = settings.response_timeout
+        self.backend_idle_timeout = settings.backend_idle_timeout
+        self.max_idle = settings.backend_max_idle
+        self.max_header_size = settings.max_header_size
+        self.max_headers = settings.max_headers
+        self.max_uri_length = settings.max_uri_length
+        self.forwarded_for = settings.forwarded_for
+        self.request_block = settings.request_block
+        self.response_block = settings.response_block
+        self.timeout_408 = timeout_408
+        self.rule_names = []
+        self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + 1))
+        if self.rules == NULL:
+            raise MemoryError()
+        for name, action in request_actions.items():
+            self.rule_names.append(name)
+            self.rules[i].name = <const char *>PyBytes_AS_STRING(name)
+            self.rules[i].length = len(name)
+            if action == action_codes["drop"]:
+                self.rules[i].action = H_SKIP
+            elif action == action_codes["host"]:
+                self.rules[i].action = H_IS_HOST
+            elif action == action_codes["connection"]:
+                self.rules[i].action = H_IS_CONNECTION
+            else:
+                self.rules[i].action = H_ADOPT
+            i += 1
+        self.nrules = i
+        self.now = monotonic_now()
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            close(self.epfd)
+        free(self.scratch)
+        free(self.headbuf)
+        free(self.rules)
+        free(self.idle)
+        free(self.idle_count)
+
+    @property
+    def fileno(self):
+        return self.epfd
+
+    # ---- clients in and out ------------------------------------------------------------------------
+
+    def add(self, int fd, bytes forward):
+        """Takes a connected client socket (the engine owns fd from now on)."""
+        cdef Client *c = <Client *>malloc(sizeof(Client))
+        cdef epoll_event ev
+        if c == NULL:
+            close(fd)
+            raise MemoryError()
+        c.kind = IS_CLIENT
+        c.fd = fd
+        c.state = WAITING
+        c.backend = NULL
+        c.slot = -1
+        c.buf = NULL
+        c.buf_cap = 0
+        c.req_len = c.head_len = c.head_sent = 0
+        c.pending = NULL
+        c.pending_len = c.pending_off = 0
+        c.forward_len = len(forward)
+        c.forward = <char *>malloc(c.forward_len + 1)
+        if c.forward == NULL:
+            free(c)
+            close(fd)
+            raise MemoryError()
+        memcpy(c.forward, PyBytes_AS_STRING(forward), c.forward_len)
+        c.close_after = c.read_pending = c.gone = 0
+        self.now = monotonic_now()
+        c.deadline = self.now + self.http_request_timeout
+        c.deadline_kind = FIRST_HEAD
+        c.prev = NULL
+        c.next = self.clients
+        if self.clients != NULL:
+            self.clients.prev = c
+        self.clients = c
+        self.live += 1
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.ptr = <void *>c
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            self.close_client(c)
+            return
+        # Bytes may have arrived before the registration: the edge for them is already gone.
+        self.on_client_readable(c)
+
+    cdef void unlink(self, Client *c):
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.clients = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
+        c.prev = c.next = NULL
+        self.live -= 1
+
+    cdef void free_client(self, Client *c):
+        """Frees c now, or after the batch of events being handled (one of them may still name it)."""
+        free(c.buf)
+        free(c.pending)
+        free(c.forward)
+        c.buf = c.pending = c.forward = NULL
+        c.kind = 0
+        if self.in_batch:
+            c.next = self.dead_clients
+            self.dead_clients = c
+        else:
+            free(c)
+
+    cdef void free_backend(self, Backend *b):
+        b.kind = 0
+        if self.in_batch:
+            b.next_idle = self.dead_backends
+            self.dead_backends = b
+        else:
+            free(b)
+
+    cdef void bury(self):
+        cdef Client *c
+        cdef Backend *b
+        while self.dead_clients != NULL:
+            c = self.dead_clients
+            self.dead_clients = c.next
+            free(c)
+        while self.dead_backends != NULL:
+            b = self.dead_backends
+            self.dead_backends = b.next_idle
+            free(b)
+
+    cdef void close_client(self, Client *c):
+        """Ends a client connection the engine holds (whatever its state)."""
+        cdef Backend *b = c.backend
+        cdef object backend
+        self.unlink(c)
+        self.forget(c.fd)
+        c.fd = -1
+        if b != NULL:
+            # Mid-request: the backend connection is out of step; its slot goes back (as abandon() does).
+            c.backend = NULL
+            self.close_backend(b)
+            backend = self.backends[c.slot]
+            self.glue.finish(backend, self.now - c.sent_at, True, 0)
+        if c.state == CONNECTING:
+            c.gone = 1             # Python holds its address until connected() / connect_failed()
+        else:
+            self.free_client(c)
+
+    cdef void close_backend(self, Backend *b):
+        self.forget(b.fd)
+        self.free_backend(b)
+
+    cdef void forget(self, int fd):
+        """Closes a socket of the epoll set. Removed first: the socket may be a dup whose original
+        uvloop has not closed yet, and epoll forgets a socket only when its last descriptor closes."""
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        close(fd)
+
+    cdef void adopt(self, Client *c, const char *data, Py_ssize_t size):
+        """Hands the client (and the backend connection of its request in flight, if any) to the Python
+        path with `data`: bytes read from the client (no request in flight) or from the backend (with
+        one). The sockets leave the epoll set first: uvloop registers them in its own."""
+        cdef Backend *b = c.backend
+        cdef object inflight = None
+        cdef int fd = c.fd
+        self.unlink(c)
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        if b != NULL:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
+            inflight = (self.backends[c.slot], b.fd,
+                        PyBytes_FromStringAndSize(c.buf, c.req_len),
+                        PyBytes_FromStringAndSize(data, size), c.sent_at)
+            self.free_backend(b)
+            c.backend = NULL
+            data = NULL
+            size = 0
+        pending = PyBytes_FromStringAndSize(data, size) if size else b""
+        self.free_client(c)
+        self.adopted += 1
+        self.glue.adopt(fd, pending, inflight)
+
+    # ---- events ------------------------------------------------------------------------------------
+
+    def on_ready(self):
+        """uvloop's reader callback for the epoll set: every ready socket, in batches."""
+        self.in_batch = True
+        try:
+            self.handle_events()
+        finally:
+            self.in_batch = False
+            self.bury()
+
+    cdef void handle_events(self):
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i, kind
+        cdef uint32_t ev
+        cdef Client *c
+        cdef Backend *b
+        while True:
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, 0)
+            if n <= 0:
+                if n < 0 and errno == EINTR:
+                    continue
+                return
+            self.now = monotonic_now()
+            for i in range(n):
+                ev = events[i].events
+                kind = (<Client *>events[i].data.ptr).kind
+                if kind == 0:
+                    continue                # closed or adopted earlier in this batch
+                if kind == IS_CLIENT:
+                    c = <Client *>events[i].data.ptr
+                    if ev & EPOLLOUT and c.state == WRITING:
+                        if not self.flush_client(c):
+                            continue
+                    if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                        self.on_client_readable(c)
+                else:
+                    b = <Backend *>events[i].data.ptr
+                    if ev & EPOLLOUT and b.client != NULL and b.client.head_sent < b.client.head_len:
+                        if not self.send_head(b.client):
+                            continue
+                    if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                        self.on_backend_readable(b)
+            if n < MAX_EVENTS:
+                return
+
+    cdef void on_client_readable(self, Client *c):
+        cdef ssize_t n
+        if c.state != WAITING:
+            c.read_pending = 1      # read once the request in flight is answered
+            return
+        c.read_pending = 0
+        n = recv(c.fd, self.scratch, SCRATCH, 0)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return
+            self.close_client(c)
+            return
+        if n == 0:
+            self.close_client(c)
+            return
+        if n == SCRATCH or not self.parse_request(c, <const unsigned char *>self.scratch, n):
+            self.adopt(c, self.scratch, n)
+            return
+        self.dispatch(c)
+
+    # ---- requests ----------------------------------------------------------------------------------
+
+    cdef int header_action(self, const unsigned char *name, Py_ssize_t n):
+        cdef int i
+        for i in range(self.nrules):
+            if self.rules[i].length == n and lower_equals(name, n, self.rules[i].name, n):
+                return self.rules[i].action
+        return H_FORWARD
+
+    cdef bint reserve(self, Client *c, Py_ssize_t size):
+        cdef char *grown
+        if size <= c.buf_cap:
+            return True
+        grown = <char *>realloc(c.buf, size)
+        if grown == NULL:
+            return False
+        c.buf = grown
+        c.buf_cap = <uint32_t>size
+        return True
+
+    cdef bint parse_request(self, Client *c, const unsigned char *p, Py_ssize_t n):
+        """A request the engine serves: the head alone, whole, in p[:n]. Then c.buf holds the client's
+        bytes followed by the head for the backend, and True. False for anything else (nothing kept)."""
+        cdef Py_ssize_t pos = 0, method_end, url_start, url_end, name_start, name_end, value_start
+        cdef Py_ssize_t host_start = -1, host_end = -1, header_size = 0, header_count = 0
+        cdef char *h = self.headbuf
+        cdef Py_ssize_t hlen = 0
+        cdef int action
+        cdef bint close_after = False
+        cdef char *lines = h + SCRATCH // 2     # header lines, moved behind the Host line at the end
+        cdef Py_ssize_t lines_len = 0
+        if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) > MAX_FAST_HEAD:
+            return False                                    # keeps every part below within headbuf
+        # Request line: GET / DELETE / OPTIONS, an origin-form target, HTTP/1.1.
+        if n >= 4 and memcmp(p, b"GET ", 4) == 0:
+            method_end = 3
+        elif n >= 7 and memcmp(p, b"DELETE ", 7) == 0:
+            method_end = 6
+        elif n >= 8 and memcmp(p, b"OPTIONS ", 8) == 0:
+            method_end = 7
+        else:
+            return False
+        url_start = pos = method_end + 1
+        if pos >= n or p[pos] != 47:                       # '/'
+            return False
+        while pos < n and 33 <= p[pos] <= 126:
+            pos += 1
+        url_end = pos
+        if url_end - url_start > self.max_uri_length:
+            return False
+        if n - pos < 10 or memcmp(p + pos, b" HTTP/1.1\r\n", 11) != 0:
+            return False
+        pos += 11
+        # The head for the backend: request line first; the Host line once it is known.
+        memcpy(h, p, url_end)
+        memcpy(h + url_end, b" HTTP/1.1\r\nHost: ", 17)
+        hlen = url_end + 17
+        while True:
+            if pos + 1 >= n:
+                return False
+            if p[pos] == 13:
+                if p[pos + 1] != 10 or pos + 2 != n:
+                    return False                            # a body or a pipelined request follows
+                break
+            name_start = pos
+            while pos < n and CLASS[p[pos]] & 1:
+                pos += 1
+            name_end = pos
+            if name_end == name_start or pos >= n or p[pos] != 58:
+                return False
+            pos += 1
+            while pos < n and (p[pos] == 32 or p[pos] == 9):
+                pos += 1
+            value_start = pos
+            while pos < n and p[pos] != 13:
+                if p[pos] == 127 or (p[pos] < 32 and p[pos] != 9):
+                    return False
+                pos += 1
+            if pos + 1 >= n or p[pos + 1] != 10:
+                return False
+            header_size += name_end - name_start + pos - value_start + 4
+            header_count += 1
+            if header_size > self.max_header_size or header_count > self.max_headers:
+                return False
+            action = self.header_action(p + name_start, name_end - name_start)
+            if action == H_FORWARD:
+                memcpy(lines + lines_len, p + name_start, name_end - name_start)
+                lines_len += name_end - name_start
+                lines[lines_len] = 58
+                lines[lines_len + 1] = 32
+                lines_len += 2
+                memcpy(lines + lines_len, p + value_start, pos - value_start)
+                lines_len += pos - value_start
+                lines[lines_len] = 13
+                lines[lines_len + 1] = 10
+                lines_len += 2
+            elif action == H_IS_HOST:
+                if host_start >= 0 or not valid_simple_host(p + value_start, pos - value_start):
+                    return False
+                host_start, host_end = value_start, pos
+            elif action == H_IS_CONNECTION:
+                if lower_equals(p + value_start, pos - value_start, b"close", 5):
+                    close_after = True
+                elif not lower_equals(p + value_start, pos - value_start, b"keep-alive", 10):
+                    return False                            # other options, or header names to drop
+            elif action == H_ADOPT:
+                return False
+            pos += 2
+        if host_start < 0:
+            return False
+        memcpy(h + hlen, p + host_start, host_end - host_start)
+        hlen += host_end - host_start
+        h[hlen] = 13
+        h[hlen + 1] = 10
+        hlen += 2
+        memmove(h + hlen, lines, lines_len)
+        hlen += lines_len
+        if self.forwarded_for:
+            memcpy(h + hlen, c.forward, c.forward_len)
+            hlen += c.forward_len
+            memcpy(h + hlen, b"X-Forwarded-Host: ", 18)
+            hlen += 18
+            memcpy(h + hlen, p + host_start, host_end - host_start)
+            hlen += host_end - host_start
+            h[hlen] = 13
+            h[hlen + 1] = 10
+            hlen += 2
+        memcpy(h + hlen, PyBytes_AS_STRING(self.request_block), len(self.request_block))
+        hlen += len(self.request_block)
+        h[hlen] = 13
+        h[hlen + 1] = 10
+        hlen += 2
+        if not self.reserve(c, n + hlen):
+            return False
+        memcpy(c.buf, p, n)
+        memcpy(c.buf + n, h, hlen)
+        c.req_len = <uint32_t>n
+        c.head_len = <uint32_t>hlen
+        c.head_sent = 0
+        c.close_after = close_after
+        return True
+
+    cdef int slot_of(self, backend) except -1:
+        cdef object slot = self.slots.get(backend)
+        cdef int size
+        if slot is not None:
+            return slot
+        size = len(self.backends)
+        if size == self.slot_capacity:
+            self.slot_capacity = self.slot_capacity * 2 if self.slot_capacity else 16
+            self.idle = <Backend **>realloc(self.idle, sizeof(Backend *) * self.slot_capacity)
+            self.idle_count = <int *>realloc(self.idle_count, sizeof(int) * self.slot_capacity)
+            if self.idle == NULL or self.idle_count == NULL:
+                raise MemoryError()
+        self.idle[size] = NULL
+        self.idle_count[size] = 0
+        self.backends.append(backend)
+        self.slots[backend] = size
+        return size
+
+    cdef void dispatch(self, Client *c):
+        """A parsed request: to an idle connection of the backend the pool picks, else Python connects."""
+        cdef object backend = self.glue.select()
+        cdef int slot
+        cdef Backend *b
+        if backend is None:
+            # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers.
+            self.adopt(c, c.buf, c.req_len)
+            return
+        slot = self.slot_of(backend)
+        c.slot = slot
+        b = self.idle[slot]
+        if b != NULL:
+            self.unpark(b)
+            self.attach(c, b)
+            return
+        c.state = CONNECTING
+        c.deadline_kind = NO_DEADLINE
+        self.connects += 1
+        self.glue.connect(<uintptr_t>c, backend)
+
+    cdef void attach(self, Client *c, Backend *b):
+        b.client = c
+        c.backend = b
+        c.state = SENT
+        c.sent_at = self.now
+        c.deadline = self.now + self.response_timeout
+        c.deadline_kind = RESPONSE
+        self.send_head(c)
+
+    cdef bint send_head(self, Client *c):
+        """Writes what is left of the head to the backend; False when the client was adopted."""
+        cdef ssize_t n
+        while c.head_sent < c.head_len:
+            n = send(c.backend.fd, c.buf + c.req_len + c.head_sent, c.head_len - c.head_sent, MSG_NOSIGNAL)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return True             # EPOLLOUT on the backend socket resumes it
+                # The backend connection is broken: the Python path sees it fail and retries.
+                self.adopt(c, NULL, 0)
+                return False
+            c.head_sent += <uint32_t>n
+        return True
+
+    def connected(self, uintptr_t token, backend, int fd):
+        """Python connected a backend for the client `token` (dispatch()); the engine owns fd now."""
+        cdef Client *c = <Client *>token
+        cdef Backend *b = <Backend *>malloc(sizeof(Backend))
+        cdef epoll_event ev
+        if b == NULL:
+            close(fd)
+            raise MemoryError()
+        b.kind = IS_BACKEND
+        b.fd = fd
+        b.client = NULL
+        b.next_idle = b.prev_idle = NULL
+        b.slot = self.slot_of(backend)
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.ptr = <void *>b
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            self.close_backend(b)
+            b = NULL
+        self.now = monotonic_now()
+        if c.gone:
+            # The client left while we connected: the slot goes back, the connection waits for the next.
+            self.glue.finish(backend, 0.0, True, 0)
+            self.free_client(c)
+            if b != NULL:
+                self.park(b)
+            return
+        c.slot = b.slot if b != NULL else c.slot
+        if b == NULL:
+            self.glue.finish(backend, 0.0, True, 0)
+            self.answer(c, self.glue.bad_gateway)
+            return
+        self.attach(c, b)
+
+    def connect_failed(self, uintptr_t token, bytes answer):
+        """Python could not connect a backend for `token`: its answer (503/502) goes to the client."""
+        cdef Client *c = <Client *>token
+        if c.gone:
+            self.free_client(c)
+            return
+        self.now = monotonic_now()
+        self.answer(c, answer)
+
+    cdef void answer(self, Client *c, bytes data):
+        """An answer of fastlb's own (connect failures); the connection stays for the next request
+        unless it was to close."""
+        cdef iovec iov[1]
+        iov[0].iov_base = PyBytes_AS_STRING(data)
+        iov[0].iov_len = len(data)
+        c.slot = -1
+        self.write_answer(c, iov, 1)
+
+    # ---- responses ---------------------------------------------------------------------------------
+
+    cdef void on_backend_readable(self, Backend *b):
+        cdef Client *c = b.client
+        cdef ssize_t n
+        cdef PlainResponse found
+        cdef iovec iov[MAX_IOV]
+        cdef int count = 0, i
+        cdef bint close, ok
+        cdef object backend
+        if c == NULL:
+            # An idle connection readable: the backend closed it (or sent bytes nobody asked for).
+            self.unpark(b)
+            self.close_backend(b)
+            return
+        n = recv(b.fd, self.scratch, SCRATCH, 0)
+        if n < 0 and (errno == EAGAIN or errno == EINTR):
+            return
+        if n <= 0 or n == SCRATCH or not scan_plain(<const unsigned char *>self.scratch, n, (), &found):
+            # Closed, failed, or a response the engine does not forward itself: Python's from here.
+            self.adopt(c, self.scratch, n if n > 0 else 0)
+            return
+        close = c.close_after or self.draining
+        for i in range(found.nspans):
+            iov[count].iov_base = self.scratch + found.spans[i].start
+            iov[count].iov_len = found.spans[i].end - found.spans[i].start
+            count += 1
+        if close:
+            iov[count].iov_base = <char *>b"Connection: close\r\n"
+            iov[count].iov_len = 19
+            count += 1
+        if len(self.response_block):
+            iov[count].iov_base = PyBytes_AS_STRING(self.response_block)
+            iov[count].iov_len = len(self.response_block)
+            count += 1
+        iov[count].iov_base = <char *>b"\r\n"
+        iov[count].iov_len = 2
+        count += 1
+        if n > found.body_start:
+            iov[count].iov_base = self.scratch + found.body_start
+            iov[count].iov_len = n - found.body_start
+            count += 1
+        # The response is read in full: the slot goes back and the connection is reusable at once.
+        ok = found.status < 500
+        backend = self.backends[c.slot]
+        c.backend = NULL
+        b.client = NULL
+        if found.backend_close or self.draining:
+            self.close_backend(b)
+        else:
+            self.park(b)
+        self.served += 1
+        self.glue.finish(backend, self.now - c.sent_at, ok, found.status)
+        c.close_after = close
+        self.write_answer(c, iov, count)
+
+    cdef void write_answer(self, Client *c, iovec *iov, int count):
+        """Writes an answer to the client; what the socket does not take now waits in c.pending."""
+        cdef ssize_t n, total = 0, left
+        cdef int i
+        for i in range(count):
+            total += iov[i].iov_len
+        while True:
+            n = writev(c.fd, iov, count)
+            if n >= 0 or errno != EINTR:
+                break
+        if n < 0:
+            if errno != EAGAIN:
+                self.close_client(c)
+                return
+            n = 0
+        if n < total:
+            left = total - n
+            c.pending = <char *>malloc(left)
+            if c.pending == NULL:
+                self.close_client(c)
+                return
+            c.pending_len = <uint32_t>left
+            c.pending_off = 0
+            left = 0
+            for i in range(count):
+                if n >= <ssize_t>iov[i].iov_len:
+                    n -= iov[i].iov_len
+                    continue
+                memcpy(c.pending + left, <char *>iov[i].iov_base + n, iov[i].iov_len - n)
+                left += iov[i].iov_len - n
+                n = 0
+            c.state = WRITING
+            c.deadline = self.now + self.keepalive_timeout
+            c.deadline_kind = IDLE
+            return
+        self.answered(c)
+
+    cdef bint flush_client(self, Client *c):
+        """EPOLLOUT while an answer waits; False when the client is gone."""
+        cdef ssize_t n
+        while c.pending_off < c.pending_len:
+            n = send(c.fd, c.pending + c.pending_off, c.pending_len - c.pending_off, MSG_NOSIGNAL)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return True
+                self.close_client(c)
+                return False
+            c.pending_off += <uint32_t>n
+        free(c.pending)
+        c.pending = NULL
+        c.pending_len = c.pending_off = 0
+        return self.answered(c)
+
+    cdef bint answered(self, Client *c):
+        """The answer is out: close, or wait for the next request (reading what came meanwhile)."""
+        if c.close_after:
+            self.close_client(c)
+            return False
+        c.state = WAITING
+        c.slot = -1
+        c.deadline = self.now + self.keepalive_timeout
+        c.deadline_kind = IDLE
+        if c.read_pending:
+            self.on_client_readable(c)
+        return True
+
+    # ---- idle backend connections ------------------------------------------------------------------
+
+    cdef void park(self, Backend *b):
+        cdef int slot = b.slot
+        cdef Backend *oldest
+        if self.idle_count[slot] >= self.max_idle:
+            # The oldest goes first (the list is newest first: walk to its tail).
+            oldest = self.idle[slot]
+            while oldest.next_idle != NULL:
+                oldest = oldest.next_idle
+            self.unpark(oldest)
+            self.close_backend(oldest)
+        b.client = NULL
+        b.idle_since = self.now
+        b.prev_idle = NULL
+        b.next_idle = self.idle[slot]
+        if b.next_idle != NULL:
+            b.next_idle.prev_idle = b
+        self.idle[slot] = b
+        self.idle_count[slot] += 1
+
+    cdef void unpark(self, Backend *b):
+        if b.prev_idle != NULL:
+            b.prev_idle.next_idle = b.next_idle
+        else:
+            self.idle[b.slot] = b.next_idle
+        if b.next_idle != NULL:
+            b.next_idle.prev_idle = b.prev_idle
+        b.next_idle = b.prev_idle = NULL
+        self.idle_count[b.slot] -= 1
+
+    # ---- timeouts, draining, shutdown --------------------------------------------------------------
+
+    def sweep(self):
+        """Called by the HTTP runtime's periodic sweep: every engine deadline and idle-connection expiry."""
+        cdef Client *c = self.clients
+        cdef Client *next_client
+        cdef Backend *b
+        cdef Backend *next_backend
+        cdef int slot
+        cdef double expire
+        self.now = monotonic_now()
+        while c != NULL:
+            next_client = c.next
+            if c.deadline_kind != NO_DEADLINE and c.deadline <= self.now:
+                if c.deadline_kind == IDLE:
+                    self.close_client(c)
+                elif c.deadline_kind == FIRST_HEAD:
+                    send(c.fd, PyBytes_AS_STRING(self.timeout_408), len(self.timeout_408), MSG_NOSIGNAL)
+                    self.close_client(c)
+                elif c.deadline_kind == RESPONSE:
+                    self.adopt(c, NULL, 0)        # Python answers 504 or retries, by its rules
+            elif self.draining and c.state == WAITING and c.deadline_kind == IDLE:
+                self.close_client(c)
+            c = next_client
+        expire = self.now - self.backend_idle_timeout
+        for slot in range(len(self.backends)):
+            b = self.idle[slot]
+            while b != NULL:
+                next_backend = b.next_idle
+                if b.idle_since <= expire or self.draining:
+                    self.unpark(b)
+                    self.close_backend(b)
+                b = next_backend
+
+    def close_all(self):
+        """Cuts every client connection and idle backend connection (shutdown, grace period over)."""
+        cdef Backend *b
+        cdef int slot
+        while self.clients != NULL:
+            self.close_client(self.clients)
+        for slot in range(len(self.backends)):
+            while self.idle[slot] != NULL:
+                b = self.idle[slot]
+                self.unpark(b)
+                self.close_backend(b)

@@ -1,0 +1,199 @@
+"""The C engine's Python side (fastlb/http/_fast.pyx): when it serves, and what it asks of Python.
+
+`FastPath.for_runtime` decides once per worker whether the engine may serve: only where a request needs
+nothing per request from Python beyond picking a backend and giving its slot back (one pool and no
+routing rule, no hashing key, no sticky sessions or captured headers, no metrics or access log, no
+response header rules, no retried statuses), and not when `FASTLB_HTTP_ENGINE=python` asks for the
+Python path alone (the tests run both ways). Plain binds only: TLS and redirect binds stay on uvloop.
+
+Per connection: `take()` moves an accepted socket from uvloop to the engine. Per request the engine calls
+`select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
+retries, queue and timeouts, and the socket goes to the engine) and `adopt()`, which gives a connection
+back to the Python path with the bytes the engine read and did not answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from fastlb.health import RESPONSE
+from fastlb.http import errors
+from fastlb.http.headers import H_CONNECTION, H_DROP, H_HOST
+from fastlb.pool import NoBackendError, QueueError
+
+log = logging.getLogger("fastlb")
+
+ENGINE_ENV = "FASTLB_HTTP_ENGINE"      # "python": the engine stays off (tests compare both paths)
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a uvloop transport whose socket the engine took over (a dup of it)."""
+
+    __slots__ = ()
+
+
+DETACHED = _Detached()
+
+
+def why_not(config, runtime, bind) -> str | None:
+    """Why the engine cannot serve this bind (None: it can)."""
+    settings = runtime.settings
+    router = runtime.router
+    route = router.single
+    if os.environ.get(ENGINE_ENV, "c") == "python":
+        return f"{ENGINE_ENV}=python"
+    if bind.ssl or bind.redirect_https is not None or bind.accept_proxy:
+        return "TLS, redirect or PROXY-protocol bind"
+    if route is None:
+        return "routing rules"
+    if route.sticky is not None or route.key_kind is not None or settings.capture or settings.cookie_held:
+        return "sticky sessions or a hashing key"
+    if runtime.observer is not None:
+        return "metrics or access log"
+    if not settings.fast_responses or settings.retry_statuses or settings.response_watch:
+        return "response header rules or retried statuses"
+    if any(backend.ssl_context is not None for backend in route.pool.backends):
+        return "TLS to backends"
+    try:
+        from fastlb.http import _fast  # noqa: F401
+    except ImportError:
+        return "the engine is not built"
+    return None
+
+
+class FastPath:
+    """One worker's engine and the Python it calls."""
+
+    def __init__(self, runtime, bind) -> None:
+        from fastlb.http._fast import Engine
+        self.runtime = runtime
+        self.loop = runtime.loop
+        self.bind = bind                      # any plain bind will do: the Python path reads no more of it
+        self.route = runtime.router.single
+        self.pool = self.route.pool
+        self.no_tries: list = []              # select_now's `tried`: never appended to
+        self.bad_gateway = errors.response(502, False)
+        self.adopting = 0                     # connections between the engine and the Python path
+        self.engine = Engine(self, self.loop, runtime.settings, runtime.settings.request_actions,
+                             {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION},
+                             errors.response(408, True))
+
+    def start(self) -> None:
+        self.loop.add_reader(self.engine.fileno, self.engine.on_ready)
+
+    def stop(self) -> None:
+        self.loop.remove_reader(self.engine.fileno)
+        self.engine.close_all()
+
+    @property
+    def live(self) -> int:
+        return self.engine.live + self.adopting
+
+    def protocol_factory(self):
+        return lambda: _Take(self)
+
+    # ---- called by the engine ----------------------------------------------------------------------
+
+    def select(self):
+        """A backend with a slot taken, or None: the Python path must queue or refuse (or speak TLS to
+        a backend added at run time)."""
+        backend = self.pool.select_now(None, self.no_tries, None)
+        if backend is not None and backend.ssl_context is not None:
+            self.pool.release(backend)
+            return None
+        return backend
+
+    def finish(self, backend, seconds: float, ok: bool, status: int) -> None:
+        """A request's slot goes back, with its outcome (BackendConnection.release, the same rules)."""
+        pool = self.pool
+        backend.balancer.on_response(backend.index, seconds, ok)
+        if not ok:
+            pool.health.record(backend, False, RESPONSE, f"status {status}")
+        elif backend.bad_responses:
+            pool.health.record(backend, True, RESPONSE)
+        pool.release(backend)
+
+    def connect(self, token: int, backend) -> None:
+        self.loop.create_task(self._connect(token, backend))
+
+    async def _connect(self, token: int, backend) -> None:
+        runtime = self.runtime
+        try:
+            backend, transport, _ = await self.pool.connect(None, _Detached, [], backend, None)
+        except (NoBackendError, QueueError) as exc:
+            runtime.failures += 1
+            status = 502 if getattr(exc, "tls_failure", False) else 503
+            self.engine.connect_failed(token, errors.response(status, False))
+            return
+        except BaseException:
+            self.engine.connect_failed(token, errors.response(503, True))
+            raise
+        try:
+            fd = os.dup(transport.get_extra_info("socket").fileno())
+        except OSError:
+            transport.abort()
+            self.pool.release(backend)
+            self.engine.connect_failed(token, errors.response(503, False))
+            return
+        transport.set_protocol(DETACHED)
+        transport.abort()
+        self.engine.connected(token, backend, fd)
+
+    def adopt(self, fd: int, data: bytes, inflight) -> None:
+        self.adopting += 1
+        self.loop.create_task(self._adopt(fd, data, inflight))
+
+    async def _adopt(self, fd: int, data: bytes, inflight) -> None:
+        """The client socket becomes a uvloop transport of a ClientConnection that is fed `data` (or the
+        request in flight, attached to its backend connection, which is fed the response bytes read)."""
+        from fastlb.http.protocol import ClientConnection
+        loop = self.loop
+        backend_sock = None
+        try:
+            client = ClientConnection(self.runtime, self.bind)
+            client_sock = socket.socket(fileno=fd)
+            if inflight is None:
+                client.pending_input = data
+                upstream = None
+            else:
+                backend, backend_fd, request, response, sent_at = inflight
+                backend_sock = socket.socket(fileno=backend_fd)
+                upstream = self.runtime.backend_factory()
+                upstream.pending_input = response
+                client.adopting = (upstream, backend, sent_at)   # CLOCK_MONOTONIC, as loop.time()
+                client.pending_input = request
+            await loop.connect_accepted_socket(lambda: client, client_sock)
+            if upstream is not None:
+                sock, backend_sock = backend_sock, None
+                await loop.connect_accepted_socket(lambda: upstream, sock)
+        except Exception:
+            log.exception("handing a connection to the Python path failed")
+            if backend_sock is not None:
+                backend_sock.close()
+        finally:
+            self.adopting -= 1
+
+
+class _Take(asyncio.Protocol):
+    """The protocol of an accepted connection on an engine bind: it hands the socket over at once."""
+
+    __slots__ = ("fast",)
+
+    def __init__(self, fast: FastPath) -> None:
+        self.fast = fast
+
+    def connection_made(self, transport) -> None:
+        fast = self.fast
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            transport.abort()
+            return
+        transport.set_protocol(DETACHED)
+        transport.abort()
+        client_ip = peer[0].encode() if peer else b""
+        fast.engine.add(fd, fast.runtime.settings.forward_block_for(client_ip, b"http"))
