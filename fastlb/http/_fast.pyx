@@ -2,8 +2,8 @@
 """The C engine of HTTP mode: the common request served without Python objects or libuv.
 
 What it serves: on a plain bind of a balancer with one pool and nothing per request in Python (no routing
-rules, hashing key, sticky sessions, captured headers, metrics or access log, response rules or retried
-statuses; see fastlb/http/fast.py), a keep-alive HTTP/1.1 client whose request is a head only (GET,
+rules, hashing key, sticky sessions, captured headers, access log, response rules or retried statuses;
+see fastlb/http/fast.py), a keep-alive HTTP/1.1 client whose request is a head only (GET,
 DELETE, OPTIONS; no body), complete in one read, made of bytes a strict subset of RFC 9112 allows, and
 whose backend answers with a plain response complete in one read (fastlb/http/_scan.pxi).
 
@@ -398,7 +398,7 @@ cdef class Engine:
             c.backend = NULL
             self.close_backend(b)
             backend = self.backends[c.slot]
-            self.glue.finish(backend, self.now - c.sent_at, True, 0)
+            self.glue.finish(backend, self.now - c.sent_at, True, 0, c.req_len, 0)
         if c.state == CONNECTING:
             c.gone = 1             # Python holds its address until connected() / connect_failed()
         else:
@@ -730,14 +730,14 @@ cdef class Engine:
         self.now = monotonic_now()
         if c.gone:
             # The client left while we connected: the slot goes back, the connection waits for the next.
-            self.glue.finish(backend, 0.0, True, 0)
+            self.glue.finish(backend, 0.0, True, 0, 0, 0)
             self.free_client(c)
             if b != NULL:
                 self.park(b)
             return
         c.slot = b.slot if b != NULL else c.slot
         if b == NULL:
-            self.glue.finish(backend, 0.0, True, 0)
+            self.glue.finish(backend, 0.0, True, 0, 0, 0)
             self.answer(c, self.glue.bad_gateway)
             return
         self.attach(c, b)
@@ -812,7 +812,7 @@ cdef class Engine:
         else:
             self.park(b)
         self.served += 1
-        self.glue.finish(backend, self.now - c.sent_at, ok, found.status)
+        self.glue.finish(backend, self.now - c.sent_at, ok, found.status, c.req_len, n)
         c.close_after = close
         self.write_answer(c, iov, count)
 

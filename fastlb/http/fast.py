@@ -1,10 +1,11 @@
 """The C engine's Python side (fastlb/http/_fast.pyx): when it serves, and what it asks of Python.
 
-`FastPath.for_runtime` decides once per worker whether the engine may serve: only where a request needs
-nothing per request from Python beyond picking a backend and giving its slot back (one pool and no
-routing rule, no hashing key, no sticky sessions or captured headers, no metrics or access log, no
-response header rules, no retried statuses), and not when `FASTLB_HTTP_ENGINE=python` asks for the
-Python path alone (the tests run both ways). Plain binds only: TLS and redirect binds stay on uvloop.
+`why_not` decides once per bind whether the engine may serve: only where a request needs nothing per
+request from Python beyond picking a backend and giving its slot back (one pool and no routing rule,
+no hashing key, no sticky sessions or captured headers, no access log, no response header rules, no
+retried statuses, no TLS to backends; metrics are counted when the slot goes back), and not when
+`FASTLB_HTTP_ENGINE=python` asks for the Python path alone (the tests run both ways). Plain binds only:
+TLS and redirect binds stay on uvloop.
 
 Per connection: `take()` moves an accepted socket from uvloop to the engine. Per request the engine calls
 `select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
@@ -50,8 +51,8 @@ def why_not(config, runtime, bind) -> str | None:
         return "routing rules"
     if route.sticky is not None or route.key_kind is not None or settings.capture or settings.cookie_held:
         return "sticky sessions or a hashing key"
-    if runtime.observer is not None:
-        return "metrics or access log"
+    if runtime.observer is not None and runtime.observer.access_log is not None:
+        return "access log"
     if not settings.fast_responses or settings.retry_statuses or settings.response_watch:
         return "response header rules or retried statuses"
     if any(backend.ssl_context is not None for backend in route.pool.backends):
@@ -76,6 +77,7 @@ class FastPath:
         self.no_tries: list = []              # select_now's `tried`: never appended to
         self.bad_gateway = errors.response(502, False)
         self.adopting = 0                     # connections between the engine and the Python path
+        self.observer = runtime.observer      # metrics (never an access log: see why_not)
         self.engine = Engine(self, self.loop, runtime.settings, runtime.settings.request_actions,
                              {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION},
                              errors.response(408, True))
@@ -105,8 +107,16 @@ class FastPath:
             return None
         return backend
 
-    def finish(self, backend, seconds: float, ok: bool, status: int) -> None:
-        """A request's slot goes back, with its outcome (BackendConnection.release, the same rules)."""
+    def finish(self, backend, seconds: float, ok: bool, status: int, bytes_in: int, bytes_out: int) -> None:
+        """A request's slot goes back, with its outcome (BackendConnection.release, the same rules), and
+        its counts when metrics are on (Observer.http_request's; status 0: the client left first)."""
+        if self.observer is not None and status:
+            traffic = backend.traffic
+            traffic.requests += 1
+            traffic.responses[status // 100 - 1] += 1
+            traffic.response_time.observe(seconds)
+            traffic.bytes_in += bytes_in
+            traffic.bytes_out += bytes_out
         pool = self.pool
         backend.balancer.on_response(backend.index, seconds, ok)
         if not ok:
@@ -125,6 +135,8 @@ class FastPath:
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
+            if self.observer is not None:
+                self.observer.http_request(None, "", "", "", status, 0, 0, 0.0, 0.0, None, self.route.name)
             self.engine.connect_failed(token, errors.response(status, False))
             return
         except BaseException:
