@@ -201,6 +201,7 @@ cdef class Engine:
 
     cdef int epfd
     cdef object glue, loop
+    cdef object select, finish          # glue.select / glue.finish, bound once (called per request)
     cdef char *scratch         # one read at a time, shared by every socket
     cdef char *headbuf         # the backend head being built
     cdef Client *clients       # every client the engine holds (for the sweep and close_all)
@@ -245,6 +246,8 @@ cdef class Engine:
         cdef bytes name
         self.glue = glue
         self.loop = loop
+        self.select = glue.select
+        self.finish = glue.finish
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
@@ -398,7 +401,7 @@ cdef class Engine:
             c.backend = NULL
             self.close_backend(b)
             backend = self.backends[c.slot]
-            self.glue.finish(backend, self.now - c.sent_at, True, 0, c.req_len, 0)
+            self.finish(backend, self.now - c.sent_at, True, 0, c.req_len, 0)
         if c.state == CONNECTING:
             c.gone = 1             # Python holds its address until connected() / connect_failed()
         else:
@@ -665,7 +668,7 @@ cdef class Engine:
 
     cdef void dispatch(self, Client *c):
         """A parsed request: to an idle connection of the backend the pool picks, else Python connects."""
-        cdef object backend = self.glue.select()
+        cdef object backend = self.select()
         cdef int slot
         cdef Backend *b
         if backend is None:
@@ -730,14 +733,14 @@ cdef class Engine:
         self.now = monotonic_now()
         if c.gone:
             # The client left while we connected: the slot goes back, the connection waits for the next.
-            self.glue.finish(backend, 0.0, True, 0, 0, 0)
+            self.finish(backend, 0.0, True, 0, 0, 0)
             self.free_client(c)
             if b != NULL:
                 self.park(b)
             return
         c.slot = b.slot if b != NULL else c.slot
         if b == NULL:
-            self.glue.finish(backend, 0.0, True, 0, 0, 0)
+            self.finish(backend, 0.0, True, 0, 0, 0)
             self.answer(c, self.glue.bad_gateway)
             return
         self.attach(c, b)
@@ -812,7 +815,7 @@ cdef class Engine:
         else:
             self.park(b)
         self.served += 1
-        self.glue.finish(backend, self.now - c.sent_at, ok, found.status, c.req_len, n)
+        self.finish(backend, self.now - c.sent_at, ok, found.status, c.req_len, n)
         c.close_after = close
         self.write_answer(c, iov, count)
 

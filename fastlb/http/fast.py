@@ -75,6 +75,8 @@ class FastPath:
         self.route = runtime.router.single
         self.pool = self.route.pool
         self.no_tries: list = []              # select_now's `tried`: never appended to
+        self.select_now = self.pool.select_now
+        self.release = self.pool.release
         self.bad_gateway = errors.response(502, False)
         self.adopting = 0                     # connections between the engine and the Python path
         self.observer = runtime.observer      # metrics (never an access log: see why_not)
@@ -101,7 +103,7 @@ class FastPath:
     def select(self):
         """A backend with a slot taken, or None: the Python path must queue or refuse (or speak TLS to
         a backend added at run time)."""
-        backend = self.pool.select_now(None, self.no_tries, None)
+        backend = self.select_now(None, self.no_tries, None)
         if backend is not None and backend.ssl_context is not None:
             self.pool.release(backend)
             return None
@@ -117,13 +119,12 @@ class FastPath:
             traffic.response_time.observe(seconds)
             traffic.bytes_in += bytes_in
             traffic.bytes_out += bytes_out
-        pool = self.pool
         backend.balancer.on_response(backend.index, seconds, ok)
         if not ok:
-            pool.health.record(backend, False, RESPONSE, f"status {status}")
+            self.pool.health.record(backend, False, RESPONSE, f"status {status}")
         elif backend.bad_responses:
-            pool.health.record(backend, True, RESPONSE)
-        pool.release(backend)
+            self.pool.health.record(backend, True, RESPONSE)
+        self.release(backend)
 
     def connect(self, token: int, backend) -> None:
         self.loop.create_task(self._connect(token, backend))
