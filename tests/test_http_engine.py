@@ -219,3 +219,22 @@ def test_response_timeout_of_an_engine_request_is_504_then_the_connection_serves
         assert client.request("GET", "/warm").status == 200      # an idle backend connection exists
         assert client.request("GET", "/hang").status == 504
         assert client.request("GET", "/ok").status == 200
+
+
+def test_failed_connects_are_answered_as_the_python_path_answers(procs):
+    dead = free_port()                     # nothing listens there: every connect is refused
+    ports = []
+    for engine in ("c", "python"):
+        port = free_port()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("FASTLB_HTTP_ENGINE", engine)
+            procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{dead}")
+        ports.append(port)
+    seen = []
+    for port in ports:
+        with Client(port) as client:
+            first = client.request("GET", "/a")
+            second = client.request("GET", "/b", {"Connection": "close"})
+            seen.append((first.status, first.headers, second.status, second.headers, client.closed()))
+    assert seen[0] == seen[1]
+    assert seen[0][0] == 503 and seen[0][4]

@@ -741,22 +741,22 @@ cdef class Engine:
         c.slot = b.slot if b != NULL else c.slot
         if b == NULL:
             self.finish(backend, 0.0, True, 0, 0, 0)
-            self.answer(c, self.glue.bad_gateway)
+            self.answer(c, self.glue.bad_gateway[c.close_after])
             return
         self.attach(c, b)
 
-    def connect_failed(self, uintptr_t token, bytes answer):
-        """Python could not connect a backend for `token`: its answer (503/502) goes to the client."""
+    def connect_failed(self, uintptr_t token, bytes keep, bytes close):
+        """Python could not connect a backend for `token`: its answer (503/502) goes to the client, in
+        the form with `Connection: close` when the client's connection ends after it."""
         cdef Client *c = <Client *>token
         if c.gone:
             self.free_client(c)
             return
         self.now = monotonic_now()
-        self.answer(c, answer)
+        self.answer(c, close if c.close_after else keep)
 
     cdef void answer(self, Client *c, bytes data):
-        """An answer of fastlb's own (connect failures); the connection stays for the next request
-        unless it was to close."""
+        """An answer of fastlb's own; the connection stays for the next request unless it was to close."""
         cdef iovec iov[1]
         iov[0].iov_base = PyBytes_AS_STRING(data)
         iov[0].iov_len = len(data)
@@ -892,6 +892,9 @@ cdef class Engine:
     cdef void park(self, Backend *b):
         cdef int slot = b.slot
         cdef Backend *oldest
+        if self.max_idle <= 0:
+            self.close_backend(b)
+            return
         if self.idle_count[slot] >= self.max_idle:
             # The oldest goes first (the list is newest first: walk to its tail).
             oldest = self.idle[slot]

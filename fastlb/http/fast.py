@@ -77,7 +77,7 @@ class FastPath:
         self.no_tries: list = []              # select_now's `tried`: never appended to
         self.select_now = self.pool.select_now
         self.release = self.pool.release
-        self.bad_gateway = errors.response(502, False)
+        self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
         self.adopting = 0                     # connections between the engine and the Python path
         self.observer = runtime.observer      # metrics (never an access log: see why_not)
         self.engine = Engine(self, self.loop, runtime.settings, runtime.settings.request_actions,
@@ -138,17 +138,17 @@ class FastPath:
             status = 502 if getattr(exc, "tls_failure", False) else 503
             if self.observer is not None:
                 self.observer.http_request(None, "", "", "", status, 0, 0, 0.0, 0.0, None, self.route.name)
-            self.engine.connect_failed(token, errors.response(status, False))
+            self.engine.connect_failed(token, errors.response(status, False), errors.response(status, True))
             return
         except BaseException:
-            self.engine.connect_failed(token, errors.response(503, True))
+            self.engine.connect_failed(token, errors.response(503, True), errors.response(503, True))
             raise
         try:
             fd = os.dup(transport.get_extra_info("socket").fileno())
         except OSError:
             transport.abort()
             self.pool.release(backend)
-            self.engine.connect_failed(token, errors.response(503, False))
+            self.engine.connect_failed(token, errors.response(503, False), errors.response(503, True))
             return
         transport.set_protocol(DETACHED)
         transport.abort()
