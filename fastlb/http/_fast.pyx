@@ -825,8 +825,20 @@ cdef class Engine:
         cdef int i
         for i in range(count):
             total += iov[i].iov_len
+        if count > 1 and total <= SCRATCH:
+            # One contiguous send: cheaper in the kernel than writev's iovec import and per-segment copy.
+            left = 0
+            for i in range(count):
+                memcpy(self.headbuf + left, iov[i].iov_base, iov[i].iov_len)
+                left += iov[i].iov_len
+            iov[0].iov_base = self.headbuf
+            iov[0].iov_len = total
+            count = 1
         while True:
-            n = writev(c.fd, iov, count)
+            if count == 1:
+                n = send(c.fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
+            else:
+                n = writev(c.fd, iov, count)
             if n >= 0 or errno != EINTR:
                 break
         if n < 0:
