@@ -307,7 +307,6 @@ cdef class Engine:
     def add(self, int fd, bytes forward):
         """Takes a connected client socket (the engine owns fd from now on)."""
         cdef Client *c = <Client *>malloc(sizeof(Client))
-        cdef epoll_event ev
         if c == NULL:
             close(fd)
             raise MemoryError()
@@ -338,9 +337,7 @@ cdef class Engine:
             self.clients.prev = c
         self.clients = c
         self.live += 1
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-        ev.data.ptr = <void *>c
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        if not self.watch(fd, c):
             self.close_client(c)
             return
         # Bytes may have arrived before the registration: the edge for them is already gone.
@@ -410,6 +407,13 @@ cdef class Engine:
     cdef void close_backend(self, Backend *b):
         self.forget(b.fd)
         self.free_backend(b)
+
+    cdef bint watch(self, int fd, void *owner):
+        """Adds a socket to the epoll set, once for its life: edge-triggered, both directions."""
+        cdef epoll_event ev
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+        ev.data.ptr = owner
+        return epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) == 0
 
     cdef void forget(self, int fd):
         """Closes a socket of the epoll set. Removed first: the socket may be a dup whose original
@@ -716,7 +720,6 @@ cdef class Engine:
         """Python connected a backend for the client `token` (dispatch()); the engine owns fd now."""
         cdef Client *c = <Client *>token
         cdef Backend *b = <Backend *>malloc(sizeof(Backend))
-        cdef epoll_event ev
         if b == NULL:
             close(fd)
             raise MemoryError()
@@ -725,9 +728,7 @@ cdef class Engine:
         b.client = NULL
         b.next_idle = b.prev_idle = NULL
         b.slot = self.slot_of(backend)
-        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-        ev.data.ptr = <void *>b
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+        if not self.watch(fd, b):
             self.close_backend(b)
             b = NULL
         self.now = monotonic_now()
