@@ -218,6 +218,12 @@ class HttpRuntime:
     # ---- idle backend connections ----------------------------------------------------------------
 
     def park(self, upstream, backend) -> None:
+        transport = upstream.transport
+        if not transport.is_reading():
+            # Paused by a slow client (pause_writing) whose resume_writing may come after the response
+            # ended, and go to the request after it: an idle connection must read (a close, the next
+            # response), or the next request on it would wait for ever.
+            transport.resume_reading()
         idle = backend.idle
         if len(idle) >= self.settings.backend_max_idle:
             idle.popleft().transport.close()        # the oldest one goes first
