@@ -141,6 +141,7 @@ cdef struct Client:
     uint32_t forward_len
     unsigned char close_after     # close once the answer is written (Connection: close, draining)
     unsigned char read_pending    # readable while busy: read once back to WAITING
+    unsigned char hung_up         # the client shut its side (EPOLLRDHUP): read again after each answer
     unsigned char gone            # closed while Python was connecting for it: freed on the callback
 
 
@@ -327,7 +328,7 @@ cdef class Engine:
             close(fd)
             raise MemoryError()
         memcpy(c.forward, PyBytes_AS_STRING(forward), c.forward_len)
-        c.close_after = c.read_pending = c.gone = 0
+        c.close_after = c.read_pending = c.hung_up = c.gone = 0
         self.now = monotonic_now()
         c.deadline = self.now + self.http_request_timeout
         c.deadline_kind = FIRST_HEAD
@@ -475,17 +476,18 @@ cdef class Engine:
                     continue                # closed or adopted earlier in this batch
                 if kind == IS_CLIENT:
                     c = <Client *>events[i].data.ptr
+                    if ev & (EPOLLRDHUP | EPOLLHUP):
+                        c.hung_up = 1           # no further edge will say so: checked after each answer
                     if ev & EPOLLOUT and c.state == WRITING:
-                        if not self.flush_client(c):
-                            continue
-                    if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                        self.flush_client(c)
+                    # (each step may have closed or handed over c: its kind says so)
+                    if c.kind == IS_CLIENT and ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                         self.on_client_readable(c)
                 else:
                     b = <Backend *>events[i].data.ptr
                     if ev & EPOLLOUT and b.client != NULL and b.client.head_sent < b.client.head_len:
-                        if not self.send_head(b.client):
-                            continue
-                    if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                        self.send_head(b.client)
+                    if b.kind == IS_BACKEND and ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
                         self.on_backend_readable(b)
             if n < MAX_EVENTS:
                 return
@@ -896,7 +898,7 @@ cdef class Engine:
         c.slot = -1
         c.deadline = self.now + self.keepalive_timeout
         c.deadline_kind = IDLE
-        if c.read_pending:
+        if c.read_pending or c.hung_up:
             self.on_client_readable(c)
         return True
 
