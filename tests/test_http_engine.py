@@ -61,12 +61,23 @@ EXCHANGES = [
     ("connection close", b"GET /c HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n", 1, False),
     ("backend closes", b"GET /close HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
     ("server error", b"GET /status?code=503 HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
+    ("post", b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n"
+             b'{"amount": 5}', 1, False),
+    ("put", b"PUT /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\r\nabc", 1, False),
+    ("patch", b"PATCH /echo HTTP/1.1\r\nContent-Length: 003\r\nHost: test\r\n\r\nxyz", 1, False),
+    ("get with length 0", b"GET /z HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n", 1, False),
     # handed to the Python path at the request
     ("x-forwarded-for", b"GET /x HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n", 1, False),
     ("connection names a header", b"GET /x HTTP/1.1\r\nHost: test\r\nConnection: keep-alive, X-S\r\n"
                                   b"X-S: 1\r\n\r\n", 1, False),
     ("head", b"HEAD /x HTTP/1.1\r\nHost: test\r\n\r\n", 1, True),
-    ("post", b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello", 1, False),
+    ("two lengths", b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na", 1,
+     False),
+    ("signed length", b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: +1\r\n\r\na", 1, False),
+    ("body then a request", b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nabGET /2 HTTP/1.1\r\n"
+                            b"Host: test\r\n\r\n", 2, False),
+    ("length over the limit", b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000, 1,
+     False),
     ("chunked post", b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
      1, False),
     ("http/1.0", b"GET /x HTTP/1.0\r\n\r\n", 1, False),
@@ -142,8 +153,9 @@ def test_engine_and_python_path_answer_alike(paired, name, data, count, head):
 def paired():
     processes = Processes()
     try:
-        c_port, c_backend, _ = start(processes, "--response-timeout", "2s")
-        py_port, py_backend, _ = start(processes, "--response-timeout", "2s", engine="python")
+        c_port, c_backend, _ = start(processes, "--response-timeout", "2s", "--max-body-size", "1000")
+        py_port, py_backend, _ = start(processes, "--response-timeout", "2s", "--max-body-size", "1000",
+                                       engine="python")
         yield (c_port, c_backend), (py_port, py_backend)
     finally:
         processes.cleanup()

@@ -3,8 +3,8 @@
 
 What it serves: on a plain bind of a balancer with one pool and nothing per request in Python (no routing
 rules, hashing key, sticky sessions, captured headers, access log, response rules or retried statuses;
-see fastlb/http/fast.py), a keep-alive HTTP/1.1 client whose request is a head only (GET,
-DELETE, OPTIONS; no body), complete in one read, made of bytes a strict subset of RFC 9112 allows, and
+see fastlb/http/fast.py), a keep-alive HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
+OPTIONS; no body, or a Content-Length body) is complete in one read, made of bytes a strict subset of RFC 9112 allows, and
 whose backend answers with a plain response complete in one read (fastlb/http/_scan.pxi).
 
 How: the engine owns an epoll set that uvloop watches as one file descriptor (`loop.add_reader`). Client
@@ -98,7 +98,8 @@ cdef enum:
     H_SKIP = 1         # hop-by-hop, or set by fastlb: not forwarded
     H_IS_HOST = 2
     H_IS_CONNECTION = 3
-    H_ADOPT = 4        # anything else the Python path handles (framing, Upgrade, Expect, X-Forwarded-For...)
+    H_IS_LENGTH = 4    # Content-Length: a body whole in the same read is served
+    H_ADOPT = 5        # anything else the Python path handles (chunked, Upgrade, Expect, X-Forwarded-For...)
 
 cdef struct Backend
 cdef struct Client
@@ -216,7 +217,7 @@ cdef class Engine:
     cdef int slot_capacity
     # Settings (HttpSettings), read once.
     cdef double http_request_timeout, keepalive_timeout, response_timeout, backend_idle_timeout
-    cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length
+    cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length, max_body_size
     cdef bint forwarded_for
     cdef bytes request_block, response_block, timeout_408
     cdef HeaderRule *rules
@@ -240,7 +241,8 @@ cdef class Engine:
         self.dead_clients = NULL
         self.dead_backends = NULL
 
-    def __init__(self, glue, loop, settings, dict request_actions, dict action_codes, bytes timeout_408):
+    def __init__(self, glue, loop, settings, Py_ssize_t max_body_size, dict request_actions, dict action_codes,
+                 bytes timeout_408):
         """request_actions: HttpSettings.request_actions (lower-case name -> action); action_codes maps
         the actions the engine handles itself: {'drop': H_DROP, 'host': H_HOST, 'connection': ...}."""
         cdef int i = 0
@@ -266,6 +268,7 @@ cdef class Engine:
         self.max_header_size = settings.max_header_size
         self.max_headers = settings.max_headers
         self.max_uri_length = settings.max_uri_length
+        self.max_body_size = max_body_size
         self.forwarded_for = settings.forwarded_for
         self.request_block = settings.request_block
         self.response_block = settings.response_block
@@ -284,6 +287,8 @@ cdef class Engine:
                 self.rules[i].action = H_IS_HOST
             elif action == action_codes["connection"]:
                 self.rules[i].action = H_IS_CONNECTION
+            elif action == action_codes["content-length"]:
+                self.rules[i].action = H_IS_LENGTH
             else:
                 self.rules[i].action = H_ADOPT
             i += 1
@@ -535,19 +540,26 @@ cdef class Engine:
     cdef bint parse_request(self, Client *c, const unsigned char *p, Py_ssize_t n):
         """A request the engine serves: the head alone, whole, in p[:n]. Then c.buf holds the client's
         bytes followed by the head for the backend, and True. False for anything else (nothing kept)."""
-        cdef Py_ssize_t pos = 0, method_end, url_start, url_end, name_start, name_end, value_start
+        cdef Py_ssize_t pos = 0, method_end, url_start, url_end, name_start, name_end, value_start, i
         cdef Py_ssize_t host_start = -1, host_end = -1, header_size = 0, header_count = 0
         cdef char *h = self.headbuf
         cdef Py_ssize_t hlen = 0
         cdef int action
         cdef bint close_after = False
+        cdef Py_ssize_t length_start = -1, length_end = -1, length = 0, body_start
         cdef char *lines = h + SCRATCH // 2     # header lines, moved behind the Host line at the end
         cdef Py_ssize_t lines_len = 0
         if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) > MAX_FAST_HEAD:
             return False                                    # keeps every part below within headbuf
-        # Request line: GET / DELETE / OPTIONS, an origin-form target, HTTP/1.1.
+        # Request line: a common method, an origin-form target, HTTP/1.1.
         if n >= 4 and memcmp(p, b"GET ", 4) == 0:
             method_end = 3
+        elif n >= 5 and memcmp(p, b"POST ", 5) == 0:
+            method_end = 4
+        elif n >= 4 and memcmp(p, b"PUT ", 4) == 0:
+            method_end = 3
+        elif n >= 6 and memcmp(p, b"PATCH ", 6) == 0:
+            method_end = 5
         elif n >= 7 and memcmp(p, b"DELETE ", 7) == 0:
             method_end = 6
         elif n >= 8 and memcmp(p, b"OPTIONS ", 8) == 0:
@@ -573,8 +585,11 @@ cdef class Engine:
             if pos + 1 >= n:
                 return False
             if p[pos] == 13:
-                if p[pos + 1] != 10 or pos + 2 != n:
-                    return False                            # a body or a pipelined request follows
+                if p[pos + 1] != 10:
+                    return False
+                body_start = pos + 2
+                if n - body_start != length:
+                    return False          # a body not whole in this read, or a pipelined request after it
                 break
             name_start = pos
             while pos < n and CLASS[p[pos]] & 1:
@@ -617,6 +632,17 @@ cdef class Engine:
                     close_after = True
                 elif not lower_equals(p + value_start, pos - value_start, b"keep-alive", 10):
                     return False                            # other options, or header names to drop
+            elif action == H_IS_LENGTH:
+                # One Content-Length of 1-15 digits (llhttp refuses the rest; the Python path answers).
+                if length_start >= 0 or pos == value_start or pos - value_start > 15:
+                    return False
+                for i in range(value_start, pos):
+                    if not 48 <= p[i] <= 57:
+                        return False
+                    length = length * 10 + (p[i] - 48)
+                if self.max_body_size and length > self.max_body_size:
+                    return False                            # 413: the Python path's answer
+                length_start, length_end = value_start, pos
             elif action == H_ADOPT:
                 return False
             pos += 2
@@ -641,9 +667,19 @@ cdef class Engine:
             hlen += 2
         memcpy(h + hlen, PyBytes_AS_STRING(self.request_block), len(self.request_block))
         hlen += len(self.request_block)
+        if length_start >= 0:
+            memcpy(h + hlen, b"Content-Length: ", 16)
+            hlen += 16
+            memcpy(h + hlen, p + length_start, length_end - length_start)
+            hlen += length_end - length_start
+            h[hlen] = 13
+            h[hlen + 1] = 10
+            hlen += 2
         h[hlen] = 13
         h[hlen + 1] = 10
         hlen += 2
+        memcpy(h + hlen, p + body_start, length)
+        hlen += length
         if not self.reserve(c, n + hlen):
             return False
         memcpy(c.buf, p, n)

@@ -21,7 +21,7 @@ import socket
 
 from fastlb.health import RESPONSE
 from fastlb.http import errors
-from fastlb.http.headers import H_CONNECTION, H_DROP, H_HOST
+from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
 from fastlb.pool import NoBackendError, QueueError
 
 log = logging.getLogger("fastlb")
@@ -80,8 +80,10 @@ class FastPath:
         self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
         self.adopting = 0                     # connections between the engine and the Python path
         self.observer = runtime.observer      # metrics (never an access log: see why_not)
-        self.engine = Engine(self, self.loop, runtime.settings, runtime.settings.request_actions,
-                             {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION},
+        self.engine = Engine(self, self.loop, runtime.settings, self.route.max_body_size,
+                             runtime.settings.request_actions,
+                             {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION,
+                              "content-length": H_CONTENT_LENGTH},
                              errors.response(408, True))
 
     def start(self) -> None:
