@@ -215,6 +215,8 @@ class Worker:
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
+                if not tls_options and self.http.serve_with_engine(bind, sock):
+                    continue
                 factory = self.http.protocol_factory(bind)
             else:
                 factory = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
@@ -326,6 +328,8 @@ class Worker:
         self.stopping = True
         for server in self.servers:
             server.close()
+        if self.http is not None:
+            self.http.stop_listening()
         if self.controller is not None:
             await self.controller.close()
         if self.http is not None:

@@ -23,7 +23,7 @@ A request that needs a new backend connection is connected by Python (the pool's
 timeouts), which hands the connected socket back. A connection that left the engine does not return.
 """
 from libc.stdlib cimport malloc, free, realloc
-from libc.string cimport memcpy, memcmp, memmove
+from libc.string cimport memcpy, memcmp, memmove, strlen
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
@@ -45,13 +45,40 @@ cdef extern from "<sys/epoll.h>" nogil:
     int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
     int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
     enum:
-        EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLLET, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CLOEXEC
+        EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLLET, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
 
 cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct sockaddr:
+        unsigned short sa_family
+    cdef struct sockaddr_storage:
+        unsigned short ss_family
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
     enum:
-        MSG_NOSIGNAL
+        MSG_NOSIGNAL, SOCK_NONBLOCK, SOCK_CLOEXEC, AF_INET, AF_INET6
+
+cdef extern from "<netinet/in.h>" nogil:
+    cdef struct in_addr:
+        pass
+    cdef struct in6_addr:
+        pass
+    cdef struct sockaddr_in:
+        in_addr sin_addr
+    cdef struct sockaddr_in6:
+        in6_addr sin6_addr
+    enum:
+        IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
@@ -77,6 +104,7 @@ cdef enum:
 cdef enum:
     IS_CLIENT = 1
     IS_BACKEND = 2
+    IS_LISTENER = 3
 
 # Client states.
 cdef enum:
@@ -146,6 +174,12 @@ cdef struct Client:
     unsigned char gone            # closed while Python was connecting for it: freed on the callback
 
 
+cdef struct Listener:
+    int kind
+    int fd                 # the engine's own duplicate of a listening socket
+    Listener *next
+
+
 cdef struct HeaderRule:
     const char *name       # lower-case
     int length
@@ -207,6 +241,8 @@ cdef class Engine:
     cdef char *scratch         # one read at a time, shared by every socket
     cdef char *headbuf         # the backend head being built
     cdef Client *clients       # every client the engine holds (for the sweep and close_all)
+    cdef Listener *listeners
+    cdef bytes forward_before, forward_after    # X-Forwarded-For / -Proto around the client address
     cdef public Py_ssize_t live
     cdef public bint draining
     # Per backend: the fastlb Backend object (slot -> object) and its idle connections (LIFO).
@@ -240,6 +276,7 @@ cdef class Engine:
         self.rules = NULL
         self.dead_clients = NULL
         self.dead_backends = NULL
+        self.listeners = NULL
 
     def __init__(self, glue, loop, settings, Py_ssize_t max_body_size, dict request_actions, dict action_codes,
                  bytes timeout_408):
@@ -273,6 +310,8 @@ cdef class Engine:
         self.request_block = settings.request_block
         self.response_block = settings.response_block
         self.timeout_408 = timeout_408
+        # forward_block_for(address, "http") with a marker for the address (b"": forwarding off).
+        self.forward_before, _, self.forward_after = settings.forward_block_for(b"\x00", b"http").partition(b"\x00")
         self.rule_names = []
         self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + 1))
         if self.rules == NULL:
@@ -310,12 +349,58 @@ cdef class Engine:
 
     # ---- clients in and out ------------------------------------------------------------------------
 
-    def add(self, int fd, bytes forward):
-        """Takes a connected client socket (the engine owns fd from now on)."""
-        cdef Client *c = <Client *>malloc(sizeof(Client))
-        if c == NULL:
+    def listen(self, int fd):
+        """Accepts on a listening socket from now on (fd: the engine's own duplicate, closed by it)."""
+        cdef Listener *l = <Listener *>malloc(sizeof(Listener))
+        cdef epoll_event ev
+        if l == NULL:
             close(fd)
             raise MemoryError()
+        l.kind = IS_LISTENER
+        l.fd = fd
+        l.next = self.listeners
+        self.listeners = l
+        # Level-triggered; EXCLUSIVE: of the workers sharing the socket, one is woken per connection.
+        ev.events = EPOLLIN | EPOLLEXCLUSIVE
+        ev.data.ptr = <void *>l
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+
+    def stop_listening(self):
+        """No new connection (draining): the listening sockets' duplicates are closed."""
+        cdef Listener *l
+        while self.listeners != NULL:
+            l = self.listeners
+            self.listeners = l.next
+            self.forget(l.fd)
+            l.kind = 0
+            free(l)
+
+    cdef void on_listener_ready(self, Listener *l):
+        cdef sockaddr_storage address
+        cdef socklen_t length
+        cdef int fd, i, one = 1
+        cdef char ip[64]
+        for i in range(64):             # a bounded batch: the other sockets get their turn
+            length = sizeof(address)
+            fd = accept4(l.fd, <sockaddr *>&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                return                  # EAGAIN; or out of files: the next connection retries
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            ip[0] = 0
+            if address.ss_family == AF_INET:
+                inet_ntop(AF_INET, &(<sockaddr_in *>&address).sin_addr, ip, sizeof(ip))
+            elif address.ss_family == AF_INET6:
+                inet_ntop(AF_INET6, &(<sockaddr_in6 *>&address).sin6_addr, ip, sizeof(ip))
+            self.take_client(fd, ip, strlen(ip))
+
+    cdef void take_client(self, int fd, const char *ip, Py_ssize_t ip_len):
+        """A new client socket (the engine owns fd from now on)."""
+        cdef Client *c = <Client *>malloc(sizeof(Client))
+        cdef Py_ssize_t before = len(self.forward_before), after = len(self.forward_after)
+        if c == NULL:
+            close(fd)
+            return
         c.kind = IS_CLIENT
         c.fd = fd
         c.state = WAITING
@@ -326,15 +411,18 @@ cdef class Engine:
         c.req_len = c.head_len = c.head_sent = 0
         c.pending = NULL
         c.pending_len = c.pending_off = 0
-        c.forward_len = len(forward)
+        # X-Forwarded-For / -Proto: HttpSettings.forward_block_for's bytes around the address.
+        c.forward_len = <uint32_t>(before + ip_len + after) if before else 0
         c.forward = <char *>malloc(c.forward_len + 1)
         if c.forward == NULL:
             free(c)
             close(fd)
-            raise MemoryError()
-        memcpy(c.forward, PyBytes_AS_STRING(forward), c.forward_len)
+            return
+        if before:
+            memcpy(c.forward, PyBytes_AS_STRING(self.forward_before), before)
+            memcpy(c.forward + before, ip, ip_len)
+            memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(self.forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
-        self.now = monotonic_now()
         c.deadline = self.now + self.http_request_timeout
         c.deadline_kind = FIRST_HEAD
         c.prev = NULL
@@ -397,7 +485,7 @@ cdef class Engine:
         cdef Backend *b = c.backend
         cdef object backend
         self.unlink(c)
-        self.forget(c.fd)
+        close(c.fd)            # accepted by the engine, no duplicate: closing takes it out of the epoll set
         c.fd = -1
         if b != NULL:
             # Mid-request: the backend connection is out of step; its slot goes back (as abandon() does).
@@ -479,7 +567,9 @@ cdef class Engine:
                 kind = (<Client *>events[i].data.ptr).kind
                 if kind == 0:
                     continue                # closed or adopted earlier in this batch
-                if kind == IS_CLIENT:
+                if kind == IS_LISTENER:
+                    self.on_listener_ready(<Listener *>events[i].data.ptr)
+                elif kind == IS_CLIENT:
                     c = <Client *>events[i].data.ptr
                     if ev & (EPOLLRDHUP | EPOLLHUP):
                         c.hung_up = 1           # no further edge will say so: checked after each answer
@@ -1010,6 +1100,7 @@ cdef class Engine:
         """Cuts every client connection and idle backend connection (shutdown, grace period over)."""
         cdef Backend *b
         cdef int slot
+        self.stop_listening()
         while self.clients != NULL:
             self.close_client(self.clients)
         for slot in range(len(self.backends)):

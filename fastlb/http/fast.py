@@ -7,7 +7,7 @@ retried statuses, no TLS to backends; metrics are counted when the slot goes bac
 `FASTLB_HTTP_ENGINE=python` asks for the Python path alone (the tests run both ways). Plain binds only:
 TLS and redirect binds stay on uvloop.
 
-Per connection: `take()` moves an accepted socket from uvloop to the engine. Per request the engine calls
+The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls
 `select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
 retries, queue and timeouts, and the socket goes to the engine) and `adopt()`, which gives a connection
 back to the Python path with the bytes the engine read and did not answer.
@@ -30,7 +30,7 @@ ENGINE_ENV = "FASTLB_HTTP_ENGINE"      # "python": the engine stays off (tests c
 
 
 class _Detached(asyncio.Protocol):
-    """The protocol of a uvloop transport whose socket the engine took over (a dup of it)."""
+    """The protocol of a backend connection whose socket the engine takes over (a dup of it)."""
 
     __slots__ = ()
 
@@ -97,8 +97,9 @@ class FastPath:
     def live(self) -> int:
         return self.engine.live + self.adopting
 
-    def protocol_factory(self):
-        return lambda: _Take(self)
+    def listen(self, sock) -> None:
+        """The engine accepts the bind's connections itself (on a duplicate of its listening socket)."""
+        self.engine.listen(os.dup(sock.fileno()))
 
     # ---- called by the engine ----------------------------------------------------------------------
 
@@ -189,26 +190,3 @@ class FastPath:
                 backend_sock.close()
         finally:
             self.adopting -= 1
-
-
-class _Take(asyncio.Protocol):
-    """The protocol of an accepted connection on an engine bind: it hands the socket over at once."""
-
-    __slots__ = ("fast",)
-
-    def __init__(self, fast: FastPath) -> None:
-        self.fast = fast
-
-    def connection_made(self, transport) -> None:
-        fast = self.fast
-        sock = transport.get_extra_info("socket")
-        peer = transport.get_extra_info("peername")
-        try:
-            fd = os.dup(sock.fileno())
-        except OSError:
-            transport.abort()
-            return
-        transport.set_protocol(DETACHED)
-        transport.abort()
-        client_ip = peer[0].encode() if peer else b""
-        fast.engine.add(fd, fast.runtime.settings.forward_block_for(client_ip, b"http"))

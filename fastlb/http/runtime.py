@@ -201,17 +201,25 @@ class HttpRuntime:
             if route.name != "default":
                 route.pool.close()          # the default pool is the worker's, closed by it
 
-    def protocol_factory(self, bind):
-        """What serves the bind's connections: the C engine where it can (fastlb/http/fast.py), else
-        the Python protocol."""
+    def serve_with_engine(self, bind, sock) -> bool:
+        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when);
+        False: the bind needs a uvloop server with `protocol_factory`."""
         from fastlb.http import fast
         reason = fast.why_not(self.config, self, bind)
-        if reason is None:
-            if self.fast is None:
-                self.fast = fast.FastPath(self, bind)
-            log.info("%s: HTTP engine c", bind.address)
-            return self.fast.protocol_factory()
-        log.info("%s: HTTP engine python (%s)", bind.address, reason)
+        if reason is not None:
+            log.info("%s: HTTP engine python (%s)", bind.address, reason)
+            return False
+        if self.fast is None:
+            self.fast = fast.FastPath(self, bind)
+        self.fast.listen(sock)
+        log.info("%s: HTTP engine c", bind.address)
+        return True
+
+    def stop_listening(self) -> None:
+        if self.fast is not None:
+            self.fast.engine.stop_listening()
+
+    def protocol_factory(self, bind):
         from fastlb.http.protocol import ClientConnection
         return lambda: ClientConnection(self, bind)
 
