@@ -37,7 +37,9 @@ def test_engine_serves_plain_binds_and_steps_aside_when_python_is_needed(procs):
     _, _, lb = start(procs)
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--algorithm", "hash", "--hash-key", "uri")
-    assert engine_line(lb) == "python (sticky sessions or a hashing key)"
+    assert engine_line(lb) == "c"
+    _, _, lb = start(procs, "--algorithm", "hash", "--hash-key", "header:X-User")
+    assert engine_line(lb) == "python (sticky sessions or captured headers)"
     _, _, lb = start(procs, "--response-header-set", "X-Served-By: fastlb")
     assert engine_line(lb) == "python (response header rules or retried statuses)"
     _, _, lb = start(procs, engine="python")
@@ -250,3 +252,16 @@ def test_failed_connects_are_answered_as_the_python_path_answers(procs):
             seen.append((first.status, first.headers, second.status, second.headers, client.closed()))
     assert seen[0] == seen[1]
     assert seen[0][0] == 503 and seen[0][4]
+
+
+@pytest.mark.parametrize("hash_key", ["uri", "path", "source"])
+def test_hashing_keys_pick_as_the_python_path_picks(procs, hash_key):
+    picks = []
+    for engine in ("c", "python"):
+        port, _, _ = start(procs, "--algorithm", "hash", "--hash-key", hash_key, names=("a", "b", "c"),
+                           engine=engine)
+        with Client(port) as client:
+            picks.append([client.request("GET", f"/item/{i}?page={i % 3}").header("X-Backend")
+                          for i in range(30)])
+    assert picks[0] == picks[1]
+    assert len(set(picks[0])) == (1 if hash_key == "source" else 3)

@@ -120,6 +120,13 @@ cdef enum:
     IDLE = 2           # between requests: keepalive_timeout, then a quiet close
     RESPONSE = 3       # the backend's response: response_timeout, then Python (504 or a retry)
 
+# The pool's hashing key (RoutePool.key_kind), as Engine.key_kind.
+cdef enum:
+    KEY_NONE = 0
+    KEY_SOURCE = 1
+    KEY_URI = 2
+    KEY_PATH = 3
+
 # Request header names the engine acts on (from HttpSettings.request_actions): what it does with them.
 cdef enum:
     H_FORWARD = 0      # not in the table: forwarded as `name: value`
@@ -168,6 +175,10 @@ cdef struct Client:
     # X-Forwarded-For / -Proto for this client (HttpSettings.forward_block_for), made once.
     char *forward
     uint32_t forward_len
+    uint32_t url_start         # the request target in buf (the hashing key `uri` / `path`)
+    uint32_t url_end
+    char ip[48]                # the client's address as text (the hashing key `source`)
+    int ip_len
     unsigned char close_after     # close once the answer is written (Connection: close, draining)
     unsigned char read_pending    # readable while busy: read once back to WAITING
     unsigned char hung_up         # the client shut its side (EPOLLRDHUP): read again after each answer
@@ -254,6 +265,7 @@ cdef class Engine:
     # Settings (HttpSettings), read once.
     cdef double http_request_timeout, keepalive_timeout, response_timeout, backend_idle_timeout
     cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length, max_body_size
+    cdef int key_kind
     cdef bint forwarded_for
     cdef bytes request_block, response_block, timeout_408
     cdef HeaderRule *rules
@@ -278,8 +290,8 @@ cdef class Engine:
         self.dead_backends = NULL
         self.listeners = NULL
 
-    def __init__(self, glue, loop, settings, Py_ssize_t max_body_size, dict request_actions, dict action_codes,
-                 bytes timeout_408):
+    def __init__(self, glue, loop, settings, Py_ssize_t max_body_size, int key_kind, dict request_actions,
+                 dict action_codes, bytes timeout_408):
         """request_actions: HttpSettings.request_actions (lower-case name -> action); action_codes maps
         the actions the engine handles itself: {'drop': H_DROP, 'host': H_HOST, 'connection': ...}."""
         cdef int i = 0
@@ -306,6 +318,7 @@ cdef class Engine:
         self.max_headers = settings.max_headers
         self.max_uri_length = settings.max_uri_length
         self.max_body_size = max_body_size
+        self.key_kind = key_kind
         self.forwarded_for = settings.forwarded_for
         self.request_block = settings.request_block
         self.response_block = settings.response_block
@@ -423,6 +436,8 @@ cdef class Engine:
             memcpy(c.forward + before, ip, ip_len)
             memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(self.forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
+        c.ip_len = <int>min(ip_len, 47)
+        memcpy(c.ip, ip, c.ip_len)
         c.deadline = self.now + self.http_request_timeout
         c.deadline_kind = FIRST_HEAD
         c.prev = NULL
@@ -775,6 +790,8 @@ cdef class Engine:
         memcpy(c.buf, p, n)
         memcpy(c.buf + n, h, hlen)
         c.req_len = <uint32_t>n
+        c.url_start = <uint32_t>url_start
+        c.url_end = <uint32_t>url_end
         c.head_len = <uint32_t>hlen
         c.head_sent = 0
         c.close_after = close_after
@@ -800,9 +817,21 @@ cdef class Engine:
 
     cdef void dispatch(self, Client *c):
         """A parsed request: to an idle connection of the backend the pool picks, else Python connects."""
-        cdef object backend = self.select()
+        cdef object backend
         cdef int slot
         cdef Backend *b
+        cdef object key = None
+        cdef uint32_t end
+        if self.key_kind == KEY_SOURCE:
+            key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
+        elif self.key_kind == KEY_URI:
+            key = PyBytes_FromStringAndSize(c.buf + c.url_start, c.url_end - c.url_start)
+        elif self.key_kind == KEY_PATH:
+            end = c.url_start
+            while end < c.url_end and c.buf[end] != 63:          # '?'
+                end += 1
+            key = PyBytes_FromStringAndSize(c.buf + c.url_start, end - c.url_start)
+        backend = self.select(key)
         if backend is None:
             # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers.
             self.adopt(c, c.buf, c.req_len)
@@ -817,7 +846,7 @@ cdef class Engine:
         c.state = CONNECTING
         c.deadline_kind = NO_DEADLINE
         self.connects += 1
-        self.glue.connect(<uintptr_t>c, backend)
+        self.glue.connect(<uintptr_t>c, backend, key)
 
     cdef void attach(self, Client *c, Backend *b):
         b.client = c

@@ -2,7 +2,7 @@
 
 `why_not` decides once per bind whether the engine may serve: only where a request needs nothing per
 request from Python beyond picking a backend and giving its slot back (one pool and no routing rule,
-no hashing key, no sticky sessions or captured headers, no access log, no response header rules, no
+no sticky sessions or captured headers, a hashing key by source, uri or path only, no access log, no response header rules, no
 retried statuses, no TLS to backends; metrics are counted when the slot goes back), and not when
 `FASTLB_HTTP_ENGINE=python` asks for the Python path alone (the tests run both ways). Plain binds only:
 TLS and redirect binds stay on uvloop.
@@ -27,6 +27,8 @@ from fastlb.pool import NoBackendError, QueueError
 log = logging.getLogger("fastlb")
 
 ENGINE_ENV = "FASTLB_HTTP_ENGINE"      # "python": the engine stays off (tests compare both paths)
+# Hashing keys the engine computes itself (RoutePool.key_kind -> _fast.pyx's KEY_* values).
+KEY_KINDS = {None: 0, "source": 1, "uri": 2, "path": 3}
 
 
 class _Detached(asyncio.Protocol):
@@ -49,8 +51,10 @@ def why_not(config, runtime, bind) -> str | None:
         return "TLS, redirect or PROXY-protocol bind"
     if route is None:
         return "routing rules"
-    if route.sticky is not None or route.key_kind is not None or settings.capture or settings.cookie_held:
-        return "sticky sessions or a hashing key"
+    if route.sticky is not None or settings.capture or settings.cookie_held:
+        return "sticky sessions or captured headers"
+    if route.key_kind not in KEY_KINDS:
+        return f"hashing key {route.key_kind}"
     if runtime.observer is not None and runtime.observer.access_log is not None:
         return "access log"
     if not settings.fast_responses or settings.retry_statuses or settings.response_watch:
@@ -81,6 +85,7 @@ class FastPath:
         self.adopting = 0                     # connections between the engine and the Python path
         self.observer = runtime.observer      # metrics (never an access log: see why_not)
         self.engine = Engine(self, self.loop, runtime.settings, self.route.max_body_size,
+                             KEY_KINDS[self.route.key_kind],
                              runtime.settings.request_actions,
                              {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION,
                               "content-length": H_CONTENT_LENGTH},
@@ -103,10 +108,10 @@ class FastPath:
 
     # ---- called by the engine ----------------------------------------------------------------------
 
-    def select(self):
+    def select(self, key):
         """A backend with a slot taken, or None: the Python path must queue or refuse (or speak TLS to
         a backend added at run time)."""
-        backend = self.select_now(None, self.no_tries, None)
+        backend = self.select_now(key, self.no_tries, None)
         if backend is not None and backend.ssl_context is not None:
             self.pool.release(backend)
             return None
@@ -129,13 +134,13 @@ class FastPath:
             self.pool.health.record(backend, True, RESPONSE)
         self.release(backend)
 
-    def connect(self, token: int, backend) -> None:
-        self.loop.create_task(self._connect(token, backend))
+    def connect(self, token: int, backend, key) -> None:
+        self.loop.create_task(self._connect(token, backend, key))
 
-    async def _connect(self, token: int, backend) -> None:
+    async def _connect(self, token: int, backend, key) -> None:
         runtime = self.runtime
         try:
-            backend, transport, _ = await self.pool.connect(None, _Detached, [], backend, None)
+            backend, transport, _ = await self.pool.connect(key, _Detached, [], backend, None)
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
