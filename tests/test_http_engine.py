@@ -9,10 +9,11 @@ bodiless, close-delimited, malformed), followed by a plain request on the same c
 """
 import socket
 import subprocess
+import textwrap
 
 import pytest
 
-from http_client import Client, requests_seen
+from http_client import Client, build, requests_seen
 from procs import Processes, ensure_debian_tool, free_port, wait_until
 
 
@@ -265,3 +266,65 @@ def test_hashing_keys_pick_as_the_python_path_picks(procs, hash_key):
                           for i in range(30)])
     assert picks[0] == picks[1]
     assert len(set(picks[0])) == (1 if hash_key == "source" else 3)
+
+
+ROUTED = """\
+    default_pool = "web"
+    [[bind]]
+    address = "127.0.0.1:{port}"
+    [[pool]]
+    name = "web"
+    backend = ["127.0.0.1:{web}"]
+    [[pool]]
+    name = "api"
+    backend = ["127.0.0.1:{api}", "127.0.0.1:{api2}"]
+    algorithm = "hash"
+    hash_key = "path"
+    max_body_size = "10"
+    [[pool]]
+    name = "admin"
+    backend = ["127.0.0.1:{admin}"]
+    [[pool]]
+    name = "posts"
+    backend = ["127.0.0.1:{posts}"]
+    [[route]]
+    pool = "admin"
+    host = "admin.example.com"
+    [[route]]
+    pool = "posts"
+    method = "POST"
+    path_prefix = "/api/"
+    [[route]]
+    pool = "api"
+    path_prefix = "/api/"
+    [[route]]
+    pool = "admin"
+    path_regex = "\\\\.(png|jpg)$"
+    """
+
+
+def test_routing_rules_are_served_by_the_engine_as_by_the_python_path(procs, tmp_path):
+    seen = []
+    for engine in ("c", "python"):
+        backend, ports = procs.http_backends("web", "api", "api2", "admin", "posts")
+        port = free_port()
+        path = tmp_path / f"{engine}.toml"
+        path.write_text(textwrap.dedent(ROUTED.format(port=port, **ports)))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("FASTLB_HTTP_ENGINE", engine)
+            lb = procs.fastlb("--config", str(path), wait_port=port)
+        assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+        answers = []
+        with Client(port) as client:
+            for i in range(8):
+                answers.append(client.request("GET", f"/api/item{i}?q=1").header("X-Backend"))
+            answers.append(client.request("POST", "/api/pay", {}, b"{}").header("X-Backend"))
+            answers.append(client.request("GET", "/a/b.png").header("X-Backend"))
+            client.send(build("GET", "/", host="Admin.Example.com:8080"))
+            answers.append(client.read_response().header("X-Backend"))
+            answers.append(client.request("GET", "/home").header("X-Backend"))
+            answers.append(client.request("PUT", "/api/x", {}, b"x" * 11).status)      # over api's limit: 413
+        seen.append(answers)
+    assert seen[0] == seen[1]
+    assert seen[0][8:] == ["posts", "admin", "admin", "web", 413]
+    assert set(seen[0][:8]) == {"api", "api2"}

@@ -177,6 +177,10 @@ cdef struct Client:
     uint32_t forward_len
     uint32_t url_start         # the request target in buf (the hashing key `uri` / `path`)
     uint32_t url_end
+    uint32_t host_start        # the Host value in buf, the method's length, the body's (routing rules)
+    uint32_t host_end
+    uint32_t method_len
+    uint32_t body_len
     char ip[48]                # the client's address as text (the hashing key `source`)
     int ip_len
     unsigned char close_after     # close once the answer is written (Connection: close, draining)
@@ -266,6 +270,8 @@ cdef class Engine:
     cdef double http_request_timeout, keepalive_timeout, response_timeout, backend_idle_timeout
     cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length, max_body_size
     cdef int key_kind
+    cdef bint routed           # routing rules: Python routes each request (glue.select_routed)
+    cdef object select_routed
     cdef bint forwarded_for
     cdef bytes request_block, response_block, timeout_408
     cdef HeaderRule *rules
@@ -290,8 +296,8 @@ cdef class Engine:
         self.dead_backends = NULL
         self.listeners = NULL
 
-    def __init__(self, glue, loop, settings, Py_ssize_t max_body_size, int key_kind, dict request_actions,
-                 dict action_codes, bytes timeout_408):
+    def __init__(self, glue, loop, settings, bint routed, Py_ssize_t max_body_size, int key_kind,
+                 dict request_actions, dict action_codes, bytes timeout_408):
         """request_actions: HttpSettings.request_actions (lower-case name -> action); action_codes maps
         the actions the engine handles itself: {'drop': H_DROP, 'host': H_HOST, 'connection': ...}."""
         cdef int i = 0
@@ -319,6 +325,8 @@ cdef class Engine:
         self.max_uri_length = settings.max_uri_length
         self.max_body_size = max_body_size
         self.key_kind = key_kind
+        self.routed = routed
+        self.select_routed = glue.select_routed
         self.forwarded_for = settings.forwarded_for
         self.request_block = settings.request_block
         self.response_block = settings.response_block
@@ -792,6 +800,10 @@ cdef class Engine:
         c.req_len = <uint32_t>n
         c.url_start = <uint32_t>url_start
         c.url_end = <uint32_t>url_end
+        c.host_start = <uint32_t>host_start
+        c.host_end = <uint32_t>host_end
+        c.method_len = <uint32_t>method_end
+        c.body_len = <uint32_t>length
         c.head_len = <uint32_t>hlen
         c.head_sent = 0
         c.close_after = close_after
@@ -818,10 +830,21 @@ cdef class Engine:
     cdef void dispatch(self, Client *c):
         """A parsed request: to an idle connection of the backend the pool picks, else Python connects."""
         cdef object backend
-        cdef int slot
-        cdef Backend *b
         cdef object key = None
+        cdef object picked
         cdef uint32_t end
+        if self.routed:
+            picked = self.select_routed(
+                PyBytes_FromStringAndSize(c.buf, c.method_len),
+                PyBytes_FromStringAndSize(c.buf + c.url_start, c.url_end - c.url_start),
+                PyBytes_FromStringAndSize(c.buf + c.host_start, c.host_end - c.host_start),
+                PyBytes_FromStringAndSize(c.ip, c.ip_len), c.body_len)
+            if picked is None:
+                self.adopt(c, c.buf, c.req_len)
+                return
+            backend, key = picked
+            self.place(c, backend, key)
+            return
         if self.key_kind == KEY_SOURCE:
             key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
         elif self.key_kind == KEY_URI:
@@ -836,9 +859,13 @@ cdef class Engine:
             # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers.
             self.adopt(c, c.buf, c.req_len)
             return
-        slot = self.slot_of(backend)
+        self.place(c, backend, key)
+
+    cdef void place(self, Client *c, object backend, object key):
+        """The request goes to `backend` (its slot taken): on an idle connection, or Python connects."""
+        cdef int slot = self.slot_of(backend)
+        cdef Backend *b = self.idle[slot]
         c.slot = slot
-        b = self.idle[slot]
         if b != NULL:
             self.unpark(b)
             self.attach(c, b)

@@ -43,23 +43,21 @@ DETACHED = _Detached()
 def why_not(config, runtime, bind) -> str | None:
     """Why the engine cannot serve this bind (None: it can)."""
     settings = runtime.settings
-    router = runtime.router
-    route = router.single
+    routes = list(runtime.router.pools.values())
     if os.environ.get(ENGINE_ENV, "c") == "python":
         return f"{ENGINE_ENV}=python"
     if bind.ssl or bind.redirect_https is not None or bind.accept_proxy:
         return "TLS, redirect or PROXY-protocol bind"
-    if route is None:
-        return "routing rules"
-    if route.sticky is not None or settings.capture or settings.cookie_held:
+    if any(route.sticky is not None for route in routes) or settings.capture or settings.cookie_held:
         return "sticky sessions or captured headers"
-    if route.key_kind not in KEY_KINDS:
-        return f"hashing key {route.key_kind}"
+    for route in routes:
+        if route.key_kind not in KEY_KINDS:
+            return f"hashing key {route.key_kind}"
     if runtime.observer is not None and runtime.observer.access_log is not None:
         return "access log"
     if not settings.fast_responses or settings.retry_statuses or settings.response_watch:
         return "response header rules or retried statuses"
-    if any(backend.ssl_context is not None for backend in route.pool.backends):
+    if any(backend.ssl_context is not None for route in routes for backend in route.pool.backends):
         return "TLS to backends"
     try:
         from fastlb.http import _fast  # noqa: F401
@@ -76,16 +74,22 @@ class FastPath:
         self.runtime = runtime
         self.loop = runtime.loop
         self.bind = bind                      # any plain bind will do: the Python path reads no more of it
+        self.router = runtime.router
+        # One pool without rules: the engine hashes and checks the body size itself, and select() is
+        # the pool's. With rules: select_routed() routes each request, and the pool of each backend
+        # picked is remembered for its connect and its release.
         self.route = runtime.router.single
-        self.pool = self.route.pool
+        self.pool = self.route.pool if self.route is not None else None
+        self.pool_of: dict = {}
         self.no_tries: list = []              # select_now's `tried`: never appended to
-        self.select_now = self.pool.select_now
-        self.release = self.pool.release
+        if self.pool is not None:
+            self.select_now = self.pool.select_now
         self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
         self.adopting = 0                     # connections between the engine and the Python path
         self.observer = runtime.observer      # metrics (never an access log: see why_not)
-        self.engine = Engine(self, self.loop, runtime.settings, self.route.max_body_size,
-                             KEY_KINDS[self.route.key_kind],
+        self.engine = Engine(self, self.loop, runtime.settings, self.route is None,
+                             self.route.max_body_size if self.route is not None else 0,
+                             KEY_KINDS[self.route.key_kind] if self.route is not None else 0,
                              runtime.settings.request_actions,
                              {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION,
                               "content-length": H_CONTENT_LENGTH},
@@ -117,6 +121,26 @@ class FastPath:
             return None
         return backend
 
+    def select_routed(self, method: bytes, url: bytes, host: bytes, client_ip: bytes, length: int):
+        """With routing rules: (backend with a slot taken, hashing key), or None for the Python path
+        (nothing to pick now, a body over the routed pool's limit: 413)."""
+        route = self.router.route(method, url, host, None)
+        if route.max_body_size and length > route.max_body_size:
+            return None
+        key = route.key(client_ip, url, None) if route.key_kind else None
+        pool = route.pool
+        backend = pool.select_now(key, self.no_tries, None)
+        if backend is None:
+            return None
+        if backend.ssl_context is not None:
+            pool.release(backend)
+            return None
+        self.pool_of[backend] = pool
+        return backend, key
+
+    def pool_for(self, backend):
+        return self.pool if self.pool is not None else self.pool_of[backend]
+
     def finish(self, backend, seconds: float, ok: bool, status: int, bytes_in: int, bytes_out: int) -> None:
         """A request's slot goes back, with its outcome (BackendConnection.release, the same rules), and
         its counts when metrics are on (Observer.http_request's; status 0: the client left first)."""
@@ -128,11 +152,12 @@ class FastPath:
             traffic.bytes_in += bytes_in
             traffic.bytes_out += bytes_out
         backend.balancer.on_response(backend.index, seconds, ok)
+        pool = self.pool_for(backend)
         if not ok:
-            self.pool.health.record(backend, False, RESPONSE, f"status {status}")
+            pool.health.record(backend, False, RESPONSE, f"status {status}")
         elif backend.bad_responses:
-            self.pool.health.record(backend, True, RESPONSE)
-        self.release(backend)
+            pool.health.record(backend, True, RESPONSE)
+        pool.release(backend)
 
     def connect(self, token: int, backend, key) -> None:
         self.loop.create_task(self._connect(token, backend, key))
@@ -140,12 +165,14 @@ class FastPath:
     async def _connect(self, token: int, backend, key) -> None:
         runtime = self.runtime
         try:
-            backend, transport, _ = await self.pool.connect(key, _Detached, [], backend, None)
+            pool = self.pool_for(backend)
+            backend, transport, _ = await pool.connect(key, _Detached, [], backend, None)
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
             if self.observer is not None:
-                self.observer.http_request(None, "", "", "", status, 0, 0, 0.0, 0.0, None, self.route.name)
+                name = next(r.name for r in self.router.pools.values() if r.pool is pool)
+                self.observer.http_request(None, "", "", "", status, 0, 0, 0.0, 0.0, None, name)
             self.engine.connect_failed(token, errors.response(status, False), errors.response(status, True))
             return
         except BaseException:
@@ -155,11 +182,13 @@ class FastPath:
             fd = os.dup(transport.get_extra_info("socket").fileno())
         except OSError:
             transport.abort()
-            self.pool.release(backend)
+            pool.release(backend)
             self.engine.connect_failed(token, errors.response(503, False), errors.response(503, True))
             return
         transport.set_protocol(DETACHED)
         transport.abort()
+        if self.pool is None:
+            self.pool_of[backend] = pool          # a retry may have connected another backend
         self.engine.connected(token, backend, fd)
 
     def adopt(self, fd: int, data: bytes, inflight) -> None:
