@@ -18,6 +18,16 @@ SCRATCH bytes.
 Locking: `lock` guards the slot table, the close ring and the abort requests; the relay thread takes
 it once per batch of closes or per sweep, never per chunk. A connection's own fields are written by
 Python only before its fds are added to epoll, then only by the relay thread.
+
+TLS termination (`listen()` with a `ServerContext`): for a TLS-terminating bind the thread itself
+accepts, runs the non-blocking handshake (OpenSSL on the socket fd, no memory BIO) and then *parks*
+the connection (out of epoll) and tells Python, through the same ring as the close records (a READY
+record with the client's and the local address). Python picks and connects the backend as for a plain
+connection and hands the backend socket over with `attach()`; the thread then relays SSL_read /
+SSL_write on the client side and plain recv/send on the backend side. A client that fails or does not
+finish its handshake (within `handshake_timeout`) never reaches Python and costs no backend connection.
+TLS has no half-close: the client's EOF (close_notify or FIN) half-closes the backend; the backend's
+EOF ends the connection with a close_notify.
 """
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
@@ -47,11 +57,44 @@ cdef extern from "<sys/eventfd.h>" nogil:
         EFD_NONBLOCK, EFD_CLOEXEC
 
 cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct sockaddr:
+        unsigned short sa_family
     int shutdown(int fd, int how)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int accept4(int fd, sockaddr *addr, socklen_t *len, int flags)
+    int getsockname(int fd, sockaddr *addr, socklen_t *len)
+    int setsockopt(int fd, int level, int name, const void *value, socklen_t len)
     enum:
-        SHUT_WR, MSG_NOSIGNAL
+        SHUT_WR, MSG_NOSIGNAL, SOCK_NONBLOCK, SOCK_CLOEXEC, AF_INET, AF_INET6
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+    cdef struct in_addr:
+        uint32_t s_addr
+    cdef struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    cdef struct in6_addr:
+        unsigned char s6_addr[16]
+    cdef struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+    unsigned short ntohs(unsigned short v)
+    uint32_t ntohl(uint32_t v)
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 cdef extern from "<time.h>" nogil:
     cdef struct timespec:
@@ -80,8 +123,13 @@ cdef extern from "<signal.h>" nogil:
     enum:
         SIG_BLOCK, SIG_SETMASK
 
+include "_ctls.pxi"
+
 DEF SCRATCH = 65536
 DEF MAX_EVENTS = 256
+DEF MAX_LISTENERS = 64
+DEF ACCEPT_BATCH = 16
+DEF TLS_RECORD = 16384
 
 # Why a connection ended (the close records' reason).
 cdef enum:
@@ -90,8 +138,15 @@ cdef enum:
     END_BACKEND = 2       # error or reset on the backend socket
     END_IDLE = 3          # idle both ways for idle_timeout
     END_ABORT = 4         # cut by Python (shutdown), or out of memory
+    READY = 5             # not an end: a TLS client finished its handshake (the record has addresses)
 
-REASONS = ("both", "client", "backend", "idle", "abort")
+REASONS = ("both", "client", "backend", "idle", "abort", "ready")
+
+# A connection's phase. Plain connections (add()) start in ST_RELAY.
+cdef enum:
+    ST_RELAY = 0
+    ST_HANDSHAKE = 1      # TLS: accepted by the thread, handshake under way
+    ST_PARKED = 2         # TLS: handshake done, out of epoll until Python attaches a backend
 
 cdef struct Conn:
     int fd[2]                 # 0: client, 1: backend
@@ -108,12 +163,41 @@ cdef struct Conn:
     uint64_t id
     uint64_t nbytes[2]        # read from fd[d] (0: from the client = bytes_in)
     int64_t last_active       # ms, CLOCK_MONOTONIC_COARSE
+    # TLS-terminated client (fd[0]); NULL for plain connections
+    SSL *ssl
+    unsigned char state       # ST_*
+    unsigned char announced   # Python knows the connection: its end gets a close record
+    unsigned char read_wants_write   # SSL_read asked for EPOLLOUT on the client (key update)
+    int listener              # the Listener index it was accepted on (-1: added by Python)
+    int64_t deadline          # ms: end of the handshake allowed
+    sockaddr_in6 peer         # TLS: the client's address, and the local one (AF_INET uses the start)
+    sockaddr_in6 local
 
 cdef struct CloseRecord:
     uint64_t id
     uint64_t bytes_in
     uint64_t bytes_out
     int reason
+    int listener
+    sockaddr_in6 peer         # READY records only
+    sockaddr_in6 local
+
+cdef struct Listener:
+    int fd
+    int index
+    int closed                # unlisten(): no more accepts (the fd stays Python's)
+    int paused                # out of epoll while the slot table is full
+    SSL_CTX *ctx              # the bind's front context (owned by its ServerContext)
+    int64_t handshake_timeout # ms
+
+cdef struct Attach:
+    uint64_t id
+    int fd
+    char *buf                 # to the backend first
+    uint32_t len
+    char *back                # to the client first (what the backend sent before the hand-over)
+    uint32_t back_len
+    int back_eof              # the backend already half-closed
 
 cdef struct Engine:
     int epfd
@@ -138,6 +222,14 @@ cdef struct Engine:
     char *scratch
     Conn **dead_list
     int ndead
+    Conn **ready_list          # TLS handshakes finished in this batch
+    int nready
+    uint64_t next_serial
+    Listener *listeners[MAX_LISTENERS]
+    int nlisteners
+    int npaused
+    Attach *attaches           # backends Python hands to parked TLS connections
+    int nattaches
 
 
 cdef inline int64_t now_ms() noexcept nogil:
@@ -148,12 +240,12 @@ cdef inline int64_t now_ms() noexcept nogil:
 
 cdef inline void set_mask(Engine *e, Conn *c, int side) noexcept nogil:
     """Registers the interest fd[side] needs now: IN while its direction may read, OUT while the other
-    direction has bytes waiting for it."""
+    direction has bytes waiting for it (or, TLS client, while its SSL_read waits to write)."""
     cdef uint32_t want = 0
     cdef epoll_event ev
     if not c.eof[side] and c.buf[side] == NULL:
         want |= EPOLLIN
-    if c.buf[1 - side] != NULL:
+    if c.buf[1 - side] != NULL or (side == 0 and c.read_wants_write):
         want |= EPOLLOUT
     if c.removed[side]:
         if want:
@@ -173,13 +265,17 @@ cdef inline void set_mask(Engine *e, Conn *c, int side) noexcept nogil:
 cdef void kill_conn(Engine *e, Conn *c, int reason) noexcept nogil:
     """Closes both sockets now (pending bytes are dropped) and queues the close record."""
     cdef int d
-    cdef CloseRecord *rec
-    cdef uint64_t one = 1
     if c.dead:
         return
     c.dead = 1
     c.reason = reason
+    if c.ssl != NULL:
+        SSL_free(c.ssl)                 # does not close the fd
+        c.ssl = NULL
+        ERR_clear_error()               # the thread's OpenSSL error queue: nothing stale for the next
     for d in range(2):
+        if c.fd[d] < 0:
+            continue
         # Removed explicitly: close() alone leaves it registered while another fd (a dup, a child's
         # copy) still refers to the socket, and an event would then name freed memory.
         epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[d], NULL)
@@ -192,43 +288,99 @@ cdef void kill_conn(Engine *e, Conn *c, int reason) noexcept nogil:
     e.ndead += 1
 
 
+cdef void resume_listeners(Engine *e) noexcept nogil:
+    """Slots are free again: listeners paused while the table was full accept again."""
+    cdef int i
+    cdef Listener *l
+    cdef epoll_event ev
+    for i in range(e.nlisteners):
+        l = e.listeners[i]
+        if l.paused and not l.closed:
+            l.paused = 0
+            ev.events = EPOLLIN
+            ev.data.u64 = <uint64_t>l | 2
+            epoll_ctl(e.epfd, EPOLL_CTL_ADD, l.fd, &ev)
+    e.npaused = 0
+
+
 cdef void flush_dead(Engine *e) noexcept nogil:
-    """After a batch: close records to Python, slots back to the free list, memory freed."""
+    """After a batch: READY records (handshakes done) and close records to Python, slots back to the
+    free list, memory freed."""
     cdef int i
     cdef Conn *c
     cdef CloseRecord *rec
     cdef uint64_t one = 1
-    cdef int was_empty
-    if e.ndead == 0:
+    cdef int was_empty, queued = 0
+    if e.ndead == 0 and e.nready == 0:
         return
     pthread_mutex_lock(&e.lock)
     was_empty = e.ring_len == 0
+    for i in range(e.nready):
+        c = e.ready_list[i]
+        if c.dead:
+            continue                    # died in the same batch: Python never hears of it
+        c.announced = 1
+        rec = &e.ring[(e.ring_head + e.ring_len) % (2 * e.capacity)]
+        e.ring_len += 1
+        queued += 1
+        rec.id = c.id
+        rec.bytes_in = rec.bytes_out = 0
+        rec.reason = READY
+        rec.listener = c.listener
+        rec.peer = c.peer
+        rec.local = c.local
+    e.nready = 0
     for i in range(e.ndead):
         c = e.dead_list[i]
-        rec = &e.ring[(e.ring_head + e.ring_len) % e.capacity]
-        e.ring_len += 1
-        rec.id = c.id
-        rec.bytes_in = c.nbytes[0]
-        rec.bytes_out = c.nbytes[1]
-        rec.reason = c.reason
+        if c.announced:
+            rec = &e.ring[(e.ring_head + e.ring_len) % (2 * e.capacity)]
+            e.ring_len += 1
+            queued += 1
+            rec.id = c.id
+            rec.bytes_in = c.nbytes[0]
+            rec.bytes_out = c.nbytes[1]
+            rec.reason = c.reason
+            rec.listener = c.listener
         e.slots[c.slot] = NULL
         e.free_slots[e.nfree] = c.slot
         e.nfree += 1
         e.count -= 1
         free(c)
     e.ndead = 0
+    if e.npaused:
+        resume_listeners(e)
     pthread_mutex_unlock(&e.lock)
-    if was_empty:
+    if was_empty and queued:
         write(e.notify_fd, &one, 8)
+
+
+cdef inline ssize_t tls_write(Engine *e, Conn *c, const char *buf, uint32_t n) noexcept nogil:
+    """SSL_write to the client: n, 0 when the socket is full (retry later with the same bytes), -1 on
+    error."""
+    cdef int w = SSL_write(c.ssl, buf, <int>n)
+    cdef int err
+    if w > 0:
+        return w
+    err = SSL_get_error(c.ssl, w)
+    if err == SSL_ERROR_WANT_WRITE or err == SSL_ERROR_WANT_READ:
+        return 0
+    ERR_clear_error()
+    return -1
 
 
 cdef inline int flush_pending(Engine *e, Conn *c, int d) noexcept nogil:
     """Writes buf[d] to fd[1-d]. Returns 0 ok (maybe still pending), -1 error."""
-    cdef ssize_t n = send(c.fd[1 - d], c.buf[d] + c.off[d], c.len[d] - c.off[d], MSG_NOSIGNAL)
-    if n < 0:
-        if errno == EAGAIN or errno == EINTR:
-            return 0
-        return -1
+    cdef ssize_t n
+    if d == 1 and c.ssl != NULL:
+        n = tls_write(e, c, c.buf[d] + c.off[d], c.len[d] - c.off[d])
+        if n < 0:
+            return -1
+    else:
+        n = send(c.fd[1 - d], c.buf[d] + c.off[d], c.len[d] - c.off[d], MSG_NOSIGNAL)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return 0
+            return -1
     c.off[d] += n
     if c.off[d] == c.len[d]:
         free(c.buf[d])
@@ -240,11 +392,43 @@ cdef inline int flush_pending(Engine *e, Conn *c, int d) noexcept nogil:
 
 cdef inline int maybe_shut(Engine *e, Conn *c, int d) noexcept nogil:
     """Direction d read its EOF and has nothing pending: shut the peer's write side. Returns 1 when
-    both directions are done (the connection is finished)."""
+    both directions are done (the connection is finished). TLS has no half-close: the backend's end
+    ends the connection, with a close_notify to the client."""
     if c.eof[d] and c.buf[d] == NULL and not c.shut[d]:
         c.shut[d] = 1
+        if d == 1 and c.ssl != NULL:
+            SSL_shutdown(c.ssl)          # one try: the close_notify goes out if the socket takes it
+            return 1
         shutdown(c.fd[1 - d], SHUT_WR)
     return c.shut[0] and c.shut[1]
+
+
+cdef inline ssize_t tls_read(Engine *e, Conn *c) noexcept nogil:
+    """SSL_read from the client into the scratch buffer: bytes read, 0 at its end (close_notify or a
+    FIN), -2 when nothing is there yet, -1 on error. A full record is followed by more reads while the
+    scratch buffer has room (bulk uploads: fewer epoll rounds)."""
+    cdef int n, err
+    cdef ssize_t total = 0
+    while True:
+        n = SSL_read(c.ssl, e.scratch + total, <int>(SCRATCH - total))
+        if n > 0:
+            total += n
+            if n < TLS_RECORD or SCRATCH - total < TLS_RECORD:
+                return total
+            continue
+        err = SSL_get_error(c.ssl, n)
+        if total:
+            ERR_clear_error()
+            return total            # what was read goes first; the condition shows again next time
+        if err == SSL_ERROR_WANT_READ:
+            return -2
+        if err == SSL_ERROR_ZERO_RETURN:
+            return 0
+        if err == SSL_ERROR_WANT_WRITE:
+            c.read_wants_write = 1  # e.g. a key update's answer: retried once the socket takes it
+            return -2
+        ERR_clear_error()
+        return -1
 
 
 cdef int on_readable(Engine *e, Conn *c, int d) noexcept nogil:
@@ -252,13 +436,23 @@ cdef int on_readable(Engine *e, Conn *c, int d) noexcept nogil:
     connection was killed."""
     cdef ssize_t n, w
     cdef uint32_t rest
-    # recv/send, not read/write: the socket calls skip the VFS layer (HAProxy's choice too)
-    n = recv(c.fd[d], e.scratch, SCRATCH, 0)
-    if n < 0:
-        if errno == EAGAIN or errno == EINTR:
+    if d == 0 and c.ssl != NULL:
+        n = tls_read(e, c)
+        if n == -2:
+            if c.read_wants_write:
+                set_mask(e, c, 0)
             return 0
-        kill_conn(e, c, END_CLIENT if d == 0 else END_BACKEND)
-        return -1
+        if n == -1:
+            kill_conn(e, c, END_CLIENT)
+            return -1
+    else:
+        # recv/send, not read/write: the socket calls skip the VFS layer (HAProxy's choice too)
+        n = recv(c.fd[d], e.scratch, SCRATCH, 0)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return 0
+            kill_conn(e, c, END_CLIENT if d == 0 else END_BACKEND)
+            return -1
     if n == 0:
         c.eof[d] = 1
         if maybe_shut(e, c, d):
@@ -267,12 +461,18 @@ cdef int on_readable(Engine *e, Conn *c, int d) noexcept nogil:
         set_mask(e, c, d)
         return 0
     c.nbytes[d] += n
-    w = send(c.fd[1 - d], e.scratch, n, MSG_NOSIGNAL)
-    if w < 0:
-        if errno != EAGAIN and errno != EINTR:
-            kill_conn(e, c, END_BACKEND if d == 0 else END_CLIENT)
+    if d == 1 and c.ssl != NULL:
+        w = tls_write(e, c, e.scratch, <uint32_t>n)
+        if w < 0:
+            kill_conn(e, c, END_CLIENT)
             return -1
-        w = 0
+    else:
+        w = send(c.fd[1 - d], e.scratch, n, MSG_NOSIGNAL)
+        if w < 0:
+            if errno != EAGAIN and errno != EINTR:
+                kill_conn(e, c, END_BACKEND if d == 0 else END_CLIENT)
+                return -1
+            w = 0
     if w < n:
         # The peer is full: keep the rest (allocated only now), stop reading this side until it drains.
         rest = <uint32_t>(n - w)
@@ -288,8 +488,141 @@ cdef int on_readable(Engine *e, Conn *c, int d) noexcept nogil:
     return 0
 
 
+cdef void handshake(Engine *e, Conn *c) noexcept nogil:
+    """One step of a TLS client's handshake; done, the connection is parked (out of epoll) and
+    announced to Python with a READY record."""
+    cdef int r = SSL_do_handshake(c.ssl)
+    cdef int err
+    cdef uint32_t want
+    cdef epoll_event ev
+    if r == 1:
+        c.state = ST_PARKED
+        if not c.removed[0]:
+            epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[0], NULL)
+            c.removed[0] = 1
+            c.mask[0] = 0
+        e.ready_list[e.nready] = c
+        e.nready += 1
+        return
+    err = SSL_get_error(c.ssl, r)
+    if err == SSL_ERROR_WANT_READ:
+        want = EPOLLIN
+    elif err == SSL_ERROR_WANT_WRITE:
+        want = EPOLLOUT
+    else:
+        kill_conn(e, c, END_CLIENT)     # not announced: no record, Python never knew it
+        return
+    ev.events = want
+    ev.data.u64 = <uint64_t>c
+    if c.removed[0]:
+        c.removed[0] = 0
+        c.mask[0] = want
+        epoll_ctl(e.epfd, EPOLL_CTL_ADD, c.fd[0], &ev)
+    elif c.mask[0] != want:
+        c.mask[0] = want
+        epoll_ctl(e.epfd, EPOLL_CTL_MOD, c.fd[0], &ev)
+
+
+cdef Conn *take_slot(Engine *e) noexcept nogil:
+    """A zeroed connection in a free slot with a fresh id (lock held), or NULL when full / no memory."""
+    cdef Conn *c
+    cdef int slot
+    if e.nfree == 0:
+        return NULL
+    c = <Conn *>calloc(1, sizeof(Conn))
+    if c == NULL:
+        return NULL
+    e.nfree -= 1
+    slot = e.free_slots[e.nfree]
+    c.slot = slot
+    c.id = (e.next_serial << 32) | <uint64_t>slot
+    e.next_serial += 1
+    e.slots[slot] = c
+    e.count += 1
+    c.listener = -1
+    return c
+
+
+cdef void on_accept(Engine *e, Listener *l, int64_t now) noexcept nogil:
+    """A TLS listener is readable: accepts a batch, starts each handshake."""
+    cdef int i, fd, one = 1
+    cdef Conn *c
+    cdef socklen_t size
+    cdef sockaddr_in6 peer
+    for i in range(ACCEPT_BATCH):
+        if l.closed:
+            return
+        size = sizeof(sockaddr_in6)
+        fd = accept4(l.fd, <sockaddr *>&peer, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            return                      # EAGAIN (another worker was faster), or an error to retry later
+        pthread_mutex_lock(&e.lock)
+        c = take_slot(e)
+        if c == NULL and e.nfree == 0:
+            # Full: this one is refused, and the listener waits for a free slot.
+            l.paused = 1
+            e.npaused += 1
+            epoll_ctl(e.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+        pthread_mutex_unlock(&e.lock)
+        if c == NULL:
+            close(fd)
+            return
+        c.fd[0] = fd
+        c.fd[1] = -1
+        c.peer = peer
+        size = sizeof(sockaddr_in6)
+        getsockname(fd, <sockaddr *>&c.local, &size)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        c.listener = l.index
+        c.state = ST_HANDSHAKE
+        c.removed[0] = 1                # registered by the first handshake step that must wait
+        c.last_active = now
+        c.deadline = now + l.handshake_timeout
+        c.ssl = SSL_new(l.ctx)
+        if c.ssl == NULL or SSL_set_fd(c.ssl, fd) != 1:
+            kill_conn(e, c, END_ABORT)
+            continue
+        SSL_set_accept_state(c.ssl)
+        handshake(e, c)                 # the ClientHello is usually there already
+
+
+cdef void take_attaches(Engine *e, int64_t now) noexcept nogil:
+    """Backends Python connected for parked TLS connections (lock held): relaying starts."""
+    cdef int i, slot
+    cdef Attach *a
+    cdef Conn *c
+    for i in range(e.nattaches):
+        a = &e.attaches[i]
+        slot = <int>(a.id & 0xFFFFFFFFu)
+        c = e.slots[slot] if slot < e.capacity else NULL
+        if c == NULL or c.id != a.id or c.dead or c.state != ST_PARKED:
+            close(a.fd)                 # cut meanwhile: its close record is on its way
+            free(a.buf)
+            free(a.back)
+            continue
+        c.state = ST_RELAY
+        c.fd[1] = a.fd
+        c.buf[0] = a.buf
+        c.len[0] = a.len
+        c.buf[1] = a.back
+        c.len[1] = a.back_len
+        c.eof[1] = a.back_eof
+        c.removed[1] = 1
+        c.last_active = now
+        if c.eof[1] and c.buf[1] == NULL:
+            maybe_shut(e, c, 1)         # TLS: the backend's end is the connection's end
+            kill_conn(e, c, END_BOTH)
+            continue
+        set_mask(e, c, 0)
+        set_mask(e, c, 1)
+        if c.buf[0] == NULL and c.ssl != NULL and SSL_has_pending(c.ssl):
+            on_readable(e, c, 0)        # bytes OpenSSL already holds: epoll would not tell
+    e.nattaches = 0
+
+
 cdef void sweep(Engine *e, int64_t now) noexcept nogil:
-    """Aborts requested by Python, and (coarsely) connections idle both ways for idle_timeout."""
+    """Aborts and attaches requested by Python, TLS handshakes out of time, and (coarsely) connections
+    idle both ways for idle_timeout."""
     cdef int i, slot
     cdef Conn *c
     cdef uint64_t id
@@ -307,11 +640,17 @@ cdef void sweep(Engine *e, int64_t now) noexcept nogil:
         if c != NULL and c.id == id and not c.dead:
             kill_conn(e, c, END_ABORT)
     e.naborts = 0
-    if e.idle_timeout and now - e.last_sweep >= e.sweep_ms:
+    take_attaches(e, now)
+    if now - e.last_sweep >= e.sweep_ms and (e.idle_timeout or e.nlisteners):
         e.last_sweep = now
         for i in range(e.capacity):
             c = e.slots[i]
-            if c != NULL and not c.dead and now - c.last_active >= e.idle_timeout:
+            if c == NULL or c.dead:
+                continue
+            if c.state == ST_HANDSHAKE:
+                if now >= c.deadline:
+                    kill_conn(e, c, END_IDLE)
+            elif c.state == ST_RELAY and e.idle_timeout and now - c.last_active >= e.idle_timeout:
                 kill_conn(e, c, END_IDLE)
     pthread_mutex_unlock(&e.lock)
 
@@ -337,12 +676,18 @@ cdef void *relay_main(void *arg) noexcept nogil:
                 read(e.wake_fd, &counter, 8)
                 sweep(e, now)
                 continue
+            if tag & 2:
+                on_accept(e, <Listener *>(tag & ~(<uint64_t>3)), now)
+                continue
             c = <Conn *>(tag & ~(<uint64_t>1))
             d = <int>(tag & 1)
             if c.dead:
                 continue
             ev = events[i].events
             c.last_active = now
+            if c.state == ST_HANDSHAKE:
+                handshake(e, c)
+                continue
             if ev & EPOLLOUT:
                 # fd[d] can take what the other direction kept.
                 if c.buf[1 - d] != NULL:
@@ -355,6 +700,11 @@ cdef void *relay_main(void *arg) noexcept nogil:
                             continue
                         set_mask(e, c, d)
                         set_mask(e, c, 1 - d)
+                if d == 0 and c.read_wants_write:
+                    c.read_wants_write = 0
+                    set_mask(e, c, 0)
+                    if on_readable(e, c, 0) < 0:
+                        continue
             if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
                 if c.mask[d] & EPOLLIN:
                     on_readable(e, c, d)
@@ -370,10 +720,25 @@ cdef void *relay_main(void *arg) noexcept nogil:
         flush_dead(e)
         if e.stop:
             break
-        if e.idle_timeout and now - e.last_sweep >= e.sweep_ms:
+        if (e.idle_timeout or e.nlisteners) and now - e.last_sweep >= e.sweep_ms:
             sweep(e, now)
             flush_dead(e)
     return NULL
+
+
+
+cdef object address(sockaddr_in6 *sa):
+    """A socket address as Python's socket module gives it: (host, port) or (host, port, flow, scope)."""
+    cdef char text[64]
+    cdef sockaddr_in *sa4
+    if sa.sin6_family == AF_INET:
+        sa4 = <sockaddr_in *>sa
+        inet_ntop(AF_INET, &sa4.sin_addr, text, sizeof(text))
+        return (text.decode(), ntohs(sa4.sin_port))
+    if sa.sin6_family == AF_INET6:
+        inet_ntop(AF_INET6, &sa.sin6_addr, text, sizeof(text))
+        return (text.decode(), ntohs(sa.sin6_port), ntohl(sa.sin6_flowinfo), sa.sin6_scope_id)
+    return None
 
 
 cdef class Relay:
@@ -383,7 +748,7 @@ cdef class Relay:
     cdef Engine *e
     cdef pthread_t thread
     cdef bint started
-    cdef uint64_t next_serial
+    cdef list contexts              # the ServerContexts listeners use: alive as long as the relay
 
     def __cinit__(self, int capacity, double idle_timeout=0.0, double sweep_interval=1.0):
         cdef Engine *e = <Engine *>calloc(1, sizeof(Engine))
@@ -396,12 +761,15 @@ cdef class Relay:
         e.capacity = capacity
         e.slots = <Conn **>calloc(capacity, sizeof(Conn *))
         e.free_slots = <int *>malloc(capacity * sizeof(int))
-        e.ring = <CloseRecord *>malloc(capacity * sizeof(CloseRecord))
+        # A TLS connection has up to two records (READY, then its end) waiting at once.
+        e.ring = <CloseRecord *>malloc(2 * capacity * sizeof(CloseRecord))
         e.aborts = <uint64_t *>malloc(capacity * sizeof(uint64_t))
         e.dead_list = <Conn **>malloc(capacity * sizeof(Conn *))
+        e.ready_list = <Conn **>malloc(capacity * sizeof(Conn *))
+        e.attaches = <Attach *>malloc(capacity * sizeof(Attach))
         e.scratch = <char *>malloc(SCRATCH)
         if (e.slots == NULL or e.free_slots == NULL or e.ring == NULL or e.aborts == NULL
-                or e.dead_list == NULL or e.scratch == NULL):
+                or e.dead_list == NULL or e.ready_list == NULL or e.attaches == NULL or e.scratch == NULL):
             raise MemoryError()
         for i in range(capacity):
             e.free_slots[i] = capacity - 1 - i
@@ -418,7 +786,8 @@ cdef class Relay:
         ev.events = EPOLLIN
         ev.data.u64 = 0
         epoll_ctl(e.epfd, EPOLL_CTL_ADD, e.wake_fd, &ev)
-        self.next_serial = 1
+        e.next_serial = 1
+        self.contexts = []
 
     def start(self):
         if self.started:
@@ -444,21 +813,27 @@ cdef class Relay:
         cdef Conn *c
         cdef epoll_event ev
         cdef Py_ssize_t size = 0
-        cdef int d, slot
+        cdef int d
         if to_backend is not None:
             size = PyBytes_GET_SIZE(to_backend)
-        c = <Conn *>calloc(1, sizeof(Conn))
+        cdef char *first = NULL
+        if size:
+            first = <char *>malloc(size)
+            if first == NULL:
+                return 0
+            memcpy(first, PyBytes_AS_STRING(to_backend), size)
+        pthread_mutex_lock(&e.lock)
+        c = take_slot(e)
         if c == NULL:
+            pthread_mutex_unlock(&e.lock)
+            free(first)
             return 0
         c.fd[0] = client_fd
         c.fd[1] = backend_fd
+        c.announced = 1
         c.last_active = now_ms()
         if size:
-            c.buf[0] = <char *>malloc(size)
-            if c.buf[0] == NULL:
-                free(c)
-                return 0
-            memcpy(c.buf[0], PyBytes_AS_STRING(to_backend), size)
+            c.buf[0] = first
             c.len[0] = <uint32_t>size
         c.eof[0] = client_eof
         if client_eof and c.buf[0] == NULL:
@@ -466,20 +841,6 @@ cdef class Relay:
             shutdown(backend_fd, SHUT_WR)
         c.mask[0] = (EPOLLIN if not c.eof[0] and c.buf[0] == NULL else 0)
         c.mask[1] = EPOLLIN | (EPOLLOUT if c.buf[0] != NULL else 0)
-        pthread_mutex_lock(&e.lock)
-        if e.nfree == 0:
-            pthread_mutex_unlock(&e.lock)
-            if c.buf[0] != NULL:
-                free(c.buf[0])
-            free(c)
-            return 0
-        e.nfree -= 1
-        slot = e.free_slots[e.nfree]
-        c.slot = slot
-        c.id = (self.next_serial << 32) | <uint64_t>slot
-        self.next_serial += 1
-        e.slots[slot] = c
-        e.count += 1
         # Registered last: from here on the relay thread owns the connection.
         for d in range(2):
             ev.events = c.mask[d]
@@ -487,6 +848,91 @@ cdef class Relay:
             epoll_ctl(e.epfd, EPOLL_CTL_ADD, c.fd[d], &ev)
         pthread_mutex_unlock(&e.lock)
         return c.id
+
+    def listen(self, int fd, ServerContext context, double handshake_timeout):
+        """Accepts TLS clients on the listening socket `fd` (non-blocking; it stays the caller's) in the
+        relay thread, with `context`. Returns the listener's index (READY records name it)."""
+        cdef Engine *e = self.e
+        cdef Listener *l
+        cdef epoll_event ev
+        if e.nlisteners >= MAX_LISTENERS:
+            raise ValueError("relay: too many TLS listeners")
+        l = <Listener *>calloc(1, sizeof(Listener))
+        if l == NULL:
+            raise MemoryError()
+        l.fd = fd
+        l.ctx = context.conf.front
+        l.handshake_timeout = <int64_t>(handshake_timeout * 1000)
+        self.contexts.append(context)
+        pthread_mutex_lock(&e.lock)
+        l.index = e.nlisteners
+        e.listeners[e.nlisteners] = l
+        e.nlisteners += 1
+        if e.sweep_ms < 0 or e.sweep_ms > 1000:
+            e.sweep_ms = 1000               # handshake deadlines are checked about once a second
+        ev.events = EPOLLIN
+        ev.data.u64 = <uint64_t>l | 2
+        epoll_ctl(e.epfd, EPOLL_CTL_ADD, fd, &ev)
+        pthread_mutex_unlock(&e.lock)
+        return l.index
+
+    def unlisten(self, int index):
+        """Stops accepting on a listener (drain); its connections go on. The fd stays the caller's."""
+        cdef Engine *e = self.e
+        cdef Listener *l
+        pthread_mutex_lock(&e.lock)
+        if 0 <= index < e.nlisteners:
+            l = e.listeners[index]
+            if not l.closed:
+                l.closed = 1
+                if not l.paused:
+                    epoll_ctl(e.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+        pthread_mutex_unlock(&e.lock)
+
+    def attach(self, uint64_t conn_id, int backend_fd, bytes to_backend=None, bytes to_client=None,
+               bint backend_eof=False):
+        """Hands the backend socket (connected, non-blocking; ownership passes) to a parked TLS
+        connection: relaying starts. `to_backend`: bytes to send it first (PROXY header); `to_client`:
+        what the backend already sent (a greeting), `backend_eof`: and it half-closed. If the connection
+        was cut meanwhile, the thread closes the socket (the close record is on its way)."""
+        cdef Engine *e = self.e
+        cdef uint64_t one = 1
+        cdef Py_ssize_t size = 0 if to_backend is None else PyBytes_GET_SIZE(to_backend)
+        cdef Py_ssize_t back = 0 if to_client is None else PyBytes_GET_SIZE(to_client)
+        cdef char *first = NULL
+        cdef char *greeting = NULL
+        cdef Attach *a
+        if size:
+            first = <char *>malloc(size)
+            if first == NULL:
+                raise MemoryError()
+            memcpy(first, PyBytes_AS_STRING(to_backend), size)
+        if back:
+            greeting = <char *>malloc(back)
+            if greeting == NULL:
+                free(first)
+                raise MemoryError()
+            memcpy(greeting, PyBytes_AS_STRING(to_client), back)
+        pthread_mutex_lock(&e.lock)
+        if e.nattaches >= e.capacity or e.naborts >= e.capacity:
+            # Cannot happen (one attach per parked connection, each holding a slot): cut it, safely.
+            pthread_mutex_unlock(&e.lock)
+            close(backend_fd)
+            free(first)
+            free(greeting)
+            self.abort(conn_id)
+            return
+        a = &e.attaches[e.nattaches]
+        a.id = conn_id
+        a.fd = backend_fd
+        a.buf = first
+        a.len = <uint32_t>size
+        a.back = greeting
+        a.back_len = <uint32_t>back
+        a.back_eof = backend_eof
+        e.nattaches += 1
+        pthread_mutex_unlock(&e.lock)
+        write(e.wake_fd, &one, 8)
 
     def abort(self, uint64_t conn_id):
         """Cuts one connection (pending bytes dropped); its close record follows."""
@@ -508,7 +954,8 @@ cdef class Relay:
         write(e.wake_fd, &one, 8)
 
     def closed(self):
-        """The close records waiting: a list of (id, bytes_in, bytes_out, reason)."""
+        """The records waiting: a list of (id, bytes_in, bytes_out, reason) for ends, and for TLS
+        handshakes done (reason READY, 5): (id, (peer address), (local address), READY, listener)."""
         cdef Engine *e = self.e
         cdef uint64_t counter
         cdef list out = []
@@ -520,10 +967,13 @@ cdef class Relay:
                 pthread_mutex_unlock(&e.lock)
                 break
             rec = e.ring[e.ring_head]
-            e.ring_head = (e.ring_head + 1) % e.capacity
+            e.ring_head = (e.ring_head + 1) % (2 * e.capacity)
             e.ring_len -= 1
             pthread_mutex_unlock(&e.lock)
-            out.append((rec.id, rec.bytes_in, rec.bytes_out, rec.reason))
+            if rec.reason == READY:
+                out.append((rec.id, address(&rec.peer), address(&rec.local), READY, rec.listener))
+            else:
+                out.append((rec.id, rec.bytes_in, rec.bytes_out, rec.reason))
         return out
 
     def stop(self):
@@ -559,7 +1009,13 @@ cdef class Relay:
         for fd in (e.epfd, e.wake_fd, e.notify_fd):
             if fd >= 0:
                 close(fd)
+        for i in range(e.nattaches):
+            close(e.attaches[i].fd)
+            free(e.attaches[i].buf)
+            free(e.attaches[i].back)
+        for i in range(e.nlisteners):
+            free(e.listeners[i])
         free(e.slots); free(e.free_slots); free(e.ring); free(e.aborts); free(e.dead_list)
-        free(e.scratch)
+        free(e.ready_list); free(e.attaches); free(e.scratch)
         pthread_mutex_destroy(&e.lock)
         free(e)

@@ -43,6 +43,8 @@ log = logging.getLogger("fastlb")
 
 # ClientSide.eofs: which directions have ended (bits, so a repeated EOF is harmless).
 CLIENT_EOF, BACKEND_EOF, BOTH_EOF = 1, 2, 3
+# The relay thread's record for a TLS handshake done (fastlb/_crelay.pyx REASONS).
+READY = 5
 
 
 class Listener:
@@ -162,7 +164,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             self.connect_task = None
             if not self.closed:
                 listener.refused(self, exc)
-                self.transport.close()
+                self._drop()
             return
         self.connect_task = None
         if sticky is not None and backend is not pinned:
@@ -171,12 +173,21 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             # The client left, or the backend hung up, while we were being scheduled.
             self.pool.release(backend)
             transport.close()
-            self.transport.close()
+            self._drop()
             return
         self.backend = backend
         self.connect_seconds = monotonic() - self.started
+        self._connected(transport)
+
+    def _drop(self) -> None:
+        """No backend for this client: it is closed."""
+        self.transport.close()
+
+    def _connected(self, transport) -> None:
+        """The backend is connected: relaying starts (in the relay thread when it takes it)."""
         pending = self.transport.get_protocol()
-        relay = listener.relay
+        backend = self.backend
+        relay = self.listener.relay
         if relay is not None and relay.take(self, transport, pending):
             return
         if backend.send_proxy:
@@ -301,6 +312,63 @@ class BackendSide(RelayEnd, asyncio.Protocol):
         client._release()
 
 
+class NativeTLSClient(ClientSide):
+    """A client whose TLS the relay thread terminates (`EpollRelay.listen`). It exists from the end of
+    its handshake on, as a ClientSide after uvloop's handshake: its socket stays in the thread (parked)
+    while the backend is picked and connected here, then `EpollRelay.attach` hands the backend over."""
+
+    __slots__ = ()
+
+    def __init__(self, listener: Listener, conn_id: int, peer, local) -> None:
+        super().__init__(listener)
+        self.relay_id = conn_id
+        self.source = peer
+        self.destination = local[:2] if local else None
+        self.started = monotonic()
+
+    def _make_backend_side(self) -> "NativeBackendSide":
+        side = self.backend_side = NativeBackendSide(self)
+        return side
+
+    def _drop(self) -> None:
+        self.close()                     # cut in the thread; its close record follows
+
+    def _connected(self, transport) -> None:
+        self.listener.relay.attach(self, transport)
+
+    def relay_closed(self, bytes_in: int, bytes_out: int) -> None:
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        super().relay_closed(bytes_in, bytes_out)
+
+
+class NativeBackendSide(BackendSide):
+    """A NativeTLSClient's backend until the hand-over: keeps what the backend sends early (a greeting),
+    and its EOF; `lost` when it hangs up."""
+
+    __slots__ = ("buffer", "eof")
+
+    def __init__(self, client: ClientSide) -> None:
+        super().__init__(client)
+        self.buffer = b""
+        self.eof = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.received += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
 def forward_eof(peer, close_if_tls: bool) -> None:
     """Passes an EOF on to the other side's transport. TLS has no half-close: towards a TLS client the
     backend's EOF closes the connection (flush, close_notify): the backend is done. Towards a TLS
@@ -421,7 +489,7 @@ class EpollRelay:
     client sent early). The thread reports each connection's end once, with its byte counts, through an
     eventfd read here: then the pool slot is released and the observer told. Nothing per chunk."""
 
-    __slots__ = ("loop", "relay", "clients", "capacity")
+    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int, idle_timeout: float,
                  sweep_interval: float) -> None:
@@ -430,6 +498,53 @@ class EpollRelay:
         self.capacity = capacity
         self.relay = Relay(capacity, idle_timeout, sweep_interval)
         self.clients: dict[int, ClientSide] = {}
+        self.listeners: dict[int, Listener] = {}     # TLS listeners the thread accepts on, by index
+        self.stopping = False
+        self.warned = False
+
+    @staticmethod
+    def terminates(bind: "BindSpec", server_tls, backends) -> bool:
+        """Whether the thread can terminate this TLS bind itself: a context built in C (no client
+        certificates), and plaintext backends (TLS backends are the event loop's)."""
+        return (server_tls is not None and server_tls.native is not None and not bind.sni_route
+                and not bind.accept_proxy and not any(spec.ssl for spec in backends))
+
+    def listen(self, listener: Listener, sock, server_tls, handshake_timeout: float) -> "NativeServer":
+        """The thread accepts TLS clients on `sock` and does their handshakes; each done one comes back as
+        a READY record (`on_closed`) and becomes a NativeTLSClient. Returns what stops accepting."""
+        sock.setblocking(False)
+        index = self.relay.listen(sock.fileno(), server_tls.native, handshake_timeout)
+        self.listeners[index] = listener
+        return NativeServer(self.relay, index, sock)
+
+    def attach(self, client: NativeTLSClient, backend_transport) -> None:
+        """Hands a NativeTLSClient's connected backend to the thread, with what it already sent."""
+        side = client.backend_side
+        backend_sock = backend_transport.get_extra_info("socket")
+        if backend_transport.get_extra_info("ssl_object") is not None or backend_sock is None:
+            # A TLS backend added at run time: the thread relays plaintext to plain sockets only.
+            if not self.warned:
+                self.warned = True
+                log.warning("TLS backend %s behind a TLS bind the relay thread terminates: connection "
+                            "refused (use --relay uvloop for TLS on both sides)", client.backend.address)
+            backend_transport.close()
+            client.observed = True           # refused, not relayed: no traffic to count
+            client.listener.refused(client, NoBackendError("TLS backend behind a relay-terminated bind"))
+            client.close()
+            return
+        first = client._proxy_header(client.backend.send_proxy) if client.backend.send_proxy else None
+        try:
+            backend_fd = os.dup(backend_sock.fileno())
+        except OSError:
+            backend_transport.close()
+            client.close()
+            return
+        client.relay_base = (0, side.received)
+        backend_transport.set_protocol(DETACHED)
+        backend_transport.abort()
+        client.backend_side = None
+        client.set_peer(None)
+        self.relay.attach(client.relay_id, backend_fd, first, side.buffer or None, side.eof)
 
     def start(self) -> None:
         self.relay.start()
@@ -484,13 +599,44 @@ class EpollRelay:
 
     def on_closed(self) -> None:
         clients = self.clients
-        for conn_id, bytes_in, bytes_out, _reason in self.relay.closed():
+        for record in self.relay.closed():
+            conn_id, bytes_in, bytes_out, reason = record[:4]
+            if reason == READY:
+                self._ready(conn_id, bytes_in, bytes_out, record[4])
+                continue
             client = clients.pop(conn_id, None)
             if client is not None:
                 client.relay_closed(bytes_in, bytes_out)
 
+    def _ready(self, conn_id: int, peer, local, index: int) -> None:
+        """A TLS client finished its handshake in the thread: its backend is connected as for any."""
+        listener = self.listeners.get(index)
+        if listener is None or self.stopping:
+            self.relay.abort(conn_id)
+            return
+        client = NativeTLSClient(listener, conn_id, peer, local)
+        self.clients[conn_id] = client
+        listener.connections.add(client)
+        client.start_connect()
+
     def close(self) -> None:
         """Stops the thread (connections still relayed are cut) and reports what ended."""
+        self.stopping = True
         self.loop.remove_reader(self.relay.notify_fd)
         self.relay.stop()
         self.on_closed()
+
+
+class NativeServer:
+    """A TLS listener the relay thread accepts on: `close()` (drain) stops accepting; the socket stays
+    its owner's, as with the event loop's servers."""
+
+    __slots__ = ("relay", "index", "sock")
+
+    def __init__(self, relay, index: int, sock) -> None:
+        self.relay = relay
+        self.index = index
+        self.sock = sock
+
+    def close(self) -> None:
+        self.relay.unlisten(self.index)

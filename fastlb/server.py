@@ -212,6 +212,12 @@ class Worker:
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
             tls = self.server_tls.get(number)
+            if self.relay is not None and EpollRelay.terminates(bind, tls, self.config.backends):
+                # The relay thread accepts, handshakes and relays this TLS bind itself (fastlb/l4.py).
+                listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
+                                    self.connections, self.tcp_sticky, self.observer, relay=self.relay)
+                self.servers.append(self.relay.listen(listener, sock, tls, self.config.connect_timeout))
+                continue
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
@@ -221,7 +227,7 @@ class Worker:
                                    self.connections, self.tcp_sticky, self.observer,
                                    self.pools if bind.sni_route else None,
                                    self.config.sni_routes,
-                                   # TLS-terminating binds stay on uvloop: the relay moves raw bytes
+                                   # other TLS-terminating binds stay on uvloop
                                    None if tls_options else self.relay).protocol_factory()
             server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
                                                    **tls_options)
