@@ -515,6 +515,7 @@ class EpollRelay:
         sock.setblocking(False)
         index = self.relay.listen(sock.fileno(), server_tls.native, handshake_timeout)
         self.listeners[index] = listener
+        log.info("TLS on %s: terminated by the relay thread", listener.bind.address)
         return NativeServer(self.relay, index, sock)
 
     def attach(self, client: NativeTLSClient, backend_transport) -> None:
