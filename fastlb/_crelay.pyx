@@ -31,7 +31,7 @@ EOF ends the connection with a close_notify.
 """
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint64_t, uint32_t, int64_t
 from posix.unistd cimport read, write, close
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -555,6 +555,15 @@ cdef void on_accept(Engine *e, Listener *l, int64_t now) noexcept nogil:
         size = sizeof(sockaddr_in6)
         fd = accept4(l.fd, <sockaddr *>&peer, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
+            if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                # Out of files or memory: level-triggered, the listener would spin; it rests until a
+                # connection ends or the next sweep.
+                pthread_mutex_lock(&e.lock)
+                if not l.paused:
+                    l.paused = 1
+                    e.npaused += 1
+                    epoll_ctl(e.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+                pthread_mutex_unlock(&e.lock)
             return                      # EAGAIN (another worker was faster), or an error to retry later
         pthread_mutex_lock(&e.lock)
         c = take_slot(e)
@@ -615,8 +624,10 @@ cdef void take_attaches(Engine *e, int64_t now) noexcept nogil:
             continue
         set_mask(e, c, 0)
         set_mask(e, c, 1)
-        if c.buf[0] == NULL and c.ssl != NULL and SSL_has_pending(c.ssl):
-            on_readable(e, c, 0)        # bytes OpenSSL already holds: epoll would not tell
+        if c.buf[0] == NULL:
+            # The client usually spoke right after its handshake: relay that now rather than after
+            # another epoll round (and bytes OpenSSL may already hold would not show in epoll at all).
+            on_readable(e, c, 0)
     e.nattaches = 0
 
 
@@ -643,6 +654,8 @@ cdef void sweep(Engine *e, int64_t now) noexcept nogil:
     take_attaches(e, now)
     if now - e.last_sweep >= e.sweep_ms and (e.idle_timeout or e.nlisteners):
         e.last_sweep = now
+        if e.npaused:
+            resume_listeners(e)         # paused for want of files: try again
         for i in range(e.capacity):
             c = e.slots[i]
             if c == NULL or c.dead:
