@@ -170,17 +170,14 @@ cdef struct Conn:
     unsigned char read_wants_write   # SSL_read asked for EPOLLOUT on the client (key update)
     int listener              # the Listener index it was accepted on (-1: added by Python)
     int64_t deadline          # ms: end of the handshake allowed
-    sockaddr_in6 peer         # TLS: the client's address, and the local one (AF_INET uses the start)
-    sockaddr_in6 local
+    sockaddr_in6 peer         # TLS: the client's address (AF_INET uses the start)
 
 cdef struct CloseRecord:
     uint64_t id
     uint64_t bytes_in
     uint64_t bytes_out
     int reason
-    int listener
-    sockaddr_in6 peer         # READY records only
-    sockaddr_in6 local
+    int listener              # READY records: the Listener index
 
 cdef struct Listener:
     int fd
@@ -327,8 +324,6 @@ cdef void flush_dead(Engine *e) noexcept nogil:
         rec.bytes_in = rec.bytes_out = 0
         rec.reason = READY
         rec.listener = c.listener
-        rec.peer = c.peer
-        rec.local = c.local
     e.nready = 0
     for i in range(e.ndead):
         c = e.dead_list[i]
@@ -579,8 +574,6 @@ cdef void on_accept(Engine *e, Listener *l, int64_t now) noexcept nogil:
         c.fd[0] = fd
         c.fd[1] = -1
         c.peer = peer
-        size = sizeof(sockaddr_in6)
-        getsockname(fd, <sockaddr *>&c.local, &size)
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         c.listener = l.index
         c.state = ST_HANDSHAKE
@@ -966,9 +959,41 @@ cdef class Relay:
         pthread_mutex_unlock(&e.lock)
         write(e.wake_fd, &one, 8)
 
+    cdef object _peer(self, uint64_t conn_id):
+        """A parked TLS connection's client address (None: gone already). Parked, the thread leaves it
+        alone; the lock keeps it from being freed meanwhile."""
+        cdef Conn *c = self._find(conn_id)
+        cdef object peer = None
+        if c != NULL:
+            peer = address(&c.peer)
+        pthread_mutex_unlock(&self.e.lock)
+        return peer
+
+    cdef Conn *_find(self, uint64_t conn_id):
+        """The parked TLS connection `conn_id`, or NULL; returns with the lock held either way."""
+        cdef Engine *e = self.e
+        cdef int slot = <int>(conn_id & 0xFFFFFFFFu)
+        cdef Conn *c
+        pthread_mutex_lock(&e.lock)
+        c = e.slots[slot] if slot < e.capacity else NULL
+        if c == NULL or c.id != conn_id or c.dead or c.state != ST_PARKED:
+            return NULL
+        return c
+
+    def local_address(self, uint64_t conn_id):
+        """The local address of a parked TLS connection (for a PROXY header), or None."""
+        cdef Conn *c = self._find(conn_id)
+        cdef sockaddr_in6 local
+        cdef socklen_t size = sizeof(sockaddr_in6)
+        cdef object out = None
+        if c != NULL and getsockname(c.fd[0], <sockaddr *>&local, &size) == 0:
+            out = address(&local)
+        pthread_mutex_unlock(&self.e.lock)
+        return out
+
     def closed(self):
         """The records waiting: a list of (id, bytes_in, bytes_out, reason) for ends, and for TLS
-        handshakes done (reason READY, 5): (id, (peer address), (local address), READY, listener)."""
+        handshakes done (reason READY, 5): (id, client address or None, None, READY, listener)."""
         cdef Engine *e = self.e
         cdef uint64_t counter
         cdef list out = []
@@ -984,7 +1009,7 @@ cdef class Relay:
             e.ring_len -= 1
             pthread_mutex_unlock(&e.lock)
             if rec.reason == READY:
-                out.append((rec.id, address(&rec.peer), address(&rec.local), READY, rec.listener))
+                out.append((rec.id, self._peer(rec.id), None, READY, rec.listener))
             else:
                 out.append((rec.id, rec.bytes_in, rec.bytes_out, rec.reason))
         return out

@@ -319,12 +319,17 @@ class NativeTLSClient(ClientSide):
 
     __slots__ = ()
 
-    def __init__(self, listener: Listener, conn_id: int, peer, local) -> None:
+    def __init__(self, listener: Listener, conn_id: int, peer) -> None:
         super().__init__(listener)
         self.relay_id = conn_id
         self.source = peer
-        self.destination = local[:2] if local else None
         self.started = monotonic()
+
+    def _proxy_header(self, version: int) -> bytes:
+        if self.destination is None:       # asked only for a PROXY header: one getsockname then
+            local = self.listener.relay.relay.local_address(self.relay_id)
+            self.destination = local[:2] if local else ("0.0.0.0", 0)
+        return super()._proxy_header(version)
 
     def _make_backend_side(self) -> "NativeBackendSide":
         side = self.backend_side = NativeBackendSide(self)
@@ -603,19 +608,21 @@ class EpollRelay:
         for record in self.relay.closed():
             conn_id, bytes_in, bytes_out, reason = record[:4]
             if reason == READY:
-                self._ready(conn_id, bytes_in, bytes_out, record[4])
+                self._ready(conn_id, bytes_in, record[4])
                 continue
             client = clients.pop(conn_id, None)
             if client is not None:
                 client.relay_closed(bytes_in, bytes_out)
 
-    def _ready(self, conn_id: int, peer, local, index: int) -> None:
+    def _ready(self, conn_id: int, peer, index: int) -> None:
         """A TLS client finished its handshake in the thread: its backend is connected as for any."""
         listener = self.listeners.get(index)
+        if peer is None:
+            return                          # cut meanwhile (its close record follows, unheard of here)
         if listener is None or self.stopping:
             self.relay.abort(conn_id)
             return
-        client = NativeTLSClient(listener, conn_id, peer, local)
+        client = NativeTLSClient(listener, conn_id, peer)
         self.clients[conn_id] = client
         listener.connections.add(client)
         client.start_connect()

@@ -194,7 +194,9 @@ class Worker:
         # `--relay epoll`: a C thread relays established connections; it sweeps idle ones itself.
         self.relay: EpollRelay | None = None
         if config.mode == "tcp" and config.relay == "epoll" and self.pool is not None:
-            self.relay = EpollRelay(loop, maxconn, idle, min(1.0, max(0.02, idle / 10)) if idle else 1.0)
+            # Room for the pool's queue too: TLS clients the thread accepts wait there like any other.
+            self.relay = EpollRelay(loop, maxconn + config.queue_size, idle,
+                                    min(1.0, max(0.02, idle / 10)) if idle else 1.0)
         self.stopping = False
 
     @property

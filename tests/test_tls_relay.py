@@ -2,10 +2,10 @@
 itself (handshake, SNI certificate selection, ALPN, the protocol floor, resumption on any worker, bulk
 transfers with backpressure, a backend that speaks first) and what stays on the event loop's TLS (client
 certificates, TLS backends, `--relay uvloop`). Real fastlb processes, real TLS clients."""
+import asyncio
 import socket
 import ssl
 import subprocess
-import threading
 
 import pytest
 
@@ -162,23 +162,24 @@ def test_bulk_both_ways_with_backpressure(procs, pki):
     lb, port = native_lb(procs, pki, backend_port=ports["a"])
     lb.wait_for_line(NATIVE)
     payload = bytes(range(256)) * (16 * 1024)          # 4 MiB, echoed back while still being sent
-    with tls_connect(port, client_context(pki), "default.test") as sock:
-        assert read_line(sock) == b"a\n"
-        received = bytearray()
 
-        def read_all():
-            while len(received) < len(payload):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received.extend(chunk)
+    async def exchange():
+        # One thread (asyncio's TLS): an ssl.SSLSocket must not read and write from two threads at once.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(pki),
+                                                       server_hostname="default.test")
+        assert await reader.readline() == b"a\n"
 
-        reader = threading.Thread(target=read_all)
-        reader.start()
-        sock.sendall(payload)
-        reader.join(30)
-        assert not reader.is_alive()
-        assert received == payload
+        async def send():
+            writer.write(payload)
+            await writer.drain()
+
+        sending = asyncio.ensure_future(send())
+        received = await reader.readexactly(len(payload))
+        await sending
+        writer.close()
+        return received
+
+    assert asyncio.run(asyncio.wait_for(exchange(), 30)) == payload
 
 
 def test_the_backends_end_closes_the_tls_client_cleanly(procs, pki):
@@ -197,5 +198,25 @@ def test_the_backends_end_closes_the_tls_client_cleanly(procs, pki):
                 conn.sendall(b"bye\n")
             assert read_line(sock) == b"bye\n"
             assert sock.recv(100) == b""          # close_notify: ssl raises SSLEOFError without one
+    finally:
+        backend.close()
+
+
+def test_proxy_header_to_the_backend_names_the_tls_client(procs, pki):
+    backend = socket.create_server(("127.0.0.1", 0))
+    backend.settimeout(5)
+    try:
+        port = free_port()
+        lb = procs.fastlb("--mode", "tcp", "--relay", "epoll", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}",
+                          "--backend", f"127.0.0.1:{backend.getsockname()[1]},send-proxy")
+        lb.wait_for_line(NATIVE)
+        with tls_connect(port, client_context(pki), "default.test") as sock:
+            sock.sendall(b"hello\n")
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(5)
+                client_port = sock.getsockname()[1]
+                assert read_line(conn) == f"PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {port}\r\n".encode()
+                assert read_line(conn) == b"hello\n"
     finally:
         backend.close()
