@@ -17,8 +17,11 @@ closed once both directions have ended. TLS has no half-close (close_notify ends
 backend's EOF towards a TLS client closes the client connection; a client's EOF towards a TLS backend is
 not passed on, and the connection ends when the backend closes (or idles out).
 
-TLS binds: the listener's transport is uvloop's TLS transport, and `connection_made` runs once the
-handshake is done, so the relay is the same (the HTTP mode gets the connection's TLS facts from
+TLS binds, with `--relay epoll`: the relay thread accepts, handshakes and relays itself (fastlb/_crelay.pyx);
+a handshake done comes back as a `NativeTLSClient`, whose backend is picked and connected here as for any
+client, then handed to the thread (`EpollRelay.attach`). Other TLS binds (client certificates, TLS
+backends, `--relay uvloop`): the listener's transport is uvloop's TLS transport, and `connection_made`
+runs once the handshake is done, so the relay is the same (the HTTP mode gets the connection's TLS facts from
 `fastlb.tls.connection_tls_info(transport)`). `sni-route` binds do not terminate TLS: `PendingClient`
 reads the ClientHello's server name (fastlb/sni.py), picks the backend group, and the buffered bytes are
 replayed to it.
