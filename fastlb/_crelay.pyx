@@ -51,6 +51,11 @@ cdef extern from "<sys/epoll.h>" nogil:
     enum:
         EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL, EPOLL_CLOEXEC
 
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        F_DUPFD_CLOEXEC
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     enum:
@@ -180,9 +185,9 @@ cdef struct CloseRecord:
     int listener              # READY records: the Listener index
 
 cdef struct Listener:
-    int fd
+    int fd                    # the relay's own dup of the listening socket (-1 once closed)
     int index
-    int closed                # unlisten(): no more accepts (the fd stays Python's)
+    int closed                # unlisten(): no more accepts; the thread closes fd at its next sweep
     int paused                # out of epoll while the slot table is full
     SSL_CTX *ctx              # the bind's front context (owned by its ServerContext)
     int64_t handshake_timeout # ms
@@ -645,6 +650,12 @@ cdef void sweep(Engine *e, int64_t now) noexcept nogil:
             kill_conn(e, c, END_ABORT)
     e.naborts = 0
     take_attaches(e, now)
+    for i in range(e.nlisteners):
+        if e.listeners[i].closed and e.listeners[i].fd >= 0:
+            # Closed here, in the only thread that accepts on it: no accept can race with the close.
+            epoll_ctl(e.epfd, EPOLL_CTL_DEL, e.listeners[i].fd, NULL)
+            close(e.listeners[i].fd)
+            e.listeners[i].fd = -1
     if now - e.last_sweep >= e.sweep_ms and (e.idle_timeout or e.nlisteners):
         e.last_sweep = now
         if e.npaused:
@@ -856,15 +867,20 @@ cdef class Relay:
         return c.id
 
     def listen(self, int fd, ServerContext context, double handshake_timeout):
-        """Accepts TLS clients on the listening socket `fd` (non-blocking; it stays the caller's) in the
-        relay thread, with `context`. Returns the listener's index (READY records name it)."""
+        """Accepts TLS clients on the listening socket `fd` (non-blocking) in the relay thread, with
+        `context`; the relay works on its own duplicate of `fd`. Returns the listener's index (READY
+        records name it)."""
         cdef Engine *e = self.e
         cdef Listener *l
         cdef epoll_event ev
         if e.nlisteners >= MAX_LISTENERS:
             raise ValueError("relay: too many TLS listeners")
+        fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+        if fd < 0:
+            raise OSError(errno, "relay: dup of the listening socket")
         l = <Listener *>calloc(1, sizeof(Listener))
         if l == NULL:
+            close(fd)
             raise MemoryError()
         l.fd = fd
         l.ctx = context.conf.front
@@ -883,17 +899,18 @@ cdef class Relay:
         return l.index
 
     def unlisten(self, int index):
-        """Stops accepting on a listener (drain); its connections go on. The fd stays the caller's."""
+        """Stops accepting on a listener (drain): the relay's duplicate of the socket is closed by the
+        thread; connections go on."""
         cdef Engine *e = self.e
-        cdef Listener *l
+        cdef uint64_t one = 1
         pthread_mutex_lock(&e.lock)
         if 0 <= index < e.nlisteners:
-            l = e.listeners[index]
-            if not l.closed:
-                l.closed = 1
-                if not l.paused:
-                    epoll_ctl(e.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+            e.listeners[index].closed = 1
         pthread_mutex_unlock(&e.lock)
+        if self.started:
+            write(e.wake_fd, &one, 8)
+        else:
+            sweep(e, now_ms())
 
     def attach(self, uint64_t conn_id, int backend_fd, bytes to_backend=None, bytes to_client=None,
                bint backend_eof=False):
@@ -1052,6 +1069,8 @@ cdef class Relay:
             free(e.attaches[i].buf)
             free(e.attaches[i].back)
         for i in range(e.nlisteners):
+            if e.listeners[i].fd >= 0:
+                close(e.listeners[i].fd)
             free(e.listeners[i])
         free(e.slots); free(e.free_slots); free(e.ring); free(e.aborts); free(e.dead_list)
         free(e.ready_list); free(e.attaches); free(e.scratch)

@@ -639,8 +639,8 @@ class EpollRelay:
 
 
 class NativeServer:
-    """A TLS listener the relay thread accepts on: `close()` (drain) stops accepting; the socket stays
-    its owner's, as with the event loop's servers."""
+    """A TLS listener the relay thread accepts on: `close()` (drain) stops accepting and closes this
+    process's listening socket, as the event loop's servers do."""
 
     __slots__ = ("relay", "index", "sock")
 
@@ -651,3 +651,4 @@ class NativeServer:
 
     def close(self) -> None:
         self.relay.unlisten(self.index)
+        self.sock.close()

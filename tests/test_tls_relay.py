@@ -5,11 +5,12 @@ certificates, TLS backends, `--relay uvloop`). Real fastlb processes, real TLS c
 import asyncio
 import socket
 import ssl
+import signal
 import subprocess
 
 import pytest
 
-from procs import free_port, read_line, wait_until
+from procs import free_port, port_open, read_line, wait_until
 from test_tls import client_context, echo_roundtrip, pki, refused, s_client, subject_cn, tls_backends, tls_connect  # noqa: F401
 
 NATIVE = "terminated by the relay thread"
@@ -220,3 +221,35 @@ def test_proxy_header_to_the_backend_names_the_tls_client(procs, pki):
                 assert read_line(conn) == b"hello\n"
     finally:
         backend.close()
+
+
+def test_sigterm_stops_accepting_and_drains_live_tls_connections(procs, pki):
+    _, ports = procs.backends("a")
+    lb, port = native_lb(procs, pki, backend_port=ports["a"], extra=("--grace-period", "20s"))
+    lb.wait_for_line(NATIVE)
+    with tls_connect(port, client_context(pki), "default.test") as live:
+        assert read_line(live) == b"a\n"
+        lb.signal(signal.SIGTERM)
+        lb.wait_for_line(r"draining 1 connection")
+        wait_until(lambda: not port_open(port), what="the listener to close")
+        live.sendall(b"still here\n")                # the live connection keeps working
+        assert read_line(live) == b"still here\n"
+        assert lb.popen.poll() is None
+    assert lb.wait_exit() == 0                      # it exits as soon as the last connection ended
+    assert "grace period over" not in lb.output
+
+
+def test_grace_period_cuts_tls_connections_that_do_not_finish(procs, pki):
+    _, ports = procs.backends("a")
+    lb, port = native_lb(procs, pki, backend_port=ports["a"], extra=("--grace-period", "300ms"))
+    lb.wait_for_line(NATIVE)
+    with tls_connect(port, client_context(pki), "default.test") as live:
+        assert read_line(live) == b"a\n"
+        lb.signal(signal.SIGTERM)
+        assert lb.wait_exit() == 0
+        try:
+            data = live.recv(64)
+        except (ConnectionResetError, ssl.SSLError):
+            data = b""
+        assert data == b""                           # reset or EOF: the relay is gone
+    lb.wait_for_line(r"grace period over: closing 1 connection")
