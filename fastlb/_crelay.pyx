@@ -31,7 +31,7 @@ EOF ends the connection with a close_notify.
 """
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
-from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
+from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, EINPROGRESS, ETIMEDOUT
 from libc.stdint cimport uint64_t, uint32_t, int64_t
 from posix.unistd cimport read, write, close
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -69,10 +69,13 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int accept4(int fd, sockaddr *addr, socklen_t *len, int flags)
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr *addr, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *value, socklen_t *len)
     int getsockname(int fd, sockaddr *addr, socklen_t *len)
     int setsockopt(int fd, int level, int name, const void *value, socklen_t len)
     enum:
-        SHUT_WR, MSG_NOSIGNAL, SOCK_NONBLOCK, SOCK_CLOEXEC, AF_INET, AF_INET6
+        SHUT_WR, MSG_NOSIGNAL, SOCK_NONBLOCK, SOCK_CLOEXEC, AF_INET, AF_INET6, SOCK_STREAM, SOL_SOCKET, SO_ERROR
 
 cdef extern from "<netinet/in.h>" nogil:
     enum:
@@ -92,6 +95,7 @@ cdef extern from "<netinet/in.h>" nogil:
         in6_addr sin6_addr
         uint32_t sin6_scope_id
     unsigned short ntohs(unsigned short v)
+    unsigned short htons(unsigned short v)
     uint32_t ntohl(uint32_t v)
 
 cdef extern from "<netinet/tcp.h>" nogil:
@@ -100,6 +104,7 @@ cdef extern from "<netinet/tcp.h>" nogil:
 
 cdef extern from "<arpa/inet.h>" nogil:
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+    int inet_pton(int af, const char *src, void *dst)
 
 cdef extern from "<time.h>" nogil:
     cdef struct timespec:
@@ -107,7 +112,7 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
     int clock_gettime(int clk, timespec *ts)
     enum:
-        CLOCK_MONOTONIC_COARSE
+        CLOCK_MONOTONIC_COARSE, CLOCK_MONOTONIC
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -135,6 +140,7 @@ DEF MAX_EVENTS = 256
 DEF MAX_LISTENERS = 64
 DEF ACCEPT_BATCH = 16
 DEF TLS_RECORD = 16384
+DEF RING_PER_SLOT = 3
 
 # Why a connection ended (the close records' reason).
 cdef enum:
@@ -143,15 +149,18 @@ cdef enum:
     END_BACKEND = 2       # error or reset on the backend socket
     END_IDLE = 3          # idle both ways for idle_timeout
     END_ABORT = 4         # cut by Python (shutdown), or out of memory
-    READY = 5             # not an end: a TLS client finished its handshake (the record has addresses)
+    READY = 5             # not an end: a TLS client finished its handshake
+    CONNECTED = 6         # not an end: connect() asked by Python succeeded (bytes_in: microseconds)
+    CONNECT_FAILED = 7    # not an end: it failed (bytes_in: errno); the client is parked again
 
-REASONS = ("both", "client", "backend", "idle", "abort", "ready")
+REASONS = ("both", "client", "backend", "idle", "abort", "ready", "connected", "connect-failed")
 
 # A connection's phase. Plain connections (add()) start in ST_RELAY.
 cdef enum:
     ST_RELAY = 0
     ST_HANDSHAKE = 1      # TLS: accepted by the thread, handshake under way
     ST_PARKED = 2         # TLS: handshake done, out of epoll until Python attaches a backend
+    ST_CONNECTING = 3     # TLS: the thread connects the backend Python chose (connect())
 
 cdef struct Conn:
     int fd[2]                 # 0: client, 1: backend
@@ -174,7 +183,8 @@ cdef struct Conn:
     unsigned char announced   # Python knows the connection: its end gets a close record
     unsigned char read_wants_write   # SSL_read asked for EPOLLOUT on the client (key update)
     int listener              # the Listener index it was accepted on (-1: added by Python)
-    int64_t deadline          # ms: end of the handshake allowed
+    int64_t deadline          # ms: end of the handshake (or of the backend connect) allowed
+    int64_t connect_start     # us, CLOCK_MONOTONIC: when connect() began
     sockaddr_in6 peer         # TLS: the client's address (AF_INET uses the start)
 
 cdef struct CloseRecord:
@@ -183,6 +193,11 @@ cdef struct CloseRecord:
     uint64_t bytes_out
     int reason
     int listener              # READY records: the Listener index
+
+cdef struct Note:
+    Conn *c
+    int kind
+    uint64_t value
 
 cdef struct Listener:
     int fd                    # the relay's own dup of the listening socket (-1 once closed)
@@ -194,7 +209,10 @@ cdef struct Listener:
 
 cdef struct Attach:
     uint64_t id
-    int fd
+    int fd                    # the connected backend socket; -1: connect to `addr` instead
+    sockaddr_in6 addr
+    socklen_t addrlen
+    int64_t timeout           # ms, for the connect
     char *buf                 # to the backend first
     uint32_t len
     char *back                # to the client first (what the backend sent before the hand-over)
@@ -224,8 +242,8 @@ cdef struct Engine:
     char *scratch
     Conn **dead_list
     int ndead
-    Conn **ready_list          # TLS handshakes finished in this batch
-    int nready
+    Note *notes                # READY / CONNECTED / CONNECT_FAILED of this batch
+    int nnotes
     uint64_t next_serial
     Listener *listeners[MAX_LISTENERS]
     int nlisteners
@@ -313,27 +331,30 @@ cdef void flush_dead(Engine *e) noexcept nogil:
     cdef CloseRecord *rec
     cdef uint64_t one = 1
     cdef int was_empty, queued = 0
-    if e.ndead == 0 and e.nready == 0:
+    if e.ndead == 0 and e.nnotes == 0:
         return
     pthread_mutex_lock(&e.lock)
     was_empty = e.ring_len == 0
-    for i in range(e.nready):
-        c = e.ready_list[i]
-        if c.dead:
-            continue                    # died in the same batch: Python never hears of it
-        c.announced = 1
-        rec = &e.ring[(e.ring_head + e.ring_len) % (2 * e.capacity)]
+    for i in range(e.nnotes):
+        c = e.notes[i].c
+        if e.notes[i].kind == READY:
+            if c.dead:
+                continue                # died in the same batch: Python never hears of it
+            c.announced = 1
+        rec = &e.ring[(e.ring_head + e.ring_len) % (RING_PER_SLOT * e.capacity)]
         e.ring_len += 1
         queued += 1
         rec.id = c.id
-        rec.bytes_in = rec.bytes_out = 0
-        rec.reason = READY
+        rec.bytes_in = e.notes[i].value
+        # a failed connect: how long it took (bytes_in is its errno)
+        rec.bytes_out = <uint64_t>(now_us() - c.connect_start) if e.notes[i].kind == CONNECT_FAILED else 0
+        rec.reason = e.notes[i].kind
         rec.listener = c.listener
-    e.nready = 0
+    e.nnotes = 0
     for i in range(e.ndead):
         c = e.dead_list[i]
         if c.announced:
-            rec = &e.ring[(e.ring_head + e.ring_len) % (2 * e.capacity)]
+            rec = &e.ring[(e.ring_head + e.ring_len) % (RING_PER_SLOT * e.capacity)]
             e.ring_len += 1
             queued += 1
             rec.id = c.id
@@ -488,6 +509,80 @@ cdef int on_readable(Engine *e, Conn *c, int d) noexcept nogil:
     return 0
 
 
+cdef inline void note(Engine *e, Conn *c, int kind, uint64_t value) noexcept nogil:
+    e.notes[e.nnotes].c = c
+    e.notes[e.nnotes].kind = kind
+    e.notes[e.nnotes].value = value
+    e.nnotes += 1
+
+
+cdef inline int64_t now_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
+cdef void connect_failed(Engine *e, Conn *c, int err) noexcept nogil:
+    """The backend connect failed (or timed out): its socket goes, the client is parked again, and
+    Python hears why (it counts the failure and tries the next candidate its own way)."""
+    if c.fd[1] >= 0:
+        epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[1], NULL)
+        close(c.fd[1])
+        c.fd[1] = -1
+    c.mask[1] = 0
+    c.removed[1] = 1
+    if c.buf[0] != NULL:
+        free(c.buf[0])
+        c.buf[0] = NULL
+        c.len[0] = 0
+        c.off[0] = 0
+    c.state = ST_PARKED
+    note(e, c, CONNECT_FAILED, <uint64_t>err)
+
+
+cdef void connect_done(Engine *e, Conn *c) noexcept nogil:
+    """An event on a connecting backend socket: connected (relaying starts), or failed."""
+    cdef int err = 0
+    cdef socklen_t size = sizeof(err)
+    if getsockopt(c.fd[1], SOL_SOCKET, SO_ERROR, &err, &size) < 0:
+        err = errno
+    if err:
+        connect_failed(e, c, err)
+        return
+    c.state = ST_RELAY
+    note(e, c, CONNECTED, <uint64_t>(now_us() - c.connect_start))
+    set_mask(e, c, 0)
+    set_mask(e, c, 1)
+    if c.buf[0] == NULL:
+        on_readable(e, c, 0)            # what the client sent after its handshake: relayed now
+
+
+cdef void start_connect(Engine *e, Conn *c, Attach *a, int64_t now) noexcept nogil:
+    cdef int fd, one = 1
+    cdef epoll_event ev
+    c.connect_start = now_us()
+    fd = socket(a.addr.sin6_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        free(a.buf)
+        note(e, c, CONNECT_FAILED, <uint64_t>errno)
+        return
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    c.fd[1] = fd
+    c.buf[0] = a.buf
+    c.len[0] = a.len
+    c.off[0] = 0
+    c.state = ST_CONNECTING
+    c.deadline = now + a.timeout
+    if connect(fd, <sockaddr *>&a.addr, a.addrlen) < 0 and errno != EINPROGRESS:
+        connect_failed(e, c, errno)
+        return
+    c.removed[1] = 0
+    c.mask[1] = EPOLLOUT
+    ev.events = EPOLLOUT
+    ev.data.u64 = <uint64_t>c | 1
+    epoll_ctl(e.epfd, EPOLL_CTL_ADD, fd, &ev)
+
+
 cdef void handshake(Engine *e, Conn *c) noexcept nogil:
     """One step of a TLS client's handshake; done, the connection is parked (out of epoll) and
     announced to Python with a READY record."""
@@ -501,8 +596,7 @@ cdef void handshake(Engine *e, Conn *c) noexcept nogil:
             epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[0], NULL)
             c.removed[0] = 1
             c.mask[0] = 0
-        e.ready_list[e.nready] = c
-        e.nready += 1
+        note(e, c, READY, 0)
         return
     err = SSL_get_error(c.ssl, r)
     if err == SSL_ERROR_WANT_READ:
@@ -603,9 +697,13 @@ cdef void take_attaches(Engine *e, int64_t now) noexcept nogil:
         slot = <int>(a.id & 0xFFFFFFFFu)
         c = e.slots[slot] if slot < e.capacity else NULL
         if c == NULL or c.id != a.id or c.dead or c.state != ST_PARKED:
-            close(a.fd)                 # cut meanwhile: its close record is on its way
+            if a.fd >= 0:
+                close(a.fd)             # cut meanwhile: its close record is on its way
             free(a.buf)
             free(a.back)
+            continue
+        if a.fd < 0:
+            start_connect(e, c, a, now)
             continue
         c.state = ST_RELAY
         c.fd[1] = a.fd
@@ -667,6 +765,9 @@ cdef void sweep(Engine *e, int64_t now) noexcept nogil:
             if c.state == ST_HANDSHAKE:
                 if now >= c.deadline:
                     kill_conn(e, c, END_IDLE)
+            elif c.state == ST_CONNECTING:
+                if now >= c.deadline:
+                    connect_failed(e, c, ETIMEDOUT)
             elif c.state == ST_RELAY and e.idle_timeout and now - c.last_active >= e.idle_timeout:
                 kill_conn(e, c, END_IDLE)
     pthread_mutex_unlock(&e.lock)
@@ -704,6 +805,9 @@ cdef void *relay_main(void *arg) noexcept nogil:
             c.last_active = now
             if c.state == ST_HANDSHAKE:
                 handshake(e, c)
+                continue
+            if c.state == ST_CONNECTING:
+                connect_done(e, c)      # only the backend socket is in epoll meanwhile
                 continue
             if ev & EPOLLOUT:
                 # fd[d] can take what the other direction kept.
@@ -778,15 +882,15 @@ cdef class Relay:
         e.capacity = capacity
         e.slots = <Conn **>calloc(capacity, sizeof(Conn *))
         e.free_slots = <int *>malloc(capacity * sizeof(int))
-        # A TLS connection has up to two records (READY, then its end) waiting at once.
-        e.ring = <CloseRecord *>malloc(2 * capacity * sizeof(CloseRecord))
+        # A TLS connection has up to three records (READY, its connect's outcome, its end) waiting.
+        e.ring = <CloseRecord *>malloc(RING_PER_SLOT * capacity * sizeof(CloseRecord))
         e.aborts = <uint64_t *>malloc(capacity * sizeof(uint64_t))
         e.dead_list = <Conn **>malloc(capacity * sizeof(Conn *))
-        e.ready_list = <Conn **>malloc(capacity * sizeof(Conn *))
+        e.notes = <Note *>malloc(capacity * sizeof(Note))
         e.attaches = <Attach *>malloc(capacity * sizeof(Attach))
         e.scratch = <char *>malloc(SCRATCH)
         if (e.slots == NULL or e.free_slots == NULL or e.ring == NULL or e.aborts == NULL
-                or e.dead_list == NULL or e.ready_list == NULL or e.attaches == NULL or e.scratch == NULL):
+                or e.dead_list == NULL or e.notes == NULL or e.attaches == NULL or e.scratch == NULL):
             raise MemoryError()
         for i in range(capacity):
             e.free_slots[i] = capacity - 1 - i
@@ -873,6 +977,7 @@ cdef class Relay:
         cdef Engine *e = self.e
         cdef Listener *l
         cdef epoll_event ev
+        cdef int deadline_ms
         if e.nlisteners >= MAX_LISTENERS:
             raise ValueError("relay: too many TLS listeners")
         fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)
@@ -890,8 +995,11 @@ cdef class Relay:
         l.index = e.nlisteners
         e.listeners[e.nlisteners] = l
         e.nlisteners += 1
-        if e.sweep_ms < 0 or e.sweep_ms > 1000:
-            e.sweep_ms = 1000               # handshake deadlines are checked about once a second
+        # Handshake and connect deadlines are checked about 5 times per timeout (at least every second,
+        # at most every 100 ms).
+        deadline_ms = max(100, min(1000, <int>(handshake_timeout * 200)))
+        if e.sweep_ms < 0 or e.sweep_ms > deadline_ms:
+            e.sweep_ms = deadline_ms
         ev.events = EPOLLIN
         ev.data.u64 = <uint64_t>l | 2
         epoll_ctl(e.epfd, EPOLL_CTL_ADD, fd, &ev)
@@ -911,6 +1019,56 @@ cdef class Relay:
             write(e.wake_fd, &one, 8)
         else:
             sweep(e, now_ms())
+
+    def connect(self, uint64_t conn_id, str host, int port, bytes to_backend=None, double timeout=5.0):
+        """Connects a parked TLS connection to the backend at `host` (an IPv4 or IPv6 address) and
+        `port`, from the thread; `to_backend`: bytes to send it first (PROXY header). The outcome comes
+        back as a CONNECTED record (relaying has started) or a CONNECT_FAILED one (the connection is
+        parked again). Raises ValueError when host is not an address."""
+        cdef Engine *e = self.e
+        cdef uint64_t one = 1
+        cdef Py_ssize_t size = 0 if to_backend is None else PyBytes_GET_SIZE(to_backend)
+        cdef char *first = NULL
+        cdef sockaddr_in6 addr
+        cdef sockaddr_in *addr4 = <sockaddr_in *>&addr
+        cdef socklen_t addrlen
+        cdef bytes text = host.encode()
+        cdef Attach *a
+        memset(&addr, 0, sizeof(addr))
+        if inet_pton(AF_INET, text, &addr4.sin_addr) == 1:
+            addr4.sin_family = AF_INET
+            addr4.sin_port = htons(port)
+            addrlen = sizeof(sockaddr_in)
+        elif inet_pton(AF_INET6, text, &addr.sin6_addr) == 1:
+            addr.sin6_family = AF_INET6
+            addr.sin6_port = htons(port)
+            addrlen = sizeof(sockaddr_in6)
+        else:
+            raise ValueError(f"not an IP address: {host!r}")
+        if size:
+            first = <char *>malloc(size)
+            if first == NULL:
+                raise MemoryError()
+            memcpy(first, PyBytes_AS_STRING(to_backend), size)
+        pthread_mutex_lock(&e.lock)
+        if e.nattaches >= e.capacity:
+            pthread_mutex_unlock(&e.lock)
+            free(first)
+            raise MemoryError("relay: request queue full")
+        a = &e.attaches[e.nattaches]
+        a.id = conn_id
+        a.fd = -1
+        a.addr = addr
+        a.addrlen = addrlen
+        a.timeout = <int64_t>(timeout * 1000)
+        a.buf = first
+        a.len = <uint32_t>size
+        a.back = NULL
+        a.back_len = 0
+        a.back_eof = 0
+        e.nattaches += 1
+        pthread_mutex_unlock(&e.lock)
+        write(e.wake_fd, &one, 8)
 
     def attach(self, uint64_t conn_id, int backend_fd, bytes to_backend=None, bytes to_client=None,
                bint backend_eof=False):
@@ -1009,8 +1167,9 @@ cdef class Relay:
         return out
 
     def closed(self):
-        """The records waiting: a list of (id, bytes_in, bytes_out, reason) for ends, and for TLS
-        handshakes done (reason READY, 5): (id, client address or None, None, READY, listener)."""
+        """The records waiting: a list of (id, bytes_in, bytes_out, reason) for ends; for TLS handshakes
+        done (reason READY, 5): (id, client address or None, None, READY, listener); for connects asked
+        with connect(): (id, microseconds, 0, CONNECTED) or (id, errno, microseconds, CONNECT_FAILED)."""
         cdef Engine *e = self.e
         cdef uint64_t counter
         cdef list out = []
@@ -1022,7 +1181,7 @@ cdef class Relay:
                 pthread_mutex_unlock(&e.lock)
                 break
             rec = e.ring[e.ring_head]
-            e.ring_head = (e.ring_head + 1) % (2 * e.capacity)
+            e.ring_head = (e.ring_head + 1) % (RING_PER_SLOT * e.capacity)
             e.ring_len -= 1
             pthread_mutex_unlock(&e.lock)
             if rec.reason == READY:
@@ -1073,6 +1232,6 @@ cdef class Relay:
                 close(e.listeners[i].fd)
             free(e.listeners[i])
         free(e.slots); free(e.free_slots); free(e.ring); free(e.aborts); free(e.dead_list)
-        free(e.ready_list); free(e.attaches); free(e.scratch)
+        free(e.notes); free(e.attaches); free(e.scratch)
         pthread_mutex_destroy(&e.lock)
         free(e)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from fastlb._relay import RelayEnd
 from fastlb import proxy_protocol, sni
+from fastlb.health import CONNECT
 from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
 if TYPE_CHECKING:
@@ -46,8 +47,19 @@ log = logging.getLogger("fastlb")
 
 # ClientSide.eofs: which directions have ended (bits, so a repeated EOF is harmless).
 CLIENT_EOF, BACKEND_EOF, BOTH_EOF = 1, 2, 3
-# The relay thread's record for a TLS handshake done (fastlb/_crelay.pyx REASONS).
-READY = 5
+# The relay thread's records besides ends (fastlb/_crelay.pyx REASONS): a TLS handshake done, and the
+# outcome of a connect asked with `Relay.connect`.
+READY, CONNECTED, CONNECT_FAILED = 5, 6, 7
+NO_TRIES: list = []                 # select_now's `tried` for a first pick: never appended to
+
+
+def is_ip_address(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Listener:
@@ -146,10 +158,10 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         if not pending.timer:
             self.start_connect()
 
-    def start_connect(self) -> None:
-        self.connect_task = self.listener.loop.create_task(self._connect())
+    def start_connect(self, tried: list | None = None) -> None:
+        self.connect_task = self.listener.loop.create_task(self._connect(tried))
 
-    async def _connect(self) -> None:
+    async def _connect(self, tried: list | None = None) -> None:
         listener = self.listener
         key = self.source[0].encode() if listener.hash_source else None
         # Source persistence pins to the default group's backends: not for a connection SNI routed
@@ -161,7 +173,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             if pinned is None and sticky.store.shared:
                 pinned = await sticky.fetch(client_ip)     # a local miss only; bounded
         try:
-            backend, transport, side = await self.pool.connect(key, self._make_backend_side,
+            backend, transport, side = await self.pool.connect(key, self._make_backend_side, tried,
                                                                pinned=pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
@@ -320,13 +332,14 @@ class NativeTLSClient(ClientSide):
     its handshake on, as a ClientSide after uvloop's handshake: its socket stays in the thread (parked)
     while the backend is picked and connected here, then `EpollRelay.attach` hands the backend over."""
 
-    __slots__ = ()
+    __slots__ = ("connecting",)
 
     def __init__(self, listener: Listener, conn_id: int, peer) -> None:
         super().__init__(listener)
         self.relay_id = conn_id
         self.source = peer
         self.started = monotonic()
+        self.connecting: Backend | None = None    # the backend the thread is connecting to (a slot held)
 
     def _proxy_header(self, version: int) -> bytes:
         if self.destination is None:       # asked only for a PROXY header: one getsockname then
@@ -348,7 +361,41 @@ class NativeTLSClient(ClientSide):
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
+        if self.connecting is not None:
+            self.pool.release(self.connecting)
+            self.connecting = None
         super().relay_closed(bytes_in, bytes_out)
+
+    def connected(self, seconds: float) -> None:
+        """The thread connected the backend (`EpollRelay.connect_here`): what BackendPool.connect does
+        after a connect that worked."""
+        backend, self.connecting = self.connecting, None
+        self.backend = backend
+        self.connect_seconds = monotonic() - self.started
+        if not backend.removed:
+            backend.balancer.on_response(backend.index, seconds, True)
+        backend.connect_failures = 0
+        if self.pool.track_latency:
+            backend.traffic.connect_time.observe(seconds)
+
+    def connect_failed(self, error: OSError, seconds: float) -> None:
+        """The thread's connect failed: what BackendPool.connect does after a failed attempt, then the
+        next candidates go through it (the client is parked meanwhile), or the client is refused."""
+        backend, self.connecting = self.connecting, None
+        pool = self.pool
+        pool.release(backend)
+        backend.traffic.connect_errors += 1
+        tried = [backend]
+        if not backend.removed:
+            backend.balancer.on_response(backend.index, seconds, False)
+            pool.health.record(backend, False, CONNECT, error)
+        log.debug("connect to %s failed (%s); attempt 1 of %d", backend.address, error, pool.attempts)
+        if len(tried) >= pool.attempts:
+            self.listener.refused(self, NoBackendError("connect failed to 1 backend(s)"))
+            self.close()
+            return
+        self.start_connect(tried)
+
 
 
 class NativeBackendSide(BackendSide):
@@ -497,7 +544,7 @@ class EpollRelay:
     client sent early). The thread reports each connection's end once, with its byte counts, through an
     eventfd read here: then the pool slot is released and the observer told. Nothing per chunk."""
 
-    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned")
+    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned", "numeric")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int, idle_timeout: float,
                  sweep_interval: float) -> None:
@@ -509,6 +556,7 @@ class EpollRelay:
         self.listeners: dict[int, Listener] = {}     # TLS listeners the thread accepts on, by index
         self.stopping = False
         self.warned = False
+        self.numeric: dict[str, bool] = {}           # backend host -> an IP address (connect_here)
 
     @staticmethod
     def terminates(bind: "BindSpec", server_tls, backends) -> bool:
@@ -613,6 +661,16 @@ class EpollRelay:
             if reason == READY:
                 self._ready(conn_id, bytes_in, record[4])
                 continue
+            if reason == CONNECTED:
+                client = clients.get(conn_id)
+                if client is not None:
+                    client.connected(bytes_in / 1e6)
+                continue
+            if reason == CONNECT_FAILED:
+                client = clients.get(conn_id)
+                if client is not None:
+                    client.connect_failed(OSError(bytes_in, os.strerror(bytes_in)), bytes_out / 1e6)
+                continue
             client = clients.pop(conn_id, None)
             if client is not None:
                 client.relay_closed(bytes_in, bytes_out)
@@ -628,7 +686,31 @@ class EpollRelay:
         client = NativeTLSClient(listener, conn_id, peer)
         self.clients[conn_id] = client
         listener.connections.add(client)
-        client.start_connect()
+        if not self.connect_here(client):
+            client.start_connect()
+
+    def connect_here(self, client: NativeTLSClient) -> bool:
+        """The common case without a coroutine or a uvloop transport: a backend free now (`select_now`,
+        a slot taken) at an IP address, connected by the thread; the outcome comes back as a record
+        (`NativeTLSClient.connected` / `connect_failed`). False: BackendPool.connect decides (queueing,
+        host names, source persistence, TLS backends)."""
+        listener = client.listener
+        if listener.sticky is not None:
+            return False
+        pool = client.pool
+        backend = pool.select_now(client.source[0].encode() if listener.hash_source else None, NO_TRIES)
+        if backend is None:
+            return False
+        numeric = self.numeric.get(backend.host)
+        if numeric is None:
+            numeric = self.numeric[backend.host] = is_ip_address(backend.host)
+        if not numeric or backend.ssl_context is not None:
+            pool.release(backend)
+            return False
+        client.connecting = backend
+        first = client._proxy_header(backend.send_proxy) if backend.send_proxy else None
+        self.relay.connect(client.relay_id, backend.host, backend.port, first, pool.connect_timeout)
+        return True
 
     def close(self) -> None:
         """Stops the thread (connections still relayed are cut) and reports what ended."""
