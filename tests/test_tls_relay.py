@@ -7,10 +7,12 @@ import socket
 import ssl
 import signal
 import subprocess
+import time
 
 import pytest
 
 from procs import free_port, port_open, read_line, wait_until
+from test_ops import metric, metrics, token_file  # noqa: F401
 from test_tls import client_context, echo_roundtrip, pki, refused, s_client, subject_cn, tls_backends, tls_connect  # noqa: F401
 
 NATIVE = "terminated by the relay thread"
@@ -253,3 +255,84 @@ def test_grace_period_cuts_tls_connections_that_do_not_finish(procs, pki):
             data = b""
         assert data == b""                           # reset or EOF: the relay is gone
     lb.wait_for_line(r"grace period over: closing 1 connection")
+
+
+# ---- the backend connect the thread makes (EpollRelay.connect_here) ---------------------------------
+
+def tls_ping(port, pki) -> str:
+    with tls_connect(port, client_context(pki), "default.test") as sock:
+        return echo_roundtrip(sock)
+
+
+def test_connect_errors_and_retries_are_counted_as_on_the_python_path(procs, pki, token_file):
+    _, ports = procs.backends("a")
+    dead_port, port, admin = free_port(), free_port(), free_port()
+    a, dead = f"127.0.0.1:{ports['a']}", f"127.0.0.1:{dead_port}"
+    lb = procs.fastlb("--mode", "tcp", "--relay", "epoll", "--bind", f"127.0.0.1:{port},ssl,cert={pki['default']}",
+                      "--backend", a, "--backend", dead, "--outlier-failures", "0", "--admin", str(admin),
+                      "--admin-token-file", token_file, wait_port=0)
+    lb.wait_for_line(NATIVE)
+    wait_until(lambda: port_open(admin), what="the admin bind")
+    assert {tls_ping(port, pki) for _ in range(10)} == {"a"}    # every failed connect retried on a
+    samples = wait_until(lambda: (lambda m: m if metric(m, "fastlb_backend_connections_total", pool="default",
+                                                        backend=a) == 10 else None)(metrics(admin)),
+                         what="10 connections counted")
+    errors = metric(samples, "fastlb_backend_connect_errors_total", pool="default", backend=dead)
+    assert errors >= 4
+    assert metric(samples, "fastlb_backend_retries_total", pool="default", backend=a) == errors
+    assert metric(samples, "fastlb_pool_retries_total", pool="default") == errors
+    assert metric(samples, "fastlb_backend_connect_seconds_count", pool="default", backend=a) == 10
+
+
+def test_without_retries_a_failed_connect_refuses_the_client(procs, pki):
+    dead_port = free_port()
+    lb, port = native_lb(procs, pki, backend_port=dead_port, extra=("--retries", "0"))
+    lb.wait_for_line(NATIVE)
+    with tls_connect(port, client_context(pki), "default.test") as sock:
+        assert refused(sock)
+    lb.wait_for_line(r"closing client connection\(s\) from 127\.0\.0\.1: connect failed to 1 backend")
+
+
+def test_a_connect_that_times_out_moves_to_the_next_backend(procs, pki):
+    # A listener that never accepts, its queue full: the kernel drops further SYNs, connects hang.
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    try:
+        while True:
+            filler = socket.socket()
+            filler.settimeout(0.3)
+            fillers.append(filler)
+            try:
+                filler.connect(stuck.getsockname())
+            except (socket.timeout, BlockingIOError):
+                break
+            if len(fillers) > 20:
+                pytest.skip("the kernel accepts past a full listen queue here")
+        _, ports = procs.backends("a")
+        port = free_port()
+        lb = procs.fastlb("--mode", "tcp", "--relay", "epoll", "--bind",
+                          f"127.0.0.1:{port},ssl,cert={pki['default']}", "--backend",
+                          f"127.0.0.1:{stuck.getsockname()[1]}", "--backend", f"127.0.0.1:{ports['a']}",
+                          "--connect-timeout", "300ms", "--outlier-failures", "0", "--log-level", "debug")
+        lb.wait_for_line(NATIVE)
+        started = time.monotonic()
+        assert {tls_ping(port, pki) for _ in range(4)} == {"a"}
+        lb.wait_for_line(r"connect to 127\.0\.0\.1:\d+ failed \(\[Errno 110\]")
+        assert time.monotonic() - started < 5
+    finally:
+        for filler in fillers:
+            filler.close()
+        stuck.close()
+
+
+def test_backends_by_host_name_and_source_persistence_take_the_python_path(procs, pki):
+    _, ports = procs.backends("a")
+    for extra in (("--backend", f"localhost:{ports['a']}"),
+                  ("--backend", f"127.0.0.1:{ports['a']}", "--sticky", "source")):
+        port = free_port()
+        lb = procs.fastlb("--mode", "tcp", "--relay", "epoll", "--bind",
+                          f"127.0.0.1:{port},ssl,cert={pki['default']}", *extra)
+        lb.wait_for_line(NATIVE)
+        assert {tls_ping(port, pki) for _ in range(3)} == {"a"}
