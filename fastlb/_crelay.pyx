@@ -27,7 +27,14 @@ connection and hands the backend socket over with `attach()`; the thread then re
 SSL_write on the client side and plain recv/send on the backend side. A client that fails or does not
 finish its handshake (within `handshake_timeout`) never reaches Python and costs no backend connection.
 TLS has no half-close: the client's EOF (close_notify or FIN) half-closes the backend; the backend's
-EOF ends the connection with a close_notify.
+EOF ends the connection with a close_notify. For the common case Python does not even connect: it takes
+a free backend (BackendPool.select_now) and `connect()` has the thread connect it, the outcome coming back
+as a CONNECTED or CONNECT_FAILED record.
+
+Inline mode (`start(inline=True)`): no thread; Python runs the same engine from its event loop, calling
+`poll()` when `epoll_fd` is readable. For a process that may use one CPU only, where the two threads could
+only take turns, paying a context switch and an eventfd wake-up at each hand-over (four per TLS
+connection).
 """
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
@@ -250,6 +257,9 @@ cdef struct Engine:
     int npaused
     Attach *attaches           # backends Python hands to parked TLS connections
     int nattaches
+    int inline                 # no thread: Python runs the engine from its event loop (poll())
+    int polling                # inline, inside poll(): records are returned, not notified
+    int notified               # notify_fd has a count to read
 
 
 cdef inline int64_t now_ms() noexcept nogil:
@@ -370,9 +380,10 @@ cdef void flush_dead(Engine *e) noexcept nogil:
     e.ndead = 0
     if e.npaused:
         resume_listeners(e)
-    pthread_mutex_unlock(&e.lock)
-    if was_empty and queued:
+    if was_empty and queued and not e.polling:
+        e.notified = 1
         write(e.notify_fd, &one, 8)
+    pthread_mutex_unlock(&e.lock)
 
 
 cdef inline ssize_t tls_write(Engine *e, Conn *c, const char *buf, uint32_t n) noexcept nogil:
@@ -773,79 +784,80 @@ cdef void sweep(Engine *e, int64_t now) noexcept nogil:
     pthread_mutex_unlock(&e.lock)
 
 
-cdef void *relay_main(void *arg) noexcept nogil:
-    cdef Engine *e = <Engine *>arg
-    cdef epoll_event events[MAX_EVENTS]
-    cdef int n, i, d
+cdef void run_events(Engine *e, epoll_event *events, int n, int64_t now) noexcept nogil:
+    """One batch of epoll events, then the records it produced and, when due, a sweep."""
+    cdef int i, d
     cdef uint64_t tag
     cdef uint32_t ev
     cdef Conn *c
-    cdef int64_t now
     cdef uint64_t counter
+    for i in range(n):
+        tag = events[i].data.u64
+        if tag == 0:
+            read(e.wake_fd, &counter, 8)
+            sweep(e, now)
+            continue
+        if tag & 2:
+            on_accept(e, <Listener *>(tag & ~(<uint64_t>3)), now)
+            continue
+        c = <Conn *>(tag & ~(<uint64_t>1))
+        d = <int>(tag & 1)
+        if c.dead:
+            continue
+        ev = events[i].events
+        c.last_active = now
+        if c.state == ST_HANDSHAKE:
+            handshake(e, c)
+            continue
+        if c.state == ST_CONNECTING:
+            connect_done(e, c)          # only the backend socket is in epoll meanwhile
+            continue
+        if ev & EPOLLOUT:
+            # fd[d] can take what the other direction kept.
+            if c.buf[1 - d] != NULL:
+                if flush_pending(e, c, 1 - d) < 0:
+                    kill_conn(e, c, END_CLIENT if d == 0 else END_BACKEND)
+                    continue
+                if c.buf[1 - d] == NULL:
+                    if maybe_shut(e, c, 1 - d):
+                        kill_conn(e, c, END_BOTH)
+                        continue
+                    set_mask(e, c, d)
+                    set_mask(e, c, 1 - d)
+            if d == 0 and c.read_wants_write:
+                c.read_wants_write = 0
+                set_mask(e, c, 0)
+                if on_readable(e, c, 0) < 0:
+                    continue
+        if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
+            if c.mask[d] & EPOLLIN:
+                on_readable(e, c, d)
+            elif ev & EPOLLERR:
+                kill_conn(e, c, END_CLIENT if d == 0 else END_BACKEND)
+            elif not c.removed[d]:
+                # A hang-up (both ways shut) on a side we do not read: level-triggered, it would be
+                # reported again and again. What it sent may still be waiting for its peer, so the
+                # connection lives on; the fd leaves epoll until it is wanted again.
+                epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[d], NULL)
+                c.removed[d] = 1
+                c.mask[d] = 0
+    flush_dead(e)
+    if (e.idle_timeout or e.nlisteners) and now - e.last_sweep >= e.sweep_ms:
+        sweep(e, now)
+        flush_dead(e)
+
+
+cdef void *relay_main(void *arg) noexcept nogil:
+    cdef Engine *e = <Engine *>arg
+    cdef epoll_event events[MAX_EVENTS]
+    cdef int n
     cdef sigset_t all_signals
     sigfillset(&all_signals)
     pthread_sigmask(SIG_BLOCK, &all_signals, NULL)     # signals stay with the Python thread
-    while True:
+    while not e.stop:
         n = epoll_wait(e.epfd, events, MAX_EVENTS, e.sweep_ms)
-        now = now_ms()
-        for i in range(n):
-            tag = events[i].data.u64
-            if tag == 0:
-                read(e.wake_fd, &counter, 8)
-                sweep(e, now)
-                continue
-            if tag & 2:
-                on_accept(e, <Listener *>(tag & ~(<uint64_t>3)), now)
-                continue
-            c = <Conn *>(tag & ~(<uint64_t>1))
-            d = <int>(tag & 1)
-            if c.dead:
-                continue
-            ev = events[i].events
-            c.last_active = now
-            if c.state == ST_HANDSHAKE:
-                handshake(e, c)
-                continue
-            if c.state == ST_CONNECTING:
-                connect_done(e, c)      # only the backend socket is in epoll meanwhile
-                continue
-            if ev & EPOLLOUT:
-                # fd[d] can take what the other direction kept.
-                if c.buf[1 - d] != NULL:
-                    if flush_pending(e, c, 1 - d) < 0:
-                        kill_conn(e, c, END_CLIENT if d == 0 else END_BACKEND)
-                        continue
-                    if c.buf[1 - d] == NULL:
-                        if maybe_shut(e, c, 1 - d):
-                            kill_conn(e, c, END_BOTH)
-                            continue
-                        set_mask(e, c, d)
-                        set_mask(e, c, 1 - d)
-                if d == 0 and c.read_wants_write:
-                    c.read_wants_write = 0
-                    set_mask(e, c, 0)
-                    if on_readable(e, c, 0) < 0:
-                        continue
-            if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
-                if c.mask[d] & EPOLLIN:
-                    on_readable(e, c, d)
-                elif ev & EPOLLERR:
-                    kill_conn(e, c, END_CLIENT if d == 0 else END_BACKEND)
-                elif not c.removed[d]:
-                    # A hang-up (both ways shut) on a side we do not read: level-triggered, it would be
-                    # reported again and again. What it sent may still be waiting for its peer, so the
-                    # connection lives on; the fd leaves epoll until it is wanted again.
-                    epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.fd[d], NULL)
-                    c.removed[d] = 1
-                    c.mask[d] = 0
-        flush_dead(e)
-        if e.stop:
-            break
-        if (e.idle_timeout or e.nlisteners) and now - e.last_sweep >= e.sweep_ms:
-            sweep(e, now)
-            flush_dead(e)
+        run_events(e, events, n if n > 0 else 0, now_ms())
     return NULL
-
 
 
 cdef object address(sockaddr_in6 *sa):
@@ -910,12 +922,40 @@ cdef class Relay:
         e.next_serial = 1
         self.contexts = []
 
-    def start(self):
+    cdef bint inline
+
+    def start(self, bint inline=False):
+        """Starts the relay thread; `inline`: no thread, the caller runs the engine with `poll()` when
+        `epoll_fd` is readable (and about every sweep interval): on a single CPU a second thread only adds
+        context switches and wake-ups between the two."""
         if self.started:
             return
-        if pthread_create(&self.thread, NULL, relay_main, self.e) != 0:
+        self.inline = inline
+        self.e.inline = inline
+        if not inline and pthread_create(&self.thread, NULL, relay_main, self.e) != 0:
             raise OSError("relay: cannot start thread")
         self.started = True
+
+    @property
+    def epoll_fd(self):
+        """Inline mode: readable when the engine has events to run (`poll()`)."""
+        return self.e.epfd
+
+    def poll(self):
+        """Inline mode: runs the events ready (without waiting), then the sweep when due. Returns the
+        records waiting (as `closed()`), or None when there are none: the common case of a batch of
+        relayed chunks costs no list."""
+        cdef Engine *e = self.e
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n
+        e.polling = 1
+        with nogil:
+            n = epoll_wait(e.epfd, events, MAX_EVENTS, 0)
+            run_events(e, events, n if n > 0 else 0, now_ms())
+        e.polling = 0
+        if e.ring_len == 0 and not e.notified:     # only this thread adds records in inline mode
+            return None
+        return self.closed()
 
     @property
     def notify_fd(self):
@@ -1067,6 +1107,11 @@ cdef class Relay:
         a.back_len = 0
         a.back_eof = 0
         e.nattaches += 1
+        if e.inline:
+            take_attaches(e, now_ms())      # this thread runs the engine: no wake-up needed
+            pthread_mutex_unlock(&e.lock)
+            flush_dead(e)
+            return
         pthread_mutex_unlock(&e.lock)
         write(e.wake_fd, &one, 8)
 
@@ -1112,6 +1157,11 @@ cdef class Relay:
         a.back_len = <uint32_t>back
         a.back_eof = backend_eof
         e.nattaches += 1
+        if e.inline:
+            take_attaches(e, now_ms())      # this thread runs the engine: no wake-up needed
+            pthread_mutex_unlock(&e.lock)
+            flush_dead(e)
+            return
         pthread_mutex_unlock(&e.lock)
         write(e.wake_fd, &one, 8)
 
@@ -1174,7 +1224,13 @@ cdef class Relay:
         cdef uint64_t counter
         cdef list out = []
         cdef CloseRecord rec
-        read(e.notify_fd, &counter, 8)
+        cdef int notified
+        pthread_mutex_lock(&e.lock)
+        notified = e.notified           # set (under the lock) only once its write is done
+        e.notified = 0
+        pthread_mutex_unlock(&e.lock)
+        if notified:
+            read(e.notify_fd, &counter, 8)
         while True:
             pthread_mutex_lock(&e.lock)
             if e.ring_len == 0:
@@ -1200,9 +1256,13 @@ cdef class Relay:
         e.abort_all = 1
         e.stop = 1
         pthread_mutex_unlock(&e.lock)
-        write(e.wake_fd, &one, 8)
-        with nogil:
-            pthread_join(self.thread, NULL)
+        if self.inline:
+            sweep(e, now_ms())
+            flush_dead(e)
+        else:
+            write(e.wake_fd, &one, 8)
+            with nogil:
+                pthread_join(self.thread, NULL)
         self.started = False
 
     def __dealloc__(self):

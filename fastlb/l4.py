@@ -544,7 +544,8 @@ class EpollRelay:
     client sent early). The thread reports each connection's end once, with its byte counts, through an
     eventfd read here: then the pool slot is released and the observer told. Nothing per chunk."""
 
-    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned", "numeric")
+    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned", "numeric",
+                 "inline", "sweep_interval", "tick_handle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int, idle_timeout: float,
                  sweep_interval: float) -> None:
@@ -557,6 +558,9 @@ class EpollRelay:
         self.stopping = False
         self.warned = False
         self.numeric: dict[str, bool] = {}           # backend host -> an IP address (connect_here)
+        self.inline = relay_inline()
+        self.sweep_interval = min(1.0, sweep_interval) if idle_timeout else 1.0
+        self.tick_handle = None
 
     @staticmethod
     def terminates(bind: "BindSpec", server_tls, backends) -> bool:
@@ -604,8 +608,22 @@ class EpollRelay:
         self.relay.attach(client.relay_id, backend_fd, first, side.buffer or None, side.eof)
 
     def start(self) -> None:
-        self.relay.start()
+        self.relay.start(self.inline)
         self.loop.add_reader(self.relay.notify_fd, self.on_closed)
+        if self.inline:
+            self.loop.add_reader(self.relay.epoll_fd, self.on_events)
+            self.tick_handle = self.loop.call_later(self.sweep_interval, self._tick)
+
+    def on_events(self) -> None:
+        """Inline mode: the engine's epoll has events: run them, then handle the records."""
+        records = self.relay.poll()
+        if records is not None:
+            self.handle(records)
+
+    def _tick(self) -> None:
+        """Inline mode: idle connections and handshake deadlines are swept from here."""
+        self.on_events()
+        self.tick_handle = self.loop.call_later(self.sweep_interval, self._tick)
 
     def take(self, client: ClientSide, backend_transport, pending: "PendingClient") -> bool:
         """Hands an established connection to the thread; False leaves it on uvloop (full, bytes still
@@ -655,8 +673,12 @@ class EpollRelay:
         return True
 
     def on_closed(self) -> None:
+        self.handle(self.relay.closed())
+
+    def handle(self, records: list) -> None:
+        """The thread's records: handshakes done, connects' outcomes, connections ended."""
         clients = self.clients
-        for record in self.relay.closed():
+        for record in records:
             conn_id, bytes_in, bytes_out, reason = record[:4]
             if reason == READY:
                 self._ready(conn_id, bytes_in, record[4])
@@ -716,8 +738,25 @@ class EpollRelay:
         """Stops the thread (connections still relayed are cut) and reports what ended."""
         self.stopping = True
         self.loop.remove_reader(self.relay.notify_fd)
+        if self.inline:
+            self.loop.remove_reader(self.relay.epoll_fd)
+            if self.tick_handle is not None:
+                self.tick_handle.cancel()
         self.relay.stop()
         self.on_closed()
+
+
+def relay_inline() -> bool:
+    """Whether the relay engine runs in the event loop's thread rather than its own: when this process
+    may use a single CPU (a second thread could only take turns with the first, paying a context switch
+    and an eventfd wake-up each way per connection). FASTLB_RELAY_INLINE=1 / 0 forces it either way."""
+    forced = os.environ.get("FASTLB_RELAY_INLINE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return len(os.sched_getaffinity(0)) == 1
+    except (AttributeError, OSError):
+        return False
 
 
 class NativeServer:
