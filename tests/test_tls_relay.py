@@ -1,7 +1,8 @@
 """TLS terminated by the C relay thread (`--mode tcp --relay epoll`, fastlb/_ctls.pxi): what it serves
 itself (handshake, SNI certificate selection, ALPN, the protocol floor, resumption on any worker, bulk
 transfers with backpressure, a backend that speaks first) and what stays on the event loop's TLS (client
-certificates, TLS backends, `--relay uvloop`). Real fastlb processes, real TLS clients."""
+certificates, TLS backends, `--relay uvloop`). Real fastlb processes, real TLS clients; each test runs with
+the relay engine in its thread and inline (FASTLB_RELAY_INLINE)."""
 import asyncio
 import socket
 import ssl
@@ -16,6 +17,14 @@ from test_ops import metric, metrics, token_file  # noqa: F401
 from test_tls import client_context, echo_roundtrip, pki, refused, s_client, subject_cn, tls_backends, tls_connect  # noqa: F401
 
 NATIVE = "terminated by the relay thread"
+
+
+@pytest.fixture(autouse=True, params=["thread", "inline"])
+def relay_mode(request, monkeypatch):
+    """Every test both ways: the relay engine in its own thread, and inline in the event loop's (what a
+    worker pinned to one CPU runs)."""
+    monkeypatch.setenv("FASTLB_RELAY_INLINE", "1" if request.param == "inline" else "0")
+    return request.param
 
 
 def native_lb(procs, pki, *bind_options, extra=(), backend_port):
