@@ -937,6 +937,12 @@ cdef class Relay:
         self.started = True
 
     @property
+    def sweep_interval(self):
+        """Seconds between sweeps (idle connections, handshake and connect deadlines); 0: none needed.
+        Inline mode: how often to call poll() at least."""
+        return self.e.sweep_ms / 1000.0 if self.e.sweep_ms > 0 else 0.0
+
+    @property
     def epoll_fd(self):
         """Inline mode: readable when the engine has events to run (`poll()`)."""
         return self.e.epfd

@@ -559,7 +559,7 @@ class EpollRelay:
         self.warned = False
         self.numeric: dict[str, bool] = {}           # backend host -> an IP address (connect_here)
         self.inline = relay_inline()
-        self.sweep_interval = min(1.0, sweep_interval) if idle_timeout else 1.0
+        self.sweep_interval = 1.0                     # inline: set from the engine's at start()
         self.tick_handle = None
 
     @staticmethod
@@ -612,6 +612,9 @@ class EpollRelay:
         self.loop.add_reader(self.relay.notify_fd, self.on_closed)
         if self.inline:
             self.loop.add_reader(self.relay.epoll_fd, self.on_events)
+            # The engine's sweeps (idle connections; TLS handshake and connect deadlines, known once
+            # listen() ran) happen in poll(): at least that often.
+            self.sweep_interval = self.relay.sweep_interval or 1.0
             self.tick_handle = self.loop.call_later(self.sweep_interval, self._tick)
 
     def on_events(self) -> None:
