@@ -27,6 +27,7 @@ system-packages:
 	done; \
 	$(PYTHON) -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
 	  || missing="$$missing python3-venv python3-dev"; \
+	[ -f /usr/include/openssl/ssl.h ] || missing="$$missing libssl-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
@@ -36,7 +37,7 @@ system-packages:
 
 # The editable install compiles the core, the relay and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
 # in place; it reruns when one of their sources changes (a stale .so would shadow the edited .py).
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/core/*.pxi) \
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi fastlb/core/*.pxi) \
 		fastlb/pool.py $(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx fastlb/http/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

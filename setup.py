@@ -37,8 +37,10 @@ core = Extension(
     extra_compile_args=compile_args,
 )
 relay = Extension("fastlb._relay", ["fastlb/_relay.pyx"], extra_compile_args=compile_args)
-# `--relay epoll`: the C relay thread (fastlb/_crelay.pyx).
-crelay = Extension("fastlb._crelay", ["fastlb/_crelay.pyx"], extra_compile_args=compile_args)
+# `--relay epoll`: the C relay thread (fastlb/_crelay.pyx), which also terminates TLS (fastlb/_ctls.pxi)
+# with the system OpenSSL (libssl-dev).
+crelay = Extension("fastlb._crelay", ["fastlb/_crelay.pyx"], libraries=["ssl", "crypto"],
+                   extra_compile_args=compile_args)
 
 # The per-request path of HTTP mode: plain Python modules (the reference, used as they are when not
 # built) compiled by Cython; the .pxd files beside the protocol modules turn their classes into extension

@@ -17,8 +17,11 @@ closed once both directions have ended. TLS has no half-close (close_notify ends
 backend's EOF towards a TLS client closes the client connection; a client's EOF towards a TLS backend is
 not passed on, and the connection ends when the backend closes (or idles out).
 
-TLS binds: the listener's transport is uvloop's TLS transport, and `connection_made` runs once the
-handshake is done, so the relay is the same (the HTTP mode gets the connection's TLS facts from
+TLS binds, with `--relay epoll`: the relay thread accepts, handshakes and relays itself (fastlb/_crelay.pyx);
+a handshake done comes back as a `NativeTLSClient`, whose backend is picked and connected here as for any
+client, then handed to the thread (`EpollRelay.attach`). Other TLS binds (client certificates, TLS
+backends, `--relay uvloop`): the listener's transport is uvloop's TLS transport, and `connection_made`
+runs once the handshake is done, so the relay is the same (the HTTP mode gets the connection's TLS facts from
 `fastlb.tls.connection_tls_info(transport)`). `sni-route` binds do not terminate TLS: `PendingClient`
 reads the ClientHello's server name (fastlb/sni.py), picks the backend group, and the buffered bytes are
 replayed to it.
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from fastlb._relay import RelayEnd
 from fastlb import proxy_protocol, sni
+from fastlb.health import CONNECT
 from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
 if TYPE_CHECKING:
@@ -43,6 +47,19 @@ log = logging.getLogger("fastlb")
 
 # ClientSide.eofs: which directions have ended (bits, so a repeated EOF is harmless).
 CLIENT_EOF, BACKEND_EOF, BOTH_EOF = 1, 2, 3
+# The relay thread's records besides ends (fastlb/_crelay.pyx REASONS): a TLS handshake done, and the
+# outcome of a connect asked with `Relay.connect`.
+READY, CONNECTED, CONNECT_FAILED = 5, 6, 7
+NO_TRIES: list = []                 # select_now's `tried` for a first pick: never appended to
+
+
+def is_ip_address(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Listener:
@@ -141,10 +158,10 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         if not pending.timer:
             self.start_connect()
 
-    def start_connect(self) -> None:
-        self.connect_task = self.listener.loop.create_task(self._connect())
+    def start_connect(self, tried: list | None = None) -> None:
+        self.connect_task = self.listener.loop.create_task(self._connect(tried))
 
-    async def _connect(self) -> None:
+    async def _connect(self, tried: list | None = None) -> None:
         listener = self.listener
         key = self.source[0].encode() if listener.hash_source else None
         # Source persistence pins to the default group's backends: not for a connection SNI routed
@@ -156,13 +173,13 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             if pinned is None and sticky.store.shared:
                 pinned = await sticky.fetch(client_ip)     # a local miss only; bounded
         try:
-            backend, transport, side = await self.pool.connect(key, self._make_backend_side,
+            backend, transport, side = await self.pool.connect(key, self._make_backend_side, tried,
                                                                pinned=pinned)
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
                 listener.refused(self, exc)
-                self.transport.close()
+                self._drop()
             return
         self.connect_task = None
         if sticky is not None and backend is not pinned:
@@ -171,12 +188,21 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             # The client left, or the backend hung up, while we were being scheduled.
             self.pool.release(backend)
             transport.close()
-            self.transport.close()
+            self._drop()
             return
         self.backend = backend
         self.connect_seconds = monotonic() - self.started
+        self._connected(transport)
+
+    def _drop(self) -> None:
+        """No backend for this client: it is closed."""
+        self.transport.close()
+
+    def _connected(self, transport) -> None:
+        """The backend is connected: relaying starts (in the relay thread when it takes it)."""
         pending = self.transport.get_protocol()
-        relay = listener.relay
+        backend = self.backend
+        relay = self.listener.relay
         if relay is not None and relay.take(self, transport, pending):
             return
         if backend.send_proxy:
@@ -301,6 +327,103 @@ class BackendSide(RelayEnd, asyncio.Protocol):
         client._release()
 
 
+class NativeTLSClient(ClientSide):
+    """A client whose TLS the relay thread terminates (`EpollRelay.listen`). It exists from the end of
+    its handshake on, as a ClientSide after uvloop's handshake: its socket stays in the thread (parked)
+    while the backend is picked and connected here, then `EpollRelay.attach` hands the backend over."""
+
+    __slots__ = ("connecting",)
+
+    def __init__(self, listener: Listener, conn_id: int, peer) -> None:
+        super().__init__(listener)
+        self.relay_id = conn_id
+        self.source = peer
+        self.started = monotonic()
+        self.connecting: Backend | None = None    # the backend the thread is connecting to (a slot held)
+
+    def _proxy_header(self, version: int) -> bytes:
+        if self.destination is None:       # asked only for a PROXY header: one getsockname then
+            local = self.listener.relay.relay.local_address(self.relay_id)
+            self.destination = local[:2] if local else ("0.0.0.0", 0)
+        return super()._proxy_header(version)
+
+    def _make_backend_side(self) -> "NativeBackendSide":
+        side = self.backend_side = NativeBackendSide(self)
+        return side
+
+    def _drop(self) -> None:
+        self.close()                     # cut in the thread; its close record follows
+
+    def _connected(self, transport) -> None:
+        self.listener.relay.attach(self, transport)
+
+    def relay_closed(self, bytes_in: int, bytes_out: int) -> None:
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        if self.connecting is not None:
+            self.pool.release(self.connecting)
+            self.connecting = None
+        super().relay_closed(bytes_in, bytes_out)
+
+    def connected(self, seconds: float) -> None:
+        """The thread connected the backend (`EpollRelay.connect_here`): what BackendPool.connect does
+        after a connect that worked."""
+        backend, self.connecting = self.connecting, None
+        self.backend = backend
+        self.connect_seconds = monotonic() - self.started
+        if not backend.removed:
+            backend.balancer.on_response(backend.index, seconds, True)
+        backend.connect_failures = 0
+        if self.pool.track_latency:
+            backend.traffic.connect_time.observe(seconds)
+
+    def connect_failed(self, error: OSError, seconds: float) -> None:
+        """The thread's connect failed: what BackendPool.connect does after a failed attempt, then the
+        next candidates go through it (the client is parked meanwhile), or the client is refused."""
+        backend, self.connecting = self.connecting, None
+        pool = self.pool
+        pool.release(backend)
+        backend.traffic.connect_errors += 1
+        tried = [backend]
+        if not backend.removed:
+            backend.balancer.on_response(backend.index, seconds, False)
+            pool.health.record(backend, False, CONNECT, error)
+        log.debug("connect to %s failed (%s); attempt 1 of %d", backend.address, error, pool.attempts)
+        if len(tried) >= pool.attempts:
+            self.listener.refused(self, NoBackendError("connect failed to 1 backend(s)"))
+            self.close()
+            return
+        self.start_connect(tried)
+
+
+
+class NativeBackendSide(BackendSide):
+    """A NativeTLSClient's backend until the hand-over: keeps what the backend sends early (a greeting),
+    and its EOF; `lost` when it hangs up."""
+
+    __slots__ = ("buffer", "eof")
+
+    def __init__(self, client: ClientSide) -> None:
+        super().__init__(client)
+        self.buffer = b""
+        self.eof = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.received += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
 def forward_eof(peer, close_if_tls: bool) -> None:
     """Passes an EOF on to the other side's transport. TLS has no half-close: towards a TLS client the
     backend's EOF closes the connection (flush, close_notify): the backend is done. Towards a TLS
@@ -421,7 +544,8 @@ class EpollRelay:
     client sent early). The thread reports each connection's end once, with its byte counts, through an
     eventfd read here: then the pool slot is released and the observer told. Nothing per chunk."""
 
-    __slots__ = ("loop", "relay", "clients", "capacity")
+    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned", "numeric",
+                 "inline", "sweep_interval", "tick_handle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int, idle_timeout: float,
                  sweep_interval: float) -> None:
@@ -430,10 +554,79 @@ class EpollRelay:
         self.capacity = capacity
         self.relay = Relay(capacity, idle_timeout, sweep_interval)
         self.clients: dict[int, ClientSide] = {}
+        self.listeners: dict[int, Listener] = {}     # TLS listeners the thread accepts on, by index
+        self.stopping = False
+        self.warned = False
+        self.numeric: dict[str, bool] = {}           # backend host -> an IP address (connect_here)
+        self.inline = relay_inline()
+        self.sweep_interval = 1.0                     # inline: set from the engine's at start()
+        self.tick_handle = None
+
+    @staticmethod
+    def terminates(bind: "BindSpec", server_tls, backends) -> bool:
+        """Whether the thread can terminate this TLS bind itself: a context built in C (no client
+        certificates), and plaintext backends (TLS backends are the event loop's)."""
+        return (server_tls is not None and server_tls.native is not None and not bind.sni_route
+                and not bind.accept_proxy and not any(spec.ssl for spec in backends))
+
+    def listen(self, listener: Listener, sock, server_tls, handshake_timeout: float) -> "NativeServer":
+        """The thread accepts TLS clients on `sock` and does their handshakes; each done one comes back as
+        a READY record (`on_closed`) and becomes a NativeTLSClient. Returns what stops accepting."""
+        sock.setblocking(False)
+        index = self.relay.listen(sock.fileno(), server_tls.native, handshake_timeout)
+        self.listeners[index] = listener
+        log.info("TLS on %s: terminated by the relay thread", listener.bind.address)
+        return NativeServer(self.relay, index, sock)
+
+    def attach(self, client: NativeTLSClient, backend_transport) -> None:
+        """Hands a NativeTLSClient's connected backend to the thread, with what it already sent."""
+        side = client.backend_side
+        backend_sock = backend_transport.get_extra_info("socket")
+        if backend_transport.get_extra_info("ssl_object") is not None or backend_sock is None:
+            # A TLS backend added at run time: the thread relays plaintext to plain sockets only.
+            if not self.warned:
+                self.warned = True
+                log.warning("TLS backend %s behind a TLS bind the relay thread terminates: connection "
+                            "refused (use --relay uvloop for TLS on both sides)", client.backend.address)
+            backend_transport.close()
+            client.observed = True           # refused, not relayed: no traffic to count
+            client.listener.refused(client, NoBackendError("TLS backend behind a relay-terminated bind"))
+            client.close()
+            return
+        first = client._proxy_header(client.backend.send_proxy) if client.backend.send_proxy else None
+        try:
+            backend_fd = os.dup(backend_sock.fileno())
+        except OSError:
+            backend_transport.close()
+            client.close()
+            return
+        client.relay_base = (0, side.received)
+        backend_transport.set_protocol(DETACHED)
+        backend_transport.abort()
+        client.backend_side = None
+        client.set_peer(None)
+        self.relay.attach(client.relay_id, backend_fd, first, side.buffer or None, side.eof)
 
     def start(self) -> None:
-        self.relay.start()
+        self.relay.start(self.inline)
         self.loop.add_reader(self.relay.notify_fd, self.on_closed)
+        if self.inline:
+            self.loop.add_reader(self.relay.epoll_fd, self.on_events)
+            # The engine's sweeps (idle connections; TLS handshake and connect deadlines, known once
+            # listen() ran) happen in poll(): at least that often.
+            self.sweep_interval = self.relay.sweep_interval or 1.0
+            self.tick_handle = self.loop.call_later(self.sweep_interval, self._tick)
+
+    def on_events(self) -> None:
+        """Inline mode: the engine's epoll has events: run them, then handle the records."""
+        records = self.relay.poll()
+        if records is not None:
+            self.handle(records)
+
+    def _tick(self) -> None:
+        """Inline mode: idle connections and handshake deadlines are swept from here."""
+        self.on_events()
+        self.tick_handle = self.loop.call_later(self.sweep_interval, self._tick)
 
     def take(self, client: ClientSide, backend_transport, pending: "PendingClient") -> bool:
         """Hands an established connection to the thread; False leaves it on uvloop (full, bytes still
@@ -483,14 +676,103 @@ class EpollRelay:
         return True
 
     def on_closed(self) -> None:
+        self.handle(self.relay.closed())
+
+    def handle(self, records: list) -> None:
+        """The thread's records: handshakes done, connects' outcomes, connections ended."""
         clients = self.clients
-        for conn_id, bytes_in, bytes_out, _reason in self.relay.closed():
+        for record in records:
+            conn_id, bytes_in, bytes_out, reason = record[:4]
+            if reason == READY:
+                self._ready(conn_id, bytes_in, record[4])
+                continue
+            if reason == CONNECTED:
+                client = clients.get(conn_id)
+                if client is not None:
+                    client.connected(bytes_in / 1e6)
+                continue
+            if reason == CONNECT_FAILED:
+                client = clients.get(conn_id)
+                if client is not None:
+                    client.connect_failed(OSError(bytes_in, os.strerror(bytes_in)), bytes_out / 1e6)
+                continue
             client = clients.pop(conn_id, None)
             if client is not None:
                 client.relay_closed(bytes_in, bytes_out)
 
+    def _ready(self, conn_id: int, peer, index: int) -> None:
+        """A TLS client finished its handshake in the thread: its backend is connected as for any."""
+        listener = self.listeners.get(index)
+        if peer is None:
+            return                          # cut meanwhile (its close record follows, unheard of here)
+        if listener is None or self.stopping:
+            self.relay.abort(conn_id)
+            return
+        client = NativeTLSClient(listener, conn_id, peer)
+        self.clients[conn_id] = client
+        listener.connections.add(client)
+        if not self.connect_here(client):
+            client.start_connect()
+
+    def connect_here(self, client: NativeTLSClient) -> bool:
+        """The common case without a coroutine or a uvloop transport: a backend free now (`select_now`,
+        a slot taken) at an IP address, connected by the thread; the outcome comes back as a record
+        (`NativeTLSClient.connected` / `connect_failed`). False: BackendPool.connect decides (queueing,
+        host names, source persistence, TLS backends)."""
+        listener = client.listener
+        if listener.sticky is not None:
+            return False
+        pool = client.pool
+        backend = pool.select_now(client.source[0].encode() if listener.hash_source else None, NO_TRIES)
+        if backend is None:
+            return False
+        numeric = self.numeric.get(backend.host)
+        if numeric is None:
+            numeric = self.numeric[backend.host] = is_ip_address(backend.host)
+        if not numeric or backend.ssl_context is not None:
+            pool.release(backend)
+            return False
+        client.connecting = backend
+        first = client._proxy_header(backend.send_proxy) if backend.send_proxy else None
+        self.relay.connect(client.relay_id, backend.host, backend.port, first, pool.connect_timeout)
+        return True
+
     def close(self) -> None:
         """Stops the thread (connections still relayed are cut) and reports what ended."""
+        self.stopping = True
         self.loop.remove_reader(self.relay.notify_fd)
+        if self.inline:
+            self.loop.remove_reader(self.relay.epoll_fd)
+            if self.tick_handle is not None:
+                self.tick_handle.cancel()
         self.relay.stop()
         self.on_closed()
+
+
+def relay_inline() -> bool:
+    """Whether the relay engine runs in the event loop's thread rather than its own: when this process
+    may use a single CPU (a second thread could only take turns with the first, paying a context switch
+    and an eventfd wake-up each way per connection). FASTLB_RELAY_INLINE=1 / 0 forces it either way."""
+    forced = os.environ.get("FASTLB_RELAY_INLINE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return len(os.sched_getaffinity(0)) == 1
+    except (AttributeError, OSError):
+        return False
+
+
+class NativeServer:
+    """A TLS listener the relay thread accepts on: `close()` (drain) stops accepting and closes this
+    process's listening socket, as the event loop's servers do."""
+
+    __slots__ = ("relay", "index", "sock")
+
+    def __init__(self, relay, index: int, sock) -> None:
+        self.relay = relay
+        self.index = index
+        self.sock = sock
+
+    def close(self) -> None:
+        self.relay.unlisten(self.index)
+        self.sock.close()

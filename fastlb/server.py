@@ -194,7 +194,9 @@ class Worker:
         # `--relay epoll`: a C thread relays established connections; it sweeps idle ones itself.
         self.relay: EpollRelay | None = None
         if config.mode == "tcp" and config.relay == "epoll" and self.pool is not None:
-            self.relay = EpollRelay(loop, maxconn, idle, min(1.0, max(0.02, idle / 10)) if idle else 1.0)
+            # Room for the pool's queue too: TLS clients the thread accepts wait there like any other.
+            self.relay = EpollRelay(loop, maxconn + config.queue_size, idle,
+                                    min(1.0, max(0.02, idle / 10)) if idle else 1.0)
         self.stopping = False
 
     @property
@@ -212,6 +214,12 @@ class Worker:
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
             tls = self.server_tls.get(number)
+            if self.relay is not None and EpollRelay.terminates(bind, tls, self.config.backends):
+                # The relay thread accepts, handshakes and relays this TLS bind itself (fastlb/l4.py).
+                listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
+                                    self.connections, self.tcp_sticky, self.observer, relay=self.relay)
+                self.servers.append(self.relay.listen(listener, sock, tls, self.config.connect_timeout))
+                continue
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
@@ -223,7 +231,7 @@ class Worker:
                                    self.connections, self.tcp_sticky, self.observer,
                                    self.pools if bind.sni_route else None,
                                    self.config.sni_routes,
-                                   # TLS-terminating binds stay on uvloop: the relay moves raw bytes
+                                   # other TLS-terminating binds stay on uvloop
                                    None if tls_options else self.relay).protocol_factory()
             server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
                                                    **tls_options)

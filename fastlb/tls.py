@@ -20,6 +20,12 @@ every worker holds the same ticket keys: a client resumes on any worker. Python'
 to set ticket keys (no SSL_CTX_set_tlsext_ticket_keys), so they are random per process start and are not
 rotated while fastlb runs; a restart rotates them.
 
+The relay thread's TLS (tcp mode, `--relay epoll`): besides its Python contexts, a bind without client
+certificates gets `ServerTLS.native`, the same settings built in C with OpenSSL (fastlb/_ctls.pxi): the
+relay thread accepts, handshakes and relays there, without the event loop. It is made here too, before
+the fork (one set of ticket keys for every worker), and reloads with the Python contexts. None (the
+event loop's TLS serves the bind) when the C module is not built or cannot load the files.
+
 OCSP stapling is not done: Python's ssl module exposes no server-side status callback
 (SSL_CTX_set_tlsext_status_cb), so there is no supported way to staple a response.
 """
@@ -181,6 +187,26 @@ class ServerTLS:
         # session cache, which stay with the context a handshake started on.
         self.front = server_context(self.certificates[0], ca, verify)
         self.front.sni_callback = self._on_server_name
+        self.native = self._native_context()
+
+    def _native_certificates(self, generation: "_Generation") -> list:
+        return [(spec.cert, spec.key, info.names) for spec, info in zip(self.certificates, generation.infos)]
+
+    def _native_context(self):
+        """The relay thread's contexts (fastlb._crelay.ServerContext), or None: client certificates are
+        the event loop's (TLSInfo for the HTTP mode), and so is everything when the module is missing."""
+        if self.ca:
+            return None
+        try:
+            from fastlb._crelay import ServerContext
+        except ImportError:
+            return None
+        try:
+            return ServerContext(self._native_certificates(self.generation), TLS12_CIPHERS)
+        except ValueError as exc:
+            log.warning("TLS bind %s: served by the event loop, the relay thread cannot load it: %s",
+                        self.address, exc)
+            return None
 
     def _on_server_name(self, ssl_object: ssl.SSLObject, server_name: str | None,
                         front: ssl.SSLContext) -> None:
@@ -193,7 +219,13 @@ class ServerTLS:
     def reload(self) -> None:
         """Loads the certificate, key and CA files again. New handshakes use the new ones; connections
         already made keep theirs. On any error the current generation stays and TLSConfigError says why."""
-        self.generation = _Generation(self.certificates, self.ca, self.verify)
+        generation = _Generation(self.certificates, self.ca, self.verify)
+        if self.native is not None:
+            try:
+                self.native.reload(self._native_certificates(generation))
+            except ValueError as exc:
+                raise TLSConfigError(str(exc)) from None
+        self.generation = generation
 
     def expiry(self, now: float | None = None) -> list[tuple[str, float]]:
         """(certificate file, days left) for each certificate of the current generation."""

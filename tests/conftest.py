@@ -13,6 +13,7 @@ def pytest_configure(config):
         stem = built.split(".cpython-")[0]
         sources = [stem + ext for ext in (".py", ".pxd", ".pyx") if os.path.exists(stem + ext)]
         sources += glob.glob(str(REPO / "fastlb" / "core" / "*.pxi")) if stem.endswith("_core") else []
+        sources += [str(REPO / "fastlb" / "_ctls.pxi")] if stem.endswith("_crelay") else []
         if any(os.path.getmtime(src) > os.path.getmtime(built) for src in sources):
             stale.append(os.path.relpath(built, REPO))
     if stale:

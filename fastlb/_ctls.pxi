@@ -1,0 +1,257 @@
+# OpenSSL server contexts for the relay thread's TLS termination (included by _crelay.pyx).
+#
+# A `ServerContext` mirrors fastlb/tls.py's ServerTLS for one bind: a *front* SSL_CTX that every handshake
+# starts on (it holds the session cache and the ticket keys, so they survive a certificate reload, and
+# because it is made before the workers fork, every worker has the same ticket keys), and a generation
+# of one SSL_CTX per certificate that the servername callback switches the handshake to: exact name,
+# then `*.parent`, then the first certificate. Same settings as tls.py's `_hardened`: TLS 1.2-1.3, the
+# TLS 1.2 cipher list given, server preference, no compression, no renegotiation, ALPN http/1.1.
+
+from libc.string cimport strlen, strcmp, strchr
+from libc.stdlib cimport malloc, free, calloc
+
+cdef extern from "<openssl/ssl.h>" nogil:
+    ctypedef struct SSL_CTX:
+        pass
+    ctypedef struct SSL:
+        pass
+    ctypedef struct SSL_METHOD:
+        pass
+    const SSL_METHOD *TLS_server_method()
+    SSL_CTX *SSL_CTX_new(const SSL_METHOD *method)
+    void SSL_CTX_free(SSL_CTX *ctx)
+    int SSL_CTX_set_min_proto_version(SSL_CTX *ctx, int version)
+    int SSL_CTX_set_max_proto_version(SSL_CTX *ctx, int version)
+    int SSL_CTX_set_cipher_list(SSL_CTX *ctx, const char *s)
+    unsigned long long SSL_CTX_set_options(SSL_CTX *ctx, unsigned long long op)
+    long SSL_CTX_set_mode(SSL_CTX *ctx, long mode)
+    int SSL_CTX_use_certificate_chain_file(SSL_CTX *ctx, const char *file)
+    int SSL_CTX_use_PrivateKey_file(SSL_CTX *ctx, const char *file, int type)
+    int SSL_CTX_check_private_key(const SSL_CTX *ctx)
+    ctypedef int (*alpn_cb_t)(SSL *s, const unsigned char **out, unsigned char *outlen,
+                              const unsigned char *inp, unsigned int inlen, void *arg) noexcept nogil
+    void SSL_CTX_set_alpn_select_cb(SSL_CTX *ctx, alpn_cb_t cb, void *arg)
+    int SSL_select_next_proto(unsigned char **out, unsigned char *outlen, const unsigned char *server,
+                              unsigned int server_len, const unsigned char *client, unsigned int client_len)
+    ctypedef int (*servername_cb_t)(SSL *s, int *al, void *arg) noexcept nogil
+    long SSL_CTX_set_tlsext_servername_callback(SSL_CTX *ctx, servername_cb_t cb)
+    long SSL_CTX_set_tlsext_servername_arg(SSL_CTX *ctx, void *arg)
+    const char *SSL_get_servername(const SSL *s, int type)
+    SSL_CTX *SSL_set_SSL_CTX(SSL *ssl, SSL_CTX *ctx)
+    SSL *SSL_new(SSL_CTX *ctx)
+    void SSL_free(SSL *ssl)
+    int SSL_set_fd(SSL *ssl, int fd)
+    void SSL_set_accept_state(SSL *ssl)
+    int SSL_do_handshake(SSL *ssl)
+    int SSL_read(SSL *ssl, void *buf, int num)
+    int SSL_write(SSL *ssl, const void *buf, int num)
+    int SSL_shutdown(SSL *ssl)
+    int SSL_get_error(const SSL *ssl, int ret)
+    int SSL_has_pending(const SSL *ssl)
+    int SSL_session_reused(const SSL *ssl)
+    enum:
+        TLS1_2_VERSION, TLS1_3_VERSION, SSL_FILETYPE_PEM, TLSEXT_NAMETYPE_host_name
+        SSL_TLSEXT_ERR_OK, SSL_TLSEXT_ERR_NOACK, OPENSSL_NPN_NEGOTIATED
+        SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE, SSL_ERROR_ZERO_RETURN
+        SSL_OP_NO_COMPRESSION, SSL_OP_NO_RENEGOTIATION, SSL_OP_CIPHER_SERVER_PREFERENCE
+        SSL_OP_SINGLE_ECDH_USE, SSL_OP_IGNORE_UNEXPECTED_EOF, SSL_OP_ALL, SSL_OP_NO_SSLv2, SSL_OP_NO_SSLv3
+        SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, SSL_MODE_RELEASE_BUFFERS
+
+cdef extern from "<openssl/err.h>" nogil:
+    unsigned long ERR_get_error()
+    void ERR_clear_error()
+    void ERR_error_string_n(unsigned long e, char *buf, size_t len)
+
+
+cdef struct Generation:
+    int nctx
+    SSL_CTX **ctxs            # one per certificate; ctxs[0] is the default
+    int nnames
+    char **names              # lower case, as fastlb.tls.read_certificate gives them
+    int *name_ctx             # names[i] -> ctxs[name_ctx[i]]
+
+cdef struct TLSConf:
+    pthread_mutex_t lock      # guards `gen` (the callback runs in the relay thread, reload in Python's)
+    Generation *gen
+    SSL_CTX *front
+
+
+cdef const unsigned char *ALPN_HTTP11 = b"\x08http/1.1"
+
+cdef int select_alpn(SSL *s, const unsigned char **out, unsigned char *outlen, const unsigned char *inp,
+                     unsigned int inlen, void *arg) noexcept nogil:
+    # As Python's ssl module does: no protocol in common, no ALPN in the answer (not a failure).
+    if SSL_select_next_proto(<unsigned char **>out, outlen, ALPN_HTTP11, 9, inp, inlen) == OPENSSL_NPN_NEGOTIATED:
+        return SSL_TLSEXT_ERR_OK
+    return SSL_TLSEXT_ERR_NOACK
+
+
+cdef SSL_CTX *lookup(Generation *gen, const char *server_name) noexcept nogil:
+    """tls._Generation.lookup: the exact name, then `*.parent`, then the default."""
+    cdef char name[256]
+    cdef size_t n, i
+    cdef char *dot
+    cdef int k
+    if server_name != NULL:
+        n = strlen(server_name)
+        while n and server_name[n - 1] == b'.':
+            n -= 1
+        if 0 < n < 250:
+            for i in range(n):
+                name[i] = server_name[i] + 32 if b'A' <= server_name[i] <= b'Z' else server_name[i]
+            name[n] = 0
+            for k in range(gen.nnames):
+                if strcmp(gen.names[k], name) == 0:
+                    return gen.ctxs[gen.name_ctx[k]]
+            dot = strchr(name, b'.')
+            if dot != NULL and dot[1] != 0:
+                # "*.parent": write the wildcard over the first label, in place
+                (dot - 1)[0] = b'*'
+                for k in range(gen.nnames):
+                    if strcmp(gen.names[k], dot - 1) == 0:
+                        return gen.ctxs[gen.name_ctx[k]]
+    return gen.ctxs[0]
+
+
+cdef int on_server_name(SSL *s, int *al, void *arg) noexcept nogil:
+    """Runs on every ClientHello (with or without SNI): switches the handshake to the certificate's
+    context of the current generation."""
+    cdef TLSConf *conf = <TLSConf *>arg
+    pthread_mutex_lock(&conf.lock)
+    SSL_set_SSL_CTX(s, lookup(conf.gen, SSL_get_servername(s, TLSEXT_NAMETYPE_host_name)))
+    pthread_mutex_unlock(&conf.lock)
+    return SSL_TLSEXT_ERR_OK
+
+
+cdef str openssl_error():
+    cdef char buf[256]
+    cdef unsigned long code = ERR_get_error()
+    cdef unsigned long last = code
+    while last:                      # the first error is the root cause; drain the rest
+        last = ERR_get_error()
+    if not code:
+        return "unknown error"
+    ERR_error_string_n(code, buf, sizeof(buf))
+    return buf.decode("utf-8", "replace")
+
+
+cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key) except NULL:
+    """One context with tls.py's settings and a certificate (`key`: None when cert holds it)."""
+    cdef SSL_CTX *ctx = SSL_CTX_new(TLS_server_method())
+    if ctx == NULL:
+        raise ValueError(openssl_error())
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION)
+    SSL_CTX_set_max_proto_version(ctx, TLS1_3_VERSION)
+    # Python's ssl module defaults (SSL_OP_ALL, no SSLv2/3), then tls.py's hardening; and an EOF without
+    # close_notify is an EOF (what uvloop's TLS transport does), not an error.
+    SSL_CTX_set_options(ctx, SSL_OP_ALL | SSL_OP_NO_SSLv2 | SSL_OP_NO_SSLv3 | SSL_OP_NO_COMPRESSION
+                        | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_SINGLE_ECDH_USE
+                        | SSL_OP_IGNORE_UNEXPECTED_EOF)
+    # A write that found the socket full is retried from the connection's pending buffer (moved);
+    # idle connections give their record buffers back.
+    SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS)
+    SSL_CTX_set_alpn_select_cb(ctx, select_alpn, NULL)
+    if (SSL_CTX_set_cipher_list(ctx, ciphers) != 1
+            or SSL_CTX_use_certificate_chain_file(ctx, cert) != 1
+            or SSL_CTX_use_PrivateKey_file(ctx, key if key is not None else cert, SSL_FILETYPE_PEM) != 1
+            or SSL_CTX_check_private_key(ctx) != 1):
+        SSL_CTX_free(ctx)
+        raise ValueError(f"{cert.decode(errors='replace')}: {openssl_error()}")
+    return ctx
+
+
+cdef void free_generation(Generation *gen) noexcept nogil:
+    cdef int i
+    if gen == NULL:
+        return
+    if gen.ctxs != NULL:
+        for i in range(gen.nctx):
+            if gen.ctxs[i] != NULL:
+                SSL_CTX_free(gen.ctxs[i])      # reference counted: live connections keep theirs
+    if gen.names != NULL:
+        for i in range(gen.nnames):
+            free(gen.names[i])
+    free(gen.ctxs)
+    free(gen.names)
+    free(gen.name_ctx)
+    free(gen)
+
+
+cdef Generation *new_generation(bytes ciphers, list certificates) except NULL:
+    cdef Generation *gen = <Generation *>calloc(1, sizeof(Generation))
+    cdef int i, k = 0
+    cdef bytes name
+    cdef Py_ssize_t nnames = sum(len(names) for _, _, names in certificates)
+    if gen == NULL:
+        raise MemoryError()
+    gen.ctxs = <SSL_CTX **>calloc(len(certificates), sizeof(SSL_CTX *))
+    gen.names = <char **>calloc(nnames + 1, sizeof(char *))
+    gen.name_ctx = <int *>calloc(nnames + 1, sizeof(int))
+    if gen.ctxs == NULL or gen.names == NULL or gen.name_ctx == NULL:
+        free_generation(gen)
+        raise MemoryError()
+    try:
+        for i, (cert, key, names) in enumerate(certificates):
+            gen.ctxs[i] = new_context(ciphers, cert, key)
+            gen.nctx = i + 1
+            for name in names:
+                gen.names[k] = <char *>malloc(len(name) + 1)
+                if gen.names[k] == NULL:
+                    raise MemoryError()
+                memcpy(gen.names[k], <char *>name, len(name) + 1)
+                gen.name_ctx[k] = i
+                k += 1
+                gen.nnames = k
+    except BaseException:
+        free_generation(gen)
+        raise
+    return gen
+
+
+cdef class ServerContext:
+    """The OpenSSL contexts of one TLS bind for the relay thread.
+
+    `certificates`: [(cert PEM path, key path or None, (server names, lower case)), ...], the first the
+    default; `ciphers`: the TLS 1.2 cipher list. Raises ValueError naming the file and OpenSSL's reason."""
+
+    cdef TLSConf *conf
+    cdef readonly str ciphers
+
+    def __cinit__(self, list certificates, str ciphers):
+        cdef TLSConf *conf = <TLSConf *>calloc(1, sizeof(TLSConf))
+        if conf == NULL:
+            raise MemoryError()
+        pthread_mutex_init(&conf.lock, NULL)
+        self.conf = conf
+        certificates = self._encode(certificates)
+        first_cert, first_key, _ = certificates[0]
+        conf.front = new_context(ciphers.encode(), first_cert, first_key)
+        SSL_CTX_set_tlsext_servername_callback(conf.front, on_server_name)
+        SSL_CTX_set_tlsext_servername_arg(conf.front, conf)
+        conf.gen = new_generation(ciphers.encode(), certificates)
+        self.ciphers = ciphers
+
+    @staticmethod
+    def _encode(list certificates):
+        return [(cert.encode(), key.encode() if key else None, [n.encode() for n in names])
+                for cert, key, names in certificates]
+
+    def reload(self, list certificates):
+        """Loads the certificates again: new handshakes use them, established connections keep theirs.
+        On error (ValueError) the current ones stay."""
+        cdef Generation *gen = new_generation(self.ciphers.encode(), self._encode(certificates))
+        cdef Generation *old
+        pthread_mutex_lock(&self.conf.lock)
+        old = self.conf.gen
+        self.conf.gen = gen
+        pthread_mutex_unlock(&self.conf.lock)
+        free_generation(old)
+
+    def __dealloc__(self):
+        if self.conf == NULL:
+            return
+        free_generation(self.conf.gen)
+        if self.conf.front != NULL:
+            SSL_CTX_free(self.conf.front)
+        pthread_mutex_destroy(&self.conf.lock)
+        free(self.conf)
