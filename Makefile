@@ -37,7 +37,7 @@ system-packages:
 
 # The editable install compiles the core, the relay and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
 # in place; it reruns when one of their sources changes (a stale .so would shadow the edited .py).
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi fastlb/core/*.pxi) \
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi fastlb/*.pxd fastlb/core/*.pxi) \
 		fastlb/pool.py $(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx fastlb/http/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -29,70 +29,15 @@ from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from fastlb._posix cimport *
 
 include "_scan.pxi"
-
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        void *ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-    enum:
-        EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP, EPOLLRDHUP, EPOLLET, EPOLLEXCLUSIVE, EPOLL_CTL_ADD, EPOLL_CTL_DEL
-        EPOLL_CLOEXEC
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    cdef struct sockaddr:
-        unsigned short sa_family
-    cdef struct sockaddr_storage:
-        unsigned short ss_family
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
-    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
-    enum:
-        MSG_NOSIGNAL, SOCK_NONBLOCK, SOCK_CLOEXEC, AF_INET, AF_INET6
-
-cdef extern from "<netinet/in.h>" nogil:
-    cdef struct in_addr:
-        pass
-    cdef struct in6_addr:
-        pass
-    cdef struct sockaddr_in:
-        in_addr sin_addr
-    cdef struct sockaddr_in6:
-        in6_addr sin6_addr
-    enum:
-        IPPROTO_TCP
-
-cdef extern from "<netinet/tcp.h>" nogil:
-    enum:
-        TCP_NODELAY
-
-cdef extern from "<arpa/inet.h>" nogil:
-    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
         void *iov_base
         size_t iov_len
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
-
-cdef extern from "<time.h>" nogil:
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec *ts)
-    enum:
-        CLOCK_MONOTONIC
 
 cdef enum:
     SCRATCH = 65536
