@@ -977,6 +977,14 @@ class Bench:
             if status != 200 or body != SMALL_BODY:
                 raise RuntimeError(f"backend {port} answered {status} {body[:100]!r}")
 
+    def start_proxy(self, name: str, cmd: list[str], env, cwd) -> Proc:
+        """A proxy under test on the proxy CPU, within its CPU quota when one is set."""
+        if self.proxy_cpu_quota:
+            group = cpu_quota_group(f"fastlb-bench-{os.getpid()}-{name}", self.proxy_cpu_quota)
+            self.cgroups.append(group)
+            cmd = in_cgroup(group, cmd)
+        return self.procs.start(name, cmd, cpu=self.proxy_cpu, log_dir=self.tmp, env=env, cwd=cwd)
+
     def start_target(self, spec: TargetSpec, startup_timeout: float = 10.0) -> Target:
         """Start one target and probe it (one small and one 1 MiB GET). On failure target.error says why."""
         t = Target(spec)
@@ -987,11 +995,7 @@ class Bench:
             else:
                 t.port = free_port()
                 cmd, env, cwd = self._command(spec, t.port, b1, b2)
-                if self.proxy_cpu_quota:
-                    group = cpu_quota_group(f"fastlb-bench-{os.getpid()}-{spec.name}", self.proxy_cpu_quota)
-                    self.cgroups.append(group)
-                    cmd = in_cgroup(group, cmd)
-                t.proc = self.procs.start(spec.name, cmd, cpu=self.proxy_cpu, log_dir=self.tmp, env=env, cwd=cwd)
+                t.proc = self.start_proxy(spec.name, cmd, env, cwd)
                 wait_listening(t.port, t.proc, startup_timeout)
             self.probe(t)
         except Exception as e:  # report and go on with the other targets

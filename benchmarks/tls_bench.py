@@ -93,7 +93,7 @@ def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple
             cmd = [sys.executable, "-m", "fastlb", "--mode", "tcp", "--bind", f"{h.HOST}:{port},ssl,cert={pem}",
                    "--backend", f"{h.HOST}:{b1}", "--backend", f"{h.HOST}:{b2}", "--log-level", "warning"]
             cwd = h.REPO_ROOT
-        proc = bench.procs.start(name, cmd, cpu=bench.proxy_cpu, log_dir=bench.tmp, env=env, cwd=cwd)
+        proc = bench.start_proxy(name, cmd, env, cwd)
         h.wait_listening(port, proc)
         check = subprocess.run(["curl", "-sk", "--resolve", f"{SERVER_NAME}:{port}:{h.HOST}",
                                 f"https://{SERVER_NAME}:{port}/"], capture_output=True, timeout=10)
@@ -164,12 +164,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="full,resumed,keepalive")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--proxy-cpu", default="1")
+    parser.add_argument("--proxy-cpu-quota", type=float, default=None, metavar="F",
+                        help="give each proxy only F of its CPU (a cgroup quota, e.g. 0.5), so that the proxies, "
+                             "not the load generators, are the bottleneck and rates compare their cost")
     args = parser.parse_args(argv)
     h.ensure_tools(["haproxy", "nginx", "wrk", "taskset"])
     h.raise_nofile_limit()
     workloads = args.workloads.split(",")
     names = ["fastlb", "haproxy"]
-    bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu)
+    bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu, proxy_cpu_quota=args.proxy_cpu_quota)
     results: dict[str, dict[str, list[dict]]] = {w: {n: [] for n in names} for w in workloads}
     try:
         bench.start_backends()
