@@ -7,7 +7,7 @@
 # then `*.parent`, then the first certificate. Same settings as tls.py's `_hardened`: TLS 1.2-1.3, the
 # TLS 1.2 cipher list given, server preference, no compression, no renegotiation, ALPN http/1.1.
 
-from libc.string cimport strlen, strcmp, strchr
+from libc.string cimport strlen, strcmp, strchr, memcpy
 from libc.stdlib cimport malloc, free, calloc
 
 cdef extern from "<openssl/ssl.h>" nogil:
@@ -56,6 +56,25 @@ cdef extern from "<openssl/ssl.h>" nogil:
         SSL_OP_NO_COMPRESSION, SSL_OP_NO_RENEGOTIATION, SSL_OP_CIPHER_SERVER_PREFERENCE
         SSL_OP_SINGLE_ECDH_USE, SSL_OP_IGNORE_UNEXPECTED_EOF, SSL_OP_ALL, SSL_OP_NO_SSLv2, SSL_OP_NO_SSLv3
         SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, SSL_MODE_RELEASE_BUFFERS
+
+    # OCSP stapling (macros in OpenSSL, called like functions)
+    ctypedef int (*status_cb_t)(SSL *s, void *arg) noexcept nogil
+    long SSL_CTX_set_tlsext_status_cb(SSL_CTX *ctx, status_cb_t cb)
+    long SSL_set_tlsext_status_ocsp_resp(SSL *s, unsigned char *resp, long length)
+    SSL_CTX *SSL_get_SSL_CTX(const SSL *s)
+    int SSL_CTX_set_ex_data(SSL_CTX *ctx, int idx, void *data)
+    void *SSL_CTX_get_ex_data(const SSL_CTX *ctx, int idx)
+
+cdef extern from "<openssl/crypto.h>" nogil:
+    ctypedef struct CRYPTO_EX_DATA:
+        pass
+    ctypedef void (*ex_free_t)(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                               void *argp) noexcept nogil
+    int CRYPTO_get_ex_new_index(int class_index, long argl, void *argp, void *new_func, void *dup_func,
+                                ex_free_t free_func)
+    void *OPENSSL_malloc(size_t num)
+    enum:
+        CRYPTO_EX_INDEX_SSL_CTX
 
 cdef extern from "<openssl/err.h>" nogil:
     unsigned long ERR_get_error()
@@ -135,6 +154,46 @@ cdef str openssl_error():
     return buf.decode("utf-8", "replace")
 
 
+# OCSP stapling: a context's DER response, as the context's ex_data (freed with the context: a reload
+# frees a generation while handshakes begun on it may still staple).
+cdef struct Staple:
+    long length
+    unsigned char data[1]
+
+
+cdef void free_staple(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) noexcept nogil:
+    free(ptr)
+
+
+cdef int STAPLE_INDEX = CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_CTX, 0, NULL, NULL, NULL, free_staple)
+
+
+cdef int on_status_request(SSL *s, void *arg) noexcept nogil:
+    """A client asked for the certificate's status: the staple of the context the handshake is on (a
+    copy: OpenSSL frees it), or nothing."""
+    cdef Staple *staple = <Staple *>SSL_CTX_get_ex_data(SSL_get_SSL_CTX(s), STAPLE_INDEX)
+    cdef unsigned char *copy
+    if staple == NULL:
+        return SSL_TLSEXT_ERR_NOACK
+    copy = <unsigned char *>OPENSSL_malloc(staple.length)
+    if copy == NULL:
+        return SSL_TLSEXT_ERR_NOACK
+    memcpy(copy, staple.data, staple.length)
+    SSL_set_tlsext_status_ocsp_resp(s, copy, staple.length)
+    return SSL_TLSEXT_ERR_OK
+
+
+cdef int set_staple(SSL_CTX *ctx, bytes response) except -1:
+    cdef Staple *staple = <Staple *>malloc(sizeof(Staple) + len(response))
+    if staple == NULL:
+        raise MemoryError()
+    staple.length = len(response)
+    memcpy(staple.data, <const char *>response, len(response))
+    SSL_CTX_set_ex_data(ctx, STAPLE_INDEX, staple)
+    SSL_CTX_set_tlsext_status_cb(ctx, on_status_request)
+    return 0
+
+
 cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key) except NULL:
     """One context with tls.py's settings and a certificate (`key`: None when cert holds it)."""
     cdef SSL_CTX *ctx = SSL_CTX_new(TLS_server_method())
@@ -181,7 +240,7 @@ cdef Generation *new_generation(bytes ciphers, list certificates) except NULL:
     cdef Generation *gen = <Generation *>calloc(1, sizeof(Generation))
     cdef int i, k = 0
     cdef bytes name
-    cdef Py_ssize_t nnames = sum(len(names) for _, _, names in certificates)
+    cdef Py_ssize_t nnames = sum(len(names) for _, _, names, _ in certificates)
     if gen == NULL:
         raise MemoryError()
     gen.ctxs = <SSL_CTX **>calloc(len(certificates), sizeof(SSL_CTX *))
@@ -191,9 +250,11 @@ cdef Generation *new_generation(bytes ciphers, list certificates) except NULL:
         free_generation(gen)
         raise MemoryError()
     try:
-        for i, (cert, key, names) in enumerate(certificates):
+        for i, (cert, key, names, staple) in enumerate(certificates):
             gen.ctxs[i] = new_context(ciphers, cert, key)
             gen.nctx = i + 1
+            if staple is not None:
+                set_staple(gen.ctxs[i], staple)
             for name in names:
                 gen.names[k] = <char *>malloc(len(name) + 1)
                 if gen.names[k] == NULL:
@@ -211,8 +272,9 @@ cdef Generation *new_generation(bytes ciphers, list certificates) except NULL:
 cdef class ServerContext:
     """The OpenSSL contexts of one TLS bind for the relay thread.
 
-    `certificates`: [(cert PEM path, key path or None, (server names, lower case)), ...], the first the
-    default; `ciphers`: the TLS 1.2 cipher list. Raises ValueError naming the file and OpenSSL's reason."""
+    `certificates`: [(cert PEM path, key path or None, (server names, lower case), OCSP response (DER
+    bytes) or None), ...], the first the default; `ciphers`: the TLS 1.2 cipher list. Raises ValueError
+    naming the file and OpenSSL's reason."""
 
     cdef TLSConf *conf
     cdef readonly str ciphers
@@ -224,7 +286,7 @@ cdef class ServerContext:
         pthread_mutex_init(&conf.lock, NULL)
         self.conf = conf
         certificates = self._encode(certificates)
-        first_cert, first_key, _ = certificates[0]
+        first_cert, first_key, _, _ = certificates[0]
         conf.front = new_context(ciphers.encode(), first_cert, first_key)
         SSL_CTX_set_tlsext_servername_callback(conf.front, on_server_name)
         SSL_CTX_set_tlsext_servername_arg(conf.front, conf)
@@ -233,8 +295,8 @@ cdef class ServerContext:
 
     @staticmethod
     def _encode(list certificates):
-        return [(cert.encode(), key.encode() if key else None, [n.encode() for n in names])
-                for cert, key, names in certificates]
+        return [(cert.encode(), key.encode() if key else None, [n.encode() for n in names], staple)
+                for cert, key, names, staple in certificates]
 
     def reload(self, list certificates):
         """Loads the certificates again: new handshakes use them, established connections keep theirs.

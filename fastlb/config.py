@@ -775,6 +775,10 @@ def parse_bind(text: Any) -> BindSpec:
             if not bind.certificates or bind.certificates[-1].key is not None:
                 raise ValueError("key= must follow the cert= it belongs to")
             bind.certificates[-1].key = _option(parse_file("key"), name, value)
+        elif name == "ocsp" and value:
+            if not bind.certificates or bind.certificates[-1].ocsp is not None:
+                raise ValueError("ocsp= must follow the cert= it belongs to")
+            bind.certificates[-1].ocsp = _option(parse_file("OCSP response"), name, value)
         elif name == "ca" and value:
             bind.ca = _option(parse_file("CA"), name, value)
         elif name == "verify" and value:
@@ -785,7 +789,7 @@ def parse_bind(text: Any) -> BindSpec:
             bind.redirect_https = _option(parse_redirect_port, name, value)
         else:
             raise ValueError(f"unknown bind option {option.strip()!r}; known: accept-proxy, ssl, cert=FILE, "
-                             f"key=FILE, ca=FILE, verify=required|optional, sni-route, "
+                             f"key=FILE, ocsp=FILE, ca=FILE, verify=required|optional, sni-route, "
                              f"redirect-https[=PORT]")
     if verify is not None:
         bind.verify = verify
@@ -1040,6 +1044,7 @@ BIND_TABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "ssl": parse_bool,
     "cert": parse_file_list("certificate"),    # a file, or an array of files (the first is the default)
     "key": parse_file_list("key"),             # the same number of files, when keys are separate
+    "ocsp": parse_file_list("OCSP response"),  # the same number of files: a staple per certificate
     "ca": parse_file("CA"),
     "verify": parse_verify,
     "sni_route": parse_bool,
@@ -1275,10 +1280,13 @@ def _load_list(path: str, locator: _Locator, key: str, value: Any, fail: Callabl
 def _bind_from_table(host: str, port: int, parsed: dict[str, Any]) -> BindSpec:
     certs = parsed.pop("cert", [])
     keys = parsed.pop("key", None)
-    if keys is not None and len(keys) != len(certs):
-        raise ValueError(f"key lists {len(keys)} file(s) for {len(certs)} certificate(s)")
+    staples = parsed.pop("ocsp", None)
+    for what, files in (("key", keys), ("ocsp", staples)):
+        if files is not None and len(files) != len(certs):
+            raise ValueError(f"{what} lists {len(files)} file(s) for {len(certs)} certificate(s)")
     bind = BindSpec(host, port, **parsed)
-    bind.certificates = [CertificateSpec(cert, keys[i] if keys else None) for i, cert in enumerate(certs)]
+    bind.certificates = [CertificateSpec(cert, keys[i] if keys else None, staples[i] if staples else None)
+                         for i, cert in enumerate(certs)]
     check_bind_tls(bind)
     return bind
 
@@ -1306,6 +1314,11 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
             read_token(config.admin_token_file)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{where('admin_token_file')}: {exc}") from None
+    stapled = [b for b in config.binds if any(c.ocsp for c in b.certificates)]
+    if stapled and (config.mode != "tcp" or config.relay != "epoll" or any(b.ca for b in stapled)):
+        raise ConfigError(f"{where('binds')}: ocsp= staples on TLS binds the relay terminates (mode tcp, "
+                          f"relay epoll, no ca=): Python's ssl module, which terminates the others, "
+                          f"cannot staple")
     if config.mode == "tcp":
         for name in ("pools", "routes"):
             if getattr(config, name):

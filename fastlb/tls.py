@@ -26,8 +26,9 @@ relay thread accepts, handshakes and relays there, without the event loop. It is
 the fork (one set of ticket keys for every worker), and reloads with the Python contexts. None (the
 event loop's TLS serves the bind) when the C module is not built or cannot load the files.
 
-OCSP stapling is not done: Python's ssl module exposes no server-side status callback
-(SSL_CTX_set_tlsext_status_cb), so there is no supported way to staple a response.
+OCSP stapling (`ocsp=FILE` after a `cert=`) is done by the relay's own OpenSSL contexts only: Python's ssl
+module exposes no server-side status callback (SSL_CTX_set_tlsext_status_cb), so binds it terminates
+(HTTP mode, mTLS) refuse a staple file at start-up.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ class TLSConfigError(Exception):
 class CertificateSpec:
     cert: str                 # PEM: the certificate chain (and the key, when `key` is None)
     key: str | None = None
+    ocsp: str | None = None   # a DER OCSP response to staple (re-read on reload); relay-terminated binds only
 
 
 # ---- server side ----------------------------------------------------------------------------------
@@ -187,10 +189,20 @@ class ServerTLS:
         # session cache, which stay with the context a handshake started on.
         self.front = server_context(self.certificates[0], ca, verify)
         self.front.sni_callback = self._on_server_name
+        for spec in self.certificates:
+            if spec.ocsp:
+                try:
+                    read_staple(spec.ocsp)
+                except ValueError as exc:
+                    raise TLSConfigError(f"TLS bind {address}: ocsp={exc}") from None
         self.native = self._native_context()
+        if self.native is None and any(spec.ocsp for spec in self.certificates):
+            raise TLSConfigError(f"TLS bind {address}: ocsp= needs the relay's TLS (tcp mode, no ca=, the "
+                                 f"compiled relay): Python's ssl module cannot staple")
 
     def _native_certificates(self, generation: "_Generation") -> list:
-        return [(spec.cert, spec.key, info.names) for spec, info in zip(self.certificates, generation.infos)]
+        return [(spec.cert, spec.key, info.names, read_staple(spec.ocsp) if spec.ocsp else None)
+                for spec, info in zip(self.certificates, generation.infos)]
 
     def _native_context(self):
         """The relay thread's contexts (fastlb._crelay.ServerContext), or None: client certificates are
@@ -230,6 +242,19 @@ class ServerTLS:
     def expiry(self, now: float | None = None) -> list[tuple[str, float]]:
         """(certificate file, days left) for each certificate of the current generation."""
         return [(info.path, info.days_left(now)) for info in self.generation.infos]
+
+
+def read_staple(path: str) -> bytes:
+    """An OCSP response file (DER, as `openssl ocsp -respout` writes it), checked for its outer shape:
+    a SEQUENCE whose first element is the response status. Raises ValueError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    if len(data) < 5 or data[0] != 0x30 or b"\x0a\x01" not in data[:8]:
+        raise ValueError(f"{path}: not a DER OCSP response")
+    return data
 
 
 def prepare_server_tls(binds: list["BindSpec"]) -> dict[int, ServerTLS]:

@@ -8,11 +8,12 @@ import socket
 import ssl
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from procs import free_port, port_open, read_line, wait_until
+from procs import REPO, free_port, port_open, read_line, subprocess_env, wait_until
 from test_ops import metric, metrics, token_file  # noqa: F401
 from test_tls import client_context, echo_roundtrip, pki, refused, s_client, subject_cn, tls_backends, tls_connect  # noqa: F401
 
@@ -345,3 +346,71 @@ def test_backends_by_host_name_and_source_persistence_take_the_python_path(procs
                           f"127.0.0.1:{port},ssl,cert={pki['default']}", *extra)
         lb.wait_for_line(NATIVE)
         assert {tls_ping(port, pki) for _ in range(3)} == {"a"}
+
+
+def ocsp_response(pki, name: str, status: str) -> str:
+    """A DER OCSP response for pki[name] signed by the test CA (good or revoked); its path."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509 import ocsp
+    ca = pki["ca_obj"]
+    cert = x509.load_pem_x509_certificate((pki["dir"] / f"{name}.crt").read_bytes())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    revoked = status == "revoked"
+    builder = ocsp.OCSPResponseBuilder().add_response(
+        cert=cert, issuer=ca.cert, algorithm=hashes.SHA1(),
+        cert_status=ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD,
+        this_update=now - datetime.timedelta(minutes=5), next_update=now + datetime.timedelta(days=1),
+        revocation_time=now - datetime.timedelta(minutes=1) if revoked else None,
+        revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
+    ).responder_id(ocsp.OCSPResponderEncoding.HASH, ca.cert)
+    path = pki["dir"] / f"{name}-{status}.ocsp"
+    path.write_bytes(builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    return str(path)
+
+
+def status_of(port: int, server_name: str) -> str:
+    """What `openssl s_client -status` says of the stapled response."""
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", server_name,
+                          "-status"], input="", capture_output=True, text=True, timeout=10).stdout
+    if "OCSP response: no response sent" in out:
+        return "none"
+    assert "OCSP Response Status: successful" in out, out
+    return out.split("Cert Status: ", 1)[1].split()[0]
+
+
+def test_ocsp_staple_per_certificate_and_reloaded(procs, pki, tmp_path):
+    _, ports = procs.backends("a")
+    staple = tmp_path / "default.ocsp"
+    staple.write_bytes(open(ocsp_response(pki, "default", "good"), "rb").read())
+    lb, port = native_lb(procs, pki, f"ocsp={staple}", f"cert={pki['api']}", backend_port=ports["a"])
+    lb.wait_for_line(NATIVE)
+    assert status_of(port, "default.test") == "good"
+    assert status_of(port, "api.test") == "none"              # no staple file for that certificate
+    # A refreshed response (here: revoked) is read again on reload, like the certificates.
+    staple.write_bytes(open(ocsp_response(pki, "default", "revoked"), "rb").read())
+    lb.signal(signal.SIGHUP)
+    wait_until(lambda: status_of(port, "default.test") == "revoked", what="the reloaded staple")
+
+
+@pytest.mark.parametrize("mode", ["http", "tcp-uvloop"])
+def test_ocsp_staple_where_python_terminates_tls_is_refused_at_start(pki, mode):
+    port = free_port()
+    args = ["--bind", f"127.0.0.1:{port},ssl,cert={pki['default']},ocsp={pki['default']}", "--backend",
+            "127.0.0.1:9"]
+    args += ["--mode", "http"] if mode == "http" else ["--mode", "tcp", "--relay", "uvloop"]
+    result = subprocess.run([sys.executable, "-m", "fastlb", *args], capture_output=True, text=True, timeout=30,
+                            cwd=str(REPO), env=subprocess_env())
+    assert result.returncode != 0
+    assert "ocsp= staples on TLS binds the relay terminates" in result.stderr + result.stdout
+
+
+def test_a_staple_file_that_is_no_ocsp_response_is_refused_at_start(pki):
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "fastlb", "--mode", "tcp", "--bind",
+                             f"127.0.0.1:{port},ssl,cert={pki['default']},ocsp={pki['default']}", "--backend",
+                             "127.0.0.1:9"], capture_output=True, text=True, timeout=30, cwd=str(REPO),
+                            env=subprocess_env())
+    assert result.returncode != 0
+    assert f"ocsp={pki['default']}: not a DER OCSP response" in result.stderr + result.stdout
