@@ -807,6 +807,19 @@ cdef object address(sockaddr_in6 *sa):
     return None
 
 
+cdef void post_attaches(Engine *e) noexcept:
+    """With e.lock held and attaches queued: the engine takes them now (inline, in this thread) or is
+    woken for them (its thread); releases the lock."""
+    cdef uint64_t one = 1
+    if e.inline:
+        take_attaches(e, now_ms())          # this thread runs the engine: no wake-up needed
+        pthread_mutex_unlock(&e.lock)
+        flush_dead(e)
+        return
+    pthread_mutex_unlock(&e.lock)
+    write(e.wake_fd, &one, 8)
+
+
 cdef class Relay:
     """The relay thread of one worker. `capacity`: most connections at once; `idle_timeout` seconds
     (0: never), swept about every `sweep_interval` seconds."""
@@ -1005,7 +1018,6 @@ cdef class Relay:
         back as a CONNECTED record (relaying has started) or a CONNECT_FAILED one (the connection is
         parked again). Raises ValueError when host is not an address."""
         cdef Engine *e = self.e
-        cdef uint64_t one = 1
         cdef Py_ssize_t size = 0 if to_backend is None else PyBytes_GET_SIZE(to_backend)
         cdef char *first = NULL
         cdef sockaddr_in6 addr
@@ -1046,13 +1058,7 @@ cdef class Relay:
         a.back_len = 0
         a.back_eof = 0
         e.nattaches += 1
-        if e.inline:
-            take_attaches(e, now_ms())      # this thread runs the engine: no wake-up needed
-            pthread_mutex_unlock(&e.lock)
-            flush_dead(e)
-            return
-        pthread_mutex_unlock(&e.lock)
-        write(e.wake_fd, &one, 8)
+        post_attaches(e)
 
     def attach(self, uint64_t conn_id, int backend_fd, bytes to_backend=None, bytes to_client=None,
                bint backend_eof=False):
@@ -1061,7 +1067,6 @@ cdef class Relay:
         what the backend already sent (a greeting), `backend_eof`: and it half-closed. If the connection
         was cut meanwhile, the thread closes the socket (the close record is on its way)."""
         cdef Engine *e = self.e
-        cdef uint64_t one = 1
         cdef Py_ssize_t size = 0 if to_backend is None else PyBytes_GET_SIZE(to_backend)
         cdef Py_ssize_t back = 0 if to_client is None else PyBytes_GET_SIZE(to_client)
         cdef char *first = NULL
@@ -1096,13 +1101,7 @@ cdef class Relay:
         a.back_len = <uint32_t>back
         a.back_eof = backend_eof
         e.nattaches += 1
-        if e.inline:
-            take_attaches(e, now_ms())      # this thread runs the engine: no wake-up needed
-            pthread_mutex_unlock(&e.lock)
-            flush_dead(e)
-            return
-        pthread_mutex_unlock(&e.lock)
-        write(e.wake_fd, &one, 8)
+        post_attaches(e)
 
     def abort(self, uint64_t conn_id):
         """Cuts one connection (pending bytes dropped); its close record follows."""

@@ -187,6 +187,22 @@ cdef bint valid_simple_host(const unsigned char *p, Py_ssize_t n):
     return True
 
 
+cdef inline Py_ssize_t put(char *out, Py_ssize_t at, const void *data, Py_ssize_t size) noexcept:
+    """Appends size bytes at out[at]; the new end. (memmove: the header lines move within headbuf.)"""
+    memmove(out + at, data, size)
+    return at + size
+
+
+cdef inline Py_ssize_t put_line(char *out, Py_ssize_t at, const char *name, Py_ssize_t name_size,
+                                const void *value, Py_ssize_t value_size) noexcept:
+    """Appends `name` `value` CRLF (name with its ': ')."""
+    at = put(out, at, name, name_size)
+    at = put(out, at, value, value_size)
+    out[at] = 13
+    out[at + 1] = 10
+    return at + 2
+
+
 cdef inline bint lower_equals(const unsigned char *p, Py_ssize_t n, const char *word, Py_ssize_t word_len):
     return name_is(p, n, word, word_len)
 
@@ -671,16 +687,8 @@ cdef class Engine:
                 return False
             action = self.header_action(p + name_start, name_end - name_start)
             if action == H_FORWARD:
-                memcpy(lines + lines_len, p + name_start, name_end - name_start)
-                lines_len += name_end - name_start
-                lines[lines_len] = 58
-                lines[lines_len + 1] = 32
-                lines_len += 2
-                memcpy(lines + lines_len, p + value_start, pos - value_start)
-                lines_len += pos - value_start
-                lines[lines_len] = 13
-                lines[lines_len + 1] = 10
-                lines_len += 2
+                lines_len = put(lines, lines_len, p + name_start, name_end - name_start)
+                lines_len = put_line(lines, lines_len, b": ", 2, p + value_start, pos - value_start)
             elif action == H_IS_HOST:
                 if host_start >= 0 or not valid_simple_host(p + value_start, pos - value_start):
                     return False
@@ -706,38 +714,16 @@ cdef class Engine:
             pos += 2
         if host_start < 0:
             return False
-        memcpy(h + hlen, p + host_start, host_end - host_start)
-        hlen += host_end - host_start
-        h[hlen] = 13
-        h[hlen + 1] = 10
-        hlen += 2
-        memmove(h + hlen, lines, lines_len)
-        hlen += lines_len
+        hlen = put_line(h, hlen, b"", 0, p + host_start, host_end - host_start)      # after "Host: "
+        hlen = put(h, hlen, lines, lines_len)
         if self.forwarded_for:
-            memcpy(h + hlen, c.forward, c.forward_len)
-            hlen += c.forward_len
-            memcpy(h + hlen, b"X-Forwarded-Host: ", 18)
-            hlen += 18
-            memcpy(h + hlen, p + host_start, host_end - host_start)
-            hlen += host_end - host_start
-            h[hlen] = 13
-            h[hlen + 1] = 10
-            hlen += 2
-        memcpy(h + hlen, PyBytes_AS_STRING(self.request_block), len(self.request_block))
-        hlen += len(self.request_block)
+            hlen = put(h, hlen, c.forward, c.forward_len)
+            hlen = put_line(h, hlen, b"X-Forwarded-Host: ", 18, p + host_start, host_end - host_start)
+        hlen = put(h, hlen, PyBytes_AS_STRING(self.request_block), len(self.request_block))
         if length_start >= 0:
-            memcpy(h + hlen, b"Content-Length: ", 16)
-            hlen += 16
-            memcpy(h + hlen, p + length_start, length_end - length_start)
-            hlen += length_end - length_start
-            h[hlen] = 13
-            h[hlen + 1] = 10
-            hlen += 2
-        h[hlen] = 13
-        h[hlen + 1] = 10
-        hlen += 2
-        memcpy(h + hlen, p + body_start, length)
-        hlen += length
+            hlen = put_line(h, hlen, b"Content-Length: ", 16, p + length_start, length_end - length_start)
+        hlen = put(h, hlen, b"\r\n", 2)
+        hlen = put(h, hlen, p + body_start, length)
         if not self.reserve(c, n + hlen):
             return False
         memcpy(c.buf, p, n)
