@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 
 from fastlb._relay import RelayEnd
 from fastlb import proxy_protocol, sni
-from fastlb.health import CONNECT
 from fastlb.pool import Backend, BackendPool, NoBackendError, QueueError
 
 if TYPE_CHECKING:
@@ -372,24 +371,15 @@ class NativeTLSClient(ClientSide):
         backend, self.connecting = self.connecting, None
         self.backend = backend
         self.connect_seconds = monotonic() - self.started
-        if not backend.removed:
-            backend.balancer.on_response(backend.index, seconds, True)
-        backend.connect_failures = 0
-        if self.pool.track_latency:
-            backend.traffic.connect_time.observe(seconds)
+        self.pool.connect_worked(backend, seconds, seconds, False)
 
     def connect_failed(self, error: OSError, seconds: float) -> None:
         """The thread's connect failed: what BackendPool.connect does after a failed attempt, then the
         next candidates go through it (the client is parked meanwhile), or the client is refused."""
         backend, self.connecting = self.connecting, None
         pool = self.pool
-        pool.release(backend)
-        backend.traffic.connect_errors += 1
-        tried = [backend]
-        if not backend.removed:
-            backend.balancer.on_response(backend.index, seconds, False)
-            pool.health.record(backend, False, CONNECT, error)
-        log.debug("connect to %s failed (%s); attempt 1 of %d", backend.address, error, pool.attempts)
+        tried: list[Backend] = []
+        pool.connect_attempt_failed(backend, error, seconds, tried)
         if len(tried) >= pool.attempts:
             self.listener.refused(self, NoBackendError("connect failed to 1 backend(s)"))
             self.close()
@@ -526,7 +516,8 @@ class PendingClient(asyncio.Protocol):
 
 
 class _Detached(asyncio.Protocol):
-    """The protocol of a uvloop transport whose socket the relay thread took over (a dup of it)."""
+    """The protocol of a uvloop transport whose socket a C engine (the relay thread, the HTTP engine)
+    took over (a dup of it)."""
 
     __slots__ = ()
 

@@ -285,14 +285,7 @@ class Observer:
         formatting happens later, in the access log's flush. A 503 without a backend counts as
         refused for its pool."""
         if backend is not None:
-            traffic = backend.traffic
-            traffic.requests += 1
-            if 100 <= status < 600:
-                traffic.responses[status // 100 - 1] += 1
-            traffic.bytes_in += bytes_in
-            traffic.bytes_out += bytes_out
-            if response_seconds is not None:
-                traffic.response_time.observe(response_seconds)
+            self.count_request(backend, status, bytes_in, bytes_out, response_seconds)
         elif status == 503 and pool is not None:
             self.refused[pool] = self.refused.get(pool, 0) + 1
         if self.access_log is not None:
@@ -300,6 +293,20 @@ class Observer:
             self.access_log.add((self.wall_offset + started, client_address, pool or "-",
                                  backend.address if backend is not None else "-", status, bytes_in,
                                  bytes_out, connect_seconds, now - started, method, target))
+
+    @staticmethod
+    def count_request(backend: "Backend", status: int, bytes_in: int, bytes_out: int,
+                      response_seconds: float | None) -> None:
+        """A request answered through backend, in its counters (http_request's part; the HTTP engine
+        calls it alone, having no access log)."""
+        traffic = backend.traffic
+        traffic.requests += 1
+        if 100 <= status < 600:
+            traffic.responses[status // 100 - 1] += 1
+        traffic.bytes_in += bytes_in
+        traffic.bytes_out += bytes_out
+        if response_seconds is not None:
+            traffic.response_time.observe(response_seconds)
 
     def close(self) -> None:
         if self.access_log is not None:

@@ -29,7 +29,7 @@ from typing import Callable
 
 from fastlb import Balancer
 from fastlb.config import BackendSpec, Config, HealthSettings
-from fastlb.health import CONNECT, BackendHealth
+from fastlb.health import CONNECT, RESPONSE, BackendHealth
 from fastlb.observe import Traffic
 from fastlb.tls import backend_context, backend_contexts
 
@@ -445,15 +445,7 @@ class BackendPool:
                 if isinstance(exc, ssl.SSLError):
                     tls_failure = True
                     self._tls_failure(backend, exc)
-                self.release(backend)
-                backend.traffic.connect_errors += 1
-                tried.append(backend)
-                if not backend.removed:
-                    backend.balancer.on_response(backend.index, loop.time() - started, False)
-                    self.health.record(backend, False, CONNECT, exc)
-                log.debug("connect to %s failed (%s); attempt %d of %d", backend.address,
-                          exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc,
-                          len(tried), attempts)
+                self.connect_attempt_failed(backend, exc, loop.time() - started, tried)
                 if len(tried) >= attempts:
                     error = NoBackendError(f"connect failed to {len(tried)} backend(s)")
                     error.tls_failure = tls_failure
@@ -462,12 +454,42 @@ class BackendPool:
             except BaseException:
                 self.release(backend)
                 raise
-            seconds = loop.time() - started
-            if not backend.removed:
-                backend.balancer.on_response(backend.index, seconds, True)
-            backend.connect_failures = 0        # health.record(ok=True) inlined: once per connection
-            if tried:
-                backend.traffic.retries += 1
-            if self.track_latency:
-                backend.traffic.connect_time.observe(monotonic() - precise_start)
+            self.connect_worked(backend, loop.time() - started,
+                                monotonic() - precise_start if self.track_latency else 0.0, bool(tried))
             return backend, transport, protocol
+
+    # ---- outcomes, wherever the connect or the request ran (here, the relay thread, the HTTP engine) --
+
+    def connect_worked(self, backend: Backend, seconds: float, precise_seconds: float, retried: bool) -> None:
+        """A connect to backend worked: the core and passive health hear it, the counters count it."""
+        if not backend.removed:
+            backend.balancer.on_response(backend.index, seconds, True)
+        backend.connect_failures = 0        # health.record(ok=True) inlined: once per connection
+        if retried:
+            backend.traffic.retries += 1
+        if self.track_latency:
+            backend.traffic.connect_time.observe(precise_seconds)
+
+    def connect_attempt_failed(self, backend: Backend, error: BaseException, seconds: float,
+                               tried: list[Backend]) -> None:
+        """A connect attempt failed: its slot goes back, it counts against backend, which joins `tried`."""
+        self.release(backend)
+        backend.traffic.connect_errors += 1
+        tried.append(backend)
+        if not backend.removed:
+            backend.balancer.on_response(backend.index, seconds, False)
+            self.health.record(backend, False, CONNECT, error)
+        log.debug("connect to %s failed (%s); attempt %d of %d", backend.address,
+                  # asyncio's timeout says nothing itself: its name does; an OSError its errno and text
+                  error.__class__.__name__ if isinstance(error, TimeoutError) and not error.args else error,
+                  len(tried), self.attempts)
+
+    def response_done(self, backend: Backend, seconds: float, ok: bool, status: int, detail: str = "") -> None:
+        """A request's response ended (or failed: `detail`, else its status says why): the core and passive
+        health hear the outcome, and the request's slot goes back."""
+        backend.balancer.on_response(backend.index, seconds, ok)
+        if not ok:
+            self.health.record(backend, False, RESPONSE, detail or f"status {status}")
+        elif backend.bad_responses:
+            self.health.record(backend, True, RESPONSE)
+        self.release(backend)

@@ -20,7 +20,6 @@ from time import monotonic
 
 import httptools
 
-from fastlb.health import RESPONSE
 from fastlb.http import errors
 from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
                                  R_UPGRADE, RESPONSE_SPECIAL)
@@ -118,13 +117,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         req = self.request
         if backend is None or req is None:
             return
-        pool = req.route.pool
-        backend.balancer.on_response(backend.index, self.runtime.now - req.sent_at, ok)
-        if not ok:
-            pool.health.record(backend, False, RESPONSE, detail or f"status {self.status}")
-        elif backend.bad_responses:
-            pool.health.record(backend, True, RESPONSE)
-        pool.release(backend)
+        req.route.pool.response_done(backend, self.runtime.now - req.sent_at, ok, self.status, detail)
         self.request = None
 
     def abandon(self) -> None:
