@@ -1,11 +1,11 @@
 """The C engine's Python side (fastlb/http/_fast.pyx): when it serves, and what it asks of Python.
 
 `why_not` decides once per bind whether the engine may serve: only where a request needs nothing per
-request from Python beyond picking a backend and giving its slot back (one pool and no routing rule,
-no sticky sessions or captured headers, a hashing key by source, uri or path only, no access log, no response header rules, no
-retried statuses, no TLS to backends; metrics are counted when the slot goes back), and not when
-`FASTLB_HTTP_ENGINE=python` asks for the Python path alone (the tests run both ways). Plain binds only:
-TLS and redirect binds stay on uvloop.
+request from Python beyond routing it (when there are rules), picking a backend and giving its slot back
+(no sticky sessions or captured headers, a hashing key by source, uri or path only, no access log, no
+response header rules, no retried statuses, no TLS to backends; metrics are counted when the slot goes
+back), and not when `FASTLB_HTTP_ENGINE=python` asks for the Python path alone (the tests run both ways).
+Plain binds only: TLS and redirect binds stay on uvloop.
 
 The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls
 `select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
@@ -14,14 +14,13 @@ back to the Python path with the bytes the engine read and did not answer.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 
-from fastlb.health import RESPONSE
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
+from fastlb.l4 import DETACHED
 from fastlb.pool import NoBackendError, QueueError
 
 log = logging.getLogger("fastlb")
@@ -31,16 +30,7 @@ ENGINE_ENV = "FASTLB_HTTP_ENGINE"      # "python": the engine stays off (tests c
 KEY_KINDS = {None: 0, "source": 1, "uri": 2, "path": 3}
 
 
-class _Detached(asyncio.Protocol):
-    """The protocol of a backend connection whose socket the engine takes over (a dup of it)."""
-
-    __slots__ = ()
-
-
-DETACHED = _Detached()
-
-
-def why_not(config, runtime, bind) -> str | None:
+def why_not(runtime, bind) -> str | None:
     """Why the engine cannot serve this bind (None: it can)."""
     settings = runtime.settings
     routes = list(runtime.router.pools.values())
@@ -82,8 +72,6 @@ class FastPath:
         self.pool = self.route.pool if self.route is not None else None
         self.pool_of: dict = {}
         self.no_tries: list = []              # select_now's `tried`: never appended to
-        if self.pool is not None:
-            self.select_now = self.pool.select_now
         self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
         self.adopting = 0                     # connections between the engine and the Python path
         self.observer = runtime.observer      # metrics (never an access log: see why_not)
@@ -113,11 +101,15 @@ class FastPath:
     # ---- called by the engine ----------------------------------------------------------------------
 
     def select(self, key):
-        """A backend with a slot taken, or None: the Python path must queue or refuse (or speak TLS to
-        a backend added at run time)."""
-        backend = self.select_now(key, self.no_tries, None)
+        """A backend with a slot taken, or None: the Python path must queue or refuse."""
+        return self._take(self.pool, key)
+
+    def _take(self, pool, key):
+        """pool's pick with its slot taken; None when nothing can be picked now, or the pick speaks TLS
+        (a backend added at run time: the engine relays plain bytes)."""
+        backend = pool.select_now(key, self.no_tries, None)
         if backend is not None and backend.ssl_context is not None:
-            self.pool.release(backend)
+            pool.release(backend)
             return None
         return backend
 
@@ -128,14 +120,10 @@ class FastPath:
         if route.max_body_size and length > route.max_body_size:
             return None
         key = route.key(client_ip, url, None) if route.key_kind else None
-        pool = route.pool
-        backend = pool.select_now(key, self.no_tries, None)
+        backend = self._take(route.pool, key)
         if backend is None:
             return None
-        if backend.ssl_context is not None:
-            pool.release(backend)
-            return None
-        self.pool_of[backend] = pool
+        self.pool_of[backend] = route.pool
         return backend, key
 
     def pool_for(self, backend):
@@ -145,19 +133,8 @@ class FastPath:
         """A request's slot goes back, with its outcome (BackendConnection.release, the same rules), and
         its counts when metrics are on (Observer.http_request's; status 0: the client left first)."""
         if self.observer is not None and status:
-            traffic = backend.traffic
-            traffic.requests += 1
-            traffic.responses[status // 100 - 1] += 1
-            traffic.response_time.observe(seconds)
-            traffic.bytes_in += bytes_in
-            traffic.bytes_out += bytes_out
-        backend.balancer.on_response(backend.index, seconds, ok)
-        pool = self.pool_for(backend)
-        if not ok:
-            pool.health.record(backend, False, RESPONSE, f"status {status}")
-        elif backend.bad_responses:
-            pool.health.record(backend, True, RESPONSE)
-        pool.release(backend)
+            self.observer.count_request(backend, status, bytes_in, bytes_out, seconds)
+        self.pool_for(backend).response_done(backend, seconds, ok, status)
 
     def connect(self, token: int, backend, key) -> None:
         self.loop.create_task(self._connect(token, backend, key))
@@ -166,7 +143,7 @@ class FastPath:
         runtime = self.runtime
         try:
             pool = self.pool_for(backend)
-            backend, transport, _ = await pool.connect(key, _Detached, [], backend, None)
+            backend, transport, _ = await pool.connect(key, lambda: DETACHED, [], backend, None)
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
@@ -185,8 +162,7 @@ class FastPath:
             pool.release(backend)
             self.engine.connect_failed(token, errors.response(503, False), errors.response(503, True))
             return
-        transport.set_protocol(DETACHED)
-        transport.abort()
+        transport.abort()                  # its protocol is DETACHED: nothing is told of the abort
         if self.pool is None:
             self.pool_of[backend] = pool          # a retry may have connected another backend
         self.engine.connected(token, backend, fd)

@@ -170,7 +170,6 @@ class HttpRuntime:
         self.sweep_interval = min(1.0, max(0.05, shortest / 10))
         from fastlb.http.upstream import BackendConnection
         self.backend_factory = lambda: BackendConnection(self)
-        self.config = config
         self.fast = None               # the C engine (fastlb/http/fast.py), made for the first bind it serves
 
     def start(self) -> None:
@@ -205,7 +204,7 @@ class HttpRuntime:
         """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when);
         False: the bind needs a uvloop server with `protocol_factory`."""
         from fastlb.http import fast
-        reason = fast.why_not(self.config, self, bind)
+        reason = fast.why_not(self, bind)
         if reason is not None:
             log.info("%s: HTTP engine python (%s)", bind.address, reason)
             return False
