@@ -200,6 +200,11 @@ class Worker:
         self.stopping = False
 
     @property
+    def live(self) -> int:
+        """Client connections open: the protocols' and, in HTTP mode, the C engine's."""
+        return self.http.live if self.http is not None else len(self.connections)
+
+    @property
     def checker(self) -> HealthChecker | None:
         return self.controller.checker if self.controller is not None else None
 
@@ -343,14 +348,12 @@ class Worker:
         if self.http is not None:
             self.http.start_draining()         # responses say Connection: close; idle clients are closed
         deadline = self.loop.time() + grace_period
-        live = self.http.live if self.http is not None else len(self.connections)
-        if live:
-            log.info("draining %d connection(s), grace period %.3gs", live, grace_period)
-        while (self.http.live if self.http is not None else self.connections) and self.loop.time() < deadline:
+        if self.live:
+            log.info("draining %d connection(s), grace period %.3gs", self.live, grace_period)
+        while self.live and self.loop.time() < deadline:
             await asyncio.sleep(min(0.05, max(0.0, deadline - self.loop.time())))
-        live = self.http.live if self.http is not None else len(self.connections)
-        if live:
-            log.warning("grace period over: closing %d connection(s)", live)
+        if self.live:
+            log.warning("grace period over: closing %d connection(s)", self.live)
             for client in list(self.connections):
                 client.close()
             if self.http is not None and self.http.fast is not None:

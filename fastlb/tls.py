@@ -189,13 +189,11 @@ class ServerTLS:
         # session cache, which stay with the context a handshake started on.
         self.front = server_context(self.certificates[0], ca, verify)
         self.front.sni_callback = self._on_server_name
-        for spec in self.certificates:
-            if spec.ocsp:
-                try:
-                    read_staple(spec.ocsp)
-                except ValueError as exc:
-                    raise TLSConfigError(f"TLS bind {address}: ocsp={exc}") from None
-        self.native = self._native_context()
+        try:
+            native_certificates = self._native_certificates(self.generation)
+        except ValueError as exc:            # a staple file: the certificates themselves are read already
+            raise TLSConfigError(f"TLS bind {address}: ocsp={exc}") from None
+        self.native = self._native_context(native_certificates)
         if self.native is None and any(spec.ocsp for spec in self.certificates):
             raise TLSConfigError(f"TLS bind {address}: ocsp= needs the relay's TLS (tcp mode, no ca=, the "
                                  f"compiled relay): Python's ssl module cannot staple")
@@ -204,7 +202,7 @@ class ServerTLS:
         return [(spec.cert, spec.key, info.names, read_staple(spec.ocsp) if spec.ocsp else None)
                 for spec, info in zip(self.certificates, generation.infos)]
 
-    def _native_context(self):
+    def _native_context(self, certificates: list):
         """The relay thread's contexts (fastlb._crelay.ServerContext), or None: client certificates are
         the event loop's (TLSInfo for the HTTP mode), and so is everything when the module is missing."""
         if self.ca:
@@ -214,7 +212,7 @@ class ServerTLS:
         except ImportError:
             return None
         try:
-            return ServerContext(self._native_certificates(self.generation), TLS12_CIPHERS)
+            return ServerContext(certificates, TLS12_CIPHERS)
         except ValueError as exc:
             log.warning("TLS bind %s: served by the event loop, the relay thread cannot load it: %s",
                         self.address, exc)
