@@ -474,15 +474,22 @@ def test_connect_errors_and_retries_are_counted(procs, token_file):
     _, port, admin = start_balancer(procs, [ports["a"], dead_port], token_file, "--outlier-failures", "0",
                                     workers=1)
     assert {ping(port) for _ in range(10)} == {"a"}       # every failed connect retried on a
-    # Counted when the relay closes, just after the client's close: wait for the last one.
+    samples = retried_connects_counted(admin, a, dead, 10)
+    assert metric(samples, "fastlb_backend_connections_total", pool="default", backend=a) == 10
+
+
+def retried_connects_counted(admin: int, good: str, dead: str, connections: int):
+    """The metrics once `connections` connections reached `good`, checked for the connect errors on
+    `dead` (at least 4 of them) and as many retries on `good` and in the pool; returns the samples.
+    (Counted when the relay closes, just after the client's close: it waits for the last one.)"""
     samples = wait_until(lambda: (lambda m: m if metric(m, "fastlb_backend_connections_total", pool="default",
-                                                        backend=a) == 10 else None)(metrics(admin)),
-                         what="10 connections counted")
+                                                        backend=good) == connections else None)(metrics(admin)),
+                         what=f"{connections} connections counted")
     errors = metric(samples, "fastlb_backend_connect_errors_total", pool="default", backend=dead)
     assert errors >= 4
-    assert metric(samples, "fastlb_backend_retries_total", pool="default", backend=a) == errors
-    assert metric(samples, "fastlb_backend_connections_total", pool="default", backend=a) == 10
+    assert metric(samples, "fastlb_backend_retries_total", pool="default", backend=good) == errors
     assert metric(samples, "fastlb_pool_retries_total", pool="default") == errors
+    return samples
 
 
 def test_operations_settings_are_validated_with_file_line_and_field(tmp_path):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from procs import REPO, free_port, port_open, read_line, subprocess_env, wait_until
-from test_ops import metric, metrics, token_file  # noqa: F401
+from test_ops import metric, metrics, retried_connects_counted, token_file  # noqa: F401
 from test_tls import client_context, echo_roundtrip, pki, refused, s_client, subject_cn, tls_backends, tls_connect  # noqa: F401
 
 NATIVE = "terminated by the relay thread"
@@ -284,13 +284,7 @@ def test_connect_errors_and_retries_are_counted_as_on_the_python_path(procs, pki
     lb.wait_for_line(NATIVE)
     wait_until(lambda: port_open(admin), what="the admin bind")
     assert {tls_ping(port, pki) for _ in range(10)} == {"a"}    # every failed connect retried on a
-    samples = wait_until(lambda: (lambda m: m if metric(m, "fastlb_backend_connections_total", pool="default",
-                                                        backend=a) == 10 else None)(metrics(admin)),
-                         what="10 connections counted")
-    errors = metric(samples, "fastlb_backend_connect_errors_total", pool="default", backend=dead)
-    assert errors >= 4
-    assert metric(samples, "fastlb_backend_retries_total", pool="default", backend=a) == errors
-    assert metric(samples, "fastlb_pool_retries_total", pool="default") == errors
+    samples = retried_connects_counted(admin, a, dead, 10)
     assert metric(samples, "fastlb_backend_connect_seconds_count", pool="default", backend=a) == 10
 
 
