@@ -49,7 +49,7 @@ crelay = Extension("fastlb._crelay", ["fastlb/_crelay.pyx"], libraries=["ssl", "
 # `tried[-1]` read out of bounds and crashed the process.
 python_modules = [
     Extension(f"fastlb.http.{name}", [f"fastlb/http/{name}.py"], extra_compile_args=compile_args)
-    for name in ("runtime", "protocol", "upstream", "routing", "fast")
+    for name in ("runtime", "protocol", "upstream", "routing", "fast", "reuse")
 ] + [Extension("fastlb.pool", ["fastlb/pool.py"], extra_compile_args=compile_args)]
 python_directives = {"language_level": 3, "annotation_typing": False}
 head_scanner = Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)

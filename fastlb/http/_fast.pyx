@@ -30,6 +30,7 @@ from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from fastlb._posix cimport *
+from fastlb.http.reuse cimport may_reuse
 
 include "_scan.pxi"
 
@@ -921,15 +922,17 @@ cdef class Engine:
             iov[count].iov_base = self.scratch + found.body_start
             iov[count].iov_len = n - found.body_start
             count += 1
-        # The response is read in full: the slot goes back and the connection is reusable at once.
+        # The response is read in full (scan_plain: by its Content-Length, nothing after it): the slot
+        # goes back, and the connection is reusable at once if the request was also written whole
+        # (a backend may answer before reading all of it: then it still expects the rest).
         ok = found.status < 500
         backend = self.backends[c.slot]
         c.backend = NULL
         b.client = NULL
-        if found.backend_close or self.draining:
-            self.close_backend(b)
-        else:
+        if may_reuse(c.head_sent == c.head_len, True, not found.backend_close, self.draining):
             self.park(b)
+        else:
+            self.close_backend(b)
         self.served += 1
         self.finish(backend, self.now - c.sent_at, ok, found.status, c.req_len, n)
         c.close_after = close

@@ -25,6 +25,7 @@ cdef class ClientConnection:
     cdef public bint closed, closing, tunnel, tunnel_active, head_done, tls, mtls
     cdef public object redirect, pending_input, adopting
     cdef public int paused, deadline_kind
+    cdef public Py_ssize_t upgrade_body_left
     cdef public double deadline, head_started
     cdef public Request req
     cdef public list parts, url_parts

@@ -137,6 +137,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # a connection the C engine hands over (fastlb/http/fast.py): bytes it read, and the request
         # in flight with its backend connection (upstream, backend, sent_at)
         "pending_input", "adopting",
+        # body bytes of an Upgrade request still to read (llhttp stops at the head: see upgrade_body)
+        "upgrade_body_left",
     )
 
     def __init__(self, runtime, bind) -> None:
@@ -177,6 +179,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.redirect = None if port is None else (b"" if port == 443 else b":%d" % port)
         self.pending_input = None
         self.adopting = None
+        self.upgrade_body_left = 0
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -259,15 +262,24 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.runtime.now = self.loop.time()
         parser = self.parser
         if parser is None:
-            if self.tunnel_buffer is not None:       # bytes after an Upgrade request, before the 101
-                self.tunnel_buffer.append(data)
-                self.pause(PAUSE_QUEUE)
-            return                                    # after an error or a final request: ignored
+            if self.tunnel_buffer is None:
+                return                                # after an error or a final request: ignored
+            self.hold_for_tunnel(data)
+        else:
+            self.feed(parser, data)
+        if self.queue:
+            req = self.queue[0]
+            if req.upstream is not None and req.flushed < len(req.out):
+                self.flush_request(req)
+
+    def feed(self, parser, data: bytes) -> None:
         try:
             parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self.parser = None
-            self.tunnel_buffer = [data[exc.args[0]:]] if exc.args and exc.args[0] < len(data) else []
+            self.tunnel_buffer = []
+            if exc.args and exc.args[0] < len(data):
+                self.hold_for_tunnel(data[exc.args[0]:])
         except HttpParserCallbackError as exc:
             cause = exc.__context__
             self.refuse(cause.status if isinstance(cause, RequestError) else 400)
@@ -276,10 +288,32 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         except HttpParserError as exc:
             log.debug("bad request from %s: %s", self.client_ip, exc)
             self.refuse(400)
-        if self.queue:
-            req = self.queue[0]
-            if req.upstream is not None and req.flushed < len(req.out):
-                self.flush_request(req)
+
+    def hold_for_tunnel(self, data: bytes) -> None:
+        """Bytes after an Upgrade request's head: first the rest of its body, then what belongs to the
+        protocol asked for, held until the backend answers 101 (start_tunnel) or not (closed)."""
+        if self.upgrade_body_left:
+            data = self.upgrade_body(data)
+        if data:
+            self.tunnel_buffer.append(data)
+            self.pause(PAUSE_QUEUE)
+
+    def upgrade_body(self, data: bytes) -> bytes:
+        """llhttp does not parse an Upgrade request's body (it stops at the head); RFC 9110 7.8 says the
+        request, body included, is complete before any switch. So the body is read here by its
+        Content-Length (a chunked one was refused at the head) and forwarded like any other; the
+        request is complete after it. Returns the bytes after the body."""
+        left = self.upgrade_body_left
+        body = data if len(data) <= left else data[:left]
+        self.upgrade_body_left = left - len(body)
+        try:
+            self.on_body(body)
+        except RequestError as exc:
+            self.refuse(exc.status)
+            return b""
+        if not self.upgrade_body_left:
+            self.complete_request(self.req)
+        return data[len(body):]
 
     def on_message_begin(self) -> None:
         if self.closing:
@@ -392,10 +426,16 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         req.is_head = method == b"HEAD"
         req.idempotent = method in IDEMPOTENT_METHODS
         url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
+        if not url.startswith(b"/"):
+            url = self.origin_form(req, method, url)
         req.url = url
         req.keep_alive = parser.should_keep_alive()
-        if req.upgrade is not None and not parser.should_upgrade():
-            req.upgrade = None                 # Upgrade without "Connection: upgrade": not asked for
+        if req.upgrade is not None:
+            if not parser.should_upgrade():
+                req.upgrade = None             # Upgrade without "Connection: upgrade": not asked for
+            elif req.chunked:
+                # llhttp stops at an Upgrade request's head; fastlb reads such a body only by its length.
+                raise RequestError(400, "Upgrade request with a chunked body")
         router = self.runtime.router
         route = router.single if router.single is not None else router.route(method, url, req.host,
                                                                               req.captured)
@@ -454,6 +494,30 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         elif len(queue) > MAX_PIPELINE:
             self.pause(PAUSE_QUEUE)
 
+    def origin_form(self, req: Request, method: bytes, url: bytes) -> bytes:
+        """A target that is not origin-form (RFC 9112 3.2): absolute-form becomes origin-form and its
+        authority replaces the Host header (3.2.2: a server ignores the received Host), so routing,
+        hashing, sticky keys, the access log and the backend all see the same host and path; the
+        asterisk-form only as `OPTIONS *`; anything else is refused."""
+        if url == b"*":
+            if method != b"OPTIONS":
+                raise RequestError(400, "asterisk-form target with a method other than OPTIONS")
+            return url
+        scheme, separator, rest = url.partition(b"://")
+        if not separator or scheme.lower() not in (b"http", b"https"):
+            raise RequestError(400, "request target neither origin-form nor absolute-form")
+        end = len(rest)
+        for delimiter in (b"/", b"?"):
+            at = rest.find(delimiter)
+            if 0 <= at < end:
+                end = at
+        authority = rest[:end]
+        if not authority or b"@" in authority or not valid_host(authority):
+            raise RequestError(400, "invalid authority in the request target")
+        req.host = authority
+        path = rest[end:]
+        return path if path.startswith(b"/") else b"/" + path
+
     def _drop_connection_named(self, parts: list) -> list:
         """Removes the headers the Connection header names (RFC 9110 7.6.1)."""
         tokens = self.conn_tokens
@@ -491,6 +555,14 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         req = self.req
         if req is None:
             return
+        if req.upgrade is not None and req.content_length is not None and int(req.content_length):
+            # llhttp skipped this Upgrade request's body: upgrade_body reads it, then completes it.
+            self.upgrade_body_left = int(req.content_length)
+            return
+        self.complete_request(req)
+
+    def complete_request(self, req: Request) -> None:
+        """The request has been read to its end (head and body)."""
         if req.chunked:
             req.out.append(b"0\r\n\r\n")
         req.complete = True
@@ -505,6 +577,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         closes. If the request in flight is the one that broke (its body's framing), it is cut."""
         self.parser = None
         self.closing = True
+        self.tunnel_buffer = None
+        self.upgrade_body_left = 0
         req = self.req
         self.req = None
         if req is not None and req in self.queue:
@@ -649,14 +723,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         """A redirect bind's answer: 301 (GET, HEAD) or 308 (other methods keep method and body) to
         https://HOST[:PORT]/target; the Host's own port is dropped. No Host to build it from: 400."""
         url = req.url
-        host = req.host
-        if not url.startswith(b"/"):
-            if url[:7].lower() == b"http://":          # absolute-form: its authority is the host
-                authority, _, path = url[7:].partition(b"/")
-                host = authority.rpartition(b"@")[2] if valid_host(authority.rpartition(b"@")[2]) else None
-                url = b"/" + path
-            else:
-                url = b"/"                             # OPTIONS *
+        host = req.host                                # absolute-form: its authority (origin_form)
+        if url == b"*":                                # OPTIONS *
+            url = b"/"
         if not host:
             self.answer(req, 400, close=True)
             return

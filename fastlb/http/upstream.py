@@ -4,10 +4,10 @@
 While serving a request it parses the response with httptools, rewrites the head (hop-by-hop headers
 out, the framing fastlb forwards, `Connection: close` when the client connection ends after it) and
 queues head and body pieces in `out`; they are written to the client in one `write` after each
-`feed_data`, so a small response is a single syscall. When the response has been read to its end,
-the backend said keep-alive and the request was fully sent, the connection goes back to its backend's
-idle deque (`Backend.idle`); anything else closes it. A connection is never reused after a response
-it did not read in full.
+`feed_data`, so a small response is a single syscall. Whether the connection then goes back to its
+backend's idle deque (`Backend.idle`) or closes is `fastlb.http.reuse.may_reuse`'s decision, the one
+rule both HTTP data paths follow (request written whole, response read whole by its framing, backend
+keeps alive, not draining).
 
 HEAD responses: httptools does not know the request method, so a HEAD response is finished at the end
 of its head, and the connection gets a fresh parser before its next request.
@@ -23,6 +23,7 @@ import httptools
 from fastlb.http import errors
 from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
                                  R_UPGRADE, RESPONSE_SPECIAL)
+from fastlb.http.reuse import may_reuse
 
 try:
     from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
@@ -391,23 +392,32 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         req.upstream = None
         req.status = self.status
         req.bytes_out = self.received
-        if self.keep_alive and self.reusable and req.complete and not self.close_delimited \
-                and not self.lost and not self.runtime.draining:
+        if may_reuse(req.complete and req.flushed == len(req.out),
+                     self.done and self.reusable and not self.close_delimited and not self.lost,
+                     self.keep_alive, self.runtime.draining):
             self.runtime.park(self, backend)
         else:
             self.transport.close()
         client.finished(req, self.client_close)
 
     def _switch(self, rest: bytes) -> None:
-        """101 Switching Protocols: the head goes to the client, then both sides become a tunnel."""
+        """101 Switching Protocols: the head goes to the client, then both sides become a tunnel. Only
+        for a request that asked to upgrade and was written whole: a 101 to anything else would turn
+        the client's next bytes into a tunnel fastlb never parses (502, both connections closed)."""
         client = self.client
+        req = self.request
+        if self.status != 101 or req.upgrade is None or not req.complete or req.flushed != len(req.out):
+            self.out.clear()
+            req.response_started = False
+            self.reusable = False
+            self._failed(502, False, "switching protocols unasked or before the request was sent")
+            return
         out = self.out
         if rest:
             out.append(rest)
         if out:
             client.transport.write(b"".join(out))
             out.clear()
-        req = self.request
         self.release(ok=True)
         client.queue.clear()
         req.upstream = None
