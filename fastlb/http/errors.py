@@ -37,11 +37,17 @@ def _build(status: int, close: bool) -> bytes:
 
 KEEP = {status: _build(status, False) for status in REASONS}
 CLOSE = {status: _build(status, True) for status in REASONS}
+# The same answers to a HEAD request: the head alone (RFC 9110 9.3.2). A body there would be read by the
+# client as the start of the next response.
+HEAD_KEEP = {status: data[:data.index(b"\r\n\r\n") + 4] for status, data in KEEP.items()}
+HEAD_CLOSE = {status: data[:data.index(b"\r\n\r\n") + 4] for status, data in CLOSE.items()}
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def response(status: int, close: bool) -> bytes:
+def response(status: int, close: bool, head: bool = False) -> bytes:
+    if head:
+        return (HEAD_CLOSE if close else HEAD_KEEP)[status]
     return (CLOSE if close else KEEP)[status]
 
 

@@ -713,7 +713,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def answer(self, req: Request, status: int, close: bool) -> None:
         """A response of fastlb's own for queue[0] (errors)."""
         close = close or self.closing and not self.req_pending_after(req) or req.close_after
-        data = errors.response(status, close)
+        data = errors.response(status, close, req.is_head)
         self.transport.write(data)
         req.status = status
         req.bytes_out = len(data)
