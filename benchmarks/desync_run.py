@@ -19,21 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from desync import OracleBackend, Registry, run_sample  # noqa: E402
-from procs import Processes, free_port  # noqa: E402
+from desync import run_sample, through_fastlb  # noqa: E402
 
 
 async def one_engine(engine: str, seed: int, sequences: int, concurrency: int) -> int:
     os.environ["FASTLB_HTTP_ENGINE"] = engine
-    registry = Registry()
-    oracle = OracleBackend(registry)
-    await oracle.start()
-    processes = Processes()
     started = time.monotonic()
-    try:
-        port = free_port()
-        processes.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{oracle.port}",
-                         "--response-timeout", "5s")
+    async with through_fastlb() as (port, registry, oracle):
         problems = []
         done = 0
         batch = 1000                       # a fresh seed per batch, so progress shows as it goes
@@ -43,9 +35,6 @@ async def one_engine(engine: str, seed: int, sequences: int, concurrency: int) -
             registry.violations.clear()
             done += count
             print(f"  {engine}: {done} sequences, {len(problems)} violations", flush=True)
-    finally:
-        processes.cleanup()
-        await oracle.close()
     delivered = sum(1 for sent in registry.sent.values() if sent.seen)
     print(f"engine {engine}: {sequences} sequences, {len(registry.sent)} requests sent, {delivered} received "
           f"by the backend over {oracle.connections} connections, {len(problems)} violations "

@@ -21,10 +21,13 @@ HTTP data paths and benchmarks/desync_run.py a long run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
 from dataclasses import dataclass, field
+
+from procs import Processes, free_port
 
 # Bait inside bodies: a whole request a backend would run if it ever read body bytes as a request head.
 BAIT = b"\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: evil\r\nX-Seq: 999999999\r\n\r\n"
@@ -113,6 +116,8 @@ class OracleBackend:
             self.violation(str(exc))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass                      # fastlb closed or reset the connection (client abort, timeout)
+        except asyncio.CancelledError:
+            pass                      # the run is over: an idle keep-alive connection ends with it
         finally:
             writer.transport.abort()
 
@@ -444,3 +449,20 @@ async def run_sample(port: int, registry: Registry, seed: int, count: int, concu
     if stopped:
         problems.append(stopped)
     return problems + registry.violations
+
+
+@contextlib.asynccontextmanager
+async def through_fastlb(check_bodies: bool = True, *extra: str):
+    """(fastlb's port, the registry, the oracle): a fastlb in front of one oracle backend."""
+    registry = Registry()
+    oracle = OracleBackend(registry, check_bodies=check_bodies)
+    await oracle.start()
+    processes = Processes()
+    try:
+        port = free_port()
+        processes.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{oracle.port}",
+                         "--response-timeout", "5s", *extra)
+        yield port, registry, oracle
+    finally:
+        processes.cleanup()
+        await oracle.close()

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from desync import OracleBackend, Planned, Registry, encode, run_sample
+from desync import Planned, encode, run_sample, through_fastlb
 from http_client import Client, requests_seen
 from procs import Processes, free_port
 
@@ -20,13 +20,6 @@ SAMPLE_SIZE = int(os.environ.get("FASTLB_DESYNC_SEQUENCES", "300"))
 def engine(request, monkeypatch):
     monkeypatch.setenv("FASTLB_HTTP_ENGINE", request.param)
     return request.param
-
-
-def start_fastlb(processes: Processes, backend_port: int, *extra: str) -> int:
-    port = free_port()
-    processes.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}",
-                     "--response-timeout", "5s", *extra)
-    return port
 
 
 async def read_response(reader) -> tuple[int, bytes]:
@@ -45,12 +38,7 @@ def test_upgrade_body_cannot_smuggle_a_request(engine):
     values (`GET /admin`) ran at the backend. Now the body is forwarded, the tunnel never starts, and the
     next request arrives as sent."""
     async def scenario():
-        registry = Registry()
-        oracle = OracleBackend(registry, check_bodies=False)      # trusts framing, like most servers
-        await oracle.start()
-        processes = Processes()
-        try:
-            port = start_fastlb(processes, oracle.port)
+        async with through_fastlb(check_bodies=False) as (port, registry, _):   # trusts framing, as most do
             # The second request, as fastlb forwards it, starts with this prefix; the hidden request line
             # follows it inside the X-Hide value. The first body is exactly as long as the prefix.
             prefix = b"GET /public HTTP/1.1\r\nHost: h\r\nX-Hide: "
@@ -76,9 +64,6 @@ def test_upgrade_body_cannot_smuggle_a_request(engine):
             assert "/admin" not in registry.paths_seen
             assert registry.paths_seen == [first.path, "/public"], registry.paths_seen
             assert registry.violations == []
-        finally:
-            processes.cleanup()
-            await oracle.close()
     asyncio.run(scenario())
 
 
@@ -87,12 +72,7 @@ def test_upgrade_body_reaches_the_backend_before_the_switch(engine):
     body and then answers 101 gets the body (it waited for it, and the client got a 504 before), then
     the tunnel carries the client's bytes after it."""
     async def scenario():
-        registry = Registry()
-        oracle = OracleBackend(registry)
-        await oracle.start()
-        processes = Processes()
-        try:
-            port = start_fastlb(processes, oracle.port)
+        async with through_fastlb() as (port, registry, _):
             sent, head, body = encode(registry, Planned("POST", "length", 300, "ok", True, False, False), "h")
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(head + body + b"tunnel-bytes")    # the new protocol's bytes right behind the body
@@ -101,9 +81,6 @@ def test_upgrade_body_reaches_the_backend_before_the_switch(engine):
             assert await asyncio.wait_for(reader.readexactly(12), 10) == b"tunnel-bytes"
             writer.close()
             assert sent.seen == 1 and registry.violations == []
-        finally:
-            processes.cleanup()
-            await oracle.close()
     asyncio.run(scenario())
 
 
@@ -191,17 +168,8 @@ def test_desync_harness_sample(engine):
     """A seeded sample of random request sequences (FASTLB_DESYNC_SEED, FASTLB_DESYNC_SEQUENCES): no
     request the clients did not send reaches the backend, no response goes to the wrong request."""
     async def scenario():
-        registry = Registry()
-        oracle = OracleBackend(registry)
-        await oracle.start()
-        processes = Processes()
-        try:
-            port = start_fastlb(processes, oracle.port)
-            problems = await run_sample(port, registry, SAMPLE_SEED, SAMPLE_SIZE)
-            return problems, registry, oracle
-        finally:
-            processes.cleanup()
-            await oracle.close()
+        async with through_fastlb() as (port, registry, oracle):
+            return await run_sample(port, registry, SAMPLE_SEED, SAMPLE_SIZE), registry, oracle
     problems, registry, oracle = asyncio.run(scenario())
     assert not problems, f"seed {SAMPLE_SEED} ({engine} engine): {len(problems)} problems:\n" + \
         "\n".join(problems[:20])
