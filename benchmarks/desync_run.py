@@ -22,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from desync import run_sample, through_fastlb  # noqa: E402
 
 
-async def one_engine(engine: str, seed: int, sequences: int, concurrency: int) -> int:
+async def one_engine(engine: str, seed: int, sequences: int, concurrency: int, backends: int,
+                     extra: tuple) -> int:
     os.environ["FASTLB_HTTP_ENGINE"] = engine
     started = time.monotonic()
-    async with through_fastlb() as (port, registry, oracle):
+    async with through_fastlb(backends=backends, extra=extra) as (port, registry, oracle):
         problems = []
         done = 0
         batch = 1000                       # a fresh seed per batch, so progress shows as it goes
@@ -36,7 +37,7 @@ async def one_engine(engine: str, seed: int, sequences: int, concurrency: int) -
             done += count
             print(f"  {engine}: {done} sequences, {len(problems)} violations", flush=True)
     delivered = sum(1 for sent in registry.sent.values() if sent.seen)
-    print(f"engine {engine}: {sequences} sequences, {len(registry.sent)} requests sent, {delivered} received "
+    print(f"engine {engine} ({backends} backend(s) {' '.join(extra)}): {sequences} sequences, {len(registry.sent)} requests sent, {delivered} received "
           f"by the backend over {oracle.connections} connections, {len(problems)} violations "
           f"({time.monotonic() - started:.0f} s, seed {seed})")
     for problem in problems[:50]:
@@ -50,10 +51,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--engines", default="c,python")
+    parser.add_argument("--backends", type=int, default=1, help="oracle backends behind fastlb (1)")
+    parser.add_argument("--fastlb-args", default="", help="more fastlb flags, e.g. '--retry-on all-retryable-errors'")
     args = parser.parse_args()
     total = 0
     for engine in args.engines.split(","):
-        total += asyncio.run(one_engine(engine, args.seed, args.sequences, args.concurrency))
+        total += asyncio.run(one_engine(engine, args.seed, args.sequences, args.concurrency,
+                                           args.backends, tuple(args.fastlb_args.split())))
     print(f"total violations: {total}")
     return 1 if total else 0
 

@@ -452,17 +452,20 @@ async def run_sample(port: int, registry: Registry, seed: int, count: int, concu
 
 
 @contextlib.asynccontextmanager
-async def through_fastlb(check_bodies: bool = True, *extra: str):
-    """(fastlb's port, the registry, the oracle): a fastlb in front of one oracle backend."""
+async def through_fastlb(check_bodies: bool = True, backends: int = 1, extra: tuple = ()):
+    """(fastlb's port, the registry, the first oracle): a fastlb in front of `backends` oracle backends
+    sharing one registry; `extra`: more fastlb flags."""
     registry = Registry()
-    oracle = OracleBackend(registry, check_bodies=check_bodies)
-    await oracle.start()
+    oracles = [OracleBackend(registry, f"oracle{i}", check_bodies) for i in range(backends)]
+    args = []
+    for oracle in oracles:
+        args += ["--backend", f"127.0.0.1:{await oracle.start()}"]
     processes = Processes()
     try:
         port = free_port()
-        processes.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{oracle.port}",
-                         "--response-timeout", "5s", *extra)
-        yield port, registry, oracle
+        processes.fastlb("--bind", f"127.0.0.1:{port}", *args, "--response-timeout", "5s", *extra)
+        yield port, registry, oracles[0]
     finally:
         processes.cleanup()
-        await oracle.close()
+        for oracle in oracles:
+            await oracle.close()
