@@ -385,8 +385,13 @@ async def run_sequence(port: int, registry: Registry, rng: random.Random, host: 
 
 
 async def check_response(responses: ResponseReader, sent: Sent, plan: Planned, problems: list[str]) -> bool:
-    """Reads the answer to `sent`; False when the connection ended (or a tunnel was checked)."""
-    answer = await asyncio.wait_for(responses.read(plan.method == "HEAD"), IO_TIMEOUT)
+    """Reads the answer to `sent`; False when the connection ended (or a tunnel was checked). fastlb
+    answers within its response timeout (5 s) or closes: silence for IO_TIMEOUT is a lost request."""
+    try:
+        answer = await asyncio.wait_for(responses.read(plan.method == "HEAD"), IO_TIMEOUT)
+    except asyncio.TimeoutError:
+        problems.append(f"request {sent.seq} ({plan}): neither an answer nor a close in {IO_TIMEOUT}s")
+        return False
     if answer is None:
         return False
     status, headers, body = answer

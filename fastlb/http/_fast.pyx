@@ -511,9 +511,11 @@ cdef class Engine:
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         if b != NULL:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
+            # How much of the request reached the backend: all of it, part, or nothing (a send failed).
             inflight = (self.backends[c.slot], b.fd,
                         PyBytes_FromStringAndSize(c.buf, c.req_len),
-                        PyBytes_FromStringAndSize(data, size), c.sent_at)
+                        PyBytes_FromStringAndSize(data, size), c.sent_at,
+                        c.head_sent == c.head_len, c.head_sent > 0)
             self.free_backend(b)
             c.backend = NULL
             data = NULL

@@ -184,11 +184,12 @@ class FastPath:
                 client.pending_input = data
                 upstream = None
             else:
-                backend, backend_fd, request, response, sent_at = inflight
+                backend, backend_fd, request, response, sent_at, sent_whole, sent_any = inflight
                 backend_sock = socket.socket(fileno=backend_fd)
                 upstream = self.runtime.backend_factory()
                 upstream.pending_input = response
-                client.adopting = (upstream, backend, sent_at)   # CLOCK_MONOTONIC, as loop.time()
+                # sent_at: CLOCK_MONOTONIC, as loop.time()
+                client.adopting = (upstream, backend, sent_at, sent_whole, sent_any)
                 client.pending_input = request
             await loop.connect_accepted_socket(lambda: client, client_sock)
             if upstream is not None:

@@ -204,7 +204,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if pending is not None:
             # From the C engine: parsed before uvloop reads anything more from the socket.
             self.pending_input = None
-            if pending:
+            if self.adopting is not None:
+                self.take_adopted(pending)
+            elif pending:
                 self.data_received(pending)
 
     def connection_lost(self, exc) -> None:
@@ -639,13 +641,32 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.deadline_kind = WAIT_BACKEND
         self.connect_task = self.loop.create_task(self._connect(req, backend, False))
 
+    def take_adopted(self, data: bytes) -> None:
+        """The C engine's client with a request in flight: `data` is that request (the engine serves a
+        request only when it is alone and whole in its read), parsed here as if just read. Its bytes went
+        to the backend already (all, part or none of them: _adopt_in_flight), so none is written again:
+        a second copy of its body would reach the backend as the start of another request."""
+        self.runtime.now = self.loop.time()
+        self.feed(self.parser, data)
+        if self.queue:
+            req = self.queue[0]
+            if req.replayable and req.out_size <= REPLAY_LIMIT:
+                req.flushed = len(req.out)
+            else:
+                req.replayable = False
+                req.out.clear()
+                req.flushed = 0
+
     def _adopt_in_flight(self, req: Request) -> None:
-        """The C engine's request, re-parsed here: it was sent on `upstream` (slot taken) at sent_at."""
-        upstream, backend, sent_at = self.adopting
+        """The C engine's request, re-parsed here (take_adopted): the engine sent it on `upstream` (slot
+        taken) at sent_at, whole or not; a connection that did not get all of it is never reused, and a
+        request none of whose bytes it got may go to another backend whatever its method."""
+        upstream, backend, sent_at, sent_whole, sent_any = self.adopting
         self.adopting = None
         upstream.attach(self, req, backend)
-        req.written = True
-        req.flushed = len(req.out)
+        if not sent_whole:
+            upstream.reusable = False
+        req.written = sent_any
         req.sent_at = sent_at
         self.deadline = sent_at + self.settings.response_timeout
         self.deadline_kind = WAIT_BACKEND
