@@ -52,6 +52,39 @@ READY, CONNECTED, CONNECT_FAILED = 5, 6, 7
 NO_TRIES: list = []                 # select_now's `tried` for a first pick: never appended to
 
 
+# A listener whose accept ran out of file descriptors rests this long, its connections waiting in the
+# backlog, then tries again (HAProxy rests 100 ms too; nginx 500 ms): a level-triggered listener retried at
+# once would spin a core in failing accept4 calls and starve everything else on the loop.
+ACCEPT_PAUSE = 0.1
+ACCEPT_PAUSE_LOG_INTERVAL = 60.0     # one warning per episode: at most one a minute
+
+
+class AcceptPauses:
+    """One worker's record of listeners resting for want of file descriptors: each rest is logged (once
+    a minute at most, with the count since) and ended by the callback given, after ACCEPT_PAUSE."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.count = 0                       # pauses since the last warning
+        self.last_log = -ACCEPT_PAUSE_LOG_INTERVAL
+        self.total = 0
+
+    def paused(self, error: int, resume) -> None:
+        import resource
+        self.count += 1
+        self.total += 1
+        now = self.loop.time()
+        if now - self.last_log >= ACCEPT_PAUSE_LOG_INTERVAL:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.warning("cannot accept: %s (open-files limit %d): accepting paused, new connections wait in "
+                        "the listen backlog and are retried every %gs (%d pause(s) since the last report); "
+                        "raise the open-files limit, or lower --maxconn or the keepalive timeout",
+                        os.strerror(error), soft, ACCEPT_PAUSE, self.count)
+            self.last_log = now
+            self.count = 0
+        self.loop.call_later(ACCEPT_PAUSE, resume)
+
+
 def is_ip_address(host: str) -> bool:
     import ipaddress
     try:
@@ -379,7 +412,10 @@ class NativeTLSClient(ClientSide):
         backend, self.connecting = self.connecting, None
         pool = self.pool
         tried: list[Backend] = []
-        pool.connect_attempt_failed(backend, error, seconds, tried)
+        if not pool.connect_attempt_failed(backend, error, seconds, tried):
+            self.listener.refused(self, NoBackendError(f"out of resources: {error.strerror}"))
+            self.close()
+            return
         if len(tried) >= pool.attempts:
             self.listener.refused(self, NoBackendError("connect failed to 1 backend(s)"))
             self.close()

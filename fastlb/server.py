@@ -36,7 +36,8 @@ import time
 
 from fastlb.admin import AdminServer
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
-from fastlb.config import Config, ConfigError, maxconn_capacity, open_files_limit
+from fastlb.config import (RESERVED_FDS, SMALL_MAXCONN, Config, ConfigError,
+                           connection_limits, open_files_limit)
 from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_changes, retire,
                             spec_from_dict)
 from fastlb.discovery import Discovery
@@ -53,6 +54,7 @@ log = logging.getLogger("fastlb")
 EXIT_STARTUP_FAILED = 3       # a worker that cannot start (e.g. address in use): the master gives up
 PR_SET_PDEATHSIG = 1
 YOUNG_WORKER_SECONDS = 1.0    # a worker dying sooner than this counts towards the restart backoff
+MAX_YOUNG_DEATHS = 5          # this many young deaths in a row: a crash loop; the master gives up
 MAX_RESTART_DELAY = 5.0
 
 
@@ -66,22 +68,24 @@ def setup_logging(level: str, worker_id: int | None = None) -> None:
     root.propagate = False
 
 
-def effective_maxconn(config: Config) -> int:
-    """The per-worker maxconn the open-files limit allows; says so loudly when it is less than asked."""
+def effective_limits(config: Config) -> tuple[int, int]:
+    """The per-worker (maxconn, queue size) the open-files limit allows (config.connection_limits: the
+    queue gets at most a fifth of the files); says so loudly when maxconn is less than asked, or small."""
     soft, hard = open_files_limit()
-    capacity = maxconn_capacity(soft, config.queue_size)
-    if config.maxconn is None:
-        return capacity
-    if config.maxconn > capacity:
-        needed = 2 * config.maxconn + config.queue_size + 64
+    maxconn, queue, capacity = connection_limits(soft, config.maxconn, config.queue_size)
+    if config.maxconn is not None and config.maxconn > capacity:
+        needed = 2 * config.maxconn + queue + RESERVED_FDS
         log.warning(
             "--maxconn %d cannot be honoured: each relayed connection takes 2 open files (client + "
             "backend), so %d connections plus a wait queue of %d need %d open files per worker, but the "
             "open-files limit is %d (hard limit %d). Capping maxconn at %d per worker. Raise `ulimit -n`, "
             "lower --maxconn or --queue-size, or spread the load with --workers.",
-            config.maxconn, config.maxconn, config.queue_size, needed, soft, hard, capacity)
-        return capacity
-    return config.maxconn
+            config.maxconn, config.maxconn, queue, needed, soft, hard, capacity)
+    elif config.maxconn is None and maxconn < SMALL_MAXCONN:
+        log.warning("the open-files limit is %d (hard limit %d): it allows maxconn %d and a wait queue of "
+                    "%d per worker; raise the limit (`ulimit -n`, LimitNOFILE= in a systemd unit, --ulimit "
+                    "nofile= with docker) or spread the load with --workers.", soft, hard, maxconn, queue)
+    return maxconn, queue
 
 
 def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -229,6 +233,9 @@ class Worker:
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
                 if not tls_options and self.http.serve_with_engine(bind, sock):
+                    # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
+                    # (drain) stops listening (a copy left open would queue connections nobody accepts).
+                    sock.close()
                     continue
                 factory = self.http.protocol_factory(bind)
             else:
@@ -522,7 +529,8 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
             log.error("%s", exc)
             return EXIT_STARTUP_FAILED
         warn_expiring(server_tls)
-    maxconn = effective_maxconn(config)
+    maxconn, queue_size = effective_limits(config)
+    config = config.replace(queue_size=queue_size)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stop = loop.create_future()
@@ -530,7 +538,13 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     if master_pid is not None and os.getppid() != master_pid:
         return 0                                   # the master died before PDEATHSIG was set
-    worker = Worker(config, loop, maxconn, channel, runtime, listen_socks, reload_source, server_tls)
+    try:
+        worker = Worker(config, loop, maxconn, channel, runtime, listen_socks, reload_source, server_tls)
+    except OSError as exc:
+        # A file it must open (the access log: checked by the config already, but it may have gone since).
+        log.error("cannot start: %s", exc)
+        loop.close()
+        return EXIT_STARTUP_FAILED
     if worker.controller is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged(worker.controller)))
     else:
@@ -544,9 +558,9 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         # loop runs, uvloop would drop it).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         await worker.start()
-        log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
+        log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d, queue %d)",
                  ", ".join(b.address for b in config.binds), config.mode, config.algorithm,
-                 len(config.backends), maxconn)
+                 len(config.backends), maxconn, config.queue_size)
         await stop
         await worker.drain(config.grace_period)
 
@@ -876,6 +890,10 @@ class Master:
 
     # ---- supervision -------------------------------------------------------------------------------
 
+    def _stop_requested(self) -> bool:
+        """A SIGTERM or SIGINT has arrived (handled by _supervise; forking stops meanwhile)."""
+        return signal.SIGTERM in self.signals or signal.SIGINT in self.signals
+
     def _wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
@@ -910,6 +928,8 @@ class Master:
                 self.checker = HealthChecker(loop, targets, self._on_verdict)
             try:
                 for worker_id in range(self.config.workers):
+                    if self._stop_requested():
+                        break           # SIGTERM while forking: no more workers; _supervise stops these
                     self._spawn(worker_id)
             except StartupError as exc:
                 log.error("%s", exc)
@@ -967,6 +987,12 @@ class Master:
                     log.error("worker %d could not start; stopping", worker_id)
                     self._shutdown("startup failure")
                     return 1
+                if self.young_deaths >= MAX_YOUNG_DEATHS:
+                    log.error("workers died %d times in a row within %gs of starting (worker %d last, status "
+                              "%d): a crash loop; stopping", self.young_deaths, YOUNG_WORKER_SECONDS,
+                              worker_id, status)
+                    self._shutdown("crash loop")
+                    return 1
                 pending_restarts.append((now + self._restart_delay(), worker_id))
             for entry in [e for e in pending_restarts if e[0] <= now]:
                 pending_restarts.remove(entry)
@@ -989,6 +1015,8 @@ class Master:
         new_pids = []
         try:
             for worker_id in range(config.workers):
+                if self._stop_requested():
+                    break
                 new_pids.append(self._spawn(worker_id, self.table.current_config()))
         except StartupError as exc:
             log.error("reload: %s; keeping the old workers", exc)
@@ -996,8 +1024,7 @@ class Master:
         while time.monotonic() < deadline and not all(
                 self.workers[p].ready for p in new_pids if p in self.workers):
             self.loop.run_until_complete(self._wait(0.1))
-            if any(p not in self.workers for p in new_pids) or any(
-                    s in self.signals for s in (signal.SIGTERM, signal.SIGINT)):
+            if any(p not in self.workers for p in new_pids) or self._stop_requested():
                 break
             self._reap_generation(new_pids)
         ready = len(new_pids) == config.workers and all(
@@ -1078,6 +1105,12 @@ class Master:
 
     def _shutdown(self, reason: str) -> int:
         log.info("%s: stopping %d worker(s)", reason, len(self.workers))
+        # Listening stops at once: the workers close their copies as they start draining, and a copy kept
+        # here would leave new connections in the backlog for the grace period, then reset them. Closed,
+        # a new client is refused at once and moves on (another balancer, keepalived's VIP).
+        for sock in self.listen_socks.values():
+            sock.close()
+        self.listen_socks.clear()
         if self.checker is not None:
             self.checker.close()
         for pid in self.workers:

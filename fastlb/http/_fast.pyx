@@ -24,7 +24,7 @@ timeouts), which hands the connected socket back. A connection that left the eng
 """
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memcmp, memmove, strlen
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -137,6 +137,7 @@ cdef struct Client:
 cdef struct Listener:
     int kind
     int fd                 # the engine's own duplicate of a listening socket
+    int paused             # out of files: out of the epoll set until resume_accepting()
     Listener *next
 
 
@@ -340,6 +341,7 @@ cdef class Engine:
             raise MemoryError()
         l.kind = IS_LISTENER
         l.fd = fd
+        l.paused = 0
         l.next = self.listeners
         self.listeners = l
         # Level-triggered; EXCLUSIVE: of the workers sharing the socket, one is woken per connection.
@@ -367,7 +369,9 @@ cdef class Engine:
             length = sizeof(address)
             fd = accept4(l.fd, <sockaddr *>&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
-                return                  # EAGAIN; or out of files: the next connection retries
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    self.pause_accepting(l, errno)
+                return                  # EAGAIN (another worker was faster), or an error to retry later
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
             ip[0] = 0
             if address.ss_family == AF_INET:
@@ -375,6 +379,28 @@ cdef class Engine:
             elif address.ss_family == AF_INET6:
                 inet_ntop(AF_INET6, &(<sockaddr_in6 *>&address).sin6_addr, ip, sizeof(ip))
             self.take_client(fd, ip, strlen(ip))
+
+    cdef void pause_accepting(self, Listener *l, int err):
+        """Out of files (or memory): the listener is level-triggered, so it would wake the loop for a
+        failing accept4 at once, for ever. It leaves the epoll set; the connections wait in the backlog
+        until Python calls resume_accepting() (fastlb/l4.py's AcceptPauses: shortly, as HAProxy does)."""
+        if l.paused:
+            return
+        l.paused = 1
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+        self.glue.accept_paused(err)
+
+    def resume_accepting(self):
+        """Listeners paused by pause_accepting() accept again (a failing accept pauses them again)."""
+        cdef Listener *l = self.listeners
+        cdef epoll_event ev
+        while l != NULL:
+            if l.paused:
+                l.paused = 0
+                ev.events = EPOLLIN | EPOLLEXCLUSIVE
+                ev.data.ptr = <void *>l
+                epoll_ctl(self.epfd, EPOLL_CTL_ADD, l.fd, &ev)
+            l = l.next
 
     cdef void take_client(self, int fd, const char *ip, Py_ssize_t ip_len):
         """A new client socket (the engine owns fd from now on)."""
