@@ -385,11 +385,13 @@ def toml_typed(kind: type | tuple, *words: str) -> Callable:
 
 def from_toml(parser: Callable[[Any], Any], value: Any) -> Any:
     """A TOML value through its field's parser, after the type check `toml_typed` asks for."""
+    parsed = parser(value)
     kind = getattr(parser, "toml_kind", None)
     if kind is not None and isinstance(value, str) and value.strip().lower() not in parser.toml_words:
+        # A string the flag syntax would take ("3", "yes"): a quoted value, named as such.
         what = "true or false" if kind is bool else "an integer" if kind is int else "a number"
         raise ValueError(f"expected {what}, not the string {value!r} (write it without quotes)")
-    return parser(value)
+    return parsed
 
 
 def parse_int(minimum: int) -> Callable[[Any], int]:
