@@ -42,7 +42,7 @@ from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_chan
                             spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
-from fastlb.l4 import EpollRelay, Listener
+from fastlb.l4 import AcceptGate, EpollRelay, Listener
 from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
 from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
@@ -86,6 +86,14 @@ def effective_limits(config: Config) -> tuple[int, int]:
                     "%d per worker; raise the limit (`ulimit -n`, LimitNOFILE= in a systemd unit, --ulimit "
                     "nofile= with docker) or spread the load with --workers.", soft, hard, maxconn, queue)
     return maxconn, queue
+
+
+def client_limit(maxconn: int) -> int:
+    """The client connections one worker accepts at most: its open files, less RESERVED_FDS and a
+    backend connection for each of its maxconn slots (with maxconn from effective_limits: maxconn plus
+    the wait queue). Beyond it new connections wait in the kernel's backlog (fastlb/l4.py AcceptGate)."""
+    soft, _ = open_files_limit()
+    return max(1, soft - RESERVED_FDS - maxconn)
 
 
 def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -188,7 +196,11 @@ class Worker:
         elif config.sticky is not None and self.pool is not None:
             from fastlb.sticky import Sticky, default_secret
             self.tcp_sticky = Sticky(config.sticky, "default", self.pool, self.store, default_secret(config))
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list = []          # what stops accepting on drain: the relay thread's TLS listeners
+        # The event loop's servers and the C engine's listeners rest at `client_limit` client connections
+        # (the open files left once each slot has its backend connection), or when out of files anyway.
+        self.client_limit = client_limit(maxconn)
+        self.accept_gate = AcceptGate(loop, self.client_limit, lambda: self.live, config.backlog)
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
@@ -232,7 +244,7 @@ class Worker:
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
-                if not tls_options and self.http.serve_with_engine(bind, sock):
+                if not tls_options and self.http.serve_with_engine(bind, sock, self.accept_gate):
                     # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
                     # (drain) stops listening (a copy left open would queue connections nobody accepts).
                     sock.close()
@@ -245,9 +257,7 @@ class Worker:
                                    self.config.sni_routes,
                                    # other TLS-terminating binds stay on uvloop
                                    None if tls_options else self.relay).protocol_factory()
-            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
-                                                   **tls_options)
-            self.servers.append(server)
+            await self.accept_gate.serve(factory, sock, tls_options)
         if self.relay is not None:
             self.relay.start()
         if self.store is not None:
@@ -346,6 +356,7 @@ class Worker:
     async def drain(self, grace_period: float) -> None:
         """Stops accepting, waits for live connections to end, cuts them after grace_period."""
         self.stopping = True
+        self.accept_gate.stop()
         for server in self.servers:
             server.close()
         if self.http is not None:
