@@ -954,7 +954,7 @@ class Master:
             self.discovery = Discovery.from_config(loop, self.config, self)
             if self.discovery is not None:
                 self.discovery.start()
-            log.info("master running %d workers%s", self.config.workers,
+            log.info("master running %d workers%s", len(self.workers),
                      f", checking {len(targets)} backend(s)" if targets else "")
             return self._supervise()
         finally:

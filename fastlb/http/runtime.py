@@ -238,6 +238,9 @@ class HttpRuntime:
             transport.resume_reading()
         idle = backend.idle
         if len(idle) >= self.settings.backend_max_idle:
+            if not idle:                            # backend_max_idle 0: none is kept
+                transport.close()
+                return
             idle.popleft().transport.close()        # the oldest one goes first
         upstream.idle_since = self.now
         idle.append(upstream)
