@@ -9,7 +9,7 @@ file's lists):
 
     mode = "tcp"
     algorithm = "leastconn"
-    workers = 2                      # or "auto"
+    workers = 2                      # or "auto"; at most 4 per CPU unless allow_many_workers = true
     connect_timeout = "2s"           # a number of seconds, or "500ms", "2s", "1m"
     idle_timeout = "5m"
     maxconn = 5000                   # per worker process
@@ -479,7 +479,7 @@ def parse_algorithm(value: Any) -> str:
 
 
 # Workers beyond this many per CPU only add memory and context switches (each is a full event loop);
-# `workers_per_cpu_limit = false` (--no-workers-limit) allows more, for an operator who means it.
+# `allow_many_workers = true` (--allow-many-workers true) allows more, for an operator who means it.
 MAX_WORKERS_PER_CPU = 4
 
 
