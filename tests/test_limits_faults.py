@@ -16,7 +16,7 @@ import pytest
 
 from fastlb.config import RESERVED_FDS, ConfigError, connection_limits, load_file
 from http_client import Client, KeepAliveLoad, requests_seen
-from procs import REPO, free_port, port_open, subprocess_env, wait_until
+from procs import REPO, backend_name, free_port, port_open, subprocess_env, wait_until
 
 ENGINES = ("c", "python")
 
@@ -200,6 +200,28 @@ def test_accept_pauses_at_the_open_files_limit_and_resumes(procs, engine):
     # The idle clients left: accepting resumed, a new client is served.
     assert wait_until(lambda: get(port).status == 200, what="a request after the pause")
     assert len([ln for ln in fastlb.lines if "accepting paused" in ln]) == 1       # logged once
+
+
+@pytest.mark.parametrize("relay", ["epoll", "uvloop"])
+def test_tcp_mode_accept_pauses_at_the_open_files_limit(procs, relay):
+    _, ports = procs.backends("a")
+    port = free_port()
+    fastlb = start_fastlb(procs, "--mode", "tcp", "--relay", relay, "--bind", f"127.0.0.1:{port}",
+                          "--backend", f"127.0.0.1:{ports['a']}", nofile=256)
+    pid = worker_pid(fastlb)
+    held = hold_connections(port, 300)
+    try:
+        fastlb.wait_for_line(r"WARNING 115 client connections, the most the open-files limit leaves")
+        before = cpu_ticks(pid)
+        time.sleep(2.0)
+        used = cpu_ticks(pid) - before
+        assert used < 0.25 * 2.0 * os.sysconf("SC_CLK_TCK"), f"{used} ticks of CPU in 2 s at the limit"
+        # Files are left for the backend connections of the clients accepted: they are relayed.
+        assert "Too many open files" not in fastlb.output
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: backend_name(port) == "a", what="a connection after the pause")
 
 
 # ---- 5. SIGTERM: listening stops at once everywhere -----------------------------------------------------
