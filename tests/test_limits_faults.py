@@ -2,6 +2,7 @@
 workers, bad config. Each test drives a real fastlb with a real limit (`prlimit` on its process), backend,
 signal or config file, on both HTTP data paths where the item concerns them (the C engine, and
 FASTLB_HTTP_ENGINE=python, as tests/test_http_python.py switches them)."""
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -367,3 +369,30 @@ def test_config_error_type_is_raised_for_a_quoted_weight(tmp_path):
     path.write_text('bind = "127.0.0.1:1"\n[[backend]]\naddress = "127.0.0.1:2"\nmaxconn = "10"\n')
     with pytest.raises(ConfigError, match=r"lb.toml:4: backend\[1\].maxconn: expected an integer"):
         load_file(str(path))
+
+
+def test_admin_api_refuses_unknown_fields_and_untyped_values(procs, tmp_path):
+    _, ports = procs.backends("a")
+    port, admin = free_port(), free_port()
+    token = "limits-token-0123456789"
+    (tmp_path / "token").write_text(token)
+    start_fastlb(procs, "--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+                 "--admin", str(admin), "--admin-token-file", str(tmp_path / "token"))
+
+    def post(path, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", method="POST",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    status, body = post("/api/backends", {"address": "127.0.0.1:1", "colour": "red"})
+    assert status == 400 and "unknown field(s) 'colour'; known: address, weight, backup" in body
+    status, body = post("/api/backends", {"address": "127.0.0.1:1", "backup": "yes"})
+    assert status == 400 and "backup: expected true or false" in body
+    status, body = post(f"/api/backends/127.0.0.1:{ports['a']}/weight", {"weight": 2, "wieght": 3})
+    assert status == 400 and "'wieght'" in body
+    assert post("/api/backends", {"address": "127.0.0.1:1", "backup": True})[0] == 201
