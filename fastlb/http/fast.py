@@ -20,7 +20,7 @@ import socket
 
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
-from fastlb.l4 import DETACHED
+from fastlb.l4 import ACCEPT_PAUSE, DETACHED
 from fastlb.pool import NoBackendError, QueueError
 
 log = logging.getLogger("fastlb")
@@ -133,7 +133,7 @@ class FastPath:
         if self.gate is not None:
             self.gate.paused(error)
         else:
-            self.loop.call_later(0.1, self.engine.resume_accepting)
+            self.loop.call_later(ACCEPT_PAUSE, self.engine.resume_accepting)
 
     def pool_for(self, backend):
         return self.pool if self.pool is not None else self.pool_of[backend]
