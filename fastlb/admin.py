@@ -177,9 +177,12 @@ class AdminServer:
             return 200, "application/json", _json({"certificates": view.get("certificates", [])})
         if parts == ["backends"]:
             _require(method, "POST")
+            _known_fields(data, ("address", "weight", "backup"))
             if "address" not in data:
                 raise HttpError(400, "missing 'address'")
-            spec = parse_spec(str(data["address"]), data.get("weight"), bool(data.get("backup", False)))
+            if not isinstance(data.get("backup", False), bool):
+                raise HttpError(400, f"backup: expected true or false (got {data['backup']!r})")
+            spec = parse_spec(str(data["address"]), data.get("weight"), data.get("backup", False))
             change = self.controller.apply({"op": "add", "spec": spec_to_dict(spec), "source": "api"})
             return 201, "application/json", _json({"result": "added", "change": change})
         if len(parts) == 2 and parts[0] == "backends":
@@ -189,9 +192,17 @@ class AdminServer:
         if len(parts) == 3 and parts[0] == "backends" and parts[2] in ("weight", "state"):
             _require(method, "POST")
             op = parts[2]
+            _known_fields(data, (op,))
             change = self.controller.apply({"op": op, "address": parts[1], op: data.get(op)})
             return 200, "application/json", _json({"result": "applied", "change": change})
         raise HttpError(404, f"no such path {path}")
+
+
+def _known_fields(data: dict[str, Any], known: tuple[str, ...]) -> None:
+    """A field the API does not know is a mistake (a typo of a known one, mostly): 400, not ignored."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
 
 
 def _require(method: str, expected: str) -> None:

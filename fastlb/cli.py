@@ -44,10 +44,21 @@ def _flag_type(field_name: str, parser: Callable[[Any], Any]) -> Callable[[str],
     return parse
 
 
+SHORT_USAGE = "usage: fastlb --bind HOST:PORT --backend HOST:PORT [OPTION...]  (fastlb --help for all)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one usage line and the error: the full usage is 36 lines, which
+    push the error itself out of sight."""
+
+    def error(self, message: str):
+        self.exit(2, f"{SHORT_USAGE}\n{self.prog}: error: {message}\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from fastlb import ALGORITHMS
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fastlb", description="fastlb: a fast HTTP/TCP load balancer on uvloop with a compiled core.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -87,7 +98,8 @@ def make_parser() -> argparse.ArgumentParser:
           "0 = off)", "F")
     field("seed", "seed for the random algorithms (reproducible runs)", "N")
     field("workers", "worker processes sharing the port with SO_REUSEPORT, or auto (one per CPU); "
-          "default 1", "N|auto")
+          "default 1, at most 4 per CPU", "N|auto")
+    field("allow_many_workers", "allow more than 4 workers per CPU (default false)", "true|false")
     field("maxconn", "relayed connections per worker (default: what the open-files limit allows)", "N")
     field("queue_size", "connections that may wait for a free slot, per worker (default 1024)", "N")
     field("queue_timeout", "how long a connection may wait for a slot (default 5s)", "DURATION")

@@ -9,7 +9,7 @@ file's lists):
 
     mode = "tcp"
     algorithm = "leastconn"
-    workers = 2                      # or "auto"
+    workers = 2                      # or "auto"; at most 4 per CPU unless allow_many_workers = true
     connect_timeout = "2s"           # a number of seconds, or "500ms", "2s", "1m"
     idle_timeout = "5m"
     maxconn = 5000                   # per worker process
@@ -226,6 +226,7 @@ class Config:
     bounded_load: float = 0.0
     seed: int | None = None
     workers: int = 1
+    allow_many_workers: bool = False  # more than MAX_WORKERS_PER_CPU per CPU: only when asked for
     maxconn: int | None = None       # per worker; None: as many as the open-files limit allows
     queue_size: int = 1024           # connections waiting for a free slot, per worker
     queue_timeout: float = 5.0
@@ -361,10 +362,40 @@ def parse_address(text: str) -> tuple[str, int]:
             raise ValueError(f"bad IPv6 address {host!r}") from None
     if host in ("", "*"):
         host = "0.0.0.0"
+    elif match.group(3) is not None and not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"bad host {host!r}: expected an IPv4 address, [IPv6] or a DNS name")
     return host, port
 
 
+# A DNS name (RFC 1123 labels; '_' too, as container and service names use it), or dotted IPv4.
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+
+
+def toml_typed(kind: type | tuple, *words: str) -> Callable:
+    """Marks a parser whose TOML value must have its type (`kind`), or be one of `words`: flags are text
+    and parsed from text, but in a file `weight = "3"` or `backup = "yes"` is a mistake to name, not to
+    guess about (`from_toml`)."""
+    def mark(parser: Callable) -> Callable:
+        parser.toml_kind = kind
+        parser.toml_words = words
+        return parser
+    return mark
+
+
+def from_toml(parser: Callable[[Any], Any], value: Any) -> Any:
+    """A TOML value through its field's parser, after the type check `toml_typed` asks for."""
+    parsed = parser(value)
+    kind = getattr(parser, "toml_kind", None)
+    if kind is not None and isinstance(value, str) and value.strip().lower() not in parser.toml_words:
+        # A string the flag syntax would take ("3", "yes"): a quoted value, named as such.
+        what = "true or false" if kind is bool else "an integer" if kind is int else "a number"
+        raise ValueError(f"expected {what}, not the string {value!r} (write it without quotes)")
+    return parsed
+
+
 def parse_int(minimum: int) -> Callable[[Any], int]:
+    @toml_typed(int)
     def parse(value: Any) -> int:
         if isinstance(value, bool):
             raise ValueError(f"expected an integer >= {minimum} (got {value!r})")
@@ -382,6 +413,7 @@ def parse_int(minimum: int) -> Callable[[Any], int]:
 MAX_WEIGHT = 256  # the core's limit
 
 
+@toml_typed(int)
 def parse_weight(value: Any) -> int:
     try:
         weight = parse_int(0)(value)
@@ -393,6 +425,7 @@ def parse_weight(value: Any) -> int:
 
 
 def parse_float(minimum: float) -> Callable[[Any], float]:
+    @toml_typed((int, float))
     def parse(value: Any) -> float:
         try:
             if isinstance(value, bool):
@@ -445,9 +478,19 @@ def parse_algorithm(value: Any) -> str:
     return parse_choice("algorithm", tuple(ALGORITHMS))(value)
 
 
+# Workers beyond this many per CPU only add memory and context switches (each is a full event loop);
+# `allow_many_workers = true` (--allow-many-workers true) allows more, for an operator who means it.
+MAX_WORKERS_PER_CPU = 4
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+@toml_typed(int, "auto")
 def parse_workers(value: Any) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return len(os.sched_getaffinity(0)) or 1
+        return cpu_count()
     try:
         return parse_int(1)(value)
     except ValueError:
@@ -483,6 +526,7 @@ def parse_retry_on(value: Any) -> frozenset:
     return frozenset(conditions)
 
 
+@toml_typed(bool)
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -699,6 +743,7 @@ def parse_header_text(value: Any) -> str:
     return value
 
 
+@toml_typed(int)
 def parse_percent(value: Any) -> int:
     try:
         percent = parse_int(0)(value)
@@ -709,6 +754,7 @@ def parse_percent(value: Any) -> int:
     return percent
 
 
+@toml_typed((int, float))
 def parse_jitter(value: Any) -> float:
     jitter = parse_float(0.0)(value)
     if jitter > 0.5:
@@ -716,6 +762,7 @@ def parse_jitter(value: Any) -> float:
     return jitter
 
 
+@toml_typed(int)
 def parse_port_or_zero(value: Any) -> int:
     port = parse_int(0)(value)
     if port > 65535:
@@ -896,6 +943,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "bounded_load": parse_float(0.0),
     "seed": parse_int(0),
     "workers": parse_workers,
+    "allow_many_workers": parse_bool,
     "maxconn": parse_int(1),
     "queue_size": parse_int(0),
     "queue_timeout": parse_positive_duration,
@@ -1168,7 +1216,7 @@ def load_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
         if name in LIST_FIELDS:
             items = value if isinstance(value, list) else [value]
             try:
-                values[name] = [LIST_FIELDS[name](item) for item in items]
+                values[name] = [from_toml(LIST_FIELDS[name], item) for item in items]
             except ValueError as exc:
                 raise fail(line, key, str(exc)) from None
             sources[name] = f"{path}:{line} ({key})"
@@ -1177,7 +1225,7 @@ def load_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
             raise fail(line, key, _unknown_key_message(key, [*FIELDS, *LIST_FIELDS, "bind", "backend",
                                                               "pool", "route", "sni_routes"]))
         try:
-            values[name] = FIELDS[name](value)
+            values[name] = from_toml(FIELDS[name], value)
         except ValueError as exc:
             raise fail(line, key, str(exc)) from None
         sources[name] = f"{path}:{line} ({key})"
@@ -1205,7 +1253,7 @@ def _load_tables(locator: _Locator, key: str, value: Any, fail: Callable) -> lis
             if field_name not in table_fields:
                 raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
             try:
-                parsed[field_name] = table_fields[field_name](item_value)
+                parsed[field_name] = from_toml(table_fields[field_name], item_value)
             except ValueError as exc:
                 raise fail(line, f"{where}.{item_key}", str(exc)) from None
         if name == "pool":
@@ -1256,7 +1304,7 @@ def _load_list(path: str, locator: _Locator, key: str, value: Any, fail: Callabl
             if field_name not in table_fields:
                 raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
             try:
-                value = table_fields[field_name](item_value)
+                value = from_toml(table_fields[field_name], item_value)
             except ValueError as exc:
                 raise fail(line, f"{where}.{item_key}", str(exc)) from None
             if name == "backend" and field_name in HEALTH_FIELDS:
@@ -1309,6 +1357,17 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
     if not config.backends and not config.pools and not config.discovers_backends:
         raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file), "
                           "or a discovery source (--backends-file, --backends-dns)")
+    worker_limit = MAX_WORKERS_PER_CPU * cpu_count()
+    if config.workers > worker_limit and not config.allow_many_workers:
+        raise ConfigError(f"{where('workers')}: {config.workers} workers is more than {MAX_WORKERS_PER_CPU} per "
+                          f"CPU ({worker_limit} on the {cpu_count()} CPU(s) fastlb may use); each is a process "
+                          f"with its own memory. Use --workers auto, or say you mean it with "
+                          f"--allow-many-workers true (allow_many_workers = true)")
+    if config.access_log and config.access_log != "-":
+        problem = unwritable_file(config.access_log)
+        if problem:
+            raise ConfigError(f"{where('access_log')}: cannot write the access log {config.access_log}: "
+                              f"{problem}")
     if config.admin_token_file:
         try:
             read_token(config.admin_token_file)
@@ -1355,12 +1414,39 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
     _check_groups(config, where)
     _check_health(config, where, explicit=set(values))
+    _check_duplicates(config.backends, where("backends"))
+    for pool in config.pools:
+        _check_duplicates(pool.backends, f"{where('pools')}: pool {pool.name!r}")
     seen = set()
     for spec in config.binds:
         if (spec.host, spec.port) in seen:
             raise ConfigError(f"{where('binds')}: address {spec.address} is bound twice")
         seen.add((spec.host, spec.port))
     return config
+
+
+def unwritable_file(path: str) -> str:
+    """Why fastlb could not append to the file at path ("" when it could): checked at --check-config and
+    at start, so a typo is one line of error, not a traceback from the first worker."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    if os.path.exists(path):
+        return "" if os.access(path, os.W_OK) else "permission denied"
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"no directory {parent}"
+    return "" if os.access(parent, os.W_OK | os.X_OK) else f"permission denied in {parent}"
+
+
+def _check_duplicates(backends: list[BackendSpec], where: str) -> None:
+    """A backend listed twice would get two slots (twice the traffic) under one address, which health
+    verdicts and admin changes name: one of the two would silently not follow them."""
+    first: dict[str, int] = {}
+    for number, spec in enumerate(backends, 1):
+        if spec.address in first:
+            raise ConfigError(f"{where}: backend[{number}] {spec.address} is listed twice "
+                              f"(also backend[{first[spec.address]}]); give it a weight instead")
+        first[spec.address] = number
 
 
 def _check_groups(config: Config, where: Callable[[str], str]) -> None:
@@ -1487,7 +1573,20 @@ def open_files_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def maxconn_capacity(fd_limit: int, queue_size: int) -> int:
-    """Relayed connections one worker can hold: each takes 2 fds (client + backend), each queued client
-    takes 1, and RESERVED_FDS are kept for listeners and the loop."""
-    return max(1, (fd_limit - RESERVED_FDS - queue_size) // 2)
+# The wait queue's share of the open files a worker has for connections: a queued client holds 1, a
+# relayed connection 2, so a queue sized alone (its 1024 default under a limit of 1024) would leave no
+# room for the connections it waits for.
+QUEUE_FD_SHARE = 5                 # the queue takes at most 1/5 of the budget
+# A default maxconn below this is worth a WARNING: the open-files limit, not the machine, is the bound.
+SMALL_MAXCONN = 1000
+
+
+def connection_limits(fd_limit: int, maxconn: int | None, queue_size: int) -> tuple[int, int, int]:
+    """(maxconn, queue size, capacity) one worker can hold under fd_limit open files: each relayed
+    connection takes 2 fds (client + backend), each queued client 1, RESERVED_FDS stay for listeners and
+    the loop. The queue is sized first, capped at 1/QUEUE_FD_SHARE of the budget; the connections get the
+    rest (`capacity`): maxconn is that when not given, else the smaller of the two."""
+    budget = max(0, fd_limit - RESERVED_FDS)
+    queue = min(queue_size, budget // QUEUE_FD_SHARE)
+    capacity = max(1, (budget - queue) // 2)
+    return (capacity if maxconn is None else min(maxconn, capacity)), queue, capacity

@@ -12,7 +12,7 @@ import logging
 import signal
 
 from fastlb.config import BackendSpec, BindSpec, Config, parse_address
-from fastlb.server import StartupError, Worker, effective_maxconn, setup_logging
+from fastlb.server import StartupError, Worker, effective_limits, setup_logging
 
 DEFAULT_PORT = 8080
 
@@ -52,7 +52,8 @@ async def _run(host: str, port: int, count: int, algorithm: str) -> int:
         backends.append(BackendSpec("127.0.0.1", holder["port"]))
     config = Config(binds=[BindSpec(host, port)], backends=backends, algorithm=algorithm,
                     grace_period=2.0)
-    worker = Worker(config, loop, effective_maxconn(config))
+    maxconn, queue_size = effective_limits(config)
+    worker = Worker(config.replace(queue_size=queue_size), loop, maxconn)
     try:
         await worker.start()
     except StartupError as exc:

@@ -21,6 +21,7 @@ active verdicts are global.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 from dataclasses import dataclass
@@ -60,6 +61,19 @@ def describe_error(exc: BaseException | str, timeout: float | None = None) -> st
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return exc.__class__.__name__
+
+
+# A connect (or check) failing with these failed in fastlb, not at the backend: out of file descriptors
+# (the process's or the system's), of socket buffers or memory. Never counted against the backend:
+# ejecting a healthy backend for our own limit would only make things worse.
+OWN_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def own_resource_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in OWN_RESOURCE_ERRNOS
+
+
+OWN_FAILURE = object()      # a probe's "problem" when it failed on fastlb's own limits: no verdict
 
 
 # ---- active checks --------------------------------------------------------------------------------
@@ -233,10 +247,13 @@ class HealthChecker:
             raise
         except Exception as exc:       # any failure of the probe is a failed check, never a crash
             problem = describe_error(exc, settings.check_timeout)
+            if own_resource_error(exc):
+                problem = OWN_FAILURE          # no verdict: the check could not even be tried
         check.task = None
         if self.closed:
             return
-        self._result(check, problem)
+        if problem is not OWN_FAILURE:
+            self._result(check, problem)
         jitter = settings.check_jitter
         delay = settings.check_interval * (1.0 + self.random.uniform(-jitter, jitter))
         check.handle = self.loop.call_later(delay, self._run, check)

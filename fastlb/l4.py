@@ -52,6 +52,100 @@ READY, CONNECTED, CONNECT_FAILED = 5, 6, 7
 NO_TRIES: list = []                 # select_now's `tried` for a first pick: never appended to
 
 
+# A worker's listeners rest while it holds as many client connections as its open files allow, or when an
+# accept ran out of file descriptors anyway: connections wait in the kernel's backlog meanwhile, and every
+# ACCEPT_PAUSE the worker looks again (HAProxy rests 100 ms too; nginx 500 ms). Retried at once instead, a
+# level-triggered listener spins a core in failing accept4 calls and starves the rest of the loop.
+ACCEPT_PAUSE = 0.1
+ACCEPT_PAUSE_LOG_INTERVAL = 60.0     # one warning per episode: at most one a minute
+
+
+class AcceptGate:
+    """When one worker accepts: at most `limit` client connections (what the open-files limit leaves once
+    every slot has its backend connection and RESERVED_FDS are kept; config.connection_limits), and never
+    in a loop of failing accepts.
+
+    The event loop's servers listen on duplicates of the listening sockets: pausing closes the duplicate
+    (the socket, its backlog and the master's copy stay), resuming listens on a new one. The C engine's
+    listeners check the limit themselves and call `paused` (fastlb/http/_fast.pyx). Each pause is
+    logged, once a minute at most, with the count since."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, live, backlog: int) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.live = live                     # () -> client connections open in the worker
+        self.backlog = backlog
+        self.servers: list[list] = []        # [factory, socket, create_server options, server or None]
+        self.engines: list = []              # C engines (resume_accepting())
+        self.paused_now = False
+        self.stopped = False
+        self.pauses = 0                      # since the last warning
+        self.last_log = -ACCEPT_PAUSE_LOG_INTERVAL
+
+    async def serve(self, factory, sock, options: dict):
+        """A server for sock (as loop.create_server) that pauses at the limit; returns it."""
+        def counted():
+            if self.live() >= self.limit and not self.paused_now:
+                self.loop.call_soon(self.paused, 0)
+            return factory()
+        entry = [counted, sock, options, None]
+        self.servers.append(entry)
+        await self._listen(entry)
+        return entry[3]
+
+    async def _listen(self, entry: list) -> None:
+        server = await self.loop.create_server(entry[0], sock=entry[1].dup(), backlog=self.backlog,
+                                               **entry[2])
+        if self.stopped:                     # drain began while it was being made
+            server.close()
+        else:
+            entry[3] = server
+
+    def paused(self, error: int) -> None:
+        """Every listener rests (error: the accept's errno, 0 for the limit); looked at again later."""
+        if self.paused_now or self.stopped:
+            return
+        self.paused_now = True
+        for entry in self.servers:
+            if entry[3] is not None:
+                entry[3].close()
+                entry[3] = None
+        self.pauses += 1
+        now = self.loop.time()
+        if now - self.last_log >= ACCEPT_PAUSE_LOG_INTERVAL:
+            import resource
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            why = (f"cannot accept: {os.strerror(error)}" if error else
+                   f"{self.live()} client connections, the most the open-files limit leaves")
+            log.warning("%s (open-files limit %d, %d client connections at most): accepting paused, new "
+                        "connections wait in the listen backlog, looked at again every %gs (%d pause(s) "
+                        "since the last report); raise the open-files limit for more", why, soft,
+                        self.limit, ACCEPT_PAUSE, self.pauses)
+            self.last_log = now
+            self.pauses = 0
+        self.loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        if self.stopped:
+            return
+        if self.live() >= self.limit:
+            self.loop.call_later(ACCEPT_PAUSE, self._resume)
+            return
+        self.paused_now = False
+        for engine in self.engines:
+            engine.resume_accepting()
+        for entry in self.servers:
+            self.loop.create_task(self._listen(entry))
+
+    def stop(self) -> None:
+        """No more accepting (drain): servers and the listening sockets they were made from close."""
+        self.stopped = True
+        for factory, sock, options, server in self.servers:
+            if server is not None:
+                server.close()
+            sock.close()
+
+
 def is_ip_address(host: str) -> bool:
     import ipaddress
     try:
@@ -379,7 +473,10 @@ class NativeTLSClient(ClientSide):
         backend, self.connecting = self.connecting, None
         pool = self.pool
         tried: list[Backend] = []
-        pool.connect_attempt_failed(backend, error, seconds, tried)
+        if not pool.connect_attempt_failed(backend, error, seconds, tried):
+            self.listener.refused(self, NoBackendError(f"out of resources: {error.strerror}"))
+            self.close()
+            return
         if len(tried) >= pool.attempts:
             self.listener.refused(self, NoBackendError("connect failed to 1 backend(s)"))
             self.close()

@@ -29,7 +29,7 @@ from typing import Callable
 
 from fastlb import Balancer
 from fastlb.config import BackendSpec, Config, HealthSettings
-from fastlb.health import CONNECT, RESPONSE, BackendHealth
+from fastlb.health import CONNECT, RESPONSE, BackendHealth, own_resource_error
 from fastlb.observe import Traffic
 from fastlb.tls import backend_context, backend_contexts
 
@@ -46,6 +46,9 @@ class NoBackendError(Exception):
 
 class QueueError(Exception):
     """The wait queue is full, or the connection waited longer than queue_timeout."""
+
+
+OWN_FAILURE_LOG_INTERVAL = 1.0      # seconds between two warnings about connects failing on fastlb's limits
 
 
 class Backend:
@@ -93,6 +96,15 @@ class Backend:
         # HTTP mode: idle keep-alive connections to this backend, oldest first (reused from the right,
         # expired from the left). They hold no slot: a slot is a request in flight.
         self.idle: collections.deque = collections.deque()
+
+    def take_idle(self):
+        """An idle keep-alive connection (HTTP mode) still open, the most recently parked first; None."""
+        idle = self.idle
+        while idle:
+            upstream = idle.pop()
+            if upstream.transport is not None and not upstream.transport.is_closing():
+                return upstream
+        return None
 
     @property
     def available(self) -> bool:
@@ -166,6 +178,8 @@ class BackendPool:
         # Client contexts for TLS backends, one per `verify` setting (shared: they hold the session cache).
         self.tls_contexts = backend_contexts(config.backends)
         self.last_tls_warning = 0.0
+        self.last_own_failure_warning = 0.0
+        self.own_failures = 0                # connects that failed on fastlb's own limits since the last warning
         for spec, health in zip(config.backends, settings):
             self._append(spec, health)
         self.health = BackendHealth(loop, self, config)
@@ -429,6 +443,13 @@ class BackendPool:
                                        f"connect failed to {len(tried)} backend(s)")
                 error.tls_failure = tls_failure
                 raise error
+            if backend.idle:
+                # HTTP mode: a request that waited for its slot (or for a retry) takes a keep-alive
+                # connection the request before it left, as one served at once does; connecting anew
+                # would open a connection per queued request and park the old ones unused.
+                upstream = backend.take_idle()
+                if upstream is not None:
+                    return backend, upstream.transport, upstream
             started = loop.time()
             precise_start = monotonic() if self.track_latency else 0.0   # uvloop's clock is in ms
             try:
@@ -445,7 +466,8 @@ class BackendPool:
                 if isinstance(exc, ssl.SSLError):
                     tls_failure = True
                     self._tls_failure(backend, exc)
-                self.connect_attempt_failed(backend, exc, loop.time() - started, tried)
+                if not self.connect_attempt_failed(backend, exc, loop.time() - started, tried):
+                    raise NoBackendError(f"out of resources: {exc.strerror}") from None
                 if len(tried) >= attempts:
                     error = NoBackendError(f"connect failed to {len(tried)} backend(s)")
                     error.tls_failure = tls_failure
@@ -471,9 +493,14 @@ class BackendPool:
             backend.traffic.connect_time.observe(precise_seconds)
 
     def connect_attempt_failed(self, backend: Backend, error: BaseException, seconds: float,
-                               tried: list[Backend]) -> None:
-        """A connect attempt failed: its slot goes back, it counts against backend, which joins `tried`."""
+                               tried: list[Backend]) -> bool:
+        """A connect attempt failed: its slot goes back, it counts against backend, which joins `tried`.
+        False when the failure was fastlb's own (out of file descriptors: `own_resource_error`): then
+        nothing counts against the backend, and trying another one would fail the same way."""
         self.release(backend)
+        if own_resource_error(error):
+            self._own_failure(backend, error)
+            return False
         backend.traffic.connect_errors += 1
         tried.append(backend)
         if not backend.removed:
@@ -483,6 +510,19 @@ class BackendPool:
                   # asyncio's timeout says nothing itself: its name does; an OSError its errno and text
                   error.__class__.__name__ if isinstance(error, TimeoutError) and not error.args else error,
                   len(tried), self.attempts)
+        return True
+
+    def _own_failure(self, backend: Backend, error: OSError) -> None:
+        """A WARNING at most once a second with the count since the last one: at the limit every connect
+        fails, and the log must not become the next thing to run out."""
+        self.own_failures += 1
+        now = self.loop.time()
+        if now - self.last_own_failure_warning >= OWN_FAILURE_LOG_INTERVAL:
+            self.last_own_failure_warning = now
+            log.warning("connect to %s failed in fastlb, not at the backend: %s (%d time(s) since the last "
+                        "report; not counted against the backend). Raise the open-files limit or lower "
+                        "--maxconn.", backend.address, error.strerror or error, self.own_failures)
+            self.own_failures = 0
 
     def response_done(self, backend: Backend, seconds: float, ok: bool, status: int, detail: str = "") -> None:
         """A request's response ended (or failed: `detail`, else its status says why): the core and passive

@@ -36,12 +36,13 @@ import time
 
 from fastlb.admin import AdminServer
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
-from fastlb.config import Config, ConfigError, maxconn_capacity, open_files_limit
+from fastlb.config import (RESERVED_FDS, SMALL_MAXCONN, Config, ConfigError,
+                           connection_limits, open_files_limit)
 from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_changes, retire,
                             spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
-from fastlb.l4 import EpollRelay, Listener
+from fastlb.l4 import AcceptGate, EpollRelay, Listener
 from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
 from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
@@ -53,6 +54,7 @@ log = logging.getLogger("fastlb")
 EXIT_STARTUP_FAILED = 3       # a worker that cannot start (e.g. address in use): the master gives up
 PR_SET_PDEATHSIG = 1
 YOUNG_WORKER_SECONDS = 1.0    # a worker dying sooner than this counts towards the restart backoff
+MAX_YOUNG_DEATHS = 5          # this many young deaths in a row: a crash loop; the master gives up
 MAX_RESTART_DELAY = 5.0
 
 
@@ -66,22 +68,32 @@ def setup_logging(level: str, worker_id: int | None = None) -> None:
     root.propagate = False
 
 
-def effective_maxconn(config: Config) -> int:
-    """The per-worker maxconn the open-files limit allows; says so loudly when it is less than asked."""
+def effective_limits(config: Config) -> tuple[int, int]:
+    """The per-worker (maxconn, queue size) the open-files limit allows (config.connection_limits: the
+    queue gets at most a fifth of the files); says so loudly when maxconn is less than asked, or small."""
     soft, hard = open_files_limit()
-    capacity = maxconn_capacity(soft, config.queue_size)
-    if config.maxconn is None:
-        return capacity
-    if config.maxconn > capacity:
-        needed = 2 * config.maxconn + config.queue_size + 64
+    maxconn, queue, capacity = connection_limits(soft, config.maxconn, config.queue_size)
+    if config.maxconn is not None and config.maxconn > capacity:
+        needed = 2 * config.maxconn + queue + RESERVED_FDS
         log.warning(
             "--maxconn %d cannot be honoured: each relayed connection takes 2 open files (client + "
             "backend), so %d connections plus a wait queue of %d need %d open files per worker, but the "
             "open-files limit is %d (hard limit %d). Capping maxconn at %d per worker. Raise `ulimit -n`, "
             "lower --maxconn or --queue-size, or spread the load with --workers.",
-            config.maxconn, config.maxconn, config.queue_size, needed, soft, hard, capacity)
-        return capacity
-    return config.maxconn
+            config.maxconn, config.maxconn, queue, needed, soft, hard, capacity)
+    elif config.maxconn is None and maxconn < SMALL_MAXCONN:
+        log.warning("the open-files limit is %d (hard limit %d): it allows maxconn %d and a wait queue of "
+                    "%d per worker; raise the limit (`ulimit -n`, LimitNOFILE= in a systemd unit, --ulimit "
+                    "nofile= with docker) or spread the load with --workers.", soft, hard, maxconn, queue)
+    return maxconn, queue
+
+
+def client_limit(maxconn: int) -> int:
+    """The client connections one worker accepts at most: its open files, less RESERVED_FDS and a
+    backend connection for each of its maxconn slots (with maxconn from effective_limits: maxconn plus
+    the wait queue). Beyond it new connections wait in the kernel's backlog (fastlb/l4.py AcceptGate)."""
+    soft, _ = open_files_limit()
+    return max(1, soft - RESERVED_FDS - maxconn)
 
 
 def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -184,7 +196,11 @@ class Worker:
         elif config.sticky is not None and self.pool is not None:
             from fastlb.sticky import Sticky, default_secret
             self.tcp_sticky = Sticky(config.sticky, "default", self.pool, self.store, default_secret(config))
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list = []          # what stops accepting on drain: the relay thread's TLS listeners
+        # The event loop's servers and the C engine's listeners rest at `client_limit` client connections
+        # (the open files left once each slot has its backend connection), or when out of files anyway.
+        self.client_limit = client_limit(maxconn)
+        self.accept_gate = AcceptGate(loop, self.client_limit, lambda: self.live, config.backlog)
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
@@ -228,7 +244,10 @@ class Worker:
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
-                if not tls_options and self.http.serve_with_engine(bind, sock):
+                if not tls_options and self.http.serve_with_engine(bind, sock, self.accept_gate):
+                    # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
+                    # (drain) stops listening (a copy left open would queue connections nobody accepts).
+                    sock.close()
                     continue
                 factory = self.http.protocol_factory(bind)
             else:
@@ -238,9 +257,7 @@ class Worker:
                                    self.config.sni_routes,
                                    # other TLS-terminating binds stay on uvloop
                                    None if tls_options else self.relay).protocol_factory()
-            server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog,
-                                                   **tls_options)
-            self.servers.append(server)
+            await self.accept_gate.serve(factory, sock, tls_options)
         if self.relay is not None:
             self.relay.start()
         if self.store is not None:
@@ -339,6 +356,7 @@ class Worker:
     async def drain(self, grace_period: float) -> None:
         """Stops accepting, waits for live connections to end, cuts them after grace_period."""
         self.stopping = True
+        self.accept_gate.stop()
         for server in self.servers:
             server.close()
         if self.http is not None:
@@ -522,7 +540,8 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
             log.error("%s", exc)
             return EXIT_STARTUP_FAILED
         warn_expiring(server_tls)
-    maxconn = effective_maxconn(config)
+    maxconn, queue_size = effective_limits(config)
+    config = config.replace(queue_size=queue_size)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     stop = loop.create_future()
@@ -530,7 +549,13 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     if master_pid is not None and os.getppid() != master_pid:
         return 0                                   # the master died before PDEATHSIG was set
-    worker = Worker(config, loop, maxconn, channel, runtime, listen_socks, reload_source, server_tls)
+    try:
+        worker = Worker(config, loop, maxconn, channel, runtime, listen_socks, reload_source, server_tls)
+    except OSError as exc:
+        # A file it must open (the access log: checked by the config already, but it may have gone since).
+        log.error("cannot start: %s", exc)
+        loop.close()
+        return EXIT_STARTUP_FAILED
     if worker.controller is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged(worker.controller)))
     else:
@@ -544,9 +569,9 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
         # loop runs, uvloop would drop it).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         await worker.start()
-        log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d)",
+        log.info("listening on %s (mode %s, %s, %d backend(s), maxconn %d, queue %d)",
                  ", ".join(b.address for b in config.binds), config.mode, config.algorithm,
-                 len(config.backends), maxconn)
+                 len(config.backends), maxconn, config.queue_size)
         await stop
         await worker.drain(config.grace_period)
 
@@ -876,6 +901,10 @@ class Master:
 
     # ---- supervision -------------------------------------------------------------------------------
 
+    def _stop_requested(self) -> bool:
+        """A SIGTERM or SIGINT has arrived (handled by _supervise; forking stops meanwhile)."""
+        return signal.SIGTERM in self.signals or signal.SIGINT in self.signals
+
     def _wake(self) -> None:
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
@@ -910,6 +939,8 @@ class Master:
                 self.checker = HealthChecker(loop, targets, self._on_verdict)
             try:
                 for worker_id in range(self.config.workers):
+                    if self._stop_requested():
+                        break           # SIGTERM while forking: no more workers; _supervise stops these
                     self._spawn(worker_id)
             except StartupError as exc:
                 log.error("%s", exc)
@@ -923,7 +954,7 @@ class Master:
             self.discovery = Discovery.from_config(loop, self.config, self)
             if self.discovery is not None:
                 self.discovery.start()
-            log.info("master running %d workers%s", self.config.workers,
+            log.info("master running %d workers%s", len(self.workers),
                      f", checking {len(targets)} backend(s)" if targets else "")
             return self._supervise()
         finally:
@@ -967,6 +998,12 @@ class Master:
                     log.error("worker %d could not start; stopping", worker_id)
                     self._shutdown("startup failure")
                     return 1
+                if self.young_deaths >= MAX_YOUNG_DEATHS:
+                    log.error("workers died %d times in a row within %gs of starting (worker %d last, status "
+                              "%d): a crash loop; stopping", self.young_deaths, YOUNG_WORKER_SECONDS,
+                              worker_id, status)
+                    self._shutdown("crash loop")
+                    return 1
                 pending_restarts.append((now + self._restart_delay(), worker_id))
             for entry in [e for e in pending_restarts if e[0] <= now]:
                 pending_restarts.remove(entry)
@@ -989,6 +1026,8 @@ class Master:
         new_pids = []
         try:
             for worker_id in range(config.workers):
+                if self._stop_requested():
+                    break
                 new_pids.append(self._spawn(worker_id, self.table.current_config()))
         except StartupError as exc:
             log.error("reload: %s; keeping the old workers", exc)
@@ -996,8 +1035,7 @@ class Master:
         while time.monotonic() < deadline and not all(
                 self.workers[p].ready for p in new_pids if p in self.workers):
             self.loop.run_until_complete(self._wait(0.1))
-            if any(p not in self.workers for p in new_pids) or any(
-                    s in self.signals for s in (signal.SIGTERM, signal.SIGINT)):
+            if any(p not in self.workers for p in new_pids) or self._stop_requested():
                 break
             self._reap_generation(new_pids)
         ready = len(new_pids) == config.workers and all(
@@ -1078,6 +1116,12 @@ class Master:
 
     def _shutdown(self, reason: str) -> int:
         log.info("%s: stopping %d worker(s)", reason, len(self.workers))
+        # Listening stops at once: the workers close their copies as they start draining, and a copy kept
+        # here would leave new connections in the backlog for the grace period, then reset them. Closed,
+        # a new client is refused at once and moves on (another balancer, keepalived's VIP).
+        for sock in self.listen_socks.values():
+            sock.close()
+        self.listen_socks.clear()
         if self.checker is not None:
             self.checker.close()
         for pid in self.workers:

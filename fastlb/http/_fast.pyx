@@ -24,7 +24,7 @@ timeouts), which hands the connected socket back. A connection that left the eng
 """
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memcmp, memmove, strlen
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -138,6 +138,7 @@ cdef struct Client:
 cdef struct Listener:
     int kind
     int fd                 # the engine's own duplicate of a listening socket
+    int paused             # out of files: out of the epoll set until resume_accepting()
     Listener *next
 
 
@@ -221,6 +222,8 @@ cdef class Engine:
     cdef Listener *listeners
     cdef bytes forward_before, forward_after    # X-Forwarded-For / -Proto around the client address
     cdef public Py_ssize_t live
+    cdef public Py_ssize_t max_clients  # at this many clients the listeners rest (the worker's AcceptGate)
+    cdef bint accept_paused
     cdef public bint draining
     # Per backend: the fastlb Backend object (slot -> object) and its idle connections (LIFO).
     cdef list backends
@@ -257,6 +260,8 @@ cdef class Engine:
         self.dead_clients = NULL
         self.dead_backends = NULL
         self.listeners = NULL
+        self.max_clients = 1 << 40
+        self.accept_paused = False
 
     def __init__(self, glue, loop, settings, bint routed, Py_ssize_t max_body_size, int key_kind,
                  dict request_actions, dict action_codes, bytes timeout_408):
@@ -341,6 +346,7 @@ cdef class Engine:
             raise MemoryError()
         l.kind = IS_LISTENER
         l.fd = fd
+        l.paused = 0
         l.next = self.listeners
         self.listeners = l
         # Level-triggered; EXCLUSIVE: of the workers sharing the socket, one is woken per connection.
@@ -365,10 +371,15 @@ cdef class Engine:
         cdef int fd, i, one = 1
         cdef char ip[64]
         for i in range(64):             # a bounded batch: the other sockets get their turn
+            if self.live >= self.max_clients:
+                self.pause_accepting(0)
+                return
             length = sizeof(address)
             fd = accept4(l.fd, <sockaddr *>&address, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
-                return                  # EAGAIN; or out of files: the next connection retries
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    self.pause_accepting(errno)
+                return                  # EAGAIN (another worker was faster), or an error to retry later
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
             ip[0] = 0
             if address.ss_family == AF_INET:
@@ -376,6 +387,34 @@ cdef class Engine:
             elif address.ss_family == AF_INET6:
                 inet_ntop(AF_INET6, &(<sockaddr_in6 *>&address).sin6_addr, ip, sizeof(ip))
             self.take_client(fd, ip, strlen(ip))
+
+    cdef void pause_accepting(self, int err):
+        """At max_clients, or out of files (err): the listeners are level-triggered, so they would wake
+        the loop for a failing accept4 at once, for ever. They leave the epoll set; connections wait in
+        the backlog until Python calls resume_accepting() (fastlb/l4.py's AcceptGate, shortly after)."""
+        cdef Listener *l = self.listeners
+        if self.accept_paused:
+            return
+        self.accept_paused = True
+        while l != NULL:
+            if not l.paused:
+                l.paused = 1
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, l.fd, NULL)
+            l = l.next
+        self.glue.accept_paused(err)
+
+    def resume_accepting(self):
+        """Listeners paused by pause_accepting() accept again (a failing accept pauses them again)."""
+        cdef Listener *l = self.listeners
+        cdef epoll_event ev
+        self.accept_paused = False
+        while l != NULL:
+            if l.paused:
+                l.paused = 0
+                ev.events = EPOLLIN | EPOLLEXCLUSIVE
+                ev.data.ptr = <void *>l
+                epoll_ctl(self.epfd, EPOLL_CTL_ADD, l.fd, &ev)
+            l = l.next
 
     cdef void take_client(self, int fd, const char *ip, Py_ssize_t ip_len):
         """A new client socket (the engine owns fd from now on)."""

@@ -20,7 +20,7 @@ import socket
 
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
-from fastlb.l4 import DETACHED
+from fastlb.l4 import ACCEPT_PAUSE, DETACHED
 from fastlb.pool import NoBackendError, QueueError
 
 log = logging.getLogger("fastlb")
@@ -75,6 +75,7 @@ class FastPath:
         self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
         self.adopting = 0                     # connections between the engine and the Python path
         self.observer = runtime.observer      # metrics (never an access log: see why_not)
+        self.gate = None                      # the worker's AcceptGate (fastlb/l4.py), set when it has one
         self.engine = Engine(self, self.loop, runtime.settings, self.route is None,
                              self.route.max_body_size if self.route is not None else 0,
                              KEY_KINDS[self.route.key_kind] if self.route is not None else 0,
@@ -125,6 +126,14 @@ class FastPath:
             return None
         self.pool_of[backend] = route.pool
         return backend, key
+
+    def accept_paused(self, error: int) -> None:
+        """The engine's listeners rest: at the client limit (error 0) or out of files. The worker's
+        AcceptGate resumes them."""
+        if self.gate is not None:
+            self.gate.paused(error)
+        else:
+            self.loop.call_later(ACCEPT_PAUSE, self.engine.resume_accepting)
 
     def pool_for(self, backend):
         return self.pool if self.pool is not None else self.pool_of[backend]

@@ -200,9 +200,10 @@ class HttpRuntime:
             if route.name != "default":
                 route.pool.close()          # the default pool is the worker's, closed by it
 
-    def serve_with_engine(self, bind, sock) -> bool:
+    def serve_with_engine(self, bind, sock, gate=None) -> bool:
         """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when);
-        False: the bind needs a uvloop server with `protocol_factory`."""
+        False: the bind needs a uvloop server with `protocol_factory`. gate: the worker's AcceptGate
+        (fastlb/l4.py), which the engine's listeners follow."""
         from fastlb.http import fast
         reason = fast.why_not(self, bind)
         if reason is not None:
@@ -210,6 +211,10 @@ class HttpRuntime:
             return False
         if self.fast is None:
             self.fast = fast.FastPath(self, bind)
+            if gate is not None:
+                self.fast.gate = gate
+                self.fast.engine.max_clients = gate.limit
+                gate.engines.append(self.fast.engine)
         self.fast.listen(sock)
         log.info("%s: HTTP engine c", bind.address)
         return True
@@ -233,6 +238,9 @@ class HttpRuntime:
             transport.resume_reading()
         idle = backend.idle
         if len(idle) >= self.settings.backend_max_idle:
+            if not idle:                            # backend_max_idle 0: none is kept
+                transport.close()
+                return
             idle.popleft().transport.close()        # the oldest one goes first
         upstream.idle_since = self.now
         idle.append(upstream)
