@@ -338,7 +338,7 @@ class Config:
         return self.replace(backends=pool.backends, pools=[], routes=[], default_pool=None,
                             algorithm=pool.algorithm or self.algorithm,
                             hash_key=pool.hash_key if pool.hash_key is not None else self.hash_key,
-                            **dict.fromkeys(DISCOVERY_SOURCES), **pool.settings)
+                            **{**dict.fromkeys(DISCOVERY_SOURCES), **pool.settings})
 
 
 @dataclass(frozen=True)

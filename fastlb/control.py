@@ -400,6 +400,7 @@ def _aggregate_pool(name: str, specs: dict[str, BackendSpec], admin_states: dict
             "address": address, "group": spec.group, "backup": spec.backup, "weight": spec.weight,
             "admin_state": admin_states.get(address, "up"), "state": "/".join(states),
             "source": sources.get(address, "config"),
+            "workers": len(backend_views),        # workers that have it (a change reached each)
             "inflight": sum(v["inflight"] for v in backend_views),
             "picks": sum(v["picks"] for v in backend_views),
             "failures": sum(v["failures"] for v in backend_views),
