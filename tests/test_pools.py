@@ -146,15 +146,17 @@ def test_a_named_pools_backend_killed_under_load_is_taken_out_by_its_check_and_c
 
 # ---- run-time changes in a named pool, in every worker -----------------------------------------------------
 
-def test_the_api_changes_a_named_pools_weight_and_drains_its_backend_in_two_workers(procs, tmp_path):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_the_api_changes_a_named_pools_weight_and_drains_its_backend_in_every_worker(procs, tmp_path, workers):
     _, port_d = backend(procs, "d")
     _, port_a = backend(procs, "a")
     _, port_b = backend(procs, "b")
     _, port_c = backend(procs, "c")
     a, b, c = (f"127.0.0.1:{p}" for p in (port_a, port_b, port_c))
     port, admin = free_port(), free_port()
-    config = write_config(tmp_path, port, admin, [port_d], API_POOL.format(backends=f'"{a}", "{b}"', settings=""))
-    fastlb = start(procs, config, port, admin)
+    config = write_config(tmp_path, port, admin, [port_d], API_POOL.format(backends=f'"{a}", "{b}"', settings=""),
+                          workers=workers)
+    fastlb = start(procs, config, port, admin, workers)
 
     def answers(n):
         names = [get(port, "/api/x") for _ in range(n)]
@@ -163,7 +165,7 @@ def test_the_api_changes_a_named_pools_weight_and_drains_its_backend_in_two_work
     # Weight, the pool named in one encoded path segment: every worker follows it.
     api(admin, "POST", f"/api/backends/api%2F{a}/weight", {"weight": 4})
     view = pool_view(admin, "api")
-    assert view[a]["weight"] == 4 and view[a]["workers"] == 2 and view[b]["weight"] == 1
+    assert view[a]["weight"] == 4 and view[a]["workers"] == workers and view[b]["weight"] == 1
     counts = answers(100)
     assert counts.get("a", 0) > 2.5 * counts.get("b", 0) > 0, counts
     assert metric(metrics(admin), "fastlb_backend_weight", pool="api", backend=a) == 4
@@ -182,7 +184,7 @@ def test_the_api_changes_a_named_pools_weight_and_drains_its_backend_in_two_work
     assert "b" in answers(40)
     # Added to and removed from the named pool, in every worker.
     api(admin, "POST", "/api/backends", {"address": f"api/{c}", "weight": 2}, expect=201)
-    wait_until(lambda: pool_view(admin, "api").get(c, {}).get("workers") == 2, what="c in both workers")
+    wait_until(lambda: pool_view(admin, "api").get(c, {}).get("workers") == workers, what="c in every worker")
     assert "c" in answers(40)
     api(admin, "DELETE", f"/api/backends/api%2F{c}")
     assert c not in pool_view(admin, "api")
@@ -191,7 +193,8 @@ def test_the_api_changes_a_named_pools_weight_and_drains_its_backend_in_two_work
     # A pool that does not exist: 404 naming the pools there are.
     status, body = request(admin, "POST", f"/api/backends/nope%2F{a}/weight", TOKEN, {"weight": 1})
     assert status == 404 and b"no pool 'nope'" in body and b"api" in body
-    wait_until(lambda: sum(f"backend {c} added" in line for line in fastlb.lines) == 2, what="c added twice")
+    wait_until(lambda: sum(f"backend {c} added" in line for line in fastlb.lines) == workers,
+               what="c added in each worker")
 
 
 # ---- recovery with no health setting ---------------------------------------------------------------------
@@ -246,3 +249,33 @@ def test_with_default_settings_a_restarted_backend_is_back_at_once(procs, tmp_pa
     print(f"\nrecovery {mode}{' pool ' + pool if pool else ''}: {recovery * 1000:.0f} ms after b listened again")
     assert [f for load in loads for f in load.failures] == []
     assert recovery < 3.0, recovery        # generous (a shared machine); the target is 1 s, see the report
+
+
+def test_the_controller_table_keeps_each_pools_changes_and_hands_them_to_new_workers():
+    from fastlb.control import BackendTable, ChangeError, spec_to_dict
+    api_pool = PoolSpec("api", [parse_backend("127.0.0.1:81"), parse_backend("127.0.0.1:82")])
+    other = PoolSpec("other", [parse_backend("127.0.0.1:91")])
+    config = Config(mode="http", backends=[parse_backend("127.0.0.1:80")], pools=[api_pool, other])
+    table = BackendTable(config)
+    change = table.validate({"op": "weight", "pool": "api", "address": "127.0.0.1:81", "weight": 5})
+    assert change == {"op": "weight", "address": "127.0.0.1:81", "weight": 5, "pool": "api"}
+    table.commit(change)
+    table.commit(table.validate({"op": "state", "pool": "api", "address": "127.0.0.1:82", "state": "drain"}))
+    table.commit(table.validate({"op": "add", "pool": "other", "spec": spec_to_dict(parse_backend("127.0.0.1:92"))}))
+    # "default" is the top level; an unknown pool or an address of another pool is refused.
+    assert "pool" not in table.validate({"op": "weight", "pool": "default", "address": "127.0.0.1:80", "weight": 2})
+    for bad, status in (({"pool": "nope", "address": "127.0.0.1:81"}, 404),
+                        ({"pool": "other", "address": "127.0.0.1:81"}, 404)):
+        with pytest.raises(ChangeError) as error:
+            table.validate({"op": "weight", "weight": 1, **bad})
+        assert error.value.status == status
+    # What a restarted worker starts from: every pool's current backends and operator states.
+    current = table.current_config()
+    assert [(b.address, b.weight) for b in current.pools[0].backends] == [("127.0.0.1:81", 5), ("127.0.0.1:82", 1)]
+    assert [b.address for b in current.pools[1].backends] == ["127.0.0.1:91", "127.0.0.1:92"]
+    assert table.runtime_admin() == {"api/127.0.0.1:82": "drain"}
+    # A new generation: the pool the file left alone keeps its changes, the changed one starts over.
+    changed = PoolSpec("other", [parse_backend("127.0.0.1:93")])
+    table.config = config.replace(pools=[api_pool, changed], log_level="debug")
+    assert table.named["api"].specs["127.0.0.1:81"].weight == 5
+    assert list(table.named["other"].specs) == ["127.0.0.1:93"]
