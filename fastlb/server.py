@@ -1113,13 +1113,14 @@ def _kill(pid: int, signum: int) -> None:
 
 def _describe(change: dict) -> str:
     op = change["op"]
+    pool = f"{change['pool']}/" if change.get("pool") else ""        # POOL/ADDR, as the API names it
     if op == "add":
-        return f"add {spec_from_dict(change['spec']).address}"
+        return f"add {pool}{spec_from_dict(change['spec']).address}"
     if op == "weight":
-        return f"weight {change['weight']} to {change['address']}"
+        return f"weight {change['weight']} to {pool}{change['address']}"
     if op == "state":
-        return f"state {change['state']} to {change['address']}"
-    return f"{op} {change.get('address', '')}"
+        return f"state {change['state']} to {pool}{change['address']}"
+    return f"{op} {pool}{change.get('address', '')}"
 
 
 def _max_fd() -> int:

@@ -292,5 +292,5 @@ path_prefix = "/api"
     assert [f for load in loads for f in load.failures] == [], (marks, [f for load in loads for f in load.failures])
     # Said once per watch (the top level's and the pool's), however many queries failed.
     assert fastlb.output.count("keeping its last backends") == 2
-    assert fastlb.output.count("answers again") == 2
+    wait_until(lambda: fastlb.output.count("answers again") == 2, what="both watches answered again")
     assert "pool api" in fastlb.wait_for_line(r"discovery \(consul, pool api\): add").group(0)

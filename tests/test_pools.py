@@ -279,3 +279,34 @@ def test_the_controller_table_keeps_each_pools_changes_and_hands_them_to_new_wor
     table.config = config.replace(pools=[api_pool, changed], log_level="debug")
     assert table.named["api"].specs["127.0.0.1:81"].weight == 5
     assert list(table.named["other"].specs) == ["127.0.0.1:93"]
+
+
+def test_a_named_pool_follows_its_own_backends_file_in_every_worker(procs, tmp_path):
+    _, port_d = backend(procs, "d")
+    _, port_a = backend(procs, "a")
+    _, port_b = backend(procs, "b")
+    a, b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
+    listing = tmp_path / "api-backends"
+    listing.write_text(f"{a}\n")
+    port, admin = free_port(), free_port()
+    config = write_config(tmp_path, port, admin, [port_d], API_POOL.replace("backend = [{backends}]\n", "").format(
+        settings=f'backends_file = "{listing}"'))
+    fastlb = start(procs, config, port, admin)
+
+    def listed():
+        view = pool_view(admin, "api")
+        return {address: b["source"] for address, b in view.items() if b["workers"] == 2}
+
+    wait_until(lambda: listed() == {a: "file"}, what="a from the pool's file")
+    assert set(pool_view(admin, "default")) == {f"127.0.0.1:{port_d}"}     # not the top level's
+    assert get(port, "/api/x") == "a"
+    listing.write_text(f"# moved\n{b},weight=3\n")
+    wait_until(lambda: listed() == {b: "file"}, what="a replaced by b")
+    assert pool_view(admin, "api")[b]["weight"] == 3
+    assert {get(port, "/api/x") for _ in range(6)} == {"b"}
+    # The file disappears: the pool keeps what it had, and the log says so once.
+    listing.unlink()
+    fastlb.wait_for_line(rf"cannot read {listing}: .*keeping its last backends")
+    assert {get(port, "/api/x") for _ in range(6)} == {"b"}
+    assert fastlb.output.count("keeping its last backends") == 1
+    fastlb.wait_for_line(r"discovery \(file, pool api\): add")
