@@ -310,3 +310,67 @@ def test_a_named_pool_follows_its_own_backends_file_in_every_worker(procs, tmp_p
     assert {get(port, "/api/x") for _ in range(6)} == {"b"}
     assert fastlb.output.count("keeping its last backends") == 1
     fastlb.wait_for_line(r"discovery \(file, pool api\): add")
+
+
+class ServFail:
+    """A DNS server on 127.0.0.1:port (UDP) that answers every query SERVFAIL, counting them."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.1)
+        self.queries = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                query, client = self.sock.recvfrom(512)
+            except OSError:
+                continue
+            self.queries += 1
+            self.sock.sendto(query[:2] + b"\x81\x82" + query[4:], client)     # QR, RD, RA; rcode 2
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_a_named_pool_follows_dns_and_says_once_when_the_server_fails(procs, tmp_path):
+    from procs import ensure_debian_tool
+    from test_ops import start_dnsmasq
+    dnsmasq = ensure_debian_tool("dnsmasq", "dnsmasq-base")
+    _, port_d = backend(procs, "d")
+    _, port_a = backend(procs, "a")
+    _, port_b = backend(procs, "b")
+    a, b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
+    dns_port = free_port()
+    dns = start_dnsmasq(procs, dnsmasq, tmp_path, dns_port, [port_a], 1)
+    port, admin = free_port(), free_port()
+    config = write_config(tmp_path, port, admin, [port_d], API_POOL.replace("backend = [{backends}]\n", "").format(
+        settings=f'backends_dns = "_echo._tcp.svc.test"\ndns_server = "127.0.0.1:{dns_port}"\n'
+                 f'dns_interval = "100ms"'))
+    fastlb = start(procs, config, port, admin)
+    wait_until(lambda: set(pool_view(admin, "api")) == {a}, what="a from DNS")
+    assert get(port, "/api/x") == "a"
+    # The server fails (SERVFAIL to every query) lookup after lookup: the pool keeps a, and the log
+    # says so once.
+    dns.kill()
+    mark = len(fastlb.lines)
+    failing = ServFail(dns_port)
+    try:
+        wait_until(lambda: failing.queries >= 5, what="five failed lookups")
+        assert set(pool_view(admin, "api")) == {a} and get(port, "/api/x") == "a"
+    finally:
+        failing.close()
+    assert sum("DNS lookup of _echo._tcp.svc.test" in line for line in fastlb.lines[mark:]) == 1
+    fastlb.wait_for_line(r"DNS lookup of _echo._tcp.svc.test .* failed: DNS error rcode 2", start=mark)
+    start_dnsmasq(procs, dnsmasq, tmp_path, dns_port, [port_b], 2)
+    wait_until(lambda: set(pool_view(admin, "api")) == {b}, what="b replacing a")
+    assert get(port, "/api/x") == "b"
+    fastlb.wait_for_line(r"DNS lookup of _echo._tcp.svc.test via .* works again", start=mark)
