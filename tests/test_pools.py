@@ -374,3 +374,41 @@ def test_a_named_pool_follows_dns_and_says_once_when_the_server_fails(procs, tmp
     wait_until(lambda: set(pool_view(admin, "api")) == {b}, what="b replacing a")
     assert get(port, "/api/x") == "b"
     fastlb.wait_for_line(r"DNS lookup of _echo._tcp.svc.test via .* works again", start=mark)
+
+
+def test_an_ejected_backend_is_probed_back_and_a_bad_responder_only_by_an_http_check():
+    import asyncio
+    import socket
+    from fastlb.health import CONNECT, RESPONSE
+    from fastlb.pool import BackendPool
+    from test_health_units import run_until
+    loop = asyncio.new_event_loop()
+    port = free_port()
+    specs = [parse_backend(f"127.0.0.1:{port}"), parse_backend("127.0.0.1:1"), parse_backend("127.0.0.1:2"),
+             parse_backend("127.0.0.1:3,check=http")]
+    pool = BackendPool(Config(backends=specs, outlier_failures=2, outlier_probe_interval=0.05,
+                              max_ejection_percent=100), loop, 100)
+    dead, bad, _, checked = pool.primaries
+    try:
+        for _ in range(2):
+            pool.health.record(dead, False, CONNECT, "connection refused")
+            pool.health.record(bad, False, RESPONSE, "status 500")
+            pool.health.record(checked, False, RESPONSE, "status 500")
+        assert dead.ejected and bad.ejected and checked.ejected
+        # Refused connects: probed with a connect. 5xx: a connect proves nothing, so only the backend
+        # with an http check is probed; the other waits out its 30 s.
+        assert set(pool.health.probes) == {dead, checked}
+        run_until(loop, lambda: isinstance(pool.health.probes.get(dead), asyncio.Task), timeout=2)
+        run_until(loop, lambda: isinstance(pool.health.probes.get(dead), asyncio.TimerHandle), timeout=2)
+        assert dead.ejected                               # nothing listens: still out
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
+            run_until(loop, lambda: not dead.ejected, timeout=5)
+        assert dead.state == "up" and dead not in pool.health.probes and dead.eject_handle is None
+        assert bad.ejected and bad.eject_handle is not None
+    finally:
+        pool.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+    assert pool.health.probes == {}
