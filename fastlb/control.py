@@ -102,17 +102,28 @@ class BackendTable:
     @config.setter
     def config(self, config: Config) -> None:
         """A new generation's config: a named pool the file left as it was keeps its table (run-time
-        changes, discovered backends); a new or changed one starts from the file."""
+        changes, discovered backends); a changed one starts from the file plus what was added at run
+        time."""
         old_pools = {p.name: p for p in self._config.pools}
         self._config = config
         named = {}
         for pool in config.pools:
             table = self.named.get(pool.name)
             if table is None or old_pools.get(pool.name) != pool:
-                table = BackendTable(config.pool_config(pool), pool.name)
+                table = BackendTable(config.pool_config(pool), pool.name).keeping_added(table)
             table._config = config.pool_config(pool)
             named[pool.name] = table
         self.named = named
+
+    def keeping_added(self, old: "BackendTable | None") -> "BackendTable":
+        """This table plus the backends the API and discovery had added to `old` (a pool's table before
+        its config changed): the file's own list is new, what was added at run time stays."""
+        for address, source in (old.sources.items() if old is not None else ()):
+            if source != "config" and address not in self.specs:
+                self.specs[address], self.sources[address] = old.specs[address], source
+                if address in old.admin_states:
+                    self.admin_states[address] = old.admin_states[address]
+        return self
 
     def of(self, pool: str | None) -> "BackendTable":
         """The table of a pool by name (None, "default" or an SNI group: the top level's)."""

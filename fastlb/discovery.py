@@ -35,6 +35,8 @@ from fastlb.control import ChangeError, spec_to_dict, with_pool
 
 log = logging.getLogger("fastlb")
 
+# A source's label in the controller's table (who added a backend) -> the setting that configures it.
+SOURCE_SETTINGS = {"file": "backends_file", "dns": "backends_dns", "consul": "consul_service"}
 FILE_POLL_INTERVAL = 1.0
 DNS_TIMEOUT = 2.0
 TYPE_A, TYPE_AAAA, TYPE_SRV = 1, 28, 33
@@ -47,6 +49,33 @@ class Discovery:
         self.controller = controller
         self.known: dict[tuple[str | None, str], dict[str, BackendSpec]] = {}   # (pool, source) -> address -> spec
         self.tasks: list[asyncio.Task] = []
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """After a reload: the backends sources added before are theirs again (so what a source no
+        longer lists goes), and a source the config no longer has keeps its backends, said once."""
+        table = self.controller.table
+        for pool, pool_table in [(None, table), *table.named.items()]:
+            for address, source in pool_table.sources.items():
+                if source in SOURCE_SETTINGS:
+                    self.known.setdefault((pool, source), {})[address] = pool_table.specs[address]
+        configured = {(pool, source) for pool, config in self.pool_configs(self.config)
+                      for source, setting in SOURCE_SETTINGS.items() if getattr(config, setting)}
+        for (pool, source), specs in self.known.items():
+            if (pool, source) not in configured:
+                log.warning("discovery: the %s source%s is no longer configured: its %d backend(s) stay "
+                            "(remove them through the API)", source, f" of pool {pool}" if pool else "",
+                            len(specs))
+
+    @classmethod
+    def restart(cls, old: "Discovery | None", loop, config: Config, controller) -> "Discovery":
+        """A new generation's sources (a reload): the old ones stop, the new ones start from what the
+        old ones added."""
+        if old is not None:
+            old.close()
+        discovery = cls(loop, config, controller)
+        discovery.start()
+        return discovery
 
     @staticmethod
     def pool_configs(config: Config) -> list[tuple[str | None, Config]]:

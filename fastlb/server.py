@@ -1012,6 +1012,7 @@ class Master:
         for handle in old:
             _kill(handle.pid, signal.SIGTERM)
         self.config = config
+        self.discovery = Discovery.restart(self.discovery, self.loop, config, self)
         self._close_unused_sockets(config)
         log.info("reload: %d new worker(s) running; %d old worker(s) draining", len(new_pids), len(old))
 

@@ -412,3 +412,38 @@ def test_an_ejected_backend_is_probed_back_and_a_bad_responder_only_by_an_http_c
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
     assert pool.health.probes == {}
+
+
+def test_a_source_dropped_by_a_reload_keeps_its_backends_and_says_so_once(procs, tmp_path):
+    _, port_d = backend(procs, "d")
+    _, port_a = backend(procs, "a")
+    _, port_b = backend(procs, "b")
+    a, b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
+    listing = tmp_path / "api-backends"
+    listing.write_text(f"{a}\n")
+    port, admin = free_port(), free_port()
+    pool_lines = API_POOL.replace("backend = [{backends}]\n", "")
+    config = write_config(tmp_path, port, admin, [port_d], pool_lines.format(settings=f'backends_file = "{listing}"'))
+    fastlb = start(procs, config, port, admin)
+    wait_until(lambda: set(pool_view(admin, "api")) == {a}, what="a from the pool's file")
+    # A reload that changes another setting of the pool: new workers; the source takes its backends
+    # back (nothing removed and added again) and still follows its file.
+    write_config(tmp_path, port, admin, [port_d], pool_lines.format(
+        settings=f'backends_file = "{listing}"\noutlier_failures = 3'))
+    assert "new workers" in api(admin, "POST", "/api/reload")["result"]
+    fastlb.wait_for_line(r"reload: 2 new worker\(s\) running")
+    listing.write_text(f"{a}\n{b}\n")
+    wait_until(lambda: set(pool_view(admin, "api")) == {a, b}, what="b from the file after the reload")
+    assert fastlb.output.count(f"discovery (file, pool api): add {a}") == 1
+    assert f"discovery (file, pool api): remove {a}" not in fastlb.output
+    listing.write_text(f"{a}\n")
+    wait_until(lambda: set(pool_view(admin, "api")) == {a}, what="b gone from the file")
+    # The pool now lists b itself and has no file: new workers, with a still in the pool.
+    write_config(tmp_path, port, admin, [port_d], API_POOL.format(backends=f'"{b}"', settings=""))
+    assert "new workers" in api(admin, "POST", "/api/reload")["result"]
+    wait_until(lambda: fastlb.output.count("new worker(s) running") == 2, what="the second reload")
+    fastlb.wait_for_line(r"the file source of pool api is no longer configured: its 1 backend\(s\) stay")
+    wait_until(lambda: {address: v["source"] for address, v in pool_view(admin, "api").items()
+                        if v["workers"] == 2} == {a: "file", b: "config"}, what="a kept beside b")
+    assert {get(port, "/api/x") for _ in range(8)} == {"a", "b"}
+    assert fastlb.output.count("is no longer configured") == 1
