@@ -274,11 +274,12 @@ def test_the_controller_table_keeps_each_pools_changes_and_hands_them_to_new_wor
     assert [(b.address, b.weight) for b in current.pools[0].backends] == [("127.0.0.1:81", 5), ("127.0.0.1:82", 1)]
     assert [b.address for b in current.pools[1].backends] == ["127.0.0.1:91", "127.0.0.1:92"]
     assert table.runtime_admin() == {"api/127.0.0.1:82": "drain"}
-    # A new generation: the pool the file left alone keeps its changes, the changed one starts over.
+    # A new generation: the pool the file left alone keeps its changes; the changed one starts from the
+    # file, keeping what the API added.
     changed = PoolSpec("other", [parse_backend("127.0.0.1:93")])
     table.config = config.replace(pools=[api_pool, changed], log_level="debug")
     assert table.named["api"].specs["127.0.0.1:81"].weight == 5
-    assert list(table.named["other"].specs) == ["127.0.0.1:93"]
+    assert table.named["other"].sources == {"127.0.0.1:93": "config", "127.0.0.1:92": "api"}
 
 
 def test_a_named_pool_follows_its_own_backends_file_in_every_worker(procs, tmp_path):
