@@ -41,7 +41,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fastlb.config import Config, ConfigError, read_token
-from fastlb.control import ChangeError, parse_spec, spec_to_dict
+from fastlb.control import ChangeError, parse_spec, spec_to_dict, split_pool, with_pool
 from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES
 
 log = logging.getLogger("fastlb")
@@ -177,23 +177,28 @@ class AdminServer:
             return 200, "application/json", _json({"certificates": view.get("certificates", [])})
         if parts == ["backends"]:
             _require(method, "POST")
-            _known_fields(data, ("address", "weight", "backup"))
+            _known_fields(data, ("address", "weight", "backup", "pool"))
             if "address" not in data:
                 raise HttpError(400, "missing 'address'")
             if not isinstance(data.get("backup", False), bool):
                 raise HttpError(400, f"backup: expected true or false (got {data['backup']!r})")
-            spec = parse_spec(str(data["address"]), data.get("weight"), data.get("backup", False))
-            change = self.controller.apply({"op": "add", "spec": spec_to_dict(spec), "source": "api"})
+            # The pool: "pool" in the body, or POOL/ADDR; none: the top-level pool.
+            pool, address = split_pool(str(data["address"]))
+            spec = parse_spec(address, data.get("weight"), data.get("backup", False))
+            change = self.controller.apply(with_pool({"op": "add", "spec": spec_to_dict(spec), "source": "api"},
+                                                     str(data["pool"]) if "pool" in data else pool))
             return 201, "application/json", _json({"result": "added", "change": change})
-        if len(parts) == 2 and parts[0] == "backends":
-            _require(method, "DELETE")
-            change = self.controller.apply({"op": "remove", "address": parts[1]})
-            return 200, "application/json", _json({"result": "removed", "change": change})
-        if len(parts) == 3 and parts[0] == "backends" and parts[2] in ("weight", "state"):
+        # /api/backends/ADDR or POOL/ADDR (the '/' encoded or not), then /weight or /state
+        op = parts[-1] if len(parts) >= 3 and parts[-1] in ("weight", "state") else None
+        if len(parts) >= 2 and parts[0] == "backends" and len(parts) - (op is not None) <= 3:
+            pool, address = split_pool("/".join(parts[1:-1] if op else parts[1:]))
+            if op is None:
+                _require(method, "DELETE")
+                change = self.controller.apply(with_pool({"op": "remove", "address": address}, pool))
+                return 200, "application/json", _json({"result": "removed", "change": change})
             _require(method, "POST")
-            op = parts[2]
             _known_fields(data, (op,))
-            change = self.controller.apply({"op": op, "address": parts[1], op: data.get(op)})
+            change = self.controller.apply(with_pool({"op": op, "address": address, op: data.get(op)}, pool))
             return 200, "application/json", _json({"result": "applied", "change": change})
         raise HttpError(404, f"no such path {path}")
 

@@ -202,6 +202,9 @@ def make_parser() -> argparse.ArgumentParser:
     health_field("outlier_ejection_time", "first ejection lasts this; the n-th n times as long "
                  "(default 30s)", "DURATION")
     health_field("outlier_max_ejection_time", "longest ejection (default 5m)", "DURATION")
+    health_field("outlier_probe_interval", "an ejected backend is probed this often (a connect, or its "
+                 "http check) and returns once it answers (default 250ms; 0: it waits out its ejection)",
+                 "DURATION")
     health_field("max_ejection_percent", "at most this share of a pool ejected at once, and never its "
                  "last available backend (default 50)", "PERCENT")
 
@@ -223,6 +226,14 @@ def make_parser() -> argparse.ArgumentParser:
               "re-resolved every --dns-interval", "NAME")
     ops_field("dns_interval", "DNS re-resolution interval (default 5s)", "DURATION")
     ops_field("dns_server", "DNS server for --backends-dns (default: /etc/resolv.conf's first)", "HOST:PORT")
+    ops_field("consul_service", "more backends from Consul: the passing instances of this service, "
+              "watched with blocking queries (a [[pool]] may name its own)", "NAME")
+    ops_field("consul", "the Consul agent (default http://127.0.0.1:8500; https:// for TLS)", "[SCHEME://]HOST:PORT")
+    ops_field("consul_datacenter", "Consul datacenter to ask (default: the agent's)", "DC")
+    ops_field("consul_tag", "only the instances carrying this tag", "TAG")
+    ops_field("consul_token_file", "file holding the Consul ACL token (sent as X-Consul-Token)", "FILE")
+    ops_field("consul_ca", "CA file verifying an https:// agent (default: the system CAs)", "FILE")
+    ops_field("consul_wait", "longest blocking query (default 60s)", "DURATION")
     return parser
 
 

@@ -45,6 +45,7 @@ Health checks, passive outlier detection and slow start (see fastlb/health.py):
     outlier_ejection_time = "30s"    # first ejection; the n-th lasts n times this ...
     outlier_max_ejection_time = "5m" # ... up to this
     max_ejection_percent = 50        # at most this share of a pool ejected at once (never all)
+    outlier_probe_interval = "250ms" # an ejected backend is probed this often, back once it answers; 0: off
 
 TLS (see fastlb/tls.py and fastlb/sni.py):
 
@@ -97,6 +98,12 @@ Operations (see fastlb/admin.py, fastlb/observe.py, fastlb/discovery.py):
     backends_dns = "_api._tcp.example"       # SRV, or "NAME:PORT" for A/AAAA; re-resolved every ...
     dns_interval = "5s"
     dns_server = "127.0.0.1:53"      # default: the first nameserver of /etc/resolv.conf
+    consul_service = "api"           # backends from Consul's passing instances of a service (fastlb/consul.py)
+    consul = "http://127.0.0.1:8500" # the agent; https://... for TLS (consul_ca: its CA file)
+    consul_datacenter = "dc1"        # and consul_tag, consul_token_file, consul_wait = "60s"
+
+Every [[pool]] may set the health, passive detection and discovery settings above for itself (see
+POOL_SETTING_FIELDS); what it does not set it takes from the top level, except a discovery source.
 
 `bind` and `backend` may also be arrays of strings in the flag syntax:
 `backend = ["10.0.0.1:80,weight=2", "10.0.0.2:80,backup,check-port=8081"]`.
@@ -201,6 +208,7 @@ class PoolSpec:
     max_body_size: int | None = None
     hsts: int | None = None            # Strict-Transport-Security max-age on TLS binds (None: the global)
     sticky: StickySpec | None = None
+    settings: dict[str, Any] = field(default_factory=dict)   # POOL_SETTING_FIELDS over the top level's
 
 
 @dataclass
@@ -287,6 +295,7 @@ class Config:
     outlier_ejection_time: float = 30.0
     outlier_max_ejection_time: float = 300.0
     max_ejection_percent: int = 50
+    outlier_probe_interval: float = 0.25   # an ejected backend is probed (fastlb/health.py); 0: not
     # Operations: admin bind, access log, service discovery
     admin: tuple[str, int] | None = None
     admin_token_file: str | None = None
@@ -296,6 +305,13 @@ class Config:
     backends_dns: str | None = None
     dns_interval: float = 5.0
     dns_server: tuple[str, int] | None = None
+    consul_service: str | None = None
+    consul: str = "http://127.0.0.1:8500"
+    consul_datacenter: str | None = None
+    consul_tag: str | None = None
+    consul_token_file: str | None = None
+    consul_ca: str | None = None
+    consul_wait: float = 60.0
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -303,7 +319,7 @@ class Config:
     @property
     def discovers_backends(self) -> bool:
         """A discovery source adds backends to the top-level pool at run time."""
-        return bool(self.backends_file or self.backends_dns)
+        return any(getattr(self, name) for name in DISCOVERY_SOURCES)
 
     @property
     def has_default_pool(self) -> bool:
@@ -316,6 +332,14 @@ class Config:
         values = {name: getattr(self, name) for name in HEALTH_FIELDS}
         values.update(spec.health)
         return HealthSettings(**values)
+
+    def pool_config(self, pool: PoolSpec) -> "Config":
+        """A named pool's own Config: its backends, algorithm and key, its POOL_SETTING_FIELDS over the
+        top level's, and none of the top level's discovery sources (those feed the top-level pool)."""
+        return self.replace(backends=pool.backends, pools=[], routes=[], default_pool=None,
+                            algorithm=pool.algorithm or self.algorithm,
+                            hash_key=pool.hash_key if pool.hash_key is not None else self.hash_key,
+                            **{**dict.fromkeys(DISCOVERY_SOURCES), **pool.settings})
 
 
 @dataclass(frozen=True)
@@ -787,6 +811,24 @@ def parse_path(value: Any) -> str:
     return value.strip()
 
 
+def parse_consul_address(value: Any) -> str:
+    """'HOST:PORT', 'http://HOST:PORT' or 'https://HOST:PORT' -> 'SCHEME://HOST:PORT'."""
+    text = value.strip() if isinstance(value, str) else ""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    if scheme not in ("http", "https") or not rest:
+        raise ValueError(f"expected HOST:PORT, http://HOST:PORT or https://HOST:PORT (got {value!r})")
+    return f"{scheme}://{format_address(*parse_address(rest.rstrip('/')))}"
+
+
+def parse_consul_name(value: Any) -> str:
+    """A Consul service name, datacenter or tag: letters, digits, '-', '_', '.'."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        raise ValueError(f"expected letters, digits, '-', '_', '.' (got {value!r})")
+    return value
+
+
 def parse_dns_name(value: Any) -> str:
     """'_service._proto.name' (SRV) or 'name:PORT' (A and AAAA)."""
     if not isinstance(value, str) or not value.strip():
@@ -966,6 +1008,14 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "backends_dns": parse_dns_name,
     "dns_interval": parse_positive_duration,
     "dns_server": parse_address,
+    "consul_service": parse_consul_name,
+    "consul": parse_consul_address,
+    "consul_datacenter": parse_consul_name,
+    "consul_tag": parse_consul_name,
+    "consul_token_file": parse_path,
+    "consul_ca": parse_file("CA"),
+    "consul_wait": parse_positive_duration,
+    "outlier_probe_interval": parse_duration,
     "http_request_timeout": parse_positive_duration,
     "keepalive_timeout": parse_positive_duration,
     "response_timeout": parse_positive_duration,
@@ -1078,6 +1128,13 @@ HEALTH_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 HTTP_CHECK_FIELDS = ("check_method", "check_path", "check_host", "check_expect", "check_body")
 FIELDS.update(HEALTH_FIELDS)
+# Discovery sources feed the pool they are set in; the settings after them say how to reach the source.
+DISCOVERY_SOURCES = ("backends_file", "backends_dns", "consul_service")
+POOL_SETTING_FIELDS = (*HEALTH_FIELDS, "outlier_failures", "outlier_ejection_time", "outlier_max_ejection_time",
+                       "max_ejection_percent", "outlier_probe_interval", *DISCOVERY_SOURCES, "dns_interval",
+                       "dns_server", "consul", "consul_datacenter", "consul_tag", "consul_token_file",
+                       "consul_ca", "consul_wait")
+POOL_TABLE_FIELDS.update((name, FIELDS[name]) for name in POOL_SETTING_FIELDS)
 
 def parse_file_list(what: str) -> Callable[[Any], list[str]]:
     def parse(value: Any) -> list[str]:
@@ -1257,10 +1314,12 @@ def _load_tables(locator: _Locator, key: str, value: Any, fail: Callable) -> lis
             except ValueError as exc:
                 raise fail(line, f"{where}.{item_key}", str(exc)) from None
         if name == "pool":
-            if "backend" not in parsed:
-                raise fail(locator.line_of(key, key, index), where, "missing required key 'backend'")
-            parsed["backends"] = parsed.pop("backend")
-            specs.append(PoolSpec(**parsed))
+            settings = {k: parsed.pop(k) for k in list(parsed) if k in POOL_SETTING_FIELDS}
+            if "backend" not in parsed and not any(k in settings for k in DISCOVERY_SOURCES):
+                raise fail(locator.line_of(key, key, index), where, "missing required key 'backend' (or a "
+                           f"discovery source: {', '.join(DISCOVERY_SOURCES)})")
+            parsed["backends"] = parsed.pop("backend", [])
+            specs.append(PoolSpec(**parsed, settings=settings))
         else:
             if len(parsed) == 1:
                 raise fail(locator.line_of(key, key, index), where,
@@ -1356,7 +1415,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
         raise ConfigError("no listening address: give --bind HOST:PORT (or [[bind]] in the config file)")
     if not config.backends and not config.pools and not config.discovers_backends:
         raise ConfigError("no backend: give --backend HOST:PORT (or [[backend]] in the config file), "
-                          "or a discovery source (--backends-file, --backends-dns)")
+                          "or a discovery source (--backends-file, --backends-dns, --consul-service)")
     worker_limit = MAX_WORKERS_PER_CPU * cpu_count()
     if config.workers > worker_limit and not config.allow_many_workers:
         raise ConfigError(f"{where('workers')}: {config.workers} workers is more than {MAX_WORKERS_PER_CPU} per "
@@ -1368,11 +1427,12 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
         if problem:
             raise ConfigError(f"{where('access_log')}: cannot write the access log {config.access_log}: "
                               f"{problem}")
-    if config.admin_token_file:
+    for name in ("admin_token_file", "consul_token_file"):
         try:
-            read_token(config.admin_token_file)
+            if getattr(config, name):
+                read_token(getattr(config, name))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{where('admin_token_file')}: {exc}") from None
+            raise ConfigError(f"{where(name)}: {exc}") from None
     stapled = [b for b in config.binds if any(c.ocsp for c in b.certificates)]
     if stapled and (config.mode != "tcp" or config.relay != "epoll" or any(b.ca for b in stapled)):
         raise ConfigError(f"{where('binds')}: ocsp= staples on TLS binds the relay terminates (mode tcp, "
@@ -1417,6 +1477,15 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
     _check_duplicates(config.backends, where("backends"))
     for pool in config.pools:
         _check_duplicates(pool.backends, f"{where('pools')}: pool {pool.name!r}")
+    for pool in config.pools:
+        place = f"{where('pools')}: pool {pool.name!r}"
+        _check_health(config.pool_config(pool), lambda name, place=place: f"{place}: {name}",
+                      explicit=set(pool.settings))
+        if "consul_token_file" in pool.settings:
+            try:
+                read_token(pool.settings["consul_token_file"])
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{place}: consul_token_file: {exc}") from None
     seen = set()
     for spec in config.binds:
         if (spec.host, spec.port) in seen:
@@ -1488,7 +1557,8 @@ def _check_pools(config: Config, where: Callable[[str], str]) -> None:
         if key and algorithm not in HASHING_ALGORITHMS:
             raise ConfigError(f"{where('pools')}: pool {pool.name!r}: hash key {key!r} needs a hashing "
                               f"algorithm ({', '.join(HASHING_ALGORITHMS)}); the algorithm is {algorithm!r}")
-        if not any(not b.backup for b in pool.backends):
+        if (pool.backends or not config.pool_config(pool).discovers_backends) and all(
+                b.backup for b in pool.backends):
             raise ConfigError(f"{where('pools')}: pool {pool.name!r}: every backend is a backup")
     for index, route in enumerate(config.routes, 1):
         if route.pool not in names:

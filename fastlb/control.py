@@ -10,16 +10,19 @@ worker over its channel (fastlb/channel.py):
     {"op": "remove", "address": "10.0.0.1:80"}
     {"op": "health", "address": "10.0.0.1:80", "up": true, "reason": "..."}   (master's checks)
 
+Any change may name a pool: `"pool": "api"` (the API's and `fastlb ctl`'s POOL/ADDR). Without one, or
+naming the top-level pool ("default", or in tcp mode an SNI group), it acts on the top-level backends.
+
 `BackendTable` is the authoritative list the controller keeps (the master's, or the single worker's):
 it validates a change before anyone applies it, so every worker gets only changes that apply cleanly.
-Changes act on the top-level backends (HTTP mode's pool "default"; in tcp mode every backend group SNI
-routes name, each its own pool in a worker: a change names a backend by address, an added one goes to
-its spec's group); HTTP mode's named pools are listed and counted (`aggregate`) but change only with the
-configuration (a reload starts new workers).
+The top-level backends are HTTP mode's pool "default" (in tcp mode every backend group SNI routes name,
+each its own pool in a worker: a change names a backend by address, an added one goes to its spec's
+group); each HTTP [[pool]] has a table of its own (`BackendTable.named`), changed the same ways.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import TYPE_CHECKING, Any
 
 from fastlb.config import BackendSpec, Config, parse_backend, parse_weight
@@ -65,17 +68,81 @@ def parse_spec(address: str, weight: Any = None, backup: bool = False) -> Backen
     return spec
 
 
-class BackendTable:
-    """The current backends, their weights and operator states, as the controller knows them."""
+def split_pool(text: str) -> tuple[str | None, str]:
+    """'POOL/ADDR[,options]' -> (POOL, 'ADDR[,options]'); a plain address -> (None, it). An address always
+    has a ':' before any '/' (a check-path=/x option), a pool name never has one."""
+    head, sep, rest = text.partition("/")
+    if sep and re.fullmatch(r"[A-Za-z0-9_.-]+", head):
+        return head, rest
+    return None, text
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+
+def with_pool(change: dict[str, Any], pool: str | None) -> dict[str, Any]:
+    return {**change, "pool": pool} if pool is not None else change
+
+
+class BackendTable:
+    """The current backends, their weights and operator states, as the controller knows them: the
+    top-level pool's, and in `named` a table for each HTTP [[pool]] (`pool`: its name)."""
+
+    def __init__(self, config: Config, pool: str | None = None) -> None:
+        self.pool = pool
+        self._config = config
         self.specs: dict[str, BackendSpec] = {s.address: dataclasses.replace(s) for s in config.backends}
         self.admin_states: dict[str, str] = {}          # address -> state, when not "up"
         self.sources: dict[str, str] = {a: "config" for a in self.specs}   # who added it
+        self.named: dict[str, BackendTable] = {}
+        if pool is None:
+            self.named = {p.name: BackendTable(config.pool_config(p), p.name) for p in config.pools}
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """A new generation's config: a named pool the file left as it was keeps its table (run-time
+        changes, discovered backends); a changed one starts from the file plus what was added at run
+        time."""
+        old_pools = {p.name: p for p in self._config.pools}
+        self._config = config
+        named = {}
+        for pool in config.pools:
+            table = self.named.get(pool.name)
+            if table is None or old_pools.get(pool.name) != pool:
+                table = BackendTable(config.pool_config(pool), pool.name).keeping_added(table)
+            table._config = config.pool_config(pool)
+            named[pool.name] = table
+        self.named = named
+
+    def keeping_added(self, old: "BackendTable | None") -> "BackendTable":
+        """This table plus the backends the API and discovery had added to `old` (a pool's table before
+        its config changed): the file's own list is new, what was added at run time stays."""
+        for address, source in (old.sources.items() if old is not None else ()):
+            if source != "config" and address not in self.specs:
+                self.specs[address], self.sources[address] = old.specs[address], source
+                if address in old.admin_states:
+                    self.admin_states[address] = old.admin_states[address]
+        return self
+
+    def of(self, pool: str | None) -> "BackendTable":
+        """The table of a pool by name (None, "default" or an SNI group: the top level's)."""
+        if pool is None or pool not in self.named:
+            if pool is not None and pool not in self.groups():
+                raise ChangeError(f"no pool {pool!r}; pools: {', '.join(sorted(self.groups() | set(self.named)))}",
+                                  404)
+            return self
+        return self.named[pool]
 
     def validate(self, change: dict[str, Any]) -> dict[str, Any]:
         """Checks and normalises a change; raises ChangeError."""
+        if self.pool is None and change.get("pool") is not None:
+            pool = change["pool"]
+            table = self.of(pool)
+            change = table.validate({k: v for k, v in change.items() if k != "pool"})
+            if table is not self:
+                change["pool"] = pool
+            return change
         op = change.get("op")
         if op == "add":
             if not self.config.has_default_pool:
@@ -105,7 +172,7 @@ class BackendTable:
                 raise ChangeError(f"state must be one of {', '.join(OPERATOR_STATES)}")
             return {"op": "state", "address": address, "state": state}
         if op == "remove":
-            if len(self.specs) == 1 and not (self.config.backends_file or self.config.backends_dns):
+            if len(self.specs) == 1 and not self.config.discovers_backends:
                 raise ChangeError(f"{address} is the last backend", 409)
             return {"op": "remove", "address": address}
         raise ChangeError(f"unknown change {op!r}")
@@ -119,6 +186,9 @@ class BackendTable:
 
     def commit(self, change: dict[str, Any]) -> None:
         """Records a validated change (after it was applied or sent)."""
+        if change.get("pool") in self.named:
+            self.named[change["pool"]].commit(change)
+            return
         op = change["op"]
         if op == "add":
             spec = spec_from_dict(change["spec"])
@@ -137,14 +207,45 @@ class BackendTable:
                 self.admin_states[change["address"]] = change["state"]
 
     def current_config(self) -> Config:
-        """The configuration a newly started worker gets: the current backends."""
-        return self.config.replace(backends=[dataclasses.replace(s) for s in self.specs.values()])
+        """The configuration a newly started worker gets: the current backends, in every pool."""
+        pools = [dataclasses.replace(p, backends=[dataclasses.replace(s) for s in self.named[p.name].specs.values()])
+                 for p in self.config.pools]
+        return self.config.replace(backends=[dataclasses.replace(s) for s in self.specs.values()], pools=pools)
+
+    def runtime_admin(self) -> dict[str, str]:
+        """Operator states not "up", keyed ADDR (top level) or POOL/ADDR: for a newly started worker."""
+        states = dict(self.admin_states)
+        for name, table in self.named.items():
+            states.update((f"{name}/{address}", state) for address, state in table.admin_states.items())
+        return states
 
 
-def apply_to_pools(pools: dict[str, "BackendPool"], change: dict[str, Any]) -> None:
-    """Applies a validated change to one worker's top-level pools (one per backend group): an added
-    backend joins its group's pool; any other change goes to the pool that holds the address (a health
-    verdict names backends by address, across groups)."""
+def apply_runtime(pools: dict[str, "BackendPool"], named: dict[str, "BackendPool"], runtime: dict) -> None:
+    """A new worker's start: the checks' verdicts and the operator states the controller has now
+    (`runtime`: "verdicts" and "admin", keyed ADDR or POOL/ADDR)."""
+    for kind in ("verdicts", "admin"):
+        for key, value in runtime.get(kind, {}).items():
+            name, _, address = key.rpartition("/")
+            for pool in ([named[name]] if name in named else [] if name else pools.values()):
+                backend = pool.by_address.get(address)
+                if backend is None:
+                    continue
+                if kind == "admin":
+                    pool.set_admin_state(address, value)
+                elif not value:
+                    pool.health.set_checked(backend, False, "down at start")
+
+
+def apply_to_pools(pools: dict[str, "BackendPool"], change: dict[str, Any],
+                   named: dict[str, "BackendPool"] | None = None) -> None:
+    """Applies a validated change to one worker's pools: one naming a [[pool]] to that pool (`named`);
+    otherwise to the top-level pools (one per backend group): an added backend joins its group's pool;
+    any other change goes to the pool that holds the address (a health verdict names backends by
+    address, across groups)."""
+    if change.get("pool") is not None:
+        if named and change["pool"] in named:
+            apply_to_pool(named[change["pool"]], change)
+        return
     if change["op"] == "add":
         apply_to_pool(pools.get(spec_from_dict(change["spec"]).group), change)
         return
@@ -265,17 +366,16 @@ def aggregate(table: BackendTable, snapshots: list[dict[str, Any]],
               retired: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Sums the workers' snapshots (and the counters of workers that exited) per pool and backend.
 
-    Pools: the top-level one ("default": the table's backends, which the API, reload and discovery
-    change), then HTTP mode's named pools ([[pool]], fixed by the configuration), in config order.
+    Pools: the top-level one ("default"), then HTTP mode's named pools ([[pool]]) in config order; the
+    API, reload and discovery change any of them.
     State: each worker's own (passive ejection is per worker); `state` is the common one, or the
     distinct ones joined by '/'. EWMA: the mean over workers that measured one."""
     config = table.config
     pools = []
     if config.has_default_pool:
         pools.append(("default", table.specs, table.admin_states, table.sources, config.algorithm))
-    for spec in config.pools:
-        pools.append((spec.name, {b.address: b for b in spec.backends}, {}, {},
-                      spec.algorithm or config.algorithm))
+    for name, named in table.named.items():
+        pools.append((name, named.specs, named.admin_states, named.sources, named.config.algorithm))
     by_pool: dict[str, list[dict[str, Any]]] = {}
     for snap in snapshots:
         for view in snap["pools"]:
@@ -311,6 +411,7 @@ def _aggregate_pool(name: str, specs: dict[str, BackendSpec], admin_states: dict
             "address": address, "group": spec.group, "backup": spec.backup, "weight": spec.weight,
             "admin_state": admin_states.get(address, "up"), "state": "/".join(states),
             "source": sources.get(address, "config"),
+            "workers": len(backend_views),        # workers that have it (a change reached each)
             "inflight": sum(v["inflight"] for v in backend_views),
             "picks": sum(v["picks"] for v in backend_views),
             "failures": sum(v["failures"] for v in backend_views),

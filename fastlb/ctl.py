@@ -4,6 +4,8 @@
     fastlb ctl ... set-weight ADDR N | drain ADDR | enable ADDR | disable ADDR
     fastlb ctl ... add ADDR [--weight N] [--backup] | remove ADDR | reload | certificates
 
+ADDR is HOST:PORT in the top-level pool, or POOL/HOST:PORT in a [[pool]] (e.g. `drain api/10.0.0.1:80`).
+
 Exit status: 0 done, 1 the API refused (its message on stderr), 2 usage or connection error.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ def make_parser() -> argparse.ArgumentParser:
                        ("remove", "remove a backend")):
         commands.add_parser(name, help=help).add_argument("address")
     add = commands.add_parser("add", help="add a backend")
-    add.add_argument("address", help="HOST:PORT, options as in --backend")
+    add.add_argument("address", help="[POOL/]HOST:PORT, options as in --backend")
     add.add_argument("--weight", type=int)
     add.add_argument("--backup", action="store_true")
     commands.add_parser("reload", help="re-read the config file and reload the TLS certificates (as SIGHUP)")

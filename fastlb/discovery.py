@@ -1,10 +1,14 @@
-"""Service discovery: backends from a watched file and from DNS, applied live through the controller.
+"""Service discovery: backends from a watched file, DNS and Consul, applied live through the controller.
+
+Every pool may have sources of its own: the top level's feed the top-level pool, a [[pool]]'s feed that
+pool (its changes name it: `"pool": NAME`).
 
 Each source produces the full set of backends it currently knows; `Discovery` compares it with what the
 source produced last time and applies the difference as add / remove / weight changes (the same changes
 as the admin API, so every worker gets them). A source owns only the backends it added: the config
 file's and the API's are never removed by it. A failed lookup or an unreadable file changes nothing
-(the last good set stays), so a DNS outage does not empty the pool.
+(the last good set stays), so a DNS outage does not empty the pool; a source that stops answering says
+so once in the log (and once when it answers again).
 
 - File (`backends_file`): one backend per line in the `--backend` syntax, `#` comments. Checked every
   FILE_POLL_INTERVAL seconds (its mtime, size and inode: an editor's rename-over counts), read on change.
@@ -12,6 +16,8 @@ file's and the API's are never removed by it. A failed lookup or an unreadable f
   priority are primaries, others backups) then the targets' A/AAAA; `NAME:PORT` asks A and AAAA.
   Re-resolved every `dns_interval`. A small stub resolver over UDP (RFC 1035), so the server and port
   can be any (`dns_server`, default /etc/resolv.conf's first nameserver).
+- Consul (`consul_service`): the service's passing instances, watched with blocking queries
+  (fastlb/consul.py).
 """
 from __future__ import annotations
 
@@ -24,10 +30,13 @@ import struct
 from typing import Any
 
 from fastlb.config import BackendSpec, Config, format_address, parse_backend
-from fastlb.control import ChangeError, spec_to_dict
+from fastlb.consul import ConsulWatch
+from fastlb.control import ChangeError, spec_to_dict, with_pool
 
 log = logging.getLogger("fastlb")
 
+# A source's label in the controller's table (who added a backend) -> the setting that configures it.
+SOURCE_SETTINGS = {"file": "backends_file", "dns": "backends_dns", "consul": "consul_service"}
 FILE_POLL_INTERVAL = 1.0
 DNS_TIMEOUT = 2.0
 TYPE_A, TYPE_AAAA, TYPE_SRV = 1, 28, 33
@@ -38,53 +47,93 @@ class Discovery:
         self.loop = loop
         self.config = config
         self.controller = controller
-        self.known: dict[str, dict[str, BackendSpec]] = {}     # source -> address -> spec
+        self.known: dict[tuple[str | None, str], dict[str, BackendSpec]] = {}   # (pool, source) -> address -> spec
         self.tasks: list[asyncio.Task] = []
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """After a reload: the backends sources added before are theirs again (so what a source no
+        longer lists goes), and a source the config no longer has keeps its backends, said once."""
+        table = self.controller.table
+        for pool, pool_table in [(None, table), *table.named.items()]:
+            for address, source in pool_table.sources.items():
+                if source in SOURCE_SETTINGS:
+                    self.known.setdefault((pool, source), {})[address] = pool_table.specs[address]
+        configured = {(pool, source) for pool, config in self.pool_configs(self.config)
+                      for source, setting in SOURCE_SETTINGS.items() if getattr(config, setting)}
+        for (pool, source), specs in self.known.items():
+            if (pool, source) not in configured:
+                log.warning("discovery: the %s source%s is no longer configured: its %d backend(s) stay "
+                            "(remove them through the API)", source, f" of pool {pool}" if pool else "",
+                            len(specs))
+
+    @classmethod
+    def restart(cls, old: "Discovery | None", loop, config: Config, controller) -> "Discovery":
+        """A new generation's sources (a reload): the old ones stop, the new ones start from what the
+        old ones added."""
+        if old is not None:
+            old.close()
+        discovery = cls(loop, config, controller)
+        discovery.start()
+        return discovery
+
+    @staticmethod
+    def pool_configs(config: Config) -> list[tuple[str | None, Config]]:
+        """(pool name, its Config) of every pool: None for the top level, then the [[pool]]s."""
+        return [(None, config), *((p.name, config.pool_config(p)) for p in config.pools)]
 
     @classmethod
     def from_config(cls, loop, config: Config, controller) -> "Discovery | None":
-        if not (config.backends_file or config.backends_dns):
+        if not any(c.discovers_backends for _, c in cls.pool_configs(config)):
             return None
         return cls(loop, config, controller)
 
     def start(self) -> None:
-        if self.config.backends_file:
-            self.tasks.append(self.loop.create_task(self._watch_file(self.config.backends_file)))
-        if self.config.backends_dns:
-            self.tasks.append(self.loop.create_task(self._watch_dns(self.config.backends_dns)))
+        for pool, config in self.pool_configs(self.config):
+            jobs = []
+            if config.backends_file:
+                jobs.append(self._watch_file(config.backends_file, pool))
+            if config.backends_dns:
+                jobs.append(self._watch_dns(config, pool))
+            if config.consul_service:
+                watch = ConsulWatch(config, lambda specs, pool=pool: self.update("consul", specs, pool),
+                                    f" (pool {pool})" if pool else "")
+                jobs.append(watch.run())
+            self.tasks += [self.loop.create_task(job) for job in jobs]
 
     def close(self) -> None:
         for task in self.tasks:
             task.cancel()
 
-    def update(self, source: str, specs: list[BackendSpec]) -> None:
-        """Applies the difference between what `source` reported last time and now."""
-        before = self.known.get(source, {})
+    def update(self, source: str, specs: list[BackendSpec], pool: str | None = None) -> None:
+        """Applies the difference between what `source` of `pool` reported last time and now."""
+        before = self.known.get((pool, source), {})
         after = {s.address: s for s in specs}
-        table = self.controller.table
+        table = self.controller.table.of(pool)
         for address in before.keys() - after.keys():
             if table.sources.get(address) == source:
-                self._apply({"op": "remove", "address": address}, source)
+                self._apply({"op": "remove", "address": address}, source, pool)
         for address, spec in after.items():
             if address not in before:
                 if address in table.specs:
                     continue                  # the config or the API has it: theirs
-                self._apply({"op": "add", "spec": spec_to_dict(spec), "source": source}, source)
+                self._apply({"op": "add", "spec": spec_to_dict(spec), "source": source}, source, pool)
             elif before[address].weight != spec.weight and table.sources.get(address) == source:
-                self._apply({"op": "weight", "address": address, "weight": spec.weight}, source)
-        self.known[source] = after
+                self._apply({"op": "weight", "address": address, "weight": spec.weight}, source, pool)
+        self.known[(pool, source)] = after
 
-    def _apply(self, change: dict, source: str) -> None:
+    def _apply(self, change: dict, source: str, pool: str | None) -> None:
+        where = f"{source}, pool {pool}" if pool else source
         try:
-            self.controller.apply(change)
-            log.info("discovery (%s): %s %s", source, change["op"],
+            self.controller.apply(with_pool(change, pool))
+            log.info("discovery (%s): %s %s", where, change["op"],
                      change.get("address") or f"{change['spec']['host']}:{change['spec']['port']}")
         except ChangeError as exc:
-            log.warning("discovery (%s): %s not applied: %s", source, change["op"], exc)
+            log.warning("discovery (%s): %s not applied: %s", where, change["op"], exc)
 
     # ---- file ------------------------------------------------------------------------------------
 
-    async def _watch_file(self, path: str) -> None:
+    async def _watch_file(self, path: str, pool: str | None) -> None:
         seen = None
         while True:
             try:
@@ -98,24 +147,31 @@ class Discovery:
             if stamp is not None and stamp != seen:
                 seen = stamp
                 try:
-                    self.update("file", read_backends_file(path))
+                    self.update("file", read_backends_file(path), pool)
                 except (OSError, ValueError) as exc:
                     log.error("discovery: %s (keeping its last backends)", exc)
             await asyncio.sleep(FILE_POLL_INTERVAL)
 
     # ---- DNS -------------------------------------------------------------------------------------
 
-    async def _watch_dns(self, name: str) -> None:
-        server = self.config.dns_server or system_nameserver()
+    async def _watch_dns(self, config: Config, pool: str | None) -> None:
+        name = config.backends_dns
+        server = config.dns_server or system_nameserver()
+        failing = False
         while True:
             try:
                 specs = await resolve_backends(self.loop, name, server)
             except (OSError, TimeoutError, ValueError) as exc:
-                log.warning("discovery: DNS lookup of %s via %s failed: %s (keeping its last backends)",
-                            name, format_address(*server), exc)
+                if not failing:           # said once per outage, not every interval
+                    log.warning("discovery: DNS lookup of %s via %s failed: %s (keeping its last backends)",
+                                name, format_address(*server), exc)
+                failing = True
             else:
-                self.update("dns", specs)
-            await asyncio.sleep(self.config.dns_interval)
+                if failing:
+                    log.info("discovery: DNS lookup of %s via %s works again", name, format_address(*server))
+                failing = False
+                self.update("dns", specs, pool)
+            await asyncio.sleep(config.dns_interval)
 
 
 def read_backends_file(path: str) -> list[BackendSpec]:

@@ -16,7 +16,11 @@ Three parts, all off the relay's data path (they run on timers and on failures, 
   flip naming the backend by address.
 
 Passive detection is per worker (each sees its own traffic, as Envoy's per-host detectors see theirs);
-active verdicts are global.
+active verdicts are global. An ejected backend is probed in the background every `outlier_probe_interval`
+(a connect, or its pool's http check) and returns as soon as it answers, so a backend that restarts is
+back within a probe interval instead of after the ejection time (which stays the longest it is out).
+
+Every pool has all of this: the top-level one and each HTTP [[pool]], whose targets carry its name.
 """
 from __future__ import annotations
 
@@ -85,23 +89,40 @@ class CheckTarget:
     host: str
     port: int                   # the check port, or the backend's
     settings: HealthSettings
+    pool: str | None = None     # a named [[pool]]'s name; None: the top-level pool
+
+    @property
+    def key(self) -> str:
+        """How verdicts name the backend: ADDR in the top-level pool, POOL/ADDR in a named one."""
+        return f"{self.pool}/{self.address}" if self.pool else self.address
+
+    def change(self, up: bool, reason: str) -> dict:
+        """The verdict as a change for the workers (fastlb/control.py)."""
+        change = {"op": "health", "address": self.address, "up": up, "reason": reason}
+        if self.pool:
+            change["pool"] = self.pool
+        return change
 
 
 def check_targets(config: Config, first_index: int = 0) -> list[CheckTarget]:
-    """The backends that have an active check (`check` not "none"), with where to check them."""
+    """The backends that have an active check (`check` not "none"), with where to check them: the
+    top-level pool's, then every named pool's (with that pool's settings)."""
     targets = []
-    for index, spec in enumerate(config.backends, first_index):
-        target = check_target(config, spec, index)
-        if target is not None:
-            targets.append(target)
+    index = first_index
+    for pool_name, pool_config in [(None, config), *((p.name, config.pool_config(p)) for p in config.pools)]:
+        for spec in pool_config.backends:
+            target = check_target(pool_config, spec, index, pool_name)
+            index += 1
+            if target is not None:
+                targets.append(target)
     return targets
 
 
-def check_target(config: Config, spec, index: int) -> CheckTarget | None:
+def check_target(config: Config, spec, index: int, pool: str | None = None) -> CheckTarget | None:
     settings = config.health_for(spec)
     if settings.check == "none":
         return None
-    return CheckTarget(index, spec.address, spec.host, settings.check_port or spec.port, settings)
+    return CheckTarget(index, spec.address, spec.host, settings.check_port or spec.port, settings, pool)
 
 
 async def probe_tcp(loop: asyncio.AbstractEventLoop, target: CheckTarget) -> str | None:
@@ -194,8 +215,9 @@ class HealthChecker:
 
     @property
     def verdicts(self) -> dict[str, bool]:
-        """address -> up, for every checked backend (what a newly started worker must know)."""
-        return {check.target.address: check.up for check in self.checks.values()}
+        """ADDR or POOL/ADDR (CheckTarget.key) -> up, for every checked backend (what a newly started
+        worker must know)."""
+        return {check.target.key: check.up for check in self.checks.values()}
 
     def add_target(self, target: CheckTarget, up: bool = False) -> None:
         """Starts checking a backend added at run time. It starts down (`up=False`): a new server takes
@@ -207,9 +229,9 @@ class HealthChecker:
         if not self.closed:
             check.handle = self.loop.call_soon(self._run, check)
 
-    def remove_target(self, address: str) -> None:
+    def remove_target(self, address: str, pool: str | None = None) -> None:
         for index, check in list(self.checks.items()):
-            if check.target.address == address:
+            if check.target.address == address and check.target.pool == pool:
                 for job in (check.handle, check.task):
                     if job is not None:
                         job.cancel()
@@ -300,8 +322,13 @@ class BackendHealth:
         self.ejection_time = config.outlier_ejection_time
         self.max_ejection_time = config.outlier_max_ejection_time
         self.max_ejection_percent = config.max_ejection_percent
+        self.probe_interval = config.outlier_probe_interval
+        self.probes: dict["Backend", asyncio.Task] = {}     # ejected backend -> its recovery probe
 
     def close(self) -> None:
+        for probe in self.probes.values():
+            probe.cancel()
+        self.probes.clear()
         for backend in self.pool.backends:
             for handle in (backend.eject_handle, backend.ramp_handle):
                 if handle is not None:
@@ -348,7 +375,7 @@ class BackendHealth:
             if streak == self.outlier_failures:      # said once per streak, not per failure
                 log.warning("backend %s not ejected after %s: %s", backend.address, reason, refusal)
             return
-        self._eject(backend, reason)
+        self._eject(backend, reason, kind)
 
     def _ejection_refusal(self, backend: "Backend") -> str | None:
         group = self.pool.group_of(backend)
@@ -361,7 +388,7 @@ class BackendHealth:
             return "it is the last available backend of its pool"
         return None
 
-    def _eject(self, backend: "Backend", reason: str) -> None:
+    def _eject(self, backend: "Backend", reason: str, kind: str = CONNECT) -> None:
         now = self.loop.time()
         if backend.returned_at and now - backend.returned_at > self.max_ejection_time:
             backend.ejections = 0          # well-behaved for a long time: start again from the base time
@@ -370,8 +397,48 @@ class BackendHealth:
         backend.ejected = True
         backend.eject_handle = self.loop.call_later(duration, self._ejection_over, backend)
         self._refresh(backend)
-        log.warning("backend %s ejected for %gs (ejection %d): %s", backend.address, duration,
-                    backend.ejections, reason)
+        # A connect proves a backend that refused connects is back; one that answered badly needs its
+        # http check to show it (without one it waits out the ejection).
+        probing = bool(self.probe_interval) and (kind == CONNECT or backend.health.check == "http")
+        log.warning("backend %s ejected for %gs (ejection %d): %s%s", backend.address, duration,
+                    backend.ejections, reason, f"; probed every {self.probe_interval:g}s" if probing else "")
+        if probing:
+            self._schedule_probe(backend)
+
+    # ---- recovery probes: an ejected backend returns as soon as it answers --------------------------
+
+    def _schedule_probe(self, backend: "Backend") -> None:
+        self.probes[backend] = self.loop.call_later(self.probe_interval, self._start_probe, backend)
+
+    def _start_probe(self, backend: "Backend") -> None:
+        if backend.removed or not backend.ejected:
+            self.probes.pop(backend, None)
+            return
+        self.probes[backend] = self.loop.create_task(self._probe(backend))
+
+    async def _probe(self, backend: "Backend") -> None:
+        """One probe of an ejected backend (its http check, or a connect): when it passes the ejection
+        ends (through slow start, when set), else the next one is scheduled."""
+        settings = backend.health
+        kind = "http" if settings.check == "http" else "tcp"
+        target = CheckTarget(-1, backend.address, backend.host, settings.check_port or backend.port, settings)
+        try:
+            async with asyncio.timeout(settings.check_timeout):
+                problem = await PROBES[kind](self.loop, target)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:           # any failure of the probe is a failed probe, never a crash
+            problem = describe_error(exc, settings.check_timeout)
+        if problem is not None:
+            self._schedule_probe(backend)
+            return
+        self.probes.pop(backend, None)
+        if backend.removed or not backend.ejected:
+            return
+        self._end_ejection(backend)
+        self._refresh(backend)
+        log.info("backend %s back from ejection: it answers again (%s probe)%s", backend.address, kind,
+                 "" if backend.checked_up else ", but its health checks still fail: stays down")
 
     def _ejection_over(self, backend: "Backend") -> None:
         backend.eject_handle = None
@@ -381,6 +448,9 @@ class BackendHealth:
                  "" if backend.checked_up else " (its health checks still fail: stays down)")
 
     def _end_ejection(self, backend: "Backend") -> None:
+        probe = self.probes.pop(backend, None)
+        if probe is not None:
+            probe.cancel()
         if backend.eject_handle is not None:
             backend.eject_handle.cancel()
             backend.eject_handle = None

@@ -526,8 +526,10 @@ class BackendPool:
 
     def response_done(self, backend: Backend, seconds: float, ok: bool, status: int, detail: str = "") -> None:
         """A request's response ended (or failed: `detail`, else its status says why): the core and passive
-        health hear the outcome, and the request's slot goes back."""
-        backend.balancer.on_response(backend.index, seconds, ok)
+        health hear the outcome, and the request's slot goes back (a backend removed meanwhile has no core
+        slot left to tell: its last requests end like any other)."""
+        if not backend.removed:
+            backend.balancer.on_response(backend.index, seconds, ok)
         if not ok:
             self.health.record(backend, False, RESPONSE, detail or f"status {status}")
         elif backend.bad_responses:

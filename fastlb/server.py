@@ -38,7 +38,7 @@ from fastlb.admin import AdminServer
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
 from fastlb.config import (RESERVED_FDS, SMALL_MAXCONN, Config, ConfigError,
                            connection_limits, open_files_limit)
-from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_changes, retire,
+from fastlb.control import (BackendTable, aggregate, apply_runtime, apply_to_pools, reload_changes, retire,
                             spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
@@ -160,16 +160,8 @@ class Worker:
         if config.admin or config.access_log:
             access_log = AccessLog(loop, config.access_log, config.access_log_format) if config.access_log else None
             self.observer = Observer(loop, access_log=access_log)
-        runtime = runtime or {}
         for pool in self.pools.values():
             pool.track_latency = config.admin is not None
-            for address, up in runtime.get("verdicts", {}).items():
-                backend = pool.by_address.get(address)
-                if backend is not None and not up:
-                    pool.health.set_checked(backend, False, "down at start")
-            for address, state in runtime.get("admin", {}).items():
-                if address in pool.by_address:
-                    pool.set_admin_state(address, state)
         # The master's channel, or our own controller (checks, admin bind, discovery).
         self.channel_sock = channel
         self.channel: LineChannel | None = None
@@ -201,6 +193,11 @@ class Worker:
         # (the open files left once each slot has its backend connection), or when out of files anyway.
         self.client_limit = client_limit(maxconn)
         self.accept_gate = AcceptGate(loop, self.client_limit, lambda: self.live, config.backlog)
+        # HTTP's [[pool]]s by name: changes and verdicts naming a pool go to them.
+        self.named_pools: dict[str, BackendPool] = {
+            route.name: route.pool for route in (self.http.router.pools.values() if self.http else ())
+            if route.pool is not self.pool}
+        apply_runtime(self.pools, self.named_pools, runtime or {})
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
@@ -310,7 +307,7 @@ class Worker:
         elif op == "certificates":
             self.reload_certificates()
         else:
-            apply_to_pools(self.pools, message)
+            apply_to_pools(self.pools, message, self.named_pools)
 
     # ---- TLS hooks (reload, /metrics and the admin API call these) ---------------------------------
 
@@ -434,14 +431,14 @@ class LocalController:
             self.checker.close()
 
     def _on_verdict(self, index: int, up: bool, reason: str) -> None:
-        address = self.checker.checks[index].target.address
-        apply_to_pools(self.worker.pools, {"op": "health", "address": address, "up": up, "reason": reason})
+        apply_to_pools(self.worker.pools, self.checker.checks[index].target.change(up, reason),
+                       self.worker.named_pools)
 
     def apply(self, change: dict) -> dict:
         change = self.table.validate(change)
-        apply_to_pools(self.worker.pools, change)
+        apply_to_pools(self.worker.pools, change, self.worker.named_pools)
         self.table.commit(change)
-        self.next_check_index = follow_checks(self.checker, self.table.config, change, self.next_check_index)
+        self.next_check_index = follow_checks(self.checker, self.table, change, self.next_check_index)
         return change
 
     async def snapshot(self) -> dict:
@@ -498,14 +495,16 @@ def describe_certificate_reload(server_tls: dict[int, ServerTLS], errors: list[s
     return f"TLS certificates: reloaded for {len(server_tls)} bind(s)"
 
 
-def follow_checks(checker: HealthChecker | None, config: Config, change: dict, next_index: int) -> int:
-    """Starts or stops the active checks of a backend added or removed at run time."""
+def follow_checks(checker: HealthChecker | None, table: BackendTable, change: dict, next_index: int) -> int:
+    """Starts or stops the active checks of a backend added or removed at run time (in any pool)."""
     if checker is None:
         return next_index
+    pool = change.get("pool")
     if change["op"] == "remove":
-        checker.remove_target(change["address"])
+        checker.remove_target(change["address"], pool)
     elif change["op"] == "add":
-        target = check_target(config, spec_from_dict(change["spec"]), next_index)
+        next_index = max(next_index, max(checker.checks, default=-1) + 1)
+        target = check_target(table.of(pool).config, spec_from_dict(change["spec"]), next_index, pool)
         if target is not None:
             checker.add_target(target, up=False)
             return next_index + 1
@@ -733,7 +732,7 @@ class Master:
         socks = self._slot_sockets(config, worker_id)
         channel, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         runtime = {"verdicts": self.checker.verdicts if self.checker is not None else {},
-                   "admin": dict(self.table.admin_states)}
+                   "admin": self.table.runtime_admin()}
         server_tls = self.server_tls
         # SIGHUP stays blocked in the child until its worker has a handler for it (run_worker): one sent
         # meanwhile (to the process group, say) waits instead of killing the worker.
@@ -819,8 +818,7 @@ class Master:
 
     def _on_verdict(self, index: int, up: bool, reason: str) -> None:
         """A health flip (the checker has logged it): every worker applies it."""
-        address = self.checker.checks[index].target.address
-        self._send_all({"op": "health", "address": address, "up": up, "reason": reason})
+        self._send_all(self.checker.checks[index].target.change(up, reason))
 
     # ---- the controller interface (admin API, discovery) -----------------------------------------
 
@@ -828,7 +826,7 @@ class Master:
         change = self.table.validate(change)
         self._send_all(change)
         self.table.commit(change)
-        self.next_check_index = follow_checks(self.checker, self.table.config, change, self.next_check_index)
+        self.next_check_index = follow_checks(self.checker, self.table, change, self.next_check_index)
         if change["op"] != "health":
             log.info("applied %s to %d worker(s)", _describe(change), len(self.workers))
         return change
@@ -1052,6 +1050,7 @@ class Master:
         for handle in old:
             _kill(handle.pid, signal.SIGTERM)
         self.config = config
+        self.discovery = Discovery.restart(self.discovery, self.loop, config, self)
         self._close_unused_sockets(config)
         log.info("reload: %d new worker(s) running; %d old worker(s) draining", len(new_pids), len(old))
 
@@ -1075,8 +1074,8 @@ class Master:
         self.next_check_index = len(targets)
         if self.checker is not None:
             for check in self.checker.checks.values():
-                if check.target.address in states:
-                    check.up = states[check.target.address]
+                if check.target.key in states:
+                    check.up = states[check.target.key]
                     check.fresh = False
             self.checker.start()
 
@@ -1159,13 +1158,14 @@ def _kill(pid: int, signum: int) -> None:
 
 def _describe(change: dict) -> str:
     op = change["op"]
+    pool = f"{change['pool']}/" if change.get("pool") else ""        # POOL/ADDR, as the API names it
     if op == "add":
-        return f"add {spec_from_dict(change['spec']).address}"
+        return f"add {pool}{spec_from_dict(change['spec']).address}"
     if op == "weight":
-        return f"weight {change['weight']} to {change['address']}"
+        return f"weight {change['weight']} to {pool}{change['address']}"
     if op == "state":
-        return f"state {change['state']} to {change['address']}"
-    return f"{op} {change.get('address', '')}"
+        return f"state {change['state']} to {pool}{change['address']}"
+    return f"{op} {pool}{change.get('address', '')}"
 
 
 def _max_fd() -> int:

@@ -124,9 +124,7 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
     pools: dict[str, RoutePool] = {}
     sticky_of = {spec.name: spec.sticky for spec in config.pools}
     for spec in config.pools:
-        pool_config = config.replace(backends=spec.backends, algorithm=spec.algorithm or config.algorithm,
-                                     hash_key=spec.hash_key if spec.hash_key is not None else
-                                     config.hash_key)
+        pool_config = config.pool_config(spec)     # its own health, passive detection, discovery
         pools[spec.name] = RoutePool(spec.name, BackendPool(pool_config, loop, maxconn),
                                      pool_config.hash_key,
                                      spec.max_body_size if spec.max_body_size is not None
