@@ -93,6 +93,7 @@ cdef struct Backend:
     Backend *next_idle
     Backend *prev_idle
     double idle_since
+    unsigned char reused   # it waited idle: closed before a byte of the next response, the keep-alive race
 
 
 cdef struct Client:
@@ -230,6 +231,7 @@ cdef class Engine:
     # Settings (HttpSettings), read once.
     cdef double http_request_timeout, keepalive_timeout, response_timeout, backend_idle_timeout
     cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length, max_body_size
+    cdef Py_ssize_t max_response_header_size
     cdef int key_kind
     cdef bint routed           # routing rules: Python routes each request (glue.select_routed)
     cdef object select_routed
@@ -282,6 +284,7 @@ cdef class Engine:
         self.backend_idle_timeout = settings.backend_idle_timeout
         self.max_idle = settings.backend_max_idle
         self.max_header_size = settings.max_header_size
+        self.max_response_header_size = settings.max_response_header_size
         self.max_headers = settings.max_headers
         self.max_uri_length = settings.max_uri_length
         self.max_body_size = max_body_size
@@ -512,7 +515,7 @@ cdef class Engine:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
             inflight = (self.backends[c.slot], b.fd,
                         PyBytes_FromStringAndSize(c.buf, c.req_len),
-                        PyBytes_FromStringAndSize(data, size), c.sent_at)
+                        PyBytes_FromStringAndSize(data, size), c.sent_at, bool(b.reused))
             self.free_backend(b)
             c.backend = NULL
             data = NULL
@@ -842,6 +845,7 @@ cdef class Engine:
         b.fd = fd
         b.client = NULL
         b.next_idle = b.prev_idle = NULL
+        b.reused = 0
         b.slot = self.slot_of(backend)
         if not self.watch(fd, b):
             self.close_backend(b)
@@ -897,7 +901,8 @@ cdef class Engine:
         n = recv(b.fd, self.scratch, SCRATCH, 0)
         if n < 0 and (errno == EAGAIN or errno == EINTR):
             return
-        if n <= 0 or n == SCRATCH or not scan_plain(<const unsigned char *>self.scratch, n, (), &found):
+        if (n <= 0 or n == SCRATCH or not scan_plain(<const unsigned char *>self.scratch, n, (), &found)
+                or found.body_start > self.max_response_header_size):
             # Closed, failed, or a response the engine does not forward itself: Python's from here.
             self.adopt(c, self.scratch, n if n > 0 else 0)
             return
@@ -1032,6 +1037,7 @@ cdef class Engine:
             self.close_backend(oldest)
         b.client = NULL
         b.idle_since = self.now
+        b.reused = 1
         b.prev_idle = NULL
         b.next_idle = self.idle[slot]
         if b.next_idle != NULL:

@@ -184,10 +184,11 @@ class FastPath:
                 client.pending_input = data
                 upstream = None
             else:
-                backend, backend_fd, request, response, sent_at = inflight
+                backend, backend_fd, request, response, sent_at, reused = inflight
                 backend_sock = socket.socket(fileno=backend_fd)
                 upstream = self.runtime.backend_factory()
                 upstream.pending_input = response
+                upstream.reused = reused
                 client.adopting = (upstream, backend, sent_at)   # CLOCK_MONOTONIC, as loop.time()
                 client.pending_input = request
             await loop.connect_accepted_socket(lambda: client, client_sock)
