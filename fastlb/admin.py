@@ -48,6 +48,10 @@ log = logging.getLogger("fastlb")
 
 MAX_HEAD = 16384
 MAX_BODY = 65536
+MAX_JSON_DEPTH = 4          # the bodies are flat objects: deeper nesting is refused before parsing
+# The fields each changing endpoint takes (its last path part): any other is refused, naming it.
+API_FIELDS = {"backends": ("address", "weight", "backup"), "weight": ("weight",), "state": ("state",),
+              "reload": ()}
 REQUEST_TIMEOUT = 10.0
 STATE_VALUES = {"up": 1, "drain": 0.5}      # fastlb_backend_up: 1 up, 0.5 draining, 0 down
 STATS_PAGE = Path(__file__).with_name("stats.html")
@@ -153,7 +157,9 @@ class AdminServer:
         if not path.startswith("/api/"):
             raise HttpError(404, f"no such path {path}")
         try:
-            answer = await self._api(method, path, _parse_body(body))
+            data = _parse_body(body)
+            _check_fields(path, data)
+            answer = await self._api(method, path, data)
         except ChangeError as exc:
             raise HttpError(exc.status, str(exc)) from None
         # Answer once every worker has applied the change: a client acting on the answer (sending
@@ -179,7 +185,11 @@ class AdminServer:
             _require(method, "POST")
             if "address" not in data:
                 raise HttpError(400, "missing 'address'")
-            spec = parse_spec(str(data["address"]), data.get("weight"), bool(data.get("backup", False)))
+            if not isinstance(data["address"], str):
+                raise HttpError(400, "address: expected a string such as \"10.0.0.1:80\"")
+            if not isinstance(data.get("backup", False), bool):
+                raise HttpError(400, "backup: expected true or false")
+            spec = parse_spec(data["address"], data.get("weight"), data.get("backup", False))
             change = self.controller.apply({"op": "add", "spec": spec_to_dict(spec), "source": "api"})
             return 201, "application/json", _json({"result": "added", "change": change})
         if len(parts) == 2 and parts[0] == "backends":
@@ -202,6 +212,9 @@ def _require(method: str, expected: str) -> None:
 def _parse_body(body: bytes) -> dict[str, Any]:
     if not body:
         return {}
+    depth = _json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise HttpError(400, f"body nested {depth} levels deep; at most {MAX_JSON_DEPTH}")
     try:
         data = json.loads(body)
     except ValueError:
@@ -209,6 +222,40 @@ def _parse_body(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise HttpError(400, "body must be a JSON object")
     return data
+
+
+def _json_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings do not count), so a
+    deeply nested body is refused before the parser recurses into it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:                      # backslash
+                escaped = True
+            elif byte == 0x22:                      # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):                  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):                  # ] }
+            depth -= 1
+    return deepest
+
+
+def _check_fields(path: str, data: dict[str, Any]) -> None:
+    """400 naming the first field the endpoint does not take (a typo must not pass silently)."""
+    known = API_FIELDS.get(path.rstrip("/").rsplit("/", 1)[-1])
+    if known is None:
+        return                                      # no body expected (DELETE, GET) or no such path: 404
+    for name in data:
+        if name not in known:
+            raise HttpError(400, f"unknown field {name!r}; this endpoint takes: "
+                                 f"{', '.join(known) or 'no fields'}")
 
 
 def _json(data: Any) -> bytes:
