@@ -290,6 +290,10 @@ class Worker:
                                          bytes.fromhex(message["id"]))
         elif op == "report":
             self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot()})
+        elif op == "sync":
+            # The changes before it are applied (the channel is ordered): no counters, so the answer
+            # costs the same with 10 backends or 10,000.
+            self.channel.send({"op": "synced", "id": message.get("id")})
         elif op == "certificates":
             self.reload_certificates()
         else:
@@ -765,8 +769,9 @@ class Master:
             self._wake()
         elif op == "stick":
             self._relay_stick(message)
-        elif op == "snapshot":
-            handle.snapshot = message["data"]
+        elif op in ("snapshot", "synced"):
+            if op == "snapshot":
+                handle.snapshot = message["data"]
             report = self.reports.get(message.get("id"))
             if report is not None:
                 future, waiting = report
@@ -810,8 +815,8 @@ class Master:
 
     async def sync(self) -> None:
         """Returns once every worker has applied the changes sent so far (or after a second): the channel
-        is ordered, so a worker answering a report sent after them has applied them."""
-        await self._collect()
+        is ordered, so a worker answering a sync sent after them has applied them."""
+        await self._collect("sync")
 
     async def snapshot(self) -> dict:
         """Asks every worker for its counters (waiting up to a second), then sums them."""
@@ -822,13 +827,15 @@ class Master:
         view["certificates"] = certificate_view(certificate_expiry(self.server_tls))
         return view
 
-    async def _collect(self) -> None:
+    async def _collect(self, op: str = "report") -> None:
+        """Sends `op` (report: a snapshot is wanted; sync: only the answer) to every worker and waits
+        for their answers, a second at most."""
         self.report_id += 1
         report_id = self.report_id
         future = self.loop.create_future()
         waiting = {pid for pid, h in self.workers.items() if h.channel is not None}
         self.reports[report_id] = (future, waiting)
-        self._send_all({"op": "report", "id": report_id})
+        self._send_all({"op": op, "id": report_id})
         try:
             if waiting:
                 await asyncio.wait_for(asyncio.shield(future), 1.0)
