@@ -37,7 +37,7 @@ import time
 from fastlb.admin import AdminServer
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
 from fastlb.config import Config, ConfigError, maxconn_capacity, open_files_limit
-from fastlb.control import (BackendTable, aggregate, apply_to_pools, reload_changes, retire,
+from fastlb.control import (BackendTable, aggregate, apply_to_pools, merge_snapshot, reload_changes, retire,
                             spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
@@ -162,6 +162,10 @@ class Worker:
         self.channel_sock = channel
         self.channel: LineChannel | None = None
         self.snapshot_handle: asyncio.TimerHandle | None = None
+        # What the master was last sent of each top-level backend, and the ones removed since: the next
+        # snapshot on the channel lists only what changed (observe.pool_snapshot, control.merge_snapshot).
+        self.sent: dict[str, tuple] = {}
+        self.removed: list[str] = []
         self.controller: LocalController | None = None
         if channel is None:
             self.controller = LocalController(self, reload_source)
@@ -261,12 +265,15 @@ class Worker:
         if self.http is not None:
             self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
-    def snapshot(self) -> dict:
+    def snapshot(self, changes_only: bool = False) -> dict:
         """This worker's pools, JSON-ready: the top-level one ("default", with the backends of every
-        SNI group: the table the controller keeps lists them all), then HTTP's named pools."""
+        SNI group: the table the controller keeps lists them all), then HTTP's named pools. changes_only:
+        for the master's channel, the top-level backends that changed since the last such snapshot and
+        the addresses removed since (control.merge_snapshot puts it together)."""
         pools = []
+        sent = self.sent if changes_only else None
         if self.pools:
-            views = [pool_snapshot("default", pool, self.observer) for pool in self.pools.values()]
+            views = [pool_snapshot("default", pool, self.observer, sent) for pool in self.pools.values()]
             merged = views[0]
             for view in views[1:]:
                 merged["active"] += view["active"]
@@ -277,6 +284,9 @@ class Worker:
             for route in self.http.router.pools.values():
                 if route.pool is not self.pool:
                     pools.append(pool_snapshot(route.name, route.pool, self.observer))
+        if changes_only:
+            removed, self.removed = self.removed, []
+            return {"pools": pools, "removed": removed}
         return {"pools": pools}
 
     def _relay_stick(self, namespace: bytes, key: bytes, ident: bytes) -> None:
@@ -289,7 +299,7 @@ class Worker:
                 self.store.learn_relayed(bytes.fromhex(message["ns"]), bytes.fromhex(message["key"]),
                                          bytes.fromhex(message["id"]))
         elif op == "report":
-            self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot()})
+            self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot(True)})
         elif op == "sync":
             # The changes before it are applied (the channel is ordered): no counters, so the answer
             # costs the same with 10 backends or 10,000.
@@ -298,6 +308,9 @@ class Worker:
             self.reload_certificates()
         else:
             apply_to_pools(self.pools, message)
+            if op == "remove":
+                self.removed.append(message["address"])
+                self.sent.pop(message["address"], None)
 
     # ---- TLS hooks (reload, /metrics and the admin API call these) ---------------------------------
 
@@ -319,7 +332,7 @@ class Worker:
     def _send_snapshot(self) -> None:
         self.snapshot_handle = None
         if self.channel is not None:
-            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot()})
+            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot(True)})
             self.snapshot_handle = self.loop.call_later(SNAPSHOT_INTERVAL, self._send_snapshot)
 
     def _sweep(self) -> None:
@@ -373,7 +386,7 @@ class Worker:
             self.snapshot_handle.cancel()
         if self.channel is not None:
             # The last counters, so the master's totals keep this worker's traffic after it exits.
-            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot(), "final": True})
+            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot(True), "final": True})
             await asyncio.sleep(0)
             if self.channel.transport is not None:
                 self.channel.transport.close()
@@ -431,7 +444,7 @@ class LocalController:
         return change
 
     async def snapshot(self) -> dict:
-        view = aggregate(self.table, [self.worker.snapshot()], {})
+        view = aggregate(self.table, [merge_snapshot(None, self.worker.snapshot())], {})
         view["certificates"] = certificate_view(self.worker.certificate_expiry())
         return view
 
@@ -771,7 +784,7 @@ class Master:
             self._relay_stick(message)
         elif op in ("snapshot", "synced"):
             if op == "snapshot":
-                handle.snapshot = message["data"]
+                handle.snapshot = merge_snapshot(handle.snapshot, message["data"])
             report = self.reports.get(message.get("id"))
             if report is not None:
                 future, waiting = report
