@@ -32,6 +32,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ class AdminServer:
         self.server: asyncio.AbstractServer | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = MetricsCollector()
+        self.exposition_lock = threading.Lock()
         self.registry.register(self.collector)
 
     async def start(self) -> None:
@@ -137,6 +139,11 @@ class AdminServer:
         body = await reader.readexactly(int(length)) if int(length) else b""
         return await self._route(method, path, body)
 
+    def _exposition(self, view: dict[str, Any]) -> bytes:
+        with self.exposition_lock:                 # one scrape at a time owns the collector's view
+            self.collector.view = view
+            return generate_latest(self.registry)
+
     def _authorize(self, authorization: str) -> None:
         scheme, _, presented = authorization.partition(" ")
         # compare_digest takes time independent of where the strings differ.
@@ -148,8 +155,10 @@ class AdminServer:
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", b"ok\n"
         if path == "/metrics":
-            self.collector.view = await self.controller.snapshot()
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            view = await self.controller.snapshot()
+            # Tens of MB with thousands of backends: formatted in a thread, so the event loop (health
+            # checks, changes, the workers' channels) keeps its turns meanwhile.
+            return 200, CONTENT_TYPE_LATEST, await self.loop.run_in_executor(None, self._exposition, view)
         if path == "/stats":
             return 200, "text/html; charset=utf-8", STATS_PAGE.read_bytes()
         if path in ("/stats.json", "/api/backends") and method == "GET":
