@@ -55,3 +55,65 @@ def test_two_thousand_backends_added_through_the_api_are_listed_and_served(procs
     counted = wait_until(lambda: sum(b["requests"] for b in api(admin, "GET", "/api/backends")["pools"][0]
                                      ["backends"]) >= ADDED + 1 or None, what="requests counted")
     assert counted
+
+
+def test_backend_metrics_text_is_what_prometheus_client_writes():
+    """exposition_text writes the per-backend families itself (for speed): the same bytes as
+    prometheus-client's own rendering of those families, label escaping included."""
+    from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily)
+    from prometheus_client.exposition import generate_latest
+
+    from fastlb import admin
+    from fastlb.control import _latency, empty_traffic
+    from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES
+
+    pools = []
+    for name in ("default", 'odd"pool\\name'):
+        backends = []
+        for i in range(30):
+            traffic = empty_traffic()
+            backends.append({
+                "address": f"10.0.0.{i}:80", "state": ("up", "drain", "down", "up/down")[i % 4],
+                "weight": i % 7, "inflight": i % 3, "connections": i, "requests": 2 * i, "bytes_in": 3 * i,
+                "bytes_out": 10 ** 12 + i, "connect_errors": i % 5, "retries": 1,
+                "responses": dict(zip(STATUS_CLASSES, (0, i, 2, 3, 4))),
+                "connect_time": _latency([[j * i for j in range(len(LATENCY_BUCKETS) + 1)], 0.5 * i]),
+                "response_time": _latency([[1] * (len(LATENCY_BUCKETS) + 1), 1e-7 * i]),
+                "traffic": traffic})
+        pools.append({"name": name, "backends": backends})
+
+    class Reference:
+        def collect(self):
+            labels = ["pool", "backend"]
+            for key, metric, help in admin.BACKEND_COUNTERS:
+                family = CounterMetricFamily(metric, help, labels=labels + (["code"] if key == "responses" else []))
+                for pool in pools:
+                    for b in pool["backends"]:
+                        if key == "responses":
+                            for code, count in b["responses"].items():
+                                family.add_metric([pool["name"], b["address"], code], count)
+                        else:
+                            family.add_metric([pool["name"], b["address"]], b[key])
+                yield family
+            for key, metric, help in admin.BACKEND_GAUGES:
+                family = GaugeMetricFamily(metric, help, labels=labels)
+                for pool in pools:
+                    for b in pool["backends"]:
+                        value = admin.STATE_VALUES.get(b["state"], 0) if key == "up" else b[key]
+                        family.add_metric([pool["name"], b["address"]], value)
+                yield family
+            for key, metric, help in admin.BACKEND_HISTOGRAMS:
+                family = HistogramMetricFamily(metric, help, labels=labels)
+                for pool in pools:
+                    for b in pool["backends"]:
+                        counts, total, buckets = b[key]["buckets"], 0, []
+                        for bound, count in zip(admin.BUCKET_LABELS, counts):
+                            total += count
+                            buckets.append((bound, total))
+                        family.add_metric([pool["name"], b["address"]], buckets, b[key]["sum"])
+                yield family
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Reference())
+    assert admin.exposition_text(pools).encode() == generate_latest(registry)
