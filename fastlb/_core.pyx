@@ -297,7 +297,11 @@ cdef class Balancer:
 
     def add(self, addr, weight=1):
         cdef int32_t i = self._append(addr, weight)
-        self._rebuild()
+        if self.algo == ALGO_KETAMA:
+            # The newest index: its points merge into the ring as a rebuild would place them.
+            ring_add_server(&self.ring, self.ketama_bases[i], KETAMA_POINTS_PER_WEIGHT * self.weight[i], i)
+        else:
+            self._rebuild()
         return i
 
     def remove(self, Py_ssize_t i):

@@ -33,7 +33,8 @@ class LineChannel(asyncio.Protocol):
         self.on_message = on_message
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
+        self.pieces: list[bytes] = []     # a line's start, in the reads it came in (joined once, at its end)
+        self.held = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -43,13 +44,24 @@ class LineChannel(asyncio.Protocol):
             self.transport.write(encode(message))
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
         if b"\n" not in data:
-            if len(self.buffer) > MAX_LINE:
+            # A long line (a snapshot of thousands of backends) comes in many reads: kept as pieces, so
+            # it costs one copy, not one per read.
+            self.pieces.append(data)
+            self.held += len(data)
+            if self.held > MAX_LINE:
                 log.error("channel message over %d bytes: closing the channel", MAX_LINE)
                 self.transport.close()
             return
-        *lines, self.buffer = self.buffer.split(b"\n")
+        if self.pieces:
+            self.pieces.append(data)
+            data = b"".join(self.pieces)
+            self.pieces = []
+            self.held = 0
+        *lines, rest = data.split(b"\n")
+        if rest:
+            self.pieces.append(rest)
+            self.held = len(rest)
         for line in lines:
             try:
                 message = json.loads(line)

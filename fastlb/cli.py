@@ -133,6 +133,8 @@ def make_parser() -> argparse.ArgumentParser:
     http_field("backend_max_idle", "idle keep-alive connections kept per backend, per worker "
                "(default 1000)", "N")
     http_field("max_header_size", "request header bytes; more: 431 (default 16k)", "SIZE")
+    http_field("max_response_header_size", "a backend's response head bytes; more: 502 and the backend "
+               "connection closed (default 64k)", "SIZE")
     http_field("max_headers", "request header fields; more: 431 (default 100)", "N")
     http_field("max_uri_length", "request target bytes; more: 414 (default 8k)", "SIZE")
     http_field("max_body_size", "request body bytes; more: 413 (default 0 = no limit)", "SIZE")

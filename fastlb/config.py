@@ -253,6 +253,7 @@ class Config:
     backend_idle_timeout: float = 10.0     # idle keep-alive connection to a backend
     backend_max_idle: int = 1000           # idle keep-alive connections kept per backend, per worker
     max_header_size: int = 16384           # bytes of request header fields
+    max_response_header_size: int = 65536  # bytes of a backend's response head; more: 502
     max_headers: int = 100
     max_uri_length: int = 8192
     max_body_size: int = 0                 # bytes; 0: no limit (per pool: [[pool]] max_body_size)
@@ -1023,6 +1024,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "backend_idle_timeout": parse_positive_duration,
     "backend_max_idle": parse_int(0),
     "max_header_size": parse_size,
+    "max_response_header_size": parse_size,
     "max_headers": parse_int(1),
     "max_uri_length": parse_size,
     "max_body_size": parse_size,

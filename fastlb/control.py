@@ -395,7 +395,7 @@ def _aggregate_pool(name: str, specs: dict[str, BackendSpec], admin_states: dict
         pool["active"] += view["active"]
         pool["queued"] += view["queued"]
         pool["refused"] += view["refused"]
-    by_worker = [{b["address"]: b for b in view["backends"]} for view in views]
+    by_worker = [view["backends"] for view in views]         # (merge_snapshot's: by address)
     retired_backends = retired.get("backends", {})
     backends = []
     for address, spec in specs.items():
@@ -427,12 +427,31 @@ def _aggregate_pool(name: str, specs: dict[str, BackendSpec], admin_states: dict
     return pool
 
 
+def merge_snapshot(held: dict[str, Any] | None, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Folds a worker's snapshot into what the master holds of it: pools by name, each with its backends
+    by address. A worker lists only the backends that changed since its last snapshot (`pool_snapshot`)
+    and the addresses removed since (`removed`), so the rest is kept from before."""
+    held = held if held is not None else {"pools": []}
+    pools = {view["pool"]: view for view in held["pools"]}
+    for address in snapshot.get("removed", ()):        # first: an address removed and added again is listed
+        for view in pools.values():
+            view["backends"].pop(address, None)
+    for view in snapshot["pools"]:
+        old = pools.get(view["pool"])
+        backends = old["backends"] if old is not None else {}
+        for backend in view["backends"]:
+            backends[backend["address"]] = backend
+        pools[view["pool"]] = {**view, "backends": backends}
+    held["pools"] = list(pools.values())
+    return held
+
+
 def retire(retired: dict[str, dict[str, Any]], snapshot: dict[str, Any]) -> None:
-    """Folds the last snapshot of a worker that exited into `retired` (pool name -> refused and
-    per-backend counters), so totals never go backwards."""
+    """Folds the last snapshot of a worker that exited (merge_snapshot's form) into `retired` (pool name
+    -> refused and per-backend counters), so totals never go backwards."""
     for view in snapshot["pools"]:
         pool = retired.setdefault(view["pool"], {"refused": 0, "backends": {}})
         pool["refused"] += view["refused"]
-        for backend in view["backends"]:
+        for backend in view["backends"].values():
             total = pool["backends"].setdefault(backend["address"], empty_traffic())
             _add_traffic(total, backend["traffic"])

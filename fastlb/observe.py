@@ -313,10 +313,21 @@ class Observer:
             self.access_log.close()
 
 
-def pool_snapshot(name: str, pool: "BackendPool", observer: Observer | None) -> dict[str, Any]:
-    """One worker's view of one pool, JSON-ready: what the admin side aggregates over workers."""
+def pool_snapshot(name: str, pool: "BackendPool", observer: Observer | None,
+                  sent: dict[str, tuple] | None = None) -> dict[str, Any]:
+    """One worker's view of one pool, JSON-ready: what the admin side aggregates over workers.
+    sent (address -> what was last sent of it): only the backends that changed since are listed, so a
+    snapshot of thousands of idle backends costs a pass over them, not their encoding and decoding."""
     backends = []
     for backend in pool.backends:
+        if sent is not None:
+            traffic = backend.traffic
+            mark = (traffic.connections, traffic.requests, traffic.connect_errors, traffic.bytes_in,
+                    traffic.bytes_out, backend.inflight, backend.state, backend.admin_state,
+                    backend.checked_up, backend.ejected, backend.full_weight, backend.is_backup)
+            if sent.get(backend.address) == mark:
+                continue
+            sent[backend.address] = mark
         core = backend.balancer.stats(backend.index)
         backends.append({
             "address": backend.address, "backup": backend.is_backup, "state": backend.state,

@@ -38,8 +38,8 @@ from fastlb.admin import AdminServer
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
 from fastlb.config import (RESERVED_FDS, SMALL_MAXCONN, Config, ConfigError,
                            connection_limits, open_files_limit)
-from fastlb.control import (BackendTable, aggregate, apply_runtime, apply_to_pools, reload_changes, retire,
-                            spec_from_dict)
+from fastlb.control import (BackendTable, aggregate, apply_runtime, apply_to_pools, merge_snapshot,
+                            reload_changes, retire, spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
 from fastlb.l4 import AcceptGate, EpollRelay, Listener
@@ -166,6 +166,10 @@ class Worker:
         self.channel_sock = channel
         self.channel: LineChannel | None = None
         self.snapshot_handle: asyncio.TimerHandle | None = None
+        # What the master was last sent of each top-level backend, and the ones removed since: the next
+        # snapshot on the channel lists only what changed (observe.pool_snapshot, control.merge_snapshot).
+        self.sent: dict[str, tuple] = {}
+        self.removed: list[str] = []
         self.controller: LocalController | None = None
         if channel is None:
             self.controller = LocalController(self, reload_source)
@@ -275,12 +279,15 @@ class Worker:
         if self.http is not None:
             self.http.start()     # HTTP timeouts and idle backend connections: one sweep of its own
 
-    def snapshot(self) -> dict:
+    def snapshot(self, changes_only: bool = False) -> dict:
         """This worker's pools, JSON-ready: the top-level one ("default", with the backends of every
-        SNI group: the table the controller keeps lists them all), then HTTP's named pools."""
+        SNI group: the table the controller keeps lists them all), then HTTP's named pools. changes_only:
+        for the master's channel, the top-level backends that changed since the last such snapshot and
+        the addresses removed since (control.merge_snapshot puts it together)."""
         pools = []
+        sent = self.sent if changes_only else None
         if self.pools:
-            views = [pool_snapshot("default", pool, self.observer) for pool in self.pools.values()]
+            views = [pool_snapshot("default", pool, self.observer, sent) for pool in self.pools.values()]
             merged = views[0]
             for view in views[1:]:
                 merged["active"] += view["active"]
@@ -291,6 +298,9 @@ class Worker:
             for route in self.http.router.pools.values():
                 if route.pool is not self.pool:
                     pools.append(pool_snapshot(route.name, route.pool, self.observer))
+        if changes_only:
+            removed, self.removed = self.removed, []
+            return {"pools": pools, "removed": removed}
         return {"pools": pools}
 
     def _relay_stick(self, namespace: bytes, key: bytes, ident: bytes) -> None:
@@ -303,11 +313,18 @@ class Worker:
                 self.store.learn_relayed(bytes.fromhex(message["ns"]), bytes.fromhex(message["key"]),
                                          bytes.fromhex(message["id"]))
         elif op == "report":
-            self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot()})
+            self.channel.send({"op": "snapshot", "id": message.get("id"), "data": self.snapshot(True)})
+        elif op == "sync":
+            # The changes before it are applied (the channel is ordered): no counters, so the answer
+            # costs the same with 10 backends or 10,000.
+            self.channel.send({"op": "synced", "id": message.get("id")})
         elif op == "certificates":
             self.reload_certificates()
         else:
             apply_to_pools(self.pools, message, self.named_pools)
+            if op == "remove":
+                self.removed.append(message["address"])
+                self.sent.pop(message["address"], None)
 
     # ---- TLS hooks (reload, /metrics and the admin API call these) ---------------------------------
 
@@ -329,7 +346,7 @@ class Worker:
     def _send_snapshot(self) -> None:
         self.snapshot_handle = None
         if self.channel is not None:
-            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot()})
+            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot(True)})
             self.snapshot_handle = self.loop.call_later(SNAPSHOT_INTERVAL, self._send_snapshot)
 
     def _sweep(self) -> None:
@@ -384,7 +401,7 @@ class Worker:
             self.snapshot_handle.cancel()
         if self.channel is not None:
             # The last counters, so the master's totals keep this worker's traffic after it exits.
-            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot(), "final": True})
+            self.channel.send({"op": "snapshot", "id": None, "data": self.snapshot(True), "final": True})
             await asyncio.sleep(0)
             if self.channel.transport is not None:
                 self.channel.transport.close()
@@ -442,7 +459,7 @@ class LocalController:
         return change
 
     async def snapshot(self) -> dict:
-        view = aggregate(self.table, [self.worker.snapshot()], {})
+        view = aggregate(self.table, [merge_snapshot(None, self.worker.snapshot())], {})
         view["certificates"] = certificate_view(self.worker.certificate_expiry())
         return view
 
@@ -789,8 +806,9 @@ class Master:
             self._wake()
         elif op == "stick":
             self._relay_stick(message)
-        elif op == "snapshot":
-            handle.snapshot = message["data"]
+        elif op in ("snapshot", "synced"):
+            if op == "snapshot":
+                handle.snapshot = merge_snapshot(handle.snapshot, message["data"])
             report = self.reports.get(message.get("id"))
             if report is not None:
                 future, waiting = report
@@ -833,8 +851,8 @@ class Master:
 
     async def sync(self) -> None:
         """Returns once every worker has applied the changes sent so far (or after a second): the channel
-        is ordered, so a worker answering a report sent after them has applied them."""
-        await self._collect()
+        is ordered, so a worker answering a sync sent after them has applied them."""
+        await self._collect("sync")
 
     async def snapshot(self) -> dict:
         """Asks every worker for its counters (waiting up to a second), then sums them."""
@@ -845,13 +863,15 @@ class Master:
         view["certificates"] = certificate_view(certificate_expiry(self.server_tls))
         return view
 
-    async def _collect(self) -> None:
+    async def _collect(self, op: str = "report") -> None:
+        """Sends `op` (report: a snapshot is wanted; sync: only the answer) to every worker and waits
+        for their answers, a second at most."""
         self.report_id += 1
         report_id = self.report_id
         future = self.loop.create_future()
         waiting = {pid for pid, h in self.workers.items() if h.channel is not None}
         self.reports[report_id] = (future, waiting)
-        self._send_all({"op": "report", "id": report_id})
+        self._send_all({"op": op, "id": report_id})
         try:
             if waiting:
                 await asyncio.wait_for(asyncio.shield(future), 1.0)

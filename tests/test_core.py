@@ -468,3 +468,18 @@ def test_pure_python_switch():
     assert out.stdout.strip() == "fastlb.core_py"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "fastlb._core"
+
+
+def test_ketama_add_merges_like_a_rebuild_even_where_points_collide():
+    """The compiled core merges an added server's points into its ring; the twin rebuilds it. Equal
+    points (here: the same address twice: the twin's first 160 points are backend 0's) go to the lower
+    index in both."""
+    keys = [b"k%d" % i for i in range(400)]
+    rings = []
+    for impl in (_core, core_py):
+        b = impl.Balancer(["10.0.0.1:80", "10.0.0.2:80"], algorithm="ketama")
+        b.remove(1)                             # (a removal rebuilds: before the adds under test)
+        b.add("10.0.0.1:80", 2)                 # a twin of backend 0: its first 160 points collide
+        b.add("10.0.0.3:80", 3)
+        rings.append([b.candidates(key, 3) for key in keys])
+    assert rings[0] == rings[1]

@@ -390,7 +390,7 @@ def test_admin_api_refuses_unknown_fields_and_untyped_values(procs, tmp_path):
             return error.code, error.read().decode()
 
     status, body = post("/api/backends", {"address": "127.0.0.1:1", "colour": "red"})
-    assert status == 400 and "unknown field(s) 'colour'; known: address, weight, backup" in body
+    assert status == 400 and "unknown field 'colour'; this endpoint takes: address, weight, backup, pool" in body
     status, body = post("/api/backends", {"address": "127.0.0.1:1", "backup": "yes"})
     assert status == 400 and "backup: expected true or false" in body
     status, body = post(f"/api/backends/127.0.0.1:{ports['a']}/weight", {"weight": 2, "wieght": 3})

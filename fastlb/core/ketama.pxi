@@ -88,6 +88,12 @@ cdef void ring_sort_dedupe(Ring* r) noexcept nogil:
             r.servers[kept] = r.servers[k]
             kept += 1
     r.size = kept
+    ring_index(r)
+
+
+cdef void ring_index(Ring* r) noexcept nogil:
+    """index[b]: the first point whose top RING_INDEX_BITS bits are >= b."""
+    cdef Py_ssize_t k
     free(r.index)
     r.index = <uint32_t*>malloc(((1 << RING_INDEX_BITS) + 1) * sizeof(uint32_t))
     cdef Py_ssize_t bucket = 0
@@ -98,6 +104,58 @@ cdef void ring_sort_dedupe(Ring* r) noexcept nogil:
     while bucket <= (1 << RING_INDEX_BITS):
         r.index[bucket] = <uint32_t>r.size
         bucket += 1
+
+
+cdef int ring_add_server(Ring* r, uint32_t base, Py_ssize_t count, int32_t server) except -1:
+    """Merges the points of a server whose index is above every other's into a sorted ring: what a
+    rebuild would make (where two points are equal the lower server index wins, so the new one loses),
+    in O(P) copying instead of hashing and sorting all P points again."""
+    cdef Ring extra
+    cdef Py_ssize_t i = 0, j = 0, k = 0
+    cdef uint32_t* hashes
+    cdef int32_t* servers
+    if count <= 0:
+        return 0
+    extra.hashes = <uint32_t*>malloc(count * sizeof(uint32_t) + 1)
+    extra.servers = <int32_t*>malloc(count * sizeof(int32_t) + 1)
+    extra.index = NULL
+    extra.size = count
+    hashes = <uint32_t*>malloc((r.size + count) * sizeof(uint32_t) + 1)
+    servers = <int32_t*>malloc((r.size + count) * sizeof(int32_t) + 1)
+    if extra.hashes == NULL or extra.servers == NULL or hashes == NULL or servers == NULL:
+        free(extra.hashes); free(extra.servers); free(hashes); free(servers)
+        raise MemoryError()
+    ketama_points(base, count, server, extra.hashes, extra.servers)
+    ring_sort_dedupe(&extra)
+    while i < r.size and j < extra.size:
+        if r.hashes[i] <= extra.hashes[j]:
+            if r.hashes[i] == extra.hashes[j]:
+                j += 1                          # taken by an existing (lower-indexed) server
+            hashes[k] = r.hashes[i]
+            servers[k] = r.servers[i]
+            i += 1
+        else:
+            hashes[k] = extra.hashes[j]
+            servers[k] = extra.servers[j]
+            j += 1
+        k += 1
+    while i < r.size:
+        hashes[k] = r.hashes[i]
+        servers[k] = r.servers[i]
+        i += 1
+        k += 1
+    while j < extra.size:
+        hashes[k] = extra.hashes[j]
+        servers[k] = extra.servers[j]
+        j += 1
+        k += 1
+    free(extra.hashes); free(extra.servers); free(extra.index)
+    free(r.hashes); free(r.servers)
+    r.hashes = hashes
+    r.servers = servers
+    r.size = k
+    ring_index(r)
+    return 0
 
 
 cdef inline Py_ssize_t ring_lower_bound(Ring* r, uint32_t h) noexcept nogil:

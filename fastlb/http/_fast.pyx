@@ -94,6 +94,7 @@ cdef struct Backend:
     Backend *next_idle
     Backend *prev_idle
     double idle_since
+    unsigned char reused   # it waited idle: closed before a byte of the next response, the keep-alive race
 
 
 cdef struct Client:
@@ -234,6 +235,7 @@ cdef class Engine:
     # Settings (HttpSettings), read once.
     cdef double http_request_timeout, keepalive_timeout, response_timeout, backend_idle_timeout
     cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length, max_body_size
+    cdef Py_ssize_t max_response_header_size
     cdef int key_kind
     cdef bint routed           # routing rules: Python routes each request (glue.select_routed)
     cdef object select_routed
@@ -288,6 +290,7 @@ cdef class Engine:
         self.backend_idle_timeout = settings.backend_idle_timeout
         self.max_idle = settings.backend_max_idle
         self.max_header_size = settings.max_header_size
+        self.max_response_header_size = settings.max_response_header_size
         self.max_headers = settings.max_headers
         self.max_uri_length = settings.max_uri_length
         self.max_body_size = max_body_size
@@ -554,7 +557,7 @@ cdef class Engine:
             inflight = (self.backends[c.slot], b.fd,
                         PyBytes_FromStringAndSize(c.buf, c.req_len),
                         PyBytes_FromStringAndSize(data, size), c.sent_at,
-                        c.head_sent == c.head_len, c.head_sent > 0)
+                        c.head_sent == c.head_len, c.head_sent > 0, bool(b.reused))
             self.free_backend(b)
             c.backend = NULL
             data = NULL
@@ -884,6 +887,7 @@ cdef class Engine:
         b.fd = fd
         b.client = NULL
         b.next_idle = b.prev_idle = NULL
+        b.reused = 0
         b.slot = self.slot_of(backend)
         if not self.watch(fd, b):
             self.close_backend(b)
@@ -939,7 +943,8 @@ cdef class Engine:
         n = recv(b.fd, self.scratch, SCRATCH, 0)
         if n < 0 and (errno == EAGAIN or errno == EINTR):
             return
-        if n <= 0 or n == SCRATCH or not scan_plain(<const unsigned char *>self.scratch, n, (), &found):
+        if (n <= 0 or n == SCRATCH or not scan_plain(<const unsigned char *>self.scratch, n, (), &found)
+                or found.body_start > self.max_response_header_size):
             # Closed, failed, or a response the engine does not forward itself: Python's from here.
             self.adopt(c, self.scratch, n if n > 0 else 0)
             return
@@ -1076,6 +1081,7 @@ cdef class Engine:
             self.close_backend(oldest)
         b.client = NULL
         b.idle_since = self.now
+        b.reused = 1
         b.prev_idle = NULL
         b.next_idle = self.idle[slot]
         if b.next_idle != NULL:

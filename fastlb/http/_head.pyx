@@ -11,15 +11,20 @@ without the final CRLF), where the body starts, and whether the backend asked to
 else it returns None, and the caller hands the read to httptools as if this had never run: nothing
 is consumed, so the fallback is exact.
 """
+from cpython.pyport cimport PY_SSIZE_T_MAX
+
 include "_scan.pxi"
 
 
-def scan_response(bytes data, tuple watched=()):
+def scan_response(bytes data, tuple watched=(), Py_ssize_t max_head=PY_SSIZE_T_MAX):
     """(status, head, body_start, backend_close) for a plain complete response in `data`, else None
-    (also when a header named in `watched` is present: the slow path shows it to the sticky rule)."""
+    (also when a header named in `watched` is present: the slow path shows it to the sticky rule; and
+    when the head is over max_head bytes: the slow path refuses it)."""
     cdef PlainResponse found
     cdef int i
     if not scan_plain(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), watched, &found):
+        return None
+    if found.body_start > max_head:
         return None
     if found.nspans == 1:
         head = data[found.spans[0].start:found.spans[0].end]

@@ -193,10 +193,11 @@ class FastPath:
                 client.pending_input = data
                 upstream = None
             else:
-                backend, backend_fd, request, response, sent_at, sent_whole, sent_any = inflight
+                backend, backend_fd, request, response, sent_at, sent_whole, sent_any, reused = inflight
                 backend_sock = socket.socket(fileno=backend_fd)
                 upstream = self.runtime.backend_factory()
                 upstream.pending_input = response
+                upstream.reused = reused
                 # sent_at: CLOCK_MONOTONIC, as loop.time()
                 client.adopting = (upstream, backend, sent_at, sent_whole, sent_any)
                 client.pending_input = request

@@ -681,10 +681,13 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         except (NoBackendError, QueueError) as exc:
             self.connect_task = None
             if not self.closed:
-                runtime.refused(self, exc)
                 # Every candidate failed, the last one on its TLS handshake (a certificate that does not
-                # verify): a bad gateway, not an absent one.
-                status = 502 if getattr(exc, "tls_failure", False) else 503
+                # verify): a bad gateway, not an absent one. A retry after a backend failed the request
+                # itself (req.status, from backend_failed) that found no other backend: that failure.
+                status = 502 if getattr(exc, "tls_failure", False) else req.status or 503
+                runtime.refused(self, exc if status == 503 or not req.status else
+                                f"backend {req.tried[-1].address} failed the request and no other "
+                                f"backend took it ({exc})", status)
                 self.answer(req, status, close=not req.complete)
             return
         self.connect_task = None
@@ -807,7 +810,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             req.response_seconds if req.response_seconds >= 0.0 else None,
             route.name if route is not None else None)
 
-    def backend_failed(self, req: Request, status: int, retry: bool) -> None:
+    def backend_failed(self, req: Request, status: int, retry: bool, detail: str = "") -> None:
         """The backend connection serving req broke (or timed out) before the response ended."""
         if self.closed:
             return
@@ -820,8 +823,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 and len(req.tried) < pool.attempts):
             req.flushed = 0
             req.written = False
+            req.status = status                 # the answer if no other backend can be tried (_connect)
             self.dispatch(req)
             return
+        self.runtime.refused(self, detail, status)
         self.answer(req, status, close=not req.complete)
 
     def start_tunnel(self, upstream_transport) -> None:

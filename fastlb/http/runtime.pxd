@@ -5,6 +5,7 @@ cdef class HttpSettings:
     cdef public double http_request_timeout, keepalive_timeout, response_timeout, tunnel_timeout
     cdef public double backend_idle_timeout, connect_wait_timeout
     cdef public Py_ssize_t backend_max_idle, max_header_size, max_headers, max_uri_length
+    cdef public Py_ssize_t max_response_header_size
     cdef public bint forwarded_for, fast_responses, cookie_held
     cdef public bint retry_empty, retry_junk, retry_timeout
     cdef public frozenset retry_statuses

@@ -23,7 +23,7 @@ class HttpSettings:
     __slots__ = (
         "http_request_timeout", "keepalive_timeout", "response_timeout", "tunnel_timeout",
         "backend_idle_timeout", "backend_max_idle", "connect_wait_timeout",
-        "max_header_size", "max_headers", "max_uri_length",
+        "max_header_size", "max_headers", "max_uri_length", "max_response_header_size",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
         "capture", "default_host", "fast_responses", "cookie_held", "response_watch",
         # retry-on (config.parse_retry_on): what re-sends an idempotent request to another backend
@@ -47,6 +47,7 @@ class HttpSettings:
         self.retry_junk = "junk-response" in retry_on
         self.retry_timeout = "response-timeout" in retry_on
         self.max_header_size = config.max_header_size
+        self.max_response_header_size = config.max_response_header_size
         self.max_headers = config.max_headers
         self.max_uri_length = config.max_uri_length
         self.forwarded_for = config.forwarded_for
@@ -274,12 +275,13 @@ class HttpRuntime:
                     idle.popleft().transport.close()
         self.sweep_handle = self.loop.call_later(self.sweep_interval, self.sweep)
 
-    def refused(self, client, reason: Exception) -> None:
-        """A request got 503. Logged at most once a second, so a dead pool is not a log flood."""
+    def refused(self, client, reason, status: int = 503) -> None:
+        """A request got fastlb's 503 (no backend), or a 502/504 (a backend failed it). Logged at most
+        once a second, so a dead pool is not a log flood."""
         self.failures += 1
         now = self.loop.time()
         if now - self.last_failure_log >= 1.0:
-            log.warning("503 to %s: %s (%d since last report)", client.client_ip.decode(), reason,
-                        self.failures)
+            log.warning("%d to %s: %s (%d since last report)", status, client.client_ip.decode(),
+                        reason, self.failures)
             self.failures = 0
             self.last_failure_log = now

@@ -9,13 +9,13 @@ cdef class BackendConnection:
     cdef public object transport, parser, backend, conn_tokens, pending_input
     cdef public bytes upgrade, te_value, cl_value, reason
     cdef public bint lost, fresh_parser, keep_alive, chunked_in, chunked_out, close_delimited, no_body
-    cdef public bint done, interim, reusable, client_close, seen, retrying
+    cdef public bint done, interim, reusable, client_close, seen, retrying, reused
     cdef public double idle_since
     cdef public ClientConnection client
     cdef public Request request
     cdef public list out, parts
     cdef public int status
-    cdef public Py_ssize_t received
+    cdef public Py_ssize_t received, head_size
 
     cpdef _reset(self)
     cpdef attach(self, ClientConnection client, Request req, backend)

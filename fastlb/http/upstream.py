@@ -34,6 +34,11 @@ log = logging.getLogger("fastlb")
 
 HttpParserError = httptools.HttpParserError
 HttpParserUpgrade = httptools.HttpParserUpgrade
+HEAD_TOO_LARGE = "response head larger than max_response_header_size"
+
+
+class HeadTooLarge(Exception):
+    """Raised in a parser callback: httptools turns it into an HttpParserError (a bad response)."""
 
 
 class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is an extension type)
@@ -52,6 +57,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         "received",
         # response bytes the C engine read before handing the connection over (fastlb/http/fast.py)
         "pending_input",
+        # it served a response before (it was idle in between): closed before a byte of the next one
+        # is the keep-alive race, not the backend's failure (connection_lost)
+        "reused",
+        # header bytes of this response (counted like a request's): over max_response_header_size, 502
+        "head_size",
     )
 
     def __init__(self, runtime) -> None:
@@ -67,6 +77,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.request = None
         self.out = []
         self.pending_input = None
+        self.reused = False
         self._reset()
 
     def _reset(self) -> None:
@@ -89,6 +100,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.seen = False          # a byte of this response has been read
         self.retrying = False
         self.received = 0
+        self.head_size = 0
 
     # ---- attach / detach -------------------------------------------------------------------------
 
@@ -137,16 +149,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
                 and len(req.tried) + 1 < req.route.pool.attempts)
 
     def timed_out(self) -> None:
-        client = self.client
-        req = self.request
-        retry = self.settings.retry_timeout and self.may_retry(req)
-        self.client = None
-        self.release(False, "response timeout")
-        if self.transport is not None:
-            self.transport.abort()
-        req.upstream = None
-        req.tried.append(self.backend)
-        client.backend_failed(req, 504, retry=retry)
+        self._failed(504, self.settings.retry_timeout and self.may_retry(self.request), "response timeout")
 
     # ---- reading the response --------------------------------------------------------------------
 
@@ -169,10 +172,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             # backend's header lines untouched, so it would neither add nor replace that header.
             if (self.settings.fast_responses and not req.is_head
                     and not (client.tls and req.route.hsts_block)):
-                found = scan_response(data, self.settings.response_watch)
+                found = scan_response(data, self.settings.response_watch, self.settings.max_response_header_size)
                 if found is not None:
                     self._plain_response(client, found, data)
                     return
+        started = self.request.response_started       # the client has seen this response's head
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -183,10 +187,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             if self.retrying:                       # the rest of a response we drop anyway
                 self._drop_and_retry()
                 return
-            log.debug("bad response from %s: %s", self.backend.address, exc)
-            self.out.clear()
-            self.reusable = False
-            self._failed(502, self.settings.retry_junk and self.may_retry(self.request), "bad response")
+            self._bad_response(started, str(exc.__context__ or exc))    # (a callback's own error: its text)
+            return
+        if not self.status and self.received > self.settings.max_response_header_size:
+            # Still no end of the head (llhttp buffers a header value whole): a hostile or broken backend.
+            self._bad_response(started, HEAD_TOO_LARGE)
             return
         if self.retrying:
             self._drop_and_retry()
@@ -199,6 +204,16 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self._finish()
         elif client.deadline_kind == 3:            # WAIT_BACKEND: the backend is alive, wait again
             client.deadline = self.runtime.now + self.settings.response_timeout
+
+    def _bad_response(self, started: bool, detail: str) -> None:
+        """An unparsable response (or a head over the limit): 502 when nothing of it has reached the client
+        (what this read queued is dropped), else the client connection is cut; the backend's is closed."""
+        log.debug("bad response from %s: %s", self.backend.address, detail)
+        self.out.clear()
+        self.reusable = False
+        if not started:
+            self.request.response_started = False   # the head parsed in this read was never written
+        self._failed(502, self.settings.retry_junk and self.may_retry(self.request), f"bad response: {detail}")
 
     def _plain_response(self, client, found, data: bytes) -> None:
         """The fast path: a whole plain response in one read (see _head.scan_response), forwarded in
@@ -240,6 +255,9 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.settings.max_response_header_size:
+            raise HeadTooLarge(HEAD_TOO_LARGE)          # (trailers count too)
         if self.status:                             # trailers after a chunked body: dropped
             return
         action = self.settings.response_actions.get(name.lower())
@@ -395,6 +413,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         if may_reuse(req.complete and req.flushed == len(req.out),
                      self.done and self.reusable and not self.close_delimited and not self.lost,
                      self.keep_alive, self.runtime.draining):
+            self.reused = True
             self.runtime.park(self, backend)
         else:
             self.transport.close()
@@ -433,17 +452,20 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         backend. The 5xx counts against this backend's passive health like a forwarded one."""
         self._failed(self.status, True, f"status {self.status}")
 
-    def _failed(self, status: int, retry: bool, detail: str) -> None:
+    def _failed(self, status: int, retry: bool, detail: str, stale: bool = False) -> None:
+        """The request failed on this connection: closed, reported, and retried or answered `status`.
+        stale: the keep-alive race (see connection_lost), neither the backend's failure nor an attempt."""
         client = self.client
         req = self.request
         self.client = None
-        self.release(False, detail)
+        self.release(stale, detail)
         if self.transport is not None:
             self.transport.abort()
         if req is not None and client is not None:
             req.upstream = None
-            req.tried.append(self.backend)
-            client.backend_failed(req, status, retry)
+            if not stale:
+                req.tried.append(self.backend)
+            client.backend_failed(req, status, retry, f"backend {self.backend.address}: {detail}")
 
     def pause_writing(self) -> None:
         # The backend reads slower than the client sends: stop reading the client.
@@ -489,5 +511,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self._finish()
             return
         # Closed before the response ended: retry when the rules allow (nothing reached the client):
-        # always when nothing of the request was written, else with retry_on's empty-response.
-        self._failed(502, self.settings.retry_empty or not self.request.written, "connection lost")
+        # always when nothing of the request was written, else with retry_on's empty-response. A reused
+        # connection closed before a byte of its response: the backend closed it as idle while the
+        # request was on its way (the keep-alive race), so it goes again on another connection, not
+        # counted as an attempt nor against the backend (nginx does the same), if idempotent or unsent.
+        stale = self.reused and not self.seen
+        self._failed(502, stale or self.settings.retry_empty or not self.request.written,
+                     "closed before a complete response" if self.seen else "closed without a response",
+                     stale)
