@@ -277,7 +277,10 @@ class Worker:
             for route in self.http.router.pools.values():
                 if route.pool is not self.pool:
                     pools.append(pool_snapshot(route.name, route.pool, self.observer))
-        return {"pools": pools}
+        clients = {"open": self.live}
+        if self.http is not None:
+            clients["accepted"] = self.http.clients_accepted
+        return {"pools": pools, "clients": clients}
 
     def _relay_stick(self, namespace: bytes, key: bytes, ident: bytes) -> None:
         self.channel.send({"op": "stick", "ns": namespace.hex(), "key": key.hex(), "id": ident.hex()})

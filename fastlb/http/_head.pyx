@@ -6,7 +6,8 @@
 bytes, CRLF endings), exactly one Content-Length made of digits, no Transfer-Encoding or Upgrade, a
 Connection header holding only `keep-alive` / `close`, and the whole body in this read with nothing
 after it, and none of the `watched` header names (lower-case bytes: the ones a sticky rule must read or
-rewrite, e.g. set-cookie). It returns the head to forward (status line and header lines minus the hop-by-hop ones,
+rewrite, e.g. set-cookie); the lines named in `dropped` (the operator's response header rules) are left
+out. It returns the head to forward (status line and header lines minus the hop-by-hop ones,
 without the final CRLF), where the body starts, and whether the backend asked to close. For anything
 else it returns None, and the caller hands the read to httptools as if this had never run: nothing
 is consumed, so the fallback is exact.
@@ -14,12 +15,14 @@ is consumed, so the fallback is exact.
 include "_scan.pxi"
 
 
-def scan_response(bytes data, tuple watched=()):
+def scan_response(bytes data, tuple watched=(), tuple dropped=()):
     """(status, head, body_start, backend_close) for a plain complete response in `data`, else None
-    (also when a header named in `watched` is present: the slow path shows it to the sticky rule)."""
+    (also when a header named in `watched` is present: the slow path shows it to the sticky rule).
+    Header lines named in `dropped` (lower-case) are left out of head."""
     cdef PlainResponse found
     cdef int i
-    if not scan_plain(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), watched, &found):
+    if not scan_plain(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), watched,
+                      dropped, &found):
         return None
     if found.nspans == 1:
         head = data[found.spans[0].start:found.spans[0].end]
