@@ -186,7 +186,7 @@ cdef char *put_escaped(char *out, const unsigned char *p, Py_ssize_t n) noexcept
     cdef unsigned char c
     for i in range(n):
         c = p[i]
-        if 32 <= c < 128 and c != 34 and c != 92:
+        if 32 <= c < 127 and c != 34 and c != 92:
             out[0] = c
             out += 1
         elif c == 34 or c == 92:
