@@ -228,7 +228,7 @@ class Worker:
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
-                if not tls_options and self.http.serve_with_engine(bind, sock):
+                if self.http.serve_with_engine(bind, sock, tls=bool(tls_options)):
                     continue
                 factory = self.http.protocol_factory(bind)
             else:

@@ -208,11 +208,12 @@ class HttpRuntime:
             if route.name != "default":
                 route.pool.close()          # the default pool is the worker's, closed by it
 
-    def serve_with_engine(self, bind, sock) -> bool:
-        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when);
-        False: the bind needs a uvloop server with `protocol_factory`."""
+    def serve_with_engine(self, bind, sock, tls: bool = False) -> bool:
+        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; never
+        a bind whose TLS uvloop terminates); False: the bind needs a uvloop server with `protocol_factory`.
+        The start log says which, and why."""
         from fastlb.http import fast
-        reason = fast.why_not(self, bind)
+        reason = fast.why_not(self, bind) or ("TLS bind" if tls else None)
         if reason is not None:
             log.info("%s: HTTP engine python (%s)", bind.address, reason)
             return False
