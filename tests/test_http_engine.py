@@ -244,14 +244,16 @@ def test_response_timeout_of_an_engine_request_is_504_then_the_connection_serves
         assert client.request("GET", "/ok").status == 200
 
 
-def test_failed_connects_are_answered_as_the_python_path_answers(procs):
+def test_failed_connects_are_answered_and_logged_as_the_python_path_does(procs, tmp_path):
     dead = free_port()                     # nothing listens there: every connect is refused
-    ports = []
+    ports, logs = [], []
     for engine in ("c", "python"):
         port = free_port()
+        logs.append(tmp_path / f"{engine}.log")
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("FASTLB_HTTP_ENGINE", engine)
-            procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{dead}")
+            procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{dead}",
+                         "--access-log", str(logs[-1]), "--access-log-format", "json")
         ports.append(port)
     seen = []
     for port in ports:
@@ -261,6 +263,13 @@ def test_failed_connects_are_answered_as_the_python_path_answers(procs):
             seen.append((first.status, first.headers, second.status, second.headers, client.closed()))
     assert seen[0] == seen[1]
     assert seen[0][0] == 503 and seen[0][4]
+    logged = [wait_until(lambda: (lambda lines: lines if len(lines) == 2 else None)(
+        path.read_text().splitlines() if path.exists() else []), what=f"two lines in {path.name}")
+        for path in logs]
+    assert [[comparable(line, "json") for line in lines] for lines in logged][0] == \
+        [[comparable(line, "json") for line in lines] for lines in logged][1]
+    assert [json.loads(line)["status"] for line in logged[0]] == [503, 503]
+    assert [json.loads(line)["target"] for line in logged[0]] == ["/a", "/b"]
 
 
 @pytest.mark.parametrize("hash_key", ["uri", "path", "source"])
