@@ -57,12 +57,15 @@ head_scanner = Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_c
 http_engine = Extension("fastlb.http._fast", ["fastlb/http/_fast.pyx"], extra_compile_args=compile_args)
 annotate = os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1"
 
+# The access log's C formatter and writer thread (fastlb/observe.py's AccessLog and the HTTP engine use it).
+access_log = Extension("fastlb._accesslog", ["fastlb/_accesslog.pyx"], extra_compile_args=compile_args)
+
 # Per-connection byte counts from TCP_INFO (fastlb/observe.py); observe.py falls back to ctypes without it.
 sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile_args=compile_args)
 
 setup(
     ext_modules=[
-        *cythonize([core, relay, crelay, sockinfo, head_scanner, http_engine], compiler_directives=directives, annotate=annotate),
+        *cythonize([core, relay, crelay, sockinfo, access_log, head_scanner, http_engine], compiler_directives=directives, annotate=annotate),
         *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate),
     ]
 )

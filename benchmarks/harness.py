@@ -1044,8 +1044,9 @@ class Bench:
 
 
 def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
-            timeout_s: int = 5) -> dict:
+            timeout_s: int = 5, headers: Sequence[str] = (), scheme: str = "http") -> dict:
     """wrk -t1 -cN -dD --latency on the load CPU, bounded by a subprocess timeout; parsed output + raw text.
+    headers: extra request header lines (`Name: value`, wrk -H); scheme: http or https.
 
     wrk takes whole seconds only (-d1.5s is a usage error).
     """
@@ -1056,7 +1057,7 @@ def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
             f.write(WRK_DONE_LUA)
     cmd = [which("taskset") or "taskset", "-c", bench.load_cpu, which("wrk"), "-t1", f"-c{connections}",
            f"-d{duration}s", "--latency", "--timeout", f"{timeout_s}s", "-s", script,
-           f"http://{HOST}:{port}{path}"]
+           *(arg for line in headers for arg in ("-H", line)), f"{scheme}://{HOST}:{port}{path}"]
     p = bench.procs.start("wrk", cmd, stdout=subprocess.PIPE)
     try:
         out, _ = p.popen.communicate(timeout=duration + timeout_s + 30)
@@ -1074,8 +1075,10 @@ def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
     return res
 
 
-def measure(bench: Bench, target: Target, path: str, connections: int, duration: float) -> dict:
-    """One bounded wrk run against target, with the proxy tree's CPU time and the CPUs' busy/steal shares."""
+def measure(bench: Bench, target: Target, path: str, connections: int, duration: float,
+            headers: Sequence[str] = (), scheme: str = "http") -> dict:
+    """One bounded wrk run against target, with the proxy tree's CPU time and the CPUs' busy/steal shares
+    (headers, scheme: run_wrk's)."""
     ours = {os.getpid(), *(process_tree(target.pid) if target.pid else ()),
             *(process_tree(bench.backends.pid) if bench.backends else ())}
     all0 = snapshot_all_cpu()
@@ -1084,7 +1087,7 @@ def measure(bench: Bench, target: Target, path: str, connections: int, duration:
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     stat0 = read_cpu_times()
     t0 = time.monotonic()
-    res = run_wrk(bench, target.port, path, connections, duration)
+    res = run_wrk(bench, target.port, path, connections, duration, headers=headers, scheme=scheme)
     wall = time.monotonic() - t0
     stat1 = read_cpu_times()
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -356,6 +356,13 @@ class MetricsCollector:
         pool_up = GaugeMetricFamily("fastlb_pool_backends_up", "Backends up", labels=["pool"])
         workers = GaugeMetricFamily("fastlb_workers", "Worker processes reporting")
         workers.add_metric([], self.view["workers"])
+        clients = self.view.get("clients", {})
+        yield GaugeMetricFamily("fastlb_client_connections", "Client connections open",
+                                value=clients.get("open", 0))
+        if "accepted" in clients:
+            yield CounterMetricFamily("fastlb_client_connections_accepted",
+                                      "HTTP client connections accepted (by the workers reporting)",
+                                      value=clients["accepted"])
         expiry = GaugeMetricFamily("fastlb_certificate_expiry_days",
                                    "Days until a served TLS certificate expires (negative: expired)",
                                    labels=["bind", "file"])

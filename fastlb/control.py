@@ -383,7 +383,16 @@ def aggregate(table: BackendTable, snapshots: list[dict[str, Any]],
     return {"pools": [_aggregate_pool(name, specs, admin_states, sources, algorithm, by_pool.get(name, []),
                                       retired.get(name, {}))
                       for name, specs, admin_states, sources, algorithm in pools],
-            "workers": len(snapshots)}
+            "workers": len(snapshots), "clients": _aggregate_clients(snapshots)}
+
+
+def _aggregate_clients(snapshots: list[dict[str, Any]]) -> dict[str, int]:
+    """Client connections open now and (HTTP mode) accepted, summed over the workers reporting."""
+    total: dict[str, int] = {"open": 0}
+    for snap in snapshots:
+        for key, value in snap.get("clients", {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def _aggregate_pool(name: str, specs: dict[str, BackendSpec], admin_states: dict[str, str],

@@ -8,8 +8,10 @@ Everything here runs once per connection (TCP) or once per request (HTTP), never
 - Counters are plain integers on each `Backend` (`Traffic`); the admin side turns them into Prometheus
   families at scrape time (see fastlb/admin.py), so no prometheus-client object is touched per
   connection.
-- The access log keeps a tuple per connection/request and formats the batch on a timer (every
-  `ACCESS_LOG_FLUSH` seconds, or at `ACCESS_LOG_BATCH` entries), writing it with one write().
+- The access log formats each line in C into a buffer that a thread of its own writes
+  (fastlb/_accesslog.pyx: the event loop never waits for the disk; the HTTP engine logs through the
+  same writer). Not built: the reference below keeps a tuple per entry and formats the batch on a
+  timer (every `ACCESS_LOG_FLUSH` seconds, or at `ACCESS_LOG_BATCH` entries) with one write().
 
 HTTP mode hook: call `observer.http_request(...)` once per finished request (see its docstring). When
 neither metrics nor an access log is configured the listener has no observer and nothing runs.
@@ -103,6 +105,10 @@ try:
 except ImportError:                              # not built: ctypes, ~3 us
     tcp_bytes = None
     _getsockopt = _libc_getsockopt()
+try:
+    from fastlb._accesslog import LogWriter      # compiled: lines formatted in C, written by a thread
+except ImportError:
+    LogWriter = None
 _info = ctypes.create_string_buffer(_TCP_INFO_LENGTH)
 _info_length = ctypes.c_uint32(_TCP_INFO_LENGTH)
 _info_length_ref = ctypes.byref(_info_length)
@@ -131,14 +137,22 @@ def socket_bytes(transport) -> tuple[int, int] | None:
 
 
 class AccessLog:
-    """Buffered access log. `add()` keeps a tuple; the flush timer formats and writes the batch.
+    """Buffered access log. `add()` takes an entry tuple: with fastlb._accesslog built, its LogWriter
+    formats the line at once (in C) and its thread writes it; else `add()` keeps the tuple and the flush
+    timer formats and writes the batch with `_format_text` / `_format_json` (the reference the C
+    formatter matches byte for byte).
 
     text:  `TIME CLIENT POOL BACKEND STATUS BYTES_IN BYTES_OUT CONNECT_MS TOTAL_MS [METHOD TARGET]`
     json:  one object per line with the same fields."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, path: str, fmt: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str, fmt: str, *, reference: bool = False) -> None:
+        """reference: the Python formatter even when the C writer is built (tests compare the two)."""
         self.loop = loop
         self.fmt = fmt
+        self.writer = LogWriter(path, fmt) if LogWriter is not None and not reference else None
+        if self.writer is not None:
+            self.add = self.writer.add            # one C call per entry, no Python frame of ours
+            return
         self.fd = 1 if path == "-" else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.owns_fd = path != "-"
         self.entries: list[tuple] = []
@@ -154,6 +168,9 @@ class AccessLog:
             self.handle = self.loop.call_later(ACCESS_LOG_FLUSH, self.flush)
 
     def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            return
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
@@ -201,6 +218,9 @@ class AccessLog:
         return line + "}\n"
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            return
         self.flush()
         if self.owns_fd:
             os.close(self.fd)
@@ -287,18 +307,23 @@ class Observer:
         if backend is not None:
             self.count_request(backend, status, bytes_in, bytes_out, response_seconds)
         elif status == 503 and pool is not None:
-            self.refused[pool] = self.refused.get(pool, 0) + 1
+            self.count_refused(pool)
         if self.access_log is not None:
             now = time.monotonic()
             self.access_log.add((self.wall_offset + started, client_address, pool or "-",
                                  backend.address if backend is not None else "-", status, bytes_in,
                                  bytes_out, connect_seconds, now - started, method, target))
 
+    def count_refused(self, pool: str) -> None:
+        """A request of the pool got 503 without a backend (http_request's part; the HTTP engine logs
+        the request itself)."""
+        self.refused[pool] = self.refused.get(pool, 0) + 1
+
     @staticmethod
     def count_request(backend: "Backend", status: int, bytes_in: int, bytes_out: int,
                       response_seconds: float | None) -> None:
         """A request answered through backend, in its counters (http_request's part; the HTTP engine
-        calls it alone, having no access log)."""
+        calls it alone, and writes its access-log line itself)."""
         traffic = backend.traffic
         traffic.requests += 1
         if 100 <= status < 600:

@@ -245,7 +245,7 @@ class Worker:
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
-                if not tls_options and self.http.serve_with_engine(bind, sock, self.accept_gate):
+                if self.http.serve_with_engine(bind, sock, self.accept_gate, tls=bool(tls_options)):
                     # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
                     # (drain) stops listening (a copy left open would queue connections nobody accepts).
                     sock.close()
@@ -298,10 +298,14 @@ class Worker:
             for route in self.http.router.pools.values():
                 if route.pool is not self.pool:
                     pools.append(pool_snapshot(route.name, route.pool, self.observer))
+        clients = {"open": self.live}
+        if self.http is not None:
+            clients["accepted"] = self.http.clients_accepted
+        result = {"pools": pools, "clients": clients}
         if changes_only:
             removed, self.removed = self.removed, []
-            return {"pools": pools, "removed": removed}
-        return {"pools": pools}
+            result["removed"] = removed
+        return result
 
     def _relay_stick(self, namespace: bytes, key: bytes, ident: bytes) -> None:
         self.channel.send({"op": "stick", "ns": namespace.hex(), "key": key.hex(), "id": ident.hex()})

@@ -7,6 +7,9 @@ must get the same responses and backends the same requests, including for what t
 Python path at the request (bodies, pipelining, unusual headers) or at the response (chunked, large,
 bodiless, close-delimited, malformed), followed by a plain request on the same connection.
 """
+import http.client
+import json
+import re
 import socket
 import subprocess
 import textwrap
@@ -41,8 +44,13 @@ def test_engine_serves_plain_binds_and_steps_aside_when_python_is_needed(procs):
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--algorithm", "hash", "--hash-key", "header:X-User")
     assert engine_line(lb) == "python (sticky sessions or captured headers)"
-    _, _, lb = start(procs, "--response-header-set", "X-Served-By: fastlb")
-    assert engine_line(lb) == "python (response header rules or retried statuses)"
+    _, _, lb = start(procs, "--response-header-set", "X-Served-By: fastlb", "--response-header-delete", "Server",
+                     "--request-header-set", "X-Env: prod", "--via", "lb")
+    assert engine_line(lb) == "c"
+    _, _, lb = start(procs, "--access-log", "-", "--access-log-format", "json")
+    assert engine_line(lb) == "c"
+    _, _, lb = start(procs, "--retry-on", "503")
+    assert engine_line(lb) == "python (retried statuses or response headers a sticky rule reads)"
     _, _, lb = start(procs, engine="python")
     assert engine_line(lb) == "python (FASTLB_HTTP_ENGINE=python)"
 
@@ -236,14 +244,16 @@ def test_response_timeout_of_an_engine_request_is_504_then_the_connection_serves
         assert client.request("GET", "/ok").status == 200
 
 
-def test_failed_connects_are_answered_as_the_python_path_answers(procs):
+def test_failed_connects_are_answered_and_logged_as_the_python_path_does(procs, tmp_path):
     dead = free_port()                     # nothing listens there: every connect is refused
-    ports = []
+    ports, logs = [], []
     for engine in ("c", "python"):
         port = free_port()
+        logs.append(tmp_path / f"{engine}.log")
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("FASTLB_HTTP_ENGINE", engine)
-            procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{dead}")
+            procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{dead}",
+                         "--access-log", str(logs[-1]), "--access-log-format", "json")
         ports.append(port)
     seen = []
     for port in ports:
@@ -253,6 +263,13 @@ def test_failed_connects_are_answered_as_the_python_path_answers(procs):
             seen.append((first.status, first.headers, second.status, second.headers, client.closed()))
     assert seen[0] == seen[1]
     assert seen[0][0] == 503 and seen[0][4]
+    logged = [wait_until(lambda: (lambda lines: lines if len(lines) == 2 else None)(
+        path.read_text().splitlines() if path.exists() else []), what=f"two lines in {path.name}")
+        for path in logs]
+    assert [[comparable(line, "json") for line in lines] for lines in logged][0] == \
+        [[comparable(line, "json") for line in lines] for lines in logged][1]
+    assert [json.loads(line)["status"] for line in logged[0]] == [503, 503]
+    assert [json.loads(line)["target"] for line in logged[0]] == ["/a", "/b"]
 
 
 @pytest.mark.parametrize("hash_key", ["uri", "path", "source"])
@@ -328,3 +345,129 @@ def test_routing_rules_are_served_by_the_engine_as_by_the_python_path(procs, tmp
     assert seen[0] == seen[1]
     assert seen[0][8:] == ["posts", "admin", "admin", "web", 413]
     assert set(seen[0][:8]) == {"api", "api2"}
+
+
+# ---- features the engine serves: the access log, header rules, connection counts ----------------------
+
+FEATURES = ("--request-header-set", "X-Env: prod", "--request-header-delete", "Accept",
+            "--response-header-set", "X-Frame-Options: DENY", "--response-header-delete", "X-Backend",
+            "--via", "lb-test", "--response-timeout", "2s", "--max-body-size", "1000")
+
+
+@pytest.fixture(scope="module", params=["text", "json"])
+def featured(request, tmp_path_factory):
+    """Two fastlb (engine on, engine off) with an access log in the format of the param and header rules:
+    ((port, backend, log path), (port, backend, log path), format)."""
+    processes = Processes()
+    directory = tmp_path_factory.mktemp("featured")
+    try:
+        pair = []
+        for engine in ("c", "python"):
+            path = directory / f"{engine}-{request.param}.log"
+            port, backend, lb = start(processes, *FEATURES, "--access-log", str(path),
+                                      "--access-log-format", request.param, engine=engine)
+            assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+            pair.append((port, backend, path))
+        yield pair[0], pair[1], request.param
+    finally:
+        processes.cleanup()
+
+
+def log_lines(path, start: int) -> list[str]:
+    """The lines from line `start` up to the marker request's (backend_view sends it last), waited for."""
+    def through_marker():
+        lines = path.read_text().splitlines()[start:] if path.exists() else []
+        return lines if any("/marker" in line for line in lines) else None
+    lines = wait_until(through_marker, what=f"the marker request in {path.name}")
+    return lines[:next(i for i, line in enumerate(lines) if "/marker" in line)]
+
+
+def comparable(line: str, fmt: str) -> list:
+    """A log line less what differs between two runs: the time, the timings and the backend's port."""
+    if fmt == "json":
+        entry = json.loads(line)
+        for key in ("time", "connect_ms", "total_ms"):
+            assert key in entry
+            entry[key] = None
+        entry["backend"] = entry["backend"].rsplit(":", 1)[0]
+        return sorted(entry.items())
+    fields = line.split(" ")
+    fields[0] = fields[7] = fields[8] = None
+    fields[3] = fields[3].rsplit(":", 1)[0]
+    return fields
+
+
+@pytest.mark.parametrize("name,data,count,head", EXCHANGES, ids=[e[0] for e in EXCHANGES])
+def test_engine_and_python_path_log_and_rewrite_alike(featured, name, data, count, head):
+    """With an access log and header rules: the same answers, the same requests at the backends, the
+    same access-log lines (less times and timings)."""
+    (c_port, c_backend, c_log), (py_port, py_backend, py_log), fmt = featured
+    c_start, py_start = len(c_backend.lines), len(py_backend.lines)
+    c_lines = len(c_log.read_text().splitlines()) if c_log.exists() else 0
+    py_lines = len(py_log.read_text().splitlines()) if py_log.exists() else 0
+    with_engine = exchange(c_port, data, count, head)
+    python_only = exchange(py_port, data, count, head)
+    assert with_engine == python_only
+    if with_engine and isinstance(with_engine[0], tuple) and with_engine[0][0] == 200:
+        headers = dict(with_engine[0][1])
+        assert headers.get("X-Frame-Options") == "DENY" and "X-Backend" not in headers
+    assert backend_view(c_backend, c_start, c_port) == backend_view(py_backend, py_start, py_port)
+    c_logged = [comparable(line, fmt) for line in log_lines(c_log, c_lines)]
+    py_logged = [comparable(line, fmt) for line in log_lines(py_log, py_lines)]
+    assert c_logged == py_logged
+    assert len(c_logged) >= count
+
+
+def test_engine_rewrites_headers_as_configured(procs):
+    port, backend, lb = start(procs, *FEATURES)
+    assert engine_line(lb) == "c"
+    start_line = len(backend.lines)
+    with Client(port) as client:
+        response = client.request("GET", "/x", {"Accept": "*/*", "Via": "1.1 forged", "X-Keep": "1"})
+    assert response.status == 200
+    assert response.header("X-Frame-Options") == "DENY" and response.header("Via") == "1.1 lb-test"
+    assert response.header("X-Backend") is None
+    wait_until(lambda: requests_seen(backend, start_line), what="the request at the backend")
+    headers = dict((name.lower(), value) for name, value in requests_seen(backend, start_line)[0]["headers"])
+    assert headers["x-env"] == "prod" and headers["via"] == "1.1 lb-test" and headers["x-keep"] == "1"
+    assert "accept" not in headers
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_client_connections_are_counted_in_metrics(procs, engine):
+    admin = free_port()
+    port, _, lb = start(procs, "--admin", str(admin), engine=engine)
+    assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+    connections = 5
+    held = []
+    for _ in range(connections):
+        client = Client(port).__enter__()
+        assert client.request("GET", "/x").status == 200
+        held.append(client)
+
+    def sample(name):
+        status, data = admin_get(admin, "/metrics")
+        assert status == 200
+        found = re.search(rf"^{name} (\S+)$", data.decode(), re.M)
+        return float(found.group(1)) if found else None
+
+    try:
+        # The probe connection procs.fastlb made to see the port open counts too.
+        wait_until(lambda: sample("fastlb_client_connections") == connections, what="open connections")
+        assert sample("fastlb_client_connections_accepted_total") == connections + 1
+        stats = json.loads(admin_get(admin, "/stats.json")[1])
+        assert stats["clients"] == {"open": connections, "accepted": connections + 1}
+    finally:
+        for client in held:
+            client.__exit__(None, None, None)
+    wait_until(lambda: sample("fastlb_client_connections") == 0, what="connections closed")
+
+
+def admin_get(port: int, path: str) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()

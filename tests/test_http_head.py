@@ -57,3 +57,15 @@ def test_watched_headers_are_left_to_the_slow_path():
     assert scan(cookie) is not None
     assert scan(cookie, (b"x-session", b"set-cookie")) is None
     assert scan(other, (b"set-cookie",)) is not None
+
+
+def test_dropped_headers_are_left_out_of_the_head():
+    # The operator's response rules (--response-header-delete / -set / --via): those lines are left
+    # out, in any case, wherever they are; a name both watched and dropped goes to the slow path.
+    data = (b"HTTP/1.1 200 OK\r\nVia: 1.1 backend\r\nServer: x\r\nX-Powered-By: php\r\nX-Keep: 1\r\n"
+            b"x-powered-by: again\r\nX-Powered-By-Not: 1\r\nContent-Length: 2\r\n\r\nhi")
+    status, head, start, close = scan(data, (), (b"x-powered-by", b"via"))
+    assert head == (b"HTTP/1.1 200 OK\r\nServer: x\r\nX-Keep: 1\r\nX-Powered-By-Not: 1\r\n"
+                    b"Content-Length: 2\r\n")
+    assert data[start:] == b"hi"
+    assert scan(data, (b"via",), (b"via",)) is None

@@ -1,9 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The C engine of HTTP mode: the common request served without Python objects or libuv.
 
-What it serves: on a plain bind of a balancer with one pool and nothing per request in Python (no routing
-rules, hashing key, sticky sessions, captured headers, access log, response rules or retried statuses;
-see fastlb/http/fast.py), a keep-alive HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
+What it serves: on a plain bind of a balancer with nothing per request in Python beyond routing (no
+sticky sessions, captured headers or retried statuses; see fastlb/http/fast.py), with its access log
+(lines formatted here, written by fastlb/_accesslog.pyx's thread) and header rules, a keep-alive
+HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
 OPTIONS; no body, or a Content-Length body) is complete in one read, made of bytes a strict subset of RFC 9112 allows, and
 whose backend answers with a plain response complete in one read (fastlb/http/_scan.pxi).
 
@@ -31,6 +32,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from fastlb._posix cimport *
 from fastlb.http.reuse cimport may_reuse
+from fastlb._accesslog cimport LogWriter
 
 include "_scan.pxi"
 
@@ -134,6 +136,9 @@ cdef struct Client:
     unsigned char read_pending    # readable while busy: read once back to WAITING
     unsigned char hung_up         # the client shut its side (EPOLLRDHUP): read again after each answer
     unsigned char gone            # closed while Python was connecting for it: freed on the callback
+    # The request in flight as the metrics and the access log see it (request_size, log_request).
+    double started             # when its head was read (CLOCK_MONOTONIC, as time.monotonic())
+    uint32_t header_size       # its header lines as the Python path counts them: name + value + 4 each
 
 
 cdef struct Listener:
@@ -250,6 +255,12 @@ cdef class Engine:
     cdef Backend *dead_backends
     # Counters (tests and the stats: how much the engine served itself).
     cdef public unsigned long long served, adopted, connects
+    # The features the engine serves with the Python path's semantics (set_features).
+    cdef LogWriter access_log          # None: no access log
+    cdef double wall_offset            # time.time() - time.monotonic(), the Observer's
+    cdef list log_names                # slot -> (pool name, backend address) as bytes
+    cdef tuple response_dropped        # response header names (lower-case) not forwarded
+    cdef public unsigned long long accepted    # client connections accepted since start
 
     def __cinit__(self):
         self.epfd = -1
@@ -324,6 +335,36 @@ cdef class Engine:
             i += 1
         self.nrules = i
         self.now = monotonic_now()
+        self.set_features(glue, settings)
+
+    cdef set_features(self, glue, settings):
+        """The access log (glue.access_log: observe.AccessLog's C writer, or None) and the response
+        header rules (HttpSettings.response_dropped; the blocks to add are response_block)."""
+        self.access_log = glue.access_log
+        self.wall_offset = glue.wall_offset
+        self.log_names = []
+        self.response_dropped = settings.response_dropped
+
+    cdef inline long long request_size(self, Client *c) noexcept:
+        """The request's bytes to the backend as both paths count them (protocol.py's out_size: an
+        estimate of the head, plus the body)."""
+        return (c.header_size + (c.url_end - c.url_start) + c.method_len + len(self.request_block)
+                + 512 + c.body_len)
+
+    cdef void log_request(self, Client *c, int slot, bytes pool, int status, long long bytes_in,
+                          long long bytes_out, double connect_seconds):
+        """The request's access-log line (observe.Observer.http_request's fields); slot -1: no backend
+        answered (then pool names the pool)."""
+        cdef bytes address = b"-"
+        cdef double now = monotonic_now()
+        while len(self.log_names) < len(self.backends):
+            self.log_names.append(self.glue.log_names(self.backends[len(self.log_names)]))
+        if slot >= 0:
+            pool, address = self.log_names[slot]
+        self.access_log.line(self.wall_offset + c.started, c.ip, c.ip_len, pool, len(pool), address,
+                             len(address), status, NULL, 0, bytes_in, bytes_out, connect_seconds,
+                             now - c.started, c.buf, c.method_len, c.buf + c.url_start,
+                             c.url_end - c.url_start)
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -458,6 +499,7 @@ cdef class Engine:
             self.clients.prev = c
         self.clients = c
         self.live += 1
+        self.accepted += 1
         if not self.watch(fd, c):
             self.close_client(c)
             return
@@ -519,7 +561,7 @@ cdef class Engine:
             c.backend = NULL
             self.close_backend(b)
             backend = self.backends[c.slot]
-            self.finish(backend, self.now - c.sent_at, True, 0, c.req_len, 0)
+            self.finish(backend, self.now - c.sent_at, True, 0, self.request_size(c), 0)
         if c.state == CONNECTING:
             c.gone = 1             # Python holds its address until connected() / connect_failed()
         else:
@@ -774,6 +816,8 @@ cdef class Engine:
         memcpy(c.buf, p, n)
         memcpy(c.buf + n, h, hlen)
         c.req_len = <uint32_t>n
+        c.started = self.now
+        c.header_size = <uint32_t>header_size
         c.url_start = <uint32_t>url_start
         c.url_end = <uint32_t>url_end
         c.host_start = <uint32_t>host_start
@@ -907,15 +951,20 @@ cdef class Engine:
             return
         self.attach(c, b)
 
-    def connect_failed(self, uintptr_t token, bytes keep, bytes close):
-        """Python could not connect a backend for `token`: its answer (503/502) goes to the client, in
-        the form with `Connection: close` when the client's connection ends after it."""
+    def connect_failed(self, uintptr_t token, bytes keep, bytes close, int status=0, bytes pool=b"-"):
+        """Python could not connect a backend for `token` (of the pool named `pool`): its answer
+        (status: 503/502) goes to the client, in the form with `Connection: close` when the client's
+        connection ends after it."""
         cdef Client *c = <Client *>token
+        cdef bytes data
         if c.gone:
             self.free_client(c)
             return
         self.now = monotonic_now()
-        self.answer(c, close if c.close_after else keep)
+        data = close if c.close_after else keep
+        if self.access_log is not None and status:
+            self.log_request(c, -1, pool, status, self.request_size(c), len(data), 0.0)
+        self.answer(c, data)
 
     cdef void answer(self, Client *c, bytes data):
         """An answer of fastlb's own; the connection stays for the next request unless it was to close."""
@@ -943,7 +992,8 @@ cdef class Engine:
         n = recv(b.fd, self.scratch, SCRATCH, 0)
         if n < 0 and (errno == EAGAIN or errno == EINTR):
             return
-        if (n <= 0 or n == SCRATCH or not scan_plain(<const unsigned char *>self.scratch, n, (), &found)
+        if (n <= 0 or n == SCRATCH
+                or not scan_plain(<const unsigned char *>self.scratch, n, (), self.response_dropped, &found)
                 or found.body_start > self.max_response_header_size):
             # Closed, failed, or a response the engine does not forward itself: Python's from here.
             self.adopt(c, self.scratch, n if n > 0 else 0)
@@ -980,7 +1030,10 @@ cdef class Engine:
         else:
             self.close_backend(b)
         self.served += 1
-        self.finish(backend, self.now - c.sent_at, ok, found.status, c.req_len, n)
+        self.finish(backend, self.now - c.sent_at, ok, found.status, self.request_size(c), n)
+        if self.access_log is not None:
+            self.log_request(c, c.slot, None, found.status, self.request_size(c), n,
+                             max(0.0, c.sent_at - c.started))
         c.close_after = close
         self.write_answer(c, iov, count)
 

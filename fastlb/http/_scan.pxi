@@ -101,10 +101,12 @@ cdef struct PlainResponse:
     HeadSpan spans[MAX_SPANS]
 
 
-cdef bint scan_plain(const unsigned char* buf, Py_ssize_t size, tuple watched, PlainResponse* out):
+cdef bint scan_plain(const unsigned char* buf, Py_ssize_t size, tuple watched, tuple dropped,
+                     PlainResponse* out):
     """True when buf[:size] is a plain complete response (see the module docstring of _head.pyx): then
-    `out` holds the status, the spans of the head to forward, where the body starts, and whether the
-    backend asked to close. False for anything else, having consumed nothing."""
+    `out` holds the status, the spans of the head to forward (without the header lines named in
+    `dropped`: the operator's response rules), where the body starts, and whether the backend asked to
+    close. False for anything else, having consumed nothing."""
     cdef Py_ssize_t pos, line_start, line_end, name_end, value_start, value_end, i
     cdef Py_ssize_t content_length = -1, body_start
     cdef int status, kind
@@ -164,6 +166,8 @@ cdef bint scan_plain(const unsigned char* buf, Py_ssize_t size, tuple watched, P
         kind = classify(buf + line_start, name_end - line_start)
         if watched and kind == KEEP and is_watched(buf + line_start, name_end - line_start, watched):
             return False
+        if dropped and kind == KEEP and is_watched(buf + line_start, name_end - line_start, dropped):
+            kind = DROP
         if kind == KEEP or kind == CLEN:
             if kind == CLEN:
                 if content_length >= 0 or value_end == value_start or value_end - value_start > 15:

@@ -2,10 +2,13 @@
 
 `why_not` decides once per bind whether the engine may serve: only where a request needs nothing per
 request from Python beyond routing it (when there are rules), picking a backend and giving its slot back
-(no sticky sessions or captured headers, a hashing key by source, uri or path only, no access log, no
-response header rules, no retried statuses, no TLS to backends; metrics are counted when the slot goes
-back), and not when `FASTLB_HTTP_ENGINE=python` asks for the Python path alone (the tests run both ways).
-Plain binds only: TLS and redirect binds stay on uvloop.
+(metrics are counted when the slot goes back), and not when `FASTLB_HTTP_ENGINE=python` asks for the
+Python path alone (the tests run both ways). The engine serves, with the Python path's semantics, the
+access log (lines formatted in C into the same writer as the Python path's: fastlb/_accesslog.pyx),
+request and response header rules (`--request-header-set/delete`, `--response-header-set/delete`,
+`--via`), X-Forwarded-For, hashing keys by source, uri or path, and routing rules. Still the Python
+path's: TLS, redirect and PROXY-protocol binds, sticky sessions and captured headers, other hashing
+keys, retried statuses (`--retry-on` codes), TLS to backends.
 
 The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls
 `select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
@@ -43,10 +46,13 @@ def why_not(runtime, bind) -> str | None:
     for route in routes:
         if route.key_kind not in KEY_KINDS:
             return f"hashing key {route.key_kind}"
-    if runtime.observer is not None and runtime.observer.access_log is not None:
-        return "access log"
-    if not settings.fast_responses or settings.retry_statuses or settings.response_watch:
-        return "response header rules or retried statuses"
+    if runtime.observer is not None and runtime.observer.access_log is not None \
+            and runtime.observer.access_log.writer is None:
+        return "access log without its C writer (fastlb._accesslog not built)"
+    if not settings.fast_responses:
+        return "the response scanner is not built"
+    if settings.retry_statuses or settings.response_watch:
+        return "retried statuses or response headers a sticky rule reads"
     if any(backend.ssl_context is not None for route in routes for backend in route.pool.backends):
         return "TLS to backends"
     try:
@@ -74,7 +80,10 @@ class FastPath:
         self.no_tries: list = []              # select_now's `tried`: never appended to
         self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
         self.adopting = 0                     # connections between the engine and the Python path
-        self.observer = runtime.observer      # metrics (never an access log: see why_not)
+        self.observer = runtime.observer      # metrics; the access log's C writer goes to the engine
+        access_log = self.observer.access_log if self.observer is not None else None
+        self.access_log = access_log.writer if access_log is not None else None
+        self.wall_offset = self.observer.wall_offset if self.observer is not None else 0.0
         self.gate = None                      # the worker's AcceptGate (fastlb/l4.py), set when it has one
         self.engine = Engine(self, self.loop, runtime.settings, self.route is None,
                              self.route.max_body_size if self.route is not None else 0,
@@ -138,6 +147,13 @@ class FastPath:
     def pool_for(self, backend):
         return self.pool if self.pool is not None else self.pool_of[backend]
 
+    def route_name(self, pool) -> str:
+        return next(route.name for route in self.router.pools.values() if route.pool is pool)
+
+    def log_names(self, backend) -> tuple[bytes, bytes]:
+        """The access log's pool and backend names for a backend the engine serves (once per backend)."""
+        return self.route_name(self.pool_for(backend)).encode(), backend.address.encode()
+
     def finish(self, backend, seconds: float, ok: bool, status: int, bytes_in: int, bytes_out: int) -> None:
         """A request's slot goes back, with its outcome (BackendConnection.release, the same rules), and
         its counts when metrics are on (Observer.http_request's; status 0: the client left first)."""
@@ -156,10 +172,11 @@ class FastPath:
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
-            if self.observer is not None:
-                name = next(r.name for r in self.router.pools.values() if r.pool is pool)
-                self.observer.http_request(None, "", "", "", status, 0, 0, 0.0, 0.0, None, name)
-            self.engine.connect_failed(token, errors.response(status, False), errors.response(status, True))
+            name = self.route_name(pool)
+            if self.observer is not None and status == 503:
+                self.observer.count_refused(name)
+            self.engine.connect_failed(token, errors.response(status, False), errors.response(status, True),
+                                       status, name.encode())
             return
         except BaseException:
             self.engine.connect_failed(token, errors.response(503, True), errors.response(503, True))

@@ -12,12 +12,12 @@ cdef class HttpSettings:
     cdef public dict request_actions, response_actions
     cdef public bytes request_block, response_block, default_host
     cdef public object capture
-    cdef public tuple response_watch
+    cdef public tuple response_watch, response_dropped
 
 
 cdef class HttpRuntime:
     cdef public object loop, router, connections, sweep_handle, backend_factory, observer, fast
     cdef public HttpSettings settings
     cdef public bint draining
-    cdef public Py_ssize_t failures
+    cdef public Py_ssize_t failures, accepted
     cdef public double last_failure_log, sweep_interval, now

@@ -25,7 +25,7 @@ class HttpSettings:
         "backend_idle_timeout", "backend_max_idle", "connect_wait_timeout",
         "max_header_size", "max_headers", "max_uri_length", "max_response_header_size",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
-        "capture", "default_host", "fast_responses", "cookie_held", "response_watch",
+        "capture", "default_host", "fast_responses", "cookie_held", "response_watch", "response_dropped",
         # retry-on (config.parse_retry_on): what re-sends an idempotent request to another backend
         "retry_statuses", "retry_empty", "retry_junk", "retry_timeout",
     )
@@ -76,10 +76,12 @@ class HttpSettings:
             response_extra.append(("Via", f"1.1 {config.via}"))
             request_actions[b"via"] = H_DROP       # replaced, not appended: simpler, and no loops
             response_actions[b"via"] = R_DROP
-        # The response fast path forwards header lines as they are: only without response rules.
+        # The response fast path (and the C engine) forward header lines as they are, less the ones the
+        # operator's rules delete or replace (response_dropped), and append response_block.
         from fastlb.http.upstream import scan_response
-        self.fast_responses = (scan_response is not None and not config.response_header_delete
-                               and not config.response_header_set and not config.via)
+        self.fast_responses = scan_response is not None
+        self.response_dropped = tuple(name for name, action in response_actions.items()
+                                      if action == R_DROP and name not in RESPONSE_SPECIAL)
         self.request_block = format_header_block(extra)
         self.response_block = format_header_block(response_extra)
         self.capture = capture
@@ -160,6 +162,7 @@ class HttpRuntime:
         self.draining = False
         self.now = loop.time()     # the loop's clock as last read by a protocol (one read per data_received)
         self.failures = 0
+        self.accepted = 0          # client connections the Python path accepted (the engine counts its own)
         self.last_failure_log = 0.0
         self.sweep_handle = None
         shortest = min(t for t in (config.http_request_timeout, config.keepalive_timeout,
@@ -181,6 +184,11 @@ class HttpRuntime:
         """Client connections open (the Python path's and the engine's)."""
         return len(self.connections) + (self.fast.live if self.fast is not None else 0)
 
+    @property
+    def clients_accepted(self) -> int:
+        """Client connections accepted since the worker started (the Python path's and the engine's)."""
+        return self.accepted + (self.fast.engine.accepted if self.fast is not None else 0)
+
     def start_draining(self) -> None:
         self.draining = True
         if self.fast is not None:
@@ -199,12 +207,13 @@ class HttpRuntime:
             if route.name != "default":
                 route.pool.close()          # the default pool is the worker's, closed by it
 
-    def serve_with_engine(self, bind, sock, gate=None) -> bool:
-        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when);
-        False: the bind needs a uvloop server with `protocol_factory`. gate: the worker's AcceptGate
-        (fastlb/l4.py), which the engine's listeners follow."""
+    def serve_with_engine(self, bind, sock, gate=None, tls: bool = False) -> bool:
+        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; never
+        a bind whose TLS uvloop terminates); False: the bind needs a uvloop server with `protocol_factory`.
+        The start log says which, and why. gate: the worker's AcceptGate (fastlb/l4.py), which the
+        engine's listeners follow."""
         from fastlb.http import fast
-        reason = fast.why_not(self, bind)
+        reason = fast.why_not(self, bind) or ("TLS bind" if tls else None)
         if reason is not None:
             log.info("%s: HTTP engine python (%s)", bind.address, reason)
             return False
@@ -224,7 +233,11 @@ class HttpRuntime:
 
     def protocol_factory(self, bind):
         from fastlb.http.protocol import ClientConnection
-        return lambda: ClientConnection(self, bind)
+
+        def accepted():
+            self.accepted += 1              # per connection uvloop accepts (not for adopted ones)
+            return ClientConnection(self, bind)
+        return accepted
 
     # ---- idle backend connections ----------------------------------------------------------------
 

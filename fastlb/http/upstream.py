@@ -172,7 +172,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             # backend's header lines untouched, so it would neither add nor replace that header.
             if (self.settings.fast_responses and not req.is_head
                     and not (client.tls and req.route.hsts_block)):
-                found = scan_response(data, self.settings.response_watch, self.settings.max_response_header_size)
+                found = scan_response(data, self.settings.response_watch, self.settings.response_dropped,
+                                      self.settings.max_response_header_size)
                 if found is not None:
                     self._plain_response(client, found, data)
                     return
