@@ -452,6 +452,9 @@ def merge_snapshot(held: dict[str, Any] | None, snapshot: dict[str, Any]) -> dic
             backends[backend["address"]] = backend
         pools[view["pool"]] = {**view, "backends": backends}
     held["pools"] = list(pools.values())
+    for key, value in snapshot.items():        # the rest (client counts, admission) is whole in every one
+        if key not in ("pools", "removed"):
+            held[key] = value
     return held
 
 

@@ -1,4 +1,5 @@
 """An HTTP/1.1 test backend: `python tests/http_backend.py NAME:PORT[@CERT] [NAME:PORT[@CERT] ...]`.
+PORT 0: the kernel picks a free port, printed as `port NAME PORT` (no race with other processes).
 
 With @CERT (a PEM file holding certificate and key) that port speaks HTTPS.
 
@@ -181,8 +182,10 @@ async def main(specs: list[str]) -> None:
         if cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(cert)
-        await loop.create_server(lambda name=name: Handler(name), "127.0.0.1", int(port), reuse_address=True,
-                                 ssl=context)
+        server = await loop.create_server(lambda name=name: Handler(name), "127.0.0.1", int(port),
+                                          reuse_address=True, ssl=context)
+        if int(port) == 0:               # the kernel picks: said before `ready` (`port NAME PORT`)
+            print(f"port {name} {server.sockets[0].getsockname()[1]}")
     print("ready", flush=True)
     await asyncio.Event().wait()
 

@@ -229,7 +229,7 @@ def test_a_backend_closing_after_reading_the_request_is_a_502_not_a_failed_conne
     # Read once: with no other backend there is nothing to retry on.
     assert len(backend.requests) == 1
     lb.wait_for_line(rf"WARNING 502 to 127\.0\.0\.1: backend 127\.0\.0\.1:{backend.port} failed the request")
-    assert "503" not in lb.output
+    assert " 503 " not in lb.output
 
 
 # ---- item 9: the keep-alive race ---------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_a_reused_connection_closed_as_the_request_arrives_is_retried_on_a_fresh
     assert backend.connections == 5
     assert [head.split(b" ")[1] for _, head in backend.requests] == [
         b"/r0", b"/r1", b"/r1", b"/r2", b"/r2", b"/r3", b"/r3", b"/r4", b"/r4"]
-    assert "503" not in lb.output and "502" not in lb.output
+    assert " 503 " not in lb.output and " 502 " not in lb.output
 
 
 def test_a_post_on_a_reused_connection_that_closes_is_not_replayed(scripted):
@@ -277,4 +277,4 @@ def test_a_reused_connection_the_backend_closed_after_answering_is_not_used_agai
         for i in range(5):
             assert client.request("GET", f"/s{i}").body == b"ok"
     assert len(backend.requests) == 5
-    assert "503" not in lb.output and "502" not in lb.output
+    assert " 503 " not in lb.output and " 502 " not in lb.output
