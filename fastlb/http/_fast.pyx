@@ -30,6 +30,7 @@ from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from fastlb._posix cimport *
+from fastlb._admission cimport Limiter, ADMIT, DENIED
 
 include "_scan.pxi"
 
@@ -132,6 +133,7 @@ cdef struct Client:
     unsigned char read_pending    # readable while busy: read once back to WAITING
     unsigned char hung_up         # the client shut its side (EPOLLRDHUP): read again after each answer
     unsigned char gone            # closed while Python was connecting for it: freed on the callback
+    unsigned char counted         # in the admission table's connections per source: leave() on close
 
 
 cdef struct Listener:
@@ -244,6 +246,12 @@ cdef class Engine:
     cdef Backend *dead_backends
     # Counters (tests and the stats: how much the engine served itself).
     cdef public unsigned long long served, adopted, connects
+    # Admission control (fastlb/admission.py): the C table, checked per accept and per request without
+    # Python (a 429's bytes come from Python: the limited path); the pool id of the unrouted pool.
+    cdef Limiter limiter
+    cdef int limit_pool
+    cdef object limited_response
+    cdef bytes too_many_close
 
     def __cinit__(self):
         self.epfd = -1
@@ -258,7 +266,8 @@ cdef class Engine:
         self.listeners = NULL
 
     def __init__(self, glue, loop, settings, bint routed, Py_ssize_t max_body_size, int key_kind,
-                 dict request_actions, dict action_codes, bytes timeout_408):
+                 dict request_actions, dict action_codes, bytes timeout_408, admission=None,
+                 int limit_pool=-1):
         """request_actions: HttpSettings.request_actions (lower-case name -> action); action_codes maps
         the actions the engine handles itself: {'drop': H_DROP, 'host': H_HOST, 'connection': ...}."""
         cdef int i = 0
@@ -315,6 +324,11 @@ cdef class Engine:
             i += 1
         self.nrules = i
         self.now = monotonic_now()
+        if admission is not None:
+            self.limiter = admission.limiter
+            self.limit_pool = limit_pool
+            self.limited_response = admission.limited_response
+            self.too_many_close = admission.limited_response(1.0, True)
 
     def __dealloc__(self):
         if self.epfd >= 0:
@@ -361,7 +375,7 @@ cdef class Engine:
     cdef void on_listener_ready(self, Listener *l):
         cdef sockaddr_storage address
         cdef socklen_t length
-        cdef int fd, i, one = 1
+        cdef int fd, i, verdict, one = 1
         cdef char ip[64]
         for i in range(64):             # a bounded batch: the other sockets get their turn
             length = sizeof(address)
@@ -374,6 +388,14 @@ cdef class Engine:
                 inet_ntop(AF_INET, &(<sockaddr_in *>&address).sin_addr, ip, sizeof(ip))
             elif address.ss_family == AF_INET6:
                 inet_ntop(AF_INET6, &(<sockaddr_in6 *>&address).sin6_addr, ip, sizeof(ip))
+            if self.limiter is not None:
+                verdict = self.limiter.admit_address(<sockaddr *>&address, ip, strlen(ip))
+                if verdict != ADMIT:
+                    if verdict != DENIED:       # over the connections per source: 429, then closed
+                        send(fd, PyBytes_AS_STRING(self.too_many_close), len(self.too_many_close),
+                             MSG_NOSIGNAL)
+                    close(fd)
+                    continue
             self.take_client(fd, ip, strlen(ip))
 
     cdef void take_client(self, int fd, const char *ip, Py_ssize_t ip_len):
@@ -405,6 +427,7 @@ cdef class Engine:
             memcpy(c.forward + before, ip, ip_len)
             memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(self.forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
+        c.counted = self.limiter is not None
         c.ip_len = <int>min(ip_len, 47)
         memcpy(c.ip, ip, c.ip_len)
         c.deadline = self.now + self.http_request_timeout
@@ -471,6 +494,9 @@ cdef class Engine:
         self.unlink(c)
         close(c.fd)            # accepted by the engine, no duplicate: closing takes it out of the epoll set
         c.fd = -1
+        if c.counted:
+            c.counted = 0
+            self.limiter.leave(c.ip, c.ip_len)
         if b != NULL:
             # Mid-request: the backend connection is out of step; its slot goes back (as abandon() does).
             c.backend = NULL
@@ -764,6 +790,7 @@ cdef class Engine:
         cdef object key = None
         cdef object picked
         cdef uint32_t end
+        cdef double wait
         if self.routed:
             picked = self.select_routed(
                 PyBytes_FromStringAndSize(c.buf, c.method_len),
@@ -773,9 +800,17 @@ cdef class Engine:
             if picked is None:
                 self.adopt(c, c.buf, c.req_len)
                 return
+            if type(picked) is bytes:         # over a rate limit (admission control): the 429
+                self.answer(c, picked)
+                return
             backend, key = picked
             self.place(c, backend, key)
             return
+        if self.limiter is not None and self.limiter.has_request_rules:
+            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, self.now)
+            if wait > 0.0:
+                self.answer(c, self.limited_response(wait, c.close_after))
+                return
         if self.key_kind == KEY_SOURCE:
             key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
         elif self.key_kind == KEY_URI:

@@ -38,6 +38,10 @@ def why_not(runtime, bind) -> str | None:
         return f"{ENGINE_ENV}=python"
     if bind.ssl or bind.redirect_https is not None or bind.accept_proxy:
         return "TLS, redirect or PROXY-protocol bind"
+    admission = runtime.admission
+    if admission is not None and admission.python_keys:
+        return (f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source and "
+                f"route keys only")
     if any(route.sticky is not None for route in routes) or settings.capture or settings.cookie_held:
         return "sticky sessions or captured headers"
     for route in routes:
@@ -81,7 +85,9 @@ class FastPath:
                              runtime.settings.request_actions,
                              {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION,
                               "content-length": H_CONTENT_LENGTH},
-                             errors.response(408, True))
+                             errors.response(408, True), runtime.admission,
+                             runtime.admission.pool_ids.get(self.route.name, -3)
+                             if runtime.admission is not None and self.route is not None else -1)
 
     def start(self) -> None:
         self.loop.add_reader(self.engine.fileno, self.engine.on_ready)
@@ -114,11 +120,16 @@ class FastPath:
         return backend
 
     def select_routed(self, method: bytes, url: bytes, host: bytes, client_ip: bytes, length: int):
-        """With routing rules: (backend with a slot taken, hashing key), or None for the Python path
-        (nothing to pick now, a body over the routed pool's limit: 413)."""
+        """With routing rules: (backend with a slot taken, hashing key), the 429's bytes (over a rate
+        limit), or None for the Python path (nothing to pick now, a body over the routed pool's limit: 413)."""
         route = self.router.route(method, url, host, None)
         if route.max_body_size and length > route.max_body_size:
             return None
+        admission = self.runtime.admission
+        if admission is not None and admission.specs:
+            wait = admission.check_request(client_ip, url, None, route.name)
+            if wait:
+                return admission.limited_response(wait, False)
         key = route.key(client_ip, url, None) if route.key_kind else None
         backend = self._take(route.pool, key)
         if backend is None:
@@ -179,6 +190,7 @@ class FastPath:
         backend_sock = None
         try:
             client = ClientConnection(self.runtime, self.bind)
+            client.admitted = self.runtime.admission is not None     # counted at the engine's accept
             client_sock = socket.socket(fileno=fd)
             if inflight is None:
                 client.pending_input = data

@@ -78,6 +78,8 @@ class Request:
         # accounting (fastlb/observe.py): the backend that answered, the status and bytes sent to the
         # client, when the head began (loop clock); sent_mono / response_seconds only with an observer
         "backend", "status", "bytes_out", "started", "sent_mono", "response_seconds",
+        # admission control: error 429's Retry-After (seconds until allowed)
+        "retry_after",
     )
 
     def __init__(self) -> None:
@@ -119,6 +121,7 @@ class Request:
         self.started = 0.0
         self.sent_mono = 0.0
         self.response_seconds = -1.0
+        self.retry_after = 0.0
 
 
 class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
@@ -137,6 +140,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # a connection the C engine hands over (fastlb/http/fast.py): bytes it read, and the request
         # in flight with its backend connection (upstream, backend, sent_at)
         "pending_input", "adopting",
+        # counted in the admission table's connections per source (fastlb/admission.py)
+        "admitted",
     )
 
     def __init__(self, runtime, bind) -> None:
@@ -177,6 +182,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.redirect = None if port is None else (b"" if port == 443 else b":%d" % port)
         self.pending_input = None
         self.adopting = None
+        self.admitted = False
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -184,6 +190,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
+        if self.runtime.admission is not None and not self.admitted and not self.runtime.admission.admit_http(self):
+            return
         settings = self.settings
         self.forward_block = settings.forward_block_for(self.client_ip, self.scheme)
         if self.mtls:
@@ -206,6 +214,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.admitted:
+            self.admitted = False
+            self.runtime.admission.limiter.leave_ip(self.client_ip)
         self.runtime.connections.discard(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -405,6 +416,11 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             if route.max_body_size and length > route.max_body_size:
                 raise RequestError(413, "body larger than max_body_size")
         req.key = route.key(self.client_ip, url, req.captured) if route.key_kind else None
+        admission = self.runtime.admission
+        if admission is not None and admission.specs:
+            req.retry_after = admission.check_request(self.client_ip, url, req.captured, route.name)
+            if req.retry_after:
+                req.error = 429                   # answered in turn; nothing goes to a backend
         sticky = route.sticky
         if sticky is not None:
             req.pinned, req.sticky_key, req.sticky_cookie = sticky.pin(self.client_ip, req.captured)
@@ -529,7 +545,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def dispatch(self, req: Request) -> None:
         """Starts serving queue[0]: an idle keep-alive connection if its pool has one, else connect."""
         if req.error:
-            self.answer(req, req.error, close=True)
+            self.answer(req, req.error, close=req.error != 429)
             return
         if self.adopting is not None:
             self._adopt_in_flight(req)
@@ -639,7 +655,12 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def answer(self, req: Request, status: int, close: bool) -> None:
         """A response of fastlb's own for queue[0] (errors)."""
         close = close or self.closing and not self.req_pending_after(req) or req.close_after
-        data = errors.response(status, close)
+        if status == 429:
+            # Over a rate limit: the connection stays only if no body of it is still to come.
+            close = close or not req.complete and (req.chunked or req.content_length not in (None, b"0"))
+            data = self.runtime.admission.limited_response(req.retry_after, close)
+        else:
+            data = errors.response(status, close)
         self.transport.write(data)
         req.status = status
         req.bytes_out = len(data)
