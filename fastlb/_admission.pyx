@@ -351,9 +351,10 @@ cdef class Limiter:
                 return wait
         return 0.0
 
-    def check_key(self, int rule, bytes key):
-        """The Python path's check (fastlb/admission.py computes the key)."""
-        return self.check(rule, key, len(key), monotonic_now())
+    def check_key(self, int rule, bytes key, double now=-1.0):
+        """The Python path's check (fastlb/admission.py computes the key); `now` for tests (default: the
+        monotonic clock, as the engine's)."""
+        return self.check(rule, key, len(key), now if now >= 0.0 else monotonic_now())
 
     # ---- the shared store's exchange ---------------------------------------------------------------
 
@@ -410,13 +411,16 @@ cdef class Limiter:
         e.blocked_until = 0.0
         return True
 
-    def entries(self, double seen_within):
+    def entries(self, double seen_within, double now=-1.0):
         """[(rule, key, allowed, limited, blocked)] of the keys seen within the last seen_within seconds
         (or blocked): the views' raw material (top talkers, top limited). O(capacity): at scrape time."""
-        cdef double now = monotonic_now(), since = now - seen_within
+        cdef double since
         cdef Py_ssize_t i
         cdef Entry *e
         cdef list out = []
+        if now < 0.0:
+            now = monotonic_now()
+        since = now - seen_within
         for i in range(self.capacity):
             e = self.table + i
             if e.ident and (e.last_seen >= since or e.blocked_until > now):

@@ -11,6 +11,12 @@
     POST /api/backends/ADDR/state       {"state": "enable|drain|disable"}     }  before any routing
     GET  /api/certificates              the TLS binds' certificates: bind, file, days left
     POST /api/reload                    re-read the config file and reload the certificates (as SIGHUP)
+    GET  /api/admission                 admission control: rules, limited counts, top talkers, blocks
+    POST /api/admission/block           {"cidr": C} or {"key": K[, "rule": N][, "seconds": S]}
+    POST /api/admission/unblock         the same without seconds
+
+`--admin-allow CIDR` (repeatable): only those peers reach the admin bind at all (others are closed
+before a byte is read), whatever the path.
 
 Why the stats page needs no token: it shows only what /metrics already shows to anyone who can reach
 the admin bind (addresses, states, weights, counters), never the token or the configuration, and it
@@ -40,6 +46,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
                                     HistogramMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from fastlb.admission import address_allowed
 from fastlb.config import Config, ConfigError, read_token
 from fastlb.control import ChangeError, parse_spec, spec_to_dict
 from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES
@@ -71,6 +78,7 @@ class AdminServer:
         if self.token is None:
             log.warning("admin bind without --admin-token-file: /api/ answers 401 to every request")
         self.controller = controller
+        self.allow = list(config.admin_allow)       # empty: every peer (the bind's address protects it)
         self.server: asyncio.AbstractServer | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = MetricsCollector()
@@ -89,6 +97,10 @@ class AdminServer:
     # ---- HTTP ------------------------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self.allow and not address_allowed(self.allow, peer[0] if peer else ""):
+            writer.transport.abort()
+            return
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 status, content_type, body = await self._answer(reader)
@@ -175,6 +187,15 @@ class AdminServer:
             _require(method, "GET")
             view = await self.controller.snapshot()
             return 200, "application/json", _json({"certificates": view.get("certificates", [])})
+        if parts[:1] == ["admission"]:
+            if len(parts) == 1:
+                _require(method, "GET")
+                view = await self.controller.snapshot()
+                return 200, "application/json", _json(view.get("admission") or {})
+            if len(parts) == 2 and parts[1] in ("block", "unblock"):
+                _require(method, "POST")
+                change = self.controller.admission_change({**data, "op": parts[1]})
+                return 200, "application/json", _json({"result": parts[1] + "ed", "change": change})
         if parts == ["backends"]:
             _require(method, "POST")
             if "address" not in data:
@@ -257,6 +278,7 @@ class MetricsCollector:
                                    labels=["bind", "file"])
         for certificate in self.view.get("certificates", []):
             expiry.add_metric([certificate["bind"], certificate["file"]], certificate["days_left"])
+        yield from admission_metrics(self.view.get("admission"))
         for pool in self.view["pools"]:
             name = pool["name"]
             totals = {"connections": 0, "bytes_in": 0, "bytes_out": 0, "requests": 0, "connect_errors": 0,
@@ -302,3 +324,25 @@ def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
         total += count
         buckets.append((bound, total))
     return buckets
+
+
+def admission_metrics(view: dict | None):
+    """Admission control's families: per rule, and for the top-k limited keys only (bounded labels)."""
+    if not view:
+        return
+    limited = CounterMetricFamily("fastlb_ratelimit_limited", "Requests answered 429 by a rate limit rule",
+                                  labels=["rule"])
+    for rule in view["rules"]:
+        limited.add_metric([rule["rule"]], rule["limited"])
+    top = GaugeMetricFamily("fastlb_ratelimit_top_limited", "Requests limited per key, for the current "
+                            "top-k limited keys only (fastlb/admission.py TOP_K; header, cookie and query keys as a "
+                            "fingerprint)", labels=["rule", "key"])
+    for row in view["top_limited"]:
+        top.add_metric([row["rule"], row["label"]], row["limited"])
+    refused = CounterMetricFamily("fastlb_admission_refused_connections", "Client connections refused",
+                                  labels=["reason"])
+    refused.add_metric(["deny_list"], view["denied"])
+    refused.add_metric(["max_conn_per_source"], view["too_many_connections"])
+    evictions = CounterMetricFamily("fastlb_ratelimit_table_evictions", "Keys evicted from the full table")
+    evictions.add_metric([], view["table"]["evictions"])
+    yield from (limited, top, refused, evictions)

@@ -205,6 +205,14 @@ def address_allowed(networks, host: str) -> bool:
     return any(address in ipaddress.ip_network(n) for n in networks)
 
 
+def key_label(key: bytes, secret: bool) -> str:
+    """How a key appears in /metrics (no token): addresses and pool names as they are; header, cookie
+    and query values (API keys, session ids) only as a fingerprint, which the admin API lists too."""
+    if not secret:
+        return key.decode("latin-1")
+    return "#" + hashlib.blake2b(key, digest_size=6).hexdigest()
+
+
 def too_many_requests(retry_after: int, close: bool) -> bytes:
     body = b"429 Too Many Requests\n"
     return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
@@ -450,8 +458,9 @@ class Admission:
         limiter = self.limiter
         entries = limiter.entries(TALKER_WINDOW)
         texts = [s.text for s in self.specs]
+        secret = [s.kind not in ENGINE_KINDS for s in self.specs]
         as_row = lambda e: {"rule": texts[e[0]], "key": e[1].decode("latin-1"), "allowed": e[2],  # noqa: E731
-                            "limited": e[3], "blocked": e[4]}
+                            "limited": e[3], "blocked": e[4], "label": key_label(e[1], secret[e[0]])}
         return {
             "rules": [{"rule": text, "limited": count} for text, count in zip(texts, limiter.rule_limited())],
             "talkers": [as_row(e) for e in sorted(entries, key=lambda e: e[2] + e[3], reverse=True)[:TOP_K]],
