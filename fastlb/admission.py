@@ -345,7 +345,7 @@ class Admission:
 
     def limited_response(self, wait: float, close: bool) -> bytes:
         """The 429 for a request `wait` seconds early (cached per Retry-After value)."""
-        seconds = min(MAX_RETRY_AFTER, max(1, math.ceil(wait)))
+        seconds = MAX_RETRY_AFTER if wait >= MAX_RETRY_AFTER else max(1, math.ceil(wait))   # a block: inf
         data = self.responses.get((seconds, close))
         if data is None:
             data = self.responses[(seconds, close)] = too_many_requests(seconds, close)
