@@ -1,0 +1,162 @@
+"""What admission control costs: proxy CPU per request with limits that never trip, and memory under
+100k distinct keys.
+
+    python3 benchmarks/admission_cost.py [--rounds 5] [--duration 5] [--connections 64] [--keys 100000]
+
+CPU (shared/PERF-NOTES.md's method, as benchmarks/sticky_cost.py): two nginx backends and wrk -t1 on CPU 0,
+each fastlb (one worker, HTTP engine on) alone on CPU 1; every target started once, then rounds of
+A B C ... in one run. CPU is utime + stime of the proxy from /proc/PID/stat over the wrk run, divided
+by the requests wrk completed; the figure is the median over rounds of each target's CPU per request
+over `plain`'s in the same round. Targets:
+  plain      no admission control
+  limits     --rate-limit source=1000000/s (never trips) --max-conn-per-source 10000 and a 1,000-network
+             --access-file deny list: what the engine checks in C per connection and per request
+  header     --rate-limit header:X-Api-Key=1000000/s: the Python path (the engine is off), for scale
+
+Memory: one fastlb with --rate-limit header:X-Api-Key=1/s and --rate-limit-table-size 65536 is sent
+`--keys` requests each with its own key (pipelined, 500 per write), then as many again; its RSS is read
+after start, after the first batch and after the second. The table is allocated whole at start
+(capacity x 88 bytes), so RSS must not grow with the number of keys beyond it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+TABLE_SIZE = 65536
+ENTRY_BYTES = 88                  # sizeof(Entry) in fastlb/_admission.pxd
+PIPELINE = 500
+
+
+def deny_file(path: str) -> str:
+    with open(path, "w") as f:
+        for i in range(1000):               # 1,000 networks in 100.64.0.0/10 (none is the client)
+            f.write(f"deny 100.{64 + i // 256}.{i % 256}.0/24\n")
+    return path
+
+
+def send_keys(port: int, first: int, count: int) -> int:
+    """`count` requests with keys first..first+count-1 on one keep-alive connection; returns the 200s.
+    Responses are counted by their status lines as they stream in (a tail shorter than the pattern is
+    kept across reads, so a line split between two reads counts once)."""
+    ok = seen = 0
+    status, good = b"HTTP/1.1 ", b"HTTP/1.1 200"
+    with socket.create_connection((h.HOST, port), timeout=30) as s:
+        tail_seen = tail_ok = b""
+        for start in range(first, first + count, PIPELINE):
+            batch = b"".join(b"GET / HTTP/1.1\r\nHost: bench\r\nX-Api-Key: key-%d\r\n\r\n" % i
+                             for i in range(start, min(start + PIPELINE, first + count)))
+            s.sendall(batch)
+            seen -= batch.count(b"GET ")
+            while seen < 0:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError("closed by fastlb")
+                data, data_ok = tail_seen + chunk, tail_ok + chunk
+                seen += data.count(status)
+                ok += data_ok.count(good)
+                tail_seen, tail_ok = data[-(len(status) - 1):], data_ok[-(len(good) - 1):]
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--proxy-cpu", default="1")
+    parser.add_argument("--load-cpu", default="0")
+    parser.add_argument("--targets", default="plain,limits,header")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args(argv)
+    h.ensure_tools(["nginx", "wrk", "taskset"])
+    procs = h.Procs()
+    tmp = tempfile.mkdtemp(prefix="admission-cost-")
+    try:
+        backend_ports = h.free_ports(2)
+        conf = os.path.join(tmp, "backends.conf")
+        with open(conf, "w") as f:
+            f.write(h.backend_nginx_conf(tmp, backend_ports))
+        nginx = procs.start("backends", [h.which("nginx"), "-p", tmp, "-e", os.path.join(tmp, "err.log"),
+                                         "-c", conf, "-g", "daemon off;"], cpu=args.load_cpu, log_dir=tmp)
+        for port in backend_ports:
+            h.wait_listening(port, nginx)
+        backends = [a for p in backend_ports for a in ("--backend", f"{h.HOST}:{p}")]
+        all_targets = {
+            "plain": [],
+            "limits": ["--rate-limit", "source=1000000/s", "--max-conn-per-source", "10000",
+                       "--access-file", deny_file(os.path.join(tmp, "access.txt"))],
+            "header": ["--rate-limit", "header:X-Api-Key=1000000/s"],
+        }
+        targets = {name: all_targets[name] for name in args.targets.split(",")}
+        ports, running = {}, {}
+        for name, extra in targets.items():
+            port = ports[name] = h.free_port()
+            cmd = [sys.executable, "-m", "fastlb", "--bind", f"{h.HOST}:{port}", *backends, *extra]
+            running[name] = procs.start(f"fastlb-{name}", cmd, cpu=args.proxy_cpu, log_dir=tmp)
+            h.wait_listening(port, running[name])
+        results: dict[str, list[dict]] = {name: [] for name in targets}
+        for round_number in range(args.rounds):
+            for name in targets:
+                proc = running[name]
+                before = h.tree_cpu(proc.pid)
+                cmd = [h.which("taskset"), "-c", args.load_cpu, h.which("wrk"), "-t1", f"-c{args.connections}",
+                       f"-d{args.duration:g}s", "-H", "X-Api-Key: bench-key", f"http://{h.HOST}:{ports[name]}/"]
+                wrk = procs.start("wrk", cmd, stdout=-1)
+                out, _ = wrk.popen.communicate(timeout=args.duration + 30)
+                procs.procs.remove(wrk)
+                delta = h.cpu_delta(before, h.tree_cpu(proc.pid))
+                parsed = h.parse_wrk_output(out.decode())
+                requests = max(1, parsed["requests"])
+                errors = sum(parsed["errors"].values()) + parsed.get("non_2xx", 0)
+                us = (delta["user_s"] + delta["sys_s"]) * 1e6 / requests
+                results[name].append({"us": us, "user_us": delta["user_s"] * 1e6 / requests,
+                                      "rps": parsed["rps"], "errors": errors})
+                print(f"round {round_number + 1} {name:8s} {parsed['rps']:9.0f} req/s {us:6.2f} us CPU/request "
+                      f"errors {errors}", flush=True)
+        if "plain" in targets:
+            print("\n| target | req/s (median) | proxy CPU us/request (median) | user us/request | "
+                  "vs plain (median of per-round ratios) |")
+            print("|---|---:|---:|---:|---:|")
+            for name in targets:
+                ratios = [r["us"] / b["us"] for r, b in zip(results[name], results["plain"])]
+                print(f"| {name} | {statistics.median(r['rps'] for r in results[name]):.0f} | "
+                      f"{statistics.median(r['us'] for r in results[name]):.2f} | "
+                      f"{statistics.median(r['user_us'] for r in results[name]):.2f} | "
+                      f"{statistics.median(ratios):.3f} |")
+        for proc in running.values():
+            logged = [line for line in open(proc.log_path).read().splitlines() if "HTTP engine" in line]
+            print(f"{proc.name}: {logged[-1].split('INFO ')[-1] if logged else '?'}")
+        if not args.skip_memory:
+            port = h.free_port()
+            proc = procs.start("fastlb-keys", [sys.executable, "-m", "fastlb", "--bind", f"{h.HOST}:{port}",
+                                               *backends, "--rate-limit", "header:X-Api-Key=1/s",
+                                               "--rate-limit-table-size", str(TABLE_SIZE)],
+                               cpu=args.proxy_cpu, log_dir=tmp)
+            h.wait_listening(port, proc)
+            send_keys(port, 0, 1000)                        # warm up (imports, buffers)
+            rss = [h.tree_rss_bytes(proc.pid)]
+            ok = send_keys(port, 1000, args.keys)
+            rss.append(h.tree_rss_bytes(proc.pid))
+            ok += send_keys(port, 1000 + args.keys, args.keys)
+            rss.append(h.tree_rss_bytes(proc.pid))
+            mib = [r / 2 ** 20 for r in rss]
+            print(f"\nmemory: table bound {TABLE_SIZE} keys x {ENTRY_BYTES} B = "
+                  f"{TABLE_SIZE * ENTRY_BYTES / 2 ** 20:.1f} MiB (allocated at start)")
+            print(f"RSS after start {mib[0]:.1f} MiB, after {args.keys} distinct keys {mib[1]:.1f} MiB, "
+                  f"after {2 * args.keys} {mib[2]:.1f} MiB ({ok} of {2 * args.keys} requests answered 200)")
+    finally:
+        procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
