@@ -12,6 +12,7 @@
     GET  /api/certificates              the TLS binds' certificates: bind, file, days left
     POST /api/reload                    re-read the config file and reload the certificates (as SIGHUP)
     GET  /api/admission                 admission control: rules, limited counts, top talkers, blocks
+                                        (/stats.json shows it too, header/cookie/query keys fingerprinted)
     POST /api/admission/block           {"cidr": C} or {"key": K[, "rule": N][, "seconds": S]}
     POST /api/admission/unblock         the same without seconds
 
@@ -46,7 +47,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
                                     HistogramMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from fastlb.admission import address_allowed
+from fastlb.admission import address_allowed, public_view
 from fastlb.config import Config, ConfigError, read_token
 from fastlb.control import ChangeError, parse_spec, spec_to_dict
 from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES
@@ -161,7 +162,10 @@ class AdminServer:
         if path == "/stats":
             return 200, "text/html; charset=utf-8", STATS_PAGE.read_bytes()
         if path in ("/stats.json", "/api/backends") and method == "GET":
-            return 200, "application/json", _json(await self.controller.snapshot())
+            view = await self.controller.snapshot()
+            if "admission" in view:
+                view["admission"] = public_view(view["admission"])     # no API key without the token
+            return 200, "application/json", _json(view)
         if not path.startswith("/api/"):
             raise HttpError(404, f"no such path {path}")
         try:

@@ -32,10 +32,11 @@ import hashlib
 import ipaddress
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from fastlb.http.routing import cookie_value, query_value
 
 log = logging.getLogger("fastlb")
 
@@ -47,7 +48,6 @@ SHARE_INTERVAL = 0.05                         # how often counts go to the share
 SHARE_BATCH = 2000                            # keys per exchange (more wait for the next)
 STORE_PROBE_INTERVAL = 1.0
 STORE_OP_TIMEOUT = 0.5
-FILE_POLL_INTERVAL = 1.0
 TOP_K = 10                                    # keys in the views and in /metrics (bounded labels)
 TALKER_WINDOW = 60.0                          # "current" top talkers: seen within this many seconds
 MAX_RETRY_AFTER = 3600                        # Retry-After of a block without an end
@@ -318,7 +318,6 @@ class Admission:
 
     def check_request(self, client_ip: bytes, url: bytes, captured: dict | None, pool_name: str) -> float:
         """0.0: allowed; else seconds until the first rule over its limit would allow it."""
-        from fastlb.http.routing import cookie_value, query_value
         pool = self.pool_ids.get(pool_name, -3)
         check = self.limiter.check_key
         for index, kind, name, missing, rule_pool in self.python_rules:
@@ -355,7 +354,9 @@ class Admission:
 
     def start(self) -> None:
         if self.access_file:
-            self.tasks.append(self.loop.create_task(self._watch_file(self.access_file)))
+            from fastlb.discovery import watch_file
+            self.tasks.append(self.loop.create_task(watch_file(self.access_file, self._reload_file,
+                                                               "admission", "lists")))
         if self.store_url and self.specs:
             import redis.asyncio
             from redis.asyncio.retry import Retry
@@ -374,26 +375,10 @@ class Admission:
             except Exception:
                 pass
 
-    async def _watch_file(self, path: str) -> None:
-        seen = None
-        while True:
-            try:
-                st = os.stat(path)
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            except OSError as exc:
-                if seen != "missing":
-                    log.warning("admission: cannot read %s: %s (keeping its last lists)", path, exc.strerror)
-                seen = stamp = "missing"
-            if stamp != "missing" and stamp != seen:
-                seen = stamp
-                try:
-                    self.file_deny, self.file_allow = read_access_file(path)
-                except (OSError, ValueError) as exc:
-                    log.error("admission: %s (keeping its last lists)", exc)
-                else:
-                    self.refresh_lists()
-                    log.info("admission: %s: %d deny, %d allow", path, len(self.file_deny), len(self.file_allow))
-            await asyncio.sleep(FILE_POLL_INTERVAL)
+    def _reload_file(self) -> None:
+        self.file_deny, self.file_allow = read_access_file(self.access_file)
+        self.refresh_lists()
+        log.info("admission: %s: %d deny, %d allow", self.access_file, len(self.file_deny), len(self.file_allow))
 
     async def _share(self) -> None:
         """Every SHARE_INTERVAL: this worker's counts to Redis, the global state back. Never awaited by a
@@ -496,6 +481,14 @@ def validate_change(change: dict, specs: list) -> dict:
     if seconds is not None and (not isinstance(seconds, (int, float)) or seconds <= 0):
         raise ValueError("'seconds' must be a positive number")
     return {"op": op, "key": key, "rules": indexes, "seconds": seconds}
+
+
+def public_view(view: dict | None) -> dict | None:
+    """The view for pages without a token (/stats.json): keys as their labels (API keys fingerprinted)."""
+    if not view:
+        return view
+    rows = ("talkers", "top_limited", "blocked_keys")
+    return {**view, **{name: [{**row, "key": row["label"]} for row in view[name]] for name in rows}}
 
 
 def merge_views(views: list[dict]) -> dict | None:

@@ -297,6 +297,24 @@ def test_http_deny_list_and_connections_per_source(procs, engine, monkeypatch):
     fourth.close()
 
 
+def test_access_file_is_watched_and_applied_live(procs, tmp_path):
+    access = tmp_path / "access"
+    access.write_text("# bots\ndeny 127.0.0.70/32\n")
+    _, ports = procs.http_backends("a")
+    port = free_port()
+    lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+                      "--access-file", str(access))
+    assert refused_at_once(port, "127.0.0.70")
+    access.write_text("deny 127.0.0.71/32\ndeny 2001:db8::/32\n")
+    wait_until(lambda: refused_at_once(port, "127.0.0.71"), what="the new deny list applied")
+    client, send = keyed_client(port, "127.0.0.70", None)
+    assert send() == 200
+    client.close()
+    access.write_text("deny not-a-network\n")           # refused: the last good lists stay
+    lb.wait_for_line(r"admission: .*access:1: .*keeping its last lists")
+    assert refused_at_once(port, "127.0.0.71")
+
+
 @pytest.mark.parametrize("relay", ["epoll", "uvloop"])
 def test_tcp_deny_list_connections_per_source_and_proxy_address(procs, relay):
     _, ports = procs.backends("a")
@@ -393,5 +411,7 @@ def test_runtime_block_unblock_top_talkers_and_metrics(procs, tmp_path, workers)
     # API keys never appear in /metrics (no token there): only their fingerprint.
     assert "card-tester" not in metrics and 'fastlb_ratelimit_top_limited{key="#' in metrics
     assert b"401" in admin_get(admin, "/api/admission")[:20]           # the API needs the token
+    stats = json.loads(admin_get(admin, "/stats.json").partition(b"\r\n\r\n")[2])
+    assert stats["admission"]["rules"][0]["limited"] == 16 and "card-tester" not in json.dumps(stats)
     for c in (client, good, extra):
         c.close()
