@@ -3,17 +3,18 @@
 
     python3 benchmarks/admission_cost.py [--rounds 5] [--duration 5] [--connections 64] [--keys 100000]
 
-CPU (shared/PERF-NOTES.md's method, as benchmarks/sticky_cost.py): two nginx backends and wrk -t1 on CPU 0,
-each fastlb (one worker, HTTP engine on) alone on CPU 1; every target started once, then rounds of
-A B C ... in one run. CPU is utime + stime of the proxy from /proc/PID/stat over the wrk run, divided
-by the requests wrk completed; the figure is the median over rounds of each target's CPU per request
-over `plain`'s in the same round. Targets:
+CPU (shared/PERF-NOTES.md's method, through benchmarks/harness.py's Bench and measure): two nginx backends
+and wrk -t1 on CPU 0, each fastlb (one worker, HTTP engine on) alone on CPU 1; every target started once,
+then rounds of A B C ... in one run; every request carries `X-Api-Key: bench-key`. CPU is utime + stime
+of the proxy from /proc/PID/stat over the wrk run, divided by the requests wrk completed; the figure is
+the median over rounds of each target's CPU per request over `plain`'s in the same round. Targets:
   plain      no admission control
   limits     --rate-limit source=1000000/s (never trips) --max-conn-per-source 10000 and a 1,000-network
              --access-file deny list: what the engine checks in C per connection and per request
   header     --rate-limit header:X-Api-Key=1000000/s: the Python path (the engine is off), for scale
 
-Memory: one fastlb with --rate-limit header:X-Api-Key=1/s and --rate-limit-table-size 65536 is sent
+Memory: one fastlb with --rate-limit header:X-Api-Key=1/s,missing=allow (the harness's probes carry no
+key) and --rate-limit-table-size 65536 is sent
 `--keys` requests each with its own key (pipelined, 500 per write), then as many again; its RSS is read
 after start, after the first batch and after the second. The table is allocated whole at start
 (capacity x 88 bytes, zeroed pages that become resident as entries are first used), so RSS may grow by
@@ -26,7 +27,6 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -90,7 +90,7 @@ def table_cost_ns(n: int = 1_000_000) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--proxy-cpu", default="1")
@@ -99,88 +99,67 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args(argv)
     h.ensure_tools(["nginx", "wrk", "taskset"])
-    procs = h.Procs()
-    tmp = tempfile.mkdtemp(prefix="admission-cost-")
+    bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu)
     try:
-        backend_ports = h.free_ports(2)
-        conf = os.path.join(tmp, "backends.conf")
-        with open(conf, "w") as f:
-            f.write(h.backend_nginx_conf(tmp, backend_ports))
-        nginx = procs.start("backends", [h.which("nginx"), "-p", tmp, "-e", os.path.join(tmp, "err.log"),
-                                         "-c", conf, "-g", "daemon off;"], cpu=args.load_cpu, log_dir=tmp)
-        for port in backend_ports:
-            h.wait_listening(port, nginx)
-        backends = [a for p in backend_ports for a in ("--backend", f"{h.HOST}:{p}")]
+        bench.start_backends()
         all_targets = {
-            "plain": [],
-            "limits": ["--rate-limit", "source=1000000/s", "--max-conn-per-source", "10000",
-                       "--access-file", deny_file(os.path.join(tmp, "access.txt"))],
-            "header": ["--rate-limit", "header:X-Api-Key=1000000/s"],
+            "plain": "",
+            "limits": "--rate-limit source=1000000/s --max-conn-per-source 10000 --access-file "
+                      + deny_file(os.path.join(bench.tmp, "access.txt")),
+            "header": "--rate-limit header:X-Api-Key=1000000/s",
         }
-        targets = {name: all_targets[name] for name in args.targets.split(",")}
-        ports, running = {}, {}
-        for name, extra in targets.items():
-            port = ports[name] = h.free_port()
-            cmd = [sys.executable, "-m", "fastlb", "--bind", f"{h.HOST}:{port}", *backends, *extra]
-            running[name] = procs.start(f"fastlb-{name}", cmd, cpu=args.proxy_cpu, log_dir=tmp)
-            h.wait_listening(port, running[name])
-        results: dict[str, list[dict]] = {name: [] for name in targets}
+        targets = []
+        for name in args.targets.split(","):
+            spec = h.TargetSpec(name, "fastlb", "http", f"{h.FASTLB_CMD} --log-level info {all_targets[name]}")
+            target = bench.start_target(spec)
+            if target.error:
+                raise SystemExit(f"{name}: {target.error}")
+            targets.append(target)
+        results: dict[str, list[dict]] = {t.name: [] for t in targets}
         for round_number in range(args.rounds):
-            for name in targets:
-                proc = running[name]
-                before = h.tree_cpu(proc.pid)
-                cmd = [h.which("taskset"), "-c", args.load_cpu, h.which("wrk"), "-t1", f"-c{args.connections}",
-                       f"-d{args.duration:g}s", "-H", "X-Api-Key: bench-key", f"http://{h.HOST}:{ports[name]}/"]
-                wrk = procs.start("wrk", cmd, stdout=-1)
-                out, _ = wrk.popen.communicate(timeout=args.duration + 30)
-                procs.procs.remove(wrk)
-                delta = h.cpu_delta(before, h.tree_cpu(proc.pid))
-                parsed = h.parse_wrk_output(out.decode())
-                requests = max(1, parsed["requests"])
-                errors = sum(parsed["errors"].values()) + parsed.get("non_2xx", 0)
-                us = (delta["user_s"] + delta["sys_s"]) * 1e6 / requests
-                results[name].append({"us": us, "user_us": delta["user_s"] * 1e6 / requests,
-                                      "rps": parsed["rps"], "errors": errors})
-                print(f"round {round_number + 1} {name:8s} {parsed['rps']:9.0f} req/s {us:6.2f} us CPU/request "
-                      f"errors {errors}", flush=True)
-        if "plain" in targets:
+            for target in targets:
+                m = h.measure(bench, target, h.SMALL_PATH, args.connections, args.duration,
+                              wrk_args=["-H", "X-Api-Key: bench-key"])
+                results[target.name].append(m)
+                errors = sum(m["errors"].values()) + m.get("non_2xx", 0)
+                print(f"round {round_number + 1} {target.name:8s} {m['rps']:9.0f} req/s "
+                      f"{m['cpu_us_per_req']:6.2f} us CPU/request errors {errors}", flush=True)
+        if "plain" in results:
             print("\n| target | req/s (median) | proxy CPU us/request (median) | user us/request | "
                   "vs plain (median of per-round ratios) |")
             print("|---|---:|---:|---:|---:|")
-            for name in targets:
-                ratios = [r["us"] / b["us"] for r, b in zip(results[name], results["plain"])]
-                print(f"| {name} | {statistics.median(r['rps'] for r in results[name]):.0f} | "
-                      f"{statistics.median(r['us'] for r in results[name]):.2f} | "
-                      f"{statistics.median(r['user_us'] for r in results[name]):.2f} | "
+            for name, runs in results.items():
+                ratios = [r["cpu_us_per_req"] / b["cpu_us_per_req"] for r, b in zip(runs, results["plain"])]
+                print(f"| {name} | {statistics.median(r['rps'] for r in runs):.0f} | "
+                      f"{statistics.median(r['cpu_us_per_req'] for r in runs):.2f} | "
+                      f"{statistics.median(r['user_us_per_req'] for r in runs):.2f} | "
                       f"{statistics.median(ratios):.3f} |")
-        if "plain" in targets:
             cost = table_cost_ns()
-            plain_us = statistics.median(r["us"] for r in results["plain"])
+            plain_us = statistics.median(r["cpu_us_per_req"] for r in results["plain"])
             print(f"in process: one source-rule check in the C table {cost:.0f} ns = "
                   f"{cost / 10 / plain_us:.2f} % of plain's {plain_us:.2f} us CPU per request")
-        for proc in running.values():
-            logged = [line for line in open(proc.log_path).read().splitlines() if "HTTP engine" in line]
-            print(f"{proc.name}: {logged[-1].split('INFO ')[-1] if logged else '?'}")
+        for target in targets:
+            logged = [line for line in open(target.proc.log_path).read().splitlines() if "HTTP engine" in line]
+            print(f"{target.name}: {logged[-1].split('INFO ')[-1] if logged else '?'}")
         if not args.skip_memory:
-            port = h.free_port()
-            proc = procs.start("fastlb-keys", [sys.executable, "-m", "fastlb", "--bind", f"{h.HOST}:{port}",
-                                               *backends, "--rate-limit", "header:X-Api-Key=1/s",
-                                               "--rate-limit-table-size", str(TABLE_SIZE)],
-                               cpu=args.proxy_cpu, log_dir=tmp)
-            h.wait_listening(port, proc)
-            send_keys(port, 0, 1000)                        # warm up (imports, buffers)
-            rss = [h.tree_rss_bytes(proc.pid)]
-            ok = send_keys(port, 1000, args.keys)
-            rss.append(h.tree_rss_bytes(proc.pid))
-            ok += send_keys(port, 1000 + args.keys, args.keys)
-            rss.append(h.tree_rss_bytes(proc.pid))
+            spec = h.TargetSpec("keys", "fastlb", "http", f"{h.FASTLB_CMD} --rate-limit header:X-Api-Key=1/s,missing=allow "
+                                f"--rate-limit-table-size {TABLE_SIZE}")
+            target = bench.start_target(spec)
+            if target.error:
+                raise SystemExit(f"keys: {target.error}")
+            send_keys(target.port, 0, 1000)                  # warm up (imports, buffers)
+            rss = [h.tree_rss_bytes(target.pid)]
+            ok = send_keys(target.port, 1000, args.keys)
+            rss.append(h.tree_rss_bytes(target.pid))
+            ok += send_keys(target.port, 1000 + args.keys, args.keys)
+            rss.append(h.tree_rss_bytes(target.pid))
             mib = [r / 2 ** 20 for r in rss]
             print(f"\nmemory: table bound {TABLE_SIZE} keys x {ENTRY_BYTES} B = "
                   f"{TABLE_SIZE * ENTRY_BYTES / 2 ** 20:.1f} MiB (allocated at start, resident as entries are used)")
             print(f"RSS after start {mib[0]:.1f} MiB, after {args.keys} distinct keys {mib[1]:.1f} MiB, "
                   f"after {2 * args.keys} {mib[2]:.1f} MiB ({ok} of {2 * args.keys} requests answered 200)")
     finally:
-        procs.stop_all()
+        bench.close()
     return 0
 
 

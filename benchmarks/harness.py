@@ -1044,7 +1044,7 @@ class Bench:
 
 
 def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
-            timeout_s: int = 5) -> dict:
+            timeout_s: int = 5, wrk_args: Sequence[str] = ()) -> dict:
     """wrk -t1 -cN -dD --latency on the load CPU, bounded by a subprocess timeout; parsed output + raw text.
 
     wrk takes whole seconds only (-d1.5s is a usage error).
@@ -1055,7 +1055,7 @@ def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
         with open(script, "w") as f:
             f.write(WRK_DONE_LUA)
     cmd = [which("taskset") or "taskset", "-c", bench.load_cpu, which("wrk"), "-t1", f"-c{connections}",
-           f"-d{duration}s", "--latency", "--timeout", f"{timeout_s}s", "-s", script,
+           f"-d{duration}s", "--latency", "--timeout", f"{timeout_s}s", "-s", script, *wrk_args,
            f"http://{HOST}:{port}{path}"]
     p = bench.procs.start("wrk", cmd, stdout=subprocess.PIPE)
     try:
@@ -1074,8 +1074,10 @@ def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
     return res
 
 
-def measure(bench: Bench, target: Target, path: str, connections: int, duration: float) -> dict:
-    """One bounded wrk run against target, with the proxy tree's CPU time and the CPUs' busy/steal shares."""
+def measure(bench: Bench, target: Target, path: str, connections: int, duration: float,
+            wrk_args: Sequence[str] = ()) -> dict:
+    """One bounded wrk run against target, with the proxy tree's CPU time and the CPUs' busy/steal shares
+    (wrk_args: more of wrk's options, e.g. ["-H", "X-Api-Key: k"])."""
     ours = {os.getpid(), *(process_tree(target.pid) if target.pid else ()),
             *(process_tree(bench.backends.pid) if bench.backends else ())}
     all0 = snapshot_all_cpu()
@@ -1084,7 +1086,7 @@ def measure(bench: Bench, target: Target, path: str, connections: int, duration:
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     stat0 = read_cpu_times()
     t0 = time.monotonic()
-    res = run_wrk(bench, target.port, path, connections, duration)
+    res = run_wrk(bench, target.port, path, connections, duration, wrk_args=wrk_args)
     wall = time.monotonic() - t0
     stat1 = read_cpu_times()
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -42,6 +42,7 @@ log = logging.getLogger("fastlb")
 
 KINDS = {"source": 0, "route": 1, "header": 2, "cookie": 3, "query": 4}
 MISSING = {"source": 0, "shared": 1, "allow": 2}
+MISSING_SOURCE, MISSING_ALLOW = MISSING["source"], MISSING["allow"]
 ENGINE_KINDS = ("source", "route")           # what the HTTP engine checks in C
 DEFAULT_TABLE_SIZE = 65536                    # keys per worker (88 bytes each: 5.5 MiB)
 SHARE_INTERVAL = 0.05                         # how often counts go to the shared store
@@ -247,7 +248,7 @@ class Admission:
         # What the Python path reads per rule: (index, kind, lower-cased header name / cookie or query
         # name, missing, pool id).
         self.python_rules = [(i, s.kind, s.name.lower().encode() if s.kind == "header" else s.name.encode(),
-                              s.missing, rules[i][4]) for i, s in enumerate(self.specs)]
+                              MISSING[s.missing], rules[i][4]) for i, s in enumerate(self.specs)]
         self.capture = frozenset(b"cookie" if s.kind == "cookie" else s.name.lower().encode()
                                  for s in self.specs if s.kind in ("header", "cookie"))
         self.python_keys = [s.key for s in self.specs if s.kind not in ENGINE_KINDS]
@@ -334,9 +335,9 @@ class Admission:
             else:
                 key = query_value(url, name)
             if key is None:
-                if missing == 2:
+                if missing == MISSING_ALLOW:
                     continue
-                key = client_ip if missing == 0 else NO_KEY
+                key = client_ip if missing == MISSING_SOURCE else NO_KEY
             wait = check(index, key)
             if wait > 0.0:
                 return wait

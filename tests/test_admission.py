@@ -128,6 +128,23 @@ def test_config_file_rate_limit_tables(tmp_path):
         config_from_args(["--config", str(path)])
 
 
+@pytest.mark.parametrize("missing, expected", [("source", [0.0, 0.0, 1, 1]), ("shared", [0.0, 1, 1, 1]),
+                                               ("allow", [0.0, 0.0, 0.0, 0.0])])
+def test_requests_without_the_key_fall_under_missing(missing, expected):
+    from fastlb.admission import Admission
+    _, config = config_from_args(["--bind", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--rate-limit",
+                                  f"cookie:sid=1/m,burst=1,missing={missing}", "--rate-limit",
+                                  "query:k=1/m,burst=1,pool=default,missing=allow"])
+    admission = Admission(config, None, ["default"])
+    got = [admission.check_request(source, b"/", None, "default") for source in
+           (b"192.0.2.1", b"192.0.2.2", b"192.0.2.1", b"192.0.2.2")]
+    assert [0.0 if wait == 0.0 else 1 for wait in got] == expected
+    # A key present: its own bucket (cookie parsed from the captured header, query from the URL).
+    assert admission.check_request(b"192.0.2.1", b"/?k=a", {b"cookie": b"x=1; sid=abc"}, "default") == 0.0
+    assert admission.check_request(b"192.0.2.1", b"/?k=b", {b"cookie": b"sid=abc"}, "default") > 0
+    assert admission.check_request(b"192.0.2.1", b"/?k=a", {b"cookie": b"sid=new"}, "default") > 0
+
+
 def test_worker_views_merge_per_key():
     row = {"rule": "r", "key": "k", "label": "k", "allowed": 5, "limited": 3, "blocked": False}
     view = {"rules": [{"rule": "r", "limited": 3}], "talkers": [row], "top_limited": [row], "blocked_keys": [],
