@@ -5,13 +5,14 @@
 
 CPU (shared/PERF-NOTES.md's method, through benchmarks/harness.py's Bench and measure): two nginx backends
 and wrk -t1 on CPU 0, each fastlb (one worker, HTTP engine on) alone on CPU 1; every target started once,
-then rounds of A B C ... in one run; every request carries `X-Api-Key: bench-key`. CPU is utime + stime
+then rounds of A B C ... in one run; every request carries `X-Api-Key: bench-key` and a Cookie `sid`. CPU is utime + stime
 of the proxy from /proc/PID/stat over the wrk run, divided by the requests wrk completed; the figure is
 the median over rounds of each target's CPU per request over `plain`'s in the same round. Targets:
   plain      no admission control
   limits     --rate-limit source=1000000/s (never trips) --max-conn-per-source 10000 and a 1,000-network
              --access-file deny list: what the engine checks in C per connection and per request
-  header     --rate-limit header:X-Api-Key=1000000/s: the Python path (the engine is off), for scale
+  header     --rate-limit header:X-Api-Key=1000000/s: the engine records the header and checks it in C
+  cookie     --rate-limit cookie:sid=1000000/s: the Python path (the engine is off), for scale
 
 Memory: one fastlb with --rate-limit header:X-Api-Key=1/s,missing=allow (the harness's probes carry no
 key) and --rate-limit-table-size 65536 is sent
@@ -72,7 +73,7 @@ def table_cost_ns(n: int = 1_000_000) -> float:
     same cdef method the engine calls; the Python call around it measured with a no-op and taken off)."""
     import time
     from fastlb._admission import Limiter
-    table = Limiter(TABLE_SIZE, [(1e-6, 1.0, 0, 0, -1)], [b"default"], 0)
+    table = Limiter(TABLE_SIZE, [(1e-6, 1.0, 0, 0, -1, -1)], [b"default"], 0)
     key, check, now = b"192.0.2.77", table.check_key, table.now
     best = []
     for _ in range(3):
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--proxy-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
-    parser.add_argument("--targets", default="plain,limits,header")
+    parser.add_argument("--targets", default="plain,limits,header,cookie")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args(argv)
     h.ensure_tools(["nginx", "wrk", "taskset"])
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
             "limits": "--rate-limit source=1000000/s --max-conn-per-source 10000 --access-file "
                       + deny_file(os.path.join(bench.tmp, "access.txt")),
             "header": "--rate-limit header:X-Api-Key=1000000/s",
+            "cookie": "--rate-limit cookie:sid=1000000/s",
         }
         targets = []
         for name in args.targets.split(","):
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
         for round_number in range(args.rounds):
             for target in targets:
                 m = h.measure(bench, target, h.SMALL_PATH, args.connections, args.duration,
-                              wrk_args=["-H", "X-Api-Key: bench-key"])
+                              wrk_args=["-H", "X-Api-Key: bench-key", "-H", "Cookie: sid=bench-session"])
                 results[target.name].append(m)
                 errors = sum(m["errors"].values()) + m.get("non_2xx", 0)
                 print(f"round {round_number + 1} {target.name:8s} {m['rps']:9.0f} req/s "

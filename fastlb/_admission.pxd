@@ -1,10 +1,11 @@
 # The admission table's C interface (fastlb/_admission.pyx): cimported by the HTTP engine
 # (fastlb/http/_fast.pyx), which checks connections and requests without a call into Python.
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from fastlb._posix cimport sockaddr
 
 cdef enum:
     KEY_TEXT = 38              # bytes of a key kept for display (top talkers); longer keys are cut
+    MAX_KEY_HEADERS = 4        # distinct header names `header:` rules may key on in the HTTP engine
 
 cdef struct Entry:
     uint64_t ident             # the key's hash (FNV-1a 64 of rule id and key: the same on every node); 0: free
@@ -25,6 +26,7 @@ cdef struct Rule:
     int kind                   # RuleKind
     int missing                # Missing: what a request without the key falls under
     int pool                   # the pool id the rule applies to (-1: every pool)
+    int slot                   # `header:` rules: the engine's key header index (Limiter.check_engine)
     unsigned long long limited
 
 # Verdicts of admit_*.
@@ -61,5 +63,6 @@ cdef class Limiter:
     cdef int admit_address(self, const sockaddr *address, const char *ip, Py_ssize_t ip_len)
     cdef void leave(self, const char *ip, Py_ssize_t ip_len)
     cdef double check(self, int rule, const char *key, Py_ssize_t key_len, double now)
-    cdef double check_engine(self, int pool, const char *ip, Py_ssize_t ip_len, double now)
+    cdef double check_engine(self, int pool, const char *ip, Py_ssize_t ip_len, const char *buf,
+                             const uint32_t *key_start, const int32_t *key_len, double now)
     cdef Entry *find(self, uint64_t ident, bint insert, double now)

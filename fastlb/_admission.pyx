@@ -18,7 +18,7 @@ binary search: O(log n) per connection whatever the list's size.
 """
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from fastlb._posix cimport *
 import os
@@ -140,8 +140,9 @@ cdef uint64_t *pack_ranges(list ranges) except? NULL:
 
 
 cdef class Limiter:
-    """One worker's table. rules: [(interval, tolerance, kind, missing, pool_id)] in config order;
-    pool_names: pool id -> name (bytes)."""
+    """One worker's table. rules: [(interval, tolerance, kind, missing, pool_id, header slot)] in config
+    order (the slot: header rules' index into the engine's key headers, else -1); pool_names: pool id ->
+    name (bytes)."""
 
     def __cinit__(self):
         self.table = NULL
@@ -166,12 +167,13 @@ cdef class Limiter:
         self.nrules = len(rules)
         self.has_request_rules = self.nrules > 0
         for i in range(self.nrules):
-            interval, tolerance, kind, missing, pool = rules[i]
+            interval, tolerance, kind, missing, pool, slot = rules[i]
             self.rules[i].interval = interval
             self.rules[i].tolerance = tolerance
             self.rules[i].kind = kind
             self.rules[i].missing = missing
             self.rules[i].pool = pool
+            self.rules[i].slot = slot
             self.rules[i].limited = 0
         self.pool_names = list(pool_names)
         self.max_conn_per_source = max_conn_per_source
@@ -334,19 +336,36 @@ cdef class Limiter:
             self.ndirty += 1
         return 0.0
 
-    cdef double check_engine(self, int pool, const char *ip, Py_ssize_t ip_len, double now):
-        """Every source and route rule of `pool` (the engine serves no other kind: fastlb/http/fast.py)."""
-        cdef int r
+    cdef double check_engine(self, int pool, const char *ip, Py_ssize_t ip_len, const char *buf,
+                             const uint32_t *key_start, const int32_t *key_len, double now):
+        """Every rule of `pool`, for the engine: source, route and header keys (a header's value is
+        buf[key_start[slot]:+key_len[slot]], key_len -1 when absent). The engine serves no balancer with
+        cookie or query rules (fastlb/http/fast.py)."""
+        cdef int r, slot
         cdef double wait
         cdef bytes name
+        cdef Rule *rule
         for r in range(self.nrules):
-            if self.rules[r].pool >= 0 and self.rules[r].pool != pool:
+            rule = self.rules + r
+            if rule.pool >= 0 and rule.pool != pool:
                 continue
-            if self.rules[r].kind == KIND_SOURCE:
+            if rule.kind == KIND_SOURCE:
                 wait = self.check(r, ip, ip_len, now)
-            else:
+            elif rule.kind == KIND_ROUTE:
                 name = self.pool_names[pool]
                 wait = self.check(r, PyBytes_AS_STRING(name), len(name), now)
+            elif rule.kind == KIND_HEADER:
+                slot = rule.slot
+                if key_len[slot] >= 0:
+                    wait = self.check(r, buf + key_start[slot], key_len[slot], now)
+                elif rule.missing == MISSING_SOURCE:
+                    wait = self.check(r, ip, ip_len, now)
+                elif rule.missing == MISSING_SHARED:
+                    wait = self.check(r, b"-", 1, now)
+                else:
+                    continue
+            else:
+                continue
             if wait > 0.0:
                 return wait
         return 0.0

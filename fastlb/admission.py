@@ -13,8 +13,9 @@ backend. Every rule that applies is checked, in order; the first one over its li
 
 Where it runs: the table is C (fastlb/_admission.pyx: GCRA per key, a fixed-size set-associative table,
 binary search over CIDR ranges). The HTTP engine (fastlb/http/_fast.pyx) checks connections and
-`source`/`route` rules by a C call into it, without Python; a `header:`, `cookie:` or `query:` rule
-needs the request's headers in Python, so the engine stays off for a balancer with one (said at start).
+`source`, `route` and `header:` rules by a C call into it, without Python (it records the key headers'
+values as it parses the head); a `cookie:` or `query:` rule is checked in Python, so the engine stays off
+for a balancer with one, and for a `header:` rule with routing rules (said at start).
 The Python paths (HTTP fallback, tcp mode) call the same table.
 
 Sharing (`--store redis://`): nodes never wait for Redis. Each keeps its own bucket per key and decides
@@ -43,7 +44,9 @@ log = logging.getLogger("fastlb")
 KINDS = {"source": 0, "route": 1, "header": 2, "cookie": 3, "query": 4}
 MISSING = {"source": 0, "shared": 1, "allow": 2}
 MISSING_SOURCE, MISSING_ALLOW = MISSING["source"], MISSING["allow"]
-ENGINE_KINDS = ("source", "route")           # what the HTTP engine checks in C
+ENGINE_KINDS = ("source", "route", "header")  # what the HTTP engine checks in C
+SECRET_KINDS = ("header", "cookie", "query")  # keys that may be credentials: fingerprinted without a token
+MAX_KEY_HEADERS = 4                           # fastlb/_admission.pxd: header names the engine keys on
 DEFAULT_TABLE_SIZE = 65536                    # keys per worker (88 bytes each: 5.5 MiB)
 SHARE_INTERVAL = 0.05                         # how often counts go to the shared store
 SHARE_BATCH = 2000                            # keys per exchange (more wait for the next)
@@ -52,7 +55,7 @@ STORE_OP_TIMEOUT = 0.5
 TOP_K = 10                                    # keys in the views and in /metrics (bounded labels)
 TALKER_WINDOW = 60.0                          # "current" top talkers: seen within this many seconds
 MAX_RETRY_AFTER = 3600                        # Retry-After of a block without an end
-NO_KEY = b"-"                                 # the shared bucket of requests without the key
+NO_KEY = b"-"                                 # the shared bucket of requests without the key (as the C side)
 ADMIT, DENIED, TOO_MANY = 0, 1, 2             # fastlb/_admission.pxd's verdicts
 
 # GCRA in Redis for a batch of keys: KEYS the keys, ARGV their costs (microseconds). Each key's arrival
@@ -238,11 +241,16 @@ class Admission:
         self.loop = loop
         self.specs: list[RateLimitSpec] = list(config.rate_limit)
         self.pool_ids = {name: index for index, name in enumerate(pool_names)}
+        # The header names `header:` rules key on: the HTTP engine records their values as it parses.
+        self.engine_headers = list(dict.fromkeys(s.name.lower().encode() for s in self.specs
+                                                 if s.kind == "header"))
         rules = []
         for spec in self.specs:
             interval = 1.0 / spec.rate
             rules.append((interval, spec.burst * interval, KINDS[spec.kind], MISSING[spec.missing],
-                          self.pool_ids.get(spec.pool, -2) if spec.pool is not None else -1))
+                          self.pool_ids.get(spec.pool, -2) if spec.pool is not None else -1,
+                          self.engine_headers.index(spec.name.lower().encode()) if spec.kind == "header"
+                          else -1))
         self.limiter = Limiter(config.rate_limit_table_size, rules, [n.encode() for n in pool_names],
                                config.max_conn_per_source)
         # What the Python path reads per rule: (index, kind, lower-cased header name / cookie or query
@@ -280,7 +288,7 @@ class Admission:
                          + (f" (+ watched {self.access_file})" if self.access_file else ""))
         where = (f"rules keyed by {', '.join(self.python_keys)} are checked on the HTTP Python path (the C "
                  f"engine serves no bind then)" if self.python_keys else
-                 "the HTTP engine checks everything in C")
+                 "the HTTP engine checks everything in C (unless it says otherwise below)")
         shared = f"shared through {self.store_url}" if self.store_url and self.specs else "per worker"
         return f"{'; '.join(parts)}; {where}; limits {shared}; table {self.limiter.capacity} keys"
 
@@ -444,7 +452,7 @@ class Admission:
         limiter = self.limiter
         entries = limiter.entries(TALKER_WINDOW)
         texts = [s.text for s in self.specs]
-        secret = [s.kind not in ENGINE_KINDS for s in self.specs]
+        secret = [s.kind in SECRET_KINDS for s in self.specs]
         as_row = lambda e: {"rule": texts[e[0]], "key": e[1].decode("latin-1"), "allowed": e[2],  # noqa: E731
                             "limited": e[3], "blocked": e[4], "label": key_label(e[1], secret[e[0]])}
         return {

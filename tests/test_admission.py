@@ -31,7 +31,7 @@ OTHER_EVERY = 10                     # one request of another key per 10: 20/s, 
 def limiter(*rules, capacity=4096, max_conn=0):
     """A Limiter with rules given as parse_rate_limit strings."""
     specs = [parse_rate_limit(r) for r in rules]
-    return Limiter(capacity, [(1 / s.rate, s.burst / s.rate, KINDS[s.kind], 0, -1) for s in specs],
+    return Limiter(capacity, [(1 / s.rate, s.burst / s.rate, KINDS[s.kind], 0, -1, -1) for s in specs],
                    [b"default"], max_conn)
 
 
@@ -173,12 +173,15 @@ def offer(sends, count: int = int(OFFERED * SECONDS), rate: float = OFFERED, bet
     return statuses, time.monotonic() - start
 
 
-def keyed_client(port: int, source: str, header: str | None):
+def keyed_client(port: int, source: str, key: str | None, kind: str = "header:X-Api-Key"):
+    """A keep-alive client from `source` whose requests carry `key` as the rule `kind` reads it (a header
+    or cookie sid; None: no key), and a send() answering the status."""
     client = Client.__new__(Client)
     client.sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
     client.leftover = b""
     client.timeout = 5.0
-    headers = {"X-Api-Key": header} if header else None
+    headers = None if key is None else {"Cookie": f"lang=en; sid={key}"} if kind == "cookie:sid" else {
+        "X-Api-Key": key}
 
     def send():
         response = client.request("GET", "/x", headers)
@@ -188,16 +191,20 @@ def keyed_client(port: int, source: str, header: str | None):
     return client, send
 
 
-@pytest.mark.parametrize("key", ["source", "header:X-Api-Key"])
-def test_one_balancer_limits_one_key_and_not_the_others(procs, key):
+@pytest.mark.parametrize("key, engine", [("source", "c"), ("header:X-Api-Key", "c"),
+                                         ("header:X-Api-Key", "python"), ("cookie:sid", "c")])
+def test_one_balancer_limits_one_key_and_not_the_others(procs, key, engine, monkeypatch):
+    monkeypatch.setenv("FASTLB_HTTP_ENGINE", engine)
     _, ports = procs.http_backends("a")
     port = free_port()
     lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                       "--rate-limit", f"{key}={RATE}/s,burst={BURST}")
-    # source: the engine checks it in C; header: the Python path (said at start).
-    lb.wait_for_line("HTTP engine c" if key == "source" else r"HTTP engine python \(rate limit keyed by header")
-    bot, send_bot = keyed_client(port, "127.0.0.1", "bot" if key != "source" else None)
-    other, send_other = keyed_client(port, "127.0.0.2", "someone-else" if key != "source" else None)
+    # source and header: the engine checks them in C; cookie: the Python path (said at start).
+    lb.wait_for_line("HTTP engine c" if key != "cookie:sid" and engine == "c" else "HTTP engine python")
+    if key == "cookie:sid":
+        lb.wait_for_line(r"HTTP engine python \(rate limit keyed by cookie:sid")
+    bot, send_bot = keyed_client(port, "127.0.0.1", "bot" if key != "source" else None, key)
+    other, send_other = keyed_client(port, "127.0.0.2", "someone-else" if key != "source" else None, key)
     others = []
     (statuses,), seconds = offer([send_bot], between=lambda i: i % OTHER_EVERY or others.append(send_other()))
     bot.close()
@@ -207,6 +214,26 @@ def test_one_balancer_limits_one_key_and_not_the_others(procs, key):
     # plus the burst. ±5 % of it (13 requests) covers a late or early send of up to ~0.25 s.
     expected = RATE * seconds + BURST
     assert abs(statuses.count(200) - expected) <= 0.05 * expected, (statuses.count(200), expected)
+
+
+def test_routed_requests_are_limited_per_pool(procs, tmp_path):
+    _, ports = procs.http_backends("a", "b")
+    port = free_port()
+    config = tmp_path / "lb.toml"
+    a, b = ports["a"], ports["b"]
+    config.write_text(f'bind = "127.0.0.1:{port}"\ndefault_pool = "web"\n[[pool]]\nname = "api"\nbackend = ["127.0.0.1:{a}"]\n'
+                      f'[[pool]]\nname = "web"\nbackend = ["127.0.0.1:{b}"]\n'
+                      f'[[route]]\npool = "api"\npath_prefix = "/api/"\n'
+                      f'[[rate_limit]]\nkey = "source"\nrate = "1/m"\nburst = 3\npool = "api"\n'
+                      f'[[rate_limit]]\nkey = "route"\nrate = "1/m"\nburst = 5\npool = "web"\n')
+    lb = procs.fastlb("--config", str(config), wait_port=port)
+    lb.wait_for_line("HTTP engine c")                  # routing rules: the engine asks Python per request
+    with Client(port) as c:
+        api = [c.request("GET", "/api/x").status for _ in range(5)]
+        web = [c.request("GET", "/").status for _ in range(7)]
+    with Client(port) as c:                            # `route`: the pool's total, whoever sends
+        web += [c.request("GET", "/").status]
+    assert api == [200, 200, 200, 429, 429] and web == [200] * 5 + [429] * 3
 
 
 def two_balancers(procs, redis_port: int, key: str = "header:X-Api-Key"):

@@ -25,12 +25,12 @@ timeouts), which hands the connected socket back. A connection that left the eng
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memcmp, memmove, strlen
 from libc.errno cimport errno, EAGAIN, EINTR
-from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport uint32_t, int32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from fastlb._posix cimport *
-from fastlb._admission cimport Limiter, ADMIT, DENIED
+from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS
 
 include "_scan.pxi"
 
@@ -81,6 +81,7 @@ cdef enum:
     H_IS_CONNECTION = 3
     H_IS_LENGTH = 4    # Content-Length: a body whole in the same read is served
     H_ADOPT = 5        # anything else the Python path handles (chunked, Upgrade, Expect, X-Forwarded-For...)
+    H_KEY = 16         # H_KEY + i: forwarded, and its value is the key of `header:` rate limits of slot i
 
 cdef struct Backend
 cdef struct Client
@@ -134,6 +135,8 @@ cdef struct Client:
     unsigned char hung_up         # the client shut its side (EPOLLRDHUP): read again after each answer
     unsigned char gone            # closed while Python was connecting for it: freed on the callback
     unsigned char counted         # in the admission table's connections per source: leave() on close
+    uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
+    int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
 
 
 cdef struct Listener:
@@ -250,6 +253,7 @@ cdef class Engine:
     # Python (a 429's bytes come from Python: the limited path); the pool id of the unrouted pool.
     cdef Limiter limiter
     cdef int limit_pool
+    cdef int nkeys             # key headers recorded per request (H_KEY actions)
     cdef object limited_response
     cdef bytes too_many_close
 
@@ -304,7 +308,8 @@ cdef class Engine:
         # forward_block_for(address, "http") with a marker for the address (b"": forwarding off).
         self.forward_before, _, self.forward_after = settings.forward_block_for(b"\x00", b"http").partition(b"\x00")
         self.rule_names = []
-        self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + 1))
+        key_headers = admission.engine_headers if admission is not None else []
+        self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + len(key_headers) + 1))
         if self.rules == NULL:
             raise MemoryError()
         for name, action in request_actions.items():
@@ -322,6 +327,13 @@ cdef class Engine:
             else:
                 self.rules[i].action = H_ADOPT
             i += 1
+        for slot, name in enumerate(key_headers):      # fast.py: none of them is in request_actions
+            self.rule_names.append(name)
+            self.rules[i].name = <const char *>PyBytes_AS_STRING(name)
+            self.rules[i].length = len(name)
+            self.rules[i].action = H_KEY + slot
+            i += 1
+        self.nkeys = len(key_headers)
         self.nrules = i
         self.now = monotonic_now()
         if admission is not None:
@@ -649,6 +661,10 @@ cdef class Engine:
         cdef Py_ssize_t length_start = -1, length_end = -1, length = 0, body_start
         cdef char *lines = h + SCRATCH // 2     # header lines, moved behind the Host line at the end
         cdef Py_ssize_t lines_len = 0
+        cdef uint32_t key_start[MAX_KEY_HEADERS]
+        cdef int32_t key_len[MAX_KEY_HEADERS]
+        for i in range(self.nkeys):
+            key_len[i] = -1
         if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) > MAX_FAST_HEAD:
             return False                                    # keeps every part below within headbuf
         # Request line: a common method, an origin-form target, HTTP/1.1.
@@ -712,6 +728,13 @@ cdef class Engine:
             if header_size > self.max_header_size or header_count > self.max_headers:
                 return False
             action = self.header_action(p + name_start, name_end - name_start)
+            if action >= H_KEY:
+                # A rate limit's key: forwarded as it is; a repeated one is the Python path's (it joins them).
+                if key_len[action - H_KEY] >= 0:
+                    return False
+                key_start[action - H_KEY] = <uint32_t>value_start
+                key_len[action - H_KEY] = <int32_t>(pos - value_start)
+                action = H_FORWARD
             if action == H_FORWARD:
                 lines_len = put(lines, lines_len, p + name_start, name_end - name_start)
                 lines_len = put_line(lines, lines_len, b": ", 2, p + value_start, pos - value_start)
@@ -764,6 +787,9 @@ cdef class Engine:
         c.head_len = <uint32_t>hlen
         c.head_sent = 0
         c.close_after = close_after
+        for i in range(self.nkeys):
+            c.key_start[i] = key_start[i]
+            c.key_len[i] = key_len[i]
         return True
 
     cdef int slot_of(self, backend) except -1:
@@ -807,7 +833,8 @@ cdef class Engine:
             self.place(c, backend, key)
             return
         if self.limiter is not None and self.limiter.has_request_rules:
-            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, self.now)
+            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, c.buf, c.key_start, c.key_len,
+                                             self.now)
             if wait > 0.0:
                 self.answer(c, self.limited_response(wait, c.close_after))
                 return

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 
+from fastlb.admission import MAX_KEY_HEADERS
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
 from fastlb.l4 import DETACHED
@@ -40,9 +41,15 @@ def why_not(runtime, bind) -> str | None:
         return "TLS, redirect or PROXY-protocol bind"
     admission = runtime.admission
     if admission is not None and admission.python_keys:
-        return (f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source and "
-                f"route keys only")
-    if any(route.sticky is not None for route in routes) or settings.capture or settings.cookie_held:
+        return (f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source, "
+                f"route and header keys only")
+    if admission is not None and admission.engine_headers:
+        if runtime.router.single is None:
+            return "rate limit keyed by a header, with routing rules"
+        if len(admission.engine_headers) > MAX_KEY_HEADERS or any(
+                name in settings.request_actions for name in admission.engine_headers):
+            return f"rate limits keyed by more than {MAX_KEY_HEADERS} headers, or by one fastlb rewrites"
+    if any(route.sticky is not None for route in routes) or runtime.router.capture or settings.cookie_held:
         return "sticky sessions or captured headers"
     for route in routes:
         if route.key_kind not in KEY_KINDS:
