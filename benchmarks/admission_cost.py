@@ -5,9 +5,10 @@
 
 CPU (shared/PERF-NOTES.md's method, through benchmarks/harness.py's Bench and measure): two nginx backends
 and wrk -t1 on CPU 0, each fastlb (one worker, HTTP engine on) alone on CPU 1; every target started once,
-then rounds of A B C ... in one run; every request carries `X-Api-Key: bench-key` and a Cookie `sid`. CPU is utime + stime
-of the proxy from /proc/PID/stat over the wrk run, divided by the requests wrk completed; the figure is
-the median over rounds of each target's CPU per request over `plain`'s in the same round. Targets:
+then rounds of A B C ... in one run; every request carries `X-Api-Key: bench-key` and a Cookie `sid`.
+CPU is utime + stime of the proxy from /proc/PID/stat over the wrk run, divided by the requests wrk
+completed; the figure is the median over rounds of each target's CPU per request over `plain`'s in the
+same round. Targets:
   plain      no admission control
   limits     --rate-limit source=1000000/s (never trips) --max-conn-per-source 10000 and a 1,000-network
              --access-file deny list: what the engine checks in C per connection and per request
@@ -15,9 +16,8 @@ the median over rounds of each target's CPU per request over `plain`'s in the sa
   cookie     --rate-limit cookie:sid=1000000/s: the Python path (the engine is off), for scale
 
 Memory: one fastlb with --rate-limit header:X-Api-Key=1/s,missing=allow (the harness's probes carry no
-key) and --rate-limit-table-size 65536 is sent
-`--keys` requests each with its own key (pipelined, 500 per write), then as many again; its RSS is read
-after start, after the first batch and after the second. The table is allocated whole at start
+key) and --rate-limit-table-size 65536 is sent `--keys` requests each with its own key (pipelined, 500
+per write), then as many again; its RSS is read after start, after the first batch and after the second. The table is allocated whole at start
 (capacity x 88 bytes, zeroed pages that become resident as entries are first used), so RSS may grow by
 that much and no more, whatever the number of keys.
 """
@@ -144,8 +144,8 @@ def main(argv=None) -> int:
             logged = [line for line in open(target.proc.log_path).read().splitlines() if "HTTP engine" in line]
             print(f"{target.name}: {logged[-1].split('INFO ')[-1] if logged else '?'}")
         if not args.skip_memory:
-            spec = h.TargetSpec("keys", "fastlb", "http", f"{h.FASTLB_CMD} --rate-limit header:X-Api-Key=1/s,missing=allow "
-                                f"--rate-limit-table-size {TABLE_SIZE}")
+            spec = h.TargetSpec("keys", "fastlb", "http", f"{h.FASTLB_CMD} --rate-limit "
+                                f"header:X-Api-Key=1/s,missing=allow --rate-limit-table-size {TABLE_SIZE}")
             target = bench.start_target(spec)
             if target.error:
                 raise SystemExit(f"keys: {target.error}")

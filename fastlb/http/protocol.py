@@ -190,8 +190,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
-        if self.runtime.admission is not None and not self.admitted and not self.runtime.admission.admit_http(self):
-            return
+        admission = self.runtime.admission
+        if admission is not None and not self.admitted and not admission.admit_http(self):
+            return                       # refused (lists, connections per source): closed
         settings = self.settings
         self.forward_block = settings.forward_block_for(self.client_ip, self.scheme)
         if self.mtls:
