@@ -1121,6 +1121,19 @@ def measure(bench: Bench, target: Target, path: str, connections: int, duration:
     return out
 
 
+def print_cpu_ratio_table(results: dict[str, list[dict]], baseline_of, baseline_label: str,
+                          us: str = "us", user_us: str = "user_us") -> None:
+    """The markdown table of a feature-cost benchmark: per target the medians of req/s, CPU and user µs per
+    request, and the median of its per-round CPU ratios over its baseline's (baseline_of(name))."""
+    print(f"\n| target | req/s (median) | proxy CPU us/request (median) | user us/request | "
+          f"vs {baseline_label} (median of per-round ratios) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in results.items():
+        ratios = [r[us] / b[us] for r, b in zip(runs, results[baseline_of(name)])]
+        print(f"| {name} | {median(r['rps'] for r in runs):.0f} | {median(r[us] for r in runs):.2f} | "
+              f"{median(r[user_us] for r in runs):.2f} | {median(ratios):.3f} |")
+
+
 def system_info() -> dict:
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
