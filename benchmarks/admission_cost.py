@@ -13,7 +13,8 @@ same round. Targets:
   limits     --rate-limit source=1000000/s (never trips) --max-conn-per-source 10000 and a 1,000-network
              --access-file deny list: what the engine checks in C per connection and per request
   header     --rate-limit header:X-Api-Key=1000000/s: the engine records the header and checks it in C
-  cookie     --rate-limit cookie:sid=1000000/s: the Python path (the engine is off), for scale
+  cookie     --rate-limit cookie:sid=1000000/s: the same, the cookie found in the Cookie header in C
+  query      --rate-limit query:k=1000000/s: the Python path (the engine is off), for scale
 
 Memory: one fastlb with --rate-limit header:X-Api-Key=1/s,missing=allow (the harness's probes carry no
 key) and --rate-limit-table-size 65536 is sent `--keys` requests each with its own key (pipelined, 500
@@ -73,7 +74,7 @@ def table_cost_ns(n: int = 1_000_000) -> float:
     same cdef method the engine calls; the Python call around it measured with a no-op and taken off)."""
     import time
     from fastlb._admission import Limiter
-    table = Limiter(TABLE_SIZE, [(1e-6, 1.0, 0, 0, -1, -1)], [b"default"], 0)
+    table = Limiter(TABLE_SIZE, [(1e-6, 1.0, 0, 0, -1, -1, b"")], [b"default"], 0)
     key, check, now = b"192.0.2.77", table.check_key, table.now
     checks, calls = [], []
     for _ in range(5):                      # the fastest of 5 runs of each: the least disturbed
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--proxy-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
-    parser.add_argument("--targets", default="plain,limits,header,cookie")
+    parser.add_argument("--targets", default="plain,limits,header,cookie,query")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args(argv)
     h.ensure_tools(["nginx", "wrk", "taskset"])
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
                       + deny_file(os.path.join(bench.tmp, "access.txt")),
             "header": "--rate-limit header:X-Api-Key=1000000/s",
             "cookie": "--rate-limit cookie:sid=1000000/s",
+            "query": "--rate-limit query:k=1000000/s",
         }
         targets = []
         for name in args.targets.split(","):

@@ -26,7 +26,9 @@ cdef struct Rule:
     int kind                   # RuleKind
     int missing                # Missing: what a request without the key falls under
     int pool                   # the pool id the rule applies to (-1: every pool)
-    int slot                   # `header:` rules: the engine's key header index (Limiter.check_engine)
+    int slot                   # header and cookie rules: the engine's key header index (check_engine)
+    const char *name           # cookie rules: the cookie's name (kept alive by Limiter.names)
+    int name_len
     unsigned long long limited
 
 # Verdicts of admit_*.
@@ -57,6 +59,7 @@ cdef class Limiter:
     cdef public unsigned long long denied, too_many, evictions
     cdef public bint has_request_rules
     cdef list pool_names           # pool id -> name (bytes): the key of `route` rules
+    cdef list names                # the rules' cookie names (bytes), which Rule.name points into
 
     cdef bint listed_out(self, uint64_t hi, uint64_t lo)
     cdef int count_in(self, const char *ip, Py_ssize_t ip_len)

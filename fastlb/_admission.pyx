@@ -17,7 +17,7 @@ CIDR lists are sorted, merged ranges of 128-bit addresses (IPv4 mapped into ::ff
 binary search: O(log n) per connection whatever the list's size.
 """
 from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memset, memcmp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from fastlb._posix cimport *
@@ -120,6 +120,41 @@ cdef inline bint in_ranges(const uint64_t *ranges, Py_ssize_t n, uint64_t hi, ui
     return False
 
 
+cdef inline bint is_space(char c) noexcept nogil:
+    return c == 32 or 9 <= c <= 13             # bytes.strip()'s whitespace
+
+
+cdef bint cookie_value(const char *h, Py_ssize_t n, const char *name, Py_ssize_t name_len,
+                       const char **value, Py_ssize_t *value_len) noexcept nogil:
+    """Cookie `name`'s value in a Cookie header, as fastlb/http/routing.py's cookie_value finds it (the
+    Python path's key must be the same bytes): the first `;`-separated pair, stripped, whose part before
+    its first `=` is the name; the value without surrounding quotes. False: absent (or empty)."""
+    cdef Py_ssize_t i = 0, j, a, b, e
+    while i <= n:
+        j = i
+        while j < n and h[j] != 59:                # ';'
+            j += 1
+        a, b = i, j
+        while a < b and is_space(h[a]):
+            a += 1
+        while b > a and is_space(h[b - 1]):
+            b -= 1
+        e = a
+        while e < b and h[e] != 61:                # '='
+            e += 1
+        if e < b and e - a == name_len and memcmp(h + a, name, name_len) == 0:
+            a = e + 1
+            while a < b and h[a] == 34:            # '"'
+                a += 1
+            while b > a and h[b - 1] == 34:
+                b -= 1
+            value[0] = h + a
+            value_len[0] = b - a
+            return b > a
+        i = j + 1
+    return False
+
+
 cdef uint64_t *pack_ranges(list ranges) except? NULL:
     """[(start, end)] of Python ints (sorted, disjoint) -> the C array (NULL when empty)."""
     cdef Py_ssize_t n = len(ranges), i
@@ -140,9 +175,9 @@ cdef uint64_t *pack_ranges(list ranges) except? NULL:
 
 
 cdef class Limiter:
-    """One worker's table. rules: [(interval, tolerance, kind, missing, pool_id, header slot)] in config
-    order (the slot: header rules' index into the engine's key headers, else -1); pool_names: pool id ->
-    name (bytes)."""
+    """One worker's table. rules: [(interval, tolerance, kind, missing, pool_id, header slot, cookie
+    name)] in config order (the slot: header and cookie rules' index into the engine's key headers, else
+    -1; the name: cookie rules' cookie, else b""); pool_names: pool id -> name (bytes)."""
 
     def __cinit__(self):
         self.table = NULL
@@ -166,8 +201,11 @@ cdef class Limiter:
             raise MemoryError()
         self.nrules = len(rules)
         self.has_request_rules = self.nrules > 0
+        self.names = [bytes(rule[6]) for rule in rules]
         for i in range(self.nrules):
-            interval, tolerance, kind, missing, pool, slot = rules[i]
+            interval, tolerance, kind, missing, pool, slot, _ = rules[i]
+            self.rules[i].name = PyBytes_AS_STRING(self.names[i])
+            self.rules[i].name_len = len(self.names[i])
             self.rules[i].interval = interval
             self.rules[i].tolerance = tolerance
             self.rules[i].kind = kind
@@ -338,10 +376,12 @@ cdef class Limiter:
 
     cdef double check_engine(self, int pool, const char *ip, Py_ssize_t ip_len, const char *buf,
                              const uint32_t *key_start, const int32_t *key_len, double now):
-        """Every rule of `pool`, for the engine: source, route and header keys (a header's value is
-        buf[key_start[slot]:+key_len[slot]], key_len -1 when absent). The engine serves no balancer with
-        cookie or query rules (fastlb/http/fast.py)."""
+        """Every rule of `pool`, for the engine: source, route, header and cookie keys (a key header's
+        value is buf[key_start[slot]:+key_len[slot]], key_len -1 when absent). The engine serves no
+        balancer with query rules (fastlb/http/fast.py)."""
         cdef int r, slot
+        cdef const char *value
+        cdef Py_ssize_t value_len
         cdef double wait
         cdef bytes name
         cdef Rule *rule
@@ -354,10 +394,13 @@ cdef class Limiter:
             elif rule.kind == KIND_ROUTE:
                 name = self.pool_names[pool]
                 wait = self.check(r, PyBytes_AS_STRING(name), len(name), now)
-            elif rule.kind == KIND_HEADER:
+            elif rule.kind == KIND_HEADER or rule.kind == KIND_COOKIE:
                 slot = rule.slot
-                if key_len[slot] >= 0:
+                if key_len[slot] >= 0 and rule.kind == KIND_HEADER:
                     wait = self.check(r, buf + key_start[slot], key_len[slot], now)
+                elif key_len[slot] >= 0 and cookie_value(buf + key_start[slot], key_len[slot], rule.name,
+                                                         rule.name_len, &value, &value_len):
+                    wait = self.check(r, value, value_len, now)
                 elif rule.missing == MISSING_SOURCE:
                     wait = self.check(r, ip, ip_len, now)
                 elif rule.missing == MISSING_SHARED:
@@ -401,6 +444,14 @@ cdef class Limiter:
         if e == NULL:
             return
         e.tat = sent_at + ahead + e.pending * self.rules[e.rule].interval
+
+    def cookie_key(self, bytes header, bytes name):
+        """The C cookie parser on its own (tests compare it with the Python path's)."""
+        cdef const char *value
+        cdef Py_ssize_t value_len
+        if cookie_value(header, len(header), name, len(name), &value, &value_len):
+            return PyBytes_FromStringAndSize(value, value_len)
+        return None
 
     def interval_of(self, int rule):
         return self.rules[rule].interval

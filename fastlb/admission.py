@@ -13,9 +13,10 @@ backend. Every rule that applies is checked, in order; the first one over its li
 
 Where it runs: the table is C (fastlb/_admission.pyx: GCRA per key, a fixed-size set-associative table,
 binary search over CIDR ranges). The HTTP engine (fastlb/http/_fast.pyx) checks connections and
-`source`, `route` and `header:` rules by a C call into it, without Python (it records the key headers'
-values as it parses the head); a `cookie:` or `query:` rule is checked in Python, so the engine stays off
-for a balancer with one, and for a `header:` rule with routing rules (said at start).
+`source`, `route`, `header:` and `cookie:` rules by a C call into it, without Python (it records the key
+headers' values, Cookie included, as it parses the head); a `query:` rule is checked in Python, so the
+engine stays off for a balancer with one, and for a `header:` or `cookie:` rule with routing rules
+(said at start).
 The Python paths (HTTP fallback, tcp mode) call the same table.
 
 Sharing (`--store redis://`): nodes never wait for Redis. Each keeps its own bucket per key and decides
@@ -44,7 +45,7 @@ log = logging.getLogger("fastlb")
 KINDS = {"source": 0, "route": 1, "header": 2, "cookie": 3, "query": 4}
 MISSING = {"source": 0, "shared": 1, "allow": 2}
 MISSING_SOURCE, MISSING_ALLOW = MISSING["source"], MISSING["allow"]
-ENGINE_KINDS = ("source", "route", "header")  # what the HTTP engine checks in C
+ENGINE_KINDS = ("source", "route", "header", "cookie")  # what the HTTP engine checks in C
 SECRET_KINDS = ("header", "cookie", "query")  # keys that may be credentials: fingerprinted without a token
 MAX_KEY_HEADERS = 4                           # fastlb/_admission.pxd: header names the engine keys on
 DEFAULT_TABLE_SIZE = 65536                    # keys per worker (88 bytes each: 5.5 MiB)
@@ -241,16 +242,19 @@ class Admission:
         self.loop = loop
         self.specs: list[RateLimitSpec] = list(config.rate_limit)
         self.pool_ids = {name: index for index, name in enumerate(pool_names)}
-        # The header names `header:` rules key on: the HTTP engine records their values as it parses.
-        self.engine_headers = list(dict.fromkeys(s.name.lower().encode() for s in self.specs
-                                                 if s.kind == "header"))
+        # The headers `header:` and `cookie:` rules key on: the HTTP engine records their values as it
+        # parses (Cookie for cookie rules, whose cookie the table finds in it).
+        key_headers = [s.name.lower().encode() if s.kind == "header" else b"cookie" for s in self.specs
+                       if s.kind in ("header", "cookie")]
+        self.engine_headers = list(dict.fromkeys(key_headers))
         rules = []
         for spec in self.specs:
             interval = 1.0 / spec.rate
             rules.append((interval, spec.burst * interval, KINDS[spec.kind], MISSING[spec.missing],
                           self.pool_ids.get(spec.pool, -2) if spec.pool is not None else -1,
                           self.engine_headers.index(spec.name.lower().encode()) if spec.kind == "header"
-                          else -1))
+                          else self.engine_headers.index(b"cookie") if spec.kind == "cookie" else -1,
+                          spec.name.encode() if spec.kind == "cookie" else b""))
         self.limiter = Limiter(config.rate_limit_table_size, rules, [n.encode() for n in pool_names],
                                config.max_conn_per_source)
         # What the Python path reads per rule: (index, kind, lower-cased header name / cookie or query

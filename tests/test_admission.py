@@ -31,7 +31,7 @@ OTHER_EVERY = 10                     # one request of another key per 10: 20/s, 
 def limiter(*rules, capacity=4096, max_conn=0):
     """A Limiter with rules given as parse_rate_limit strings."""
     specs = [parse_rate_limit(r) for r in rules]
-    return Limiter(capacity, [(1 / s.rate, s.burst / s.rate, KINDS[s.kind], 0, -1, -1) for s in specs],
+    return Limiter(capacity, [(1 / s.rate, s.burst / s.rate, KINDS[s.kind], 0, -1, -1, b"") for s in specs],
                    [b"default"], max_conn)
 
 
@@ -145,6 +145,15 @@ def test_requests_without_the_key_fall_under_missing(missing, expected):
     assert admission.check_request(b"192.0.2.1", b"/?k=a", {b"cookie": b"sid=new"}, "default") > 0
 
 
+def test_engine_cookie_parser_matches_the_python_path():
+    from fastlb.http.routing import cookie_value
+    table = limiter()
+    headers = [b"sid=abc", b"a=1; sid=abc", b"a=1;sid=abc ; b=2", b'sid="quoted"', b"xsid=1; sid=2",
+               b"sid =1; sid=2", b"sid=; sid=2", b"a=1", b"", b";;", b"sid", b" \tsid=v=w ", b'sid=""x""']
+    for header in headers:
+        assert table.cookie_key(header, b"sid") == cookie_value(header, b"sid"), header
+
+
 def test_worker_views_merge_per_key():
     row = {"rule": "r", "key": "k", "label": "k", "allowed": 5, "limited": 3, "blocked": False}
     view = {"rules": [{"rule": "r", "limited": 3}], "talkers": [row], "top_limited": [row], "blocked_keys": [],
@@ -182,9 +191,10 @@ def keyed_client(port: int, source: str, key: str | None, kind: str = "header:X-
     client.timeout = 5.0
     headers = None if key is None else {"Cookie": f"lang=en; sid={key}"} if kind == "cookie:sid" else {
         "X-Api-Key": key}
+    path = f"/x?a=1&k={key}" if kind == "query:k" and key is not None else "/x"
 
     def send():
-        response = client.request("GET", "/x", headers)
+        response = client.request("GET", path, headers)
         if response.status == 429:
             assert int(response.header("Retry-After")) >= 1
         return response.status
@@ -192,17 +202,18 @@ def keyed_client(port: int, source: str, key: str | None, kind: str = "header:X-
 
 
 @pytest.mark.parametrize("key, engine", [("source", "c"), ("header:X-Api-Key", "c"),
-                                         ("header:X-Api-Key", "python"), ("cookie:sid", "c")])
+                                         ("header:X-Api-Key", "python"), ("cookie:sid", "c"),
+                                         ("query:k", "c")])
 def test_one_balancer_limits_one_key_and_not_the_others(procs, key, engine, monkeypatch):
     monkeypatch.setenv("FASTLB_HTTP_ENGINE", engine)
     _, ports = procs.http_backends("a")
     port = free_port()
     lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                       "--rate-limit", f"{key}={RATE}/s,burst={BURST}")
-    # source and header: the engine checks them in C; cookie: the Python path (said at start).
-    lb.wait_for_line("HTTP engine c" if key != "cookie:sid" and engine == "c" else "HTTP engine python")
-    if key == "cookie:sid":
-        lb.wait_for_line(r"HTTP engine python \(rate limit keyed by cookie:sid")
+    # source, header and cookie: the engine checks them in C; query: the Python path (said at start).
+    lb.wait_for_line("HTTP engine c" if key != "query:k" and engine == "c" else "HTTP engine python")
+    if key == "query:k":
+        lb.wait_for_line(r"HTTP engine python \(rate limit keyed by query:k")
     bot, send_bot = keyed_client(port, "127.0.0.1", "bot" if key != "source" else None, key)
     other, send_other = keyed_client(port, "127.0.0.2", "someone-else" if key != "source" else None, key)
     others = []

@@ -42,10 +42,10 @@ def why_not(runtime, bind) -> str | None:
     admission = runtime.admission
     if admission is not None and admission.python_keys:
         return (f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source, "
-                f"route and header keys only")
+                f"route, header and cookie keys only")
     if admission is not None and admission.engine_headers:
         if runtime.router.single is None:
-            return "rate limit keyed by a header, with routing rules"
+            return "rate limit keyed by a header or cookie, with routing rules"
         if len(admission.engine_headers) > MAX_KEY_HEADERS or any(
                 name in settings.request_actions for name in admission.engine_headers):
             return f"rate limits keyed by more than {MAX_KEY_HEADERS} headers, or by one fastlb rewrites"
