@@ -200,7 +200,7 @@ def make_parser() -> argparse.ArgumentParser:
             ("rate_limit", "KEY=RATE[,burst=N][,pool=P][,missing=source|shared|allow]",
              "http: requests per KEY (source, route, header:NAME, cookie:NAME, query:NAME) at RATE "
              "(N/s, N/m, N/h); over it: 429 with Retry-After (repeatable)", True),
-            ("max_conn_per_source", "N", "open connections per client address; more: closed (tcp) or "
+            ("max_conn_per_source", "N", "open connections per client address, per worker; more: closed (tcp) or "
              "429 and closed (http); default 0: no limit", False),
             ("allow", "CIDR", "only these client addresses on the traffic binds (repeatable)", True),
             ("deny", "CIDR", "never these client addresses (repeatable; wins over --allow)", True),
