@@ -240,6 +240,7 @@ class Admission:
     def __init__(self, config, loop: asyncio.AbstractEventLoop, pool_names: list[str]) -> None:
         from fastlb._admission import Limiter
         self.loop = loop
+        self.tcp = config.mode == "tcp"
         self.specs: list[RateLimitSpec] = list(config.rate_limit)
         self.pool_ids = {name: index for index, name in enumerate(pool_names)}
         # The headers `header:` and `cookie:` rules key on: the HTTP engine records their values as it
@@ -290,7 +291,8 @@ class Admission:
         if lists or self.access_file:
             parts.append(f"{lists} CIDR list entr{'y' if lists == 1 else 'ies'}"
                          + (f" (+ watched {self.access_file})" if self.access_file else ""))
-        where = (f"rules keyed by {', '.join(self.python_keys)} are checked on the HTTP Python path (the C "
+        where = ("checked at accept (after a PROXY header; after the handshake on TLS binds)" if self.tcp else
+                 f"rules keyed by {', '.join(self.python_keys)} are checked on the HTTP Python path (the C "
                  f"engine serves no bind then)" if self.python_keys else
                  "the HTTP engine checks everything in C (unless it says otherwise below)")
         shared = f"shared through {self.store_url}" if self.store_url and self.specs else "per worker"
