@@ -247,6 +247,20 @@ def test_routed_requests_are_limited_per_pool(procs, tmp_path):
     assert api == [200, 200, 200, 429, 429] and web == [200] * 5 + [429] * 3
 
 
+@pytest.mark.parametrize("path", ["/chunked?n=1", "/x"])
+def test_a_request_the_engine_hands_over_counts_once(procs, path):
+    """A chunked response makes the engine hand the connection, with the request in flight, to the Python
+    path: that request was counted by the engine, and must neither be counted again nor refused there."""
+    _, ports = procs.http_backends("a")
+    port = free_port()
+    lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+                      "--rate-limit", "source=1/m,burst=5")
+    lb.wait_for_line("HTTP engine c")
+    with Client(port) as c:
+        statuses = [c.request("GET", path).status for _ in range(7)]
+    assert statuses == [200] * 5 + [429] * 2
+
+
 def two_balancers(procs, redis_port: int, key: str = "header:X-Api-Key"):
     _, ports = procs.http_backends("a")
     nodes = []

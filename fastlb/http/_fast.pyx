@@ -537,16 +537,19 @@ cdef class Engine:
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         close(fd)
 
-    cdef void adopt(self, Client *c, const char *data, Py_ssize_t size):
+    cdef void adopt(self, Client *c, const char *data, Py_ssize_t size, bint limits_checked=False):
         """Hands the client (and the backend connection of its request in flight, if any) to the Python
         path with `data`: bytes read from the client (no request in flight) or from the backend (with
-        one). The sockets leave the epoll set first: uvloop registers them in its own."""
+        one). The sockets leave the epoll set first: uvloop registers them in its own. limits_checked:
+        the request was counted by the rate limits here (always so for one in flight): the Python path
+        does not count it again."""
         cdef Backend *b = c.backend
         cdef object inflight = None
         cdef int fd = c.fd
         self.unlink(c)
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         if b != NULL:
+            limits_checked = self.limiter is not None      # the request in flight passed them already
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
             inflight = (self.backends[c.slot], b.fd,
                         PyBytes_FromStringAndSize(c.buf, c.req_len),
@@ -558,7 +561,7 @@ cdef class Engine:
         pending = PyBytes_FromStringAndSize(data, size) if size else b""
         self.free_client(c)
         self.adopted += 1
-        self.glue.adopt(fd, pending, inflight)
+        self.glue.adopt(fd, pending, inflight, limits_checked)
 
     # ---- events ------------------------------------------------------------------------------------
 
@@ -824,7 +827,8 @@ cdef class Engine:
                 PyBytes_FromStringAndSize(c.buf + c.host_start, c.host_end - c.host_start),
                 PyBytes_FromStringAndSize(c.ip, c.ip_len), c.body_len)
             if picked is None:
-                self.adopt(c, c.buf, c.req_len)
+                # (select_routed checked the rate limits first: the Python path must not count it again)
+                self.adopt(c, c.buf, c.req_len, self.limiter is not None)
                 return
             if type(picked) is bytes:         # over a rate limit (admission control): the 429
                 self.answer(c, picked)
@@ -849,8 +853,9 @@ cdef class Engine:
             key = PyBytes_FromStringAndSize(c.buf + c.url_start, end - c.url_start)
         backend = self.select(key)
         if backend is None:
-            # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers.
-            self.adopt(c, c.buf, c.req_len)
+            # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers
+            # (the rate limits were checked above: it must not count the request again).
+            self.adopt(c, c.buf, c.req_len, self.limiter is not None)
             return
         self.place(c, backend, key)
 

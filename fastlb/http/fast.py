@@ -130,13 +130,13 @@ class FastPath:
         """With routing rules: (backend with a slot taken, hashing key), the 429's bytes (over a rate
         limit), or None for the Python path (nothing to pick now, a body over the routed pool's limit: 413)."""
         route = self.router.route(method, url, host, None)
-        if route.max_body_size and length > route.max_body_size:
-            return None
         admission = self.runtime.admission
-        if admission is not None and admission.specs:
+        if admission is not None and admission.specs:        # first: a None below means checked
             wait = admission.check_request(client_ip, url, None, route.name)
             if wait:
                 return admission.limited_response(wait, False)
+        if route.max_body_size and length > route.max_body_size:
+            return None
         key = route.key(client_ip, url, None) if route.key_kind else None
         backend = self._take(route.pool, key)
         if backend is None:
@@ -185,11 +185,11 @@ class FastPath:
             self.pool_of[backend] = pool          # a retry may have connected another backend
         self.engine.connected(token, backend, fd)
 
-    def adopt(self, fd: int, data: bytes, inflight) -> None:
+    def adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False) -> None:
         self.adopting += 1
-        self.loop.create_task(self._adopt(fd, data, inflight))
+        self.loop.create_task(self._adopt(fd, data, inflight, limits_checked))
 
-    async def _adopt(self, fd: int, data: bytes, inflight) -> None:
+    async def _adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False) -> None:
         """The client socket becomes a uvloop transport of a ClientConnection that is fed `data` (or the
         request in flight, attached to its backend connection, which is fed the response bytes read)."""
         from fastlb.http.protocol import ClientConnection
@@ -198,6 +198,7 @@ class FastPath:
         try:
             client = ClientConnection(self.runtime, self.bind)
             client.admitted = self.runtime.admission is not None     # counted at the engine's accept
+            client.limits_checked = limits_checked                   # its first request's rate limits too
             client_sock = socket.socket(fileno=fd)
             if inflight is None:
                 client.pending_input = data

@@ -140,8 +140,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # a connection the C engine hands over (fastlb/http/fast.py): bytes it read, and the request
         # in flight with its backend connection (upstream, backend, sent_at)
         "pending_input", "adopting",
-        # counted in the admission table's connections per source (fastlb/admission.py)
-        "admitted",
+        # counted in the admission table's connections per source (fastlb/admission.py); the rate
+        # limits of the first request checked by the C engine before it handed the connection over
+        "admitted", "limits_checked",
     )
 
     def __init__(self, runtime, bind) -> None:
@@ -183,6 +184,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.pending_input = None
         self.adopting = None
         self.admitted = False
+        self.limits_checked = False
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -419,9 +421,12 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         req.key = route.key(self.client_ip, url, req.captured) if route.key_kind else None
         admission = self.runtime.admission
         if admission is not None and admission.specs:
-            req.retry_after = admission.check_request(self.client_ip, url, req.captured, route.name)
-            if req.retry_after:
-                req.error = 429                   # answered in turn; nothing goes to a backend
+            if self.limits_checked:
+                self.limits_checked = False       # counted once, by the engine
+            else:
+                req.retry_after = admission.check_request(self.client_ip, url, req.captured, route.name)
+                if req.retry_after:
+                    req.error = 429               # answered in turn; nothing goes to a backend
         sticky = route.sticky
         if sticky is not None:
             req.pinned, req.sticky_key, req.sticky_cookie = sticky.pin(self.client_ip, req.captured)
