@@ -279,8 +279,8 @@ class Admission:
         self.store_up = True
         self.client = None
         self.tasks: list[asyncio.Task] = []
+        # A rule's keys in the store: nodes share a rule written the same way (its text makes the prefix).
         self.tags = [hashlib.blake2b(s.text.encode(), digest_size=4).hexdigest() for s in self.specs]
-        self.exchanged = 0                       # keys sent to the store (tests, views)
 
     def describe(self) -> str:
         """The start log's line: what is on, and where it is checked."""
@@ -429,7 +429,6 @@ class Admission:
                 continue
             for (ident, _, _), ahead in zip(items, answers):
                 limiter.apply_shared(ident, int(ahead) / 1e6, sent_at)
-            self.exchanged += len(items)
 
     # ---- runtime changes (admin API) -----------------------------------------------------------------
 
