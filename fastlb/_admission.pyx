@@ -465,7 +465,10 @@ cdef class Limiter:
         """Every request with this key under this rule gets 429 for `seconds` (inf: until unblocked).
         False when the key's set holds only blocked keys."""
         cdef double now = monotonic_now()
-        cdef Entry *e = self.find(key_ident(rule, key, len(key)), True, now)
+        cdef Entry *e
+        if not 0 <= rule < self.nrules:
+            return False
+        e = self.find(key_ident(rule, key, len(key)), True, now)
         if e == NULL:
             return False
         e.rule = <uint16_t>rule

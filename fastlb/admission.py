@@ -445,6 +445,8 @@ class Admission:
             return change
         key = change["key"].encode()
         for index in change["rules"]:
+            if index >= len(self.specs):
+                continue                  # a block replayed to workers of a reloaded config with fewer rules
             if op == "block":
                 self.limiter.block(index, key, change.get("seconds") or math.inf)
             else:
