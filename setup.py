@@ -55,6 +55,8 @@ python_directives = {"language_level": 3, "annotation_typing": False}
 head_scanner = Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)
 # The C engine of HTTP mode (fastlb/http/fast.py says when it serves).
 http_engine = Extension("fastlb.http._fast", ["fastlb/http/_fast.pyx"], extra_compile_args=compile_args)
+# Admission control's table (rate limits, connection counts, CIDR lists), cimported by the HTTP engine.
+admission = Extension("fastlb._admission", ["fastlb/_admission.pyx"], extra_compile_args=compile_args)
 annotate = os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1"
 
 # The access log's C formatter and writer thread (fastlb/observe.py's AccessLog and the HTTP engine use it).
@@ -65,7 +67,7 @@ sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile
 
 setup(
     ext_modules=[
-        *cythonize([core, relay, crelay, sockinfo, access_log, head_scanner, http_engine], compiler_directives=directives, annotate=annotate),
+        *cythonize([core, relay, crelay, sockinfo, access_log, head_scanner, http_engine, admission], compiler_directives=directives, annotate=annotate),
         *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate),
     ]
 )

@@ -1044,7 +1044,8 @@ class Bench:
 
 
 def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
-            timeout_s: int = 5, headers: Sequence[str] = (), scheme: str = "http") -> dict:
+            timeout_s: int = 5, headers: Sequence[str] = (), scheme: str = "http",
+            wrk_args: Sequence[str] = ()) -> dict:
     """wrk -t1 -cN -dD --latency on the load CPU, bounded by a subprocess timeout; parsed output + raw text.
     headers: extra request header lines (`Name: value`, wrk -H); scheme: http or https.
 
@@ -1056,7 +1057,7 @@ def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
         with open(script, "w") as f:
             f.write(WRK_DONE_LUA)
     cmd = [which("taskset") or "taskset", "-c", bench.load_cpu, which("wrk"), "-t1", f"-c{connections}",
-           f"-d{duration}s", "--latency", "--timeout", f"{timeout_s}s", "-s", script,
+           f"-d{duration}s", "--latency", "--timeout", f"{timeout_s}s", "-s", script, *wrk_args,
            *(arg for line in headers for arg in ("-H", line)), f"{scheme}://{HOST}:{port}{path}"]
     p = bench.procs.start("wrk", cmd, stdout=subprocess.PIPE)
     try:
@@ -1076,9 +1077,9 @@ def run_wrk(bench: Bench, port: int, path: str, connections: int, duration: int,
 
 
 def measure(bench: Bench, target: Target, path: str, connections: int, duration: float,
-            headers: Sequence[str] = (), scheme: str = "http") -> dict:
+            headers: Sequence[str] = (), scheme: str = "http", wrk_args: Sequence[str] = ()) -> dict:
     """One bounded wrk run against target, with the proxy tree's CPU time and the CPUs' busy/steal shares
-    (headers, scheme: run_wrk's)."""
+    (headers, scheme, wrk_args: run_wrk's; wrk_args: more of wrk's options, e.g. ["-H", "X-Api-Key: k"])."""
     ours = {os.getpid(), *(process_tree(target.pid) if target.pid else ()),
             *(process_tree(bench.backends.pid) if bench.backends else ())}
     all0 = snapshot_all_cpu()
@@ -1087,7 +1088,8 @@ def measure(bench: Bench, target: Target, path: str, connections: int, duration:
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     stat0 = read_cpu_times()
     t0 = time.monotonic()
-    res = run_wrk(bench, target.port, path, connections, duration, headers=headers, scheme=scheme)
+    res = run_wrk(bench, target.port, path, connections, duration, headers=headers, scheme=scheme,
+                  wrk_args=wrk_args)
     wall = time.monotonic() - t0
     stat1 = read_cpu_times()
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -1120,6 +1122,19 @@ def measure(bench: Bench, target: Target, path: str, connections: int, duration:
     out["foreign"]["by_process"] = out["foreign"]["share"]
     out["foreign"]["share"] = max(out["foreign"]["share"], out["foreign"]["unaccounted"])
     return out
+
+
+def print_cpu_ratio_table(results: dict[str, list[dict]], baseline_of, baseline_label: str,
+                          us: str = "us", user_us: str = "user_us") -> None:
+    """The markdown table of a feature-cost benchmark: per target the medians of req/s, CPU and user µs per
+    request, and the median of its per-round CPU ratios over its baseline's (baseline_of(name))."""
+    print(f"\n| target | req/s (median) | proxy CPU us/request (median) | user us/request | "
+          f"vs {baseline_label} (median of per-round ratios) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in results.items():
+        ratios = [r[us] / b[us] for r, b in zip(runs, results[baseline_of(name)])]
+        print(f"| {name} | {median(r['rps'] for r in runs):.0f} | {median(r[us] for r in runs):.2f} | "
+              f"{median(r[user_us] for r in runs):.2f} | {median(ratios):.3f} |")
 
 
 def system_info() -> dict:

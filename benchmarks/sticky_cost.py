@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import sys
 import tempfile
 
@@ -121,15 +120,8 @@ def main(argv=None) -> int:
                                       "rps": parsed["rps"], "errors": errors})
                 print(f"round {round_number + 1} {name:20s} {parsed['rps']:9.0f} req/s "
                       f"{us:6.2f} us CPU/request  errors {errors}", flush=True)
-        print("\n| target | req/s (median) | proxy CPU us/request (median) | user us/request | vs roundrobin (median of per-round ratios) |")
-        print("|---|---:|---:|---:|---:|")
-        for name in targets:
-            baseline = "roundrobin@base" if name.endswith("@base") else "roundrobin"
-            ratios = [r["us"] / b["us"] for r, b in zip(results[name], results[baseline])]
-            print(f"| {name} | {statistics.median(r['rps'] for r in results[name]):.0f} | "
-                  f"{statistics.median(r['us'] for r in results[name]):.2f} | "
-                  f"{statistics.median(r['user_us'] for r in results[name]):.2f} | "
-                  f"{statistics.median(ratios):.3f} |")
+        h.print_cpu_ratio_table(results, lambda name: "roundrobin@base" if name.endswith("@base") else "roundrobin",
+                                "roundrobin")
     finally:
         procs.stop_all()
     return 0

@@ -11,6 +11,13 @@
     POST /api/backends/ADDR/state       {"state": "enable|drain|disable"}     }  before any routing
     GET  /api/certificates              the TLS binds' certificates: bind, file, days left
     POST /api/reload                    re-read the config file and reload the certificates (as SIGHUP)
+    GET  /api/admission                 admission control: rules, limited counts, top talkers, blocks
+                                        (/stats.json shows it too, header/cookie/query keys fingerprinted)
+    POST /api/admission/block           {"cidr": C} or {"key": K[, "rule": N][, "seconds": S]}
+    POST /api/admission/unblock         the same without seconds
+
+`--admin-allow CIDR` (repeatable): only those peers reach the admin bind at all (others are closed
+before a byte is read), whatever the path.
 
 Why the stats page needs no token: it shows only what /metrics already shows to anyone who can reach
 the admin bind (addresses, states, weights, counters), never the token or the configuration, and it
@@ -41,6 +48,7 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
+from fastlb.admission import address_allowed, public_view
 from fastlb.config import Config, ConfigError, read_token
 from fastlb.control import ChangeError, parse_spec, spec_to_dict, split_pool, with_pool
 from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES
@@ -76,6 +84,7 @@ class AdminServer:
         if self.token is None:
             log.warning("admin bind without --admin-token-file: /api/ answers 401 to every request")
         self.controller = controller
+        self.allow = list(config.admin_allow)       # empty: every peer (the bind's address protects it)
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -91,6 +100,10 @@ class AdminServer:
     # ---- HTTP ------------------------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self.allow and not address_allowed(self.allow, peer[0] if peer else ""):
+            writer.transport.abort()
+            return
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):        # the client's time to send its request
                 method, path, body = await self._read_request(reader)
@@ -155,7 +168,10 @@ class AdminServer:
         if path == "/stats":
             return 200, "text/html; charset=utf-8", STATS_PAGE.read_bytes()
         if path in ("/stats.json", "/api/backends") and method == "GET":
-            return 200, "application/json", _json(await self.controller.snapshot())
+            view = await self.controller.snapshot()
+            if "admission" in view:
+                view["admission"] = public_view(view["admission"])     # no API key without the token
+            return 200, "application/json", _json(view)
         if not path.startswith("/api/"):
             raise HttpError(404, f"no such path {path}")
         try:
@@ -183,6 +199,15 @@ class AdminServer:
             _require(method, "GET")
             view = await self.controller.snapshot()
             return 200, "application/json", _json({"certificates": view.get("certificates", [])})
+        if parts[:1] == ["admission"]:
+            if len(parts) == 1:
+                _require(method, "GET")
+                view = await self.controller.snapshot()
+                return 200, "application/json", _json(view.get("admission") or {})
+            if len(parts) == 2 and parts[1] in ("block", "unblock"):
+                _require(method, "POST")
+                change = self.controller.admission_change({**data, "op": parts[1]})
+                return 200, "application/json", _json({"result": parts[1] + "ed", "change": change})
         if parts == ["backends"]:
             _require(method, "POST")
             if "address" not in data:
@@ -368,6 +393,7 @@ class MetricsCollector:
                                    labels=["bind", "file"])
         for certificate in self.view.get("certificates", []):
             expiry.add_metric([certificate["bind"], certificate["file"]], certificate["days_left"])
+        yield from admission_metrics(self.view.get("admission"))
         for pool in self.view["pools"]:
             name = pool["name"]
             backends = pool["backends"]
@@ -390,3 +416,25 @@ class MetricsCollector:
         yield from (pool_connections, pool_refused, pool_bytes_in,
                     pool_bytes_out, pool_requests, pool_errors, pool_retries, pool_responses, pool_active,
                     pool_queued, pool_up, workers, expiry)
+
+
+def admission_metrics(view: dict | None):
+    """Admission control's families: per rule, and for the top-k limited keys only (bounded labels)."""
+    if not view:
+        return
+    limited = CounterMetricFamily("fastlb_ratelimit_limited", "Requests answered 429 by a rate limit rule",
+                                  labels=["rule"])
+    for rule in view["rules"]:
+        limited.add_metric([rule["rule"]], rule["limited"])
+    top = GaugeMetricFamily("fastlb_ratelimit_top_limited", "Requests limited per key, for the current "
+                            "top-k limited keys only (fastlb/admission.py TOP_K; header, cookie and query keys as a "
+                            "fingerprint)", labels=["rule", "key"])
+    for row in view["top_limited"]:
+        top.add_metric([row["rule"], row["label"]], row["limited"])
+    refused = CounterMetricFamily("fastlb_admission_refused_connections", "Client connections refused",
+                                  labels=["reason"])
+    refused.add_metric(["deny_list"], view["denied"])
+    refused.add_metric(["max_conn_per_source"], view["too_many_connections"])
+    evictions = CounterMetricFamily("fastlb_ratelimit_table_evictions", "Keys evicted from the full table")
+    evictions.add_metric([], view["table"]["evictions"])
+    yield from (limited, top, refused, evictions)

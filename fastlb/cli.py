@@ -210,6 +210,24 @@ def make_parser() -> argparse.ArgumentParser:
     health_field("max_ejection_percent", "at most this share of a pool ejected at once, and never its "
                  "last available backend (default 50)", "PERCENT")
 
+    admission = parser.add_argument_group(
+        "admission control", "rate limits, connections per source, allow/deny lists (fastlb/admission.py); "
+        "limits are shared between balancers through --store redis://")
+    for name, metavar, help, repeat in (
+            ("rate_limit", "KEY=RATE[,burst=N][,pool=P][,missing=source|shared|allow]",
+             "http: requests per KEY (source, route, header:NAME, cookie:NAME, query:NAME) at RATE "
+             "(N/s, N/m, N/h); over it: 429 with Retry-After (repeatable)", True),
+            ("max_conn_per_source", "N", "open connections per client address, per worker; more: closed (tcp) or "
+             "429 and closed (http); default 0: no limit", False),
+            ("allow", "CIDR", "only these client addresses on the traffic binds (repeatable)", True),
+            ("deny", "CIDR", "never these client addresses (repeatable; wins over --allow)", True),
+            ("access_file", "FILE", "watched file of 'allow CIDR' / 'deny CIDR' lines", False),
+            ("admin_allow", "CIDR", "only these addresses on the admin bind (repeatable)", True),
+            ("rate_limit_table_size", "N", "keys each worker keeps (88 bytes each; default 65536)", False)):
+        admission.add_argument(flag_name(name), dest=name, action="append" if repeat else "store",
+                               default=None, metavar=metavar,
+                               type=_flag_type(name, (LIST_FIELDS if repeat else FIELDS)[name]), help=help)
+
     ops = parser.add_argument_group(
         "operations", "admin API, metrics, access log and service discovery; SIGHUP reloads --config")
 

@@ -119,6 +119,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from fastlb.admission import DEFAULT_TABLE_SIZE, parse_cidr, parse_rate_limit, read_access_file
 from fastlb.tls import CertificateSpec, check_readable
 
 MODES = ("tcp", "http")
@@ -313,6 +314,14 @@ class Config:
     consul_token_file: str | None = None
     consul_ca: str | None = None
     consul_wait: float = 60.0
+    # Admission control (fastlb/admission.py): rate limits, connections per source, CIDR lists
+    rate_limit: list = field(default_factory=list)          # admission.RateLimitSpec
+    rate_limit_table_size: int = DEFAULT_TABLE_SIZE
+    max_conn_per_source: int = 0                            # 0: no limit
+    allow: list[str] = field(default_factory=list)          # traffic binds: only these (empty: all) ...
+    deny: list[str] = field(default_factory=list)           # ... and never these
+    access_file: str | None = None                          # watched `allow|deny CIDR` lines
+    admin_allow: list[str] = field(default_factory=list)    # the admin bind: only these (empty: all)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -1038,6 +1047,9 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "cookie_secret_file": parse_path,
     "stick_ttl": parse_positive_duration,
     "stick_table_size": parse_int(1),
+    "rate_limit_table_size": parse_int(64),
+    "max_conn_per_source": parse_int(0),
+    "access_file": parse_path,
 }
 
 # Repeatable HTTP header rules: config name -> parser of one item (flags append, the file gives arrays).
@@ -1046,6 +1058,10 @@ LIST_FIELDS: dict[str, Callable[[Any], Any]] = {
     "request_header_delete": parse_header_name,
     "response_header_set": parse_header_line,
     "response_header_delete": parse_header_name,
+    "rate_limit": parse_rate_limit,        # flags, an array of strings, or [[rate_limit]] tables
+    "allow": parse_cidr,
+    "deny": parse_cidr,
+    "admin_allow": parse_cidr,
 }
 
 
@@ -1465,6 +1481,7 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
                               f"'tcp'; HTTP mode uses [[pool]]s")
     _check_pools(config, where)
     _check_sticky(config, where)
+    _check_admission(config, where)
     if config.has_default_pool and config.hash_key and config.algorithm not in HASHING_ALGORITHMS:
         raise ConfigError(f"{where('hash_key')}: hash key {config.hash_key!r} needs a hashing algorithm "
                           f"({', '.join(HASHING_ALGORITHMS)}); the algorithm is {config.algorithm!r}")
@@ -1518,6 +1535,22 @@ def _check_duplicates(backends: list[BackendSpec], where: str) -> None:
             raise ConfigError(f"{where}: backend[{number}] {spec.address} is listed twice "
                               f"(also backend[{first[spec.address]}]); give it a weight instead")
         first[spec.address] = number
+
+
+def _check_admission(config: Config, where: Callable[[str], str]) -> None:
+    if config.rate_limit and config.mode != "http":
+        raise ConfigError(f"{where('rate_limit')}: rate limits count HTTP requests: they need mode 'http' "
+                          f"(tcp mode limits connections: --max-conn-per-source)")
+    pools = {p.name for p in config.pools} | ({"default"} if config.has_default_pool else set())
+    for spec in config.rate_limit:
+        if spec.pool is not None and spec.pool not in pools:
+            raise ConfigError(f"{where('rate_limit')}: rate limit {spec.text!r}: no pool {spec.pool!r} "
+                              f"(pools: {', '.join(sorted(pools))})")
+    if config.access_file:
+        try:
+            read_access_file(config.access_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where('access_file')}: {exc}") from None
 
 
 def _check_groups(config: Config, where: Callable[[str], str]) -> None:

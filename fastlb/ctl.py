@@ -3,6 +3,7 @@
     fastlb ctl --admin 127.0.0.1:9000 --token-file TOKEN backends
     fastlb ctl ... set-weight ADDR N | drain ADDR | enable ADDR | disable ADDR
     fastlb ctl ... add ADDR [--weight N] [--backup] | remove ADDR | reload | certificates
+    fastlb ctl ... admission | block CIDR|KEY [--rule N] [--seconds S] | unblock CIDR|KEY [--rule N]
 
 ADDR is HOST:PORT in the top-level pool, or POOL/HOST:PORT in a [[pool]] (e.g. `drain api/10.0.0.1:80`).
 
@@ -39,6 +40,15 @@ def make_parser() -> argparse.ArgumentParser:
     add.add_argument("--backup", action="store_true")
     commands.add_parser("reload", help="re-read the config file and reload the TLS certificates (as SIGHUP)")
     commands.add_parser("certificates", help="the TLS certificates served and their days left")
+    commands.add_parser("admission", help="rate limit rules, limited counts, top talkers, blocks")
+    for name, help in (("block", "refuse a client network (CIDR) or answer a rate limit key 429"),
+                       ("unblock", "lift a block")):
+        command = commands.add_parser(name, help=help)
+        command.add_argument("target", help="an address or CIDR network, or (with --key) a rate limit key")
+        command.add_argument("--key", action="store_true", help="TARGET is a key (header value, cookie...)")
+        command.add_argument("--rule", type=int, help="only under this rule (its index; default: all)")
+        if name == "block":
+            command.add_argument("--seconds", type=float, help="for this long (default: until unblocked)")
     return parser
 
 
@@ -72,6 +82,21 @@ def _table(view: dict) -> str:
     return "\n".join(lines)
 
 
+def admission_table(view: dict) -> str:
+    if not view:
+        return "admission control is off"
+    lines = [f"{r['limited']:>10} limited  {r['rule']}" for r in view["rules"]]
+    lines.append(f"connections refused: {view['denied']} by the lists, {view['too_many_connections']} over "
+                 f"the per-source limit; store: {view['store'] or 'none'}")
+    lines.append(f"  {'key':40} {'allowed':>9} {'limited':>9}  rule")
+    for row in view["talkers"]:
+        blocked = "  (blocked)" if row["blocked"] else ""
+        lines.append(f"  {row['key'][:40]:40} {row['allowed']:>9} {row['limited']:>9}  {row['rule']}{blocked}")
+    if view["blocked_networks"]:
+        lines.append("blocked networks: " + ", ".join(view["blocked_networks"]))
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     args = make_parser().parse_args(argv)
     try:
@@ -91,6 +116,14 @@ def main(argv: list[str]) -> int:
                                           "weight": getattr(args, "weight", None),
                                           "backup": getattr(args, "backup", False)}),
     }
+    calls["admission"] = ("GET", "/api/admission", None)
+    if args.command in ("block", "unblock"):
+        body = {"key": args.target} if args.key else {"cidr": args.target}
+        if args.key and args.rule is not None:
+            body["rule"] = args.rule
+        if getattr(args, "seconds", None):
+            body["seconds"] = args.seconds
+        calls[args.command] = ("POST", f"/api/admission/{args.command}", body)
     for state in ("drain", "enable", "disable"):
         calls[state] = ("POST", f"/api/backends/{quote(getattr(args, 'address', ''))}/state", {"state": state})
     method, path, body = calls[args.command]
@@ -106,6 +139,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(data, indent=1))
     elif args.command == "backends":
         print(_table(data))
+    elif args.command == "admission":
+        print(admission_table(data))
     elif args.command == "certificates":
         for c in data["certificates"]:
             print(f"{c['bind']:24} {c['days_left']:>9.1f} days  {c['file']}")

@@ -134,23 +134,8 @@ class Discovery:
     # ---- file ------------------------------------------------------------------------------------
 
     async def _watch_file(self, path: str, pool: str | None) -> None:
-        seen = None
-        while True:
-            try:
-                st = os.stat(path)
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            except OSError as exc:
-                if seen != "missing":
-                    log.warning("discovery: cannot read %s: %s (keeping its last backends)", path, exc.strerror)
-                seen = "missing"
-                stamp = None
-            if stamp is not None and stamp != seen:
-                seen = stamp
-                try:
-                    self.update("file", read_backends_file(path), pool)
-                except (OSError, ValueError) as exc:
-                    log.error("discovery: %s (keeping its last backends)", exc)
-            await asyncio.sleep(FILE_POLL_INTERVAL)
+        await watch_file(path, lambda: self.update("file", read_backends_file(path), pool), "discovery",
+                         "backends")
 
     # ---- DNS -------------------------------------------------------------------------------------
 
@@ -172,6 +157,30 @@ class Discovery:
                 failing = False
                 self.update("dns", specs, pool)
             await asyncio.sleep(config.dns_interval)
+
+
+async def watch_file(path: str, on_change, what: str, kept: str) -> None:
+    """Calls on_change() now and whenever the file changes (its mtime, size and inode, checked every
+    FILE_POLL_INTERVAL: an editor's rename-over counts). A missing file is logged once, a failed
+    on_change (OSError, ValueError) each time; either way what it gave last stays. what / kept: the log
+    lines' prefix and what is kept (discovery's backends, admission control's lists)."""
+    seen = None
+    while True:
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError as exc:
+            if seen != "missing":
+                log.warning("%s: cannot read %s: %s (keeping its last %s)", what, path, exc.strerror, kept)
+            seen = "missing"
+            stamp = None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            try:
+                on_change()
+            except (OSError, ValueError) as exc:
+                log.error("%s: %s (keeping its last %s)", what, exc, kept)
+        await asyncio.sleep(FILE_POLL_INTERVAL)
 
 
 def read_backends_file(path: str) -> list[BackendSpec]:

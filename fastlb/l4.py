@@ -159,13 +159,15 @@ class Listener:
     """What connections accepted on one bind share."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log", "pools", "sni_routes", "sticky", "observer", "relay")
+                 "last_failure_log", "pools", "sni_routes", "sticky", "observer", "relay", "admission")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, bind: "BindSpec",
                  hash_source: bool, header_timeout: float, connections: set, sticky=None,
                  observer: "Observer | None" = None, pools: dict[str, BackendPool] | None = None,
-                 sni_routes: dict[str, str] | None = None, relay: "EpollRelay | None" = None) -> None:
+                 sni_routes: dict[str, str] | None = None, relay: "EpollRelay | None" = None,
+                 admission=None) -> None:
         self.loop = loop
+        self.admission = admission          # fastlb/admission.py: lists and connections per source
         self.relay = relay                  # `--relay epoll`: established connections go to its thread
         self.pool = pool                    # the default group's (None: no default group)
         self.pools = pools or {}            # sni-route binds: group -> pool
@@ -213,6 +215,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         "relay_id",
         # bytes the event loop had already received from (client, backend) when the relay took over
         "relay_base",
+        # counted in the admission table's connections per source (fastlb/admission.py)
+        "admitted",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -232,6 +236,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         self.idle_ticks = 0
         self.relay_id = 0
         self.relay_base = (0, 0)
+        self.admitted = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -248,8 +253,27 @@ class ClientSide(RelayEnd, asyncio.Protocol):
             pending.timer = self.listener.loop.call_later(self.listener.header_timeout, transport.abort)
         if not bind.accept_proxy:
             self.source = transport.get_extra_info("peername")
+            if not self.admit():
+                return
         if not pending.timer:
             self.start_connect()
+
+    def admit(self) -> bool:
+        """Admission control on the client's source (allow/deny lists, connections per source): False
+        when it is refused, and closed."""
+        admission = self.listener.admission
+        if admission is None:
+            return True
+        if admission.admit_source(self.source[0]):
+            self.admitted = True
+            return True
+        self.transport.abort()
+        return False
+
+    def leave(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.listener.admission.leave(self.source[0])
 
     def start_connect(self, tried: list | None = None) -> None:
         self.connect_task = self.listener.loop.create_task(self._connect(tried))
@@ -359,6 +383,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.leave()
         self.listener.connections.discard(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -372,6 +397,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         """The relay thread closed both sockets (once per connection)."""
         self.closed = True
         self.relay_id = 0
+        self.leave()
         self.listener.connections.discard(self)
         observer = self.listener.observer
         if observer is not None and not self.observed:
@@ -589,6 +615,8 @@ class PendingClient(asyncio.Protocol):
         client.source = source
         client.destination = destination
         self.buffer = self.buffer[length:]
+        if not client.admit():          # admission control by the address the PROXY header gives
+            return
         if not self.expect_hello:
             self.timer.cancel()
             self.timer = None
@@ -797,6 +825,10 @@ class EpollRelay:
             self.relay.abort(conn_id)
             return
         client = NativeTLSClient(listener, conn_id, peer)
+        if listener.admission is not None and not listener.admission.admit_source(peer[0]):
+            self.relay.abort(conn_id)
+            return
+        client.admitted = listener.admission is not None
         self.clients[conn_id] = client
         listener.connections.add(client)
         if not self.connect_here(client):

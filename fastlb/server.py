@@ -35,10 +35,11 @@ import sys
 import time
 
 from fastlb.admin import AdminServer
+from fastlb.admission import configured as admission_configured, merge_views, validate_change
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
 from fastlb.config import (RESERVED_FDS, SMALL_MAXCONN, Config, ConfigError,
                            connection_limits, open_files_limit)
-from fastlb.control import (BackendTable, aggregate, apply_runtime, apply_to_pools, merge_snapshot,
+from fastlb.control import (BackendTable, ChangeError, aggregate, apply_runtime, apply_to_pools, merge_snapshot,
                             reload_changes, retire, spec_from_dict)
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
@@ -202,6 +203,14 @@ class Worker:
             route.name: route.pool for route in (self.http.router.pools.values() if self.http else ())
             if route.pool is not self.pool}
         apply_runtime(self.pools, self.named_pools, runtime or {})
+        # Admission control (fastlb/admission.py): one table per worker, which every data path checks.
+        self.admission = None
+        if admission_configured(config):
+            from fastlb.admission import Admission
+            self.admission = Admission(config, loop, list(self.http.router.pools) if self.http else ["default"])
+            if self.http is not None:
+                self.http.use_admission(self.admission)
+            log.info("admission control: %s", self.admission.describe())
         self.sweep_handle: asyncio.TimerHandle | None = None
         # The idle sweep runs about 10 times per idle_timeout (at most once a second), so a connection
         # is cut between idle_timeout and 1.1 x idle_timeout after its last byte.
@@ -239,7 +248,8 @@ class Worker:
             if self.relay is not None and EpollRelay.terminates(bind, tls, self.config.backends):
                 # The relay thread accepts, handshakes and relays this TLS bind itself (fastlb/l4.py).
                 listener = Listener(self.loop, self.pool, bind, hash_source, self.config.connect_timeout,
-                                    self.connections, self.tcp_sticky, self.observer, relay=self.relay)
+                                    self.connections, self.tcp_sticky, self.observer, relay=self.relay,
+                                    admission=self.admission)
                 self.servers.append(self.relay.listen(listener, sock, tls, self.config.connect_timeout))
                 continue
             tls_options = {} if tls is None else {
@@ -257,12 +267,14 @@ class Worker:
                                    self.pools if bind.sni_route else None,
                                    self.config.sni_routes,
                                    # other TLS-terminating binds stay on uvloop
-                                   None if tls_options else self.relay).protocol_factory()
+                                   None if tls_options else self.relay, self.admission).protocol_factory()
             await self.accept_gate.serve(factory, sock, tls_options)
         if self.relay is not None:
             self.relay.start()
         if self.store is not None:
             await self.store.start()
+        if self.admission is not None:
+            self.admission.start()
         if self.channel_sock is not None:
             # Bound before connecting: the master's first message may arrive within the connect.
             self.channel = channel = LineChannel(self._on_master_message)
@@ -305,6 +317,8 @@ class Worker:
         if changes_only:
             removed, self.removed = self.removed, []
             result["removed"] = removed
+        if self.admission is not None:
+            result["admission"] = self.admission.snapshot()
         return result
 
     def _relay_stick(self, namespace: bytes, key: bytes, ident: bytes) -> None:
@@ -324,6 +338,9 @@ class Worker:
             self.channel.send({"op": "synced", "id": message.get("id")})
         elif op == "certificates":
             self.reload_certificates()
+        elif op == "admission":
+            if self.admission is not None:
+                self.admission.apply(message["change"])
         else:
             apply_to_pools(self.pools, message, self.named_pools)
             if op == "remove":
@@ -415,6 +432,8 @@ class Worker:
             pool.close()
         if self.store is not None:
             await self.store.close()
+        if self.admission is not None:
+            await self.admission.close()
 
 
 class LocalController:
@@ -462,8 +481,20 @@ class LocalController:
         self.next_check_index = follow_checks(self.checker, self.table, change, self.next_check_index)
         return change
 
+    def admission_change(self, change: dict) -> dict:
+        """A block / unblock (admin API): validated and applied here."""
+        admission = self.worker.admission
+        if admission is None:
+            raise ChangeError("admission control is off: start fastlb with a limit or a list", 409)
+        try:
+            return admission.apply(validate_change(change, admission.specs))
+        except ValueError as exc:
+            raise ChangeError(str(exc)) from None
+
     async def snapshot(self) -> dict:
-        view = aggregate(self.table, [merge_snapshot(None, self.worker.snapshot())], {})
+        snapshot = merge_snapshot(None, self.worker.snapshot())
+        view = aggregate(self.table, [snapshot], {})
+        view["admission"] = snapshot.get("admission")
         view["certificates"] = certificate_view(self.worker.certificate_expiry())
         return view
 
@@ -726,6 +757,7 @@ class Master:
         # --store memory: the workers' session mappings, relayed to every other worker and replayed to
         # workers started later; bounded like a worker's table, entries expire after stick_ttl.
         self.sticks: collections.OrderedDict[tuple[str, str], tuple[dict, float]] = collections.OrderedDict()
+        self.admission_changes: list[dict] = []      # runtime blocks, replayed to each new worker
 
     # ---- listening sockets -------------------------------------------------------------------------
 
@@ -807,6 +839,8 @@ class Master:
             for message, expires in self.sticks.values():
                 if expires > now:
                     handle.channel.send(message)
+            for message in self.admission_changes:
+                handle.channel.send(message)
             self._wake()
         elif op == "stick":
             self._relay_stick(message)
@@ -853,6 +887,19 @@ class Master:
             log.info("applied %s to %d worker(s)", _describe(change), len(self.workers))
         return change
 
+    def admission_change(self, change: dict) -> dict:
+        """A block / unblock (admin API): to every worker, and kept for the workers started later."""
+        if not admission_configured(self.config):
+            raise ChangeError("admission control is off: start fastlb with a limit or a list", 409)
+        try:
+            change = validate_change(change, self.config.rate_limit)
+        except ValueError as exc:
+            raise ChangeError(str(exc)) from None
+        self.admission_changes.append({"op": "admission", "change": change})
+        self._send_all(self.admission_changes[-1])
+        log.info("admission: %s %s", change["op"], change.get("cidr") or change.get("key"))
+        return change
+
     async def sync(self) -> None:
         """Returns once every worker has applied the changes sent so far (or after a second): the channel
         is ordered, so a worker answering a sync sent after them has applied them."""
@@ -865,6 +912,7 @@ class Master:
         view = aggregate(self.table, snapshots, self.retired)
         # The master's copy of the certificates: the files every worker serves (reloaded together).
         view["certificates"] = certificate_view(certificate_expiry(self.server_tls))
+        view["admission"] = merge_views([s.get("admission") for s in snapshots])
         return view
 
     async def _collect(self, op: str = "report") -> None:

@@ -16,6 +16,7 @@ def pytest_configure(config):
         sources += [str(REPO / "fastlb" / "_ctls.pxi")] if stem.endswith("_crelay") else []
         sources += glob.glob(str(REPO / "fastlb" / "http" / "*.pxi")) if "/http/_" in stem else []
         sources += [str(REPO / "fastlb" / "_posix.pxd")] if stem.endswith(("_crelay", "_fast")) else []
+        sources += [str(REPO / "fastlb" / "_admission.pxd")] if stem.endswith("_fast") else []
         if any(os.path.getmtime(src) > os.path.getmtime(built) for src in sources):
             stale.append(os.path.relpath(built, REPO))
     if stale:

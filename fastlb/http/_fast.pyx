@@ -26,13 +26,14 @@ timeouts), which hands the connected socket back. A connection that left the eng
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memcmp, memmove, strlen
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
-from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport uint32_t, int32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from fastlb._posix cimport *
 from fastlb.http.reuse cimport may_reuse
 from fastlb._accesslog cimport LogWriter
+from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS
 
 include "_scan.pxi"
 
@@ -83,6 +84,7 @@ cdef enum:
     H_IS_CONNECTION = 3
     H_IS_LENGTH = 4    # Content-Length: a body whole in the same read is served
     H_ADOPT = 5        # anything else the Python path handles (chunked, Upgrade, Expect, X-Forwarded-For...)
+    H_KEY = 16         # H_KEY + i: forwarded, and its value is the key of `header:` rate limits of slot i
 
 cdef struct Backend
 cdef struct Client
@@ -139,6 +141,9 @@ cdef struct Client:
     # The request in flight as the metrics and the access log see it (request_size, log_request).
     double started             # when its head was read (CLOCK_MONOTONIC, as time.monotonic())
     uint32_t header_size       # its header lines as the Python path counts them: name + value + 4 each
+    unsigned char counted         # in the admission table's connections per source: leave() on close
+    uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
+    int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
 
 
 cdef struct Listener:
@@ -261,6 +266,13 @@ cdef class Engine:
     cdef list log_names                # slot -> (pool name, backend address) as bytes
     cdef tuple response_dropped        # response header names (lower-case) not forwarded
     cdef public unsigned long long accepted    # client connections accepted since start
+    # Admission control (fastlb/admission.py): the C table, checked per accept and per request without
+    # Python (a 429's bytes come from Python: the limited path); the pool id of the unrouted pool.
+    cdef Limiter limiter
+    cdef int limit_pool
+    cdef int nkeys             # key headers recorded per request (H_KEY actions)
+    cdef object limited_response
+    cdef bytes too_many_close
 
     def __cinit__(self):
         self.epfd = -1
@@ -277,7 +289,8 @@ cdef class Engine:
         self.accept_paused = False
 
     def __init__(self, glue, loop, settings, bint routed, Py_ssize_t max_body_size, int key_kind,
-                 dict request_actions, dict action_codes, bytes timeout_408):
+                 dict request_actions, dict action_codes, bytes timeout_408, admission=None,
+                 int limit_pool=-1):
         """request_actions: HttpSettings.request_actions (lower-case name -> action); action_codes maps
         the actions the engine handles itself: {'drop': H_DROP, 'host': H_HOST, 'connection': ...}."""
         cdef int i = 0
@@ -315,7 +328,8 @@ cdef class Engine:
         # forward_block_for(address, "http") with a marker for the address (b"": forwarding off).
         self.forward_before, _, self.forward_after = settings.forward_block_for(b"\x00", b"http").partition(b"\x00")
         self.rule_names = []
-        self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + 1))
+        key_headers = admission.engine_headers if admission is not None else []
+        self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + len(key_headers) + 1))
         if self.rules == NULL:
             raise MemoryError()
         for name, action in request_actions.items():
@@ -333,9 +347,21 @@ cdef class Engine:
             else:
                 self.rules[i].action = H_ADOPT
             i += 1
+        for slot, name in enumerate(key_headers):      # fast.py: none of them is in request_actions
+            self.rule_names.append(name)
+            self.rules[i].name = <const char *>PyBytes_AS_STRING(name)
+            self.rules[i].length = len(name)
+            self.rules[i].action = H_KEY + slot
+            i += 1
+        self.nkeys = len(key_headers)
         self.nrules = i
         self.now = monotonic_now()
         self.set_features(glue, settings)
+        if admission is not None:
+            self.limiter = admission.limiter
+            self.limit_pool = limit_pool
+            self.limited_response = admission.limited_response
+            self.too_many_close = admission.limited_response(1.0, True)
 
     cdef set_features(self, glue, settings):
         """The access log (glue.access_log: observe.AccessLog's C writer, or None) and the response
@@ -412,7 +438,7 @@ cdef class Engine:
     cdef void on_listener_ready(self, Listener *l):
         cdef sockaddr_storage address
         cdef socklen_t length
-        cdef int fd, i, one = 1
+        cdef int fd, i, verdict, one = 1
         cdef char ip[64]
         for i in range(64):             # a bounded batch: the other sockets get their turn
             if self.live >= self.max_clients:
@@ -430,6 +456,14 @@ cdef class Engine:
                 inet_ntop(AF_INET, &(<sockaddr_in *>&address).sin_addr, ip, sizeof(ip))
             elif address.ss_family == AF_INET6:
                 inet_ntop(AF_INET6, &(<sockaddr_in6 *>&address).sin6_addr, ip, sizeof(ip))
+            if self.limiter is not None:
+                verdict = self.limiter.admit_address(<sockaddr *>&address, ip, strlen(ip))
+                if verdict != ADMIT:
+                    if verdict != DENIED:       # over the connections per source: 429, then closed
+                        send(fd, PyBytes_AS_STRING(self.too_many_close), len(self.too_many_close),
+                             MSG_NOSIGNAL)
+                    close(fd)
+                    continue
             self.take_client(fd, ip, strlen(ip))
 
     cdef void pause_accepting(self, int err):
@@ -489,6 +523,7 @@ cdef class Engine:
             memcpy(c.forward + before, ip, ip_len)
             memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(self.forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
+        c.counted = self.limiter is not None
         c.ip_len = <int>min(ip_len, 47)
         memcpy(c.ip, ip, c.ip_len)
         c.deadline = self.now + self.http_request_timeout
@@ -556,6 +591,9 @@ cdef class Engine:
         self.unlink(c)
         close(c.fd)            # accepted by the engine, no duplicate: closing takes it out of the epoll set
         c.fd = -1
+        if c.counted:
+            c.counted = 0
+            self.limiter.leave(c.ip, c.ip_len)
         if b != NULL:
             # Mid-request: the backend connection is out of step; its slot goes back (as abandon() does).
             c.backend = NULL
@@ -584,16 +622,19 @@ cdef class Engine:
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         close(fd)
 
-    cdef void adopt(self, Client *c, const char *data, Py_ssize_t size):
+    cdef void adopt(self, Client *c, const char *data, Py_ssize_t size, bint limits_checked=False):
         """Hands the client (and the backend connection of its request in flight, if any) to the Python
         path with `data`: bytes read from the client (no request in flight) or from the backend (with
-        one). The sockets leave the epoll set first: uvloop registers them in its own."""
+        one). The sockets leave the epoll set first: uvloop registers them in its own. limits_checked:
+        the request was counted by the rate limits here (always so for one in flight): the Python path
+        does not count it again."""
         cdef Backend *b = c.backend
         cdef object inflight = None
         cdef int fd = c.fd
         self.unlink(c)
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         if b != NULL:
+            limits_checked = self.limiter is not None      # the request in flight passed them already
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
             # How much of the request reached the backend: all of it, part, or nothing (a send failed).
             inflight = (self.backends[c.slot], b.fd,
@@ -607,7 +648,7 @@ cdef class Engine:
         pending = PyBytes_FromStringAndSize(data, size) if size else b""
         self.free_client(c)
         self.adopted += 1
-        self.glue.adopt(fd, pending, inflight)
+        self.glue.adopt(fd, pending, inflight, limits_checked)
 
     # ---- events ------------------------------------------------------------------------------------
 
@@ -710,6 +751,10 @@ cdef class Engine:
         cdef Py_ssize_t length_start = -1, length_end = -1, length = 0, body_start
         cdef char *lines = h + SCRATCH // 2     # header lines, moved behind the Host line at the end
         cdef Py_ssize_t lines_len = 0
+        cdef uint32_t key_start[MAX_KEY_HEADERS]
+        cdef int32_t key_len[MAX_KEY_HEADERS]
+        for i in range(self.nkeys):
+            key_len[i] = -1
         if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) > MAX_FAST_HEAD:
             return False                                    # keeps every part below within headbuf
         # Request line: a common method, an origin-form target, HTTP/1.1.
@@ -773,6 +818,13 @@ cdef class Engine:
             if header_size > self.max_header_size or header_count > self.max_headers:
                 return False
             action = self.header_action(p + name_start, name_end - name_start)
+            if action >= H_KEY:
+                # A rate limit's key: forwarded as it is; a repeated one is the Python path's (it joins them).
+                if key_len[action - H_KEY] >= 0:
+                    return False
+                key_start[action - H_KEY] = <uint32_t>value_start
+                key_len[action - H_KEY] = <int32_t>(pos - value_start)
+                action = H_FORWARD
             if action == H_FORWARD:
                 lines_len = put(lines, lines_len, p + name_start, name_end - name_start)
                 lines_len = put_line(lines, lines_len, b": ", 2, p + value_start, pos - value_start)
@@ -827,6 +879,9 @@ cdef class Engine:
         c.head_len = <uint32_t>hlen
         c.head_sent = 0
         c.close_after = close_after
+        for i in range(self.nkeys):
+            c.key_start[i] = key_start[i]
+            c.key_len[i] = key_len[i]
         return True
 
     cdef int slot_of(self, backend) except -1:
@@ -853,6 +908,7 @@ cdef class Engine:
         cdef object key = None
         cdef object picked
         cdef uint32_t end
+        cdef double wait
         if self.routed:
             picked = self.select_routed(
                 PyBytes_FromStringAndSize(c.buf, c.method_len),
@@ -860,11 +916,21 @@ cdef class Engine:
                 PyBytes_FromStringAndSize(c.buf + c.host_start, c.host_end - c.host_start),
                 PyBytes_FromStringAndSize(c.ip, c.ip_len), c.body_len)
             if picked is None:
-                self.adopt(c, c.buf, c.req_len)
+                # (select_routed checked the rate limits first: the Python path must not count it again)
+                self.adopt(c, c.buf, c.req_len, self.limiter is not None)
+                return
+            if type(picked) is bytes:         # over a rate limit (admission control): the 429
+                self.answer(c, picked)
                 return
             backend, key = picked
             self.place(c, backend, key)
             return
+        if self.limiter is not None and self.limiter.has_request_rules:
+            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, c.buf, c.key_start, c.key_len,
+                                             self.now)
+            if wait > 0.0:
+                self.answer(c, self.limited_response(wait, c.close_after))
+                return
         if self.key_kind == KEY_SOURCE:
             key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
         elif self.key_kind == KEY_URI:
@@ -876,8 +942,9 @@ cdef class Engine:
             key = PyBytes_FromStringAndSize(c.buf + c.url_start, end - c.url_start)
         backend = self.select(key)
         if backend is None:
-            # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers.
-            self.adopt(c, c.buf, c.req_len)
+            # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers
+            # (the rate limits were checked above: it must not count the request again).
+            self.adopt(c, c.buf, c.req_len, self.limiter is not None)
             return
         self.place(c, backend, key)
 

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 
+from fastlb.admission import MAX_KEY_HEADERS
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
 from fastlb.l4 import ACCEPT_PAUSE, DETACHED
@@ -41,7 +42,17 @@ def why_not(runtime, bind) -> str | None:
         return f"{ENGINE_ENV}=python"
     if bind.ssl or bind.redirect_https is not None or bind.accept_proxy:
         return "TLS, redirect or PROXY-protocol bind"
-    if any(route.sticky is not None for route in routes) or settings.capture or settings.cookie_held:
+    admission = runtime.admission
+    if admission is not None and admission.python_keys:
+        return (f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source, "
+                f"route, header and cookie keys only")
+    if admission is not None and admission.engine_headers:
+        if runtime.router.single is None:
+            return "rate limit keyed by a header or cookie, with routing rules"
+        if len(admission.engine_headers) > MAX_KEY_HEADERS or any(
+                name in settings.request_actions for name in admission.engine_headers):
+            return f"rate limits keyed by more than {MAX_KEY_HEADERS} headers, or by one fastlb rewrites"
+    if any(route.sticky is not None for route in routes) or runtime.router.capture or settings.cookie_held:
         return "sticky sessions or captured headers"
     for route in routes:
         if route.key_kind not in KEY_KINDS:
@@ -91,7 +102,9 @@ class FastPath:
                              runtime.settings.request_actions,
                              {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION,
                               "content-length": H_CONTENT_LENGTH},
-                             errors.response(408, True))
+                             errors.response(408, True), runtime.admission,
+                             runtime.admission.pool_ids.get(self.route.name, -3)
+                             if runtime.admission is not None and self.route is not None else -1)
 
     def start(self) -> None:
         self.loop.add_reader(self.engine.fileno, self.engine.on_ready)
@@ -124,9 +137,14 @@ class FastPath:
         return backend
 
     def select_routed(self, method: bytes, url: bytes, host: bytes, client_ip: bytes, length: int):
-        """With routing rules: (backend with a slot taken, hashing key), or None for the Python path
-        (nothing to pick now, a body over the routed pool's limit: 413)."""
+        """With routing rules: (backend with a slot taken, hashing key), the 429's bytes (over a rate
+        limit), or None for the Python path (nothing to pick now, a body over the routed pool's limit: 413)."""
         route = self.router.route(method, url, host, None)
+        admission = self.runtime.admission
+        if admission is not None and admission.specs:        # first: a None below means checked
+            wait = admission.check_request(client_ip, url, None, route.name)
+            if wait:
+                return admission.limited_response(wait, False)
         if route.max_body_size and length > route.max_body_size:
             return None
         key = route.key(client_ip, url, None) if route.key_kind else None
@@ -193,11 +211,11 @@ class FastPath:
             self.pool_of[backend] = pool          # a retry may have connected another backend
         self.engine.connected(token, backend, fd)
 
-    def adopt(self, fd: int, data: bytes, inflight) -> None:
+    def adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False) -> None:
         self.adopting += 1
-        self.loop.create_task(self._adopt(fd, data, inflight))
+        self.loop.create_task(self._adopt(fd, data, inflight, limits_checked))
 
-    async def _adopt(self, fd: int, data: bytes, inflight) -> None:
+    async def _adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False) -> None:
         """The client socket becomes a uvloop transport of a ClientConnection that is fed `data` (or the
         request in flight, attached to its backend connection, which is fed the response bytes read)."""
         from fastlb.http.protocol import ClientConnection
@@ -205,6 +223,8 @@ class FastPath:
         backend_sock = None
         try:
             client = ClientConnection(self.runtime, self.bind)
+            client.admitted = self.runtime.admission is not None     # counted at the engine's accept
+            client.limits_checked = limits_checked                   # its first request's rate limits too
             client_sock = socket.socket(fileno=fd)
             if inflight is None:
                 client.pending_input = data

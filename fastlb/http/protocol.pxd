@@ -11,7 +11,7 @@ cdef class Request:
     cdef public dict captured
     cdef public object route, key, upstream, pinned, sticky_key, sticky_cookie
     cdef public list tried, out
-    cdef public double sent_at, started, sent_mono, response_seconds
+    cdef public double sent_at, started, sent_mono, response_seconds, retry_after
     cdef public object backend
     cdef public int status
     cdef public Py_ssize_t bytes_out
@@ -22,7 +22,7 @@ cdef class ClientConnection:
     cdef public HttpSettings settings
     cdef public object loop, transport, parser, queue, connect_task, tunnel_buffer, peer, conn_tokens
     cdef public bytes client_ip, forward_block, checked_host, scheme, tls_block
-    cdef public bint closed, closing, tunnel, tunnel_active, head_done, tls, mtls
+    cdef public bint closed, closing, tunnel, tunnel_active, head_done, tls, mtls, admitted, limits_checked
     cdef public object redirect, pending_input, adopting
     cdef public int paused, deadline_kind
     cdef public Py_ssize_t upgrade_body_left

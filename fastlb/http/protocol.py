@@ -78,6 +78,8 @@ class Request:
         # accounting (fastlb/observe.py): the backend that answered, the status and bytes sent to the
         # client, when the head began (loop clock); sent_mono / response_seconds only with an observer
         "backend", "status", "bytes_out", "started", "sent_mono", "response_seconds",
+        # admission control: error 429's Retry-After (seconds until allowed)
+        "retry_after",
     )
 
     def __init__(self) -> None:
@@ -119,6 +121,7 @@ class Request:
         self.started = 0.0
         self.sent_mono = 0.0
         self.response_seconds = -1.0
+        self.retry_after = 0.0
 
 
 class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
@@ -139,6 +142,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         "pending_input", "adopting",
         # body bytes of an Upgrade request still to read (llhttp stops at the head: see upgrade_body)
         "upgrade_body_left",
+        # counted in the admission table's connections per source (fastlb/admission.py); the rate
+        # limits of the first request checked by the C engine before it handed the connection over
+        "admitted", "limits_checked",
     )
 
     def __init__(self, runtime, bind) -> None:
@@ -180,6 +186,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.pending_input = None
         self.adopting = None
         self.upgrade_body_left = 0
+        self.admitted = False
+        self.limits_checked = False
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -187,6 +195,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0].encode() if peer else b""
+        admission = self.runtime.admission
+        if admission is not None and not self.admitted and not admission.admit_http(self):
+            return                       # refused (lists, connections per source): closed
         settings = self.settings
         self.forward_block = settings.forward_block_for(self.client_ip, self.scheme)
         if self.mtls:
@@ -211,6 +222,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.admitted:
+            self.admitted = False
+            self.runtime.admission.limiter.leave_ip(self.client_ip)
         self.runtime.connections.discard(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -447,6 +461,14 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             if route.max_body_size and length > route.max_body_size:
                 raise RequestError(413, "body larger than max_body_size")
         req.key = route.key(self.client_ip, url, req.captured) if route.key_kind else None
+        admission = self.runtime.admission
+        if admission is not None and admission.specs:
+            if self.limits_checked:
+                self.limits_checked = False       # counted once, by the engine
+            else:
+                req.retry_after = admission.check_request(self.client_ip, url, req.captured, route.name)
+                if req.retry_after:
+                    req.error = 429               # answered in turn; nothing goes to a backend
         sticky = route.sticky
         if sticky is not None:
             req.pinned, req.sticky_key, req.sticky_cookie = sticky.pin(self.client_ip, req.captured)
@@ -605,7 +627,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def dispatch(self, req: Request) -> None:
         """Starts serving queue[0]: an idle keep-alive connection if its pool has one, else connect."""
         if req.error:
-            self.answer(req, req.error, close=True)
+            self.answer(req, req.error, close=req.error != 429)
             return
         if self.adopting is not None:
             self._adopt_in_flight(req)
@@ -737,7 +759,14 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def answer(self, req: Request, status: int, close: bool) -> None:
         """A response of fastlb's own for queue[0] (errors)."""
         close = close or self.closing and not self.req_pending_after(req) or req.close_after
-        data = errors.response(status, close, req.is_head)
+        if status == 429:
+            # Over a rate limit: the connection stays only if no body of it is still to come.
+            close = close or not req.complete and (req.chunked or req.content_length not in (None, b"0"))
+            data = self.runtime.admission.limited_response(req.retry_after, close)
+            if req.is_head:
+                data = data[:data.index(b"\r\n\r\n") + 4]        # no body in an answer to HEAD
+        else:
+            data = errors.response(status, close, req.is_head)
         self.transport.write(data)
         req.status = status
         req.bytes_out = len(data)

@@ -173,6 +173,12 @@ class HttpRuntime:
         from fastlb.http.upstream import BackendConnection
         self.backend_factory = lambda: BackendConnection(self)
         self.fast = None               # the C engine (fastlb/http/fast.py), made for the first bind it serves
+        self.admission = None          # fastlb/admission.py's Admission (use_admission), or None
+
+    def use_admission(self, admission) -> None:
+        """Admission control: checked per connection and request; the headers its keys read are kept."""
+        self.admission = admission
+        self.settings.capture = frozenset(self.settings.capture | admission.capture)
 
     def start(self) -> None:
         self.sweep_handle = self.loop.call_later(self.sweep_interval, self.sweep)
