@@ -179,10 +179,11 @@ def bad_chunk(backend, conn, number):
         elif b"GET /204 " in request:
             conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
         elif b"GET /late " in request:
-            # The head and a first chunk, then (once they were surely forwarded) a bad chunk size.
-            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            # The head and a first chunk, then (once they were surely forwarded) a bad chunk size. The
+            # event is published before the send: the test may see the chunk before this thread runs on.
             forwarded = threading.Event()
             backend.results.append(forwarded)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
             if forwarded.wait(10):                     # the test saw the head and the first chunk
                 conn.sendall(b"zz\r\n")
             return

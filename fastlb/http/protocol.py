@@ -35,6 +35,7 @@ from fastlb.http import errors
 from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
                                  connection_tokens, valid_host)
+from fastlb.http.reuse import may_send_again
 from fastlb.pool import NoBackendError, QueueError
 
 log = logging.getLogger("fastlb")
@@ -847,9 +848,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             self.transport.close()              # a truncated response: the client sees the cut
             self.closing = True
             return
-        pool = req.route.pool
-        if (retry and req.replayable and (req.idempotent or not req.written)
-                and len(req.tried) < pool.attempts):
+        if retry and may_send_again(req, len(req.tried)):
             req.flushed = 0
             req.written = False
             req.status = status                 # the answer if no other backend can be tried (_connect)

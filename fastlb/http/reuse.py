@@ -1,5 +1,6 @@
 # cython: annotation_typing=False
-"""When a backend connection may carry another request: the one rule both HTTP data paths follow.
+"""When a backend connection may carry another request, and when a request may be sent again: the one
+rule for each that both HTTP data paths follow.
 
 Request smuggling through a proxy is almost always a connection reused while one side is not at a
 message boundary: the backend still owes us response bytes (which would become the next client's
@@ -24,3 +25,15 @@ Every other case closes the connection. The Python path (fastlb/http/upstream.py
 def may_reuse(request_written_whole, response_read_whole, backend_keeps_alive, draining):
     """True when a backend connection may go back to the idle pool (see the module's docstring)."""
     return bool(request_written_whole and response_read_whole and backend_keeps_alive and not draining)
+
+
+def may_send_again(req, attempts_used):
+    """Whether a request a backend failed (a broken connection, a timeout, a response retry_on names)
+    may go to a backend again, `attempts_used` attempts counted: only while nothing of a response reached
+    the client, fastlb still holds every byte of it, an attempt is left (`--retries`), and it is
+    idempotent or none of its bytes was written, so a POST a backend may have applied is never sent
+    twice. The one retry decision: `ClientConnection.backend_failed` (every failure ends there) and
+    `BackendConnection.may_retry` (asked before a response is dropped unseen) both call it; what each
+    failure adds (its retry_on word, the keep-alive race) is the caller's condition on top."""
+    return (not req.response_started and req.replayable and (req.idempotent or not req.written)
+            and attempts_used < req.route.pool.attempts)

@@ -23,7 +23,7 @@ import httptools
 from fastlb.http import errors
 from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
                                  R_UPGRADE, RESPONSE_SPECIAL)
-from fastlb.http.reuse import may_reuse
+from fastlb.http.reuse import may_reuse, may_send_again
 
 try:
     from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
@@ -142,11 +142,9 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.transport.abort()
 
     def may_retry(self, req) -> bool:
-        """Whether req may be re-sent to another backend after this one failed it with a condition
-        retry_on names: it is idempotent, we hold all of it, nothing of a response reached the client,
-        and an attempt is left (`retries`). The caller checks its own condition is asked for."""
-        return (req.idempotent and req.complete and req.replayable and not req.response_started
-                and len(req.tried) + 1 < req.route.pool.attempts)
+        """Whether req may be re-sent after this backend failed it with a condition retry_on names (the
+        caller checks that its condition is asked for): reuse.may_send_again, this attempt counted."""
+        return may_send_again(req, len(req.tried) + 1)
 
     def timed_out(self) -> None:
         self._failed(504, self.settings.retry_timeout and self.may_retry(self.request), "response timeout")
