@@ -56,13 +56,18 @@ head_scanner = Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_c
 # The C engine of HTTP mode (fastlb/http/fast.py says when it serves).
 http_engine = Extension("fastlb.http._fast", ["fastlb/http/_fast.pyx"], extra_compile_args=compile_args)
 annotate = os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1"
+# Cython and the C compiler run on every core: a build compiles a dozen large modules, and the wheel,
+# the sdist and the container image each build them once more.
+JOBS = os.cpu_count() or 1
 
 # Per-connection byte counts from TCP_INFO (fastlb/observe.py); observe.py falls back to ctypes without it.
 sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile_args=compile_args)
 
 setup(
     ext_modules=[
-        *cythonize([core, relay, crelay, sockinfo, head_scanner, http_engine], compiler_directives=directives, annotate=annotate),
-        *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate),
-    ]
+        *cythonize([core, relay, crelay, sockinfo, head_scanner, http_engine], compiler_directives=directives,
+                   annotate=annotate, nthreads=JOBS),
+        *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate, nthreads=JOBS),
+    ],
+    options={"build_ext": {"parallel": JOBS}},
 )
