@@ -4,6 +4,7 @@ TCP, terminates TLS, serves its admin bind, and `fastlb demo` and `fastlb ctl` w
 file missing from the package fails here, as it would for a user."""
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import ssl
@@ -35,7 +36,7 @@ def start_balancer(installed, procs, port: int, *args: str):
 
 def test_every_module_imports_from_the_virtualenv_and_the_core_balances(installed):
     script = textwrap.dedent("""
-        import importlib, pkgutil, sys
+        import importlib, json, pkgutil, sys
         import fastlb
         assert fastlb.__file__.startswith(sys.prefix + "/"), fastlb.__file__
         names = [m.name for m in pkgutil.walk_packages(fastlb.__path__, "fastlb.")
@@ -45,14 +46,15 @@ def test_every_module_imports_from_the_virtualenv_and_the_core_balances(installe
         import fastlb.http.runtime, fastlb.http._fast, fastlb._crelay
         compiled = [m.__file__.endswith(".so") for m in (fastlb.http.runtime, fastlb.http._fast, fastlb._crelay)]
         balancer = fastlb.Balancer(["10.0.0.1:80", "10.0.0.2:80"], "roundrobin")
-        print(len(names), all(compiled), [balancer.pick() for _ in range(4)], type(balancer).__module__)
+        print(json.dumps({"modules": len(names), "compiled": compiled, "core": type(balancer).__module__,
+                          "picks": [balancer.pick() for _ in range(4)]}))
     """)
     result = installed.run(installed.python, "-c", script)
     assert result.returncode == 0, result.stderr
-    count, compiled, picks, module = result.stdout.split(" ", 3)
-    assert int(count) >= 20 and compiled == "True"
-    assert picks == "[0, 1, 0, 1]"
-    assert module.strip() == "fastlb._core"       # the compiled core, not its pure-Python twin
+    seen = json.loads(result.stdout)
+    assert seen["modules"] >= 20 and all(seen["compiled"])
+    assert seen["core"] == "fastlb._core"          # the compiled core, not its pure-Python twin
+    assert seen["picks"] == [0, 1, 0, 1]
 
 
 def test_http_mode_serves_on_the_c_engine(installed, procs):
