@@ -8,7 +8,9 @@ Compiling the extensions takes minutes, so everything is cached under $FASTLB_CA
 a changed file (or a module missing from the sdist) gives a new key and a new build. Only the newest
 few builds are kept.
 
-`python tests/install/dist.py` builds (or finds) them and prints the build's directory.
+`python tests/install/dist.py` builds (or finds) them and prints the build's directory;
+`python tests/install/dist.py --wheelhouse-for 3.11.2 DIR` also fills DIR with the dependency wheels and
+build requirements a Python 3.11.2 installs fastlb from (the container image's Debian Python; docker/).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,5 +130,47 @@ def _installed_venv(dist: Dist, kind: str) -> Path:
     return venv
 
 
+def wheelhouse_for(dist: Dist, python_full_version: str, dest: Path) -> None:
+    """Copies the wheelhouse, less fastlb's own wheel, into dest, and downloads the wheels that another
+    Python's environment markers add (redis needs async-timeout before 3.11.3): pip evaluates markers
+    for the interpreter it runs on, whatever --python-version says."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    environment = default_environment() | {
+        "python_full_version": python_full_version,
+        "python_version": ".".join(python_full_version.split(".")[:2])}
+    wheels = {canonicalize_name(parse_wheel_filename(w.name)[0]): w for w in dist.wheelhouse.glob("*.whl")}
+    missing, todo, seen = set(), [Requirement("fastlb")], set()
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        if name not in wheels:
+            missing.add(str(requirement).split(";")[0])
+            continue
+        with zipfile.ZipFile(wheels[name]) as wheel:
+            (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+            declared = email.parser.Parser().parsestr(wheel.read(metadata).decode())
+        for line in declared.get_all("Requires-Dist", []):
+            dependency = Requirement(line)
+            if dependency.marker is None or any(dependency.marker.evaluate(environment | {"extra": extra})
+                                                for extra in {"", *requirement.extras}):
+                todo.append(dependency)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, wheel in wheels.items():
+        if name != "fastlb":
+            shutil.copy2(wheel, dest)
+    if missing:
+        run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version",
+             python_full_version, "--dest", dest, *sorted(missing)])
+
+
 if __name__ == "__main__":
-    print(build().directory)
+    built_dist = build()
+    if sys.argv[1:2] == ["--wheelhouse-for"]:
+        wheelhouse_for(built_dist, sys.argv[2], Path(sys.argv[3]))
+    print(built_dist.directory)
