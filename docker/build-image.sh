@@ -68,6 +68,12 @@ make_base() {
   root=$(mktemp -d /tmp/fastlb-base.XXXXXX)
   say "debootstrap $SUITE from $mirror"
   debootstrap --variant=minbase "$SUITE" "$root" "$mirror" >/dev/null
+  # Slim as Debian's own -slim images: no package cache, lists, manuals or translations, now or later.
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/{man,info,locale}/*
+  find "$root/usr/share/doc" -type f ! -name copyright -delete
+  printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+    'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
+    > "$root/etc/dpkg/dpkg.cfg.d/slim"
   tar -C "$root" -c . | docker import - "$BASE" >/dev/null
   rm -rf "$root"
 }
