@@ -55,3 +55,8 @@ def installed(request, built, tmp_path_factory) -> Installed:
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return Installed(request.param, venv, cwd, env)
+
+
+def pytest_collection_modifyitems(items):
+    """The container test last: it takes longest, and a broken package shows first in the quick tests."""
+    items.sort(key=lambda item: item.path.name == "test_container.py")
