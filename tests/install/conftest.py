@@ -58,5 +58,7 @@ def installed(request, built, tmp_path_factory) -> Installed:
 
 
 def pytest_collection_modifyitems(items):
-    """The container test last: it takes longest, and a broken package shows first in the quick tests."""
-    items.sort(key=lambda item: item.path.name == "test_container.py")
+    """What the packages hold first, the container last: a broken package shows in the quickest test,
+    and the image takes longest."""
+    order = {"test_packages.py": 0, "test_container.py": 2}
+    items.sort(key=lambda item: order.get(item.path.name, 1))
