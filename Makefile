@@ -9,13 +9,24 @@ DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk ta
   openssl:openssl curl:curl testssl:testssl.sh ip:iproute2 keepalived:keepalived \
   redis-server:redis-server memcached:memcached chromium:chromium dnsmasq:dnsmasq-base
 
-.PHONY: run test setup system-packages build bench-core bench-proxy bench-memory bench-tls clean
+.PHONY: run test test-install image setup system-packages build bench-core bench-proxy bench-memory bench-tls clean
 
 run: setup
 	$(VENV)/bin/fastlb demo
 
+# tests/install/ (after the suite) builds the sdist and the wheel, installs each into a fresh virtualenv,
+# smoke-tests fastlb as installed, and builds and runs the container image; builds are cached by content
+# under ~/.cache/fastlb (FASTLB_CACHE) and in Docker's layer cache.
 test: setup
 	$(PY) -m pytest -q tests benchmarks/test_harness.py
+	$(MAKE) --no-print-directory test-install
+
+test-install: setup
+	$(PY) -m pytest -q tests/install
+
+# The container image fastlb:latest, built offline here (docker/build-image.sh says how).
+image: setup
+	PYTHON=$(abspath $(PY)) docker/build-image.sh
 
 setup: system-packages $(VENV)/.installed
 
@@ -63,4 +74,4 @@ bench-tls: setup
 	$(PY) benchmarks/tls_bench.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info
+	rm -rf build dist $(VENV) fastlb/_core.c fastlb/_core.html fastlb/*.so *.egg-info docker/wheelhouse/*.whl

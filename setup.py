@@ -58,6 +58,9 @@ http_engine = Extension("fastlb.http._fast", ["fastlb/http/_fast.pyx"], extra_co
 # Admission control's table (rate limits, connection counts, CIDR lists), cimported by the HTTP engine.
 admission = Extension("fastlb._admission", ["fastlb/_admission.pyx"], extra_compile_args=compile_args)
 annotate = os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1"
+# Cython and the C compiler run on every core: a build compiles a dozen large modules, and the wheel,
+# the sdist and the container image each build them once more.
+JOBS = os.cpu_count() or 1
 
 # The access log's C formatter and writer thread (fastlb/observe.py's AccessLog and the HTTP engine use it).
 access_log = Extension("fastlb._accesslog", ["fastlb/_accesslog.pyx"], extra_compile_args=compile_args)
@@ -67,7 +70,9 @@ sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile
 
 setup(
     ext_modules=[
-        *cythonize([core, relay, crelay, sockinfo, access_log, head_scanner, http_engine, admission], compiler_directives=directives, annotate=annotate),
-        *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate),
-    ]
+        *cythonize([core, relay, crelay, sockinfo, access_log, head_scanner, http_engine, admission],
+                   compiler_directives=directives, annotate=annotate, nthreads=JOBS),
+        *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate, nthreads=JOBS),
+    ],
+    options={"build_ext": {"parallel": JOBS}},
 )

@@ -63,13 +63,14 @@ def wait_until(condition, timeout: float = DEFAULT_TIMEOUT, what: str = "conditi
 class Proc:
     """A started process whose combined stdout/stderr lines are collected by a reader thread."""
 
-    def __init__(self, args: list[str], name: str) -> None:
+    def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None, cwd=REPO) -> None:
+        """env and cwd: the source tree's by default (tests/install/ runs an installed fastlb elsewhere)."""
         self.name = name
         self.args = args
         self.lines: list[str] = []
         self.changed = threading.Condition()
         self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO,
+                                      stdin=subprocess.DEVNULL, env=env or subprocess_env(), cwd=cwd,
                                       start_new_session=True, text=True, bufsize=1)
         self.pid = self.popen.pid
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -138,8 +139,8 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[Proc] = []
 
-    def start(self, args: list[str], name: str) -> Proc:
-        proc = Proc(args, name)
+    def start(self, args: list[str], name: str, **options) -> Proc:
+        proc = Proc(args, name, **options)
         self.started.append(proc)
         return proc
 
