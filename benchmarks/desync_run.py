@@ -37,8 +37,9 @@ async def one_engine(engine: str, seed: int, sequences: int, concurrency: int, b
             done += count
             print(f"  {engine}: {done} sequences, {len(problems)} violations", flush=True)
     delivered = sum(1 for sent in registry.sent.values() if sent.seen)
-    print(f"engine {engine} ({backends} backend(s) {' '.join(extra)}): {sequences} sequences, {len(registry.sent)} requests sent, {delivered} received "
-          f"by the backend over {oracle.connections} connections, {len(problems)} violations "
+    print(f"engine {engine} ({backends} backend(s) {' '.join(extra)}): {sequences} sequences, "
+          f"{len(registry.sent)} requests sent, {delivered} received by the backend(s), "
+          f"{oracle.connections} connections to the first, {len(problems)} violations "
           f"({time.monotonic() - started:.0f} s, seed {seed})")
     for problem in problems[:50]:
         print("  ", problem)
