@@ -58,7 +58,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi
 # Rebuilds the extensions in place after an edit (the editable install built them in an isolated
 # environment: Cython is installed into the venv for this).
 build: setup
-	$(PY) -m pip install -q 'cython>=3.0'
+	$(PY) -m pip install -q 'cython>=3.0' 'setuptools>=77'
 	$(PY) setup.py -q build_ext --inplace
 
 bench-core: setup
