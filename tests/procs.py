@@ -317,11 +317,3 @@ def ensure_debian_tool(command: str, package: str) -> str:
     path = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
     assert path, f"{package} installed but {command} not found"
     return path
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
-        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-        if result.returncode:
-            raise AssertionError(f"{command} is missing and `{' '.join(args)}` failed:\n{result.stderr}")
-    path = shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin")
-    assert path, f"{package} installed but {command} not found"
-    return path

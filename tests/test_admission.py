@@ -245,6 +245,12 @@ def test_routed_requests_are_limited_per_pool(procs, tmp_path):
     with Client(port) as c:                            # `route`: the pool's total, whoever sends
         web += [c.request("GET", "/").status]
     assert api == [200, 200, 200, 429, 429] and web == [200] * 5 + [429] * 3
+    # A limited client that asked to close gets the 429 with `Connection: close`, then the close (the
+    # engine answers the routed 429 in the form the connection needs).
+    with Client(port) as c:
+        answer = c.request("GET", "/api/x", {"Connection": "close"})
+        assert answer.status == 429 and answer.header("Connection") == "close"
+        assert c.closed()
 
 
 @pytest.mark.parametrize("path", ["/chunked?n=1", "/x"])

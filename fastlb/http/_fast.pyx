@@ -919,8 +919,8 @@ cdef class Engine:
                 # (select_routed checked the rate limits first: the Python path must not count it again)
                 self.adopt(c, c.buf, c.req_len, self.limiter is not None)
                 return
-            if type(picked) is bytes:         # over a rate limit (admission control): the 429
-                self.answer(c, picked)
+            if type(picked) is float:         # over a rate limit (admission control): the 429
+                self.answer(c, self.limited_response(picked, c.close_after))
                 return
             backend, key = picked
             self.place(c, backend, key)

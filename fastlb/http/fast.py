@@ -137,14 +137,15 @@ class FastPath:
         return backend
 
     def select_routed(self, method: bytes, url: bytes, host: bytes, client_ip: bytes, length: int):
-        """With routing rules: (backend with a slot taken, hashing key), the 429's bytes (over a rate
-        limit), or None for the Python path (nothing to pick now, a body over the routed pool's limit: 413)."""
+        """With routing rules: (backend with a slot taken, hashing key), the seconds to wait (a float:
+        over a rate limit, the engine answers 429 in the form the connection needs), or None for the
+        Python path (nothing to pick now, a body over the routed pool's limit: 413)."""
         route = self.router.route(method, url, host, None)
         admission = self.runtime.admission
         if admission is not None and admission.specs:        # first: a None below means checked
             wait = admission.check_request(client_ip, url, None, route.name)
             if wait:
-                return admission.limited_response(wait, False)
+                return float(wait)
         if route.max_body_size and length > route.max_body_size:
             return None
         key = route.key(client_ip, url, None) if route.key_kind else None
