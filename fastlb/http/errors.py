@@ -37,10 +37,16 @@ def _build(status: int, close: bool) -> bytes:
 
 KEEP = {status: _build(status, False) for status in REASONS}
 CLOSE = {status: _build(status, True) for status in REASONS}
-# The same answers to a HEAD request: the head alone (RFC 9110 9.3.2). A body there would be read by the
-# client as the start of the next response.
-HEAD_KEEP = {status: data[:data.index(b"\r\n\r\n") + 4] for status, data in KEEP.items()}
-HEAD_CLOSE = {status: data[:data.index(b"\r\n\r\n") + 4] for status, data in CLOSE.items()}
+
+
+def without_body(data: bytes) -> bytes:
+    """An answer of fastlb's own as sent to a HEAD request: the head alone (RFC 9110 9.3.2). A body there
+    would be read by the client as the start of the next response."""
+    return data[:data.index(b"\r\n\r\n") + 4]
+
+
+HEAD_KEEP = {status: without_body(data) for status, data in KEEP.items()}
+HEAD_CLOSE = {status: without_body(data) for status, data in CLOSE.items()}
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 

@@ -36,5 +36,6 @@ cdef class ClientConnection:
     cpdef dispatch(self, Request req)
     cpdef sent(self, Request req)
     cpdef flush_request(self, Request req)
+    cpdef mark_sent(self, Request req)
     cpdef answer(self, Request req, int status, bint close)
     cpdef finished(self, Request req, bint close)

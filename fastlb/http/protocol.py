@@ -580,9 +580,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         req = self.req
         if req is None:
             return
-        if req.upgrade is not None and req.content_length is not None and int(req.content_length):
+        body_size = int(req.content_length) if req.upgrade is not None and req.content_length is not None else 0
+        if body_size:
             # llhttp skipped this Upgrade request's body: upgrade_body reads it, then completes it.
-            self.upgrade_body_left = int(req.content_length)
+            self.upgrade_body_left = body_size
             return
         self.complete_request(req)
 
@@ -672,13 +673,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.runtime.now = self.loop.time()
         self.feed(self.parser, data)
         if self.queue:
-            req = self.queue[0]
-            if req.replayable and req.out_size <= REPLAY_LIMIT:
-                req.flushed = len(req.out)
-            else:
-                req.replayable = False
-                req.out.clear()
-                req.flushed = 0
+            self.mark_sent(self.queue[0])
 
     def _adopt_in_flight(self, req: Request) -> None:
         """The C engine's request, re-parsed here (take_adopted): the engine sent it on `upstream` (slot
@@ -748,11 +743,16 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         data = out[flushed] if len(out) - flushed == 1 else b"".join(out[flushed:])
         req.upstream.transport.write(data)
         req.written = True
+        self.mark_sent(req)
+
+    def mark_sent(self, req: Request) -> None:
+        """Every piece in req.out has reached the backend connection: kept for a replay while the
+        request is small enough (REPLAY_LIMIT), else dropped and the request is no longer replayable."""
         if req.replayable and req.out_size <= REPLAY_LIMIT:
-            req.flushed = len(out)
+            req.flushed = len(req.out)
         else:
             req.replayable = False
-            out.clear()
+            req.out.clear()
             req.flushed = 0
 
     # ---- responses -------------------------------------------------------------------------------
@@ -765,7 +765,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             close = close or not req.complete and (req.chunked or req.content_length not in (None, b"0"))
             data = self.runtime.admission.limited_response(req.retry_after, close)
             if req.is_head:
-                data = data[:data.index(b"\r\n\r\n") + 4]        # no body in an answer to HEAD
+                data = errors.without_body(data)
         else:
             data = errors.response(status, close, req.is_head)
         self.transport.write(data)
