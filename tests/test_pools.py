@@ -282,7 +282,12 @@ def test_the_controller_table_keeps_each_pools_changes_and_hands_them_to_new_wor
     assert table.named["other"].sources == {"127.0.0.1:93": "config", "127.0.0.1:92": "api"}
 
 
-def test_a_named_pool_follows_its_own_backends_file_in_every_worker(procs, tmp_path):
+FILE_POOL = API_POOL.replace("backend = [{backends}]\n", "")     # pool "api" with no backend list
+
+
+def pool_following_a_file(procs, tmp_path):
+    """fastlb (two workers) whose top level has backend d and whose pool "api" follows a backends file
+    that lists a; returns (fastlb, port, admin, port of d, address of a, address of b, the file)."""
     _, port_d = backend(procs, "d")
     _, port_a = backend(procs, "a")
     _, port_b = backend(procs, "b")
@@ -290,9 +295,12 @@ def test_a_named_pool_follows_its_own_backends_file_in_every_worker(procs, tmp_p
     listing = tmp_path / "api-backends"
     listing.write_text(f"{a}\n")
     port, admin = free_port(), free_port()
-    config = write_config(tmp_path, port, admin, [port_d], API_POOL.replace("backend = [{backends}]\n", "").format(
-        settings=f'backends_file = "{listing}"'))
-    fastlb = start(procs, config, port, admin)
+    config = write_config(tmp_path, port, admin, [port_d], FILE_POOL.format(settings=f'backends_file = "{listing}"'))
+    return start(procs, config, port, admin), port, admin, port_d, a, b, listing
+
+
+def test_a_named_pool_follows_its_own_backends_file_in_every_worker(procs, tmp_path):
+    fastlb, port, admin, port_d, a, b, listing = pool_following_a_file(procs, tmp_path)
 
     def listed():
         view = pool_view(admin, "api")
@@ -416,20 +424,11 @@ def test_an_ejected_backend_is_probed_back_and_a_bad_responder_only_by_an_http_c
 
 
 def test_a_source_dropped_by_a_reload_keeps_its_backends_and_says_so_once(procs, tmp_path):
-    _, port_d = backend(procs, "d")
-    _, port_a = backend(procs, "a")
-    _, port_b = backend(procs, "b")
-    a, b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
-    listing = tmp_path / "api-backends"
-    listing.write_text(f"{a}\n")
-    port, admin = free_port(), free_port()
-    pool_lines = API_POOL.replace("backend = [{backends}]\n", "")
-    config = write_config(tmp_path, port, admin, [port_d], pool_lines.format(settings=f'backends_file = "{listing}"'))
-    fastlb = start(procs, config, port, admin)
+    fastlb, port, admin, port_d, a, b, listing = pool_following_a_file(procs, tmp_path)
     wait_until(lambda: set(pool_view(admin, "api")) == {a}, what="a from the pool's file")
     # A reload that changes another setting of the pool: new workers; the source takes its backends
     # back (nothing removed and added again) and still follows its file.
-    write_config(tmp_path, port, admin, [port_d], pool_lines.format(
+    write_config(tmp_path, port, admin, [port_d], FILE_POOL.format(
         settings=f'backends_file = "{listing}"\noutlier_failures = 3'))
     assert "new workers" in api(admin, "POST", "/api/reload")["result"]
     fastlb.wait_for_line(r"reload: 2 new worker\(s\) running")
