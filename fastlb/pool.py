@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import ssl
 from time import monotonic
 from typing import Callable
@@ -175,6 +176,9 @@ class BackendPool:
         self.by_address: dict[str, Backend] = {}      # what health and admin messages name
         self.config = config
         self.track_latency = False           # connect-time histogram, on when metrics are served
+        # HTTP mode with the C engine running: the engine holds this pool's plain idle keep-alive
+        # connections (one idle pool per backend, fastlb/http/_fast.pyx park_socket/take_idle_socket).
+        self.idle_keeper = None
         # Client contexts for TLS backends, one per `verify` setting (shared: they hold the session cache).
         self.tls_contexts = backend_contexts(config.backends)
         self.last_tls_warning = 0.0
@@ -230,6 +234,8 @@ class BackendPool:
         backend.eject_handle = backend.ramp_handle = None
         while backend.idle:                      # HTTP mode: its idle keep-alive connections go now
             backend.idle.pop().transport.close()
+        if self.idle_keeper is not None:
+            self.idle_keeper.close_idle(backend)
         backend.balancer.remove(backend.index)
         backend.removed = True
         backend.full = False
@@ -450,6 +456,12 @@ class BackendPool:
                 upstream = backend.take_idle()
                 if upstream is not None:
                     return backend, upstream.transport, upstream
+            if self.idle_keeper is not None:
+                fd = self.idle_keeper.take_idle_socket(backend)
+                if fd >= 0:
+                    transport, upstream = await loop.create_connection(protocol_factory, sock=socket.socket(fileno=fd))
+                    upstream.reused = True            # it waited idle: the keep-alive race rules apply
+                    return backend, transport, upstream
             started = loop.time()
             precise_start = monotonic() if self.track_latency else 0.0   # uvloop's clock is in ms
             try:

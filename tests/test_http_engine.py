@@ -182,6 +182,46 @@ def test_engine_reuses_its_backend_connections(procs):
     assert len(conns) == 1
 
 
+CHUNKED_POST = (b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n\r\n")        # chunked: always the Python path's
+
+
+def test_engine_and_python_path_share_one_idle_pool(procs):
+    """A connection the Python path finished with serves the engine's next request, and the other way
+    round: one idle pool per backend, not one per path."""
+    port, backend, _ = start(procs)
+    with Client(port) as client:
+        client.send(CHUNKED_POST)
+        assert client.read_response().status == 200
+    with Client(port) as client:
+        assert client.request("GET", "/engine").status == 200
+    with Client(port) as client:
+        client.send(CHUNKED_POST)
+        assert client.read_response().status == 200
+    seen = requests_seen(backend, 0, at_least=3)
+    assert [r["method"] for r in seen] == ["POST", "GET", "POST"]
+    assert len({r["conn"] for r in seen}) == 1
+
+
+def test_backend_max_idle_bounds_both_paths_together(procs):
+    ensure_debian_tool("ss", "iproute2")
+    backend, ports = procs.http_backends("a")
+    port = free_port()
+    procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}", "--backend-max-idle", "1",
+                 "--backend-idle-timeout", "60s")
+    # Two requests in flight at once (one each way), so two backend connections; both end idle.
+    python_side, engine_side = Client(port), Client(port)
+    with python_side, engine_side:
+        python_side.send(b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        engine_side.send(b"GET /slow?ms=300 HTTP/1.1\r\nHost: test\r\n\r\n")
+        wait_until(lambda: len(requests_seen(backend, 0)) >= 1, what="the slow request at the backend")
+        python_side.send(b"3\r\nabc\r\n0\r\n\r\n")
+        assert python_side.read_response().status == 200
+        assert engine_side.read_response().status == 200
+    assert len({r["conn"] for r in requests_seen(backend, 0, at_least=2)}) == 2
+    wait_until(lambda: established_to(ports["a"]) == 1, what="one idle connection kept, not one per path")
+
+
 def test_idle_backend_connection_closed_by_the_backend_is_not_used(procs):
     port, backend, _ = start(procs)
     with Client(port) as client:

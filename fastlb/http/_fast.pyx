@@ -987,9 +987,9 @@ cdef class Engine:
             c.head_sent += <uint32_t>n
         return True
 
-    def connected(self, uintptr_t token, backend, int fd):
-        """Python connected a backend for the client `token` (dispatch()); the engine owns fd now."""
-        cdef Client *c = <Client *>token
+    cdef Backend *new_backend(self, object backend, int fd) except? NULL:
+        """A backend connection the engine owns from now on, in the epoll set; NULL (fd closed) when
+        epoll refuses it."""
         cdef Backend *b = <Backend *>malloc(sizeof(Backend))
         if b == NULL:
             close(fd)
@@ -1002,7 +1002,13 @@ cdef class Engine:
         b.slot = self.slot_of(backend)
         if not self.watch(fd, b):
             self.close_backend(b)
-            b = NULL
+            return NULL
+        return b
+
+    def connected(self, uintptr_t token, backend, int fd):
+        """Python connected a backend for the client `token` (dispatch()); the engine owns fd now."""
+        cdef Client *c = <Client *>token
+        cdef Backend *b = self.new_backend(backend, fd)
         self.now = monotonic_now()
         if c.gone:
             # The client left while we connected: the slot goes back, the connection waits for the next.
@@ -1185,6 +1191,43 @@ cdef class Engine:
         return True
 
     # ---- idle backend connections ------------------------------------------------------------------
+    # One idle pool per backend: while the engine runs, the Python path parks its plain keep-alive
+    # connections here too (park_socket) and takes them from here (take_idle_socket), so
+    # --backend-max-idle bounds them all and a removed backend's go at once (close_idle).
+
+    def park_socket(self, backend, int fd):
+        """A keep-alive connection the Python path finished with: fd is the engine's now."""
+        cdef Backend *b = self.new_backend(backend, fd)
+        if b != NULL:
+            self.now = monotonic_now()
+            self.park(b)
+
+    def take_idle_socket(self, backend):
+        """The most recently parked connection to `backend`, for the Python path: its descriptor (the
+        caller's now, out of the epoll set), or -1."""
+        cdef object slot = self.slots.get(backend)
+        cdef Backend *b
+        cdef int fd
+        if slot is None or self.idle[<int>slot] == NULL:
+            return -1
+        b = self.idle[<int>slot]
+        self.unpark(b)
+        fd = b.fd
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        self.free_backend(b)
+        return fd
+
+    def close_idle(self, backend):
+        """A removed backend: its idle connections close now."""
+        cdef object slot = self.slots.get(backend)
+        cdef Backend *b
+        if slot is None:
+            return
+        while self.idle[<int>slot] != NULL:
+            b = self.idle[<int>slot]
+            self.unpark(b)
+            self.close_backend(b)
+
 
     cdef void park(self, Backend *b):
         cdef int slot = b.slot

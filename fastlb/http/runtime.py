@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from fastlb.config import Config
 from fastlb.http.headers import (FORWARDED_SET_BY_US, H_COOKIE, H_DROP, R_DROP, R_HSTS, R_SET_COOKIE,
@@ -225,6 +226,8 @@ class HttpRuntime:
             return False
         if self.fast is None:
             self.fast = fast.FastPath(self, bind)
+            for route in self.router.pools.values():
+                route.pool.idle_keeper = self.fast.engine
             if gate is not None:
                 self.fast.gate = gate
                 self.fast.engine.max_clients = gate.limit
@@ -254,6 +257,17 @@ class HttpRuntime:
             # ended, and go to the request after it: an idle connection must read (a close, the next
             # response), or the next request on it would wait for ever.
             transport.resume_reading()
+        if self.fast is not None and backend.ssl_context is None:
+            # One idle pool per backend: with the engine running, plain connections wait in its pool,
+            # which the engine's requests and this path's both take from (BackendPool.connect).
+            try:
+                fd = os.dup(transport.get_extra_info("socket").fileno())
+            except OSError:
+                transport.close()
+                return
+            transport.abort()             # no client: connection_lost only unparks (a no-op)
+            self.fast.engine.park_socket(backend, fd)
+            return
         idle = backend.idle
         if len(idle) >= self.settings.backend_max_idle:
             if not idle:                            # backend_max_idle 0: none is kept
