@@ -413,7 +413,7 @@ class BackendPool:
 
     async def connect(self, key: bytes | None, protocol_factory: Callable[[], asyncio.Protocol],
                       tried: list[Backend] | None = None, selected: Backend | None = None,
-                      pinned: Backend | None = None
+                      pinned: Backend | None = None, from_idle_keeper: bool = True
                       ) -> tuple[Backend, asyncio.Transport, asyncio.Protocol]:
         """Connects to a backend, retrying the next candidate after a failed connect.
 
@@ -424,7 +424,8 @@ class BackendPool:
 
         HTTP mode passes `tried` (backends that already failed this request, avoided and counted
         against the attempts) and `selected` (a backend select_now already took a slot on). `pinned`:
-        the session's backend, preferred while it is up and has not failed this connection."""
+        the session's backend, preferred while it is up and has not failed this connection.
+        from_idle_keeper: False for the C engine's own connects (it looked in its idle pool already)."""
         loop = self.loop
         if tried is None:
             tried = []
@@ -456,7 +457,7 @@ class BackendPool:
                 upstream = backend.take_idle()
                 if upstream is not None:
                     return backend, upstream.transport, upstream
-            if self.idle_keeper is not None:
+            if self.idle_keeper is not None and from_idle_keeper:
                 fd = self.idle_keeper.take_idle_socket(backend)
                 if fd >= 0:
                     transport, upstream = await loop.create_connection(protocol_factory, sock=socket.socket(fileno=fd))

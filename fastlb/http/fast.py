@@ -187,7 +187,7 @@ class FastPath:
         runtime = self.runtime
         try:
             pool = self.pool_for(backend)
-            backend, transport, _ = await pool.connect(key, lambda: DETACHED, [], backend, None)
+            backend, transport, _ = await pool.connect(key, lambda: DETACHED, [], backend, None, False)
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
