@@ -40,6 +40,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def replace_file(path, text: str) -> None:
+    """Writes a file a running fastlb watches the way operators must: a new file renamed over the old
+    one. A rewrite in place can be read half-written (truncated, not yet filled) by the watcher."""
+    path = Path(path)
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(text)
+    os.replace(fresh, path)
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

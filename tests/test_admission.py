@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from http_client import Client, build
-from procs import connect, free_port, read_line, wait_until
+from procs import connect, free_port, read_line, replace_file, wait_until
 from stores import start_redis
 
 from fastlb._admission import Limiter
@@ -374,18 +374,18 @@ def test_http_deny_list_and_connections_per_source(procs, engine, monkeypatch):
 
 def test_access_file_is_watched_and_applied_live(procs, tmp_path):
     access = tmp_path / "access"
-    access.write_text("# bots\ndeny 127.0.0.70/32\n")
+    replace_file(access, "# bots\ndeny 127.0.0.70/32\n")
     _, ports = procs.http_backends("a")
     port = free_port()
     lb = procs.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
                       "--access-file", str(access))
     assert refused_at_once(port, "127.0.0.70")
-    access.write_text("deny 127.0.0.71/32\ndeny 2001:db8::/32\n")
+    replace_file(access, "deny 127.0.0.71/32\ndeny 2001:db8::/32\n")
     wait_until(lambda: refused_at_once(port, "127.0.0.71"), what="the new deny list applied")
     client, send = keyed_client(port, "127.0.0.70", None)
     assert send() == 200
     client.close()
-    access.write_text("deny not-a-network\n")           # refused: the last good lists stay
+    replace_file(access, "deny not-a-network\n")           # refused: the last good lists stay
     lb.wait_for_line(r"admission: .*access:1: .*keeping its last lists")
     assert refused_at_once(port, "127.0.0.71")
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from procs import (REPO, ConnectionLoad, backend_name, connect, ensure_debian_tool, free_port, port_open, read_line,
-                   subprocess_env, wait_until)
+                   replace_file, subprocess_env, wait_until)
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -390,15 +390,15 @@ def test_discovery_from_a_watched_file(procs, token_file, tmp_path):
     _, ports = procs.backends("a", "b")
     a, b = (f"127.0.0.1:{ports[n]}" for n in "ab")
     listing = tmp_path / "backends"
-    listing.write_text(f"# discovered\n{a}\n")
+    replace_file(listing, f"# discovered\n{a}\n")
     port, admin = free_port(), free_port()
     procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backends-file", str(listing), "--workers", "2",
                  "--admin", str(admin), "--admin-token-file", token_file, wait_port=port)
     wait_until(lambda: {backend_name(port) for _ in range(6)} == {"a"}, what="a from the file")
-    listing.write_text(f"{a}\n{b},weight=2\n")
+    replace_file(listing, f"{a}\n{b},weight=2\n")
     wait_until(lambda: "b" in {backend_name(port) for _ in range(6)}, what="b added from the file")
     assert backends_view(admin)[b]["weight"] == 2
-    listing.write_text(f"{b}\n")
+    replace_file(listing, f"{b}\n")
     wait_until(lambda: a not in backends_view(admin), what="a removed")
     assert {backend_name(port) for _ in range(10)} == {"b"}
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from http_client import KeepAliveLoad
-from procs import (BACKEND_SERVER, HTTP_BACKEND, ConnectionLoad, free_port, port_open, subprocess_env,
-                   wait_until)
+from procs import (BACKEND_SERVER, HTTP_BACKEND, ConnectionLoad, free_port, port_open, replace_file,
+                   subprocess_env, wait_until)
 from test_ops import TOKEN, api, metric, metrics, request
 
 from fastlb.config import Config, ConfigError, PoolSpec, parse_backend
@@ -293,7 +293,7 @@ def pool_following_a_file(procs, tmp_path):
     _, port_b = backend(procs, "b")
     a, b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
     listing = tmp_path / "api-backends"
-    listing.write_text(f"{a}\n")
+    replace_file(listing, f"{a}\n")
     port, admin = free_port(), free_port()
     config = write_config(tmp_path, port, admin, [port_d], FILE_POOL.format(settings=f'backends_file = "{listing}"'))
     return start(procs, config, port, admin), port, admin, port_d, a, b, listing
@@ -309,7 +309,7 @@ def test_a_named_pool_follows_its_own_backends_file_in_every_worker(procs, tmp_p
     wait_until(lambda: listed() == {a: "file"}, what="a from the pool's file")
     assert set(pool_view(admin, "default")) == {f"127.0.0.1:{port_d}"}     # not the top level's
     assert get(port, "/api/x") == "a"
-    listing.write_text(f"# moved\n{b},weight=3\n")
+    replace_file(listing, f"# moved\n{b},weight=3\n")
     wait_until(lambda: listed() == {b: "file"}, what="a replaced by b")
     assert pool_view(admin, "api")[b]["weight"] == 3
     assert {get(port, "/api/x") for _ in range(6)} == {"b"}
@@ -432,11 +432,11 @@ def test_a_source_dropped_by_a_reload_keeps_its_backends_and_says_so_once(procs,
         settings=f'backends_file = "{listing}"\noutlier_failures = 3'))
     assert "new workers" in api(admin, "POST", "/api/reload")["result"]
     fastlb.wait_for_line(r"reload: 2 new worker\(s\) running")
-    listing.write_text(f"{a}\n{b}\n")
+    replace_file(listing, f"{a}\n{b}\n")
     wait_until(lambda: set(pool_view(admin, "api")) == {a, b}, what="b from the file after the reload")
     assert fastlb.output.count(f"discovery (file, pool api): add {a}") == 1
     assert f"discovery (file, pool api): remove {a}" not in fastlb.output
-    listing.write_text(f"{a}\n")
+    replace_file(listing, f"{a}\n")
     wait_until(lambda: set(pool_view(admin, "api")) == {a}, what="b gone from the file")
     # The pool now lists b itself and has no file: new workers, with a still in the pool.
     write_config(tmp_path, port, admin, [port_d], API_POOL.format(backends=f'"{b}"', settings=""))
