@@ -128,13 +128,14 @@ class Sweeper:
         now = self.loop.time()
         # (half an interval of slack: the loop's timers have millisecond resolution)
         soon = now + self.interval / 2
-        try:
-            for entry in self.due:
-                if entry[2] <= soon:
-                    entry[2] = now + entry[1]
+        for entry in self.due:
+            if entry[2] <= soon:
+                entry[2] = now + entry[1]
+                try:
                     entry[0].sweep(now)
-        finally:                              # a path's failure is logged by the loop; sweeping goes on
-            self.handle = self.loop.call_later(self.interval, self._tick)
+                except Exception:             # one path's failure must not stop the others' timeouts
+                    log.exception("%s data path: sweep failed", entry[0].name)
+        self.handle = self.loop.call_later(self.interval, self._tick)
 
     def stop(self) -> None:
         if self.handle is not None:
