@@ -173,10 +173,10 @@ class ListenerSettings:
     __slots__ = ("loop", "pool", "pools", "sni_routes", "hash_source", "header_timeout", "connections",
                  "sticky", "observer", "admission")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, *,
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, *, header_timeout: float,
                  pools: dict[str, BackendPool] | None = None, sni_routes: dict[str, str] | None = None,
-                 hash_source: bool = False, header_timeout: float = 5.0, sticky=None,
-                 observer: "Observer | None" = None, admission=None) -> None:
+                 hash_source: bool = False, sticky=None, observer: "Observer | None" = None,
+                 admission=None) -> None:
         self.loop = loop
         self.pool = pool                    # the default group's (None: no default group)
         self.pools = pools or {}            # sni-route binds: group -> pool

@@ -110,7 +110,7 @@ class FakeClient:
 
 
 def tcp_path(idle: float, *clients) -> TcpPath:
-    path = TcpPath(ListenerSettings(None, None), None, None, idle)
+    path = TcpPath(ListenerSettings(None, None, header_timeout=1.0), None, None, idle)
     path.connections.update(clients)
     return path
 
