@@ -18,7 +18,6 @@ from fastlb.admission import configured as admission_configured
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
 from fastlb.config import RESERVED_FDS, SMALL_MAXCONN, Config, connection_limits, open_files_limit
 from fastlb.control import apply_runtime, apply_to_pools
-from fastlb.health import HealthChecker
 from fastlb.l4 import AcceptGate
 from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
@@ -176,16 +175,11 @@ class Worker:
                                       config.connect_timeout)
         self.paths = build_paths(self)
         self.sweeper = Sweeper(loop, self.paths)
-        self.stopping = False
 
     @property
     def live(self) -> int:
         """Client connections open, on every data path."""
         return sum([path.live for path in self.paths])
-
-    @property
-    def checker(self) -> HealthChecker | None:
-        return self.controller.checker if self.controller is not None else None
 
     async def start(self) -> None:
         for number, bind in enumerate(self.config.binds):
@@ -298,7 +292,6 @@ class Worker:
 
     async def drain(self, grace_period: float) -> None:
         """Stops accepting, waits for live connections to end, cuts them after grace_period."""
-        self.stopping = True
         for path in self.paths:
             path.stop_accepting()
         self.accept_gate.stop()
