@@ -41,7 +41,7 @@ if STICKY:
     from fastlb.sticky import SessionStore
     config.sticky = parse_sticky(STICKY)
     store = SessionStore(loop, config.stick_ttl, config.stick_table_size)
-rt = HttpRuntime(config, loop, build_router(config, loop, 10000, store=store), set())
+rt = HttpRuntime(config, loop, build_router(config, loop, 10000, store=store))
 pool = rt.router.default.pool
 ups = []
 for b in pool.backends:

@@ -2,7 +2,7 @@
 
 Hot path (one call per chunk read): `data_received` writes the chunk to the other side's transport and
 sets an activity flag. Nothing else runs per chunk: no timer re-arming (the idle timeout is a coarse
-periodic sweep over the flags, see `server.Worker`), no logging, no allocation beyond the bytes object
+periodic sweep over the flags, `TcpPath.sweep`), no logging, no allocation beyond the bytes object
 uvloop hands over. `Protocol` rather than `BufferedProtocol`: uvloop keeps a reference to a partially
 written buffer, so a shared read buffer would need a copy anyway, and a per-connection one would cost
 64 KiB of memory per idle connection.
@@ -70,11 +70,13 @@ class AcceptGate:
     listeners check the limit themselves and call `paused` (fastlb/http/_fast.pyx). Each pause is
     logged, once a minute at most, with the count since."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, live, backlog: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, live, backlog: int,
+                 handshake_timeout: float) -> None:
         self.loop = loop
         self.limit = limit
         self.live = live                     # () -> client connections open in the worker
         self.backlog = backlog
+        self.handshake_timeout = handshake_timeout     # TLS binds the event loop terminates
         self.servers: list[list] = []        # [factory, socket, create_server options, server or None]
         self.engines: list = []              # C engines (resume_accepting())
         self.paused_now = False
@@ -82,21 +84,23 @@ class AcceptGate:
         self.pauses = 0                      # since the last warning
         self.last_log = -ACCEPT_PAUSE_LOG_INTERVAL
 
-    async def serve(self, factory, sock, options: dict):
-        """A server for sock (as loop.create_server) that pauses at the limit; returns it."""
+    async def serve(self, factory, sock, tls=None) -> list:
+        """Serves sock (as loop.create_server, TLS terminated with tls.front when tls is given), resting
+        at the limit. Returns the entry `stop_serving` takes."""
         def counted():
             if self.live() >= self.limit and not self.paused_now:
                 self.loop.call_soon(self.paused, 0)
             return factory()
+        options = {} if tls is None else {"ssl": tls.front, "ssl_handshake_timeout": self.handshake_timeout}
         entry = [counted, sock, options, None]
         self.servers.append(entry)
         await self._listen(entry)
-        return entry[3]
+        return entry
 
     async def _listen(self, entry: list) -> None:
         server = await self.loop.create_server(entry[0], sock=entry[1].dup(), backlog=self.backlog,
                                                **entry[2])
-        if self.stopped:                     # drain began while it was being made
+        if self.stopped or entry[1].fileno() < 0:      # drain began while it was being made
             server.close()
         else:
             entry[3] = server
@@ -137,13 +141,20 @@ class AcceptGate:
         for entry in self.servers:
             self.loop.create_task(self._listen(entry))
 
+    def stop_serving(self, entries: list) -> None:
+        """These servers stop accepting (a data path's, on drain): they close, and the listening sockets
+        they were made from."""
+        self.servers = [entry for entry in self.servers if not any(entry is e for e in entries)]
+        for entry in entries:
+            if entry[3] is not None:
+                entry[3].close()
+                entry[3] = None
+            entry[1].close()
+
     def stop(self) -> None:
-        """No more accepting (drain): servers and the listening sockets they were made from close."""
+        """No more accepting at all (drain): what is still served stops, and nothing resumes."""
         self.stopped = True
-        for factory, sock, options, server in self.servers:
-            if server is not None:
-                server.close()
-            sock.close()
+        self.stop_serving(list(self.servers))
 
 
 def is_ip_address(host: str) -> bool:
@@ -155,32 +166,53 @@ def is_ip_address(host: str) -> bool:
     return True
 
 
+class ListenerSettings:
+    """What every tcp listener of one worker shares (its binds differ): built once by the worker's
+    data-path factory (fastlb/server/datapath.py)."""
+
+    __slots__ = ("loop", "pool", "pools", "sni_routes", "hash_source", "header_timeout", "connections",
+                 "sticky", "observer", "admission")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, *, header_timeout: float,
+                 pools: dict[str, BackendPool] | None = None, sni_routes: dict[str, str] | None = None,
+                 hash_source: bool = False, sticky=None, observer: "Observer | None" = None,
+                 admission=None) -> None:
+        self.loop = loop
+        self.pool = pool                    # the default group's (None: no default group)
+        self.pools = pools or {}            # sni-route binds: group -> pool
+        self.sni_routes = sni_routes or {}
+        self.hash_source = hash_source
+        self.header_timeout = header_timeout    # PROXY header / ClientHello wait (connect_timeout)
+        self.connections: set = set()       # the live ClientSide objects on the event loop
+        # fastlb.sticky.Sticky (source) or None; it pins to backends of the default group's pool only.
+        self.sticky = sticky
+        self.observer = observer            # metrics / access log, once per connection; None when off
+        self.admission = admission          # fastlb/admission.py: lists and connections per source
+
+
 class Listener:
-    """What connections accepted on one bind share."""
+    """What connections accepted on one bind share: the worker's ListenerSettings, copied into slots
+    (the per-connection code reads them), the bind, and the relay thread that takes its established
+    connections (`--relay epoll`; None: they stay on the event loop)."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
                  "last_failure_log", "pools", "sni_routes", "sticky", "observer", "relay", "admission")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, bind: "BindSpec",
-                 hash_source: bool, header_timeout: float, connections: set, sticky=None,
-                 observer: "Observer | None" = None, pools: dict[str, BackendPool] | None = None,
-                 sni_routes: dict[str, str] | None = None, relay: "EpollRelay | None" = None,
-                 admission=None) -> None:
-        self.loop = loop
-        self.admission = admission          # fastlb/admission.py: lists and connections per source
-        self.relay = relay                  # `--relay epoll`: established connections go to its thread
-        self.pool = pool                    # the default group's (None: no default group)
-        self.pools = pools or {}            # sni-route binds: group -> pool
-        self.sni_routes = sni_routes or {}
-        # fastlb.sticky.Sticky (source) or None; it pins to backends of the default group's pool only.
-        self.sticky = sticky
+    def __init__(self, settings: ListenerSettings, bind: "BindSpec", relay: "EpollRelay | None" = None) -> None:
+        self.loop = settings.loop
+        self.admission = settings.admission
+        self.relay = relay
+        self.pool = settings.pool
+        self.pools = settings.pools
+        self.sni_routes = settings.sni_routes
+        self.sticky = settings.sticky
         self.bind = bind
-        self.hash_source = hash_source
-        self.header_timeout = header_timeout
-        self.connections = connections      # the worker's set of live ClientSide objects
+        self.hash_source = settings.hash_source
+        self.header_timeout = settings.header_timeout
+        self.connections = settings.connections
         self.failures = 0                   # client connections refused since the last log line
         self.last_failure_log = 0.0
-        self.observer = observer            # metrics / access log, once per connection; None when off
+        self.observer = settings.observer
 
     def protocol_factory(self):
         return lambda: ClientSide(self)
@@ -199,6 +231,79 @@ class Listener:
             self.last_failure_log = now
 
 
+def idle_sweep_interval(idle_timeout: float) -> float:
+    """How often idle tcp connections are looked for (TcpPath.sweep, and the relay thread's own sweep):
+    about 10 times per idle_timeout, at most once a second and at most 50 times a second, so a connection
+    is cut between idle_timeout and 1.1 x idle_timeout after its last byte. 0.0: no idle timeout."""
+    return min(1.0, max(0.02, idle_timeout / 10)) if idle_timeout else 0.0
+
+
+class TcpPath:
+    """tcp mode on the event loop, a data path (fastlb/server/datapath.py): uvloop servers on its binds,
+    ClientSide/BackendSide relaying, and the idle sweep over the flags the relay sets per chunk (one pass
+    per sweep instead of a timer re-armed per chunk). With `--relay epoll` its established plaintext
+    connections move to the relay thread (`EpollRelay.take`), which counts and cuts them from then on."""
+
+    name = "tcp"
+
+    def __init__(self, settings: ListenerSettings, gate: AcceptGate, relay: "EpollRelay | None",
+                 idle_timeout: float) -> None:
+        self.settings = settings
+        self.connections = settings.connections
+        self.gate = gate
+        self.relay = relay
+        self.idle_timeout = idle_timeout
+        self.sweep_interval = idle_sweep_interval(idle_timeout)
+        self.binds: list[tuple] = []         # (bind, listening socket, ServerTLS or None)
+        self.served: list = []               # the gate's entries (stop_accepting)
+
+    def serves(self, bind: "BindSpec", tls) -> bool:
+        return True                          # any bind the relay thread does not terminate
+
+    def add_bind(self, bind: "BindSpec", sock, tls) -> None:
+        self.binds.append((bind, sock, tls))
+
+    async def start(self) -> None:
+        for bind, sock, tls in self.binds:
+            # A TLS bind the event loop terminates keeps its connections: the relay thread moves raw bytes.
+            listener = Listener(self.settings, bind, None if tls is not None else self.relay)
+            self.served.append(await self.gate.serve(listener.protocol_factory(), sock, tls))
+
+    def stop_accepting(self) -> None:
+        self.gate.stop_serving(self.served)
+        self.served = []
+
+    def start_draining(self) -> None:
+        """Nothing to announce: a tcp connection ends when its client or backend ends it."""
+
+    @property
+    def live(self) -> int:
+        return len(self.connections)
+
+    def close_all(self) -> None:
+        for client in list(self.connections):
+            client.close()
+
+    def sweep(self, now: float) -> None:
+        """Cuts relayed connections with no byte either way for idle_timeout: a connection seen active
+        since the last sweep is idle from now on at the earliest; one never seen active, since it began."""
+        limit = self.idle_timeout
+        for client in list(self.connections):
+            side = client.backend_side
+            if client.active or (side is not None and side.active):
+                client.active = False
+                if side is not None:
+                    side.active = False
+                client.idle_since = now
+            elif client.peer is not None:
+                if now - (client.idle_since or client.started) >= limit:
+                    log.debug("closing idle connection from %s", client.source)
+                    client.close()
+
+    def stop(self) -> None:
+        """Nothing left to release: the pools are the worker's."""
+
+
 class ClientSide(RelayEnd, asyncio.Protocol):
     # RelayEnd (compiled) holds peer, peer_write and active, the per-chunk state.
     __slots__ = (
@@ -209,8 +314,8 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         "closed", "eofs",
         # accounting (fastlb/observe.py): when it started, how long the backend took, reported yet
         "started", "connect_seconds", "observed",
-        # idle timeout: `active` is set per chunk, swept by the worker's periodic timer
-        "idle_ticks",
+        # idle timeout: `active` is set per chunk; the sweep (TcpPath.sweep) notes when it last saw it set
+        "idle_since",
         # `--relay epoll`: the connection's id in the relay thread once handed over (0: not)
         "relay_id",
         # bytes the event loop had already received from (client, backend) when the relay took over
@@ -233,7 +338,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         self.started = 0.0
         self.connect_seconds = 0.0
         self.observed = False
-        self.idle_ticks = 0
+        self.idle_since = 0.0
         self.relay_id = 0
         self.relay_base = (0, 0)
         self.admitted = False
@@ -397,8 +502,7 @@ class ClientSide(RelayEnd, asyncio.Protocol):
         """The relay thread closed both sockets (once per connection)."""
         self.closed = True
         self.relay_id = 0
-        self.leave()
-        self.listener.connections.discard(self)
+        self.leave()                     # (the relay's `clients` held it, not `connections`)
         observer = self.listener.observer
         if observer is not None and not self.observed:
             self.observed = True
@@ -660,23 +764,29 @@ class EpollRelay:
     client sent early). The thread reports each connection's end once, with its byte counts, through an
     eventfd read here: then the pool slot is released and the observer told. Nothing per chunk."""
 
+    name = "relay"
+
     __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned", "numeric",
-                 "inline", "sweep_interval", "tick_handle")
+                 "inline", "sweep_interval", "settings", "backends", "binds", "servers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int, idle_timeout: float,
-                 sweep_interval: float) -> None:
+                 settings: ListenerSettings, backends) -> None:
         from fastlb._crelay import Relay
         self.loop = loop
         self.capacity = capacity
-        self.relay = Relay(capacity, idle_timeout, sweep_interval)
-        self.clients: dict[int, ClientSide] = {}
+        # The thread sweeps its own connections (it is another thread), as often as TcpPath sweeps its own.
+        self.relay = Relay(capacity, idle_timeout, idle_sweep_interval(idle_timeout))
+        self.clients: dict[int, ClientSide] = {}     # the connections it holds: its `live`
         self.listeners: dict[int, Listener] = {}     # TLS listeners the thread accepts on, by index
         self.stopping = False
         self.warned = False
         self.numeric: dict[str, bool] = {}           # backend host -> an IP address (connect_here)
         self.inline = relay_inline()
-        self.sweep_interval = 1.0                     # inline: set from the engine's at start()
-        self.tick_handle = None
+        self.sweep_interval = 0.0                     # inline: the engine's, from start() on
+        self.settings = settings                      # its TLS listeners'
+        self.backends = backends                      # the configured ones (`terminates`)
+        self.binds: list[tuple] = []                  # (bind, listening socket, ServerTLS)
+        self.servers: list[NativeServer] = []
 
     @staticmethod
     def terminates(bind: "BindSpec", server_tls, backends) -> bool:
@@ -684,6 +794,52 @@ class EpollRelay:
         certificates), and plaintext backends (TLS backends are the event loop's)."""
         return (server_tls is not None and server_tls.native is not None and not bind.sni_route
                 and not bind.accept_proxy and not any(spec.ssl for spec in backends))
+
+    # ---- the data path (fastlb/server/datapath.py) ---------------------------------------------------
+
+    def serves(self, bind: "BindSpec", tls) -> bool:
+        return self.terminates(bind, tls, self.backends)
+
+    def add_bind(self, bind: "BindSpec", sock, tls) -> None:
+        self.binds.append((bind, sock, tls))
+
+    async def start(self) -> None:
+        for bind, sock, tls in self.binds:
+            # (the handshake gets connect_timeout, as on the event loop's TLS binds)
+            self.servers.append(self.listen(Listener(self.settings, bind, self), sock, tls,
+                                            self.settings.header_timeout))
+        self.relay.start(self.inline)
+        self.loop.add_reader(self.relay.notify_fd, self.on_closed)
+        if self.inline:
+            self.loop.add_reader(self.relay.epoll_fd, self.on_events)
+            # The engine's sweeps (idle connections; TLS handshake and connect deadlines, known once
+            # listen() ran) happen in poll(): the worker's sweep calls it at least that often.
+            self.sweep_interval = self.relay.sweep_interval or 1.0
+
+    def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+    def start_draining(self) -> None:
+        """Nothing to announce: a relayed connection ends when its client or backend ends it."""
+
+    @property
+    def live(self) -> int:
+        return len(self.clients)
+
+    def close_all(self) -> None:
+        for client in list(self.clients.values()):
+            client.close()                  # cut in the thread; the close records follow
+
+    def sweep(self, now: float) -> None:
+        """Inline mode: idle connections and handshake deadlines are swept in poll()."""
+        self.on_events()
+
+    def stop(self) -> None:
+        self.close()
+
+    # ---- the thread --------------------------------------------------------------------------------
 
     def listen(self, listener: Listener, sock, server_tls, handshake_timeout: float) -> "NativeServer":
         """The thread accepts TLS clients on `sock` and does their handshakes; each done one comes back as
@@ -723,26 +879,11 @@ class EpollRelay:
         client.set_peer(None)
         self.relay.attach(client.relay_id, backend_fd, first, side.buffer or None, side.eof)
 
-    def start(self) -> None:
-        self.relay.start(self.inline)
-        self.loop.add_reader(self.relay.notify_fd, self.on_closed)
-        if self.inline:
-            self.loop.add_reader(self.relay.epoll_fd, self.on_events)
-            # The engine's sweeps (idle connections; TLS handshake and connect deadlines, known once
-            # listen() ran) happen in poll(): at least that often.
-            self.sweep_interval = self.relay.sweep_interval or 1.0
-            self.tick_handle = self.loop.call_later(self.sweep_interval, self._tick)
-
     def on_events(self) -> None:
         """Inline mode: the engine's epoll has events: run them, then handle the records."""
         records = self.relay.poll()
         if records is not None:
             self.handle(records)
-
-    def _tick(self) -> None:
-        """Inline mode: idle connections and handshake deadlines are swept from here."""
-        self.on_events()
-        self.tick_handle = self.loop.call_later(self.sweep_interval, self._tick)
 
     def take(self, client: ClientSide, backend_transport, pending: "PendingClient") -> bool:
         """Hands an established connection to the thread; False leaves it on uvloop (full, bytes still
@@ -789,6 +930,7 @@ class EpollRelay:
             return True
         client.relay_id = conn_id
         self.clients[conn_id] = client
+        client.listener.connections.discard(client)        # counted here from now on
         return True
 
     def on_closed(self) -> None:
@@ -830,7 +972,6 @@ class EpollRelay:
             return
         client.admitted = listener.admission is not None
         self.clients[conn_id] = client
-        listener.connections.add(client)
         if not self.connect_here(client):
             client.start_connect()
 
@@ -863,8 +1004,6 @@ class EpollRelay:
         self.loop.remove_reader(self.relay.notify_fd)
         if self.inline:
             self.loop.remove_reader(self.relay.epoll_fd)
-            if self.tick_handle is not None:
-                self.tick_handle.cancel()
         self.relay.stop()
         self.on_closed()
 

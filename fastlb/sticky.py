@@ -15,7 +15,7 @@ Four ways to pin a client to a backend (one per pool, `--sticky`):
 
 Learned and source mappings live in a `StickTable` per pool (an LRU of key -> backend id with expiry,
 bounded in size): the hot path reads only that dict. The worker's `SessionStore` shares the tables:
-- memory: with one worker the table is the store. With several, the master relays (see server.py): each
+- memory: with one worker the table is the store. With several, the master relays (see fastlb/server/master.py): each
   worker sends the mappings it makes to the master, which sends them to every other worker, so every
   worker's table holds every mapping and a lookup never leaves the process. The master is the relay, not
   a place that must be asked, so a slow master never delays a request.

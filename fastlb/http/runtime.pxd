@@ -16,8 +16,9 @@ cdef class HttpSettings:
 
 
 cdef class HttpRuntime:
-    cdef public object loop, router, connections, sweep_handle, backend_factory, observer, fast
-    cdef public object admission
+    cdef public object loop, router, connections, backend_factory, observer, fast
+    cdef public object admission, gate
+    cdef public list binds, served
     cdef public HttpSettings settings
     cdef public bint draining
     cdef public Py_ssize_t failures, accepted

@@ -2,8 +2,10 @@
 
 `HttpSettings` turns the Config into what the hot path reads: limits as ints, timeouts as floats, the
 header action tables (with the operator's delete/set rules folded in) and the header blocks fastlb adds,
-preformatted as bytes once. `HttpRuntime.sweep` is the one periodic timer that enforces every HTTP
-timeout and expires idle backend connections, so no request arms or cancels a timer of its own.
+preformatted as bytes once. `HttpRuntime` is the HTTP data path (fastlb/server/datapath.py), the Python
+path's connections and the C engine's: `HttpRuntime.sweep`, called by the worker's one sweep timer,
+enforces every HTTP timeout and expires idle backend connections, so no request arms or cancels a timer
+of its own.
 """
 from __future__ import annotations
 
@@ -150,8 +152,13 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
 
 
 class HttpRuntime:
+    """The HTTP data path of one worker: its binds served by the C engine where it can (fastlb/http/fast.py)
+    and by the Python path's protocols (fastlb/http/protocol.py) on the others."""
+
+    name = "http"
+
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, router: Router,
-                 connections: set, observer=None) -> None:
+                 observer=None, gate=None) -> None:
         self.loop = loop
         self.router = router
         # fastlb/observe.py's Observer (metrics, access log), called once per finished request; None
@@ -159,17 +166,20 @@ class HttpRuntime:
         self.observer = observer
         self.settings = HttpSettings(config, router.capture)
         self.settings.watch_sticky(router)
-        self.connections = connections
+        self.connections = set()   # the Python path's live ClientConnections
+        self.gate = gate           # the worker's AcceptGate (fastlb/l4.py): its servers and the engine's rest at its limit
+        self.binds = []            # (bind, listening socket, ServerTLS or None): add_bind
+        self.served = []           # the gate's entries for the Python path's binds
         self.draining = False
         self.now = loop.time()     # the loop's clock as last read by a protocol (one read per data_received)
         self.failures = 0
         self.accepted = 0          # client connections the Python path accepted (the engine counts its own)
         self.last_failure_log = 0.0
-        self.sweep_handle = None
         shortest = min(t for t in (config.http_request_timeout, config.keepalive_timeout,
                                    config.response_timeout, config.tunnel_timeout,
                                    config.backend_idle_timeout) if t > 0)
-        # Timeouts fire between t and t + interval: at most 10 % late, checked at most 20 times a second.
+        # Timeouts fire between t and t + interval: at most 10 % late, checked at most 20 times a second
+        # (the worker's Sweeper calls `sweep` this often).
         self.sweep_interval = min(1.0, max(0.05, shortest / 10))
         from fastlb.http.upstream import BackendConnection
         self.backend_factory = lambda: BackendConnection(self)
@@ -181,10 +191,30 @@ class HttpRuntime:
         self.admission = admission
         self.settings.capture = frozenset(self.settings.capture | admission.capture)
 
-    def start(self) -> None:
-        self.sweep_handle = self.loop.call_later(self.sweep_interval, self.sweep)
+    # ---- the data path (fastlb/server/datapath.py) -------------------------------------------------
+
+    def serves(self, bind, tls) -> bool:
+        return True                     # every bind of an HTTP-mode worker
+
+    def add_bind(self, bind, sock, tls) -> None:
+        self.binds.append((bind, sock, tls))
+
+    async def start(self) -> None:
+        for bind, sock, tls in self.binds:
+            if self.serve_with_engine(bind, sock, tls is not None):
+                # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
+                # (drain) stops listening (a copy left open would queue connections nobody accepts).
+                sock.close()
+                continue
+            self.served.append(await self.gate.serve(self.protocol_factory(bind), sock, tls))
         if self.fast is not None:
             self.fast.start()
+
+    def stop_accepting(self) -> None:
+        if self.fast is not None:
+            self.fast.engine.stop_listening()
+        self.gate.stop_serving(self.served)
+        self.served = []
 
     @property
     def live(self) -> int:
@@ -197,14 +227,18 @@ class HttpRuntime:
         return self.accepted + (self.fast.engine.accepted if self.fast is not None else 0)
 
     def start_draining(self) -> None:
+        """Responses say Connection: close; idle keep-alive clients are closed (by the sweep)."""
         self.draining = True
         if self.fast is not None:
             self.fast.engine.draining = True
 
+    def close_all(self) -> None:
+        for client in list(self.connections):
+            client.close()
+        if self.fast is not None:
+            self.fast.engine.close_all()
+
     def stop(self) -> None:
-        if self.sweep_handle is not None:
-            self.sweep_handle.cancel()
-            self.sweep_handle = None
         if self.fast is not None:
             self.fast.stop()
         for route in self.router.pools.values():
@@ -214,11 +248,10 @@ class HttpRuntime:
             if route.name != "default":
                 route.pool.close()          # the default pool is the worker's, closed by it
 
-    def serve_with_engine(self, bind, sock, gate=None, tls: bool = False) -> bool:
+    def serve_with_engine(self, bind, sock, tls: bool = False) -> bool:
         """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; never
         a bind whose TLS uvloop terminates); False: the bind needs a uvloop server with `protocol_factory`.
-        The start log says which, and why. gate: the worker's AcceptGate (fastlb/l4.py), which the
-        engine's listeners follow."""
+        The start log says which, and why. The engine's listeners follow the worker's AcceptGate."""
         from fastlb.http import fast
         reason = fast.why_not(self, bind) or ("TLS bind" if tls else None)
         if reason is not None:
@@ -228,6 +261,7 @@ class HttpRuntime:
             self.fast = fast.FastPath(self, bind)
             for route in self.router.pools.values():
                 route.pool.idle_keeper = self.fast.engine
+            gate = self.gate
             if gate is not None:
                 self.fast.gate = gate
                 self.fast.engine.max_clients = gate.limit
@@ -235,10 +269,6 @@ class HttpRuntime:
         self.fast.listen(sock)
         log.info("%s: HTTP engine c", bind.address)
         return True
-
-    def stop_listening(self) -> None:
-        if self.fast is not None:
-            self.fast.engine.stop_listening()
 
     def protocol_factory(self, bind):
         from fastlb.http.protocol import ClientConnection
@@ -287,8 +317,8 @@ class HttpRuntime:
 
     # ---- the sweep -------------------------------------------------------------------------------
 
-    def sweep(self) -> None:
-        now = self.now = self.loop.time()
+    def sweep(self, now: float) -> None:
+        self.now = now
         if self.fast is not None:
             self.fast.engine.sweep()
         for client in list(self.connections):
@@ -306,7 +336,6 @@ class HttpRuntime:
                 idle = backend.idle
                 while idle and idle[0].idle_since <= expire:
                     idle.popleft().transport.close()
-        self.sweep_handle = self.loop.call_later(self.sweep_interval, self.sweep)
 
     def refused(self, client, reason, status: int = 503) -> None:
         """A request got fastlb's 503 (no backend), or a 502/504 (a backend failed it). Logged at most
