@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from fastlb.constants import ADMIT, TOO_MANY
 from fastlb.http.routing import cookie_value, query_value
 
 log = logging.getLogger("fastlb")
@@ -47,7 +48,6 @@ MISSING = {"source": 0, "shared": 1, "allow": 2}
 MISSING_SOURCE, MISSING_ALLOW = MISSING["source"], MISSING["allow"]
 ENGINE_KINDS = ("source", "route", "header", "cookie")  # what the HTTP engine checks in C
 SECRET_KINDS = ("header", "cookie", "query")  # keys that may be credentials: fingerprinted without a token
-MAX_KEY_HEADERS = 4                           # fastlb/_admission.pxd: header names the engine keys on
 DEFAULT_TABLE_SIZE = 65536                    # keys per worker (88 bytes each: 5.5 MiB)
 SHARE_INTERVAL = 0.05                         # how often counts go to the shared store
 SHARE_BATCH = 2000                            # keys per exchange (more wait for the next)
@@ -57,7 +57,6 @@ TOP_K = 10                                    # keys in the views and in /metric
 TALKER_WINDOW = 60.0                          # "current" top talkers: seen within this many seconds
 MAX_RETRY_AFTER = 3600                        # Retry-After of a block without an end
 NO_KEY = b"-"                                 # the shared bucket of requests without the key (as the C side)
-ADMIT, DENIED, TOO_MANY = 0, 1, 2             # fastlb/_admission.pxd's verdicts
 
 # GCRA in Redis for a batch of keys: KEYS the keys, ARGV their costs (microseconds). Each key's arrival
 # time moves by its cost (from now, if it was in the past); the answer is how far past now each stands.

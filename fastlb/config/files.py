@@ -25,7 +25,6 @@ def unwritable_file(path: str) -> str:
     return "" if os.access(parent, os.W_OK | os.X_OK) else f"permission denied in {parent}"
 
 
-
 def read_token(path: str) -> str:
     """The admin bearer token: the file's content without surrounding whitespace; at least 16 characters."""
     try:

@@ -17,7 +17,6 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) or 1
 
 
-
 def open_files_limit() -> tuple[int, int]:
     """(soft, hard) RLIMIT_NOFILE, after raising soft to hard: a relay needs every fd it may have."""
     import resource

@@ -26,7 +26,6 @@ def from_toml(parser: Callable[[Any], Any], value: Any) -> Any:
     return parsed
 
 
-
 class _Locator:
     """Finds the line of a key in TOML text. tomllib gives values without positions, so errors about a
     value find its line here: top-level keys, keys inside `[[bind]]` / `[[backend]]` tables (by their
@@ -247,7 +246,6 @@ def _bind_from_table(host: str, port: int, parsed: dict[str, Any]) -> BindSpec:
                          for i, cert in enumerate(certs)]
     check_bind_tls(bind)
     return bind
-
 
 
 def merge(values: dict[str, Any], sources: dict[str, str], flags: dict[str, Any]) -> None:

@@ -608,8 +608,6 @@ def _option(parser: Callable[[Any], Any], name: str, value: str) -> Any:
         raise ValueError(f"{name}: {exc}") from None
 
 
-
-
 def parse_pool_name(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
         raise ValueError(f"expected a pool name of letters, digits, '_', '.', '-' (got {value!r})")
@@ -652,7 +650,6 @@ def parse_backend_list(value: Any) -> list[BackendSpec]:
     if not isinstance(items, list) or not items:
         raise ValueError(f"expected an array of backends in the flag syntax (got {value!r})")
     return [parse_backend(item) for item in items]
-
 
 
 HEALTH_FIELDS: dict[str, Callable[[Any], Any]] = {

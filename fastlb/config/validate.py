@@ -109,7 +109,6 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
     return config
 
 
-
 def _check_duplicates(backends: list[BackendSpec], where: str) -> None:
     """A backend listed twice would get two slots (twice the traffic) under one address, which health
     verdicts and admin changes name: one of the two would silently not follow them."""
@@ -209,7 +208,6 @@ def _check_sticky(config: Config, where: Callable[[str], str]) -> None:
         if len(secret) < 16:
             raise ConfigError(f"{where('cookie_secret_file')}: the secret must be at least 16 bytes "
                               f"(got {len(secret)})")
-
 
 
 def _check_health(config: Config, where: Callable[[str], str], explicit: set[str]) -> None:
