@@ -30,6 +30,18 @@ cdef enum:
     KEY_URI = 2
     KEY_PATH = 3
 
+# Rate-limit rules (fastlb/_admission.pyx): what a rule keys on, and what a request without its key
+# falls under.
+cdef enum:
+    RATE_KEY_SOURCE = 0        # the client's address
+    RATE_KEY_ROUTE = 1         # the pool the request is routed to (one bucket per pool)
+    RATE_KEY_HEADER = 2
+    RATE_KEY_COOKIE = 3
+    RATE_KEY_QUERY = 4
+    MISSING_SOURCE = 0         # the client's address: leaving the header out escapes nothing
+    MISSING_SHARED = 1         # one bucket shared by every such request
+    MISSING_ALLOW = 2          # no limit
+
 # Admission verdicts (fastlb/_admission.pyx admit_*), and its limit on the headers the engine keys on.
 cdef enum:
     ADMIT = 0

@@ -24,6 +24,6 @@ def test_python_twin_equals_the_pxd():
 
 def test_values_within_a_group_are_distinct():
     # the enums group by prefix; a copy-paste slip giving two kinds one value would merge them silently
-    for prefix in ("STICKY_", "WAIT_", "PAUSE_", "KEY_"):
+    for prefix in ("STICKY_", "WAIT_", "PAUSE_", "KEY_", "RATE_KEY_", "MISSING_"):
         group = {name: value for name, value in pxd_values().items() if name.startswith(prefix)}
         assert len(set(group.values())) == len(group), group

@@ -5,6 +5,7 @@
     schema.py    Config: every setting's type, default, parser and help, in one table
     loader.py    the TOML file (errors name file:line: field), and flags laid over it
     validate.py  the relations between settings (`build`)
+    admission.py rate-limit rules and CIDR lists (fastlb/admission.py enforces them)
     limits.py    workers per CPU; connections and queue per worker under the open-files limit
     files.py     files the configuration names: readable, writable, tokens
     docs.py      the reference, docs/configuration.md, generated from schema.py

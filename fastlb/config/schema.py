@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable
 
-from fastlb.admission import DEFAULT_TABLE_SIZE, parse_cidr, parse_rate_limit
+from fastlb.config.admission import DEFAULT_TABLE_SIZE, parse_cidr, parse_rate_limit
 from fastlb.config.parsers import (ACCESS_LOG_FORMATS, HEALTH_FIELDS, LOG_LEVELS, MODES, RELAYS, RETRY_DEFAULT,
                                    parse_address, parse_admin, parse_algorithm, parse_backend,
                                    parse_backend_list, parse_backend_verify, parse_bind, parse_bool,

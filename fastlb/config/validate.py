@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from fastlb.admission import read_access_file
+from fastlb.config.admission import read_access_file
 from fastlb.config.files import read_token, unwritable_file
 from fastlb.config.limits import MAX_WORKERS_PER_CPU, cpu_count
 from fastlb.config.parsers import HTTP_CHECK_FIELDS
