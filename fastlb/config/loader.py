@@ -139,6 +139,24 @@ def load_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     return values, sources
 
 
+def _parse_table(locator: _Locator, key: str, index: int, item: dict[str, Any],
+                 table_fields: dict[str, Callable[[Any], Any]], fail: Callable) -> list[tuple[str, str, int, Any]]:
+    """The values of the index-th [[key]] table through their parsers: (field name, key as written, line,
+    value) each; an unknown key or a bad value fails at its line, named `key[N].item_key`."""
+    where = f"{key}[{index + 1}]"
+    values = []
+    for item_key, item_value in item.items():
+        field_name = item_key.replace("-", "_")
+        line = locator.line_of(item_key, key, index)
+        if field_name not in table_fields:
+            raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
+        try:
+            values.append((field_name, item_key, line, from_toml(table_fields[field_name], item_value)))
+        except ValueError as exc:
+            raise fail(line, f"{where}.{item_key}", str(exc)) from None
+    return values
+
+
 def _load_tables(locator: _Locator, key: str, value: Any, fail: Callable) -> list:
     """[[pool]] and [[route]] tables -> PoolSpec / RouteSpec, each error at its file line."""
     name = key.replace("-", "_")
@@ -153,16 +171,8 @@ def _load_tables(locator: _Locator, key: str, value: Any, fail: Callable) -> lis
         required = "name" if name == "pool" else "pool"
         if required not in item:
             raise fail(locator.line_of(key, key, index), where, f"missing required key {required!r}")
-        parsed: dict[str, Any] = {}
-        for item_key, item_value in item.items():
-            field_name = item_key.replace("-", "_")
-            line = locator.line_of(item_key, key, index)
-            if field_name not in table_fields:
-                raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
-            try:
-                parsed[field_name] = from_toml(table_fields[field_name], item_value)
-            except ValueError as exc:
-                raise fail(line, f"{where}.{item_key}", str(exc)) from None
+        parsed = {field_name: value for field_name, _, _, value in
+                  _parse_table(locator, key, index, item, table_fields, fail)}
         if name == "pool":
             settings = {k: parsed.pop(k) for k in list(parsed) if k in POOL_SETTING_FIELDS}
             if "backend" not in parsed and not any(k in settings for k in DISCOVERY_SOURCES):
@@ -207,15 +217,7 @@ def _load_list(path: str, locator: _Locator, key: str, value: Any, fail: Callabl
         parsed: dict[str, Any] = {}
         health: dict[str, Any] = {}
         health_sources: dict[str, str] = {}
-        for item_key, item_value in item.items():
-            field_name = item_key.replace("-", "_")
-            line = locator.line_of(item_key, key, index)
-            if field_name not in table_fields:
-                raise fail(line, f"{where}.{item_key}", _unknown_key_message(item_key, list(table_fields)))
-            try:
-                value = from_toml(table_fields[field_name], item_value)
-            except ValueError as exc:
-                raise fail(line, f"{where}.{item_key}", str(exc)) from None
+        for field_name, item_key, line, value in _parse_table(locator, key, index, item, table_fields, fail):
             if name == "backend" and field_name in HEALTH_FIELDS:
                 health[field_name] = value
                 health_sources[field_name] = f"{path}:{line}: {where}.{item_key}"
