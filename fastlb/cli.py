@@ -57,8 +57,6 @@ class Parser(argparse.ArgumentParser):
 def make_parser() -> argparse.ArgumentParser:
     """The flags: --config, --check-config, --version, then one per setting of the schema's table
     (fastlb/config/schema.py), in its order and sections."""
-    from fastlb import ALGORITHMS
-
     parser = Parser(
         prog="fastlb", description="fastlb: a fast HTTP/TCP load balancer on uvloop with a compiled core.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,7 +72,7 @@ def make_parser() -> argparse.ArgumentParser:
         groups[setting.section].add_argument(
             flag_name(name), dest=name, action="append" if setting.repeat else "store", default=None,
             type=_flag_type(setting.flag or name, setting.parse), metavar=setting.metavar,
-            help=setting.help.format(algorithms=", ".join(ALGORITHMS)))
+            help=setting.help_text())
     return parser
 
 

@@ -50,8 +50,6 @@ def _cell(text: str) -> str:
 
 
 def settings_tables() -> str:
-    from fastlb import ALGORITHMS
-
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(Config)}
     out = []
@@ -65,7 +63,7 @@ def settings_tables() -> str:
                 continue
             flag = "" if setting.file_only else f"`{flag_name(name)}`"
             key = setting.toml_form or f"`{toml_key(name)}`" + (" (array)" if setting.repeat else "")
-            meaning = setting.help.format(algorithms=", ".join(ALGORITHMS))
+            meaning = setting.help_text()
             out.append(f"| {flag} | {key} | `{_cell(setting.metavar)}` | {_cell(default_text(defaults[name], setting))} "
                        f"| {_cell(meaning)} |")
         out.append("")

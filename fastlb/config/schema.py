@@ -43,6 +43,11 @@ class Setting:
     toml_form: str = ""        # how the file writes it, when not `key = value` (the reference says so)
     pool: bool = False         # a [[pool]] may set it for itself (POOL_SETTING_FIELDS)
 
+    def help_text(self) -> str:
+        """The help as --help and the reference show it: `{algorithms}` names the core's algorithms."""
+        from fastlb import ALGORITHMS      # the core (compiled, or its twin), loaded when first asked
+        return self.help.format(algorithms=", ".join(ALGORITHMS))
+
 
 @dataclass(frozen=True)
 class Section:
