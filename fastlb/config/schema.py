@@ -33,7 +33,7 @@ class Setting:
     """How one Config field is given: parsed by `parse` (one item, for a repeatable one), shown as
     `metavar` with `help` under `section`."""
     section: "Section"
-    parse: Callable[[Any], Any]
+    parse: Callable[[Any], Any] | None     # None: a shape of its own ([[pool]], [[route]]: loader.py)
     help: str
     metavar: str
     repeat: bool = False       # a flag given many times, an array in the file
