@@ -9,7 +9,7 @@ DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk ta
   openssl:openssl curl:curl testssl:testssl.sh ip:iproute2 keepalived:keepalived \
   redis-server:redis-server memcached:memcached chromium:chromium dnsmasq:dnsmasq-base
 
-.PHONY: run test test-install image setup system-packages build bench-core bench-proxy bench-memory bench-tls clean
+.PHONY: run test test-install image setup system-packages build docs bench-core bench-proxy bench-memory bench-tls clean
 
 run: setup
 	$(VENV)/bin/fastlb demo
@@ -60,6 +60,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi
 build: setup
 	$(PY) -m pip install -q 'cython>=3.0' 'setuptools>=77'
 	$(PY) setup.py -q build_ext --inplace
+
+# The configuration reference, generated from the settings table (fastlb/config/schema.py);
+# tests/test_config_docs.py fails when the committed file is stale.
+docs: setup
+	$(PY) -m fastlb.config.docs > docs/configuration.md
 
 bench-core: setup
 	$(PY) -m pytest -q benchmarks/test_core_bench.py -s --benchmark-columns=min,median,ops --benchmark-sort=name

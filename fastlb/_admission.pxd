@@ -3,9 +3,11 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from fastlb._posix cimport sockaddr
 
+# The verdicts of admit_* (ADMIT, DENIED, TOO_MANY) and MAX_KEY_HEADERS: shared with Python.
+from fastlb.constants cimport ADMIT, DENIED, TOO_MANY, MAX_KEY_HEADERS
+
 cdef enum:
     KEY_TEXT = 38              # bytes of a key kept for display (top talkers); longer keys are cut
-    MAX_KEY_HEADERS = 4        # distinct header names `header:` rules may key on in the HTTP engine
 
 cdef struct Entry:
     uint64_t ident             # the key's hash (FNV-1a 64 of rule id and key: the same on every node); 0: free
@@ -30,12 +32,6 @@ cdef struct Rule:
     const char *name           # cookie rules: the cookie's name (kept alive by Limiter.names)
     int name_len
     unsigned long long limited
-
-# Verdicts of admit_*.
-cdef enum:
-    ADMIT = 0
-    DENIED = 1                 # by the deny list, or not on the allow list: closed at once
-    TOO_MANY = 2               # over max_conn_per_source: tcp closes, http answers 429 and closes
 
 
 cdef class Limiter:

@@ -26,16 +26,10 @@ import os
 cdef enum:
     WAYS = 8
 
-# Rule kinds (fastlb/admission.py KINDS) and what a request without the key falls under (MISSING).
-cdef enum:
-    KIND_SOURCE = 0
-    KIND_ROUTE = 1
-    KIND_HEADER = 2
-    KIND_COOKIE = 3
-    KIND_QUERY = 4
-    MISSING_SOURCE = 0
-    MISSING_SHARED = 1
-    MISSING_ALLOW = 2
+# What a rule keys on (RATE_KEY_*) and what a request without its key falls under (MISSING_*), named for
+# Python too (fastlb/config/admission.py KINDS and MISSING).
+from fastlb.constants cimport (RATE_KEY_SOURCE, RATE_KEY_ROUTE, RATE_KEY_HEADER, RATE_KEY_COOKIE, MISSING_SOURCE,
+                              MISSING_SHARED)
 
 cdef double EPSILON = 1e-9
 cdef uint64_t FNV_OFFSET = 14695981039346656037ULL
@@ -389,14 +383,14 @@ cdef class Limiter:
             rule = self.rules + r
             if rule.pool >= 0 and rule.pool != pool:
                 continue
-            if rule.kind == KIND_SOURCE:
+            if rule.kind == RATE_KEY_SOURCE:
                 wait = self.check(r, ip, ip_len, now)
-            elif rule.kind == KIND_ROUTE:
+            elif rule.kind == RATE_KEY_ROUTE:
                 name = self.pool_names[pool]
                 wait = self.check(r, PyBytes_AS_STRING(name), len(name), now)
-            elif rule.kind == KIND_HEADER or rule.kind == KIND_COOKIE:
+            elif rule.kind == RATE_KEY_HEADER or rule.kind == RATE_KEY_COOKIE:
                 slot = rule.slot
-                if key_len[slot] >= 0 and rule.kind == KIND_HEADER:
+                if key_len[slot] >= 0 and rule.kind == RATE_KEY_HEADER:
                     wait = self.check(r, buf + key_start[slot], key_len[slot], now)
                 elif key_len[slot] >= 0 and cookie_value(buf + key_start[slot], key_len[slot], rule.name,
                                                          rule.name_len, &value, &value_len):

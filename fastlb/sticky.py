@@ -39,6 +39,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from fastlb.constants import (STICKY_COOKIE_INSERT, STICKY_COOKIE_PREFIX, STICKY_LEARN_COOKIE,
+                              STICKY_LEARN_HEADER, STICKY_SOURCE)
+
 if TYPE_CHECKING:
     from fastlb.config import Config, StickySpec
     from fastlb.pool import Backend, BackendPool
@@ -371,14 +374,6 @@ def make_store(config: "Config", loop: asyncio.AbstractEventLoop) -> SessionStor
 
 # ---- per pool ---------------------------------------------------------------------------------------
 
-# Sticky.kind
-COOKIE_INSERT = 1
-COOKIE_PREFIX = 2
-LEARN_COOKIE = 3
-LEARN_HEADER = 4
-SOURCE = 5
-
-
 class Sticky:
     """One pool's persistence rule. The protocols call:
     - `pin(client_ip, cookie_header, header_value)` per request -> (backend or None, key to fetch/record);
@@ -389,16 +384,18 @@ class Sticky:
     def __init__(self, spec: "StickySpec", pool_name: str, pool: "BackendPool", store: SessionStore,
                  secret: bytes, clock: Callable[[], float] = time.time) -> None:
         self.spec = spec
-        self.kind = {"cookie": COOKIE_INSERT, "prefix": COOKIE_PREFIX, "source": SOURCE}.get(spec.kind)
+        self.kind = {"cookie": STICKY_COOKIE_INSERT, "prefix": STICKY_COOKIE_PREFIX,
+                     "source": STICKY_SOURCE}.get(spec.kind)
         if spec.kind == "learn":
-            self.kind = LEARN_HEADER if spec.header else LEARN_COOKIE
+            self.kind = STICKY_LEARN_HEADER if spec.header else STICKY_LEARN_COOKIE
         self.name = spec.name.encode("latin-1") if spec.name else b""
         self.lname = self.name.lower()
         self.store = store
         self.secret = secret
         self.clock = clock
         self.namespace = f"{pool_name}:{spec.kind}:{spec.name or ''}".encode()
-        self.table = store.table(self.namespace) if self.kind in (LEARN_COOKIE, LEARN_HEADER, SOURCE) else None
+        learns = self.kind in (STICKY_LEARN_COOKIE, STICKY_LEARN_HEADER, STICKY_SOURCE)
+        self.table = store.table(self.namespace) if learns else None
         self.by_id: dict[bytes, "Backend"] = {}
         self.id_of: dict["Backend", bytes] = {}
         for backend in pool.backends:
@@ -429,9 +426,10 @@ class Sticky:
         self.forwarded: dict[bytes, bytes] = {}
         self.learned_keys: dict[bytes, bytes] = {}
         self.fresh_cookies: dict["Backend", tuple] = {}  # backend -> (second, Set-Cookie line of a new session)
-        self.rewrites_cookie = self.kind == COOKIE_PREFIX or (self.kind == COOKIE_INSERT and spec.indirect)
-        self.watches_set_cookie = self.kind in (COOKIE_PREFIX, LEARN_COOKIE) or (
-            self.kind == COOKIE_INSERT and spec.indirect)
+        self.rewrites_cookie = self.kind == STICKY_COOKIE_PREFIX or (
+            self.kind == STICKY_COOKIE_INSERT and spec.indirect)
+        self.watches_set_cookie = self.kind in (STICKY_COOKIE_PREFIX, STICKY_LEARN_COOKIE) or (
+            self.kind == STICKY_COOKIE_INSERT and spec.indirect)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -442,7 +440,7 @@ class Sticky:
         returned whatever its state; the pool uses it only while it is up."""
         cookies = captured.get(b"cookie") if captured is not None else None
         kind = self.kind
-        if kind == COOKIE_INSERT:
+        if kind == STICKY_COOKIE_INSERT:
             if cookies is None:
                 return None, None, None
             session = self.sessions.get(cookies)
@@ -451,15 +449,15 @@ class Sticky:
             if not session or self._expired(session):
                 return None, None, None
             return session[0], None, session
-        if kind == COOKIE_PREFIX:
+        if kind == STICKY_COOKIE_PREFIX:
             value = cookie_value(cookies, self.name)
             if value is None:
                 return None, None, None
             ident, sep, _ = value.partition(PREFIX_SEPARATOR)
             return (self.by_id.get(ident) if sep else None), None, None
-        if kind == SOURCE:
+        if kind == STICKY_SOURCE:
             key = client_ip
-        elif kind == LEARN_COOKIE:
+        elif kind == STICKY_LEARN_COOKIE:
             if cookies is None:
                 return None, None, None
             key = self.learned_keys.get(cookies)
@@ -553,7 +551,7 @@ class Sticky:
 
     def _rewrite_cookie(self, header: bytes) -> bytes:
         name = self.name
-        if self.kind == COOKIE_INSERT:
+        if self.kind == STICKY_COOKIE_INSERT:
             return without_cookie(header, name)
         out = []
         for part in header.split(b";"):
@@ -574,10 +572,10 @@ class Sticky:
         if not value.startswith(name + b"="):
             return value
         kind = self.kind
-        if kind == COOKIE_PREFIX:
+        if kind == STICKY_COOKIE_PREFIX:
             ident = self.id_of.get(backend)
             return value if ident is None else name + b"=" + ident + PREFIX_SEPARATOR + value[len(name) + 1:]
-        if kind == LEARN_COOKIE:
+        if kind == STICKY_LEARN_COOKIE:
             session = value[len(name) + 1:].partition(b";")[0].strip().strip(b'"')
             if session:
                 self.record(session, backend)
@@ -593,7 +591,7 @@ class Sticky:
     def response_block(self, session: tuple | None, backend: "Backend") -> bytes:
         """Header lines for the response head (insert mode): the cookie for the backend that answered.
         session: what pin() returned for the request's cookie (None: no valid cookie)."""
-        if self.kind != COOKIE_INSERT:
+        if self.kind != STICKY_COOKIE_INSERT:
             return b""
         if session is not None and session[0] is backend:
             if not self.refresh_after or self.clock() - session[2] < self.refresh_after:

@@ -33,14 +33,17 @@ module exposes no server-side status callback (SSL_CTX_set_tlsext_status_cb), so
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+# The certificate files of a bind are part of its configuration: the dataclass lives with the other specs
+# (tls.py reads configuration; configuration does not import tls.py).
+from fastlb.config.specs import CertificateSpec
+
 if TYPE_CHECKING:
-    from fastlb.config import BackendSpec, BindSpec
+    from fastlb.config.specs import BackendSpec, BindSpec
 
 log = logging.getLogger("fastlb")
 
@@ -62,13 +65,6 @@ CLIENT_VERIFIED_HEADER = "X-Client-Verified"
 
 class TLSConfigError(Exception):
     """A certificate, key or CA file that cannot be loaded. str() names the file and the problem."""
-
-
-@dataclass
-class CertificateSpec:
-    cert: str                 # PEM: the certificate chain (and the key, when `key` is None)
-    key: str | None = None
-    ocsp: str | None = None   # a DER OCSP response to staple (re-read on reload); relay-terminated binds only
 
 
 # ---- server side ----------------------------------------------------------------------------------
@@ -367,10 +363,3 @@ def backend_contexts(backends: list["BackendSpec"]) -> dict[str | None, ssl.SSLC
         if spec.verify == "none":
             log.warning("backend %s: TLS certificate verification is off (verify=none)", spec.address)
     return contexts
-
-
-def check_readable(path: str, what: str) -> str:
-    """Config-time check of a file option, so a typo is reported with the flag or file:line."""
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise ValueError(f"{what} file {path!r} does not exist or is not readable")
-    return path

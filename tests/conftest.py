@@ -17,6 +17,7 @@ def pytest_configure(config):
         sources += glob.glob(str(REPO / "fastlb" / "http" / "*.pxi")) if "/http/_" in stem else []
         sources += [str(REPO / "fastlb" / "_posix.pxd")] if stem.endswith(("_crelay", "_fast")) else []
         sources += [str(REPO / "fastlb" / "_admission.pxd")] if stem.endswith("_fast") else []
+        sources += [str(REPO / "fastlb" / "constants.pxd")] if stem.endswith(("_fast", "_admission")) else []
         if any(os.path.getmtime(src) > os.path.getmtime(built) for src in sources):
             stale.append(os.path.relpath(built, REPO))
     if stale:

@@ -19,7 +19,8 @@ from procs import connect, free_port, read_line, replace_file, wait_until
 from stores import start_redis
 
 from fastlb._admission import Limiter
-from fastlb.admission import KINDS, merge_views, parse_rate_limit, ranges
+from fastlb.admission import KINDS, merge_views, ranges
+from fastlb.config.admission import parse_rate_limit
 from fastlb.cli import config_from_args
 from fastlb.config import ConfigError
 

@@ -34,6 +34,9 @@ from fastlb._posix cimport *
 from fastlb.http.reuse cimport may_reuse
 from fastlb._accesslog cimport LogWriter
 from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS
+# Deadline kinds (the sweep's; a connection's first request waits for WAIT_HEAD, then WAIT_IDLE between
+# requests, WAIT_BACKEND for a response) and the pool's hashing key, as the Python side names them.
+from fastlb.constants cimport WAIT_NONE, WAIT_HEAD, WAIT_IDLE, WAIT_BACKEND, KEY_SOURCE, KEY_URI, KEY_PATH
 
 include "_scan.pxi"
 
@@ -51,6 +54,7 @@ cdef enum:
 
 # What a socket in the epoll set is (the first field of both structs).
 cdef enum:
+    IS_FREED = 0       # closed or adopted: an event still naming it in this batch is skipped
     IS_CLIENT = 1
     IS_BACKEND = 2
     IS_LISTENER = 3
@@ -61,20 +65,6 @@ cdef enum:
     CONNECTING = 1     # Python is connecting a backend for the request
     SENT = 2           # the request went to the backend (maybe partly): waiting for the response
     WRITING = 3        # an answer is still being written to the client; nothing is read meanwhile
-
-# Deadline kinds (the sweep's), as in protocol.py.
-cdef enum:
-    NO_DEADLINE = 0
-    FIRST_HEAD = 1     # a new connection's first request: http_request_timeout, then 408
-    IDLE = 2           # between requests: keepalive_timeout, then a quiet close
-    RESPONSE = 3       # the backend's response: response_timeout, then Python (504 or a retry)
-
-# The pool's hashing key (RoutePool.key_kind), as Engine.key_kind.
-cdef enum:
-    KEY_NONE = 0
-    KEY_SOURCE = 1
-    KEY_URI = 2
-    KEY_PATH = 3
 
 # Request header names the engine acts on (from HttpSettings.request_actions): what it does with them.
 cdef enum:
@@ -432,7 +422,7 @@ cdef class Engine:
             l = self.listeners
             self.listeners = l.next
             self.forget(l.fd)
-            l.kind = 0
+            l.kind = IS_FREED
             free(l)
 
     cdef void on_listener_ready(self, Listener *l):
@@ -527,7 +517,7 @@ cdef class Engine:
         c.ip_len = <int>min(ip_len, 47)
         memcpy(c.ip, ip, c.ip_len)
         c.deadline = self.now + self.http_request_timeout
-        c.deadline_kind = FIRST_HEAD
+        c.deadline_kind = WAIT_HEAD
         c.prev = NULL
         c.next = self.clients
         if self.clients != NULL:
@@ -557,7 +547,7 @@ cdef class Engine:
         free(c.pending)
         free(c.forward)
         c.buf = c.pending = c.forward = NULL
-        c.kind = 0
+        c.kind = IS_FREED
         if self.in_batch:
             c.next = self.dead_clients
             self.dead_clients = c
@@ -565,7 +555,7 @@ cdef class Engine:
             free(c)
 
     cdef void free_backend(self, Backend *b):
-        b.kind = 0
+        b.kind = IS_FREED
         if self.in_batch:
             b.next_idle = self.dead_backends
             self.dead_backends = b
@@ -677,7 +667,7 @@ cdef class Engine:
             for i in range(n):
                 ev = events[i].events
                 kind = (<Client *>events[i].data.ptr).kind
-                if kind == 0:
+                if kind == IS_FREED:
                     continue                # closed or adopted earlier in this batch
                 if kind == IS_LISTENER:
                     self.on_listener_ready(<Listener *>events[i].data.ptr)
@@ -958,7 +948,7 @@ cdef class Engine:
             self.attach(c, b)
             return
         c.state = CONNECTING
-        c.deadline_kind = NO_DEADLINE
+        c.deadline_kind = WAIT_NONE
         self.connects += 1
         self.glue.connect(<uintptr_t>c, backend, key)
 
@@ -968,7 +958,7 @@ cdef class Engine:
         c.state = SENT
         c.sent_at = self.now
         c.deadline = self.now + self.response_timeout
-        c.deadline_kind = RESPONSE
+        c.deadline_kind = WAIT_BACKEND
         self.send_head(c)
 
     cdef bint send_head(self, Client *c):
@@ -1155,7 +1145,7 @@ cdef class Engine:
                 n = 0
             c.state = WRITING
             c.deadline = self.now + self.keepalive_timeout
-            c.deadline_kind = IDLE
+            c.deadline_kind = WAIT_IDLE
             return
         self.answered(c)
 
@@ -1185,7 +1175,7 @@ cdef class Engine:
         c.state = WAITING
         c.slot = -1
         c.deadline = self.now + self.keepalive_timeout
-        c.deadline_kind = IDLE
+        c.deadline_kind = WAIT_IDLE
         if c.read_pending or c.hung_up:
             self.on_client_readable(c)
         return True
@@ -1275,15 +1265,15 @@ cdef class Engine:
         self.now = monotonic_now()
         while c != NULL:
             next_client = c.next
-            if c.deadline_kind != NO_DEADLINE and c.deadline <= self.now:
-                if c.deadline_kind == IDLE:
+            if c.deadline_kind != WAIT_NONE and c.deadline <= self.now:
+                if c.deadline_kind == WAIT_IDLE:
                     self.close_client(c)
-                elif c.deadline_kind == FIRST_HEAD:
+                elif c.deadline_kind == WAIT_HEAD:
                     send(c.fd, PyBytes_AS_STRING(self.timeout_408), len(self.timeout_408), MSG_NOSIGNAL)
                     self.close_client(c)
-                elif c.deadline_kind == RESPONSE:
+                elif c.deadline_kind == WAIT_BACKEND:
                     self.adopt(c, NULL, 0)        # Python answers 504 or retries, by its rules
-            elif self.draining and c.state == WAITING and c.deadline_kind == IDLE:
+            elif self.draining and c.state == WAITING and c.deadline_kind == WAIT_IDLE:
                 self.close_client(c)
             c = next_client
         expire = self.now - self.backend_idle_timeout

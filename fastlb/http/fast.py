@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 
-from fastlb.admission import MAX_KEY_HEADERS
+from fastlb.constants import KEY_NONE, KEY_PATH, KEY_SOURCE, KEY_URI, MAX_KEY_HEADERS
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
 from fastlb.l4 import ACCEPT_PAUSE, DETACHED
@@ -30,8 +30,8 @@ from fastlb.pool import NoBackendError, QueueError
 log = logging.getLogger("fastlb")
 
 ENGINE_ENV = "FASTLB_HTTP_ENGINE"      # "python": the engine stays off (tests compare both paths)
-# Hashing keys the engine computes itself (RoutePool.key_kind -> _fast.pyx's KEY_* values).
-KEY_KINDS = {None: 0, "source": 1, "uri": 2, "path": 3}
+# Hashing keys the engine computes itself (RoutePool.key_kind -> Engine.key_kind).
+KEY_KINDS = {None: KEY_NONE, "source": KEY_SOURCE, "uri": KEY_URI, "path": KEY_PATH}
 
 
 def why_not(runtime, bind) -> str | None:

@@ -31,6 +31,7 @@ from time import monotonic
 import httptools
 
 from fastlb import tls
+from fastlb.constants import PAUSE_QUEUE, STICKY_SOURCE, WAIT_BACKEND, WAIT_HEAD, WAIT_IDLE, WAIT_NONE, WAIT_TUNNEL
 from fastlb.http import errors
 from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
@@ -44,17 +45,6 @@ HttpParserError = httptools.HttpParserError
 HttpParserUpgrade = httptools.HttpParserUpgrade
 HttpParserCallbackError = httptools.HttpParserCallbackError
 RequestError = errors.RequestError
-
-# deadline_kind values: what the connection is waiting for when its deadline passes.
-WAIT_NONE = 0
-WAIT_HEAD = 1          # a request head (http_request_timeout: slowloris) -> 408
-WAIT_IDLE = 2          # the next request on a keep-alive connection -> close quietly
-WAIT_BACKEND = 3       # the backend's response, or the client's body -> 504 / 408
-WAIT_TUNNEL = 4        # any byte through an upgraded tunnel -> close both
-
-# Reading from the client pauses for these reasons (bits), and resumes when none is left.
-PAUSE_BACKEND_FULL = 1     # the backend's write buffer is over its high-water mark
-PAUSE_QUEUE = 2            # too many pipelined requests or bytes held for them
 
 MAX_PIPELINE = 32              # requests parsed ahead of the one in flight
 MAX_HELD_BYTES = 256 * 1024    # request bytes held for a request not yet handed to a backend
@@ -721,7 +711,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         now = self.runtime.now
         req.sent_at = now
         if req.sticky_key is not None and req.upstream.backend is not req.pinned and (
-                req.pinned is not None or req.route.sticky.kind == 5):
+                req.pinned is not None or req.route.sticky.kind == STICKY_SOURCE):
             # A new source address, or a session whose backend could not serve it: it sticks to this
             # one from now on. (An unknown learned id is not recorded: the backend that set it may be
             # known to another balancer, whose mapping is on its way to the store.)

@@ -14,6 +14,8 @@ import re
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
+from fastlb.constants import STICKY_LEARN_HEADER, STICKY_SOURCE
+
 if TYPE_CHECKING:
     from fastlb.config import RouteSpec
     from fastlb.pool import BackendPool
@@ -135,8 +137,8 @@ class Router:
             elif pool.key_kind == "cookie":
                 capture.add(b"cookie")
             sticky = pool.sticky
-            if sticky is not None and sticky.kind != 5:       # all but source read the request
-                capture.add(sticky.lname if sticky.kind == 4 else b"cookie")
+            if sticky is not None and sticky.kind != STICKY_SOURCE:     # all but source read the request
+                capture.add(sticky.lname if sticky.kind == STICKY_LEARN_HEADER else b"cookie")
         capture.discard(b"host")            # always kept by the protocol itself
         self.capture = frozenset(capture)
 

@@ -14,6 +14,7 @@ import logging
 import os
 
 from fastlb.config import Config
+from fastlb.constants import STICKY_LEARN_HEADER, WAIT_IDLE
 from fastlb.http.headers import (FORWARDED_SET_BY_US, H_COOKIE, H_DROP, R_DROP, R_HSTS, R_SET_COOKIE,
                                  R_STICKY_HEADER, REQUEST_SPECIAL, RESPONSE_SPECIAL, format_header_block)
 from fastlb.http.routing import Router, RoutePool, Rule
@@ -113,7 +114,7 @@ class HttpSettings:
             if sticky.watches_set_cookie:
                 self.response_actions.setdefault(b"set-cookie", R_SET_COOKIE)
                 watch.append(b"set-cookie")
-            if sticky.kind == 4:                          # learn:header:NAME
+            if sticky.kind == STICKY_LEARN_HEADER:
                 self.response_actions.setdefault(sticky.lname, R_STICKY_HEADER)
                 watch.append(sticky.lname)
             # The response fast path forwards header lines untouched and appends the insert cookie
@@ -328,7 +329,7 @@ class HttpRuntime:
                 except Exception:                   # one broken connection must not stop the sweep
                     log.exception("timeout handling failed")
                     client.transport.abort()
-            elif self.draining and client.deadline_kind == 2 and not client.closed:
+            elif self.draining and client.deadline_kind == WAIT_IDLE and not client.closed:
                 client.transport.close()             # idle keep-alive connection: close it now
         expire = now - self.settings.backend_idle_timeout
         for route in self.router.pools.values():

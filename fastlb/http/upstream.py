@@ -20,6 +20,7 @@ from time import monotonic
 
 import httptools
 
+from fastlb.constants import PAUSE_BACKEND_FULL, STICKY_COOKIE_INSERT, STICKY_LEARN_HEADER, WAIT_BACKEND
 from fastlb.http import errors
 from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
                                  R_UPGRADE, RESPONSE_SPECIAL)
@@ -201,7 +202,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             out.clear()
         if self.done:
             self._finish()
-        elif client.deadline_kind == 3:            # WAIT_BACKEND: the backend is alive, wait again
+        elif client.deadline_kind == WAIT_BACKEND:     # the backend is alive: wait again
             client.deadline = self.runtime.now + self.settings.response_timeout
 
     def _bad_response(self, started: bool, detail: str) -> None:
@@ -232,7 +233,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.keep_alive = not backend_close
         sticky = req.route.sticky
         cookie_line = (sticky.response_block(req.sticky_cookie, self.backend)
-                       if sticky is not None and sticky.kind == 1 else b"")       # cookie insert
+                       if sticky is not None and sticky.kind == STICKY_COOKIE_INSERT else b"")
         client.transport.write(b"".join((
             head, b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n" if req.http10 else b"",
             self.settings.response_block, req.extra_response_headers, cookie_line, b"\r\n",
@@ -285,7 +286,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.parts += (name, b": ", value, b"\r\n")
         elif action == R_STICKY_HEADER:
             sticky = self.request.route.sticky
-            if sticky is not None and sticky.kind == 4 and name.lower() == sticky.lname:
+            if sticky is not None and sticky.kind == STICKY_LEARN_HEADER and name.lower() == sticky.lname:
                 sticky.on_response_header(value, self.backend)
             self.parts += (name, b": ", value, b"\r\n")
 
@@ -360,7 +361,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         if req.extra_response_headers:
             out.append(req.extra_response_headers)
         sticky = req.route.sticky
-        if sticky is not None and sticky.kind == 1:            # cookie insert: name the backend
+        if sticky is not None and sticky.kind == STICKY_COOKIE_INSERT:     # name the backend
             block = sticky.response_block(req.sticky_cookie, self.backend)
             if block:
                 out.append(block)
@@ -473,7 +474,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             if client.tunnel:
                 client.transport.pause_reading()
             else:
-                client.pause(1)
+                client.pause(PAUSE_BACKEND_FULL)
 
     def resume_writing(self) -> None:
         client = self.client
@@ -481,7 +482,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             if client.tunnel:
                 client.transport.resume_reading()
             else:
-                client.resume(1)
+                client.resume(PAUSE_BACKEND_FULL)
 
     def eof_received(self) -> bool:
         client = self.client
