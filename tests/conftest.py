@@ -31,3 +31,32 @@ def procs():
         yield processes
     finally:
         processes.cleanup()
+
+
+# ---- data paths: each behaviour written once, run on every path (uvloop's Test_UV_TCP / Test_AIO_TCP way) ----
+
+HTTP_ENGINES = ("c", "python")       # FASTLB_HTTP_ENGINE: the C engine (handing the rest over), the Python path alone
+
+
+@pytest.fixture(scope="module", params=HTTP_ENGINES)
+def http_engine(request):
+    """Every fastlb a module starts serves HTTP on this path (fastlb reads FASTLB_HTTP_ENGINE). Module
+    scope, for the modules whose every test uses it (autouse there): their shared fastlb starts once
+    per path, and the variable stays set until the module's tests on that path are done."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTLB_HTTP_ENGINE", request.param)
+        yield request.param
+
+
+# --mode tcp data paths: the C relay as fastlb chooses it (its own thread unless pinned to one CPU), the
+# C relay inline in the event loop's thread (FASTLB_RELAY_INLINE=1), and the uvloop relay.
+TCP_RELAYS = {"default": (None, None), "inline": ("epoll", "1"), "uvloop": ("uvloop", None)}
+
+
+@pytest.fixture(params=list(TCP_RELAYS))
+def tcp_relay(request, procs, monkeypatch):
+    """Every `--mode tcp` fastlb the test starts through `procs` relays on this path."""
+    procs.relay, inline = TCP_RELAYS[request.param]
+    if inline is not None:
+        monkeypatch.setenv("FASTLB_RELAY_INLINE", inline)
+    return request.param

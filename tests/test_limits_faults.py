@@ -1,7 +1,7 @@
 """Robust at the limits (issue 20, items 1-6, 10, 11): file descriptors, connection limits, drain, too many
 workers, bad config. Each test drives a real fastlb with a real limit (`prlimit` on its process), backend,
 signal or config file, on both HTTP data paths where the item concerns them (the C engine, and
-FASTLB_HTTP_ENGINE=python, as tests/test_http_python.py switches them)."""
+FASTLB_HTTP_ENGINE=python, as tests/conftest.py's http_engine fixture switches them)."""
 import json
 import os
 import re
