@@ -1,7 +1,7 @@
 """The pool in one process, no sockets: the connect loop (candidates, not winners), the wait queue and
 its timeout, slot accounting, and the outcome methods every data path reports to (connect_worked,
-connect_attempt_failed, response_done). `loop.create_connection` is a fake network whose answer per
-backend port the test sets. End-to-end behaviour is in test_l4.py, test_pools.py and test_http.py."""
+connect_attempt_failed, response_done). `loop.create_connection` is a fake network (tests/fakes.py) whose
+answer per backend port the test sets. End-to-end behaviour is in test_l4.py, test_pools.py and test_http.py."""
 import asyncio
 import errno
 import ssl
@@ -10,9 +10,9 @@ import pytest
 
 from fastlb.cli import config_from_args
 from fastlb.pool import BackendPool, NoBackendError, QueueError
+from fakes import HANG, FakeNetwork, FakeTransport
 
 PORTS = (10001, 10002, 10003)
-HANG = "hang"          # a connect that never completes
 
 
 def make_pool(loop, *flags, maxconn=100, backends=PORTS):
@@ -22,44 +22,11 @@ def make_pool(loop, *flags, maxconn=100, backends=PORTS):
     return BackendPool(config_from_args([*argv, *flags])[1], loop, maxconn)
 
 
-class FakeTransport:
-    def __init__(self):
-        self.closed = False
-
-    def is_closing(self):
-        return self.closed
-
-    def close(self):
-        self.closed = True
-
-
 class Protocol(asyncio.Protocol):
     transport = None
 
     def connection_made(self, transport):
         self.transport = transport
-
-
-class FakeNetwork:
-    """Stands in for loop.create_connection: a connect to a port accepts, raises what `answers` says,
-    or hangs; every attempt is listed in `attempts`."""
-
-    def __init__(self, loop):
-        self.answers = {}
-        self.attempts = []
-        loop.create_connection = self.create_connection
-
-    async def create_connection(self, protocol_factory, host, port, **tls):
-        self.attempts.append(port)
-        answer = self.answers.get(port)
-        if answer == HANG:
-            await asyncio.Event().wait()
-        if isinstance(answer, BaseException):
-            raise answer
-        protocol = protocol_factory()
-        transport = FakeTransport()
-        protocol.connection_made(transport)
-        return transport, protocol
 
 
 @pytest.fixture
