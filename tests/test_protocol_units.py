@@ -35,6 +35,13 @@ class Proxy:
         protocol.connection_made(transport)
         return protocol, transport
 
+    def send(self, data, client=None):
+        """Bytes from a client (a new one unless given), then the loop turns: (its protocol, its transport)."""
+        protocol, transport = client or self.client()
+        protocol.data_received(data)
+        self.settle()
+        return protocol, transport
+
     def settle(self):
         """Lets the connect tasks run (a few loop turns: each step of a connect is one)."""
         for _ in range(5):
@@ -63,9 +70,7 @@ def proxy():
 
 def test_a_request_reaches_the_backend_with_forwarded_headers_and_the_response_the_client(proxy):
     lb = proxy()
-    client, client_transport = lb.client()
-    client.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
-    lb.settle()
+    client, client_transport = lb.send(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
     backend_transport, upstream = lb.backend()
     # Hop-by-hop Connection is not forwarded; X-Forwarded-* are added.
     assert backend_transport.take() == b"GET /a HTTP/1.1\r\nHost: x\r\n" + FORWARDED + b"\r\n"
@@ -80,9 +85,7 @@ def test_a_request_reaches_the_backend_with_forwarded_headers_and_the_response_t
 def test_keep_alive_reuses_the_idle_backend_connection(proxy):
     lb = proxy()
     for path in (b"/1", b"/2", b"/3"):
-        client, client_transport = lb.client()
-        client.data_received(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-        lb.settle()
+        client, client_transport = lb.send(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         backend_transport, upstream = lb.backend()
         assert backend_transport.take().startswith(b"GET " + path + b" ")
         upstream.data_received(OK)
@@ -92,9 +95,7 @@ def test_keep_alive_reuses_the_idle_backend_connection(proxy):
 
 def test_pipelined_requests_go_one_at_a_time_and_are_answered_in_order(proxy):
     lb = proxy()
-    client, client_transport = lb.client()
-    client.data_received(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
-    lb.settle()
+    client, client_transport = lb.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
     backend_transport, upstream = lb.backend()
     assert backend_transport.take() == b"GET /1 HTTP/1.1\r\nHost: x\r\n" + FORWARDED + b"\r\n"
     upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
@@ -108,9 +109,7 @@ def test_pipelined_requests_go_one_at_a_time_and_are_answered_in_order(proxy):
 
 def test_a_response_arriving_a_byte_at_a_time_is_forwarded_whole(proxy):
     lb = proxy()
-    client, client_transport = lb.client()
-    client.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    lb.settle()
+    client, client_transport = lb.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     _, upstream = lb.backend()
     response = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Extra: yes\r\n\r\nhello world"
     for i in range(len(response)):
@@ -122,20 +121,16 @@ def test_a_response_arriving_a_byte_at_a_time_is_forwarded_whole(proxy):
 
 def test_a_malformed_request_gets_400_and_close_and_reaches_no_backend(proxy):
     lb = proxy()
-    client, client_transport = lb.client()
-    client.data_received(b"GARBAGE\r\n\r\n")
+    _, client_transport = lb.send(b"GARBAGE\r\n\r\n")
     answer = client_transport.take()
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close\r\n" in answer
     assert client_transport.closed
-    lb.settle()
     assert lb.network.attempts == [] and lb.pool.active == 0
 
 
 def test_a_backend_closing_before_its_response_is_a_502_and_a_bad_response(proxy):
     lb = proxy("--outlier-failures", "5")
-    client, client_transport = lb.client()
-    client.data_received(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
-    lb.settle()
+    client, client_transport = lb.send(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
     backend_transport, upstream = lb.backend()
     assert backend_transport.take().endswith(b"Content-Length: 3\r\n\r\nabc")
     upstream.connection_lost(None)
@@ -149,10 +144,9 @@ def test_a_backend_closing_before_its_response_is_a_502_and_a_bad_response(proxy
 def test_5xx_responses_count_against_the_backend_and_a_good_one_resets_the_streak(proxy):
     lb = proxy("--outlier-failures", "5")
     [backend] = lb.pool.backends
-    client, client_transport = lb.client()
+    client = lb.client()
     for status, streak in ((b"503 Busy", 1), (b"500 Oops", 2), (b"200 OK", 0)):
-        client.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        lb.settle()
+        _, client_transport = lb.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", client)
         _, upstream = lb.backend()
         upstream.data_received(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
         assert client_transport.take().startswith(b"HTTP/1.1 " + status + b"\r\n")  # forwarded as it is
@@ -161,9 +155,7 @@ def test_5xx_responses_count_against_the_backend_and_a_good_one_resets_the_strea
 
 def test_a_client_leaving_mid_response_aborts_the_backend_connection(proxy):
     lb = proxy()
-    client, client_transport = lb.client()
-    client.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    lb.settle()
+    client, client_transport = lb.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     backend_transport, upstream = lb.backend()
     upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
     assert client_transport.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345"
@@ -176,9 +168,7 @@ def test_a_client_leaving_mid_response_aborts_the_backend_connection(proxy):
 def test_a_connect_failure_moves_the_request_to_the_next_backend(proxy):
     lb = proxy("--algorithm", "roundrobin", backends=2)
     lb.network.answers[10001] = ConnectionRefusedError(111, "Connection refused")
-    client, client_transport = lb.client()
-    client.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    lb.settle()
+    client, client_transport = lb.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert lb.network.attempts == [10001, 10002]
     backend_transport, upstream = lb.backend()
     assert backend_transport.take().startswith(b"GET / HTTP/1.1\r\n")
@@ -192,18 +182,14 @@ def test_no_backend_up_is_a_503(proxy):
     lb = proxy()
     [backend] = lb.pool.backends
     lb.pool.health.set_admin_state(backend.health, "maint")
-    client, client_transport = lb.client()
-    client.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    lb.settle()
+    client, client_transport = lb.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert client_transport.take().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert lb.network.attempts == [] and lb.pool.active == 0
 
 
 def test_an_idle_backend_connection_that_speaks_is_closed(proxy):
     lb = proxy()
-    client, client_transport = lb.client()
-    client.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    lb.settle()
+    client, client_transport = lb.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     backend_transport, upstream = lb.backend()
     upstream.data_received(OK)
     assert client_transport.take() == OK and not backend_transport.closed
