@@ -38,14 +38,24 @@ def procs():
 HTTP_ENGINES = ("c", "python")       # FASTLB_HTTP_ENGINE: the C engine (handing the rest over), the Python path alone
 
 
+def _serving_on(engine):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTLB_HTTP_ENGINE", engine)      # read by every fastlb started meanwhile
+        yield engine
+
+
+@pytest.fixture(params=HTTP_ENGINES)
+def engine(request):
+    """The test runs once on each HTTP data path."""
+    yield from _serving_on(request.param)
+
+
 @pytest.fixture(scope="module", params=HTTP_ENGINES)
 def http_engine(request):
-    """Every fastlb a module starts serves HTTP on this path (fastlb reads FASTLB_HTTP_ENGINE). Module
-    scope, for the modules whose every test uses it (autouse there): their shared fastlb starts once
-    per path, and the variable stays set until the module's tests on that path are done."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FASTLB_HTTP_ENGINE", request.param)
-        yield request.param
+    """`engine` for a whole module, for the modules whose every test uses it (autouse there): their
+    shared fastlb starts once per path, and the variable stays set until the module's tests on that
+    path are done."""
+    yield from _serving_on(request.param)
 
 
 # --mode tcp data paths: the C relay as fastlb chooses it (its own thread unless pinned to one CPU), the

@@ -20,16 +20,6 @@ from fastlb.config import RESERVED_FDS, ConfigError, connection_limits, load_fil
 from http_client import Client, KeepAliveLoad, requests_seen
 from procs import REPO, backend_name, free_port, port_open, subprocess_env, wait_until
 
-ENGINES = ("c", "python")
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, monkeypatch):
-    """Runs the test once on each HTTP data path."""
-    monkeypatch.setenv("FASTLB_HTTP_ENGINE", request.param)
-    return request.param
-
-
 def start_fastlb(procs, *args, nofile=None, wait=True):
     """`python -m fastlb ARGS`, under an open-files limit of `nofile` (soft and hard) when given."""
     command = [sys.executable, "-m", "fastlb", *args]
