@@ -22,12 +22,13 @@ from fastlb.http.runtime import HttpRuntime, build_router  # noqa: E402
 
 
 class FakeTransport:
-    def __init__(self): self.out = 0; self.closing = False; self.last = b""
+    def __init__(self): self.out = 0; self.closing = False; self.last = b""; self.reading = True
     def write(self, data): self.out += len(data); self.last = data
     def is_closing(self): return self.closing
     def get_extra_info(self, name, default=None): return ("127.0.0.1", 5555) if name == "peername" else default
-    def pause_reading(self): pass
-    def resume_reading(self): pass
+    def is_reading(self): return self.reading
+    def pause_reading(self): self.reading = False
+    def resume_reading(self): self.reading = True
     def close(self): self.closing = True
     def abort(self): self.closing = True
 

@@ -233,7 +233,7 @@ def apply_runtime(pools: dict[str, "BackendPool"], named: dict[str, "BackendPool
                 if kind == "admin":
                     pool.set_admin_state(address, value)
                 elif not value:
-                    pool.health.set_checked(backend, False, "down at start")
+                    pool.health.set_checked(backend.health, False, "down at start")
 
 
 def apply_to_pools(pools: dict[str, "BackendPool"], change: dict[str, Any],
@@ -273,7 +273,7 @@ def apply_to_pool(pool: "BackendPool | None", change: dict[str, Any]) -> None:
     elif op == "health":
         backend = pool.by_address.get(change["address"])
         if backend is not None:
-            pool.health.set_checked(backend, change["up"], change["reason"])
+            pool.health.set_checked(backend.health, change["up"], change["reason"])
 
 
 def reload_changes(table: BackendTable, new: Config) -> tuple[list[dict[str, Any]], list[str]]:

@@ -7,11 +7,14 @@ Three parts, all off the relay's data path (they run on timers and on failures, 
   backend's verdict flips only after `rise` passed / `fall` failed checks in a row (like HAProxy, a
   backend starts up and its very first failed check takes it down, so a backend dead at start-up is out
   at once). Each flip is logged once, by the checker, and handed to `on_change`.
-- `BackendHealth` is a worker's side: it applies check verdicts (`set_checked`) to its `Backend`s,
-  ejects backends that fail live traffic (`record`: passive outlier detection, also the hook for the
-  HTTP mode's 5xx and response timeouts), brings them back after the ejection time, and ramps a
-  returning backend's weight (slow start). Every state and weight change goes through the core via
-  `Backend.refresh` / `Backend.set_weight`.
+- `BackendHealth` is a worker's side. It keeps a `HealthState` per backend (the state's sources: the
+  operator's state, the checks' verdict, a passive ejection; the streaks and timers), applies check
+  verdicts (`set_checked`) and operator states (`set_admin_state`), ejects backends that fail live
+  traffic (`record`: passive outlier detection, also the hook for the HTTP mode's 5xx and response
+  timeouts), brings them back after the ejection time, and ramps a returning backend's weight (slow
+  start). It publishes the effective state and weight to the backend (`Selection.publish_state` /
+  `publish_weight`: fastlb/pool.py's `Backend`, which tells the core); selection only reads them.
+  This module imports nothing of the pool.
 - The master's verdicts reach its workers over the worker channel (fastlb/channel.py), one message per
   flip naming the backend by address.
 
@@ -29,12 +32,9 @@ import errno
 import logging
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from fastlb.config import Config, HealthSettings
-
-if TYPE_CHECKING:
-    from fastlb.pool import Backend, BackendPool
 
 log = logging.getLogger("fastlb")
 
@@ -311,115 +311,211 @@ class HealthChecker:
 
 # ---- a worker's side: verdicts, ejections, slow start ---------------------------------------------
 
-class BackendHealth:
-    """Applies health to one worker's backends. Every change goes through `Backend.refresh` (state) or
-    `Backend.set_weight` (slow start), i.e. through the core."""
+ADMIN_STATES = ("up", "drain", "maint")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: "BackendPool", config: Config) -> None:
+
+class Selection(Protocol):
+    """What health publishes to: one backend as selection sees it (fastlb.pool.Backend). Health reads
+    who it is (for probes and log lines) and publishes the effective state and weight to it; it never
+    reads selection's own bookkeeping (slots taken, the full flag)."""
+
+    address: str
+    host: str
+    port: int
+
+    def publish_state(self, state: str) -> None: ...
+
+    def publish_weight(self, weight: int) -> None: ...
+
+
+class HealthState:
+    """One backend's health in one worker: the sources of its state, what they make of it (`state`),
+    the live-traffic streaks and the timers. Only BackendHealth changes it, and publishes `state` and
+    the weight (lowered for a while by slow start) to `backend`, where selection reads them."""
+
+    __slots__ = ("backend", "settings", "group", "admin_state", "checked_up", "ejected", "state",
+                 "full_weight", "connect_failures", "bad_responses", "ejections", "returned_at",
+                 "eject_handle", "ramp_handle")
+
+    def __init__(self, backend: Selection, settings: HealthSettings, group: list["HealthState"],
+                 full_weight: int, checked_up: bool) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.group = group                   # the states of the backends sharing its Balancer, itself included
+        # The sources of the state
+        self.admin_state = "up"              # the operator's: "up", "drain" or "maint" (disabled: down)
+        self.checked_up = checked_up         # the active health checks' verdict
+        self.ejected = False                 # ejected by passive outlier detection, until eject_handle fires
+        # What they make of it: "up" (can take new connections), "drain" (finishes its connections, takes
+        # no new one) or "down"
+        self.state = self.effective_state()
+        self.full_weight = full_weight       # the core weight when not ramping up after a return
+        # Live traffic (passive detection)
+        self.connect_failures = 0            # in a row
+        self.bad_responses = 0               # in a row (5xx, response timeouts), fed by the HTTP mode
+        self.ejections = 0                   # how many times in a row it was ejected: the n-th lasts n x base
+        self.returned_at = 0.0
+        self.eject_handle: asyncio.TimerHandle | None = None
+        self.ramp_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def available(self) -> bool:
+        """Can take new connections."""
+        return self.state == "up"
+
+    def effective_state(self) -> str:
+        if self.ejected or not self.checked_up or self.admin_state == "maint":
+            return "down"
+        return self.admin_state
+
+    def __repr__(self) -> str:
+        return f"<HealthState {self.backend.address} {self.state}>"
+
+
+class BackendHealth:
+    """Health of one pool's backends in one worker: applies check verdicts and operator states, ejects
+    backends that fail live traffic, ramps returning ones up. It keeps a `HealthState` per backend
+    (`track` / `forget`) and publishes every change of state or weight to the backend (`Selection`),
+    i.e. to the core."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: Config) -> None:
         self.loop = loop
-        self.pool = pool
         self.outlier_failures = config.outlier_failures
         self.ejection_time = config.outlier_ejection_time
         self.max_ejection_time = config.outlier_max_ejection_time
         self.max_ejection_percent = config.max_ejection_percent
         self.probe_interval = config.outlier_probe_interval
-        self.probes: dict["Backend", asyncio.Task] = {}     # ejected backend -> its recovery probe
+        # The primaries' states and the backups': the max_ejection_percent cap counts within one.
+        self.groups: dict[bool, list[HealthState]] = {False: [], True: []}
+        self.probes: dict[HealthState, asyncio.TimerHandle | asyncio.Task] = {}   # ejected -> its recovery probe
+
+    def track(self, backend: Selection, settings: HealthSettings, full_weight: int, backup: bool,
+              checked_up: bool = True) -> HealthState:
+        """Starts keeping backend's health and publishes its state. A backend added while the active
+        checks run starts down (`checked_up=False`) until they pass, as a new server should."""
+        state = HealthState(backend, settings, self.groups[backup], full_weight, checked_up)
+        state.group.append(state)
+        backend.publish_state(state.state)
+        return state
+
+    def forget(self, state: HealthState) -> None:
+        """A removed backend: its timers and recovery probe are cancelled, its group no longer counts it."""
+        self._cancel_timers(state)
+        state.group.remove(state)
 
     def close(self) -> None:
-        for probe in self.probes.values():
-            probe.cancel()
-        self.probes.clear()
-        for backend in self.pool.backends:
-            for handle in (backend.eject_handle, backend.ramp_handle):
-                if handle is not None:
-                    handle.cancel()
-            backend.eject_handle = backend.ramp_handle = None
+        for group in self.groups.values():
+            for state in group:
+                self._cancel_timers(state)
+
+    def _cancel_timers(self, state: HealthState) -> None:
+        probe = self.probes.pop(state, None)
+        for job in (probe, state.eject_handle, state.ramp_handle):
+            if job is not None:
+                job.cancel()
+        state.eject_handle = state.ramp_handle = None
+
+    # ---- the operator's state and weight ----------------------------------------------------------
+
+    def set_admin_state(self, state: HealthState, admin_state: str) -> None:
+        """"up", "drain" (no new connections; live ones finish) or "maint" (disabled: down whatever the
+        health checks say; live connections finish too)."""
+        if admin_state not in ADMIN_STATES:
+            raise ValueError(f"operator state must be one of {', '.join(ADMIN_STATES)}, not {admin_state!r}")
+        state.admin_state = admin_state
+        self._refresh(state)
+
+    def set_full_weight(self, state: HealthState, weight: int) -> None:
+        """The configured weight (in core units); a backend ramping up after slow start continues towards it."""
+        state.full_weight = weight
+        if state.ramp_handle is None:
+            state.backend.publish_weight(weight)
 
     # ---- active verdicts ----------------------------------------------------------------------
 
-    def set_checked(self, backend: "Backend", up: bool, reason: str) -> None:
+    def set_checked(self, state: HealthState, up: bool, reason: str) -> None:
         """The active checks' verdict (already logged by the checker). A passing verdict also ends a
         passive ejection: the checks have just seen the backend answer."""
-        if backend.checked_up == up:
+        if state.checked_up == up:
             return
-        backend.checked_up = up
-        if up and backend.ejected:
-            self._end_ejection(backend)
-        self._refresh(backend)
-        log.debug("backend %s now %s (health check: %s)", backend.address, backend.state, reason)
+        state.checked_up = up
+        if up and state.ejected:
+            self._end_ejection(state)
+        self._refresh(state)
+        log.debug("backend %s now %s (health check: %s)", state.backend.address, state.state, reason)
 
     # ---- passive outlier detection ------------------------------------------------------------
 
-    def record(self, backend: "Backend", ok: bool, kind: str = CONNECT,
+    def record(self, state: HealthState, ok: bool, kind: str = CONNECT,
                detail: BaseException | str = "") -> None:
-        """One outcome of live traffic on backend: kind CONNECT (a connect attempt) or RESPONSE (the
+        """One outcome of live traffic on a backend: kind CONNECT (a connect attempt) or RESPONSE (the
         HTTP mode: a 5xx or a response timeout is a failure). `outlier_failures` failures of one kind
         in a row eject the backend, within the max_ejection_percent cap."""
         if ok:
             if kind == CONNECT:
-                backend.connect_failures = 0
+                state.connect_failures = 0
             else:
-                backend.bad_responses = 0
+                state.bad_responses = 0
             return
         if kind == CONNECT:
-            backend.connect_failures += 1
-            streak, what = backend.connect_failures, "connect failures"
+            state.connect_failures += 1
+            streak, what = state.connect_failures, "connect failures"
         else:
-            backend.bad_responses += 1
-            streak, what = backend.bad_responses, "bad responses"
-        if not self.outlier_failures or streak < self.outlier_failures or backend.ejected:
+            state.bad_responses += 1
+            streak, what = state.bad_responses, "bad responses"
+        if not self.outlier_failures or streak < self.outlier_failures or state.ejected:
             return
         reason = f"{streak} consecutive {what} ({describe_error(detail)})"
-        refusal = self._ejection_refusal(backend)
+        refusal = self._ejection_refusal(state)
         if refusal:
             if streak == self.outlier_failures:      # said once per streak, not per failure
-                log.warning("backend %s not ejected after %s: %s", backend.address, reason, refusal)
+                log.warning("backend %s not ejected after %s: %s", state.backend.address, reason, refusal)
             return
-        self._eject(backend, reason, kind)
+        self._eject(state, reason, kind)
 
-    def _ejection_refusal(self, backend: "Backend") -> str | None:
-        group = self.pool.group_of(backend)
-        ejected = sum(1 for b in group if b.ejected)
+    def _ejection_refusal(self, state: HealthState) -> str | None:
+        group = state.group
+        ejected = sum(1 for s in group if s.ejected)
         allowed = len(group) * self.max_ejection_percent // 100
         if ejected + 1 > allowed:
             return (f"{ejected} of {len(group)} already ejected, max_ejection_percent is "
                     f"{self.max_ejection_percent}")
-        if not any(b.available for b in group if b is not backend):
+        if not any(s.available for s in group if s is not state):
             return "it is the last available backend of its pool"
         return None
 
-    def _eject(self, backend: "Backend", reason: str, kind: str = CONNECT) -> None:
+    def _eject(self, state: HealthState, reason: str, kind: str = CONNECT) -> None:
         now = self.loop.time()
-        if backend.returned_at and now - backend.returned_at > self.max_ejection_time:
-            backend.ejections = 0          # well-behaved for a long time: start again from the base time
-        backend.ejections += 1
-        duration = min(self.ejection_time * backend.ejections, self.max_ejection_time)
-        backend.ejected = True
-        backend.eject_handle = self.loop.call_later(duration, self._ejection_over, backend)
-        self._refresh(backend)
+        if state.returned_at and now - state.returned_at > self.max_ejection_time:
+            state.ejections = 0          # well-behaved for a long time: start again from the base time
+        state.ejections += 1
+        duration = min(self.ejection_time * state.ejections, self.max_ejection_time)
+        state.ejected = True
+        state.eject_handle = self.loop.call_later(duration, self._ejection_over, state)
+        self._refresh(state)
         # A connect proves a backend that refused connects is back; one that answered badly needs its
         # http check to show it (without one it waits out the ejection).
-        probing = bool(self.probe_interval) and (kind == CONNECT or backend.health.check == "http")
-        log.warning("backend %s ejected for %gs (ejection %d): %s%s", backend.address, duration,
-                    backend.ejections, reason, f"; probed every {self.probe_interval:g}s" if probing else "")
+        probing = bool(self.probe_interval) and (kind == CONNECT or state.settings.check == "http")
+        log.warning("backend %s ejected for %gs (ejection %d): %s%s", state.backend.address, duration,
+                    state.ejections, reason, f"; probed every {self.probe_interval:g}s" if probing else "")
         if probing:
-            self._schedule_probe(backend)
+            self._schedule_probe(state)
 
     # ---- recovery probes: an ejected backend returns as soon as it answers --------------------------
 
-    def _schedule_probe(self, backend: "Backend") -> None:
-        self.probes[backend] = self.loop.call_later(self.probe_interval, self._start_probe, backend)
+    def _schedule_probe(self, state: HealthState) -> None:
+        self.probes[state] = self.loop.call_later(self.probe_interval, self._start_probe, state)
 
-    def _start_probe(self, backend: "Backend") -> None:
-        if backend.removed or not backend.ejected:
-            self.probes.pop(backend, None)
+    def _start_probe(self, state: HealthState) -> None:
+        if not state.ejected:
+            self.probes.pop(state, None)
             return
-        self.probes[backend] = self.loop.create_task(self._probe(backend))
+        self.probes[state] = self.loop.create_task(self._probe(state))
 
-    async def _probe(self, backend: "Backend") -> None:
+    async def _probe(self, state: HealthState) -> None:
         """One probe of an ejected backend (its http check, or a connect): when it passes the ejection
         ends (through slow start, when set), else the next one is scheduled."""
-        settings = backend.health
+        settings, backend = state.settings, state.backend
         kind = "http" if settings.check == "http" else "tcp"
         target = CheckTarget(-1, backend.address, backend.host, settings.check_port or backend.port, settings)
         try:
@@ -430,63 +526,65 @@ class BackendHealth:
         except Exception as exc:           # any failure of the probe is a failed probe, never a crash
             problem = describe_error(exc, settings.check_timeout)
         if problem is not None:
-            self._schedule_probe(backend)
+            self._schedule_probe(state)
             return
-        self.probes.pop(backend, None)
-        if backend.removed or not backend.ejected:
+        self.probes.pop(state, None)
+        if not state.ejected:
             return
-        self._end_ejection(backend)
-        self._refresh(backend)
+        self._end_ejection(state)
+        self._refresh(state)
         log.info("backend %s back from ejection: it answers again (%s probe)%s", backend.address, kind,
-                 "" if backend.checked_up else ", but its health checks still fail: stays down")
+                 "" if state.checked_up else ", but its health checks still fail: stays down")
 
-    def _ejection_over(self, backend: "Backend") -> None:
-        backend.eject_handle = None
-        self._end_ejection(backend)
-        self._refresh(backend)
-        log.info("backend %s back from ejection%s", backend.address,
-                 "" if backend.checked_up else " (its health checks still fail: stays down)")
+    def _ejection_over(self, state: HealthState) -> None:
+        state.eject_handle = None
+        self._end_ejection(state)
+        self._refresh(state)
+        log.info("backend %s back from ejection%s", state.backend.address,
+                 "" if state.checked_up else " (its health checks still fail: stays down)")
 
-    def _end_ejection(self, backend: "Backend") -> None:
-        probe = self.probes.pop(backend, None)
+    def _end_ejection(self, state: HealthState) -> None:
+        probe = self.probes.pop(state, None)
         if probe is not None:
             probe.cancel()
-        if backend.eject_handle is not None:
-            backend.eject_handle.cancel()
-            backend.eject_handle = None
-        backend.ejected = False
-        backend.connect_failures = backend.bad_responses = 0
-        backend.returned_at = self.loop.time()
+        if state.eject_handle is not None:
+            state.eject_handle.cancel()
+            state.eject_handle = None
+        state.ejected = False
+        state.connect_failures = state.bad_responses = 0
+        state.returned_at = self.loop.time()
 
-    # ---- state and slow start -----------------------------------------------------------------
+    # ---- publishing: state and slow start -----------------------------------------------------------
 
-    def _refresh(self, backend: "Backend") -> None:
-        was_available = backend.available
-        backend.refresh()
-        if backend.available and not was_available:
-            self._start_ramp(backend)
-        elif was_available and not backend.available:
-            self._stop_ramp(backend)
+    def _refresh(self, state: HealthState) -> None:
+        """Recombines the sources and publishes the result; a backend that became available ramps up
+        (slow start), one that stopped being available drops its ramp."""
+        was_available = state.available
+        state.state = state.effective_state()
+        state.backend.publish_state(state.state)
+        if state.available and not was_available:
+            self._start_ramp(state)
+        elif was_available and not state.available:
+            self._stop_ramp(state)
 
-    def _start_ramp(self, backend: "Backend") -> None:
-        slowstart = backend.health.slowstart
-        if not slowstart or backend.full_weight <= 1:
+    def _start_ramp(self, state: HealthState) -> None:
+        slowstart = state.settings.slowstart
+        if not slowstart or state.full_weight <= 1:
             return
         steps = max(1, min(SLOWSTART_STEPS, int(slowstart / MIN_RAMP_STEP)))
-        self._ramp_step(backend, 1, steps, slowstart / steps)
+        self._ramp_step(state, 1, steps, slowstart / steps)
 
-    def _ramp_step(self, backend: "Backend", step: int, steps: int, step_time: float) -> None:
-        backend.ramp_handle = None
-        weight = max(1, backend.full_weight * step // steps)
-        backend.set_weight(weight)
+    def _ramp_step(self, state: HealthState, step: int, steps: int, step_time: float) -> None:
+        state.ramp_handle = None
+        state.backend.publish_weight(max(1, state.full_weight * step // steps))
         if step < steps:
-            backend.ramp_handle = self.loop.call_later(step_time, self._ramp_step, backend, step + 1,
-                                                       steps, step_time)
+            state.ramp_handle = self.loop.call_later(step_time, self._ramp_step, state, step + 1, steps,
+                                                     step_time)
         else:
-            log.debug("backend %s at full weight after slow start", backend.address)
+            log.debug("backend %s at full weight after slow start", state.backend.address)
 
-    def _stop_ramp(self, backend: "Backend") -> None:
-        if backend.ramp_handle is not None:
-            backend.ramp_handle.cancel()
-            backend.ramp_handle = None
-        backend.set_weight(backend.full_weight)    # a down backend is not picked whatever its weight
+    def _stop_ramp(self, state: HealthState) -> None:
+        if state.ramp_handle is not None:
+            state.ramp_handle.cancel()
+            state.ramp_handle = None
+        state.backend.publish_weight(state.full_weight)    # a down backend is not picked whatever its weight

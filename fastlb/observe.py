@@ -27,10 +27,7 @@ import socket
 import struct
 import sys
 import time
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from fastlb.pool import Backend, BackendPool
+from typing import Any, Protocol
 
 # Latency buckets (seconds), upper bounds; a last implicit +Inf bucket. From 0.5 ms (a loopback connect)
 # to 10 s (a slow backend response).
@@ -58,6 +55,14 @@ class Histogram:
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
+
+
+class Counted(Protocol):
+    """What the counters need of a backend (fastlb.pool.Backend: the pool imports this module, not the
+    other way round)."""
+
+    address: str
+    traffic: "Traffic"
 
 
 class Traffic:
@@ -250,8 +255,7 @@ class Observer:
     def tcp_closed(self, client, gone: str | None) -> None:
         """A relayed connection ends. `gone`: which socket is already closed ("client", "backend", or
         None when both are open). Byte counts come from TCP_INFO of the sockets still open."""
-        backend: Backend | None = client.backend
-        if backend is None:
+        if client.backend is None:
             return
         bytes_in = bytes_out = 0
         backend_side = client.peer if gone != "backend" else None
@@ -274,7 +278,7 @@ class Observer:
 
     def tcp_counted(self, client, bytes_in: int, bytes_out: int) -> None:
         """A relayed connection ends with these byte counts (`--relay epoll` counts them itself)."""
-        backend: Backend | None = client.backend
+        backend: Counted | None = client.backend
         if backend is None:
             return
         traffic = backend.traffic
@@ -294,7 +298,7 @@ class Observer:
             self.access_log.add((self.wall_offset + client.started, _client_text(client.source),
                                  self.pool_name, "-", reason, 0, 0, 0.0, now - client.started, None, None))
 
-    def http_request(self, backend: "Backend | None", client_address: str, method: str, target: str,
+    def http_request(self, backend: Counted | None, client_address: str, method: str, target: str,
                      status: int, bytes_in: int, bytes_out: int, started: float,
                      connect_seconds: float, response_seconds: float | None, pool: str | None = None) -> None:
         """The HTTP mode's hook: one call per finished request (status sent to the client, or 0 when the
@@ -320,7 +324,7 @@ class Observer:
         self.refused[pool] = self.refused.get(pool, 0) + 1
 
     @staticmethod
-    def count_request(backend: "Backend", status: int, bytes_in: int, bytes_out: int,
+    def count_request(backend: Counted, status: int, bytes_in: int, bytes_out: int,
                       response_seconds: float | None) -> None:
         """A request answered through backend, in its counters (http_request's part; the HTTP engine
         calls it alone, and writes its access-log line itself)."""
@@ -338,26 +342,28 @@ class Observer:
             self.access_log.close()
 
 
-def pool_snapshot(name: str, pool: "BackendPool", observer: Observer | None,
+def pool_snapshot(name: str, pool: Any, observer: Observer | None,
                   sent: dict[str, tuple] | None = None) -> dict[str, Any]:
-    """One worker's view of one pool, JSON-ready: what the admin side aggregates over workers.
-    sent (address -> what was last sent of it): only the backends that changed since are listed, so a
-    snapshot of thousands of idle backends costs a pass over them, not their encoding and decoding."""
+    """One worker's view of one pool (a fastlb.pool.BackendPool), JSON-ready: what the admin side
+    aggregates over workers. sent (address -> what was last sent of it): only the backends that changed
+    since are listed, so a snapshot of thousands of idle backends costs a pass over them, not their
+    encoding and decoding."""
     backends = []
     for backend in pool.backends:
+        health = backend.health
         if sent is not None:
             traffic = backend.traffic
             mark = (traffic.connections, traffic.requests, traffic.connect_errors, traffic.bytes_in,
-                    traffic.bytes_out, backend.inflight, backend.state, backend.admin_state,
-                    backend.checked_up, backend.ejected, backend.full_weight, backend.is_backup)
+                    traffic.bytes_out, backend.inflight, backend.state, health.admin_state,
+                    health.checked_up, health.ejected, health.full_weight, backend.is_backup)
             if sent.get(backend.address) == mark:
                 continue
             sent[backend.address] = mark
         core = backend.balancer.stats(backend.index)
         backends.append({
             "address": backend.address, "backup": backend.is_backup, "state": backend.state,
-            "admin_state": backend.admin_state, "checked_up": backend.checked_up,
-            "ejected": backend.ejected, "weight": backend.full_weight // pool.weight_scale,
+            "admin_state": health.admin_state, "checked_up": health.checked_up,
+            "ejected": health.ejected, "weight": health.full_weight // pool.weight_scale,
             "effective_weight": core["weight"], "inflight": backend.inflight, "picks": core["picks"],
             "failures": core["failures"], "ewma": core["ewma"], "traffic": backend.traffic.snapshot()})
     return {"pool": name, "active": pool.active, "queued": len(pool.waiters),

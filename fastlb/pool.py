@@ -14,9 +14,12 @@ Limits, per worker process (like HAProxy's per-process maxconn):
 Backups live in a second Balancer: they are picked only when no primary can be (every primary down,
 or every primary already tried by this connection).
 
-A backend's state in the core combines four sources (see `Backend.refresh`): the operator's state
-(`up` / `drain` / `maint`), the active health checks (`checked_up`), a passive ejection (`ejected`), and the
-`full` flag. fastlb/health.py changes the health parts; this module only combines them.
+A backend is two objects: `Backend` (here) is who it is (address, weight, group, limits, TLS), where the
+core keeps it, its slots, counters and idle connections; its `health` (fastlb/health.py's `HealthState`)
+holds the sources of its state (the operator's state, the active checks' verdict, a passive ejection),
+the streaks and the timers. Health publishes the effective state and the (slow-start) weight to the
+`Backend` (`publish_state`, `publish_weight`); selection here only reads them, adding one thing of its
+own: a backend at its maxconn (`full`) is drained in the core until a connection ends.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Callable
 
 from fastlb import Balancer
 from fastlb.config import BackendSpec, Config, HealthSettings
-from fastlb.health import CONNECT, RESPONSE, BackendHealth, own_resource_error
+from fastlb.health import CONNECT, RESPONSE, BackendHealth, HealthState, own_resource_error
 from fastlb.observe import Traffic
 from fastlb.tls import backend_context, backend_contexts
 
@@ -53,47 +56,38 @@ OWN_FAILURE_LOG_INTERVAL = 1.0      # seconds between two warnings about connect
 
 
 class Backend:
-    """One backend server. `index` is its slot in `balancer` (the primary or the backup Balancer)."""
+    """One backend server as selection sees it. `index` is its slot in `balancer` (the primary or the
+    backup Balancer); `state` is what its health publishes; `health` is that health (only the pool's
+    BackendHealth changes it)."""
 
-    __slots__ = ("spec", "host", "port", "address", "index", "balancer", "is_backup", "maxconn",
-                 "inflight", "send_proxy", "state", "full", "admin_state", "checked_up", "ejected",
-                 "health", "full_weight", "connect_failures", "bad_responses", "ejections",
-                 "returned_at", "eject_handle", "ramp_handle", "removed", "traffic", "ssl_context",
-                 "server_hostname", "idle")
+    __slots__ = ("spec", "host", "port", "address", "is_backup", "maxconn", "send_proxy", "ssl_context",
+                 "server_hostname", "index", "balancer", "removed", "state", "health", "inflight", "full",
+                 "traffic", "idle")
 
-    def __init__(self, spec: BackendSpec, index: int, balancer: Balancer, health: HealthSettings,
-                 full_weight: int) -> None:
+    def __init__(self, spec: BackendSpec, index: int, balancer: Balancer) -> None:
+        # Who it is
         self.spec = spec
         self.host = spec.host
         self.port = spec.port
         self.address = spec.address
-        self.index = index
-        self.balancer = balancer
         self.is_backup = spec.backup
         self.maxconn = spec.maxconn
-        self.inflight = 0
         self.send_proxy = spec.send_proxy
-        # State: `state` is what the sources below make of it, without the full flag: "up" (can take
-        # new connections), "drain" (finishes its connections, takes no new one) or "down".
-        self.state = "up"
-        self.admin_state = "up"     # the operator's: "up", "drain" or "maint" (disabled: down)
-        self.checked_up = True      # the active health checks' verdict
-        self.ejected = False        # ejected by passive outlier detection, until eject_handle fires
-        self.full = False           # at maxconn: drained in the core until a connection ends
-        # Health bookkeeping (fastlb/health.py)
-        self.health = health
-        self.full_weight = full_weight       # the core weight when not ramping up after a return
-        self.connect_failures = 0            # in a row, from live traffic
-        self.bad_responses = 0               # in a row (5xx, response timeouts), fed by the HTTP mode
-        self.ejections = 0                   # how many times in a row it was ejected: the n-th lasts n x base
-        self.returned_at = 0.0
-        self.eject_handle: asyncio.TimerHandle | None = None
-        self.ramp_handle: asyncio.TimerHandle | None = None
-        self.removed = False        # removed at run time: its core slot is gone, live connections finish
-        self.traffic = Traffic()
         # TLS to the backend (set by the pool): a verification failure is a failed connect.
         self.ssl_context: ssl.SSLContext | None = None
         self.server_hostname = spec.sni or spec.host if spec.ssl else None
+        # Where the core keeps it
+        self.index = index
+        self.balancer = balancer
+        self.removed = False        # removed at run time: its core slot is gone, live connections finish
+        # Published by its health: "up" (can take new connections), "drain" (finishes its connections,
+        # takes no new one) or "down"
+        self.state = "up"
+        self.health: HealthState | None = None     # set by the pool once the backend has its core slot
+        # Slots: a backend at maxconn is `full`, drained in the core until a connection ends
+        self.inflight = 0
+        self.full = False
+        self.traffic = Traffic()
         # HTTP mode: idle keep-alive connections to this backend, oldest first (reused from the right,
         # expired from the left). They hold no slot: a slot is a request in flight.
         self.idle: collections.deque = collections.deque()
@@ -107,42 +101,27 @@ class Backend:
                 return upstream
         return None
 
-    @property
-    def available(self) -> bool:
-        """Can take new connections (ignoring the full flag, which only makes connections wait)."""
-        return self.state == "up"
+    # ---- what health publishes (fastlb.health.Selection) ----------------------------------------
 
-    def set_state(self, state: str) -> None:
-        """The operator's state: "up", "drain" (no new connections; live ones finish) or "maint"
-        (disabled: down whatever the health checks say; live connections finish too)."""
-        if state not in ADMIN_STATES:
-            raise ValueError(f"operator state must be one of {', '.join(ADMIN_STATES)}, not {state!r}")
-        self.admin_state = state
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Recombines the state sources and tells the core (a no-op there when nothing changed)."""
-        if self.ejected or not self.checked_up or self.admin_state == "maint":
-            self.state = "down"
-        else:
-            self.state = self.admin_state
+    def publish_state(self, state: str) -> None:
+        self.state = state
         self._commit()
 
+    def publish_weight(self, weight: int) -> None:
+        if not self.removed:
+            self.balancer.set_weight(self.index, weight)
+
     def _commit(self) -> None:
+        """Tells the core the published state, drained while full (a no-op there when nothing changed)."""
         if self.removed:
             return
         effective = "drain" if self.full and self.state == "up" else self.state
         self.balancer.set_state(self.index, effective)
 
-    def set_weight(self, weight: int) -> None:
-        if not self.removed:
-            self.balancer.set_weight(self.index, weight)
-
     def __repr__(self) -> str:
         return f"<Backend {self.address} inflight={self.inflight} state={self.state}>"
 
 
-ADMIN_STATES = ("up", "drain", "maint")
 MAX_CORE_WEIGHT = 256
 SLOWSTART_WEIGHT_SCALE = 16      # enough for a smooth ramp, small enough for weights up to 16
 
@@ -184,16 +163,23 @@ class BackendPool:
         self.last_tls_warning = 0.0
         self.last_own_failure_warning = 0.0
         self.own_failures = 0                # connects that failed on fastlb's own limits since the last warning
+        self.health = BackendHealth(loop, config)
         for spec, health in zip(config.backends, settings):
             self._append(spec, health)
-        self.health = BackendHealth(loop, self, config)
 
-    def _append(self, spec: BackendSpec, health: HealthSettings) -> Backend:
+    def _append(self, spec: BackendSpec, health: HealthSettings, added: bool = False) -> Backend:
+        """A backend's objects: in the core (at once, or already there when `added` is False: the
+        Balancers were built with the configured ones), in the pool's lists, and in health's keeping.
+        One added at run time while the active checks are on starts down, until the checks pass."""
         if spec.backup and self.backup is None:
             self.backup = self._balancer(self.config, [], self.weight_scale)
         group, balancer = (self.backups, self.backup) if spec.backup else (self.primaries, self.primary)
         # Indexes are the core's: it never reuses a removed slot, so neither do these lists.
-        backend = Backend(spec, len(group), balancer, health, spec.weight * self.weight_scale)
+        backend = Backend(spec, len(group), balancer)
+        if added:
+            balancer.add(spec.address, spec.weight * self.weight_scale)
+        backend.health = self.health.track(backend, health, spec.weight * self.weight_scale, spec.backup,
+                                           checked_up=not added or health.check == "none")
         if spec.ssl:
             context = self.tls_contexts.get(spec.verify)
             if context is None:              # a backend added at run time with a verify of its own
@@ -216,22 +202,14 @@ class BackendPool:
         are on: then it starts down until the master's checks pass, as a new server should."""
         if spec.address in self.by_address:
             return None
-        health = self.config.health_for(spec)
-        backend = self._append(spec, health)
-        backend.balancer.add(spec.address, spec.weight * self.weight_scale)
-        if health.check != "none":
-            backend.checked_up = False
-            backend.refresh()
+        backend = self._append(spec, self.config.health_for(spec), added=True)
         log.info("backend %s added (weight %d%s)", spec.address, spec.weight, ", backup" if spec.backup else "")
         return backend
 
     def remove_backend(self, address: str) -> Backend:
         """Removes a backend from the core at once; its live connections finish."""
         backend = self.find(address)
-        for handle in (backend.eject_handle, backend.ramp_handle):
-            if handle is not None:
-                handle.cancel()
-        backend.eject_handle = backend.ramp_handle = None
+        self.health.forget(backend.health)
         while backend.idle:                      # HTTP mode: its idle keep-alive connections go now
             backend.idle.pop().transport.close()
         if self.idle_keeper is not None:
@@ -247,21 +225,14 @@ class BackendPool:
         """The configured weight; a backend ramping up after slow start continues towards it."""
         backend = self.find(address)
         backend.spec.weight = weight
-        backend.full_weight = weight * self.weight_scale
-        if backend.ramp_handle is None:
-            backend.set_weight(backend.full_weight)
+        self.health.set_full_weight(backend.health, weight * self.weight_scale)
         log.info("backend %s weight %d", address, weight)
 
     def set_admin_state(self, address: str, state: str) -> None:
         backend = self.find(address)
-        if backend.admin_state == state:
+        if backend.health.admin_state == state:
             return
-        was_available = backend.available
-        backend.set_state(state)
-        if backend.available and not was_available:
-            self.health._start_ramp(backend)
-        elif was_available and not backend.available:
-            self.health._stop_ramp(backend)
+        self.health.set_admin_state(backend.health, state)
         log.info("backend %s %s by the operator", address, {"up": "enabled", "drain": "draining",
                                                             "maint": "disabled"}[state])
 
@@ -271,10 +242,6 @@ class BackendPool:
         return Balancer([spec.address for spec in specs], algorithm=config.algorithm,
                         weights=[spec.weight * weight_scale for spec in specs], bounded_load=bounded,
                         seed=config.seed)
-
-    def group_of(self, backend: Backend) -> list[Backend]:
-        """The live backends sharing backend's Balancer: the primaries or the backups."""
-        return [b for b in (self.backups if backend.is_backup else self.primaries) if not b.removed]
 
     def _tls_failure(self, backend: Backend, exc: ssl.SSLError) -> None:
         """A failed TLS handshake with a backend (a bad certificate, mostly) is a configuration or
@@ -499,7 +466,7 @@ class BackendPool:
         """A connect to backend worked: the core and passive health hear it, the counters count it."""
         if not backend.removed:
             backend.balancer.on_response(backend.index, seconds, True)
-        backend.connect_failures = 0        # health.record(ok=True) inlined: once per connection
+        backend.health.connect_failures = 0     # health.record(ok=True) inlined: once per connection
         if retried:
             backend.traffic.retries += 1
         if self.track_latency:
@@ -518,7 +485,7 @@ class BackendPool:
         tried.append(backend)
         if not backend.removed:
             backend.balancer.on_response(backend.index, seconds, False)
-            self.health.record(backend, False, CONNECT, error)
+            self.health.record(backend.health, False, CONNECT, error)
         log.debug("connect to %s failed (%s); attempt %d of %d", backend.address,
                   # asyncio's timeout says nothing itself: its name does; an OSError its errno and text
                   error.__class__.__name__ if isinstance(error, TimeoutError) and not error.args else error,
@@ -544,7 +511,7 @@ class BackendPool:
         if not backend.removed:
             backend.balancer.on_response(backend.index, seconds, ok)
         if not ok:
-            self.health.record(backend, False, RESPONSE, detail or f"status {status}")
-        elif backend.bad_responses:
-            self.health.record(backend, True, RESPONSE)
+            self.health.record(backend.health, False, RESPONSE, detail or f"status {status}")
+        elif backend.health.bad_responses:
+            self.health.record(backend.health, True, RESPONSE)
         self.release(backend)

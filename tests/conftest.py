@@ -32,3 +32,42 @@ def procs():
         yield processes
     finally:
         processes.cleanup()
+
+
+# ---- data paths: each behaviour written once, run on every path (uvloop's Test_UV_TCP / Test_AIO_TCP way) ----
+
+HTTP_ENGINES = ("c", "python")       # FASTLB_HTTP_ENGINE: the C engine (handing the rest over), the Python path alone
+
+
+def _serving_on(engine):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTLB_HTTP_ENGINE", engine)      # read by every fastlb started meanwhile
+        yield engine
+
+
+@pytest.fixture(params=HTTP_ENGINES)
+def engine(request):
+    """The test runs once on each HTTP data path."""
+    yield from _serving_on(request.param)
+
+
+@pytest.fixture(scope="module", params=HTTP_ENGINES)
+def http_engine(request):
+    """`engine` for a whole module, for the modules whose every test uses it (autouse there): their
+    shared fastlb starts once per path, and the variable stays set until the module's tests on that
+    path are done."""
+    yield from _serving_on(request.param)
+
+
+# --mode tcp data paths: the C relay as fastlb chooses it (its own thread unless pinned to one CPU), the
+# C relay inline in the event loop's thread (FASTLB_RELAY_INLINE=1), and the uvloop relay.
+TCP_RELAYS = {"default": (None, None), "inline": ("epoll", "1"), "uvloop": ("uvloop", None)}
+
+
+@pytest.fixture(params=list(TCP_RELAYS))
+def tcp_relay(request, procs, monkeypatch):
+    """Every `--mode tcp` fastlb the test starts through `procs` relays on this path."""
+    procs.relay, inline = TCP_RELAYS[request.param]
+    if inline is not None:
+        monkeypatch.setenv("FASTLB_RELAY_INLINE", inline)
+    return request.param

@@ -147,6 +147,7 @@ class Processes:
 
     def __init__(self) -> None:
         self.started: list[Proc] = []
+        self.relay: str | None = None        # `--relay` for `--mode tcp` (conftest's tcp_relay fixture)
 
     def start(self, args: list[str], name: str, **options) -> Proc:
         proc = Proc(args, name, **options)
@@ -156,9 +157,9 @@ class Processes:
     def fastlb(self, *args: str, wait_port: int | None = None) -> Proc:
         """`python -m fastlb ARGS`; waits for the first --bind port to accept unless wait_port=0.
 
-        FASTLB_TEST_RELAY=uvloop (or epoll) runs every `--mode tcp` fastlb with that `--relay`, so the
-        L4 tests check both data paths."""
-        relay = os.environ.get("FASTLB_TEST_RELAY")
+        `relay` (set by the tcp_relay fixture: "uvloop" or "epoll") runs every `--mode tcp` fastlb with
+        that `--relay` unless it names one, so the L4 tests check every data path."""
+        relay = self.relay
         if relay and "--relay" not in args and "--mode" in args and args[args.index("--mode") + 1] == "tcp":
             args = (*args, "--relay", relay)
         proc = self.start([sys.executable, "-m", "fastlb", *args], "fastlb")

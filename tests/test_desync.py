@@ -11,15 +11,8 @@ from desync import Planned, encode, run_sample, through_fastlb
 from http_client import Client, requests_seen
 from procs import Processes, free_port
 
-ENGINES = ["c", "python"]
 SAMPLE_SEED = int(os.environ.get("FASTLB_DESYNC_SEED", "20261207"))
 SAMPLE_SIZE = int(os.environ.get("FASTLB_DESYNC_SEQUENCES", "300"))
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, monkeypatch):
-    monkeypatch.setenv("FASTLB_HTTP_ENGINE", request.param)
-    return request.param
 
 
 async def read_response(reader) -> tuple[int, bytes]:

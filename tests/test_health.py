@@ -26,7 +26,7 @@ def echo_backend(procs, name, port=None):
     return proc, port
 
 
-def test_tcp_backend_killed_and_restarted_under_load_loses_no_connection(procs):
+def test_tcp_backend_killed_and_restarted_under_load_loses_no_connection(procs, tcp_relay):
     ports = {}
     backends = {}
     for name in "abc":

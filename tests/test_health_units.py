@@ -80,18 +80,18 @@ def test_ejections_grow_and_are_capped(loop):
     config = make_config("--outlier-failures", "2", "--outlier-ejection-time", "0.05s",
                          "--outlier-max-ejection-time", "0.1s", "--max-ejection-percent", "50", backends=4)
     pool = BackendPool(config, loop, 100)
-    a, b, c, _ = pool.primaries
+    a, b, c, _ = (backend.health for backend in pool.primaries)
     pool.health.record(a, False, CONNECT, "connection refused")
     assert not a.ejected                                      # one failure is not a streak
     pool.health.record(a, False, CONNECT, "connection refused")
-    assert a.ejected and pool.primary.stats(a.index)["state"] == "down"
+    assert a.ejected and pool.primary.stats(a.backend.index)["state"] == "down"
     assert a.eject_handle.when() - loop.time() == pytest.approx(0.05, abs=0.02)
     for _ in range(2):                                        # 50 % of 4 is 2: b yes, c no
         pool.health.record(b, False, CONNECT, "refused")
         pool.health.record(c, False, CONNECT, "refused")
     assert b.ejected and not c.ejected
     run_until(loop, lambda: not a.ejected)
-    assert pool.primary.stats(a.index)["state"] == "up"
+    assert pool.primary.stats(a.backend.index)["state"] == "up"
     for _ in range(2):
         pool.health.record(a, False, CONNECT, "refused")
     assert a.ejected and a.ejections == 2
@@ -102,7 +102,7 @@ def test_ejections_grow_and_are_capped(loop):
 
 def test_a_good_connect_does_not_reset_a_streak_of_bad_responses(loop):
     pool = BackendPool(make_config("--outlier-failures", "3"), loop, 100)
-    a = pool.primaries[0]
+    a = pool.primaries[0].health
     for _ in range(2):
         pool.health.record(a, False, RESPONSE, "HTTP 503")
         pool.health.record(a, True, CONNECT)
@@ -113,7 +113,7 @@ def test_a_good_connect_does_not_reset_a_streak_of_bad_responses(loop):
 
 def test_a_passing_health_check_ends_an_ejection(loop):
     pool = BackendPool(make_config("--outlier-failures", "1"), loop, 100)
-    a = pool.primaries[0]
+    a = pool.primaries[0].health
     pool.health.record(a, False, CONNECT, "refused")
     pool.health.set_checked(a, False, "check failed")
     pool.health.set_checked(a, True, "check passed")
@@ -126,28 +126,28 @@ def test_a_passing_health_check_ends_an_ejection(loop):
 def test_drain_and_health_combine(loop):
     pool = BackendPool(make_config(), loop, 100)
     a = pool.primaries[0]
-    a.set_state("drain")
-    pool.health.set_checked(a, False, "down")
-    assert pool.primary.stats(a.index)["state"] == "down"
-    pool.health.set_checked(a, True, "up")
+    pool.health.set_admin_state(a.health, "drain")
+    pool.health.set_checked(a.health, False, "down")
+    assert pool.primary.stats(a.index)["state"] == "down" and a.state == "down"
+    pool.health.set_checked(a.health, True, "up")
     assert pool.primary.stats(a.index)["state"] == "drain"     # the operator's drain still holds
-    a.set_state("up")
-    assert pool.primary.stats(a.index)["state"] == "up"
+    pool.health.set_admin_state(a.health, "up")
+    assert pool.primary.stats(a.index)["state"] == "up" and a.state == "up"
     with pytest.raises(ValueError):
-        a.set_state("down")                                    # health's to decide, not the operator's
+        pool.health.set_admin_state(a.health, "down")          # health's to decide, not the operator's
 
 
 def test_slow_start_ramps_the_weight_in_a_few_steps(loop):
     pool = BackendPool(make_config("--slowstart", "0.3s"), loop, 100)
-    a = pool.primaries[0]
+    a = pool.primaries[0].health
     assert pool.weight_scale == 16 and a.full_weight == 16
-    assert pool.primary.stats(a.index)["weight"] == 16          # no ramp at start-up
+    assert pool.primary.stats(a.backend.index)["weight"] == 16          # no ramp at start-up
     pool.health.set_checked(a, False, "down")
     pool.health.set_checked(a, True, "up")
     seen = []
 
     def weight_now():
-        weight = pool.primary.stats(a.index)["weight"]
+        weight = pool.primary.stats(a.backend.index)["weight"]
         if not seen or seen[-1] != weight:
             seen.append(weight)
         return weight == 16
@@ -159,7 +159,7 @@ def test_slow_start_ramps_the_weight_in_a_few_steps(loop):
 
 def test_going_down_during_slow_start_stops_the_ramp(loop):
     pool = BackendPool(make_config("--slowstart", "5s"), loop, 100)
-    a = pool.primaries[0]
+    a = pool.primaries[0].health
     pool.health.set_checked(a, False, "down")
     pool.health.set_checked(a, True, "up")
     assert a.ramp_handle is not None

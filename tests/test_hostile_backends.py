@@ -25,7 +25,6 @@ import pytest
 from http_client import Client, build
 from procs import free_port
 
-ENGINES = ["c", "python"]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HEADER_STREAM_LIMIT = 32 * 1024 * 1024     # what the endless header sends at most (the test is bounded)
 
@@ -79,12 +78,6 @@ class ScriptedBackend:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, monkeypatch):
-    monkeypatch.setenv("FASTLB_HTTP_ENGINE", request.param)
-    return request.param
 
 
 @pytest.fixture

@@ -25,9 +25,14 @@ def start(procs, names=("a", "b"), *extra, backends=None):
     return port, proc, ports
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_each_path(http_engine):
+    """Every test here runs on the C engine and on the Python path alone (conftest's http_engine)."""
+
+
 @pytest.fixture(scope="module")
-def shared():
-    """One fastlb over backends a and b for the tests that do not change settings."""
+def shared(http_engine):
+    """One fastlb over backends a and b for the tests that do not change settings (one per data path)."""
     processes = Processes()
     try:
         port, backend, ports = start(processes, ("a", "b"), "--max-body-size", "8m",

@@ -10,8 +10,14 @@ from http_corpus import CASES, CLOSE
 from procs import Processes, free_port
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_each_path(http_engine):
+    """Every test here runs on the C engine and on the Python path alone (conftest's http_engine)."""
+
+
 @pytest.fixture(scope="module")
-def balancer():
+def balancer(http_engine):
+    """One fastlb for the whole corpus, on each HTTP data path (conftest's http_engine)."""
     processes = Processes()
     try:
         backend, ports = processes.http_backends("a")

@@ -1,4 +1,5 @@
-"""End-to-end L4 relay tests: real fastlb processes in front of real echo backends on 127.0.0.1."""
+"""End-to-end L4 relay tests: real fastlb processes in front of real echo backends on 127.0.0.1, each
+on every `--mode tcp` data path (conftest's tcp_relay: the C relay in its thread, inline, and uvloop)."""
 import collections
 import hashlib
 import os
@@ -11,6 +12,11 @@ import pytest
 
 from fastlb import ALGORITHMS, proxy_protocol
 from procs import balancer_args, backend_name, connect, free_port, read_all, read_line, wait_until
+
+
+@pytest.fixture(autouse=True)
+def on_each_path(tcp_relay):
+    """Every test here runs on each TCP data path."""
 
 
 def hold_connections(port, count):

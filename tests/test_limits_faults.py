@@ -1,7 +1,7 @@
 """Robust at the limits (issue 20, items 1-6, 10, 11): file descriptors, connection limits, drain, too many
 workers, bad config. Each test drives a real fastlb with a real limit (`prlimit` on its process), backend,
 signal or config file, on both HTTP data paths where the item concerns them (the C engine, and
-FASTLB_HTTP_ENGINE=python, as tests/test_http_python.py switches them)."""
+FASTLB_HTTP_ENGINE=python, as tests/conftest.py's http_engine fixture switches them)."""
 import json
 import os
 import re
@@ -19,16 +19,6 @@ import pytest
 from fastlb.config import RESERVED_FDS, ConfigError, connection_limits, load_file
 from http_client import Client, KeepAliveLoad, requests_seen
 from procs import REPO, backend_name, free_port, port_open, subprocess_env, wait_until
-
-ENGINES = ("c", "python")
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, monkeypatch):
-    """Runs the test once on each HTTP data path."""
-    monkeypatch.setenv("FASTLB_HTTP_ENGINE", request.param)
-    return request.param
-
 
 def start_fastlb(procs, *args, nofile=None, wait=True):
     """`python -m fastlb ARGS`, under an open-files limit of `nofile` (soft and hard) when given."""

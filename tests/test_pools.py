@@ -397,7 +397,7 @@ def test_an_ejected_backend_is_probed_back_and_a_bad_responder_only_by_an_http_c
              parse_backend("127.0.0.1:3,check=http")]
     pool = BackendPool(Config(backends=specs, outlier_failures=2, outlier_probe_interval=0.05,
                               max_ejection_percent=100), loop, 100)
-    dead, bad, _, checked = pool.primaries
+    dead, bad, _, checked = (backend.health for backend in pool.primaries)
     try:
         for _ in range(2):
             pool.health.record(dead, False, CONNECT, "connection refused")
@@ -414,7 +414,7 @@ def test_an_ejected_backend_is_probed_back_and_a_bad_responder_only_by_an_http_c
             listener.bind(("127.0.0.1", port))
             listener.listen()
             run_until(loop, lambda: not dead.ejected, timeout=5)
-        assert dead.state == "up" and dead not in pool.health.probes and dead.eject_handle is None
+        assert dead.backend.state == "up" and dead not in pool.health.probes and dead.eject_handle is None
         assert bad.ejected and bad.eject_handle is not None
     finally:
         pool.close()

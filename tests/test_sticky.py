@@ -230,7 +230,7 @@ def test_indirect_replaces_the_backends_own_cookie_and_keeps_its_others(procs, t
     assert set_cookie(app, "SRV") is None                              # indirect: a valid cookie is not re-sent
 
 
-def test_source_stick_table_in_tcp_mode(procs, tmp_path):
+def test_source_stick_table_in_tcp_mode(procs, tcp_relay, tmp_path):
     from procs import backend_name
     proc, ports = procs.backends(*NAMES)
     port = free_port()

@@ -39,7 +39,7 @@ def test_master_restarts_a_killed_worker(procs):
     assert {backend_name(port) for _ in range(20)} == {"a", "b"}
 
 
-def test_sigterm_drains_live_connections_then_exits(procs):
+def test_sigterm_drains_live_connections_then_exits(procs, tcp_relay):
     _, ports = procs.backends("a")
     port = free_port()
     fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
@@ -56,7 +56,7 @@ def test_sigterm_drains_live_connections_then_exits(procs):
     assert "grace period over" not in fastlb.output
 
 
-def test_grace_period_cuts_connections_that_do_not_finish(procs):
+def test_grace_period_cuts_connections_that_do_not_finish(procs, tcp_relay):
     _, ports = procs.backends("a")
     port = free_port()
     fastlb = procs.fastlb("--mode", "tcp", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",

@@ -1,27 +1,11 @@
-"""The L4 tests again, on the uvloop relay (`--relay uvloop`, the fallback of the default C relay
-thread): each behaviour written once in test_l4.py / test_workers.py (and the TCP parts of
-test_health.py / test_sticky.py), run here against the second data path, uvloop's `Test_UV_TCP` /
-`Test_AIO_TCP` way. Plus what the C relay (`--relay epoll`, given explicitly) has to prove: byte-exact
-transfers with half-close, and no file descriptor left behind."""
+"""What the C relay (`--relay epoll`, given explicitly) has to prove beyond the L4 tests that every data
+path runs (test_l4.py): byte-exact transfers with half-close, and no file descriptor left behind."""
 import hashlib
 import os
 import socket
 import threading
 
-import pytest
-
-from procs import free_port, wait_until
-from test_l4 import *          # noqa: F401,F403  (collected again, under the fixture below)
-from procs import balancer_args
-from test_workers import (test_grace_period_cuts_connections_that_do_not_finish,   # noqa: F401
-                          test_sigterm_drains_live_connections_then_exits)
-from test_health import test_tcp_backend_killed_and_restarted_under_load_loses_no_connection  # noqa: F401
-from test_sticky import test_source_stick_table_in_tcp_mode  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def uvloop_relay(monkeypatch):
-    monkeypatch.setenv("FASTLB_TEST_RELAY", "uvloop")
+from procs import balancer_args, free_port, wait_until
 
 
 def _echo_server(sock):
