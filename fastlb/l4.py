@@ -682,7 +682,8 @@ class EpollRelay:
     def terminates(bind: "BindSpec", server_tls, backends) -> bool:
         """Whether the thread can terminate this TLS bind itself: a context built in C (no client
         certificates), and plaintext backends (TLS backends are the event loop's)."""
-        return (server_tls is not None and server_tls.native is not None and not bind.sni_route
+        return (server_tls is not None and server_tls.native is not None and server_tls.ca is None
+                and not bind.sni_route
                 and not bind.accept_proxy and not any(spec.ssl for spec in backends))
 
     def listen(self, listener: Listener, sock, server_tls, handshake_timeout: float) -> "NativeServer":

@@ -255,7 +255,7 @@ class Worker:
             tls_options = {} if tls is None else {
                 "ssl": tls.front, "ssl_handshake_timeout": self.config.connect_timeout}
             if self.http is not None:
-                if self.http.serve_with_engine(bind, sock, self.accept_gate, tls=bool(tls_options)):
+                if self.http.serve_with_engine(bind, sock, self.accept_gate, tls, self.config.connect_timeout):
                     # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
                     # (drain) stops listening (a copy left open would queue connections nobody accepts).
                     sock.close()

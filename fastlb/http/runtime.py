@@ -213,13 +213,13 @@ class HttpRuntime:
             if route.name != "default":
                 route.pool.close()          # the default pool is the worker's, closed by it
 
-    def serve_with_engine(self, bind, sock, gate=None, tls: bool = False) -> bool:
-        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; never
-        a bind whose TLS uvloop terminates); False: the bind needs a uvloop server with `protocol_factory`.
-        The start log says which, and why. gate: the worker's AcceptGate (fastlb/l4.py), which the
-        engine's listeners follow."""
+    def serve_with_engine(self, bind, sock, gate=None, tls=None, handshake_timeout: float = 0.0) -> bool:
+        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; a TLS
+        bind, tls: its fastlb.tls.ServerTLS, with its handshakes in C within handshake_timeout); False:
+        the bind needs a uvloop server with `protocol_factory`. The start log says which, and why. gate:
+        the worker's AcceptGate (fastlb/l4.py), which the engine's listeners follow."""
         from fastlb.http import fast
-        reason = fast.why_not(self, bind) or ("TLS bind" if tls else None)
+        reason = fast.why_not(self, bind, tls)
         if reason is not None:
             log.info("%s: HTTP engine python (%s)", bind.address, reason)
             return False
@@ -229,7 +229,7 @@ class HttpRuntime:
                 self.fast.gate = gate
                 self.fast.engine.max_clients = gate.limit
                 gate.engines.append(self.fast.engine)
-        self.fast.listen(sock)
+        self.fast.listen(sock, bind, tls, handshake_timeout)
         log.info("%s: HTTP engine c", bind.address)
         return True
 
