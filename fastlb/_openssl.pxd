@@ -47,6 +47,7 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_CTX_set_session_id_context(SSL_CTX *ctx, const unsigned char *sid_ctx, unsigned int sid_ctx_len)
     int SSL_get_verify_mode(const SSL *ssl)
     void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data, unsigned int *len)
+    void SSL_set_read_ahead(SSL *s, int yes)
     enum:
         TLS1_2_VERSION, TLS1_3_VERSION, SSL_FILETYPE_PEM, TLSEXT_NAMETYPE_host_name
         SSL_TLSEXT_ERR_OK, SSL_TLSEXT_ERR_NOACK, OPENSSL_NPN_NEGOTIATED

@@ -637,6 +637,8 @@ cdef class Engine:
                 self.close_client(c)
                 return
             SSL_set_accept_state(c.ssl)
+            # A record in one recv, not its header then its body: client_recv reads to EAGAIN anyway.
+            SSL_set_read_ahead(c.ssl, 1)
         if not self.watch(fd, c):
             self.close_client(c)
             return
