@@ -588,3 +588,27 @@ def test_failed_and_silent_tls_handshakes_are_closed_and_the_bind_serves_on(proc
 def test_engine_leaves_tls_binds_with_hsts_to_the_python_path(procs, tls_pki):
     _, _, lb = start(procs, "--hsts", "60", bind_options=tls_bind(tls_pki))
     assert engine_line(lb) == "python (HSTS on a TLS bind)"
+
+
+def test_tls_connections_the_python_path_serves_go_through_the_engines_tunnel(procs, tls_pki):
+    """An upgrade and a large body over TLS: the engine hands them over and relays the decrypted bytes
+    both ways (more than a socket buffer each way, so the tunnel's waits on either side are crossed)."""
+    port, _, lb = start(procs, bind_options=tls_bind(tls_pki))
+    assert engine_line(lb) == "c"
+    connect = tls_connector(tls_pki, "alice")
+    body = bytes(range(256)) * 1024                       # 256 KiB
+    with connect(port) as client:
+        response = client.request("POST", "/echo", body=body)
+        assert response.status == 200 and response.body == body
+        assert client.request("GET", "/after").body == b"a GET /after\n"
+    with connect(port) as client:
+        client.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly")
+        response = client.read_response()
+        assert response.status == 101 and response.header("Upgrade") == "websocket"
+        received = client.leftover
+        client.send(body)
+        while len(received) < len(b"early") + len(body):
+            chunk = client.sock.recv(65536)
+            assert chunk, "closed mid-echo"
+            received += chunk
+        assert received == b"early" + body
