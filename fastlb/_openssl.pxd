@@ -48,6 +48,21 @@ cdef extern from "<openssl/ssl.h>" nogil:
     int SSL_get_verify_mode(const SSL *ssl)
     void SSL_get0_alpn_selected(const SSL *ssl, const unsigned char **data, unsigned int *len)
     void SSL_set_read_ahead(SSL *s, int yes)
+
+cdef extern from "<openssl/bio.h>" nogil:
+    # A callback on the socket BIO tells the HTTP engine when a read found the socket drained.
+    ctypedef struct BIO:
+        pass
+    ctypedef long (*bio_callback_ex_t)(BIO *b, int oper, const char *argp, size_t len, int argi, long argl,
+                                       int ret, size_t *processed) noexcept nogil
+    void BIO_set_callback_ex(BIO *b, bio_callback_ex_t callback)
+    void BIO_set_callback_arg(BIO *b, char *arg)
+    char *BIO_get_callback_arg(const BIO *b)
+    enum:
+        BIO_CB_READ, BIO_CB_RETURN
+
+cdef extern from "<openssl/ssl.h>" nogil:
+    BIO *SSL_get_rbio(const SSL *s)
     enum:
         TLS1_2_VERSION, TLS1_3_VERSION, SSL_FILETYPE_PEM, TLSEXT_NAMETYPE_host_name
         SSL_TLSEXT_ERR_OK, SSL_TLSEXT_ERR_NOACK, OPENSSL_NPN_NEGOTIATED

@@ -21,6 +21,35 @@ cdef enum:
     ALPN_HTTP11 = 1
 
 
+cdef long note_short_read(BIO *b, int oper, const char *argp, size_t size, int argi, long argl, int ret,
+                          size_t *processed) noexcept nogil:
+    """The socket BIO's callback: after each read, whether it got less than it asked for (the socket is
+    drained: with read-ahead OpenSSL asks for its whole free buffer). client_recv then stops without the
+    read that would only say EAGAIN; bytes arriving later raise a new edge."""
+    if oper == BIO_CB_READ | BIO_CB_RETURN:
+        (<unsigned char *>BIO_get_callback_arg(b))[0] = ret > 0 and processed[0] < size
+        return ret
+    if oper & BIO_CB_RETURN:
+        return ret
+    return 1
+
+
+cdef inline bint tls_prepare(Client *c, SSL_CTX *ctx, int fd) noexcept:
+    """c's SSL on fd, server side; False when OpenSSL could not make it."""
+    cdef BIO *bio
+    c.ssl = SSL_new(ctx)
+    if c.ssl == NULL or SSL_set_fd(c.ssl, fd) != 1:
+        ERR_clear_error()
+        return False
+    SSL_set_accept_state(c.ssl)
+    # A record in one recv, not its header then its body; and told when that recv drained the socket.
+    SSL_set_read_ahead(c.ssl, 1)
+    bio = SSL_get_rbio(c.ssl)
+    BIO_set_callback_arg(bio, <char *>&c.short_read)
+    BIO_set_callback_ex(bio, note_short_read)
+    return True
+
+
 cdef inline ssize_t client_recv(Client *c, char *buf, size_t size) noexcept:
     cdef ssize_t n
     cdef size_t total = 0
@@ -34,11 +63,14 @@ cdef inline ssize_t client_recv(Client *c, char *buf, size_t size) noexcept:
                 continue
             return WOULD_BLOCK if errno == EAGAIN else FAILED
     # Until the records in hand are read or buf is full: edge-triggered, nothing announces records
-    # OpenSSL has buffered already.
+    # OpenSSL has buffered already. Stops early when the last socket read drained the socket.
+    c.short_read = 0
     while total < size:
         r = SSL_read(c.ssl, buf + total, <int>min(size - total, 1 << 30))
         if r > 0:
             total += r
+            if c.short_read and not SSL_has_pending(c.ssl):
+                break               # the socket had no more, OpenSSL holds no more: all there is
             continue
         err = SSL_get_error(c.ssl, r)
         if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:

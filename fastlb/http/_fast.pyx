@@ -183,6 +183,7 @@ cdef struct Client:
     # TLS (fastlb/http/_etls.pxi); ssl NULL on a plain bind.
     SSL *ssl
     unsigned char alpn            # ALPN_*: what the handshake agreed on
+    unsigned char short_read      # the socket BIO's last read drained the socket (_etls.pxi)
     unsigned char verifies        # the bind asks for client certificates (the subject header)
     int bind                      # the listener's bind (FastPath.binds index)
     char *tls_block               # `X-Client-Subject: ...` CRLF of a verified client certificate
@@ -631,14 +632,9 @@ cdef class Engine:
             c.state = HANDSHAKE
             c.deadline = self.now + l.handshake_timeout
             c.deadline_kind = TLS_HANDSHAKE
-            c.ssl = SSL_new(l.ctx)
-            if c.ssl == NULL or SSL_set_fd(c.ssl, fd) != 1:
-                ERR_clear_error()
+            if not tls_prepare(c, l.ctx, fd):
                 self.close_client(c)
                 return
-            SSL_set_accept_state(c.ssl)
-            # A record in one recv, not its header then its body: client_recv reads to EAGAIN anyway.
-            SSL_set_read_ahead(c.ssl, 1)
         if not self.watch(fd, c):
             self.close_client(c)
             return
