@@ -552,6 +552,12 @@ def test_engine_serves_tls_binds_with_sni_alpn_and_resumption_on_any_worker(proc
         assert client.sock.selected_alpn_protocol() == "http/1.1"
         assert client.request("GET", "/first").status == 200
         session = client.sock.session
+    only_h2 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    only_h2.load_verify_locations(tls_pki["ca"])
+    only_h2.set_alpn_protocols(["h2"])
+    with TLSClient(port, only_h2, "lb.test") as client:      # nothing in common: no ALPN, not a failure
+        assert client.sock.selected_alpn_protocol() is None
+        assert client.request("GET", "/h2-only").status == 200
     # Each connection lands on either worker: 12 resumptions in a row would fail with probability
     # 1 - 2^-12 if only the worker that issued the ticket could read it.
     for _ in range(12):
