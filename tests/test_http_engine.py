@@ -618,3 +618,32 @@ def test_tls_connections_the_python_path_serves_go_through_the_engines_tunnel(pr
             assert chunk, "closed mid-echo"
             received += chunk
         assert received == b"early" + body
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_connections_per_source_are_checked_after_the_tls_handshake(procs, tls_pki, engine):
+    """As on the Python path (admission in connection_made, after uvloop's handshake): a connection over
+    the per-source limit completes its handshake and reads its 429 over TLS."""
+    port, _, lb = start(procs, "--max-conn-per-source", "2", engine=engine, bind_options=tls_bind(tls_pki))
+    assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+    connect = tls_connector(tls_pki)
+    held = [connect(port) for _ in range(2)]
+    try:
+        assert [client.request("GET", "/held").status for client in held] == [200, 200]
+        with connect(port) as third:
+            third.send(build("GET", "/third"))
+            response = third.read_response()
+            assert response.status == 429 and response.header("Connection") == "close" and third.closed()
+        held.pop().close()
+
+        def one_more_served():
+            with connect(port) as client:
+                client.send(build("GET", "/again"))
+                try:
+                    return client.read_response().status == 200
+                except ConnectionError:
+                    return False
+        wait_until(one_more_served, what="a connection after one closed")
+    finally:
+        for client in held:
+            client.close()
