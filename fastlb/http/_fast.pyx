@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The C engine of HTTP mode: the common request served without Python objects or libuv.
 
-What it serves: on a plain bind of a balancer with nothing per request in Python beyond routing (no
+What it serves: on a plain or TLS bind of a balancer with nothing per request in Python beyond routing (no
 sticky sessions, captured headers or retried statuses; see fastlb/http/fast.py), with its access log
 (lines formatted here, written by fastlb/_accesslog.pyx's thread) and header rules, a keep-alive
 HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
