@@ -10,77 +10,7 @@
 from libc.string cimport strlen, strcmp, strchr, memcpy
 from libc.stdlib cimport malloc, free, calloc
 
-cdef extern from "<openssl/ssl.h>" nogil:
-    ctypedef struct SSL_CTX:
-        pass
-    ctypedef struct SSL:
-        pass
-    ctypedef struct SSL_METHOD:
-        pass
-    const SSL_METHOD *TLS_server_method()
-    SSL_CTX *SSL_CTX_new(const SSL_METHOD *method)
-    void SSL_CTX_free(SSL_CTX *ctx)
-    int SSL_CTX_set_min_proto_version(SSL_CTX *ctx, int version)
-    int SSL_CTX_set_max_proto_version(SSL_CTX *ctx, int version)
-    int SSL_CTX_set_cipher_list(SSL_CTX *ctx, const char *s)
-    unsigned long long SSL_CTX_set_options(SSL_CTX *ctx, unsigned long long op)
-    long SSL_CTX_set_mode(SSL_CTX *ctx, long mode)
-    int SSL_CTX_use_certificate_chain_file(SSL_CTX *ctx, const char *file)
-    int SSL_CTX_use_PrivateKey_file(SSL_CTX *ctx, const char *file, int type)
-    int SSL_CTX_check_private_key(const SSL_CTX *ctx)
-    ctypedef int (*alpn_cb_t)(SSL *s, const unsigned char **out, unsigned char *outlen,
-                              const unsigned char *inp, unsigned int inlen, void *arg) noexcept nogil
-    void SSL_CTX_set_alpn_select_cb(SSL_CTX *ctx, alpn_cb_t cb, void *arg)
-    int SSL_select_next_proto(unsigned char **out, unsigned char *outlen, const unsigned char *server,
-                              unsigned int server_len, const unsigned char *client, unsigned int client_len)
-    ctypedef int (*servername_cb_t)(SSL *s, int *al, void *arg) noexcept nogil
-    long SSL_CTX_set_tlsext_servername_callback(SSL_CTX *ctx, servername_cb_t cb)
-    long SSL_CTX_set_tlsext_servername_arg(SSL_CTX *ctx, void *arg)
-    const char *SSL_get_servername(const SSL *s, int type)
-    SSL_CTX *SSL_set_SSL_CTX(SSL *ssl, SSL_CTX *ctx)
-    SSL *SSL_new(SSL_CTX *ctx)
-    void SSL_free(SSL *ssl)
-    int SSL_set_fd(SSL *ssl, int fd)
-    void SSL_set_accept_state(SSL *ssl)
-    int SSL_do_handshake(SSL *ssl)
-    int SSL_read(SSL *ssl, void *buf, int num)
-    int SSL_write(SSL *ssl, const void *buf, int num)
-    int SSL_shutdown(SSL *ssl)
-    int SSL_get_error(const SSL *ssl, int ret)
-    int SSL_has_pending(const SSL *ssl)
-    int SSL_session_reused(const SSL *ssl)
-    enum:
-        TLS1_2_VERSION, TLS1_3_VERSION, SSL_FILETYPE_PEM, TLSEXT_NAMETYPE_host_name
-        SSL_TLSEXT_ERR_OK, SSL_TLSEXT_ERR_NOACK, OPENSSL_NPN_NEGOTIATED
-        SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE, SSL_ERROR_ZERO_RETURN
-        SSL_OP_NO_COMPRESSION, SSL_OP_NO_RENEGOTIATION, SSL_OP_CIPHER_SERVER_PREFERENCE
-        SSL_OP_SINGLE_ECDH_USE, SSL_OP_IGNORE_UNEXPECTED_EOF, SSL_OP_ALL, SSL_OP_NO_SSLv2, SSL_OP_NO_SSLv3
-        SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, SSL_MODE_RELEASE_BUFFERS
-
-    # OCSP stapling (macros in OpenSSL, called like functions)
-    ctypedef int (*status_cb_t)(SSL *s, void *arg) noexcept nogil
-    long SSL_CTX_set_tlsext_status_cb(SSL_CTX *ctx, status_cb_t cb)
-    long SSL_set_tlsext_status_ocsp_resp(SSL *s, unsigned char *resp, long length)
-    SSL_CTX *SSL_get_SSL_CTX(const SSL *s)
-    int SSL_CTX_set_ex_data(SSL_CTX *ctx, int idx, void *data)
-    void *SSL_CTX_get_ex_data(const SSL_CTX *ctx, int idx)
-
-cdef extern from "<openssl/crypto.h>" nogil:
-    ctypedef struct CRYPTO_EX_DATA:
-        pass
-    ctypedef void (*ex_free_t)(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
-                               void *argp) noexcept nogil
-    int CRYPTO_get_ex_new_index(int class_index, long argl, void *argp, void *new_func, void *dup_func,
-                                ex_free_t free_func)
-    void *OPENSSL_malloc(size_t num)
-    enum:
-        CRYPTO_EX_INDEX_SSL_CTX
-
-cdef extern from "<openssl/err.h>" nogil:
-    unsigned long ERR_get_error()
-    void ERR_clear_error()
-    void ERR_error_string_n(unsigned long e, char *buf, size_t len)
-
+from fastlb._openssl cimport *
 
 cdef struct Generation:
     int nctx
@@ -194,8 +124,11 @@ cdef int set_staple(SSL_CTX *ctx, bytes response) except -1:
     return 0
 
 
-cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key) except NULL:
-    """One context with tls.py's settings and a certificate (`key`: None when cert holds it)."""
+cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key, bytes ca=None, int verify=SSL_VERIFY_NONE
+                          ) except NULL:
+    """One context with tls.py's settings and a certificate (`key`: None when cert holds it); with `ca`,
+    client certificates are checked against it with `verify` (SSL_VERIFY_* as tls.VERIFY_MODES' ssl
+    constants map to them)."""
     cdef SSL_CTX *ctx = SSL_CTX_new(TLS_server_method())
     if ctx == NULL:
         raise ValueError(openssl_error())
@@ -216,7 +149,21 @@ cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key) except NULL:
             or SSL_CTX_check_private_key(ctx) != 1):
         SSL_CTX_free(ctx)
         raise ValueError(f"{cert.decode(errors='replace')}: {openssl_error()}")
+    if ca is not None:
+        if SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1:
+            SSL_CTX_free(ctx)
+            raise ValueError(f"{ca.decode(errors='replace')}: {openssl_error()}")
+        SSL_CTX_set_verify(ctx, verify, NULL)
+    # Resumed sessions are only accepted for the context they were made in (OpenSSL refuses to resume
+    # on a verifying server without one; Python's ssl module sets one too).
+    SSL_CTX_set_session_id_context(ctx, <const unsigned char *>SESSION_ID_CONTEXT, len(SESSION_ID_CONTEXT))
     return ctx
+
+
+cdef bytes SESSION_ID_CONTEXT = b"fastlb"
+# tls.VERIFY_MODES' names -> OpenSSL's flags (ssl.CERT_OPTIONAL / CERT_REQUIRED are these).
+VERIFY_FLAGS = {"none": SSL_VERIFY_NONE, "optional": SSL_VERIFY_PEER,
+                "required": SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT}
 
 
 cdef void free_generation(Generation *gen) noexcept nogil:
@@ -236,7 +183,7 @@ cdef void free_generation(Generation *gen) noexcept nogil:
     free(gen)
 
 
-cdef Generation *new_generation(bytes ciphers, list certificates) except NULL:
+cdef Generation *new_generation(bytes ciphers, list certificates, bytes ca, int verify) except NULL:
     cdef Generation *gen = <Generation *>calloc(1, sizeof(Generation))
     cdef int i, k = 0
     cdef bytes name
@@ -251,7 +198,7 @@ cdef Generation *new_generation(bytes ciphers, list certificates) except NULL:
         raise MemoryError()
     try:
         for i, (cert, key, names, staple) in enumerate(certificates):
-            gen.ctxs[i] = new_context(ciphers, cert, key)
+            gen.ctxs[i] = new_context(ciphers, cert, key, ca, verify)
             gen.nctx = i + 1
             if staple is not None:
                 set_staple(gen.ctxs[i], staple)
@@ -273,13 +220,18 @@ cdef class ServerContext:
     """The OpenSSL contexts of one TLS bind for the relay thread.
 
     `certificates`: [(cert PEM path, key path or None, (server names, lower case), OCSP response (DER
-    bytes) or None), ...], the first the default; `ciphers`: the TLS 1.2 cipher list. Raises ValueError
-    naming the file and OpenSSL's reason."""
+    bytes) or None), ...], the first the default; `ciphers`: the TLS 1.2 cipher list; `ca` and `verify`
+    ("none", "optional", "required", as tls.VERIFY_MODES): client certificates. Raises ValueError naming
+    the file and OpenSSL's reason. The HTTP engine (fastlb/http/_fast.pyx) starts its handshakes on
+    `front_address()`."""
 
     cdef TLSConf *conf
     cdef readonly str ciphers
+    cdef bytes ca
+    cdef int verify
+    cdef readonly bint verifies      # asks for client certificates (verify optional or required)
 
-    def __cinit__(self, list certificates, str ciphers):
+    def __cinit__(self, list certificates, str ciphers, str ca=None, str verify="none"):
         cdef TLSConf *conf = <TLSConf *>calloc(1, sizeof(TLSConf))
         if conf == NULL:
             raise MemoryError()
@@ -287,10 +239,13 @@ cdef class ServerContext:
         self.conf = conf
         certificates = self._encode(certificates)
         first_cert, first_key, _, _ = certificates[0]
-        conf.front = new_context(ciphers.encode(), first_cert, first_key)
+        self.ca = ca.encode() if ca else None
+        self.verify = VERIFY_FLAGS[verify] if ca else SSL_VERIFY_NONE
+        self.verifies = self.verify != SSL_VERIFY_NONE
+        conf.front = new_context(ciphers.encode(), first_cert, first_key, self.ca, self.verify)
         SSL_CTX_set_tlsext_servername_callback(conf.front, on_server_name)
         SSL_CTX_set_tlsext_servername_arg(conf.front, conf)
-        conf.gen = new_generation(ciphers.encode(), certificates)
+        conf.gen = new_generation(ciphers.encode(), certificates, self.ca, self.verify)
         self.ciphers = ciphers
 
     @staticmethod
@@ -301,13 +256,18 @@ cdef class ServerContext:
     def reload(self, list certificates):
         """Loads the certificates again: new handshakes use them, established connections keep theirs.
         On error (ValueError) the current ones stay."""
-        cdef Generation *gen = new_generation(self.ciphers.encode(), self._encode(certificates))
+        cdef Generation *gen = new_generation(self.ciphers.encode(), self._encode(certificates), self.ca,
+                                              self.verify)
         cdef Generation *old
         pthread_mutex_lock(&self.conf.lock)
         old = self.conf.gen
         self.conf.gen = gen
         pthread_mutex_unlock(&self.conf.lock)
         free_generation(old)
+
+    def front_address(self):
+        """The front SSL_CTX's address, for the HTTP engine's SSL_new (valid while this object lives)."""
+        return <size_t>self.conf.front
 
     def __dealloc__(self):
         if self.conf == NULL:

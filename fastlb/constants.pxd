@@ -17,6 +17,9 @@ cdef enum:
     WAIT_IDLE = 2              # the next request on a keep-alive connection -> close quietly
     WAIT_BACKEND = 3           # the backend's response, or the client's body -> 504 / 408 (or a retry)
     WAIT_TUNNEL = 4            # any byte through an upgraded tunnel -> close both
+    WAIT_STREAMS = 5           # an HTTP/2 connection: the sweep looks at its streams' deadlines every time
+    WAIT_HANDSHAKE = 6         # the HTTP engine's TLS handshake (within connect_timeout) -> close
+    WAIT_TUNNEL_FLUSH = 7      # the engine's TLS tunnel whose Python side ended: its last bytes go out in time
 
 # Reading from a client pauses for these reasons (bits), and resumes when none is left.
 cdef enum:

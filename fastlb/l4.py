@@ -792,7 +792,8 @@ class EpollRelay:
     def terminates(bind: "BindSpec", server_tls, backends) -> bool:
         """Whether the thread can terminate this TLS bind itself: a context built in C (no client
         certificates), and plaintext backends (TLS backends are the event loop's)."""
-        return (server_tls is not None and server_tls.native is not None and not bind.sni_route
+        return (server_tls is not None and server_tls.native is not None and server_tls.ca is None
+                and not bind.sni_route
                 and not bind.accept_proxy and not any(spec.ssl for spec in backends))
 
     # ---- the data path (fastlb/server/datapath.py) ---------------------------------------------------

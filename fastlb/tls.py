@@ -20,9 +20,10 @@ every worker holds the same ticket keys: a client resumes on any worker. Python'
 to set ticket keys (no SSL_CTX_set_tlsext_ticket_keys), so they are random per process start and are not
 rotated while fastlb runs; a restart rotates them.
 
-The relay thread's TLS (tcp mode, `--relay epoll`): besides its Python contexts, a bind without client
-certificates gets `ServerTLS.native`, the same settings built in C with OpenSSL (fastlb/_ctls.pxi): the
-relay thread accepts, handshakes and relays there, without the event loop. It is made here too, before
+The relay thread's and the HTTP engine's TLS: besides its Python contexts, a bind gets `ServerTLS.native`,
+the same settings (client certificates included) built in C with OpenSSL (fastlb/_ctls.pxi): the relay
+thread (tcp mode, `--relay epoll`, binds without client certificates) and the HTTP engine
+(fastlb/http/_fast.pyx) accept, handshake and serve there, without the event loop. It is made here too, before
 the fork (one set of ticket keys for every worker), and reloads with the Python contexts. None (the
 event loop's TLS serves the bind) when the C module is not built or cannot load the files.
 
@@ -199,16 +200,16 @@ class ServerTLS:
                 for spec, info in zip(self.certificates, generation.infos)]
 
     def _native_context(self, certificates: list):
-        """The relay thread's contexts (fastlb._crelay.ServerContext), or None: client certificates are
-        the event loop's (TLSInfo for the HTTP mode), and so is everything when the module is missing."""
-        if self.ca:
-            return None
+        """The C contexts (fastlb._crelay.ServerContext) of the relay thread and the HTTP engine, or None
+        (the event loop's TLS serves the bind) when the module is missing. Client certificates included:
+        the HTTP engine reads the verified subject itself; the relay thread leaves mTLS binds to the event
+        loop (EpollRelay.terminates)."""
         try:
             from fastlb._crelay import ServerContext
         except ImportError:
             return None
         try:
-            return ServerContext(certificates, TLS12_CIPHERS)
+            return ServerContext(certificates, TLS12_CIPHERS, self.ca, self.verify)
         except ValueError as exc:
             log.warning("TLS bind %s: served by the event loop, the relay thread cannot load it: %s",
                         self.address, exc)

@@ -126,6 +126,20 @@ class Client:
         self.close()
 
 
+class TLSClient(Client):
+    """A Client over TLS: `context` an ssl client context (its certificate, if any, is offered)."""
+
+    def __init__(self, port: int, context, server_name: str | None = None, timeout: float = 5.0) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        try:
+            self.sock = context.wrap_socket(raw, server_hostname=server_name)
+        except BaseException:
+            raw.close()
+            raise
+        self.leftover = b""
+        self.timeout = timeout
+
+
 def _feed_one(parser, response: Response, headers_done: list, data: bytes, head: bool) -> int:
     """Feeds data to parser up to the end of the response being read; returns the bytes used (the rest
     belongs to the next response, e.g. pipelined answers arriving in one read).

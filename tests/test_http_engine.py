@@ -11,20 +11,23 @@ import http.client
 import json
 import re
 import socket
+import ssl
 import subprocess
 import textwrap
 
 import pytest
 
-from http_client import Client, build, requests_seen
+from http_client import Client, TLSClient, build, requests_seen
+from pki import CA
 from procs import Processes, ensure_debian_tool, free_port, wait_until
 
 
-def start(procs, *extra, names=("a",), engine="c"):
-    """Backends NAMES and a fastlb in front of them, with the engine on or off: (port, backends, lb)."""
+def start(procs, *extra, names=("a",), engine="c", bind_options=""):
+    """Backends NAMES and a fastlb in front of them, with the engine on or off: (port, backends, lb).
+    bind_options: appended to the bind (`ssl,cert=...`)."""
     backend, ports = procs.http_backends(*names)
     port = free_port()
-    args = ["--bind", f"127.0.0.1:{port}", *extra]
+    args = ["--bind", f"127.0.0.1:{port}" + (f",{bind_options}" if bind_options else ""), *extra]
     for name in names:
         args += ["--backend", f"127.0.0.1:{ports[name]}"]
     with pytest.MonkeyPatch.context() as patch:
@@ -115,11 +118,11 @@ EXCHANGES = [
 ]
 
 
-def exchange(port: int, data: bytes, count: int, head: bool) -> list:
+def exchange(port: int, data: bytes, count: int, head: bool, connect=Client) -> list:
     """What a client sees: each response's status, headers and body, then AFTER's if still open,
-    and whether the connection ended."""
+    and whether the connection ended. connect(port): the client connection (plain or TLS)."""
     seen = []
-    with Client(port) as client:
+    with connect(port) as client:
         client.send(data)
         try:
             for _ in range(count):
@@ -136,10 +139,10 @@ def exchange(port: int, data: bytes, count: int, head: bool) -> list:
     return seen
 
 
-def backend_view(backend, start: int, lb_port: int) -> list:
+def backend_view(backend, start: int, lb_port: int, connect=Client) -> list:
     """The requests a backend got from line `start` on, up to a marker request sent now; the
     balancer's own port (its default Host) written as LB."""
-    with Client(lb_port) as client:
+    with connect(lb_port) as client:
         assert client.request("GET", "/marker").status == 200
     wait_until(lambda: any(r["url"] == "/marker" for r in requests_seen(backend, start)), what="the marker")
     seen = requests_seen(backend, start)
@@ -511,3 +514,176 @@ def admin_get(port: int, path: str) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         connection.close()
+
+
+# ---- TLS binds: the engine terminates TLS (fastlb/http/_etls.pxi) -----------------------------------
+
+@pytest.fixture(scope="module")
+def tls_pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pki")
+    ca, client_ca, rogue_ca = CA(directory, "test-ca"), CA(directory, "client-ca"), CA(directory, "rogue-ca")
+    return {"ca": str(ca.path), "client_ca": str(client_ca.path),
+            "server": str(ca.issue("server", "lb.test", ("lb.test",))),
+            "other": str(ca.issue("other", "other.test", ("other.test",))),
+            "alice": str(client_ca.issue("alice", "alice", client=True, organization="Payments, Inc")),
+            "mallory": str(rogue_ca.issue("mallory", "mallory", client=True))}
+
+
+def tls_connector(pki, cert=None, server_name="lb.test", maximum=None):
+    """connect(port) for exchange(): a TLS client verifying the balancer, offering `cert` if given."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pki["ca"])
+    if cert is not None:
+        context.load_cert_chain(pki[cert])
+    if maximum is not None:
+        context.maximum_version = maximum
+    return lambda port: TLSClient(port, context, server_name)
+
+
+def tls_bind(pki, verify="optional"):
+    return f"ssl,cert={pki['server']},cert={pki['other']},ca={pki['client_ca']},verify={verify}"
+
+
+@pytest.fixture(scope="module")
+def tls_paired(tls_pki):
+    processes = Processes()
+    try:
+        c_port, c_backend, c_lb = start(processes, "--response-timeout", "2s", "--max-body-size", "1000",
+                                        bind_options=tls_bind(tls_pki))
+        assert engine_line(c_lb) == "c"
+        py_port, py_backend, py_lb = start(processes, "--response-timeout", "2s", "--max-body-size", "1000",
+                                           engine="python", bind_options=tls_bind(tls_pki))
+        assert engine_line(py_lb) == "python (FASTLB_HTTP_ENGINE=python)"
+        yield (c_port, c_backend), (py_port, py_backend)
+    finally:
+        processes.cleanup()
+
+
+@pytest.mark.parametrize("cert", [None, "alice"], ids=["no client certificate", "client certificate"])
+@pytest.mark.parametrize("name,data,count,head", EXCHANGES, ids=[e[0] for e in EXCHANGES])
+def test_engine_and_python_path_answer_alike_over_tls(tls_paired, tls_pki, cert, name, data, count, head):
+    """The differential test on an mTLS bind (verify=optional): what the engine serves in C and what it
+    hands to the Python path over its tunnel, with and without a client certificate (the backends see
+    the same X-Client-Subject and X-Forwarded-Proto: https)."""
+    (c_port, c_backend), (py_port, py_backend) = tls_paired
+    connect = tls_connector(tls_pki, cert)
+    c_start, py_start = len(c_backend.lines), len(py_backend.lines)
+    with_engine = exchange(c_port, data, count, head, connect)
+    python_only = exchange(py_port, data, count, head, connect)
+    assert with_engine == python_only
+    c_view = backend_view(c_backend, c_start, c_port, connect)
+    assert c_view == backend_view(py_backend, py_start, py_port, connect)
+    subjects = [value for _, _, _, _, headers in c_view for key, value in headers if key == "X-Client-Subject"]
+    assert subjects == ([r"CN=alice,O=Payments\, Inc"] * len(c_view) if cert else [])
+
+
+def test_engine_serves_tls_binds_with_sni_alpn_and_resumption_on_any_worker(procs, tls_pki):
+    port, _, lb = start(procs, "--workers", "2", bind_options=tls_bind(tls_pki))
+    wait_until(lambda: len([l for l in lb.lines if "HTTP engine c" in l]) == 2, what="both workers' engines")
+    for server_name, expected in (("lb.test", "lb.test"), ("other.test", "other.test")):
+        with tls_connector(tls_pki, server_name=server_name)(port) as client:
+            assert dict(client.sock.getpeercert()["subject"][-1])["commonName"] == expected
+            assert client.request("GET", "/x").status == 200
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(tls_pki["ca"])
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    context.maximum_version = ssl.TLSVersion.TLSv1_2      # the session is usable right after the handshake
+    with TLSClient(port, context, "lb.test") as client:
+        assert client.sock.selected_alpn_protocol() == "http/1.1"
+        assert client.request("GET", "/first").status == 200
+        session = client.sock.session
+    only_h2 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    only_h2.load_verify_locations(tls_pki["ca"])
+    only_h2.set_alpn_protocols(["h2"])
+    with TLSClient(port, only_h2, "lb.test") as client:      # nothing in common: no ALPN, not a failure
+        assert client.sock.selected_alpn_protocol() is None
+        assert client.request("GET", "/h2-only").status == 200
+    # Each connection lands on either worker: 12 resumptions in a row would fail with probability
+    # 1 - 2^-12 if only the worker that issued the ticket could read it.
+    for _ in range(12):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with context.wrap_socket(raw, server_hostname="lb.test", session=session) as sock:
+            assert sock.session_reused
+            sock.sendall(b"GET /again HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_failed_and_silent_tls_handshakes_are_closed_and_the_bind_serves_on(procs, tls_pki, engine):
+    port, _, lb = start(procs, "--connect-timeout", "1s", engine=engine,
+                        bind_options=tls_bind(tls_pki, "required"))
+    assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+    # A certificate from another CA, and none where one is required: refused within the handshake (TLS
+    # 1.2, where the client learns it then; a TLS 1.3 client learns it at its first read).
+    for cert in ("mallory", None):
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with tls_connector(tls_pki, cert, maximum=ssl.TLSVersion.TLSv1_2)(port) as client:
+                client.request("GET", "/refused")
+    # Not a word: closed once the handshake timeout (the connect timeout) is over.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        assert raw.recv(1) == b""
+    # Plain HTTP on the TLS port: a handshake failure, closed.
+    with Client(port) as client:
+        client.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert client.closed()
+    with tls_connector(tls_pki, "alice")(port) as client:
+        response = client.request("GET", "/served")
+        assert response.status == 200 and response.body == b"a GET /served\n"
+
+
+def test_engine_leaves_tls_binds_with_hsts_to_the_python_path(procs, tls_pki):
+    _, _, lb = start(procs, "--hsts", "60", bind_options=tls_bind(tls_pki))
+    assert engine_line(lb) == "python (HSTS on a TLS bind)"
+
+
+def test_tls_connections_the_python_path_serves_go_through_the_engines_tunnel(procs, tls_pki):
+    """An upgrade and a large body over TLS: the engine hands them over and relays the decrypted bytes
+    both ways (more than a socket buffer each way, so the tunnel's waits on either side are crossed)."""
+    port, _, lb = start(procs, bind_options=tls_bind(tls_pki))
+    assert engine_line(lb) == "c"
+    connect = tls_connector(tls_pki, "alice")
+    body = bytes(range(256)) * 1024                       # 256 KiB
+    with connect(port) as client:
+        response = client.request("POST", "/echo", body=body)
+        assert response.status == 200 and response.body == body
+        assert client.request("GET", "/after").body == b"a GET /after\n"
+    with connect(port) as client:
+        client.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly")
+        response = client.read_response()
+        assert response.status == 101 and response.header("Upgrade") == "websocket"
+        received = client.leftover
+        client.send(body)
+        while len(received) < len(b"early") + len(body):
+            chunk = client.sock.recv(65536)
+            assert chunk, "closed mid-echo"
+            received += chunk
+        assert received == b"early" + body
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_connections_per_source_are_checked_after_the_tls_handshake(procs, tls_pki, engine):
+    """As on the Python path (admission in connection_made, after uvloop's handshake): a connection over
+    the per-source limit completes its handshake and reads its 429 over TLS."""
+    port, _, lb = start(procs, "--max-conn-per-source", "2", engine=engine, bind_options=tls_bind(tls_pki))
+    assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+    connect = tls_connector(tls_pki)
+    held = [connect(port) for _ in range(2)]
+    try:
+        assert [client.request("GET", "/held").status for client in held] == [200, 200]
+        with connect(port) as third:
+            third.send(build("GET", "/third"))
+            response = third.read_response()
+            assert response.status == 429 and response.header("Connection") == "close" and third.closed()
+        held.pop().close()
+
+        def one_more_served():
+            with connect(port) as client:
+                client.send(build("GET", "/again"))
+                try:
+                    return client.read_response().status == 200
+                except ConnectionError:
+                    return False
+        wait_until(one_more_served, what="a connection after one closed")
+    finally:
+        for client in held:
+            client.close()

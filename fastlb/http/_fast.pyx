@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The C engine of HTTP mode: the common request served without Python objects or libuv.
 
-What it serves: on a plain bind of a balancer with nothing per request in Python beyond routing (no
+What it serves: on a plain or TLS bind of a balancer with nothing per request in Python beyond routing (no
 sticky sessions, captured headers or retried statuses; see fastlb/http/fast.py), with its access log
 (lines formatted here, written by fastlb/_accesslog.pyx's thread) and header rules, a keep-alive
 HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
@@ -22,6 +22,24 @@ itself: malformed or unusual requests, bodies, pipelining, responses that are no
 closes or fails, a response timeout. Python's own rules (errors, retries, timeouts) then apply exactly.
 A request that needs a new backend connection is connected by Python (the pool's retries, queue and
 timeouts), which hands the connected socket back. A connection that left the engine does not return.
+
+TLS binds (fastlb/http/_etls.pxi): the engine accepts, handshakes (within the connect timeout, as
+uvloop's ssl_handshake_timeout on the Python path) and reads and writes records itself with OpenSSL, on
+the SSL_CTX fastlb/tls.py built for the bind before the fork (ServerTLS.native: SNI certificate sets,
+session tickets every worker shares, client certificates, ALPN http/1.1). Per connection: its SSL*, the
+ALPN protocol agreed, and for a verified client certificate the `X-Client-Subject` line, made once
+(tls.format_subject, the Python path's own formatting) and added to each request head as the Python
+path adds it. Admission control runs after the handshake, as on the Python path. A failed or timed-out
+handshake is counted (Engine.handshake_failures) and the socket closed, not logged (uvloop logs neither).
+
+Adoption of a TLS connection: the SSL state lives here and cannot move to a uvloop transport, so the
+engine keeps the connection and hands the Python path one end of a socketpair instead of the client's
+socket (with the client's address and subject line, which a socketpair cannot tell). From then on the
+connection is a tunnel: the engine decrypts what the client sends into the socketpair and encrypts what
+the Python path writes to it, and the Python path serves exactly as it would a plain connection of that
+bind (errors, bodies, upgrades, its timeouts and counts). When the Python side closes, what it wrote is
+written to the client (within keepalive_timeout), then a close_notify; the client's end is passed on as
+an EOF. Rare by design (what the engine does not serve), it costs one extra local hop per byte.
 """
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memcmp, memmove, strlen
@@ -35,8 +53,11 @@ from fastlb.http.reuse cimport may_reuse
 from fastlb._accesslog cimport LogWriter
 from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS
 # Deadline kinds (the sweep's; a connection's first request waits for WAIT_HEAD, then WAIT_IDLE between
-# requests, WAIT_BACKEND for a response) and the pool's hashing key, as the Python side names them.
-from fastlb.constants cimport WAIT_NONE, WAIT_HEAD, WAIT_IDLE, WAIT_BACKEND, KEY_SOURCE, KEY_URI, KEY_PATH
+# requests, WAIT_BACKEND for a response; a TLS connection its handshake first) and the pool's hashing key,
+# as the Python side names them.
+from fastlb.constants cimport (WAIT_NONE, WAIT_HEAD, WAIT_IDLE, WAIT_BACKEND, WAIT_HANDSHAKE, WAIT_TUNNEL_FLUSH,
+                               KEY_NONE, KEY_SOURCE, KEY_URI, KEY_PATH)
+from fastlb._openssl cimport *
 
 include "_scan.pxi"
 
@@ -45,6 +66,12 @@ cdef extern from "<sys/uio.h>" nogil:
         void *iov_base
         size_t iov_len
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<sys/socket.h>" nogil:
+    int socketpair(int domain, int type, int protocol, int *sv)
+    int shutdown(int fd, int how)
+    enum:
+        AF_UNIX, SOCK_STREAM, SHUT_WR
 
 cdef enum:
     SCRATCH = 65536
@@ -58,6 +85,7 @@ cdef enum:
     IS_CLIENT = 1
     IS_BACKEND = 2
     IS_LISTENER = 3
+    IS_TUNNEL_END = 4      # the engine's end of a TLS connection's socketpair to the Python path
 
 # Client states.
 cdef enum:
@@ -65,6 +93,8 @@ cdef enum:
     CONNECTING = 1     # Python is connecting a backend for the request
     SENT = 2           # the request went to the backend (maybe partly): waiting for the response
     WRITING = 3        # an answer is still being written to the client; nothing is read meanwhile
+    HANDSHAKE = 4      # TLS: the handshake is under way
+    TUNNEL = 5         # TLS, handed to the Python path: the engine relays the decrypted bytes (adopt())
 
 # Request header names the engine acts on (from HttpSettings.request_actions): what it does with them.
 cdef enum:
@@ -78,6 +108,12 @@ cdef enum:
 
 cdef struct Backend
 cdef struct Client
+
+
+cdef struct TunnelEnd:
+    int kind               # IS_TUNNEL_END
+    int fd
+    Client *client
 
 
 cdef struct Backend:
@@ -134,6 +170,22 @@ cdef struct Client:
     unsigned char counted         # in the admission table's connections per source: leave() on close
     uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
     int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
+    # TLS (fastlb/http/_etls.pxi); ssl NULL on a plain bind.
+    SSL *ssl
+    unsigned char alpn            # ALPN_*: what the handshake agreed on
+    unsigned char short_read      # the socket BIO's last read drained the socket (_etls.pxi)
+    unsigned char verifies        # the bind asks for client certificates (the subject header)
+    int bind                      # the listener's bind (FastPath.binds index)
+    char *tls_block               # `X-Client-Subject: ...` CRLF of a verified client certificate
+    uint32_t tls_block_len
+    sockaddr_storage peer         # TLS: admission control runs after the handshake, as on the Python path
+    # A TLS connection handed to the Python path (TUNNEL): the socketpair end, and what waits for it.
+    TunnelEnd tunnel
+    char *up                      # decrypted client bytes the socketpair did not take yet
+    uint32_t up_len
+    uint32_t up_off
+    unsigned char up_ended        # the client's end was passed on (SHUT_WR)
+    unsigned char down_ended      # the Python side closed its end: close once pending is written
 
 
 cdef struct Listener:
@@ -141,6 +193,13 @@ cdef struct Listener:
     int fd                 # the engine's own duplicate of a listening socket
     int paused             # out of files: out of the epoll set until resume_accepting()
     Listener *next
+    int bind               # FastPath.binds index
+    SSL_CTX *ctx           # a TLS bind's front context (its ServerContext is kept in Engine.tls_contexts)
+    unsigned char verifies
+    double handshake_timeout
+
+
+include "_etls.pxi"
 
 
 cdef struct HeaderRule:
@@ -222,6 +281,10 @@ cdef class Engine:
     cdef Client *clients       # every client the engine holds (for the sweep and close_all)
     cdef Listener *listeners
     cdef bytes forward_before, forward_after    # X-Forwarded-For / -Proto around the client address
+    cdef bytes tls_forward_before, tls_forward_after    # the same for TLS binds (-Proto: https)
+    cdef Client *tunnels       # TLS connections handed to the Python path (adopt()): relayed here
+    cdef list tls_contexts     # the ServerContexts whose SSL_CTX the listeners use (kept alive)
+    cdef public unsigned long long handshake_failures
     cdef public Py_ssize_t live
     cdef public Py_ssize_t max_clients  # at this many clients the listeners rest (the worker's AcceptGate)
     cdef bint accept_paused
@@ -275,6 +338,7 @@ cdef class Engine:
         self.dead_clients = NULL
         self.dead_backends = NULL
         self.listeners = NULL
+        self.tunnels = NULL
         self.max_clients = 1 << 40
         self.accept_paused = False
 
@@ -317,6 +381,9 @@ cdef class Engine:
         self.timeout_408 = timeout_408
         # forward_block_for(address, "http") with a marker for the address (b"": forwarding off).
         self.forward_before, _, self.forward_after = settings.forward_block_for(b"\x00", b"http").partition(b"\x00")
+        self.tls_forward_before, _, self.tls_forward_after = (
+            settings.forward_block_for(b"\x00", b"https").partition(b"\x00"))
+        self.tls_contexts = []
         self.rule_names = []
         key_headers = admission.engine_headers if admission is not None else []
         self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + len(key_headers) + 1))
@@ -397,8 +464,10 @@ cdef class Engine:
 
     # ---- clients in and out ------------------------------------------------------------------------
 
-    def listen(self, int fd):
-        """Accepts on a listening socket from now on (fd: the engine's own duplicate, closed by it)."""
+    def listen(self, int fd, int bind=0, tls=None, double handshake_timeout=0.0):
+        """Accepts on a listening socket from now on (fd: the engine's own duplicate, closed by it); bind:
+        its FastPath.binds index; tls: a TLS bind's fastlb._crelay.ServerContext (ServerTLS.native),
+        whose handshakes must end within handshake_timeout."""
         cdef Listener *l = <Listener *>malloc(sizeof(Listener))
         cdef epoll_event ev
         if l == NULL:
@@ -407,6 +476,14 @@ cdef class Engine:
         l.kind = IS_LISTENER
         l.fd = fd
         l.paused = 0
+        l.bind = bind
+        l.ctx = NULL
+        l.verifies = 0
+        l.handshake_timeout = handshake_timeout
+        if tls is not None:
+            self.tls_contexts.append(tls)
+            l.ctx = <SSL_CTX *><uintptr_t>tls.front_address()
+            l.verifies = tls.verifies
         l.next = self.listeners
         self.listeners = l
         # Level-triggered; EXCLUSIVE: of the workers sharing the socket, one is woken per connection.
@@ -446,7 +523,7 @@ cdef class Engine:
                 inet_ntop(AF_INET, &(<sockaddr_in *>&address).sin_addr, ip, sizeof(ip))
             elif address.ss_family == AF_INET6:
                 inet_ntop(AF_INET6, &(<sockaddr_in6 *>&address).sin6_addr, ip, sizeof(ip))
-            if self.limiter is not None:
+            if self.limiter is not None and l.ctx == NULL:     # TLS: after the handshake (handshake())
                 verdict = self.limiter.admit_address(<sockaddr *>&address, ip, strlen(ip))
                 if verdict != ADMIT:
                     if verdict != DENIED:       # over the connections per source: 429, then closed
@@ -454,7 +531,7 @@ cdef class Engine:
                              MSG_NOSIGNAL)
                     close(fd)
                     continue
-            self.take_client(fd, ip, strlen(ip))
+            self.take_client(fd, ip, strlen(ip), l, &address)
 
     cdef void pause_accepting(self, int err):
         """At max_clients, or out of files (err): the listeners are level-triggered, so they would wake
@@ -484,13 +561,28 @@ cdef class Engine:
                 epoll_ctl(self.epfd, EPOLL_CTL_ADD, l.fd, &ev)
             l = l.next
 
-    cdef void take_client(self, int fd, const char *ip, Py_ssize_t ip_len):
-        """A new client socket (the engine owns fd from now on)."""
+    cdef void take_client(self, int fd, const char *ip, Py_ssize_t ip_len, Listener *l,
+                          sockaddr_storage *address):
+        """A new client socket (the engine owns fd from now on); on a TLS bind its handshake starts."""
         cdef Client *c = <Client *>malloc(sizeof(Client))
-        cdef Py_ssize_t before = len(self.forward_before), after = len(self.forward_after)
+        cdef bytes forward_before = self.tls_forward_before if l.ctx != NULL else self.forward_before
+        cdef bytes forward_after = self.tls_forward_after if l.ctx != NULL else self.forward_after
+        cdef Py_ssize_t before = len(forward_before), after = len(forward_after)
         if c == NULL:
             close(fd)
             return
+        c.ssl = NULL
+        c.alpn = ALPN_NONE
+        c.verifies = l.verifies
+        c.bind = l.bind
+        c.tls_block = NULL
+        c.tls_block_len = 0
+        c.tunnel.kind = IS_FREED
+        c.tunnel.fd = -1
+        c.tunnel.client = c
+        c.up = NULL
+        c.up_len = c.up_off = 0
+        c.up_ended = c.down_ended = 0
         c.kind = IS_CLIENT
         c.fd = fd
         c.state = WAITING
@@ -509,11 +601,11 @@ cdef class Engine:
             close(fd)
             return
         if before:
-            memcpy(c.forward, PyBytes_AS_STRING(self.forward_before), before)
+            memcpy(c.forward, PyBytes_AS_STRING(forward_before), before)
             memcpy(c.forward + before, ip, ip_len)
-            memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(self.forward_after), after)
+            memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
-        c.counted = self.limiter is not None
+        c.counted = self.limiter is not None and l.ctx == NULL
         c.ip_len = <int>min(ip_len, 47)
         memcpy(c.ip, ip, c.ip_len)
         c.deadline = self.now + self.http_request_timeout
@@ -525,10 +617,60 @@ cdef class Engine:
         self.clients = c
         self.live += 1
         self.accepted += 1
+        if l.ctx != NULL:
+            c.peer = address[0]
+            c.state = HANDSHAKE
+            c.deadline = self.now + l.handshake_timeout
+            c.deadline_kind = WAIT_HANDSHAKE
+            if not tls_prepare(c, l.ctx, fd):
+                self.close_client(c)
+                return
         if not self.watch(fd, c):
             self.close_client(c)
             return
         # Bytes may have arrived before the registration: the edge for them is already gone.
+        if c.state == HANDSHAKE:
+            self.handshake(c)
+        else:
+            self.on_client_readable(c)
+
+    cdef void handshake(self, Client *c):
+        """One step of a TLS client's handshake; done, the connection is a client like any other (its
+        first request within http_request_timeout, as the Python path's connection_made sets)."""
+        cdef int r = SSL_do_handshake(c.ssl)
+        cdef int err, verdict
+        cdef bytes block
+        cdef object subject
+        if r != 1:
+            err = SSL_get_error(c.ssl, r)
+            if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
+                return                  # edge-triggered both ways: the next event resumes it
+            ERR_clear_error()
+            self.handshake_failures += 1
+            self.close_client(c)
+            return
+        c.alpn = alpn_of(c.ssl)
+        if c.verifies:
+            subject = peer_subject(c.ssl)
+            if subject is not None:
+                block = self.glue.subject_block(subject)
+                c.tls_block = <char *>malloc(len(block))
+                if c.tls_block == NULL:
+                    self.close_client(c)
+                    return
+                memcpy(c.tls_block, PyBytes_AS_STRING(block), len(block))
+                c.tls_block_len = <uint32_t>len(block)
+        c.state = WAITING
+        c.deadline = self.now + self.http_request_timeout
+        c.deadline_kind = WAIT_HEAD
+        if self.limiter is not None:
+            verdict = self.limiter.admit_address(<sockaddr *>&c.peer, c.ip, c.ip_len)
+            if verdict != ADMIT:
+                if verdict != DENIED:           # over the connections per source: 429, then closed
+                    client_send(c, PyBytes_AS_STRING(self.too_many_close), len(self.too_many_close))
+                self.close_client(c)
+                return
+            c.counted = 1
         self.on_client_readable(c)
 
     cdef void unlink(self, Client *c):
@@ -546,8 +688,11 @@ cdef class Engine:
         free(c.buf)
         free(c.pending)
         free(c.forward)
-        c.buf = c.pending = c.forward = NULL
+        free(c.tls_block)
+        free(c.up)
+        c.buf = c.pending = c.forward = c.tls_block = c.up = NULL
         c.kind = IS_FREED
+        c.tunnel.kind = IS_FREED
         if self.in_batch:
             c.next = self.dead_clients
             self.dead_clients = c
@@ -579,6 +724,7 @@ cdef class Engine:
         cdef Backend *b = c.backend
         cdef object backend
         self.unlink(c)
+        tls_end(c, c.state != HANDSHAKE)
         close(c.fd)            # accepted by the engine, no duplicate: closing takes it out of the epoll set
         c.fd = -1
         if c.counted:
@@ -620,9 +766,22 @@ cdef class Engine:
         does not count it again."""
         cdef Backend *b = c.backend
         cdef object inflight = None
+        cdef object tls = None
         cdef int fd = c.fd
+        cdef int pair[2]
+        cdef bint tunneled
+        if c.ssl != NULL:
+            # The SSL state cannot leave: the engine keeps the connection and relays the decrypted bytes
+            # over a socketpair whose other end the Python path takes as if it were the client's socket.
+            if socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) < 0:
+                self.close_client(c)
+                return
+            fd = pair[1]
+            tls = (c.bind, PyBytes_FromStringAndSize(c.ip, c.ip_len),
+                   PyBytes_FromStringAndSize(c.tls_block, c.tls_block_len) if c.tls_block_len else b"")
         self.unlink(c)
-        epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        if c.ssl == NULL:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         if b != NULL:
             limits_checked = self.limiter is not None      # the request in flight passed them already
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
@@ -636,9 +795,151 @@ cdef class Engine:
             data = NULL
             size = 0
         pending = PyBytes_FromStringAndSize(data, size) if size else b""
-        self.free_client(c)
+        tunneled = c.ssl != NULL and self.start_tunnel(c, pair[0])
+        if c.ssl == NULL:
+            self.free_client(c)
         self.adopted += 1
-        self.glue.adopt(fd, pending, inflight, limits_checked)
+        self.glue.adopt(fd, pending, inflight, limits_checked, tls)
+        if tunneled:
+            self.pump(c)            # records OpenSSL holds already: no edge will announce them
+
+    # ---- TLS connections the Python path serves: the tunnel ----------------------------------------
+
+    cdef bint start_tunnel(self, Client *c, int fd):
+        """c (unlinked from the clients) relays between its TLS client and the socketpair end fd; the
+        Python path counts the connection (admission too) from now on. False: it could not (closed)."""
+        free(c.buf)
+        free(c.pending)
+        c.buf = c.pending = NULL
+        c.buf_cap = c.pending_len = c.pending_off = 0
+        c.state = TUNNEL
+        c.counted = 0
+        c.deadline_kind = WAIT_NONE
+        c.tunnel.kind = IS_TUNNEL_END
+        c.tunnel.fd = fd
+        c.prev = NULL
+        c.next = self.tunnels
+        if self.tunnels != NULL:
+            self.tunnels.prev = c
+        self.tunnels = c
+        if not self.watch(fd, &c.tunnel):
+            self.end_tunnel(c, False)
+            return False
+        return True
+
+    cdef void end_tunnel(self, Client *c, bint clean):
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.tunnels = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
+        c.prev = c.next = NULL
+        tls_end(c, clean)
+        close(c.fd)
+        c.fd = -1
+        self.forget(c.tunnel.fd)
+        c.tunnel.fd = -1
+        self.free_client(c)
+
+    cdef void pump(self, Client *c):
+        """Any event on a tunnel's sockets: the Python side's bytes to the client, then the client's to
+        the Python side, each until a socket would block (edge-triggered)."""
+        if self.pump_down(c):
+            self.pump_up(c)
+
+    cdef bint pump_down(self, Client *c):
+        """Python side -> client; False when the tunnel ended."""
+        cdef ssize_t n, w
+        while True:
+            while c.pending != NULL:
+                w = client_send(c, c.pending + c.pending_off, c.pending_len - c.pending_off)
+                if w == FAILED:
+                    self.end_tunnel(c, False)
+                    return False
+                if w == 0:
+                    return True
+                c.pending_off += <uint32_t>w
+                if c.pending_off == c.pending_len:
+                    free(c.pending)
+                    c.pending = NULL
+                    c.pending_len = c.pending_off = 0
+            if c.down_ended:
+                self.end_tunnel(c, True)
+                return False
+            n = recv(c.tunnel.fd, self.scratch, SCRATCH, 0)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return True
+                self.end_tunnel(c, False)
+                return False
+            if n == 0:
+                # The Python side closed: what it wrote goes out first, within the keep-alive timeout.
+                c.down_ended = 1
+                c.deadline = self.now + self.keepalive_timeout
+                c.deadline_kind = WAIT_TUNNEL_FLUSH
+                continue
+            w = client_send(c, self.scratch, n)
+            if w == FAILED:
+                self.end_tunnel(c, False)
+                return False
+            if w < n:
+                c.pending = <char *>malloc(n - w)
+                if c.pending == NULL:
+                    self.end_tunnel(c, False)
+                    return False
+                memcpy(c.pending, self.scratch + w, n - w)
+                c.pending_len = <uint32_t>(n - w)
+                c.pending_off = 0
+                return True
+
+    cdef void pump_up(self, Client *c):
+        """Client -> Python side."""
+        cdef ssize_t n, w
+        while True:
+            while c.up != NULL:
+                w = send(c.tunnel.fd, c.up + c.up_off, c.up_len - c.up_off, MSG_NOSIGNAL)
+                if w < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:
+                        self.end_tunnel(c, False)
+                    return
+                c.up_off += <uint32_t>w
+                if c.up_off == c.up_len:
+                    free(c.up)
+                    c.up = NULL
+                    c.up_len = c.up_off = 0
+            if c.up_ended:
+                return
+            n = client_recv(c, self.scratch, SCRATCH)
+            if n == WOULD_BLOCK:
+                return
+            if n == 0 or n == FAILED:
+                # The client's end: the Python side reads its EOF (and closes, which ends the tunnel).
+                c.up_ended = 1
+                shutdown(c.tunnel.fd, SHUT_WR)
+                return
+            while True:
+                w = send(c.tunnel.fd, self.scratch, n, MSG_NOSIGNAL)
+                if w >= 0 or errno != EINTR:
+                    break
+            if w < 0:
+                if errno != EAGAIN:
+                    self.end_tunnel(c, False)
+                    return
+                w = 0
+            if w < n:
+                c.up = <char *>malloc(n - w)
+                if c.up == NULL:
+                    self.end_tunnel(c, False)
+                    return
+                memcpy(c.up, self.scratch + w, n - w)
+                c.up_len = <uint32_t>(n - w)
+                c.up_off = 0
+                return
 
     # ---- events ------------------------------------------------------------------------------------
 
@@ -671,11 +972,20 @@ cdef class Engine:
                     continue                # closed or adopted earlier in this batch
                 if kind == IS_LISTENER:
                     self.on_listener_ready(<Listener *>events[i].data.ptr)
+                elif kind == IS_TUNNEL_END:
+                    self.pump((<TunnelEnd *>events[i].data.ptr).client)
                 elif kind == IS_CLIENT:
                     c = <Client *>events[i].data.ptr
+                    if c.state == HANDSHAKE:
+                        self.handshake(c)
+                        continue
+                    if c.state == TUNNEL:
+                        self.pump(c)
+                        continue
                     if ev & (EPOLLRDHUP | EPOLLHUP):
                         c.hung_up = 1           # no further edge will say so: checked after each answer
-                    if ev & EPOLLOUT and c.state == WRITING:
+                    # (TLS: a write may wait for a read, so any event retries it)
+                    if c.state == WRITING and (ev & EPOLLOUT or c.ssl != NULL):
                         self.flush_client(c)
                     # (each step may have closed or handed over c: its kind says so)
                     if c.kind == IS_CLIENT and ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -691,17 +1001,17 @@ cdef class Engine:
 
     cdef void on_client_readable(self, Client *c):
         cdef ssize_t n
+        if c.state == TUNNEL:
+            self.pump(c)
+            return
         if c.state != WAITING:
             c.read_pending = 1      # read once the request in flight is answered
             return
         c.read_pending = 0
-        n = recv(c.fd, self.scratch, SCRATCH, 0)
-        if n < 0:
-            if errno == EAGAIN or errno == EINTR:
-                return
-            self.close_client(c)
+        n = client_recv(c, self.scratch, SCRATCH)
+        if n == WOULD_BLOCK:
             return
-        if n == 0:
+        if n <= 0:
             self.close_client(c)
             return
         if n == SCRATCH or not self.parse_request(c, <const unsigned char *>self.scratch, n):
@@ -745,7 +1055,7 @@ cdef class Engine:
         cdef int32_t key_len[MAX_KEY_HEADERS]
         for i in range(self.nkeys):
             key_len[i] = -1
-        if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) > MAX_FAST_HEAD:
+        if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) + c.tls_block_len > MAX_FAST_HEAD:
             return False                                    # keeps every part below within headbuf
         # Request line: a common method, an origin-form target, HTTP/1.1.
         if n >= 4 and memcmp(p, b"GET ", 4) == 0:
@@ -849,6 +1159,8 @@ cdef class Engine:
             hlen = put(h, hlen, c.forward, c.forward_len)
             hlen = put_line(h, hlen, b"X-Forwarded-Host: ", 18, p + host_start, host_end - host_start)
         hlen = put(h, hlen, PyBytes_AS_STRING(self.request_block), len(self.request_block))
+        if c.tls_block_len:
+            hlen = put(h, hlen, c.tls_block, c.tls_block_len)
         if length_start >= 0:
             hlen = put_line(h, hlen, b"Content-Length: ", 16, p + length_start, length_end - length_start)
         hlen = put(h, hlen, b"\r\n", 2)
@@ -1104,6 +1416,7 @@ cdef class Engine:
         """Writes an answer to the client; what the socket does not take now waits in c.pending."""
         cdef ssize_t n, total = 0, left
         cdef int i
+        cdef bint whole_to_pending = False
         for i in range(count):
             total += iov[i].iov_len
         if count > 1 and total <= SCRATCH:
@@ -1115,18 +1428,21 @@ cdef class Engine:
             iov[0].iov_base = self.headbuf
             iov[0].iov_len = total
             count = 1
-        while True:
-            if count == 1:
-                n = send(c.fd, iov[0].iov_base, iov[0].iov_len, MSG_NOSIGNAL)
-            else:
+        if count == 1:
+            n = client_send(c, <char *>iov[0].iov_base, iov[0].iov_len)
+        elif c.ssl != NULL:
+            n = 0                   # TLS writes one buffer: the pending one, written at once below
+            whole_to_pending = True
+        else:
+            while True:
                 n = writev(c.fd, iov, count)
-            if n >= 0 or errno != EINTR:
-                break
-        if n < 0:
-            if errno != EAGAIN:
-                self.close_client(c)
-                return
-            n = 0
+                if n >= 0 or errno != EINTR:
+                    break
+            if n < 0:
+                n = 0 if errno == EAGAIN else FAILED
+        if n == FAILED:
+            self.close_client(c)
+            return
         if n < total:
             left = total - n
             c.pending = <char *>malloc(left)
@@ -1146,6 +1462,8 @@ cdef class Engine:
             c.state = WRITING
             c.deadline = self.now + self.keepalive_timeout
             c.deadline_kind = WAIT_IDLE
+            if whole_to_pending:
+                self.flush_client(c)
             return
         self.answered(c)
 
@@ -1153,12 +1471,10 @@ cdef class Engine:
         """EPOLLOUT while an answer waits; False when the client is gone."""
         cdef ssize_t n
         while c.pending_off < c.pending_len:
-            n = send(c.fd, c.pending + c.pending_off, c.pending_len - c.pending_off, MSG_NOSIGNAL)
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    return True
+            n = client_send(c, c.pending + c.pending_off, c.pending_len - c.pending_off)
+            if n == 0:
+                return True
+            if n == FAILED:
                 self.close_client(c)
                 return False
             c.pending_off += <uint32_t>n
@@ -1269,12 +1585,21 @@ cdef class Engine:
                 if c.deadline_kind == WAIT_IDLE:
                     self.close_client(c)
                 elif c.deadline_kind == WAIT_HEAD:
-                    send(c.fd, PyBytes_AS_STRING(self.timeout_408), len(self.timeout_408), MSG_NOSIGNAL)
+                    client_send(c, PyBytes_AS_STRING(self.timeout_408), len(self.timeout_408))
+                    self.close_client(c)
+                elif c.deadline_kind == WAIT_HANDSHAKE:
+                    self.handshake_failures += 1
                     self.close_client(c)
                 elif c.deadline_kind == WAIT_BACKEND:
                     self.adopt(c, NULL, 0)        # Python answers 504 or retries, by its rules
             elif self.draining and c.state == WAITING and c.deadline_kind == WAIT_IDLE:
                 self.close_client(c)
+            c = next_client
+        c = self.tunnels
+        while c != NULL:
+            next_client = c.next
+            if c.deadline_kind == WAIT_TUNNEL_FLUSH and c.deadline <= self.now:
+                self.end_tunnel(c, False)
             c = next_client
         expire = self.now - self.backend_idle_timeout
         for slot in range(len(self.backends)):
@@ -1293,6 +1618,8 @@ cdef class Engine:
         self.stop_listening()
         while self.clients != NULL:
             self.close_client(self.clients)
+        while self.tunnels != NULL:
+            self.end_tunnel(self.tunnels, False)
         for slot in range(len(self.backends)):
             while self.idle[slot] != NULL:
                 b = self.idle[slot]

@@ -6,9 +6,11 @@ request from Python beyond routing it (when there are rules), picking a backend 
 Python path alone (the tests run both ways). The engine serves, with the Python path's semantics, the
 access log (lines formatted in C into the same writer as the Python path's: fastlb/_accesslog.pyx),
 request and response header rules (`--request-header-set/delete`, `--response-header-set/delete`,
-`--via`), X-Forwarded-For, hashing keys by source, uri or path, and routing rules. Still the Python
-path's: TLS, redirect and PROXY-protocol binds, sticky sessions and captured headers, other hashing
-keys, retried statuses (`--retry-on` codes), TLS to backends.
+`--via`), X-Forwarded-For, hashing keys by source, uri or path, routing rules, and TLS binds (the
+handshake and records in C, on the bind's ServerTLS.native: fastlb/http/_etls.pxi). Still the Python
+path's: redirect and PROXY-protocol binds, TLS binds when the C contexts are not built or a pool sets
+HSTS, sticky sessions and captured headers, other hashing keys, retried statuses (`--retry-on` codes),
+TLS to backends.
 
 The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls
 `select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
@@ -26,6 +28,7 @@ from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
 from fastlb.l4 import ACCEPT_PAUSE, DETACHED
 from fastlb.pool import NoBackendError, QueueError
+from fastlb.tls import format_subject
 
 log = logging.getLogger("fastlb")
 
@@ -34,14 +37,19 @@ ENGINE_ENV = "FASTLB_HTTP_ENGINE"      # "python": the engine stays off (tests c
 KEY_KINDS = {None: KEY_NONE, "source": KEY_SOURCE, "uri": KEY_URI, "path": KEY_PATH}
 
 
-def why_not(runtime, bind) -> str | None:
-    """Why the engine cannot serve this bind (None: it can)."""
+def why_not(runtime, bind, server_tls=None) -> str | None:
+    """Why the engine cannot serve this bind (None: it can); server_tls: a TLS bind's fastlb.tls.ServerTLS."""
     settings = runtime.settings
     routes = list(runtime.router.pools.values())
     if os.environ.get(ENGINE_ENV, "c") == "python":
         return f"{ENGINE_ENV}=python"
-    if bind.ssl or bind.redirect_https is not None or bind.accept_proxy:
-        return "TLS, redirect or PROXY-protocol bind"
+    if bind.redirect_https is not None or bind.accept_proxy:
+        return "redirect or PROXY-protocol bind"
+    if bind.ssl:
+        if server_tls is None or server_tls.native is None:
+            return "TLS bind without its C contexts (fastlb._crelay not built, or OpenSSL refused the files)"
+        if any(route.hsts_block for route in routes):
+            return "HSTS on a TLS bind"
     admission = runtime.admission
     if admission is not None and admission.python_keys:
         return (f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source, "
@@ -80,7 +88,8 @@ class FastPath:
         from fastlb.http._fast import Engine
         self.runtime = runtime
         self.loop = runtime.loop
-        self.bind = bind                      # any plain bind will do: the Python path reads no more of it
+        self.bind = bind
+        self.binds: list = []                 # by the engine's listener index: the bind a client came on
         self.router = runtime.router
         # One pool without rules: the engine hashes and checks the body size itself, and select() is
         # the pool's. With rules: select_routed() routes each request, and the pool of each backend
@@ -117,9 +126,12 @@ class FastPath:
     def live(self) -> int:
         return self.engine.live + self.adopting
 
-    def listen(self, sock) -> None:
-        """The engine accepts the bind's connections itself (on a duplicate of its listening socket)."""
-        self.engine.listen(os.dup(sock.fileno()))
+    def listen(self, sock, bind, server_tls=None, handshake_timeout: float = 0.0) -> None:
+        """The engine accepts the bind's connections itself (on a duplicate of its listening socket); a
+        TLS bind's (server_tls: its fastlb.tls.ServerTLS) handshakes end within handshake_timeout."""
+        self.binds.append(bind)
+        self.engine.listen(os.dup(sock.fileno()), len(self.binds) - 1,
+                           server_tls.native if server_tls is not None else None, handshake_timeout)
 
     # ---- called by the engine ----------------------------------------------------------------------
 
@@ -162,6 +174,12 @@ class FastPath:
             self.gate.paused(error)
         else:
             self.loop.call_later(ACCEPT_PAUSE, self.engine.resume_accepting)
+
+    def subject_block(self, subject: tuple) -> bytes:
+        """The client-subject header line of a verified client certificate (its subject as
+        getpeercert() gives it), once per mTLS connection: the Python path's own."""
+        from fastlb.http.protocol import client_subject_block
+        return client_subject_block(format_subject(subject))
 
     def pool_for(self, backend):
         return self.pool if self.pool is not None else self.pool_of[backend]
@@ -212,18 +230,26 @@ class FastPath:
             self.pool_of[backend] = pool          # a retry may have connected another backend
         self.engine.connected(token, backend, fd)
 
-    def adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False) -> None:
+    def adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False, tls=None) -> None:
         self.adopting += 1
-        self.loop.create_task(self._adopt(fd, data, inflight, limits_checked))
+        self.loop.create_task(self._adopt(fd, data, inflight, limits_checked, tls))
 
-    async def _adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False) -> None:
+    async def _adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False, tls=None) -> None:
         """The client socket becomes a uvloop transport of a ClientConnection that is fed `data` (or the
-        request in flight, attached to its backend connection, which is fed the response bytes read)."""
+        request in flight, attached to its backend connection, which is fed the response bytes read).
+        tls: a TLS client's (bind index, client address, client-subject header line): fd is then the
+        Python end of the socketpair the engine relays the decrypted stream over."""
         from fastlb.http.protocol import ClientConnection
         loop = self.loop
         backend_sock = None
         try:
-            client = ClientConnection(self.runtime, self.bind)
+            if tls is None:
+                client = ClientConnection(self.runtime, self.bind)   # any plain bind will do
+            else:
+                bind, client_ip, subject_block = tls
+                client = ClientConnection(self.runtime, self.binds[bind])
+                client.client_ip = client_ip         # the socketpair has no peer address
+                client.tls_block = subject_block
             client.admitted = self.runtime.admission is not None     # counted at the engine's accept
             client.limits_checked = limits_checked                   # its first request's rate limits too
             client_sock = socket.socket(fileno=fd)

@@ -184,8 +184,9 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0].encode() if peer else b""
+        if not self.client_ip:          # (set already for a TLS connection the C engine hands over)
+            peer = transport.get_extra_info("peername")
+            self.client_ip = peer[0].encode() if peer else b""
         admission = self.runtime.admission
         if admission is not None and not self.admitted and not admission.admit_http(self):
             return                       # refused (lists, connections per source): closed
@@ -195,8 +196,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             # connection_made comes after the handshake: the peer certificate (verified) is known.
             info = tls.connection_tls_info(transport)
             if info is not None and info.client_subject is not None:
-                self.tls_block = (tls.CLIENT_SUBJECT_HEADER.encode() + b": "
-                                  + subject_header_value(info.client_subject) + b"\r\n")
+                self.tls_block = client_subject_block(info.client_subject)
         self.parser = httptools.HttpRequestParser(self)
         self.runtime.connections.add(self)
         # A new connection must send its first request head within http_request_timeout.
@@ -915,6 +915,11 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 self.close()
 
 
+def client_subject_block(subject: str) -> bytes:
+    """The header line naming a verified client certificate's subject (RFC 4514, tls.format_subject)."""
+    return tls.CLIENT_SUBJECT_HEADER.encode() + b": " + subject_header_value(subject) + b"\r\n"
+
+
 def subject_header_value(subject: str) -> bytes:
     """An RFC 4514 subject as a header value: tls.format_subject has escaped the specials and control
     characters; non-ASCII characters become RFC 4514 hex pairs of their UTF-8 bytes, so the value is
@@ -925,4 +930,4 @@ def subject_header_value(subject: str) -> bytes:
                    ).encode("ascii")
 
 
-__all__ = ["ClientConnection", "Request"]
+__all__ = ["ClientConnection", "Request", "client_subject_block"]

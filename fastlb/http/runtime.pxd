@@ -22,4 +22,4 @@ cdef class HttpRuntime:
     cdef public HttpSettings settings
     cdef public bint draining
     cdef public Py_ssize_t failures, accepted
-    cdef public double last_failure_log, sweep_interval, now
+    cdef public double last_failure_log, sweep_interval, now, handshake_timeout

@@ -168,6 +168,7 @@ class HttpRuntime:
         self.settings = HttpSettings(config, router.capture)
         self.settings.watch_sticky(router)
         self.connections = set()   # the Python path's live ClientConnections
+        self.handshake_timeout = config.connect_timeout     # a TLS bind's, in the engine as in uvloop
         self.gate = gate           # the worker's AcceptGate (fastlb/l4.py): its servers and the engine's rest at its limit
         self.binds = []            # (bind, listening socket, ServerTLS or None): add_bind
         self.served = []           # the gate's entries for the Python path's binds
@@ -202,7 +203,7 @@ class HttpRuntime:
 
     async def start(self) -> None:
         for bind, sock, tls in self.binds:
-            if self.serve_with_engine(bind, sock, tls is not None):
+            if self.serve_with_engine(bind, sock, tls):
                 # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
                 # (drain) stops listening (a copy left open would queue connections nobody accepts).
                 sock.close()
@@ -249,12 +250,13 @@ class HttpRuntime:
             if route.name != "default":
                 route.pool.close()          # the default pool is the worker's, closed by it
 
-    def serve_with_engine(self, bind, sock, tls: bool = False) -> bool:
-        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; never
-        a bind whose TLS uvloop terminates); False: the bind needs a uvloop server with `protocol_factory`.
-        The start log says which, and why. The engine's listeners follow the worker's AcceptGate."""
+    def serve_with_engine(self, bind, sock, tls=None) -> bool:
+        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; a TLS
+        bind, tls: its fastlb.tls.ServerTLS, with its handshakes in C within --connect-timeout, as uvloop's
+        on the Python path); False: the bind needs a uvloop server with `protocol_factory`. The start log
+        says which, and why. The engine's listeners follow the worker's AcceptGate."""
         from fastlb.http import fast
-        reason = fast.why_not(self, bind) or ("TLS bind" if tls else None)
+        reason = fast.why_not(self, bind, tls)
         if reason is not None:
             log.info("%s: HTTP engine python (%s)", bind.address, reason)
             return False
@@ -267,7 +269,7 @@ class HttpRuntime:
                 self.fast.gate = gate
                 self.fast.engine.max_clients = gate.limit
                 gate.engines.append(self.fast.engine)
-        self.fast.listen(sock)
+        self.fast.listen(sock, bind, tls, self.handshake_timeout)
         log.info("%s: HTTP engine c", bind.address)
         return True
 
