@@ -33,24 +33,39 @@ def start(procs, *extra, names=("a",), engine="c"):
     return port, backend, lb
 
 
+COOKIE_SECRET = "0123456789abcdef-engine-test-secret"
+
+
 def engine_line(lb) -> str:
     return lb.wait_for_line(r"HTTP engine (c|python.*)$").group(1)
 
 
-def test_engine_serves_plain_binds_and_steps_aside_when_python_is_needed(procs):
+def test_engine_serves_plain_binds_and_steps_aside_when_python_is_needed(procs, tmp_path):
     _, _, lb = start(procs)
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--algorithm", "hash", "--hash-key", "uri")
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--algorithm", "hash", "--hash-key", "header:X-User")
-    assert engine_line(lb) == "python (sticky sessions or captured headers)"
+    assert engine_line(lb) == "c"
+    (tmp_path / "secret").write_text(COOKIE_SECRET)
+    _, _, lb = start(procs, "--sticky", "cookie:SRV,indirect,nocache", "--cookie-secret-file",
+                     str(tmp_path / "secret"))
+    assert engine_line(lb) == "c"
+    assert lb.wait_for_line(r"HTTP engine hands to the Python path: (.*)$").group(1) == (
+        "responses with set-cookie (a sticky rule reads them); requests repeating a header a hashing key "
+        "or sticky rule reads, or a Cookie header over 4096 bytes")
     _, _, lb = start(procs, "--response-header-set", "X-Served-By: fastlb", "--response-header-delete", "Server",
                      "--request-header-set", "X-Env: prod", "--via", "lb")
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--access-log", "-", "--access-log-format", "json")
     assert engine_line(lb) == "c"
-    _, _, lb = start(procs, "--retry-on", "503")
-    assert engine_line(lb) == "python (retried statuses or response headers a sticky rule reads)"
+    _, _, lb = start(procs, "--retry-on", "503,502")
+    assert engine_line(lb) == "c"
+    assert lb.wait_for_line(r"HTTP engine hands to the Python path: (.*)$").group(1) == (
+        "responses with a --retry-on status (502, 503) to a request that may be sent again")
+    _, _, lb = start(procs, "--request-header-delete", "X-User", "--algorithm", "hash", "--hash-key",
+                     "header:X-User", "--sticky", "source")
+    assert engine_line(lb) == "python (a hashing key or sticky rule on a header fastlb sets or removes)"
     _, _, lb = start(procs, engine="python")
     assert engine_line(lb) == "python (FASTLB_HTTP_ENGINE=python)"
 
@@ -272,15 +287,39 @@ def test_failed_connects_are_answered_and_logged_as_the_python_path_does(procs, 
     assert [json.loads(line)["target"] for line in logged[0]] == ["/a", "/b"]
 
 
-@pytest.mark.parametrize("hash_key", ["uri", "path", "source"])
+# Values of the header, cookie and query keys as clients spell them (quoted, encoded, repeated...), then
+# requests without a key (absent, or empty where RoutePool.key says none), which pick at random.
+KEYED_HEADERS = ([{"X-User": f"user-{i}"} for i in range(12)] + [{"X-User": ""}, {"X-User": " spaced "}],
+                 [{}])
+KEYED_COOKIES = ([{"Cookie": f"a=1; uid={i}; b=2"} for i in range(12)]
+                 + [{"Cookie": 'uid="7"'}, {"Cookie": "xuid=3; uid=4"}, {"Cookie": "uid=5;uid=6"},
+                    {"Cookie": "  uid=8  ;"}, {"Cookie": "a=1; uid= 9"}],
+                 [{}, {"Cookie": "uid="}, {"Cookie": "a=1"}, {"Cookie": "uid = 4"}])
+KEYED_QUERIES = ([f"/q?u=user-{i}&x=1" for i in range(12)]
+                 + ["/q?x=1&u=a+b", "/q?%75=enc", "/q?u=%41%4", "/q?u=1#frag", "/q?uu=1&u=2", "/q?x&u=%2B+"],
+                 ["/q", "/q?u=", "/q?u#x", "/q?#u=1"])
+
+
+@pytest.mark.parametrize("hash_key", ["uri", "path", "source", "header:X-User", "cookie:uid", "query:u"])
 def test_hashing_keys_pick_as_the_python_path_picks(procs, hash_key):
     picks = []
     for engine in ("c", "python"):
-        port, _, _ = start(procs, "--algorithm", "hash", "--hash-key", hash_key, names=("a", "b", "c"),
-                           engine=engine)
+        port, _, lb = start(procs, "--algorithm", "hash", "--hash-key", hash_key, names=("a", "b", "c"),
+                            engine=engine)
+        assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
         with Client(port) as client:
-            picks.append([client.request("GET", f"/item/{i}?page={i % 3}").header("X-Backend")
-                          for i in range(30)])
+            kind = hash_key.partition(":")[0]
+            if kind in ("header", "cookie"):
+                keyed, keyless = KEYED_HEADERS if kind == "header" else KEYED_COOKIES
+                picks.append([client.request("GET", "/h", headers).header("X-Backend") for headers in keyed * 2])
+                assert all(client.request("GET", "/h", headers).status == 200 for headers in keyless)
+            elif kind == "query":
+                keyed, keyless = KEYED_QUERIES
+                picks.append([client.request("GET", url).header("X-Backend") for url in keyed * 2])
+                assert all(client.request("GET", url).status == 200 for url in keyless)
+            else:
+                picks.append([client.request("GET", f"/item/{i}?page={i % 3}").header("X-Backend")
+                              for i in range(30)])
     assert picks[0] == picks[1]
     assert len(set(picks[0])) == (1 if hash_key == "source" else 3)
 

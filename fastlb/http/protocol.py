@@ -720,11 +720,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         """req is attached to its backend connection: write what we have and wait for the response."""
         now = self.runtime.now
         req.sent_at = now
-        if req.sticky_key is not None and req.upstream.backend is not req.pinned and (
-                req.pinned is not None or req.route.sticky.kind == 5):
-            # A new source address, or a session whose backend could not serve it: it sticks to this
-            # one from now on. (An unknown learned id is not recorded: the backend that set it may be
-            # known to another balancer, whose mapping is on its way to the store.)
+        if req.sticky_key is not None and req.route.sticky.sticks(req.pinned, req.upstream.backend):
+            # It sticks to this backend from now on (Sticky.sticks says when).
             req.pinned = req.upstream.backend
             req.route.sticky.record(req.sticky_key, req.pinned)
         if self.runtime.observer is not None:
