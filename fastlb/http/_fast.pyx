@@ -1,9 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The C engine of HTTP mode: the common request served without Python objects or libuv.
 
-What it serves: on a plain bind of a balancer with nothing per request in Python beyond routing (no
-sticky sessions, captured headers or retried statuses; see fastlb/http/fast.py), with its access log
-(lines formatted here, written by fastlb/_accesslog.pyx's thread) and header rules, a keep-alive
+What it serves: on a plain bind of a balancer with nothing per request in Python beyond routing and
+picking (see fastlb/http/fast.py), with its access log (lines formatted here, written by
+fastlb/_accesslog.pyx's thread), header rules, hashing keys, sticky sessions (a C cache of what each
+Cookie header means to the rule) and --retry-on statuses (listed and retryable: Python's), a keep-alive
 HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
 OPTIONS; no body, or a Content-Length body) is complete in one read, made of bytes a strict subset of RFC 9112 allows, and
 whose backend answers with a plain response complete in one read (fastlb/http/_scan.pxi).

@@ -6,9 +6,11 @@ request from Python beyond routing it (when there are rules), picking a backend 
 Python path alone (the tests run both ways). The engine serves, with the Python path's semantics, the
 access log (lines formatted in C into the same writer as the Python path's: fastlb/_accesslog.pyx),
 request and response header rules (`--request-header-set/delete`, `--response-header-set/delete`,
-`--via`), X-Forwarded-For, hashing keys by source, uri or path, and routing rules. Still the Python
-path's: TLS, redirect and PROXY-protocol binds, sticky sessions and captured headers, other hashing
-keys, retried statuses (`--retry-on` codes), TLS to backends.
+`--via`), X-Forwarded-For, every hashing key, routing rules, sticky sessions (without routing rules:
+`select()` gets the backend a cookie pins, `select_sticky()` reads the stick table) and `--retry-on`
+statuses. Still the Python path's: TLS, redirect and PROXY-protocol binds, sticky sessions and
+header/cookie keys with routing rules, TLS to backends (`why_not` lists what applies; `handed_over` what
+the engine serving a bind still hands over because of the config; both logged at start).
 
 The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls
 `select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
