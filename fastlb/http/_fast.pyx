@@ -421,7 +421,7 @@ cdef class Engine:
     cdef object limited_response
     cdef bytes too_many_close
     # Hashing keys on a header, cookie or query parameter, and sticky sessions (a pool without routing
-    # rules; set_sticky): the captured headers' slots (-1: not captured), the key's name.
+    # rules; set_captures): the captured headers' slots (-1: not captured), the key's name.
     cdef int cap_hash, cap_sticky, cap_cookie, ncaps
     cdef bint cookie_held          # the Cookie header is re-emitted after the others (sticky rewrites it)
     cdef bytes key_name            # cookie:NAME / query:NAME (case-sensitive)
