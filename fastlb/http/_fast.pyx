@@ -32,6 +32,9 @@ from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM
+from cpython.list cimport PyList_GET_ITEM
+from cpython.dict cimport PyDict_GetItem
+from cpython.float cimport PyFloat_AS_DOUBLE
 from fastlb._posix cimport *
 from fastlb.http.reuse cimport may_reuse, may_send_again_on
 from fastlb._accesslog cimport LogWriter
@@ -431,7 +434,13 @@ cdef class Engine:
     cdef double maxidle, maxlife, refresh_after
     cdef CookieEntry *cookie_cache # COOKIE_CACHE entries (cookie kinds)
     cdef uint64_t cookie_seed
-    cdef object select_sticky, store_miss, cookie_facts, cookie_line
+    cdef object select_sticky, store_miss, cookie_facts, cookie_line, record
+    # source / learned ids: the pool's StickTable read in place (its OrderedDict of key -> [id, expires]);
+    # a fresh hit is served here, anything else by Sticky.pinned_by_key (select_sticky).
+    cdef object table_entries, table_touch
+    cdef double touch_before            # StickTable.touch_due: less than this left before expiry
+    cdef dict ident_slots               # backend id -> slot
+    cdef int table_hit_slot
     cdef tuple response_watch      # response header names that send a response to the Python path
     cdef PyObject **fresh_line     # per slot: a new session's Set-Cookie line (insert) of second fresh_second
     cdef long long *fresh_second
@@ -586,6 +595,12 @@ cdef class Engine:
                     raise MemoryError()
                 self.cookie_seed = <uint64_t>int.from_bytes(urandom(8), "little")
             self.select_sticky = glue.select_sticky
+            self.record = sticky.record
+            if sticky.table is not None:
+                self.table_entries = sticky.table.entries
+                self.table_touch = sticky.table.entries.move_to_end
+                self.touch_before = sticky.table.ttl * 0.75
+                self.ident_slots = {ident: self.slot_of(backend) for ident, backend in sticky.by_id.items()}
             self.store_miss = glue.STORE_MISS
             self.cookie_facts = sticky.cookie_facts
             self.cookie_line = sticky.response_block
@@ -1301,6 +1316,12 @@ cdef class Engine:
                                                        c.cap_len[self.cap_sticky])
             if sticky_key is None:
                 backend = self.select(key, None)
+            elif self.table_hit(sticky_key) >= 0:
+                # In the local table and fresh: its backend preferred; another pick sticks from now on.
+                pinned = self.backends[self.table_hit_slot]
+                backend = self.select(key, pinned)
+                if backend is not None and backend is not pinned:
+                    self.record(sticky_key, backend)
             else:
                 picked = self.select_sticky(key, sticky_key)
                 if picked is self.store_miss:
@@ -1315,6 +1336,26 @@ cdef class Engine:
             self.adopt(c, c.buf, c.req_len, self.limiter is not None)
             return
         self.place(c, backend, key, pinned, sticky_key)
+
+    cdef int table_hit(self, object key):
+        """StickTable.get + Sticky.pinned_by_key for the common case, in place: key's entry, unexpired,
+        naming a backend of the pool, with no store TTL refresh due, moved to the LRU end; its slot (also
+        in table_hit_slot). -1 for anything else: then Python's own code runs (expiry, refresh, miss)."""
+        cdef PyObject *entry = PyDict_GetItem(self.table_entries, key)
+        cdef PyObject *slot
+        cdef double left
+        self.table_hit_slot = -1
+        if entry == NULL:
+            return -1
+        left = PyFloat_AS_DOUBLE(<object>PyList_GET_ITEM(<object>entry, 1)) - monotonic_now()
+        if left <= 0.0 or left < self.touch_before:
+            return -1
+        slot = PyDict_GetItem(self.ident_slots, <object>PyList_GET_ITEM(<object>entry, 0))
+        if slot == NULL:
+            return -1
+        self.table_touch(key)
+        self.table_hit_slot = <int><object>slot
+        return self.table_hit_slot
 
     cdef object hash_key(self, Client *c):
         """The request's hashing key, as RoutePool.key gives it (None: no key)."""
