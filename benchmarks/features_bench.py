@@ -9,6 +9,12 @@ Profiles (the same settings on both proxies; issue 16):
            `option httplog` to stdout, which goes to a file);
 - headers: one request header set and one response header set;
 - sticky:  an inserted cookie, indirect, nocache (wrk sends the cookie back on every request);
+- sticky-source: the client address pinned to a backend (fastlb `--sticky source`; HAProxy
+           `stick-table type ip` + `stick on src`);
+- sticky-learn: a session id in a cookie pinned to a backend (fastlb `--sticky learn:JSESSIONID
+           --store redis://` on a real Redis the bench starts, the id's mapping put in Redis first as
+           another balancer would have; HAProxy `stick-table type string` + `stick on
+           req.cook(JSESSIONID)`, its own table: HAProxy has no Redis; wrk sends the cookie);
 - tls:     TLS termination (keep-alive HTTPS, ECDSA P-256, ALPN http/1.1);
 - all:     the four together.
 
@@ -32,9 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 from tls_bench import make_certificate, SERVER_NAME  # noqa: E402
 
-PROFILES = ("plain", "log", "headers", "sticky", "tls", "all")
-FEATURES = {"plain": (), "log": ("log",), "headers": ("headers",), "sticky": ("sticky",), "tls": ("tls",),
+PROFILES = ("plain", "log", "headers", "sticky", "sticky-source", "sticky-learn", "tls", "all")
+FEATURES = {"plain": (), "log": ("log",), "headers": ("headers",), "sticky": ("sticky",),
+            "sticky-source": ("source",), "sticky-learn": ("learn",), "tls": ("tls",),
             "all": ("log", "headers", "sticky", "tls")}
+SESSION = "JSESSIONID"
+SESSION_ID = "bench-session-1"      # the id wrk sends (sticky-learn), mapped in Redis to the first backend
 REQUEST_HEADER = ("X-Env", "prod")
 RESPONSE_HEADER = ("X-Frame-Options", "DENY")
 COOKIE = "SRV"
@@ -42,7 +51,7 @@ SECRET = b"features-bench-cookie-secret-0123456789"
 ENGINE_LINE = re.compile(r"HTTP engine (c|python \(.*\))")
 
 
-def fastlb_command(features, port: int, backends, tmp: str, pem: str) -> list[str]:
+def fastlb_command(features, port: int, backends, tmp: str, pem: str, redis_port: int | None = None) -> list[str]:
     bind = f"{h.HOST}:{port}" + (f",ssl,cert={pem}" if "tls" in features else "")
     cmd = [sys.executable, "-m", "fastlb", "--mode", "http", "--bind", bind, "--algorithm", "roundrobin",
            "--workers", "1", "--log-level", "info",
@@ -57,7 +66,27 @@ def fastlb_command(features, port: int, backends, tmp: str, pem: str) -> list[st
         with open(secret, "wb") as f:
             f.write(SECRET)
         cmd += ["--sticky", f"cookie:{COOKIE},indirect,nocache", "--cookie-secret-file", secret]
+    if "source" in features:
+        cmd += ["--sticky", "source"]
+    if "learn" in features:
+        cmd += ["--sticky", f"learn:{SESSION}", "--store", f"redis://{h.HOST}:{redis_port}"]
     return cmd
+
+
+def start_redis(bench: h.Bench, backends) -> int:
+    """A redis-server on the load CPU (no persistence) holding SESSION_ID -> the first backend, as a
+    balancer that learned it would have written it (fastlb/sticky.py's key and backend id)."""
+    from fastlb.sticky import UNSECRET_KEY, SessionStore, backend_id
+    port = h.free_port()
+    proc = bench.procs.start("redis", [h.which("redis-server"), "--port", str(port), "--bind", h.HOST,
+                                       "--save", "", "--appendonly", "no", "--dir", bench.tmp],
+                             cpu=bench.load_cpu, log_dir=bench.tmp)
+    h.wait_listening(port, proc)
+    key = SessionStore.store_key(f"default:learn:{SESSION}".encode(), SESSION_ID.encode())
+    ident = backend_id(UNSECRET_KEY, "default", f"{h.HOST}:{backends[0]}")
+    subprocess.run([h.which("redis-cli"), "-h", h.HOST, "-p", str(port), "SET", key, ident],
+                   check=True, capture_output=True, timeout=10)
+    return port
 
 
 def haproxy_config(features, port: int, backends, pem: str) -> str:
@@ -80,6 +109,11 @@ def haproxy_config(features, port: int, backends, pem: str) -> str:
         extra += f"    cookie {COOKIE} insert indirect nocache\n"
         for i, b in enumerate(backends, 1):
             text = text.replace(f"    server s{i} {h.HOST}:{b}\n", f"    server s{i} {h.HOST}:{b} cookie s{i}\n")
+    if "source" in features:
+        extra += "    stick-table type ip size 100k expire 30m\n    stick on src\n"
+    if "learn" in features:
+        extra += (f"    stick-table type string len 64 size 100k expire 30m\n"
+                  f"    stick on req.cook({SESSION})\n")
     return text.replace("    balance roundrobin\n", "    balance roundrobin\n" + extra)
 
 
@@ -93,12 +127,13 @@ def sticky_cookie(port: int, scheme: str) -> str:
     raise RuntimeError(f"no Set-Cookie {COOKIE} from port {port}:\n{out}")
 
 
-def start(bench: h.Bench, name: str, features, pem: str, tree: str) -> tuple[h.Target, list[str], str]:
+def start(bench: h.Bench, name: str, features, pem: str, tree: str,
+          redis_port: int | None = None) -> tuple[h.Target, list[str], str]:
     """One proxy of a profile, running and probed: (target, wrk headers, scheme)."""
     target = h.Target(h.TargetSpec(name, "fastlb" if name.startswith("fastlb") else "haproxy", "http"))
     target.port = h.free_port()
     if target.spec.kind == "fastlb":
-        cmd = fastlb_command(features, target.port, bench.backend_ports, bench.tmp, pem)
+        cmd = fastlb_command(features, target.port, bench.backend_ports, bench.tmp, pem, redis_port)
         env, cwd = dict(os.environ, PYTHONPATH=tree), tree
     else:
         conf = os.path.join(bench.tmp, f"{name}.cfg")
@@ -112,6 +147,8 @@ def start(bench: h.Bench, name: str, features, pem: str, tree: str) -> tuple[h.T
     if probe.stdout != h.SMALL_BODY:
         raise RuntimeError(f"{name}: probe answered {probe.stdout[:100]!r}\n{target.proc.log_tail()}")
     headers = [f"Cookie: {sticky_cookie(target.port, scheme)}"] if "sticky" in features else []
+    if "learn" in features:
+        headers = [f"Cookie: {SESSION}={SESSION_ID}"]
     return target, headers, scheme
 
 
@@ -137,16 +174,19 @@ def main(argv=None) -> int:
     unknown = set(profiles) - set(PROFILES)
     if unknown:
         p.error(f"unknown profiles {sorted(unknown)}; known: {', '.join(PROFILES)}")
-    h.ensure_tools(["haproxy", "nginx", "wrk", "taskset", "curl", "openssl"])
+    h.ensure_tools(["haproxy", "nginx", "wrk", "taskset", "curl", "openssl"]
+                   + (["redis-server", "redis-cli"] if "sticky-learn" in profiles else []))
     h.raise_nofile_limit()
     bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu, proxy_cpu_quota=args.proxy_cpu_quota)
     rows = []
     try:
         bench.start_backends()
         pem = make_certificate(bench.tmp)
+        redis_port = start_redis(bench, bench.backend_ports) if "sticky-learn" in profiles else None
         for profile in profiles:
             features = FEATURES[profile]
-            started = [start(bench, f"{kind}-{profile}", features, pem, os.path.abspath(args.fastlb_tree))
+            started = [start(bench, f"{kind}-{profile}", features, pem, os.path.abspath(args.fastlb_tree),
+                             redis_port)
                        for kind in ("fastlb", "haproxy")]
             for target, headers, scheme in started:       # warm-up
                 h.run_wrk(bench, target.port, "/", args.connections, 1, headers=headers, scheme=scheme)

@@ -4,6 +4,7 @@
 
 # Sticky.kind: how a pool pins sessions (fastlb/sticky.py).
 cdef enum:
+    STICKY_NONE = 0            # the pool pins nothing (the HTTP engine's sticky_kind)
     STICKY_COOKIE_INSERT = 1   # cookie:NAME, a cookie fastlb inserts naming the backend
     STICKY_COOKIE_PREFIX = 2   # prefix:NAME, the application's cookie prefixed with the backend
     STICKY_LEARN_COOKIE = 3    # learn:NAME, the application's session cookie, learned from responses
@@ -32,6 +33,9 @@ cdef enum:
     KEY_SOURCE = 1
     KEY_URI = 2
     KEY_PATH = 3
+    KEY_HEADER = 4             # header:NAME, cookie:NAME, query:NAME (fastlb/http/routing.py's RoutePool.key)
+    KEY_COOKIE = 5
+    KEY_QUERY = 6
 
 # Rate-limit rules (fastlb/_admission.pyx): what a rule keys on, and what a request without its key
 # falls under.

@@ -1,6 +1,7 @@
 """Named values shared by the compiled modules and Python: the Python twin of fastlb/constants.pxd, which
 says what each means (tests/test_constants.py holds the two equal)."""
 
+STICKY_NONE = 0
 STICKY_COOKIE_INSERT = 1
 STICKY_COOKIE_PREFIX = 2
 STICKY_LEARN_COOKIE = 3
@@ -23,6 +24,9 @@ KEY_NONE = 0
 KEY_SOURCE = 1
 KEY_URI = 2
 KEY_PATH = 3
+KEY_HEADER = 4
+KEY_COOKIE = 5
+KEY_QUERY = 6
 
 RATE_KEY_SOURCE = 0
 RATE_KEY_ROUTE = 1

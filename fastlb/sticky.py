@@ -467,14 +467,50 @@ class Sticky:
             key = captured.get(self.lname) if captured is not None else None
         if not key:
             return None, None, None
+        return self.pinned_by_key(key), key, None
+
+    def pinned_by_key(self, key: bytes):
+        """A learned or source key's backend in the local table (None: not there, or not a backend of
+        the pool); a hit refreshes the shared store's TTL when it is due."""
         entry = self.table.get(key, self.store.loop.time())
         if entry is None:
-            return None, key, None
+            return None
         backend = self.by_id.get(entry[0])
         if backend is not None and self.table.touch_due(entry, self.store.loop.time()):
             self.table.put(key, entry[0], self.store.loop.time())
             self.store.write(self.namespace, key, entry[0])      # keeps the shared TTL alive
-        return backend, key, None
+        return backend
+
+    def sticks(self, pinned, backend) -> bool:
+        """Whether a request whose key pinned `pinned` and that went to `backend` records key -> backend:
+        a new source address, or a session whose backend could not serve it. (An unknown learned id is
+        not recorded: the backend that set it may be known to another balancer, whose mapping is on its
+        way to the store.)"""
+        return backend is not pinned and (pinned is not None or self.kind == STICKY_SOURCE)
+
+    def cookie_facts(self, cookies: bytes) -> tuple:
+        """What one raw Cookie header means to this rule, for the HTTP engine's cache of them
+        (fastlb/http/_fast.pyx): (insert session as pin() returns it or None, the backend a prefix
+        cookie names or None, the Cookie header to forward or None when not rewritten, the learned
+        session id or b""). The same answers as pin() and forward_cookie(), from the same caches."""
+        kind = self.kind
+        session = prefixed = None
+        learned = b""
+        if kind == STICKY_COOKIE_INSERT:
+            session = self.sessions.get(cookies)
+            if session is None:
+                session = self._session_of(cookies)
+            session = session or None
+        elif kind == STICKY_COOKIE_PREFIX:
+            value = cookie_value(cookies, self.name)
+            if value is not None:
+                ident, sep, _ = value.partition(PREFIX_SEPARATOR)
+                prefixed = self.by_id.get(ident) if sep else None
+        elif kind == STICKY_LEARN_COOKIE:
+            learned = self.learned_keys.get(cookies)
+            if learned is None:
+                learned = remember(self.learned_keys, cookies, cookie_value(cookies, self.name) or b"")
+        return session, prefixed, self.forward_cookie(cookies) if self.rewrites_cookie else None, learned
 
     def lookup_local(self, key: bytes):
         entry = self.table.get(key, self.store.loop.time())

@@ -44,8 +44,10 @@ class Response:
 class Client:
     """One client connection; `leftover` keeps bytes read past a response (pipelining)."""
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 5.0, source: str | None = None) -> None:
+        """source: the address (in 127.0.0.0/8) the connection comes from."""
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.leftover = b""
         self.timeout = timeout
 

@@ -7,6 +7,7 @@ must get the same responses and backends the same requests, including for what t
 Python path at the request (bodies, pipelining, unusual headers) or at the response (chunked, large,
 bodiless, close-delimited, malformed), followed by a plain request on the same connection.
 """
+import collections
 import http.client
 import json
 import re
@@ -14,12 +15,15 @@ import socket
 import ssl
 import subprocess
 import textwrap
+import time
+import types
 
 import pytest
 
 from http_client import Client, TLSClient, build, requests_seen
 from pki import CA
 from procs import Processes, ensure_debian_tool, free_port, wait_until
+from stores import start_redis
 
 
 def start(procs, *extra, names=("a",), engine="c", bind_options=""):
@@ -36,24 +40,39 @@ def start(procs, *extra, names=("a",), engine="c", bind_options=""):
     return port, backend, lb
 
 
+COOKIE_SECRET = "0123456789abcdef-engine-test-secret"
+
+
 def engine_line(lb) -> str:
     return lb.wait_for_line(r"HTTP engine (c|python.*)$").group(1)
 
 
-def test_engine_serves_plain_binds_and_steps_aside_when_python_is_needed(procs):
+def test_engine_serves_plain_binds_and_steps_aside_when_python_is_needed(procs, tmp_path):
     _, _, lb = start(procs)
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--algorithm", "hash", "--hash-key", "uri")
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--algorithm", "hash", "--hash-key", "header:X-User")
-    assert engine_line(lb) == "python (sticky sessions or captured headers)"
+    assert engine_line(lb) == "c"
+    (tmp_path / "secret").write_text(COOKIE_SECRET)
+    _, _, lb = start(procs, "--sticky", "cookie:SRV,indirect,nocache", "--cookie-secret-file",
+                     str(tmp_path / "secret"))
+    assert engine_line(lb) == "c"
+    assert lb.wait_for_line(r"HTTP engine hands to the Python path: (.*)$").group(1) == (
+        "responses with set-cookie (a sticky rule reads them); requests repeating a header a hashing key "
+        "or sticky rule reads, or a Cookie header over 4096 bytes")
     _, _, lb = start(procs, "--response-header-set", "X-Served-By: fastlb", "--response-header-delete", "Server",
                      "--request-header-set", "X-Env: prod", "--via", "lb")
     assert engine_line(lb) == "c"
     _, _, lb = start(procs, "--access-log", "-", "--access-log-format", "json")
     assert engine_line(lb) == "c"
-    _, _, lb = start(procs, "--retry-on", "503")
-    assert engine_line(lb) == "python (retried statuses or response headers a sticky rule reads)"
+    _, _, lb = start(procs, "--retry-on", "503,502")
+    assert engine_line(lb) == "c"
+    assert lb.wait_for_line(r"HTTP engine hands to the Python path: (.*)$").group(1) == (
+        "responses with a --retry-on status (502, 503) to a request that may be sent again")
+    _, _, lb = start(procs, "--request-header-delete", "X-User", "--algorithm", "hash", "--hash-key",
+                     "header:X-User", "--sticky", "source")
+    assert engine_line(lb) == "python (a hashing key or sticky rule on a header fastlb sets or removes)"
     _, _, lb = start(procs, engine="python")
     assert engine_line(lb) == "python (FASTLB_HTTP_ENGINE=python)"
 
@@ -315,15 +334,39 @@ def test_failed_connects_are_answered_and_logged_as_the_python_path_does(procs, 
     assert [json.loads(line)["target"] for line in logged[0]] == ["/a", "/b"]
 
 
-@pytest.mark.parametrize("hash_key", ["uri", "path", "source"])
+# Values of the header, cookie and query keys as clients spell them (quoted, encoded, repeated...), then
+# requests without a key (absent, or empty where RoutePool.key says none), which pick at random.
+KEYED_HEADERS = ([{"X-User": f"user-{i}"} for i in range(12)] + [{"X-User": ""}, {"X-User": " spaced "}],
+                 [{}])
+KEYED_COOKIES = ([{"Cookie": f"a=1; uid={i}; b=2"} for i in range(12)]
+                 + [{"Cookie": 'uid="7"'}, {"Cookie": "xuid=3; uid=4"}, {"Cookie": "uid=5;uid=6"},
+                    {"Cookie": "  uid=8  ;"}, {"Cookie": "a=1; uid= 9"}],
+                 [{}, {"Cookie": "uid="}, {"Cookie": "a=1"}, {"Cookie": "uid = 4"}])
+KEYED_QUERIES = ([f"/q?u=user-{i}&x=1" for i in range(12)]
+                 + ["/q?x=1&u=a+b", "/q?%75=enc", "/q?u=%41%4", "/q?u=1#frag", "/q?uu=1&u=2", "/q?x&u=%2B+"],
+                 ["/q", "/q?u=", "/q?u#x", "/q?#u=1"])
+
+
+@pytest.mark.parametrize("hash_key", ["uri", "path", "source", "header:X-User", "cookie:uid", "query:u"])
 def test_hashing_keys_pick_as_the_python_path_picks(procs, hash_key):
     picks = []
     for engine in ("c", "python"):
-        port, _, _ = start(procs, "--algorithm", "hash", "--hash-key", hash_key, names=("a", "b", "c"),
-                           engine=engine)
+        port, _, lb = start(procs, "--algorithm", "hash", "--hash-key", hash_key, names=("a", "b", "c"),
+                            engine=engine)
+        assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
         with Client(port) as client:
-            picks.append([client.request("GET", f"/item/{i}?page={i % 3}").header("X-Backend")
-                          for i in range(30)])
+            kind = hash_key.partition(":")[0]
+            if kind in ("header", "cookie"):
+                keyed, keyless = KEYED_HEADERS if kind == "header" else KEYED_COOKIES
+                picks.append([client.request("GET", "/h", headers).header("X-Backend") for headers in keyed * 2])
+                assert all(client.request("GET", "/h", headers).status == 200 for headers in keyless)
+            elif kind == "query":
+                keyed, keyless = KEYED_QUERIES
+                picks.append([client.request("GET", url).header("X-Backend") for url in keyed * 2])
+                assert all(client.request("GET", url).status == 200 for url in keyless)
+            else:
+                picks.append([client.request("GET", f"/item/{i}?page={i % 3}").header("X-Backend")
+                              for i in range(30)])
     assert picks[0] == picks[1]
     assert len(set(picks[0])) == (1 if hash_key == "source" else 3)
 
@@ -687,3 +730,176 @@ def test_connections_per_source_are_checked_after_the_tls_handshake(procs, tls_p
     finally:
         for client in held:
             client.close()
+
+
+# ---- sticky sessions: the same pins, cookies and requests at the backends on both paths ---------------
+
+NamedBackend = collections.namedtuple("NamedBackend", "address")      # all Sticky reads of a backend
+
+
+def insert_cookie(port: int, name: str, first: int, last: int, backend: str = "a") -> str:
+    """A signed insert cookie (fastlb/sticky.py's own) naming test backend `backend` of the default
+    pool, with the session's first and last seen times."""
+    from fastlb.sticky import Sticky, SessionStore
+    from fastlb.config import parse_sticky
+    pool = types.SimpleNamespace(backends=[NamedBackend(f"127.0.0.1:{port}")])
+    sticky = Sticky(parse_sticky(f"cookie:{name}"), "default", pool, SessionStore(None, 60.0, 10),
+                    COOKIE_SECRET.encode(), clock=lambda: last)
+    return sticky.make_cookie(pool.backends[0], first).decode()
+
+
+def learned_store_key(session: bytes) -> bytes:
+    from fastlb.sticky import SessionStore
+    return SessionStore.store_key(b"default:learn:JSESSIONID", session)
+
+
+def sticky_steps(ports: dict) -> list:
+    """(request bytes, client source) exchanges; a step may be a callable run before the next one."""
+    now = int(time.time())
+    good = insert_cookie(ports["b"], "SRV", now - 60, now - 30)
+    idle = insert_cookie(ports["b"], "SRV", now - 7200, now - 3600)              # maxidle=30m passed
+    old = insert_cookie(ports["b"], "SRV", now - 10 * 3600, now - 60)            # maxlife=8h passed
+    forged = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
+    other_pool = insert_cookie(ports["b"] + 1, "SRV", now - 60, now - 30)       # not a backend of ours
+
+    def get(path, cookie=None, source="127.0.0.1", extra=""):
+        head = f"GET {path} HTTP/1.1\r\nHost: test\r\n"
+        if cookie is not None:
+            head += f"Cookie: {cookie}\r\n"
+        return (head + extra + "\r\n").encode(), source
+    return [
+        get("/s1"), get("/s2"), get("/s3"),
+        get("/good", f"SRV={good}"), get("/good-among", f"a=1; SRV={good}; b=2"), get("/good", f"SRV={good}"),
+        get("/idle", f"SRV={idle}"), get("/old", f"SRV={old}"), get("/forged", f"SRV={forged}"),
+        get("/garbage", "SRV=x.y"), get("/unknown-backend", f"SRV={other_pool}"), get("/empty", ""),
+        get("/two-cookie-headers", f"SRV={good}", extra="Cookie: z=1\r\n"),
+        get("/prefix", f"JSESSIONID={good.split('.')[0]}~app-1; x=2"), get("/prefix-bad", "JSESSIONID=nope~1"),
+        get("/setcookie?name=JSESSIONID&value=learned-1"), get("/learned", "JSESSIONID=learned-1"),
+        get("/learned", "a=b; JSESSIONID=learned-1"), get("/in-store", "JSESSIONID=stored-1"),
+        get("/unknown-id", "JSESSIONID=nobody-knows"), get("/unknown-id", "JSESSIONID=nobody-knows"),
+        get("/setcookie?name=SRV&value=from-backend"),
+        get("/hdr", extra="X-Session: h-1\r\n"), get("/hdr-empty", extra="X-Session: \r\n"),
+        get("/src", source="127.0.0.2"), get("/src", source="127.0.0.3"), get("/src", source="127.0.0.2"),
+        get("/src", source="127.0.0.4"), get("/src", source="127.0.0.3"),
+    ]
+
+
+def comparable_response(seen: list) -> list:
+    """An exchange's answers less the times inside insert cookies (first and last seen, signature)."""
+    out = []
+    for item in seen:
+        if isinstance(item, tuple):
+            status, headers, body = item
+            headers = [(name, re.sub(r"^(SRV=[^.;]+)\.[0-9a-f]+\.[0-9a-f]+\.[^;]+", r"\1.TIMES", value)
+                        if name.lower() == "set-cookie" else value) for name, value in headers]
+            item = (status, headers, body)
+        out.append(item)
+    return out
+
+
+STICKY_RULES = {
+    "insert": ("--sticky", "cookie:SRV,indirect,nocache,maxidle=30m,maxlife=8h"),
+    "insert-resent": ("--sticky", "cookie:SRV,httponly,maxidle=30m,maxlife=8h"),
+    "prefix": ("--sticky", "prefix:JSESSIONID"),
+    "source": ("--sticky", "source"),
+    "learn-redis": ("--sticky", "learn:JSESSIONID", "--store", "redis://{redis}"),
+    "learn-store-down": ("--sticky", "learn:JSESSIONID", "--store", "redis://{down}"),
+    "learn-header": ("--sticky", "learn:header:X-Session"),
+    "source-redis": ("--sticky", "source", "--store", "redis://{redis}"),
+}
+
+
+@pytest.mark.parametrize("rule", list(STICKY_RULES))
+def test_sticky_sessions_served_alike(procs, tmp_path, rule):
+    """Each sticky rule, engine on and off in front of the same backends (so the same backend ids):
+    the same answers (less cookie times), the same requests at the backends, the same access-log
+    lines, for good, idle, old, forged and foreign cookies, learned ids in the local table, in the
+    store, in neither, and a store that is down."""
+    backend, ports = procs.http_backends("a", "b", "c")
+    redis_port = None
+    if "{redis}" in " ".join(STICKY_RULES[rule]):
+        _, redis_port = start_redis(procs, str(tmp_path))
+    down_port = free_port()                                      # nothing listens there
+    (tmp_path / "secret").write_text(COOKIE_SECRET)
+    flags = [flag.format(redis=f"127.0.0.1:{redis_port}", down=f"127.0.0.1:{down_port}")
+             for flag in STICKY_RULES[rule]]
+    results = []
+    steps = sticky_steps(ports)
+    for engine in ("c", "python"):
+        port = free_port()
+        log = tmp_path / f"{engine}.log"
+        args = ["--bind", f"127.0.0.1:{port}", "--cookie-secret-file", str(tmp_path / "secret"),
+                "--access-log", str(log), *flags]
+        for name in ("a", "b", "c"):
+            args += ["--backend", f"127.0.0.1:{ports[name]}"]
+        if redis_port is not None:
+            # The store as another balancer left it: one session it learned, nothing of the other run.
+            import redis
+            from fastlb.sticky import backend_id
+            with redis.Redis(host="127.0.0.1", port=redis_port) as client:
+                client.flushall()
+                client.set(learned_store_key(b"stored-1"),
+                           backend_id(COOKIE_SECRET.encode(), "default", f"127.0.0.1:{ports['c']}"))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("FASTLB_HTTP_ENGINE", engine)
+            lb = procs.fastlb(*args)
+        assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+        start_line = len(backend.lines)
+        answers = [comparable_response(exchange(port, data, 1, False,
+                                                      lambda p, source=source: Client(p, source=source)))
+                   for data, source in steps]
+        at_backends = backend_view(backend, start_line, port)
+        logged = [comparable(line, "text") for line in log_lines(log, 0)]
+        results.append((answers, at_backends, logged))
+        lb.kill()
+    for (c_part, py_part, what) in zip(results[0], results[1], ("answers", "backend requests", "log")):
+        assert c_part == py_part, what
+    backends = [dict(answer[0][1]).get("X-Backend") for answer in results[0][0]]
+    # Round robin without a pin; source: the first pick of 127.0.0.1 holds.
+    assert len(set(backends[:3])) == (1 if rule.startswith("source") else 3)
+    if rule.startswith("insert"):
+        assert backends[3:6] == ["b", "b", "b"]              # the cookie pins b
+    if rule == "prefix":
+        assert backends[13] == "b"                           # b~app-1
+    if rule == "learn-redis":
+        assert backends[18] == "c"                           # the store's mapping, fetched on a miss
+    if rule.startswith("learn") and rule != "learn-header":
+        assert backends[16] == backends[17] == backends[15]  # the id learned from the backend's Set-Cookie
+
+
+RETRIED = [
+    b"GET /status?code=503 HTTP/1.1\r\nHost: test\r\n\r\n",                       # sent again, then answered
+    b"POST /status?code=503 HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\nab",  # never sent twice
+    b"DELETE /status?code=503 HTTP/1.1\r\nHost: test\r\n\r\n",
+    b"GET /status?code=500 HTTP/1.1\r\nHost: test\r\n\r\n",                       # not a --retry-on status
+    b"GET /status?code=502 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("retries", ["1", "0"])
+def test_retried_statuses_alike(procs, tmp_path, retries):
+    """--retry-on statuses, engine on and off in front of the same backends: the same answers, the same
+    requests at the backends (how many times each was sent), the same access-log lines."""
+    backend, ports = procs.http_backends("a", "b", "c")
+    results = []
+    for engine in ("c", "python"):
+        port = free_port()
+        log = tmp_path / f"{engine}.log"
+        args = ["--bind", f"127.0.0.1:{port}", "--retry-on", "503,502", "--retries", retries,
+                "--access-log", str(log)]
+        for name in ("a", "b", "c"):
+            args += ["--backend", f"127.0.0.1:{ports[name]}"]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("FASTLB_HTTP_ENGINE", engine)
+            lb = procs.fastlb(*args)
+        assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+        start_line = len(backend.lines)
+        answers = [exchange(port, data, 1, False) for data in RETRIED]
+        results.append((answers, backend_view(backend, start_line, port),
+                        [comparable(line, "text") for line in log_lines(log, 0)]))
+        lb.kill()
+    for (c_part, py_part, what) in zip(results[0], results[1], ("answers", "backend requests", "log")):
+        assert c_part == py_part, what
+    sent = [request[:2] for request in results[0][1]]
+    assert sent.count(("GET", "/status?code=503")) == int(retries) + 1
+    assert sent.count(("POST", "/status?code=503")) == 1

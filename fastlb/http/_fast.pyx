@@ -1,9 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The C engine of HTTP mode: the common request served without Python objects or libuv.
 
-What it serves: on a plain or TLS bind of a balancer with nothing per request in Python beyond routing (no
-sticky sessions, captured headers or retried statuses; see fastlb/http/fast.py), with its access log
-(lines formatted here, written by fastlb/_accesslog.pyx's thread) and header rules, a keep-alive
+What it serves: on a plain or TLS bind of a balancer with nothing per request in Python beyond routing and
+picking (see fastlb/http/fast.py), with its access log (lines formatted here, written by
+fastlb/_accesslog.pyx's thread), header rules, hashing keys, sticky sessions (a C cache of what each
+Cookie header means to the rule) and --retry-on statuses (listed and retryable: Python's), a keep-alive
 HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
 OPTIONS; no body, or a Content-Length body) is complete in one read, made of bytes a strict subset of RFC 9112 allows, and
 whose backend answers with a plain response complete in one read (fastlb/http/_scan.pxi).
@@ -41,25 +42,36 @@ bind (errors, bodies, upgrades, its timeouts and counts). When the Python side c
 written to the client (within keepalive_timeout), then a close_notify; the client's end is passed on as
 an EOF. Rare by design (what the engine does not serve), it costs one extra local hop per byte.
 """
-from libc.stdlib cimport malloc, free, realloc
+from libc.stdlib cimport malloc, calloc, free, realloc
 from libc.string cimport memcpy, memcmp, memmove, strlen
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint32_t, int32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
+from cpython.tuple cimport PyTuple_GET_ITEM
+from cpython.list cimport PyList_GET_ITEM
+from cpython.dict cimport PyDict_GetItem
+from cpython.float cimport PyFloat_AS_DOUBLE
 from fastlb._posix cimport *
-from fastlb.http.reuse cimport may_reuse
+from fastlb.http.reuse cimport may_reuse, may_send_again_on
 from fastlb._accesslog cimport LogWriter
 from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS
 # Deadline kinds (the sweep's; a connection's first request waits for WAIT_HEAD, then WAIT_IDLE between
 # requests, WAIT_BACKEND for a response; a TLS connection its handshake first) and the pool's hashing key,
 # as the Python side names them.
 from fastlb.constants cimport (WAIT_NONE, WAIT_HEAD, WAIT_IDLE, WAIT_BACKEND, WAIT_HANDSHAKE, WAIT_TUNNEL_FLUSH,
-                               KEY_NONE, KEY_SOURCE, KEY_URI, KEY_PATH)
+                               KEY_NONE, KEY_SOURCE, KEY_URI, KEY_PATH, KEY_HEADER, KEY_COOKIE, KEY_QUERY,
+                               STICKY_NONE, STICKY_COOKIE_INSERT, STICKY_COOKIE_PREFIX, STICKY_LEARN_COOKIE,
+                               STICKY_LEARN_HEADER, STICKY_SOURCE)
 from fastlb._openssl cimport *
 
+from fastlb.http.headers import IDEMPOTENT_METHODS
+
+from os import urandom
+
 include "_scan.pxi"
+
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
@@ -76,7 +88,9 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef enum:
     SCRATCH = 65536
     MAX_EVENTS = 256
-    MAX_IOV = MAX_SPANS + 4
+    MAX_IOV = MAX_SPANS + 5    # the head's spans, Connection: close, the added block, the insert cookie, CRLF, body
+    COOKIE_CACHE = 4096        # distinct Cookie headers whose meaning (sticky rules) the engine keeps
+    MAX_CACHED_COOKIE = 4096   # a longer Cookie header is looked up in Python every time
     MAX_FAST_HEAD = 12288      # a longer request head (or added block) goes to the Python path
 
 # What a socket in the epoll set is (the first field of both structs).
@@ -104,7 +118,12 @@ cdef enum:
     H_IS_CONNECTION = 3
     H_IS_LENGTH = 4    # Content-Length: a body whole in the same read is served
     H_ADOPT = 5        # anything else the Python path handles (chunked, Upgrade, Expect, X-Forwarded-For...)
+    H_CAPTURE = 8      # H_CAPTURE + i: its value is kept (capture slot i: a hashing key, a sticky rule's)
     H_KEY = 16         # H_KEY + i: forwarded, and its value is the key of `header:` rate limits of slot i
+
+# Request headers the engine keeps (Router.capture's, for a pool without routing rules): capture slots.
+cdef enum:
+    MAX_CAPTURES = 3   # the hashing key's header, the learned session's header, Cookie
 
 cdef struct Backend
 cdef struct Client
@@ -170,6 +189,12 @@ cdef struct Client:
     unsigned char counted         # in the admission table's connections per source: leave() on close
     uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
     int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
+    uint32_t cap_start[MAX_CAPTURES]      # the request's captured headers in buf
+    int32_t cap_len[MAX_CAPTURES]         # -1: absent
+    # Sticky sessions: what the request's Cookie header means (from the engine's cache of them).
+    int pin_slot                # the backend its cookie pins (-1: none)
+    PyObject *session           # cookie insert: its valid, unexpired session (Sticky.pin's third), or NULL
+    PyObject *learned           # learn:NAME: the session id its cookie carries (b"": none), or NULL
     # TLS (fastlb/http/_etls.pxi); ssl NULL on a plain bind.
     SSL *ssl
     unsigned char alpn            # ALPN_*: what the handshake agreed on
@@ -202,10 +227,34 @@ cdef struct Listener:
 include "_etls.pxi"
 
 
+cdef struct CookieEntry:
+    # One raw Cookie header and what it means to the pool's sticky rule (Sticky.cookie_facts): a
+    # keep-alive client sends the same header every time, so the parse and the HMAC run once per value.
+    char *key              # a copy of the header (NULL: a free entry)
+    uint32_t key_len
+    uint64_t hash
+    PyObject *session      # insert: the signed session tuple (backend, first, last, line), or NULL
+    double first, last     # its times (the maxlife / maxidle checks are per request)
+    int pin_slot           # the backend the session (insert) or the cookie (prefix) names; -1: none
+    PyObject *forwarded    # the Cookie header forwarded (prefix, insert+indirect), or NULL: as sent
+    PyObject *learned      # learn:NAME: the session id (bytes; b"": none)
+
+
 cdef struct HeaderRule:
     const char *name       # lower-case
     int length
     int action
+
+
+cdef extern from "<time.h>" nogil:
+    enum: CLOCK_REALTIME
+
+
+cdef inline double wall_now() noexcept nogil:
+    """time.time(): Sticky.clock, which cookie times are in."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef inline double monotonic_now() noexcept nogil:
@@ -247,6 +296,99 @@ cdef bint valid_simple_host(const unsigned char *p, Py_ssize_t n):
             return False
         i += 1
     return True
+
+
+cdef inline bint is_space(unsigned char ch) noexcept:
+    """bytes.strip()'s whitespace."""
+    return ch == 32 or 9 <= ch <= 13
+
+
+cdef object cookie_key(const unsigned char *p, Py_ssize_t n, const char *name, Py_ssize_t name_len):
+    """fastlb/http/routing.py's cookie_value (the hashing key cookie:NAME) on a Cookie header: the first
+    pair NAME=value (pairs split at ';' and stripped), its value stripped of '"'; None when absent or
+    empty."""
+    cdef Py_ssize_t start = 0, end, a, b, eq
+    while start <= n:
+        end = start
+        while end < n and p[end] != 59:                       # ';'
+            end += 1
+        a, b = start, end
+        while a < b and is_space(p[a]):
+            a += 1
+        while b > a and is_space(p[b - 1]):
+            b -= 1
+        eq = a
+        while eq < b and p[eq] != 61:                         # '='
+            eq += 1
+        if eq < b and eq - a == name_len and memcmp(p + a, name, name_len) == 0:
+            a = eq + 1
+            while a < b and p[a] == 34:                       # '"'
+                a += 1
+            while b > a and p[b - 1] == 34:
+                b -= 1
+            return PyBytes_FromStringAndSize(<const char *>p + a, b - a) if b > a else None
+        start = end + 1
+    return None
+
+
+cdef inline int hex_value(unsigned char ch) noexcept:
+    if 48 <= ch <= 57:
+        return ch - 48
+    if 97 <= ch <= 102:
+        return ch - 87
+    if 65 <= ch <= 70:
+        return ch - 55
+    return -1
+
+
+cdef Py_ssize_t unquote(const unsigned char *p, Py_ssize_t n, char *out, bint plus) noexcept:
+    """urllib.parse.unquote_to_bytes on p[:n] into out (after '+' -> ' ' when plus); its length."""
+    cdef Py_ssize_t i = 0, size = 0
+    cdef int high, low
+    while i < n:
+        if p[i] == 37 and i + 2 < n:                          # '%' and two hex digits
+            high = hex_value(p[i + 1])
+            low = hex_value(p[i + 2])
+            if high >= 0 and low >= 0:
+                out[size] = <char>(high * 16 + low)
+                size += 1
+                i += 3
+                continue
+        out[size] = 32 if plus and p[i] == 43 else <char>p[i]
+        size += 1
+        i += 1
+    return size
+
+
+cdef object query_key(const unsigned char *url, Py_ssize_t n, const char *name, Py_ssize_t name_len,
+                      char *decoded):
+    """fastlb/http/routing.py's query_value (the hashing key query:NAME) on a request target: the first
+    parameter named NAME (as sent or percent-decoded), its value decoded ('+' is a space); None when
+    absent or empty. decoded: room for n bytes."""
+    cdef Py_ssize_t start = 0, end, eq, size
+    while start < n and url[start] != 63:                     # '?'
+        start += 1
+    if start == n:
+        return None
+    start += 1
+    end = start
+    while end < n and url[end] != 35:                         # '#': the query ends there
+        end += 1
+    n = end
+    while start <= n:
+        end = start
+        while end < n and url[end] != 38:                     # '&'
+            end += 1
+        eq = start
+        while eq < end and url[eq] != 61:                     # '='
+            eq += 1
+        if (eq - start == name_len and memcmp(url + start, name, name_len) == 0) or (
+                unquote(url + start, eq - start, decoded, False) == name_len
+                and memcmp(decoded, name, name_len) == 0):
+            size = unquote(url + eq + 1, end - eq - 1, decoded, True) if eq < end else 0
+            return PyBytes_FromStringAndSize(decoded, size) if size else None
+        start = end + 1
+    return None
 
 
 cdef inline Py_ssize_t put(char *out, Py_ssize_t at, const void *data, Py_ssize_t size) noexcept:
@@ -326,6 +468,30 @@ cdef class Engine:
     cdef int nkeys             # key headers recorded per request (H_KEY actions)
     cdef object limited_response
     cdef bytes too_many_close
+    # Hashing keys on a header, cookie or query parameter, and sticky sessions (a pool without routing
+    # rules; set_captures): the captured headers' slots (-1: not captured), the key's name.
+    cdef int cap_hash, cap_sticky, cap_cookie, ncaps
+    cdef bint cookie_held          # the Cookie header is re-emitted after the others (sticky rewrites it)
+    cdef bytes key_name            # cookie:NAME / query:NAME (case-sensitive)
+    cdef char *decoded             # query keys: a parameter's name or value percent-decoded
+    cdef object sticky             # the pool's fastlb.sticky.Sticky, or None
+    cdef int sticky_kind           # its kind (0: none)
+    cdef double maxidle, maxlife, refresh_after
+    cdef CookieEntry *cookie_cache # COOKIE_CACHE entries (cookie kinds)
+    cdef uint64_t cookie_seed
+    cdef object select_sticky, store_miss, cookie_facts, cookie_line, record
+    # source / learned ids: the pool's StickTable read in place (its OrderedDict of key -> [id, expires]);
+    # a fresh hit is served here, anything else by Sticky.pinned_by_key (select_sticky).
+    cdef object table_entries, table_touch
+    cdef double touch_before            # StickTable.touch_due: less than this left before expiry
+    cdef dict ident_slots               # backend id -> slot
+    cdef int table_hit_slot
+    cdef tuple response_watch      # response header names that send a response to the Python path
+    cdef PyObject **fresh_line     # per slot: a new session's Set-Cookie line (insert) of second fresh_second
+    cdef long long *fresh_second
+    cdef int *attempts             # per slot: its pool's attempts per request (retries + 1)
+    cdef unsigned char retry_status[600]   # --retry-on statuses
+    cdef Py_ssize_t replay_limit   # a request over this many bytes (protocol.REPLAY_LIMIT) is never re-sent
 
     def __cinit__(self):
         self.epfd = -1
@@ -339,6 +505,11 @@ cdef class Engine:
         self.dead_backends = NULL
         self.listeners = NULL
         self.tunnels = NULL
+        self.cookie_cache = NULL
+        self.decoded = NULL
+        self.fresh_line = NULL
+        self.fresh_second = NULL
+        self.attempts = NULL
         self.max_clients = 1 << 40
         self.accept_paused = False
 
@@ -386,14 +557,18 @@ cdef class Engine:
         self.tls_contexts = []
         self.rule_names = []
         key_headers = admission.engine_headers if admission is not None else []
-        self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + len(key_headers) + 1))
+        captures = self.set_captures(glue, action_codes, request_actions)
+        self.rules = <HeaderRule *>malloc(sizeof(HeaderRule) * (len(request_actions) + len(key_headers)
+                                                                + len(captures) + 1))
         if self.rules == NULL:
             raise MemoryError()
         for name, action in request_actions.items():
             self.rule_names.append(name)
             self.rules[i].name = <const char *>PyBytes_AS_STRING(name)
             self.rules[i].length = len(name)
-            if action == action_codes["drop"]:
+            if name in captures:                  # Cookie, held back (fast.py: no other name is both)
+                self.rules[i].action = H_CAPTURE + captures.pop(name)
+            elif action == action_codes["drop"]:
                 self.rules[i].action = H_SKIP
             elif action == action_codes["host"]:
                 self.rules[i].action = H_IS_HOST
@@ -409,6 +584,12 @@ cdef class Engine:
             self.rules[i].name = <const char *>PyBytes_AS_STRING(name)
             self.rules[i].length = len(name)
             self.rules[i].action = H_KEY + slot
+            i += 1
+        for name, slot in captures.items():
+            self.rule_names.append(name)
+            self.rules[i].name = <const char *>PyBytes_AS_STRING(name)
+            self.rules[i].length = len(name)
+            self.rules[i].action = H_CAPTURE + slot
             i += 1
         self.nkeys = len(key_headers)
         self.nrules = i
@@ -427,6 +608,59 @@ cdef class Engine:
         self.wall_offset = glue.wall_offset
         self.log_names = []
         self.response_dropped = settings.response_dropped
+        self.response_watch = settings.response_watch
+        for status in settings.retry_statuses:
+            if 0 <= status < 600:
+                self.retry_status[status] = 1
+        self.replay_limit = glue.replay_limit
+
+    cdef dict set_captures(self, glue, dict action_codes, dict request_actions):
+        """The headers a pool without routing rules needs kept (its hashing key's header, its sticky
+        rule's header or Cookie) -> capture slot; and the sticky rule's settings (glue.sticky: the
+        pool's fastlb.sticky.Sticky, or None). fast.py checks the engine may serve the rest."""
+        cdef dict captures = {}
+        route = glue.route
+        sticky = self.sticky = glue.sticky
+        self.cap_hash = self.cap_sticky = self.cap_cookie = -1
+        self.key_name = b""
+        self.cookie_held = request_actions.get(b"cookie") == action_codes["cookie"]
+        if route is not None and self.key_kind == KEY_HEADER:
+            self.cap_hash = captures.setdefault(route.key_name, len(captures))
+        elif route is not None and self.key_kind in (KEY_COOKIE, KEY_QUERY):
+            self.key_name = route.key_name
+            if self.key_kind == KEY_COOKIE:
+                self.cap_cookie = captures.setdefault(b"cookie", len(captures))
+        self.sticky_kind = sticky.kind if sticky is not None else STICKY_NONE
+        if sticky is not None:
+            self.maxidle = sticky.maxidle or 0.0
+            self.maxlife = sticky.maxlife or 0.0
+            self.refresh_after = sticky.refresh_after
+            if self.sticky_kind == STICKY_LEARN_HEADER:
+                self.cap_sticky = captures.setdefault(sticky.lname, len(captures))
+            elif self.sticky_kind != STICKY_SOURCE:
+                self.cap_cookie = captures.setdefault(b"cookie", len(captures))
+                self.cookie_cache = <CookieEntry *>calloc(COOKIE_CACHE, sizeof(CookieEntry))
+                if self.cookie_cache == NULL:
+                    raise MemoryError()
+                self.cookie_seed = <uint64_t>int.from_bytes(urandom(8), "little")
+            self.select_sticky = glue.select_sticky
+            self.record = sticky.record
+            if sticky.table is not None:
+                self.table_entries = sticky.table.entries
+                self.table_touch = sticky.table.entries.move_to_end
+                self.touch_before = sticky.table.ttl * 0.75
+                self.ident_slots = {ident: self.slot_of(backend) for ident, backend in sticky.by_id.items()}
+            self.store_miss = glue.STORE_MISS
+            self.cookie_facts = sticky.cookie_facts
+            self.cookie_line = sticky.response_block
+        if self.cookie_held:
+            self.cap_cookie = captures.setdefault(b"cookie", len(captures))
+        if self.key_kind == KEY_QUERY:
+            self.decoded = <char *>malloc(SCRATCH)
+            if self.decoded == NULL:
+                raise MemoryError()
+        self.ncaps = len(captures)
+        return captures
 
     cdef inline long long request_size(self, Client *c) noexcept:
         """The request's bytes to the backend as both paths count them (protocol.py's out_size: an
@@ -450,6 +684,7 @@ cdef class Engine:
                              c.url_end - c.url_start)
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
         if self.epfd >= 0:
             close(self.epfd)
         free(self.scratch)
@@ -457,6 +692,17 @@ cdef class Engine:
         free(self.rules)
         free(self.idle)
         free(self.idle_count)
+        free(self.attempts)
+        free(self.decoded)
+        if self.fresh_line != NULL:
+            for i in range(len(self.backends)):
+                Py_XDECREF(self.fresh_line[i])
+        free(self.fresh_line)
+        free(self.fresh_second)
+        if self.cookie_cache != NULL:
+            for i in range(COOKIE_CACHE):
+                self.forget_cookie(&self.cookie_cache[i])
+        free(self.cookie_cache)
 
     @property
     def fileno(self):
@@ -605,6 +851,8 @@ cdef class Engine:
             memcpy(c.forward + before, ip, ip_len)
             memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
+        c.session = c.learned = NULL
+        c.pin_slot = -1
         c.counted = self.limiter is not None and l.ctx == NULL
         c.ip_len = <int>min(ip_len, 47)
         memcpy(c.ip, ip, c.ip_len)
@@ -691,6 +939,9 @@ cdef class Engine:
         free(c.tls_block)
         free(c.up)
         c.buf = c.pending = c.forward = c.tls_block = c.up = NULL
+        Py_XDECREF(c.session)
+        Py_XDECREF(c.learned)
+        c.session = c.learned = NULL
         c.kind = IS_FREED
         c.tunnel.kind = IS_FREED
         if self.in_batch:
@@ -1053,8 +1304,14 @@ cdef class Engine:
         cdef Py_ssize_t lines_len = 0
         cdef uint32_t key_start[MAX_KEY_HEADERS]
         cdef int32_t key_len[MAX_KEY_HEADERS]
+        cdef uint32_t cap_start[MAX_CAPTURES]
+        cdef int32_t cap_len[MAX_CAPTURES]
+        cdef CookieEntry *cookie = NULL
+        cdef object forwarded
         for i in range(self.nkeys):
             key_len[i] = -1
+        for i in range(self.ncaps):
+            cap_len[i] = -1
         if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) + c.tls_block_len > MAX_FAST_HEAD:
             return False                                    # keeps every part below within headbuf
         # Request line: a common method, an origin-form target, HTTP/1.1.
@@ -1125,6 +1382,14 @@ cdef class Engine:
                 key_start[action - H_KEY] = <uint32_t>value_start
                 key_len[action - H_KEY] = <int32_t>(pos - value_start)
                 action = H_FORWARD
+            elif action >= H_CAPTURE:
+                # Kept for a hashing key or a sticky rule; a repeated one is the Python path's (it joins them).
+                i = action - H_CAPTURE
+                if cap_len[i] >= 0:
+                    return False
+                cap_start[i] = <uint32_t>value_start
+                cap_len[i] = <int32_t>(pos - value_start)
+                action = H_SKIP if i == self.cap_cookie and self.cookie_held else H_FORWARD
             if action == H_FORWARD:
                 lines_len = put(lines, lines_len, p + name_start, name_end - name_start)
                 lines_len = put_line(lines, lines_len, b": ", 2, p + value_start, pos - value_start)
@@ -1155,6 +1420,18 @@ cdef class Engine:
             return False
         hlen = put_line(h, hlen, b"", 0, p + host_start, host_end - host_start)      # after "Host: "
         hlen = put(h, hlen, lines, lines_len)
+        if self.cookie_cache != NULL and self.cap_cookie >= 0 and cap_len[self.cap_cookie] >= 0:
+            cookie = self.cookie_entry(p + cap_start[self.cap_cookie], cap_len[self.cap_cookie])
+            if cookie == NULL:
+                return False
+        if self.cookie_held and cap_len[self.cap_cookie] >= 0:
+            # Re-emitted after the other lines, as the sticky rule forwards it (protocol.py's order).
+            if cookie != NULL and cookie.forwarded != NULL:
+                forwarded = <object>cookie.forwarded
+                if len(forwarded):
+                    hlen = put_line(h, hlen, b"Cookie: ", 8, PyBytes_AS_STRING(forwarded), len(forwarded))
+            elif cap_len[self.cap_cookie]:
+                hlen = put_line(h, hlen, b"Cookie: ", 8, p + cap_start[self.cap_cookie], cap_len[self.cap_cookie])
         if self.forwarded_for:
             hlen = put(h, hlen, c.forward, c.forward_len)
             hlen = put_line(h, hlen, b"X-Forwarded-Host: ", 18, p + host_start, host_end - host_start)
@@ -1184,7 +1461,84 @@ cdef class Engine:
         for i in range(self.nkeys):
             c.key_start[i] = key_start[i]
             c.key_len[i] = key_len[i]
+        for i in range(self.ncaps):
+            c.cap_start[i] = cap_start[i]
+            c.cap_len[i] = cap_len[i]
+        self.pin_by_cookie(c, cookie)
         return True
+
+    cdef CookieEntry *cookie_entry(self, const unsigned char *p, Py_ssize_t n):
+        """What the Cookie header p[:n] means to the sticky rule: from the cache, or asked of the rule
+        once (Sticky.cookie_facts) and cached. NULL: the rule failed, or the header is too long to cache
+        (the Python path's)."""
+        cdef uint64_t h = self.cookie_seed ^ 1469598103934665603ULL
+        cdef Py_ssize_t i
+        cdef CookieEntry *e
+        cdef object facts, session, prefixed
+        if n > MAX_CACHED_COOKIE:
+            return NULL
+        for i in range(n):                  # FNV-1a, seeded per process: entries cannot be aimed at
+            h = (h ^ p[i]) * 1099511628211ULL
+        e = &self.cookie_cache[h % COOKIE_CACHE]
+        if e.key != NULL and e.hash == h and e.key_len == n and memcmp(e.key, p, n) == 0:
+            return e
+        try:
+            facts = self.cookie_facts(PyBytes_FromStringAndSize(<const char *>p, n))
+        except Exception:
+            return NULL
+        self.forget_cookie(e)
+        e.key = <char *>malloc(n + 1)
+        if e.key == NULL:
+            return NULL
+        memcpy(e.key, p, n)
+        e.key_len = <uint32_t>n
+        e.hash = h
+        session, prefixed, forwarded, learned = facts
+        e.pin_slot = -1
+        if session is not None:
+            e.session = <PyObject *>session
+            Py_INCREF(session)
+            e.pin_slot = self.slot_of(session[0])
+            e.first = session[1]
+            e.last = session[2]
+        elif prefixed is not None:
+            e.pin_slot = self.slot_of(prefixed)
+        if forwarded is not None:
+            e.forwarded = <PyObject *>forwarded
+            Py_INCREF(forwarded)
+        e.learned = <PyObject *>learned
+        Py_INCREF(learned)
+        return e
+
+    cdef void forget_cookie(self, CookieEntry *e):
+        free(e.key)
+        e.key = NULL
+        Py_XDECREF(e.session)
+        Py_XDECREF(e.forwarded)
+        Py_XDECREF(e.learned)
+        e.session = e.forwarded = e.learned = NULL
+
+    cdef void pin_by_cookie(self, Client *c, CookieEntry *e):
+        """The request's pin as Sticky.pin gives it for its Cookie header: the backend its unexpired
+        insert session or prefix cookie names, the session (insert) for the response's cookie, the
+        learned id (learn:NAME). The client holds references until the next request."""
+        cdef double now
+        Py_XDECREF(c.session)
+        Py_XDECREF(c.learned)
+        c.session = c.learned = NULL
+        c.pin_slot = -1
+        if e == NULL:
+            return
+        if e.session != NULL:
+            if self.maxlife or self.maxidle:
+                now = wall_now()
+                if self.maxlife and now - e.first > self.maxlife or self.maxidle and now - e.last > self.maxidle:
+                    return                  # expired: balanced, and the response starts a new session
+            c.session = e.session
+            Py_INCREF(<object>c.session)
+        c.pin_slot = e.pin_slot
+        c.learned = e.learned
+        Py_INCREF(<object>c.learned)
 
     cdef int slot_of(self, backend) except -1:
         cdef object slot = self.slots.get(backend)
@@ -1196,10 +1550,17 @@ cdef class Engine:
             self.slot_capacity = self.slot_capacity * 2 if self.slot_capacity else 16
             self.idle = <Backend **>realloc(self.idle, sizeof(Backend *) * self.slot_capacity)
             self.idle_count = <int *>realloc(self.idle_count, sizeof(int) * self.slot_capacity)
-            if self.idle == NULL or self.idle_count == NULL:
+            self.attempts = <int *>realloc(self.attempts, sizeof(int) * self.slot_capacity)
+            self.fresh_line = <PyObject **>realloc(self.fresh_line, sizeof(PyObject *) * self.slot_capacity)
+            self.fresh_second = <long long *>realloc(self.fresh_second, sizeof(long long) * self.slot_capacity)
+            if (self.idle == NULL or self.idle_count == NULL or self.attempts == NULL or self.fresh_line == NULL
+                    or self.fresh_second == NULL):
                 raise MemoryError()
         self.idle[size] = NULL
         self.idle_count[size] = 0
+        self.attempts[size] = self.glue.pool_for(backend).attempts
+        self.fresh_line[size] = NULL
+        self.fresh_second[size] = -1
         self.backends.append(backend)
         self.slots[backend] = size
         return size
@@ -1208,8 +1569,7 @@ cdef class Engine:
         """A parsed request: to an idle connection of the backend the pool picks, else Python connects."""
         cdef object backend
         cdef object key = None
-        cdef object picked
-        cdef uint32_t end
+        cdef object picked, pinned = None, sticky_key = None
         cdef double wait
         if self.routed:
             picked = self.select_routed(
@@ -1233,25 +1593,96 @@ cdef class Engine:
             if wait > 0.0:
                 self.answer(c, self.limited_response(wait, c.close_after))
                 return
-        if self.key_kind == KEY_SOURCE:
-            key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
-        elif self.key_kind == KEY_URI:
-            key = PyBytes_FromStringAndSize(c.buf + c.url_start, c.url_end - c.url_start)
-        elif self.key_kind == KEY_PATH:
-            end = c.url_start
-            while end < c.url_end and c.buf[end] != 63:          # '?'
-                end += 1
-            key = PyBytes_FromStringAndSize(c.buf + c.url_start, end - c.url_start)
-        backend = self.select(key)
+        key = self.hash_key(c)
+        if self.sticky_kind == STICKY_NONE:
+            backend = self.select(key, None)
+        elif self.sticky_kind == STICKY_COOKIE_INSERT or self.sticky_kind == STICKY_COOKIE_PREFIX:
+            pinned = self.backends[c.pin_slot] if c.pin_slot >= 0 else None
+            backend = self.select(key, pinned)
+        else:
+            # A learned or source key: the pool's table (Sticky.pinned_by_key) is read by select_sticky.
+            if self.sticky_kind == STICKY_SOURCE:
+                sticky_key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
+            elif self.sticky_kind == STICKY_LEARN_COOKIE:
+                sticky_key = <object>c.learned if c.learned != NULL and len(<object>c.learned) else None
+            elif c.cap_len[self.cap_sticky] > 0:       # learn:header:NAME (Sticky.pin: an empty one is none)
+                sticky_key = PyBytes_FromStringAndSize(c.buf + c.cap_start[self.cap_sticky],
+                                                       c.cap_len[self.cap_sticky])
+            if sticky_key is None:
+                backend = self.select(key, None)
+            elif self.table_hit(sticky_key) >= 0:
+                # In the local table and fresh: its backend preferred; another pick sticks from now on.
+                pinned = self.backends[self.table_hit_slot]
+                backend = self.select(key, pinned)
+                if backend is not None and backend is not pinned:
+                    self.record(sticky_key, backend)
+            else:
+                picked = self.select_sticky(key, sticky_key)
+                if picked is self.store_miss:
+                    # Not in the local table, and the shared store is up: Python asks it (bounded, as the
+                    # Python path does), then connects; the request stays the engine's.
+                    self.go_connect(c, None, key, None, sticky_key)
+                    return
+                backend, pinned = picked
         if backend is None:
             # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers
             # (the rate limits were checked above: it must not count the request again).
             self.adopt(c, c.buf, c.req_len, self.limiter is not None)
             return
-        self.place(c, backend, key)
+        self.place(c, backend, key, pinned, sticky_key)
 
-    cdef void place(self, Client *c, object backend, object key):
-        """The request goes to `backend` (its slot taken): on an idle connection, or Python connects."""
+    cdef int table_hit(self, object key):
+        """StickTable.get + Sticky.pinned_by_key for the common case, in place: key's entry, unexpired,
+        naming a backend of the pool, with no store TTL refresh due, moved to the LRU end; its slot (also
+        in table_hit_slot). -1 for anything else: then Python's own code runs (expiry, refresh, miss)."""
+        cdef PyObject *entry = PyDict_GetItem(self.table_entries, key)
+        cdef PyObject *slot
+        cdef double left
+        self.table_hit_slot = -1
+        if entry == NULL:
+            return -1
+        left = PyFloat_AS_DOUBLE(<object>PyList_GET_ITEM(<object>entry, 1)) - monotonic_now()
+        if left <= 0.0 or left < self.touch_before:
+            return -1
+        slot = PyDict_GetItem(self.ident_slots, <object>PyList_GET_ITEM(<object>entry, 0))
+        if slot == NULL:
+            return -1
+        self.table_touch(key)
+        self.table_hit_slot = <int><object>slot
+        return self.table_hit_slot
+
+    cdef object hash_key(self, Client *c):
+        """The request's hashing key, as RoutePool.key gives it (None: no key)."""
+        cdef uint32_t end
+        cdef int slot
+        if self.key_kind == KEY_SOURCE:
+            return PyBytes_FromStringAndSize(c.ip, c.ip_len)
+        if self.key_kind == KEY_URI:
+            return PyBytes_FromStringAndSize(c.buf + c.url_start, c.url_end - c.url_start)
+        if self.key_kind == KEY_PATH:
+            end = c.url_start
+            while end < c.url_end and c.buf[end] != 63:          # '?'
+                end += 1
+            return PyBytes_FromStringAndSize(c.buf + c.url_start, end - c.url_start)
+        if self.key_kind == KEY_HEADER:
+            slot = self.cap_hash
+            if c.cap_len[slot] < 0:
+                return None
+            return PyBytes_FromStringAndSize(c.buf + c.cap_start[slot], c.cap_len[slot])
+        if self.key_kind == KEY_COOKIE:
+            slot = self.cap_cookie
+            if c.cap_len[slot] <= 0:
+                return None
+            return cookie_key(<const unsigned char *>c.buf + c.cap_start[slot], c.cap_len[slot],
+                              PyBytes_AS_STRING(self.key_name), len(self.key_name))
+        if self.key_kind == KEY_QUERY:
+            return query_key(<const unsigned char *>c.buf + c.url_start, c.url_end - c.url_start,
+                             PyBytes_AS_STRING(self.key_name), len(self.key_name), self.decoded)
+        return None
+
+    cdef void place(self, Client *c, object backend, object key, object pinned=None, object sticky_key=None):
+        """The request goes to `backend` (its slot taken): on an idle connection, or Python connects
+        (pinned, sticky_key: the request's sticky pin and key, for the pool's retries and the record)."""
         cdef int slot = self.slot_of(backend)
         cdef Backend *b = self.idle[slot]
         c.slot = slot
@@ -1259,10 +1690,15 @@ cdef class Engine:
             self.unpark(b)
             self.attach(c, b)
             return
+        self.go_connect(c, backend, key, pinned, sticky_key)
+
+    cdef void go_connect(self, Client *c, object backend, object key, object pinned, object sticky_key):
+        """Python connects a backend for c (`backend`: the pick, its slot taken; None: the pool picks
+        after asking the session store for sticky_key) and hands the socket back (connected())."""
         c.state = CONNECTING
         c.deadline_kind = WAIT_NONE
         self.connects += 1
-        self.glue.connect(<uintptr_t>c, backend, key)
+        self.glue.connect(<uintptr_t>c, backend, key, pinned, sticky_key)
 
     cdef void attach(self, Client *c, Backend *b):
         b.client = c
@@ -1358,7 +1794,7 @@ cdef class Engine:
         cdef iovec iov[MAX_IOV]
         cdef int count = 0, i
         cdef bint close, ok
-        cdef object backend
+        cdef object backend, cookie_line
         if c == NULL:
             # An idle connection readable: the backend closed it (or sent bytes nobody asked for).
             self.unpark(b)
@@ -1368,9 +1804,13 @@ cdef class Engine:
         if n < 0 and (errno == EAGAIN or errno == EINTR):
             return
         if (n <= 0 or n == SCRATCH
-                or not scan_plain(<const unsigned char *>self.scratch, n, (), self.response_dropped, &found)
-                or found.body_start > self.max_response_header_size):
-            # Closed, failed, or a response the engine does not forward itself: Python's from here.
+                or not scan_plain(<const unsigned char *>self.scratch, n, self.response_watch,
+                                  self.response_dropped, &found)
+                or found.body_start > self.max_response_header_size
+                or self.retry_status[found.status] and self.may_send_again(c)):
+            # Closed, failed, a response the engine does not forward itself (or that carries a header
+            # the sticky rule reads), or one --retry-on names for a request that may go to another
+            # backend: Python's from here, which retries or answers by the same rules.
             self.adopt(c, self.scratch, n if n > 0 else 0)
             return
         close = c.close_after or self.draining
@@ -1386,6 +1826,12 @@ cdef class Engine:
             iov[count].iov_base = PyBytes_AS_STRING(self.response_block)
             iov[count].iov_len = len(self.response_block)
             count += 1
+        if self.sticky_kind == STICKY_COOKIE_INSERT:
+            cookie_line = self.insert_cookie(c)
+            if len(cookie_line):
+                iov[count].iov_base = PyBytes_AS_STRING(cookie_line)
+                iov[count].iov_len = len(cookie_line)
+                count += 1
         iov[count].iov_base = <char *>b"\r\n"
         iov[count].iov_len = 2
         count += 1
@@ -1411,6 +1857,35 @@ cdef class Engine:
                              max(0.0, c.sent_at - c.started))
         c.close_after = close
         self.write_answer(c, iov, count)
+
+    cdef bint may_send_again(self, Client *c):
+        """reuse.may_send_again for the engine's request, its first attempt: nothing of a response
+        reached the client, the engine holds every byte of it (replayable while as small as the Python
+        path keeps), and it is idempotent or none of it was written."""
+        return may_send_again_on(False, self.request_size(c) <= self.replay_limit,
+                                 PyBytes_FromStringAndSize(c.buf, c.method_len) in IDEMPOTENT_METHODS,
+                                 c.head_sent > 0, 1, self.attempts[c.slot])
+
+    cdef object insert_cookie(self, Client *c):
+        """The Set-Cookie line (cookie insert) naming the backend that answered, as
+        Sticky.response_block gives it: the client's session re-sent while fresh (b"" when indirect),
+        else a new session's line, made once per backend per second."""
+        cdef object session
+        cdef long long second
+        cdef object line
+        if c.session != NULL and c.pin_slot == c.slot:
+            session = <object>c.session
+            if not self.refresh_after or wall_now() - <double>session[2] < self.refresh_after:
+                return <object>PyTuple_GET_ITEM(session, 3)
+            return self.cookie_line(session, self.backends[c.slot])
+        second = <long long>wall_now()
+        if self.fresh_second[c.slot] != second:
+            line = self.cookie_line(None, self.backends[c.slot])
+            Py_XDECREF(self.fresh_line[c.slot])
+            self.fresh_line[c.slot] = <PyObject *>line
+            Py_INCREF(line)
+            self.fresh_second[c.slot] = second
+        return <object>self.fresh_line[c.slot]
 
     cdef void write_answer(self, Client *c, iovec *iov, int count):
         """Writes an answer to the client; what the socket does not take now waits in c.pending."""

@@ -6,11 +6,13 @@ request from Python beyond routing it (when there are rules), picking a backend 
 Python path alone (the tests run both ways). The engine serves, with the Python path's semantics, the
 access log (lines formatted in C into the same writer as the Python path's: fastlb/_accesslog.pyx),
 request and response header rules (`--request-header-set/delete`, `--response-header-set/delete`,
-`--via`), X-Forwarded-For, hashing keys by source, uri or path, routing rules, and TLS binds (the
-handshake and records in C, on the bind's ServerTLS.native: fastlb/http/_etls.pxi). Still the Python
-path's: redirect and PROXY-protocol binds, TLS binds when the C contexts are not built or a pool sets
-HSTS, sticky sessions and captured headers, other hashing keys, retried statuses (`--retry-on` codes),
-TLS to backends.
+`--via`), X-Forwarded-For, every hashing key, routing rules, TLS binds (the handshake and records in C,
+on the bind's ServerTLS.native: fastlb/http/_etls.pxi), sticky sessions (without routing rules:
+`select()` gets the backend a cookie pins, `select_sticky()` reads the stick table) and `--retry-on`
+statuses. Still the Python path's: redirect and PROXY-protocol binds, TLS binds when the C contexts are
+not built or a pool sets HSTS, sticky sessions and header/cookie keys with routing rules, TLS to backends
+(`why_not` lists what applies; `handed_over` what the engine serving a bind still hands over because of
+the config; both logged at start).
 
 The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls
 `select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
@@ -23,9 +25,10 @@ import logging
 import os
 import socket
 
-from fastlb.constants import KEY_NONE, KEY_PATH, KEY_SOURCE, KEY_URI, MAX_KEY_HEADERS
+from fastlb.constants import (KEY_COOKIE, KEY_HEADER, KEY_NONE, KEY_PATH, KEY_QUERY, KEY_SOURCE, KEY_URI,
+                              MAX_KEY_HEADERS)
 from fastlb.http import errors
-from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_DROP, H_HOST
+from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_HOST
 from fastlb.l4 import ACCEPT_PAUSE, DETACHED
 from fastlb.pool import NoBackendError, QueueError
 from fastlb.tls import format_subject
@@ -34,51 +37,85 @@ log = logging.getLogger("fastlb")
 
 ENGINE_ENV = "FASTLB_HTTP_ENGINE"      # "python": the engine stays off (tests compare both paths)
 # Hashing keys the engine computes itself (RoutePool.key_kind -> Engine.key_kind).
-KEY_KINDS = {None: KEY_NONE, "source": KEY_SOURCE, "uri": KEY_URI, "path": KEY_PATH}
+KEY_KINDS = {None: KEY_NONE, "source": KEY_SOURCE, "uri": KEY_URI, "path": KEY_PATH, "header": KEY_HEADER,
+             "cookie": KEY_COOKIE, "query": KEY_QUERY}
+CAPTURED_KEYS = ("header", "cookie")   # keys on a request header: the engine keeps them without rules
+STORE_MISS = object()                  # select_sticky: not in the local table, ask the shared store
 
 
 def why_not(runtime, bind, server_tls=None) -> str | None:
-    """Why the engine cannot serve this bind (None: it can); server_tls: a TLS bind's fastlb.tls.ServerTLS."""
+    """Why the engine cannot serve this bind (server_tls: a TLS bind's fastlb.tls.ServerTLS): every
+    feature of the config that keeps it off, joined (None: it serves)."""
     settings = runtime.settings
-    routes = list(runtime.router.pools.values())
+    router = runtime.router
+    routes = list(router.pools.values())
     if os.environ.get(ENGINE_ENV, "c") == "python":
         return f"{ENGINE_ENV}=python"
-    if bind.redirect_https is not None or bind.accept_proxy:
-        return "redirect or PROXY-protocol bind"
+    reasons = []
     if bind.ssl:
         if server_tls is None or server_tls.native is None:
-            return "TLS bind without its C contexts (fastlb._crelay not built, or OpenSSL refused the files)"
+            reasons.append("TLS bind without its C contexts (fastlb._crelay not built, or OpenSSL refused the files)")
         if any(route.hsts_block for route in routes):
-            return "HSTS on a TLS bind"
+            reasons.append("HSTS on a TLS bind")
+    if bind.redirect_https is not None:
+        reasons.append("redirect bind")
+    if bind.accept_proxy:
+        reasons.append("PROXY-protocol bind")
     admission = runtime.admission
     if admission is not None and admission.python_keys:
-        return (f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source, "
-                f"route, header and cookie keys only")
+        reasons.append(f"rate limit keyed by {', '.join(admission.python_keys)}: the engine checks source, "
+                       f"route, header and cookie keys only")
     if admission is not None and admission.engine_headers:
-        if runtime.router.single is None:
-            return "rate limit keyed by a header or cookie, with routing rules"
-        if len(admission.engine_headers) > MAX_KEY_HEADERS or any(
+        if router.single is None:
+            reasons.append("rate limit keyed by a header or cookie, with routing rules")
+        elif len(admission.engine_headers) > MAX_KEY_HEADERS or any(
                 name in settings.request_actions for name in admission.engine_headers):
-            return f"rate limits keyed by more than {MAX_KEY_HEADERS} headers, or by one fastlb rewrites"
-    if any(route.sticky is not None for route in routes) or runtime.router.capture or settings.cookie_held:
-        return "sticky sessions or captured headers"
+            reasons.append(f"rate limits keyed by more than {MAX_KEY_HEADERS} headers, or by one fastlb "
+                           f"rewrites")
+        elif router.capture & set(admission.engine_headers):
+            reasons.append("a rate limit keyed by a header a hashing key or sticky rule also reads")
+    if router.single is None:
+        # With routing rules, Python routes each request (select_routed) and sees no captured header.
+        if any(rule.header_name for rule in router.rules):
+            reasons.append("routing rules on headers")
+        if any(route.sticky is not None for route in routes):
+            reasons.append("sticky sessions with routing rules")
+        if any(route.key_kind in CAPTURED_KEYS for route in routes):
+            reasons.append("hashing keys on a header or cookie with routing rules")
+    elif any(name in settings.request_actions and name != b"cookie" for name in router.capture):
+        reasons.append("a hashing key or sticky rule on a header fastlb sets or removes")
     for route in routes:
         if route.key_kind not in KEY_KINDS:
-            return f"hashing key {route.key_kind}"
+            reasons.append(f"hashing key {route.key_kind}")
     if runtime.observer is not None and runtime.observer.access_log is not None \
             and runtime.observer.access_log.writer is None:
-        return "access log without its C writer (fastlb._accesslog not built)"
+        reasons.append("access log without its C writer (fastlb._accesslog not built)")
     if not settings.fast_responses:
-        return "the response scanner is not built"
-    if settings.retry_statuses or settings.response_watch:
-        return "retried statuses or response headers a sticky rule reads"
+        reasons.append("the response scanner is not built")
     if any(backend.ssl_context is not None for route in routes for backend in route.pool.backends):
-        return "TLS to backends"
+        reasons.append("TLS to backends")
     try:
         from fastlb.http import _fast  # noqa: F401
     except ImportError:
-        return "the engine is not built"
-    return None
+        reasons.append("the engine is not built")
+    return "; ".join(reasons) or None
+
+
+def handed_over(runtime) -> list[str]:
+    """What the engine, serving a bind, still hands to the Python path because of the config (beyond
+    what it hands over whatever the config: malformed or unusual requests and responses)."""
+    settings = runtime.settings
+    handed = []
+    watch = [name.decode("latin-1") for name in settings.response_watch]
+    if watch:
+        handed.append(f"responses with {', '.join(watch)} (a sticky rule reads them)")
+    if settings.retry_statuses:
+        handed.append(f"responses with a --retry-on status ({', '.join(map(str, sorted(settings.retry_statuses)))}) "
+                      f"to a request that may be sent again")
+    if settings.cookie_held or runtime.router.capture:
+        handed.append("requests repeating a header a hashing key or sticky rule reads, or a Cookie header "
+                      "over 4096 bytes")
+    return handed
 
 
 class FastPath:
@@ -96,6 +133,10 @@ class FastPath:
         # picked is remembered for its connect and its release.
         self.route = runtime.router.single
         self.pool = self.route.pool if self.route is not None else None
+        self.sticky = self.route.sticky if self.route is not None else None
+        from fastlb.http.protocol import REPLAY_LIMIT
+        self.STORE_MISS = STORE_MISS
+        self.replay_limit = REPLAY_LIMIT
         self.pool_of: dict = {}
         self.no_tries: list = []              # select_now's `tried`: never appended to
         self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
@@ -110,7 +151,7 @@ class FastPath:
                              KEY_KINDS[self.route.key_kind] if self.route is not None else 0,
                              runtime.settings.request_actions,
                              {"drop": H_DROP, "host": H_HOST, "connection": H_CONNECTION,
-                              "content-length": H_CONTENT_LENGTH},
+                              "content-length": H_CONTENT_LENGTH, "cookie": H_COOKIE},
                              errors.response(408, True), runtime.admission,
                              runtime.admission.pool_ids.get(self.route.name, -3)
                              if runtime.admission is not None and self.route is not None else -1)
@@ -132,17 +173,34 @@ class FastPath:
         self.binds.append(bind)
         self.engine.listen(os.dup(sock.fileno()), len(self.binds) - 1,
                            server_tls.native if server_tls is not None else None, handshake_timeout)
+        handed = handed_over(self.runtime)
+        if handed:
+            log.info("%s: HTTP engine hands to the Python path: %s", bind.address, "; ".join(handed))
 
     # ---- called by the engine ----------------------------------------------------------------------
 
-    def select(self, key):
-        """A backend with a slot taken, or None: the Python path must queue or refuse."""
-        return self._take(self.pool, key)
+    def select(self, key, pinned):
+        """A backend with a slot taken, or None: the Python path must queue or refuse. pinned: the
+        backend a sticky cookie names (insert, prefix), preferred while it can serve."""
+        return self._take(self.pool, key, pinned)
 
-    def _take(self, pool, key):
+    def select_sticky(self, key, sticky_key):
+        """A learned or source sticky key (the pool without routing rules): (backend with a slot taken
+        or None, the backend its local table pins or None), as the Python path picks and records it;
+        STORE_MISS when not in the local table while the shared store is up (then connect() asks it)."""
+        sticky = self.sticky
+        pinned = sticky.pinned_by_key(sticky_key)
+        if pinned is None and sticky.store.shared and sticky.store.up:
+            return STORE_MISS
+        backend = self._take(self.pool, key, pinned)
+        if backend is not None and sticky.sticks(pinned, backend):
+            sticky.record(sticky_key, backend)
+        return backend, pinned
+
+    def _take(self, pool, key, pinned=None):
         """pool's pick with its slot taken; None when nothing can be picked now, or the pick speaks TLS
         (a backend added at run time: the engine relays plain bytes)."""
-        backend = pool.select_now(key, self.no_tries, None)
+        backend = pool.select_now(key, self.no_tries, pinned)
         if backend is not None and backend.ssl_context is not None:
             pool.release(backend)
             return None
@@ -198,14 +256,24 @@ class FastPath:
             self.observer.count_request(backend, status, bytes_in, bytes_out, seconds)
         self.pool_for(backend).response_done(backend, seconds, ok, status)
 
-    def connect(self, token: int, backend, key) -> None:
-        self.loop.create_task(self._connect(token, backend, key))
+    def connect(self, token: int, backend, key, pinned=None, sticky_key=None) -> None:
+        self.loop.create_task(self._connect(token, backend, key, pinned, sticky_key))
 
-    async def _connect(self, token: int, backend, key) -> None:
+    async def _connect(self, token: int, backend, key, pinned, sticky_key) -> None:
+        """Connects `backend` (its slot taken; the pool tries others if it fails) for the engine's
+        request `token`; backend None: a sticky key not in the local table, the shared store is asked
+        first (Sticky.fetch, bounded) and the pool picks. The key then records the backend connected,
+        as the Python path does."""
         runtime = self.runtime
+        selected = backend
+        pool = self.pool
         try:
-            pool = self.pool_for(backend)
-            backend, transport, _ = await pool.connect(key, lambda: DETACHED, [], backend, None, False)
+            if backend is None:
+                pinned = await self.sticky.fetch(sticky_key)
+            else:
+                pool = self.pool_for(backend)
+            # from_idle_keeper False: the engine looked in its idle pool already
+            backend, transport, _ = await pool.connect(key, lambda: DETACHED, [], backend, pinned, False)
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
@@ -226,6 +294,8 @@ class FastPath:
             self.engine.connect_failed(token, errors.response(503, False), errors.response(503, True))
             return
         transport.abort()                  # its protocol is DETACHED: nothing is told of the abort
+        if sticky_key is not None and backend is not selected and self.sticky.sticks(pinned, backend):
+            self.sticky.record(sticky_key, backend)
         if self.pool is None:
             self.pool_of[backend] = pool          # a retry may have connected another backend
         self.engine.connected(token, backend, fd)

@@ -31,7 +31,7 @@ from time import monotonic
 import httptools
 
 from fastlb import tls
-from fastlb.constants import PAUSE_QUEUE, STICKY_SOURCE, WAIT_BACKEND, WAIT_HEAD, WAIT_IDLE, WAIT_NONE, WAIT_TUNNEL
+from fastlb.constants import PAUSE_QUEUE, WAIT_BACKEND, WAIT_HEAD, WAIT_IDLE, WAIT_NONE, WAIT_TUNNEL
 from fastlb.http import errors
 from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_EXPECT, H_FORWARDED_FOR, H_HOST,
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
@@ -710,11 +710,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         """req is attached to its backend connection: write what we have and wait for the response."""
         now = self.runtime.now
         req.sent_at = now
-        if req.sticky_key is not None and req.upstream.backend is not req.pinned and (
-                req.pinned is not None or req.route.sticky.kind == STICKY_SOURCE):
-            # A new source address, or a session whose backend could not serve it: it sticks to this
-            # one from now on. (An unknown learned id is not recorded: the backend that set it may be
-            # known to another balancer, whose mapping is on its way to the store.)
+        if req.sticky_key is not None and req.route.sticky.sticks(req.pinned, req.upstream.backend):
+            # It sticks to this backend from now on (Sticky.sticks says when).
             req.pinned = req.upstream.backend
             req.route.sticky.record(req.sticky_key, req.pinned)
         if self.runtime.observer is not None:

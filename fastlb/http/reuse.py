@@ -33,7 +33,14 @@ def may_send_again(req, attempts_used):
     the client, fastlb still holds every byte of it, an attempt is left (`--retries`), and it is
     idempotent or none of its bytes was written, so a POST a backend may have applied is never sent
     twice. The one retry decision: `ClientConnection.backend_failed` (every failure ends there) and
-    `BackendConnection.may_retry` (asked before a response is dropped unseen) both call it; what each
+    `BackendConnection.may_retry` (asked before a response is dropped unseen) both call it, and the HTTP
+    engine asks its C form (`may_send_again_on`) before it hands a --retry-on status to them; what each
     failure adds (its retry_on word, the keep-alive race) is the caller's condition on top."""
-    return (not req.response_started and req.replayable and (req.idempotent or not req.written)
-            and attempts_used < req.route.pool.attempts)
+    return may_send_again_on(req.response_started, req.replayable, req.idempotent, req.written, attempts_used,
+                             req.route.pool.attempts)
+
+
+def may_send_again_on(response_started, replayable, idempotent, written, attempts_used, attempts):
+    """may_send_again on the request's facts: what the HTTP engine (fastlb/http/_fast.pyx), which holds
+    no Request object, asks as a C function (reuse.pxd)."""
+    return bool(not response_started and replayable and (idempotent or not written) and attempts_used < attempts)
