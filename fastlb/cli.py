@@ -139,6 +139,16 @@ def make_parser() -> argparse.ArgumentParser:
     http_field("max_uri_length", "request target bytes; more: 414 (default 8k)", "SIZE")
     http_field("max_body_size", "request body bytes; more: 413 (default 0 = no limit)", "SIZE")
     http_field("forwarded_for", "add X-Forwarded-For/-Proto/-Host (default true)", "true|false")
+    http_field("h2", "serve HTTP/2 clients: ALPN h2 on TLS binds, h2c with prior knowledge on plain ones "
+               "(default true; needs libnghttp2, docs/http2.md)", "true|false")
+    http_field("h2_max_concurrent_streams", "HTTP/2 streams open at once per connection (default 100)", "N")
+    http_field("h2_max_header_list_size", "decoded bytes of an HTTP/2 request's header list; more: 431 "
+               "(default 64k)", "SIZE")
+    http_field("h2_initial_window_size", "request body bytes an HTTP/2 stream may send ahead "
+               "(default 64k)", "SIZE")
+    http_field("h2_max_control_frames", "PING, SETTINGS, PRIORITY, RST_STREAM and empty frames an HTTP/2 "
+               "connection may send at once (refilled at a tenth per second); more: GOAWAY "
+               "(default 400)", "N")
     http_field("retry_on", "also re-send an idempotent request to another backend on: empty-response "
                "(default), junk-response, response-timeout, 500, 502, 503, 504, all-retryable-errors, "
                "none (comma-separated; a failed connect is always retried)", "LIST")

@@ -260,6 +260,12 @@ class Config:
     max_body_size: int = 0                 # bytes; 0: no limit (per pool: [[pool]] max_body_size)
     hsts: int = 0                          # HSTS max-age seconds on TLS binds; 0: off (per pool: hsts)
     forwarded_for: bool = True             # X-Forwarded-For / -Proto / -Host
+    # HTTP/2 clients (fastlb/http2/, docs/http2.md): h2 by ALPN on TLS binds, h2c with prior knowledge
+    h2: bool = True
+    h2_max_concurrent_streams: int = 100   # streams open at once per connection; more: refused
+    h2_max_header_list_size: int = 65536   # decoded bytes of a request's header list; more: 431
+    h2_initial_window_size: int = 65536    # request body bytes a stream may send ahead of fastlb
+    h2_max_control_frames: int = 400       # PING/SETTINGS/PRIORITY/RST_STREAM/empty frames burst, per conn
     # What else re-sends a request to another backend (beyond a failed connect, always retried): see
     # parse_retry_on. Only ever for idempotent requests we still hold in full.
     retry_on: frozenset = frozenset({"empty-response"})
@@ -647,6 +653,14 @@ def parse_size(value: Any) -> int:
         if match:
             return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
     raise ValueError(f"expected a size in bytes such as 65536, 512k, 10m (got {value!r})")
+
+
+def parse_window_size(value: Any) -> int:
+    """An HTTP/2 flow-control window: a size from 1 byte to 2^31-1 (RFC 9113 6.9.2)."""
+    size = parse_size(value)
+    if not 1 <= size <= 2 ** 31 - 1:
+        raise ValueError(f"expected a window size from 1 to 2147483647 bytes (got {value!r})")
+    return size
 
 
 def parse_header_name(value: Any) -> str:
@@ -1038,6 +1052,11 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_uri_length": parse_size,
     "max_body_size": parse_size,
     "forwarded_for": parse_bool,
+    "h2": parse_bool,
+    "h2_max_concurrent_streams": parse_int(1),
+    "h2_max_header_list_size": parse_size,
+    "h2_initial_window_size": parse_window_size,
+    "h2_max_control_frames": parse_int(1),
     "retry_on": parse_retry_on,
     "via": parse_via,
     "hsts": parse_hsts,

@@ -46,7 +46,7 @@ from fastlb.health import HealthChecker, check_target, check_targets
 from fastlb.l4 import AcceptGate, EpollRelay, Listener
 from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
-from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
+from fastlb.tls import (ServerTLS, TLSConfigError, alpn_for, certificate_expiry, prepare_server_tls,
                         reload_certificates)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3       # glibc mallopt() parameters
@@ -586,7 +586,7 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
 
     if server_tls is None:
         try:
-            server_tls = prepare_server_tls(config.binds)
+            server_tls = prepare_server_tls(config.binds, alpn_for(config))
         except TLSConfigError as exc:
             log.error("%s", exc)
             return EXIT_STARTUP_FAILED
@@ -686,7 +686,7 @@ def run(config: Config, reload_source=None) -> int:
         return run_worker(config, reload_source=reload_source)
     try:
         # Made once, before the workers fork, so they all hold the same session ticket keys.
-        server_tls = prepare_server_tls(config.binds)
+        server_tls = prepare_server_tls(config.binds, alpn_for(config))
     except TLSConfigError as exc:
         log.error("%s", exc)
         return 1
@@ -1084,7 +1084,7 @@ class Master:
         listens, then lets the old ones drain. If the new ones do not come up, they go and the old
         ones stay."""
         try:
-            server_tls = prepare_server_tls(config.binds)
+            server_tls = prepare_server_tls(config.binds, alpn_for(config))
         except TLSConfigError as exc:
             log.error("reload: %s; keeping the old workers", exc)
             return

@@ -17,7 +17,7 @@ cdef class HttpSettings:
 
 cdef class HttpRuntime:
     cdef public object loop, router, connections, sweep_handle, backend_factory, observer, fast
-    cdef public object admission
+    cdef public object admission, h2
     cdef public HttpSettings settings
     cdef public bint draining
     cdef public Py_ssize_t failures, accepted
