@@ -7,11 +7,12 @@ lower-case tokens, values without CR, LF, NUL or surrounding white space, no con
 fields (Connection, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade; TE other than
 "trailers"), the pseudo-header fields (:method, :scheme, :path present once, before the regular fields,
 none unknown, no response pseudo-header in a request), content-length against the DATA received, and
-the limits set here (concurrent streams, the CONTINUATION frames after a HEADERS, RST_STREAM rate,
+the limits set here (the CONTINUATION frames after a HEADERS, RST_STREAM rate,
 SETTINGS entries, outbound ACKs queued for a client that does not read). A stream that breaks one of
 them is reset by the library before fastlb sees a request.
 
-What libnghttp2 does not bound, this module does: the decoded size of a header list (SETTINGS only
+What libnghttp2 does not bound, this module does: concurrent streams before the client acknowledged
+the SETTINGS that announce the limit (refused here with REFUSED_STREAM), the decoded size of a header list (SETTINGS only
 advertises it: an HPACK bomb decodes to far more than it sends; fields past the limit are not kept and
 the stream is answered 431), and the frames that cost the server work without being a request (PING,
 SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, empty DATA, streams reset before their response): a token
@@ -198,7 +199,7 @@ cdef class Session:
     cdef nghttp2_session *ptr
     cdef public object owner          # fastlb/http2/connection.py's H2Connection
     cdef public dict streams          # stream id -> its stream object
-    cdef public Py_ssize_t max_header_list
+    cdef public Py_ssize_t max_header_list, max_streams
     cdef double tokens, burst, refill, refilled_at
     cdef public bint flooded          # the control budget ran out: GOAWAY sent
     cdef object error                 # an exception a callback raised, re-raised after mem_recv
@@ -215,6 +216,7 @@ cdef class Session:
         self.owner = owner
         self.streams = {}
         self.max_header_list = max_header_list
+        self.max_streams = max_concurrent_streams
         self.burst = control_burst
         self.tokens = control_burst
         self.refill = control_burst / <double>CONTROL_REFILL_DIVISOR
@@ -371,6 +373,12 @@ cdef class Session:
 cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
     cdef Session self = <Session>user_data
     if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        return 0
+    if len(self.streams) >= self.max_streams:
+        # libnghttp2 enforces SETTINGS_MAX_CONCURRENT_STREAMS only once the client acknowledged it, and
+        # an attacker sends its streams before: refused here (safe to retry, RFC 9113 8.7). Its header
+        # fields are decoded (HPACK state) but not kept: it has no stream object.
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id, NGHTTP2_REFUSED_STREAM)
         return 0
     try:
         self.streams[frame.hd.stream_id] = self.owner.new_stream(frame.hd.stream_id)
