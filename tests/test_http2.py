@@ -229,3 +229,31 @@ def test_access_log_and_limits_apply_per_stream(tmp_path):
         assert line["status"] == 200
     finally:
         processes.cleanup()
+
+
+def test_sticky_sessions_and_retries_apply_per_stream(tmp_path):
+    """Features of the Python path: a sticky cookie pins the streams that carry it; a 500 that
+    --retry-on names goes to another backend, the client never seeing it."""
+    processes = Processes()
+    try:
+        backend, ports = processes.http_backends("a", "b", "c")
+        secret = tmp_path / "cookie.key"
+        secret.write_bytes(b"0123456789abcdef0123456789abcdef")
+        port = free_port()
+        args = ["--bind", f"127.0.0.1:{port}", "--sticky", "cookie:SRV", "--cookie-secret-file", str(secret),
+                "--retry-on", "500"]
+        for p in ports.values():
+            args += ["--backend", f"127.0.0.1:{p}"]
+        processes.fastlb(*args)
+        with H2Client(port) as client:
+            first = client.get("/pin")
+            cookie = first.header("set-cookie").split(";")[0]
+            pinned = client.wait([client.request("GET", f"/pinned/{n}", headers=[("cookie", cookie)])
+                                  for n in range(12)])
+            retried = client.wait([client.request("GET", "/failif?name=a") for _ in range(6)])
+        assert first.status == 200 and cookie.startswith("SRV=")
+        assert {backend_of(r) for r in pinned.values()} == {backend_of(first)}
+        assert all(r.status == 200 and backend_of(r) != "a" for r in retried.values())
+        assert any(r["url"] == "/failif?name=a" and r["backend"] == "a" for r in requests_seen(backend, 0))
+    finally:
+        processes.cleanup()
