@@ -99,7 +99,7 @@ class ResponseSink:
             if not self.skip_body:      # after a head that has no body, the rest is none of ours
                 self.abort()
                 return
-        stream.conn.flush()
+        stream.conn.flush_soon()
 
     def close(self) -> None:
         """The response is over (ClientConnection.finished): a body read until its backend closed ends
@@ -115,7 +115,7 @@ class ResponseSink:
         elif not stream.out_eof:
             stream.out_eof = True
             stream.conn.session.resume(stream.stream_id)
-        stream.conn.flush()
+        stream.conn.flush_soon()
 
     def abort(self) -> None:
         """A response cut short (a backend that failed mid-body, a timeout): the client sees a reset."""
@@ -125,7 +125,7 @@ class ResponseSink:
         stream = self.stream
         if not stream.closed:
             stream.conn.session.reset(stream.stream_id, _nghttp2.INTERNAL_ERROR)
-            stream.conn.flush()
+            stream.conn.flush_soon()
 
     def is_closing(self) -> bool:
         return self.ended
@@ -139,7 +139,7 @@ class ResponseSink:
         if stream.unconsumed and not stream.closed:
             stream.conn.session.consume(stream.stream_id, stream.unconsumed)
             stream.unconsumed = 0
-            stream.conn.flush()
+            stream.conn.flush_soon()
 
     def get_extra_info(self, name: str, default=None):
         return self.stream.conn.transport.get_extra_info(name, default)
@@ -231,7 +231,7 @@ class H2Connection:
 
     __slots__ = ("runtime", "settings", "loop", "transport", "session", "origin", "bind", "client_ip",
                  "closed", "deadline", "deadline_kind", "admitted", "receiving", "write_paused",
-                 "idle_since", "goaway_sent")
+                 "idle_since", "goaway_sent", "flush_due")
 
     def __init__(self, origin: ClientConnection, h2: H2Settings) -> None:
         runtime = origin.runtime
@@ -257,6 +257,7 @@ class H2Connection:
         self.write_paused = False
         self.idle_since = runtime.now
         self.goaway_sent = False
+        self.flush_due = False
         self.session = _nghttp2.Session(self, h2.max_concurrent_streams, h2.max_header_list_size,
                                         h2.initial_window_size, h2.connection_window_size,
                                         h2.max_control_frames)
@@ -276,9 +277,17 @@ class H2Connection:
         if error is not None:
             self.transport.close()
 
+    def flush_soon(self) -> None:
+        """Frames are ready (a backend's response): written at the end of this turn of the event loop, so
+        the responses of the streams that came in one turn leave in one write."""
+        if not self.flush_due:
+            self.flush_due = True
+            self.loop.call_soon(self.flush)
+
     def flush(self) -> None:
         """Writes the frames libnghttp2 has ready (not while it is reading: it is not reentrant, and the
         read ends with a flush); none while the client does not read."""
+        self.flush_due = False
         if self.receiving or self.write_paused or self.closed:
             return
         data = self.session.pending()
