@@ -11,8 +11,11 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack import Encoder
+from hyperframe.frame import Frame, HeadersFrame, SettingsFrame
 
 DEFAULT_TIMEOUT = 10.0
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 class Response:
@@ -130,3 +133,44 @@ class H2Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---- raw frames: what a normal client never sends -----------------------------------------------------
+
+def raw_connection(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEFAULT_TIMEOUT)
+    sock.sendall(PREFACE + SettingsFrame(0).serialize())
+    return sock
+
+
+def headers_frame(stream_id: int, block: bytes, flags=("END_HEADERS", "END_STREAM")) -> bytes:
+    frame = HeadersFrame(stream_id)
+    frame.data = block
+    frame.flags = set(flags)
+    return frame.serialize()
+
+
+def request_block(encoder: Encoder, path: str = "/flood", extra=()) -> bytes:
+    return encoder.encode([(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "t"),
+                           *extra])
+
+
+def read_frames(sock: socket.socket, done) -> list:
+    """The frames fastlb sends, read until done(frames) holds."""
+    buffer = b""
+    frames = []
+    deadline = time.monotonic() + DEFAULT_TIMEOUT
+    while time.monotonic() < deadline:
+        data = sock.recv(1 << 16)
+        assert data, "fastlb closed the connection"
+        buffer += data
+        while len(buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+            if len(buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(buffer[9:9 + length]))
+            buffer = buffer[9 + length:]
+            frames.append(frame)
+        if done(frames):
+            return frames
+    raise AssertionError("fastlb did not send the frames awaited")

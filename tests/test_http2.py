@@ -4,12 +4,15 @@ them."""
 import hashlib
 import json
 import shutil
+import signal
 import ssl
 import subprocess
 
 import pytest
+from hpack import Encoder
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
 
-from h2_client import H2Client
+from h2_client import H2Client, headers_frame, raw_connection, read_frames, request_block
 from http_client import Client, requests_seen
 from pki import CA
 from procs import Processes, free_port
@@ -56,6 +59,8 @@ def backend_of(response) -> str:
 @pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_curl_http2_prior_knowledge_on_a_plain_bind(balancer):
     start = len(balancer["backend"].lines)
+    # The plain bind is the C engine's: it hands the preface (not a request it serves) to the Python path.
+    balancer["proc"].wait_for_line(rf"127.0.0.1:{balancer['plain']}: HTTP engine c")
     result = subprocess.run([CURL, "-sS", "--http2-prior-knowledge", "-w", "\\n%{http_version} %{http_code}",
                              "-H", "X-Test: prior", f"http://127.0.0.1:{balancer['plain']}/curl?x=1"],
                             capture_output=True, text=True, timeout=20)
@@ -255,5 +260,37 @@ def test_sticky_sessions_and_retries_apply_per_stream(tmp_path):
         assert {backend_of(r) for r in pinned.values()} == {backend_of(first)}
         assert all(r.status == 200 and backend_of(r) != "a" for r in retried.values())
         assert any(r["url"] == "/failif?name=a" and r["backend"] == "a" for r in requests_seen(backend, 0))
+    finally:
+        processes.cleanup()
+
+
+def test_idle_connection_and_draining_end_with_goaway():
+    """An HTTP/2 connection idle for --keepalive-timeout gets GOAWAY and is closed; on SIGTERM a
+    connection gets GOAWAY (no new stream) while its stream in flight finishes."""
+    processes = Processes()
+    try:
+        backend, ports = processes.http_backends("a")
+        port = free_port()
+        proc = processes.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+                                "--keepalive-timeout", "1s", "--grace-period", "10s")
+        with H2Client(port) as idle:
+            assert idle.get("/before-idle").status == 200
+            while idle.receive_once():                  # until fastlb closes it (bounded by the timeout)
+                pass
+            assert idle.goaway == 0
+        sock = raw_connection(port)
+        try:
+            sock.sendall(headers_frame(1, request_block(Encoder(), "/slow?ms=1500")))
+            backend.wait_for_line(r" /slow\?ms=1500 ")
+            proc.signal(signal.SIGTERM)
+            # (the h2 package treats GOAWAY as the end: frames are read raw)
+            frames = read_frames(sock, lambda frames: any(
+                f.stream_id == 1 and "END_STREAM" in f.flags for f in frames if isinstance(f, DataFrame)))
+        finally:
+            sock.close()
+        goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+        assert goaway and goaway[0].error_code == 0 and goaway[0].last_stream_id == 1
+        assert frames.index(goaway[0]) < frames.index(next(f for f in frames if isinstance(f, HeadersFrame)))
+        assert proc.wait_exit() == 0
     finally:
         processes.cleanup()

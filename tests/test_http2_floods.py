@@ -16,14 +16,13 @@ pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libngh
 import h2.errors  # noqa: E402
 import h2.settings  # noqa: E402
 from hpack import Encoder  # noqa: E402
-from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, HeadersFrame, PingFrame,  # noqa: E402
-                              RstStreamFrame, SettingsFrame)
+from hyperframe.frame import ContinuationFrame, DataFrame, PingFrame, RstStreamFrame, SettingsFrame  # noqa: E402
 
-from h2_client import H2Client  # noqa: E402
+from h2_client import (PREFACE, H2Client, headers_frame, raw_connection, read_frames,  # noqa: E402
+                       request_block)
 from http_client import Client, requests_seen  # noqa: E402
 from procs import Processes, free_port, wait_until  # noqa: E402
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 RSS_BOUND = 64 * 1024 * 1024          # bytes fastlb may grow by during one attack
 ATTACK_SECONDS = 20                   # every attack loop ends by then at the latest
 
@@ -77,12 +76,6 @@ def still_serving(target) -> None:
     assert grown < RSS_BOUND, f"RSS grew by {grown >> 20} MiB"
 
 
-def raw_connection(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(PREFACE + SettingsFrame(0).serialize())
-    return sock
-
-
 def send_until_closed(sock: socket.socket, frames, target) -> bool:
     """Sends the frames (an iterable of bytes) until fastlb closes the connection or they run out;
     reads and drops what fastlb sends. True when fastlb ended the connection; RSS checked meanwhile."""
@@ -131,18 +124,6 @@ def drain(sock: socket.socket) -> bool:
         return True
     except (ConnectionResetError, OSError):
         return False
-
-
-def headers_frame(stream_id: int, block: bytes, flags=("END_HEADERS", "END_STREAM")) -> bytes:
-    frame = HeadersFrame(stream_id)
-    frame.data = block
-    frame.flags = set(flags)
-    return frame.serialize()
-
-
-def request_block(encoder: Encoder, path: str = "/flood", extra=()) -> bytes:
-    return encoder.encode([(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "t"),
-                           *extra])
 
 
 # ---- the attacks ----------------------------------------------------------------------------------
@@ -252,27 +233,6 @@ def test_too_many_concurrent_streams(target):
         still_serving(target)
     finally:
         sock.close()
-
-
-def read_frames(sock: socket.socket, done) -> list:
-    """The frames fastlb sends, read until done(frames) holds."""
-    buffer = b""
-    frames = []
-    deadline = time.monotonic() + ATTACK_SECONDS
-    while time.monotonic() < deadline:
-        data = sock.recv(1 << 16)
-        assert data, "fastlb closed the connection"
-        buffer += data
-        while len(buffer) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
-            if len(buffer) < 9 + length:
-                break
-            frame.parse_body(memoryview(buffer[9:9 + length]))
-            buffer = buffer[9 + length:]
-            frames.append(frame)
-        if done(frames):
-            return frames
-    raise AssertionError("fastlb did not send the frames awaited")
 
 
 def test_window_size_abuse_and_slow_reader(target):
