@@ -16,7 +16,8 @@ pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libngh
 import h2.errors  # noqa: E402
 import h2.settings  # noqa: E402
 from hpack import Encoder  # noqa: E402
-from hyperframe.frame import ContinuationFrame, DataFrame, PingFrame, RstStreamFrame, SettingsFrame  # noqa: E402
+from hyperframe.frame import (ContinuationFrame, DataFrame, GoAwayFrame, PingFrame, RstStreamFrame,  # noqa: E402
+                              SettingsFrame)
 
 from h2_client import (PREFACE, H2Client, headers_frame, raw_connection, read_frames,  # noqa: E402
                        request_block)
@@ -261,3 +262,35 @@ def test_window_size_abuse_and_slow_reader(target):
     finally:
         for sock in clients:
             sock.close()
+
+
+def test_header_block_never_finished():
+    """Slowloris over HTTP/2: a HEADERS frame without END_HEADERS and no CONTINUATION, which blocks the
+    connection. Bound: the connection ends after --http-request-timeout."""
+    processes = Processes()
+    try:
+        backend, ports = processes.http_backends("a")
+        port = free_port()
+        processes.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+                         "--http-request-timeout", "1s")
+        sock = raw_connection(port)
+        try:
+            sock.sendall(headers_frame(1, request_block(Encoder(), "/never"), flags=("END_STREAM",)))
+            frames = read_frames(sock, lambda frames: any(isinstance(f, GoAwayFrame) for f in frames))
+            assert next(f for f in frames if isinstance(f, GoAwayFrame)).error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+            sock.settimeout(5)
+            assert drain_blocking(sock) == b""           # then closed
+        finally:
+            sock.close()
+    finally:
+        processes.cleanup()
+
+
+def drain_blocking(sock: socket.socket) -> bytes:
+    """Reads until the connection closes; what came after (b"" if nothing)."""
+    rest = b""
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            return rest
+        rest += data

@@ -200,7 +200,7 @@ class H2Stream(ClientConnection):
     header list, and whose transport is a ResponseSink."""
 
     __slots__ = ("conn", "stream_id", "fields", "header_size", "chunked", "out", "out_eof", "low_water",
-                 "read_paused", "write_paused", "unconsumed")
+                 "read_paused", "write_paused", "unconsumed", "opened")
 
     def __init__(self, conn: "H2Connection", stream_id: int) -> None:
         super().__init__(conn.runtime, conn.bind)
@@ -216,6 +216,8 @@ class H2Stream(ClientConnection):
         self.read_paused = False
         self.write_paused = False
         self.unconsumed = 0
+        self.opened = conn.runtime.now              # its header block must be whole within http_request_timeout
+        self.head_started = -1.0                    # (not 0: a stream's bytes are never a connection preface)
         self.transport = ResponseSink(self)
         self.client_ip = origin.client_ip
         self.forward_block = origin.forward_block
@@ -338,7 +340,15 @@ class H2Connection:
         """Visited by every sweep: its streams' deadlines, its own idleness, draining."""
         self.deadline_kind = WAIT_STREAMS
         streams = self.session.streams
+        head_deadline = now - self.runtime.settings.http_request_timeout
         for stream in list(streams.values()):
+            if stream.fields is not None and stream.opened <= head_deadline:
+                # A header block still not whole (slowloris): nothing else may come on the connection
+                # until it is (RFC 9113 6.10), so the connection ends.
+                self.session.goaway(_nghttp2.PROTOCOL_ERROR)
+                self.flush()
+                self.transport.close()
+                return
             if stream.deadline_kind and stream.deadline <= now:
                 stream.on_deadline(now)
         if not streams:
