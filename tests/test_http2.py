@@ -3,6 +3,7 @@ TLS bind, each stream a request to the HTTP/1.1 backends (tests/http_backend.py)
 them."""
 import hashlib
 import json
+import os
 import shutil
 import signal
 import ssl
@@ -12,6 +13,7 @@ import pytest
 from hpack import Encoder
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
 
+from fastlb.http.fast import ENGINE_ENV
 from h2_client import H2Client, headers_frame, raw_connection, read_frames, request_block
 from http_client import Client, requests_seen
 from pki import CA
@@ -59,8 +61,10 @@ def backend_of(response) -> str:
 @pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_curl_http2_prior_knowledge_on_a_plain_bind(balancer):
     start = len(balancer["backend"].lines)
-    # The plain bind is the C engine's: it hands the preface (not a request it serves) to the Python path.
-    balancer["proc"].wait_for_line(rf"127.0.0.1:{balancer['plain']}: HTTP engine c")
+    # The plain bind is the C engine's (unless the tests run the Python path alone): it hands the
+    # preface, not a request it serves, to the Python path.
+    engine = "python" if os.environ.get(ENGINE_ENV) == "python" else "c"
+    balancer["proc"].wait_for_line(rf"127.0.0.1:{balancer['plain']}: HTTP engine {engine}")
     result = subprocess.run([CURL, "-sS", "--http2-prior-knowledge", "-w", "\\n%{http_version} %{http_code}",
                              "-H", "X-Test: prior", f"http://127.0.0.1:{balancer['plain']}/curl?x=1"],
                             capture_output=True, text=True, timeout=20)
@@ -294,3 +298,18 @@ def test_idle_connection_and_draining_end_with_goaway():
         assert proc.wait_exit() == 0
     finally:
         processes.cleanup()
+
+
+def test_h2c_upgrade_is_not_forwarded(balancer):
+    """`Upgrade: h2c` (RFC 7540's cleartext upgrade, dropped by RFC 9113) is served as HTTP/1.1: a
+    backend that switched would carry HTTP/2 that fastlb never parses (h2c smuggling past its rules)."""
+    start = len(balancer["backend"].lines)
+    upgrade = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAAQAAP__"}
+    with Client(balancer["plain"]) as client:
+        plain = client.request("GET", "/h2c-upgrade", upgrade)
+    with Client(balancer["plain"]) as client:
+        switched = client.request("GET", "/ws", upgrade)      # this backend path answers 101 to anything
+    assert plain.status == 200 and switched.status == 502
+    for seen in requests_seen(balancer["backend"], start, at_least=2):
+        names = {k.lower() for k, _ in seen["headers"]}
+        assert not names & {"upgrade", "http2-settings", "connection"}, seen

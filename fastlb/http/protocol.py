@@ -481,6 +481,12 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if req.upgrade is not None:
             if not parser.should_upgrade():
                 req.upgrade = None             # Upgrade without "Connection: upgrade": not asked for
+            elif b"h2c" in req.upgrade.lower():
+                # HTTP/2 by upgrade (dropped by RFC 9113): served as HTTP/1.1, never forwarded, or a backend
+                # that switched would carry HTTP/2 fastlb never parses (h2c smuggling). llhttp stops
+                # parsing after an upgrade request: the connection ends with this response.
+                req.upgrade = None
+                req.close_after = True
             elif req.chunked:
                 # llhttp stops at an Upgrade request's head; fastlb reads such a body only by its length.
                 raise RequestError(400, "Upgrade request with a chunked body")
