@@ -15,7 +15,7 @@ What libnghttp2 does not bound, this module does: concurrent streams before the 
 the SETTINGS that announce the limit (refused here with REFUSED_STREAM), the decoded size of a header list (SETTINGS only
 advertises it: an HPACK bomb decodes to far more than it sends; fields past the limit are not kept and
 the stream is answered 431), and the frames that cost the server work without being a request (PING,
-SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, empty DATA, streams reset before their response): a token
+SETTINGS, PRIORITY, RST_STREAM, empty DATA, streams reset before their response): a token
 bucket per connection, `control_burst` tokens, refilled at a tenth of that per second; when it is empty
 the connection ends with GOAWAY ENHANCE_YOUR_CALM.
 
@@ -430,8 +430,9 @@ cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, voi
                     self.owner.body_end(stream)
             elif frame.hd.length == 0:
                 self.spend()                       # an empty DATA frame carries nothing
-        elif kind == NGHTTP2_PING or kind == NGHTTP2_SETTINGS or kind == NGHTTP2_WINDOW_UPDATE \
-                or kind == NGHTTP2_PRIORITY or kind == NGHTTP2_RST_STREAM:
+        elif kind == NGHTTP2_PING or kind == NGHTTP2_SETTINGS or kind == NGHTTP2_PRIORITY \
+                or kind == NGHTTP2_RST_STREAM:
+            # (Not WINDOW_UPDATE: a client reading a large response sends one per DATA frame or so.)
             self.spend()
     except BaseException as exc:
         self.error = exc

@@ -12,7 +12,7 @@ routing, per-request balancing, sticky sessions, header rules, X-Forwarded-*, li
 DATA frames. The H2Connection is the one entry in the runtime's connections (the data path's live count
 and sweep); its streams' deadlines are looked at when the sweep visits it.
 
-Memory per connection is bounded: streams by SETTINGS_MAX_CONCURRENT_STREAMS (libnghttp2 refuses more),
+Memory per connection is bounded: streams by SETTINGS_MAX_CONCURRENT_STREAMS (_nghttp2 refuses more),
 a header list by max_header_list_size (fields beyond it are not kept: 431), a request body by the stream
 window (WINDOW_UPDATE only for what went on to the backend, see ResponseSink.pause_reading), a response
 body by STREAM_BUFFER_HIGH (the backend is not read further until the client takes it), and the frames
