@@ -315,3 +315,27 @@ def test_h2c_upgrade_is_not_forwarded(balancer):
     for seen in requests_seen(balancer["backend"], start, at_least=2):
         names = {k.lower() for k, _ in seen["headers"]}
         assert not names & {"upgrade", "http2-settings", "connection"}, seen
+
+
+def test_rate_limits_and_connections_per_source_count_streams_and_connections():
+    """Admission as for HTTP/1.1: each stream is a request for --rate-limit (429 with Retry-After, nothing
+    at the backend), and an HTTP/2 connection is one connection for --max-conn-per-source."""
+    processes = Processes()
+    try:
+        backend, ports = processes.http_backends("a")
+        port = free_port()
+        processes.fastlb("--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{ports['a']}",
+                         "--rate-limit", "header:x-key=5/m,burst=5", "--max-conn-per-source", "2")
+        with H2Client(port) as client:
+            responses = client.wait([client.request("GET", f"/limited/{n}", headers=[("x-key", "k")])
+                                     for n in range(8)])
+            statuses = sorted(r.status for r in responses.values())
+            assert statuses == [200] * 5 + [429] * 3
+            assert all(r.header("retry-after") for r in responses.values() if r.status == 429)
+            with H2Client(port) as second:
+                assert second.get("/second", headers=[("x-key", "other")]).status == 200
+                with Client(port) as third:                  # a third connection from 127.0.0.1
+                    assert third.request("GET", "/third").status == 429
+        assert len([r for r in requests_seen(backend, 0) if r["url"].startswith("/limited/")]) == 5
+    finally:
+        processes.cleanup()
