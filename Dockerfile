@@ -18,7 +18,7 @@ FROM ${BASE} AS build
 ARG PIP_OFFLINE=--no-index
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      gcc libc6-dev libssl-dev python3-dev python3-venv binutils \
+      gcc libc6-dev libssl-dev libnghttp2-dev python3-dev python3-venv binutils \
  && rm -rf /var/lib/apt/lists/*
 COPY docker/wheelhouse/ /wheelhouse/
 COPY pyproject.toml setup.py MANIFEST.in README.md /src/
@@ -31,9 +31,11 @@ RUN python3 -m venv /opt/fastlb \
 COPY docker/healthcheck.py /opt/fastlb/healthcheck.py
 
 FROM ${BASE}
-# python3 brings libssl3, which the TLS relay thread (fastlb/_crelay.pyx) links to.
+# python3 brings libssl3, which the TLS relay thread (fastlb/_crelay.pyx) links to; libnghttp2-14 is
+# HTTP/2's (fastlb/http2/_nghttp2.pyx).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 libssl3 \
+      libnghttp2-14 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* \
  && useradd --system --no-create-home --shell /usr/sbin/nologin fastlb
 COPY --from=build /opt/fastlb /opt/fastlb

@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # Tools the tests and benchmarks drive, by the command each provides.
 DEBIAN_TOOLS := gcc:build-essential haproxy:haproxy nginx:nginx-light wrk:wrk taskset:util-linux \
   openssl:openssl curl:curl testssl:testssl.sh ip:iproute2 keepalived:keepalived \
-  redis-server:redis-server memcached:memcached chromium:chromium dnsmasq:dnsmasq-base
+  redis-server:redis-server memcached:memcached chromium:chromium dnsmasq:dnsmasq-base \
+  h2load:nghttp2-client
 
 .PHONY: run test test-install image setup system-packages build docs bench-core bench-proxy bench-memory bench-tls clean
 
@@ -39,6 +40,7 @@ system-packages:
 	$(PYTHON) -c 'import ensurepip, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
 	  || missing="$$missing python3-venv python3-dev"; \
 	[ -f /usr/include/openssl/ssl.h ] || missing="$$missing libssl-dev"; \
+	[ -f /usr/include/nghttp2/nghttp2.h ] || missing="$$missing libnghttp2-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
@@ -48,7 +50,7 @@ system-packages:
 
 # The editable install compiles the core, the relay and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
 # in place; it reruns when one of their sources changes (a stale .so would shadow the edited .py).
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi fastlb/*.pxd fastlb/core/*.pxi) \
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi fastlb/*.pxd fastlb/core/*.pxi fastlb/http2/*.pyx) \
 		fastlb/pool.py $(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx fastlb/http/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -59,6 +59,9 @@ http_engine = Extension("fastlb.http._fast", ["fastlb/http/_fast.pyx"], librarie
                         extra_compile_args=compile_args)
 # Admission control's table (rate limits, connection counts, CIDR lists), cimported by the HTTP engine.
 admission = Extension("fastlb._admission", ["fastlb/_admission.pyx"], extra_compile_args=compile_args)
+# HTTP/2 for HTTP mode's clients (fastlb/http2/): libnghttp2's server session (libnghttp2-dev).
+http2 = Extension("fastlb.http2._nghttp2", ["fastlb/http2/_nghttp2.pyx"], libraries=["nghttp2"],
+                  extra_compile_args=compile_args)
 annotate = os.environ.get("FASTLB_CYTHON_ANNOTATE") == "1"
 # Cython and the C compiler run on every core: a build compiles a dozen large modules, and the wheel,
 # the sdist and the container image each build them once more.
@@ -72,7 +75,8 @@ sockinfo = Extension("fastlb._sockinfo", ["fastlb/_sockinfo.pyx"], extra_compile
 
 setup(
     ext_modules=[
-        *cythonize([core, relay, crelay, sockinfo, access_log, head_scanner, http_engine, admission],
+        *cythonize([core, relay, crelay, sockinfo, access_log, head_scanner, http_engine, admission,
+                    http2],
                    compiler_directives=directives, annotate=annotate, nthreads=JOBS),
         *cythonize(python_modules, compiler_directives=python_directives, annotate=annotate, nthreads=JOBS),
     ],

@@ -56,6 +56,8 @@ TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ])
 ALPN_PROTOCOLS = ["http/1.1"]
+# HTTP mode with HTTP/2 on (fastlb/http2/): h2 first, HTTP/1.1 for the clients that do not speak it.
+ALPN_HTTP2 = ["h2", "http/1.1"]
 VERIFY_MODES = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 # The header the HTTP mode sets from `TLSInfo.client_subject` (after removing any the client sent), and
@@ -79,13 +81,13 @@ def _hardened(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
-def server_context(certificate: CertificateSpec, ca: str | None = None, verify: str = "none"
-                   ) -> ssl.SSLContext:
+def server_context(certificate: CertificateSpec, ca: str | None = None, verify: str = "none",
+                   alpn: list[str] = ALPN_PROTOCOLS) -> ssl.SSLContext:
     """One certificate's server context with the safe settings above; `ca` + `verify` ask for client
     certificates signed by that CA (`optional`: a client without one is let in, one with an invalid one
     is refused)."""
     context = _hardened(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    context.set_alpn_protocols(alpn)
     try:
         context.load_cert_chain(certificate.cert, certificate.key)
     except (OSError, ssl.SSLError) as exc:
@@ -141,12 +143,13 @@ class _Generation:
 
     __slots__ = ("default", "by_name", "infos", "loaded_at")
 
-    def __init__(self, certificates: list[CertificateSpec], ca: str | None, verify: str) -> None:
+    def __init__(self, certificates: list[CertificateSpec], ca: str | None, verify: str,
+                 alpn: list[str] = ALPN_PROTOCOLS) -> None:
         self.by_name: dict[str, ssl.SSLContext] = {}
         self.infos: list[CertificateInfo] = []
         self.default: ssl.SSLContext | None = None
         for certificate in certificates:
-            context = server_context(certificate, ca, verify)
+            context = server_context(certificate, ca, verify, alpn)
             info = read_certificate(certificate.cert)
             self.infos.append(info)
             if self.default is None:
@@ -176,15 +179,16 @@ class ServerTLS:
     /metrics)."""
 
     def __init__(self, address: str, certificates: list[CertificateSpec], ca: str | None = None,
-                 verify: str = "none") -> None:
+                 verify: str = "none", alpn: list[str] = ALPN_PROTOCOLS) -> None:
         self.address = address
+        self.alpn = alpn
         self.certificates = list(certificates)
         self.ca = ca
         self.verify = verify
-        self.generation = _Generation(self.certificates, ca, verify)
+        self.generation = _Generation(self.certificates, ca, verify, alpn)
         # Its own context, not one of a generation: a reload must not change the ticket keys and the
         # session cache, which stay with the context a handshake started on.
-        self.front = server_context(self.certificates[0], ca, verify)
+        self.front = server_context(self.certificates[0], ca, verify, alpn)
         self.front.sni_callback = self._on_server_name
         try:
             native_certificates = self._native_certificates(self.generation)
@@ -226,7 +230,7 @@ class ServerTLS:
     def reload(self) -> None:
         """Loads the certificate, key and CA files again. New handshakes use the new ones; connections
         already made keep theirs. On any error the current generation stays and TLSConfigError says why."""
-        generation = _Generation(self.certificates, self.ca, self.verify)
+        generation = _Generation(self.certificates, self.ca, self.verify, self.alpn)
         if self.native is not None:
             try:
                 self.native.reload(self._native_certificates(generation))
@@ -252,11 +256,26 @@ def read_staple(path: str) -> bytes:
     return data
 
 
-def prepare_server_tls(binds: list["BindSpec"]) -> dict[int, ServerTLS]:
+def prepare_server_tls(binds: list["BindSpec"], alpn: list[str] = ALPN_PROTOCOLS) -> dict[int, ServerTLS]:
     """ServerTLS for each `ssl` bind, by its position in the config. Called before workers fork, so they
-    share ticket keys (see the module docstring). Raises TLSConfigError."""
-    return {index: ServerTLS(bind.address, bind.certificates, bind.ca, bind.verify)
+    share ticket keys (see the module docstring). Raises TLSConfigError. alpn: ALPN_HTTP2 where the
+    HTTP mode serves HTTP/2 (alpn_for)."""
+    return {index: ServerTLS(bind.address, bind.certificates, bind.ca, bind.verify, alpn)
             for index, bind in enumerate(binds) if bind.ssl}
+
+
+def alpn_for(config) -> list[str]:
+    """The protocols a TLS bind offers: h2 too in HTTP mode with HTTP/2 on and fastlb/http2 built."""
+    if config.mode != "http" or not config.h2:
+        return ALPN_PROTOCOLS
+    from fastlb.http2 import available
+    return ALPN_HTTP2 if available() else ALPN_PROTOCOLS
+
+
+def negotiated_h2(transport) -> bool:
+    """ALPN chose HTTP/2 on this TLS connection (checked once, when it is made)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
 
 
 def reload_certificates(server_tls: dict[int, ServerTLS]) -> list[str]:

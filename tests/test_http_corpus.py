@@ -3,6 +3,7 @@ right 4xx (or a close), none reaches the backend, and fastlb keeps serving good 
 import socket
 import time
 
+import httptools
 import pytest
 
 from http_client import Client, requests_seen
@@ -40,6 +41,8 @@ def answer(port: int, data: bytes) -> tuple[int | None, bool]:
         try:
             response = client.read_response()
         except (ConnectionError, socket.timeout, TimeoutError):
+            return None, client.closed(timeout=3)
+        except httptools.HttpParserError:          # not HTTP/1.1: an HTTP/2 GOAWAY (the preface case)
             return None, client.closed(timeout=3)
         return response.status, client.closed(timeout=3)
 

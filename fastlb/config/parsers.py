@@ -270,6 +270,14 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"expected a size in bytes such as 65536, 512k, 10m (got {value!r})")
 
 
+def parse_window_size(value: Any) -> int:
+    """An HTTP/2 flow-control window: a size from 1 byte to 2^31-1 (RFC 9113 6.9.2)."""
+    size = parse_size(value)
+    if not 1 <= size <= 2 ** 31 - 1:
+        raise ValueError(f"expected a window size from 1 to 2147483647 bytes (got {value!r})")
+    return size
+
+
 def parse_header_name(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value.strip()):
         raise ValueError(f"expected a header name (got {value!r})")

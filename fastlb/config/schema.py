@@ -22,7 +22,7 @@ from fastlb.config.parsers import (ACCESS_LOG_FORMATS, HEALTH_FIELDS, LOG_LEVELS
                                    parse_percent, parse_pool_name, parse_positive_duration, parse_redirect_port,
                                    parse_regex, parse_retry_on, parse_send_proxy, parse_server_name,
                                    parse_size, parse_sni_route, parse_sticky, parse_store, parse_text,
-                                   parse_verify, parse_via, parse_weight, parse_workers)
+                                   parse_verify, parse_via, parse_weight, parse_window_size, parse_workers)
 from fastlb.config.specs import BackendSpec, BindSpec, HealthSettings, PoolSpec, RouteSpec, StickySpec
 
 SETTING = "fastlb.setting"   # the key of a field's Setting in its dataclass metadata
@@ -164,6 +164,18 @@ class Config:
     max_body_size: int = HTTP(0, parse_size, "request body bytes; more: 413 (default 0 = no limit)", "SIZE")
     forwarded_for: bool = HTTP(True, parse_bool, "add X-Forwarded-For/-Proto/-Host (default true)",
                                "true|false")
+    # HTTP/2 clients (fastlb/http2/, docs/http2.md): h2 by ALPN on TLS binds, h2c with prior knowledge.
+    h2: bool = HTTP(True, parse_bool, "serve HTTP/2 clients: ALPN h2 on TLS binds, h2c with prior knowledge on "
+                    "plain ones (default true; needs libnghttp2, docs/http2.md)", "true|false")
+    h2_max_concurrent_streams: int = HTTP(100, parse_int(1), "HTTP/2 streams open at once per connection "
+                                          "(default 100)", "N")
+    h2_max_header_list_size: int = HTTP(65536, parse_size, "decoded bytes of an HTTP/2 request's header list; "
+                                        "more: 431 (default 64k)", "SIZE")
+    h2_initial_window_size: int = HTTP(65536, parse_window_size, "request body bytes an HTTP/2 stream may send "
+                                       "ahead (default 64k)", "SIZE")
+    h2_max_control_frames: int = HTTP(400, parse_int(1), "PING, SETTINGS, PRIORITY, RST_STREAM and empty frames "
+                                      "an HTTP/2 connection may send at once (refilled at a tenth per second); "
+                                      "more: GOAWAY (default 400)", "N")
     # Only ever re-sent: idempotent requests we still hold in full (parse_retry_on says when).
     retry_on: frozenset = HTTP(RETRY_DEFAULT, parse_retry_on, "also re-send an idempotent request to another "
                                "backend on: empty-response (default), junk-response, response-timeout, 500, "

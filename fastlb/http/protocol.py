@@ -199,6 +199,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 self.tls_block = client_subject_block(info.client_subject)
         self.parser = httptools.HttpRequestParser(self)
         self.runtime.connections.add(self)
+        if self.tls and self.runtime.h2 is not None and tls.negotiated_h2(transport):
+            from fastlb.http2.connection import switch
+            switch(self, b"")                 # ALPN chose HTTP/2
+            return
         # A new connection must send its first request head within http_request_timeout.
         self.deadline = self.loop.time() + settings.http_request_timeout
         self.deadline_kind = WAIT_HEAD
@@ -265,6 +269,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             self.peer.write(data)
             self.tunnel_active = True
             return
+        if self.head_started == 0.0 and self.runtime.h2 is not None and self.h2_preface(data):
+            return                                    # the first bytes of an HTTP/2 connection
         # One clock read per read: every deadline set while handling these bytes uses runtime.now.
         self.runtime.now = self.loop.time()
         parser = self.parser
@@ -278,6 +284,31 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             req = self.queue[0]
             if req.upstream is not None and req.flushed < len(req.out):
                 self.flush_request(req)
+
+    def h2_preface(self, data: bytes) -> bool:
+        """Before a connection's first request: HTTP/2 with prior knowledge (RFC 9113 3.3) begins with
+        the connection preface; the connection then becomes HTTP/2 (fastlb/http2/connection.py). The start
+        of a preface split over reads is held. False: HTTP/1.1, parsed as usual."""
+        held = self.pending_input
+        if held is not None:
+            self.pending_input = None
+            data = held + data
+        elif data[:1] != b"P":
+            return False
+        from fastlb.http2.connection import PREFACE, switch
+        if data.startswith(PREFACE):
+            switch(self, data)
+            return True
+        if len(data) < len(PREFACE) and PREFACE.startswith(data):
+            self.pending_input = data
+            return True
+        if held is not None:
+            # Not a preface after all: the held bytes and these go to the request parser (head_started
+            # set: not looked at again; on_message_begin sets the real one).
+            self.head_started = -1.0
+            self.data_received(data)
+            return True
+        return False
 
     def feed(self, parser, data: bytes) -> None:
         try:
@@ -440,6 +471,12 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if req.upgrade is not None:
             if not parser.should_upgrade():
                 req.upgrade = None             # Upgrade without "Connection: upgrade": not asked for
+            elif b"h2c" in req.upgrade.lower():
+                # HTTP/2 by upgrade (dropped by RFC 9113): served as HTTP/1.1, never forwarded, or a backend
+                # that switched would carry HTTP/2 fastlb never parses (h2c smuggling). llhttp stops
+                # parsing after an upgrade request: the connection ends with this response.
+                req.upgrade = None
+                req.close_after = True
             elif req.chunked:
                 # llhttp stops at an Upgrade request's head; fastlb reads such a body only by its length.
                 raise RequestError(400, "Upgrade request with a chunked body")

@@ -17,7 +17,7 @@ cdef class HttpSettings:
 
 cdef class HttpRuntime:
     cdef public object loop, router, connections, backend_factory, observer, fast
-    cdef public object admission, gate
+    cdef public object admission, gate, h2
     cdef public list binds, served
     cdef public HttpSettings settings
     cdef public bint draining

@@ -187,6 +187,13 @@ class HttpRuntime:
         self.backend_factory = lambda: BackendConnection(self)
         self.fast = None               # the C engine (fastlb/http/fast.py), made for the first bind it serves
         self.admission = None          # fastlb/admission.py's Admission (use_admission), or None
+        # HTTP/2 clients (fastlb/http2/): its limits, or None (off, or libnghttp2 not built).
+        self.h2 = None
+        if config.h2:
+            from fastlb.http2 import available
+            if available():
+                from fastlb.http2.connection import H2Settings
+                self.h2 = H2Settings(config)
 
     def use_admission(self, admission) -> None:
         """Admission control: checked per connection and request; the headers its keys read are kept."""

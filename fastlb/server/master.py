@@ -41,7 +41,7 @@ from fastlb.server.controller import (ControllerBase, certificate_view, describe
                                       warn_expiring)
 from fastlb.server.worker import (EXIT_STARTUP_FAILED, StartupError, check_addresses_free, listen_socket,
                                   run_worker, setup_logging)
-from fastlb.tls import (ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls,
+from fastlb.tls import (ServerTLS, TLSConfigError, alpn_for, certificate_expiry, prepare_server_tls,
                         reload_certificates)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3       # glibc mallopt() parameters
@@ -84,7 +84,7 @@ def run(config: Config, reload_source=None) -> int:
         return run_worker(config, reload_source=reload_source)
     try:
         # Made once, before the workers fork, so they all hold the same session ticket keys.
-        server_tls = prepare_server_tls(config.binds)
+        server_tls = prepare_server_tls(config.binds, alpn_for(config))
     except TLSConfigError as exc:
         log.error("%s", exc)
         return 1
@@ -460,7 +460,7 @@ class Master(ControllerBase):
         listens, then lets the old ones drain. If the new ones do not come up, they go and the old
         ones stay."""
         try:
-            server_tls = prepare_server_tls(config.binds)
+            server_tls = prepare_server_tls(config.binds, alpn_for(config))
         except TLSConfigError as exc:
             log.error("reload: %s; keeping the old workers", exc)
             return

@@ -23,7 +23,8 @@ from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
 from fastlb.server.controller import LocalController, reload_logged, warn_expiring
 from fastlb.server.datapath import Sweeper, build_paths, build_router
-from fastlb.tls import ServerTLS, TLSConfigError, certificate_expiry, prepare_server_tls, reload_certificates
+from fastlb.tls import (ServerTLS, TLSConfigError, alpn_for, certificate_expiry, prepare_server_tls,
+                        reload_certificates)
 
 log = logging.getLogger("fastlb")
 
@@ -344,7 +345,7 @@ def run_worker(config: Config, worker_id: int | None = None, master_pid: int | N
 
     if server_tls is None:
         try:
-            server_tls = prepare_server_tls(config.binds)
+            server_tls = prepare_server_tls(config.binds, alpn_for(config))
         except TLSConfigError as exc:
             log.error("%s", exc)
             return EXIT_STARTUP_FAILED

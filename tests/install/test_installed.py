@@ -43,8 +43,9 @@ def test_every_module_imports_from_the_virtualenv_and_the_core_balances(installe
                  if m.name != "fastlb.__main__"]          # __main__ would run the command line
         for name in names:
             importlib.import_module(name)
-        import fastlb.http.runtime, fastlb.http._fast, fastlb._crelay
-        compiled = [m.__file__.endswith(".so") for m in (fastlb.http.runtime, fastlb.http._fast, fastlb._crelay)]
+        import fastlb.http.runtime, fastlb.http._fast, fastlb._crelay, fastlb.http2._nghttp2
+        compiled = [m.__file__.endswith(".so") for m in (fastlb.http.runtime, fastlb.http._fast, fastlb._crelay,
+                                                         fastlb.http2._nghttp2)]
         balancer = fastlb.Balancer(["10.0.0.1:80", "10.0.0.2:80"], "roundrobin")
         print(json.dumps({"modules": len(names), "compiled": compiled, "core": type(balancer).__module__,
                           "picks": [balancer.pick() for _ in range(4)]}))

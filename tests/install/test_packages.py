@@ -36,7 +36,7 @@ def test_wheel_holds_every_tracked_file_and_extension_and_no_generated_c(built):
     extensions = compiled_modules(names)
     cython_sources = {n.rsplit(".", 1)[0] for n in package if n.endswith(".pyx")}
     assert cython_sources <= extensions, f"no extension for {sorted(cython_sources - extensions)}"
-    assert {"fastlb/http/_fast", "fastlb/http/runtime", "fastlb/pool"} <= extensions
+    assert {"fastlb/http/_fast", "fastlb/http/runtime", "fastlb/pool", "fastlb/http2/_nghttp2"} <= extensions
     generated = sorted(n for n in names if n.endswith(GENERATED))
     assert not generated, f"generated files in the wheel: {generated}"
     annotations = sorted(n for n in names if n.endswith(".html") and n != "fastlb/stats.html")

@@ -1,0 +1,164 @@
+"""HTTP/2 clients: fastlb against HAProxy with h2load, h2c (prior knowledge) and h2 over TLS, same run.
+
+    python benchmarks/h2_bench.py [--rounds 3] [--duration 5] [--clients 16] [--streams 16]
+
+Both proxies in HTTP mode, one process / thread each, in front of the two nginx backends of
+benchmarks/harness.py (HTTP/1.1, keep-alive): HAProxy with `bind ... proto h2` style detection of the
+preface on its plain bind and `bind ... ssl crt ... alpn h2,http/1.1` on its TLS bind; fastlb with a
+plain bind and a TLS bind (`--h2 true`, the default). h2load (nghttp2-client) runs `-c CLIENTS -m
+STREAMS` for DURATION seconds on the load CPU; the proxies are alone on the proxy CPU. Targets are
+alternated within each round (A B, then B A) and the ratios of each round's pair are reported as a
+median, with each proxy's CPU time (user + kernel, /proc) per request.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import harness as h  # noqa: E402
+from tls_bench import SERVER_NAME, make_certificate  # noqa: E402
+
+H2LOAD_DONE = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded")
+
+
+def haproxy_h2_conf(plain: int, secure: int, backends: list[int], pem: str, maxconn: int) -> str:
+    servers = "".join(f"    server s{i} {h.HOST}:{b}\n" for i, b in enumerate(backends, 1))
+    return textwrap.dedent(f"""\
+        global
+            nbthread 1
+            maxconn {maxconn}
+            ssl-default-bind-options ssl-min-ver TLSv1.2
+
+        defaults
+            mode http
+            maxconn {maxconn}
+            timeout connect 5s
+            timeout client 300s
+            timeout server 300s
+            option http-keep-alive
+
+        frontend fe
+            bind {h.HOST}:{plain}
+            bind {h.HOST}:{secure} ssl crt {pem} alpn h2,http/1.1
+            default_backend be
+
+        backend be
+            balance roundrobin
+            http-reuse always
+        """) + servers
+
+
+def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple[h.Proc, int, int]]:
+    b1, b2 = bench.backend_ports
+    targets = {}
+    for name in names:
+        plain, secure = h.free_ports(2)
+        if name == "haproxy":
+            conf = os.path.join(bench.tmp, "haproxy-h2.cfg")
+            with open(conf, "w") as f:
+                f.write(haproxy_h2_conf(plain, secure, [b1, b2], pem, h.haproxy_maxconn()))
+            cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
+        else:
+            env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
+            cmd = [sys.executable, "-m", "fastlb", "--mode", "http", "--bind", f"{h.HOST}:{plain}",
+                   "--bind", f"{h.HOST}:{secure},ssl,cert={pem}", "--backend", f"{h.HOST}:{b1}",
+                   "--backend", f"{h.HOST}:{b2}", "--log-level", "warning"]
+            cwd = h.REPO_ROOT
+        proc = bench.start_proxy(name, cmd, env, cwd)
+        h.wait_listening(plain, proc)
+        h.wait_listening(secure, proc)
+        for url, flag in ((f"http://{h.HOST}:{plain}/", "--http2-prior-knowledge"),
+                          (f"https://{SERVER_NAME}:{secure}/", "--http2")):
+            check = subprocess.run(["curl", "-sk", flag, "--resolve", f"{SERVER_NAME}:{secure}:{h.HOST}",
+                                    "-w", "%{http_version}", "-o", "/dev/null", url],
+                                   capture_output=True, timeout=10)
+            if check.stdout != b"2":
+                raise RuntimeError(f"{name}: {url} not served over HTTP/2 ({check.stdout!r})\n{proc.log_tail()}")
+        targets[name] = (proc, plain, secure)
+    return targets
+
+
+def run_h2load(bench: h.Bench, url: str, args) -> int:
+    cmd = [h.which("taskset") or "taskset", "-c", bench.load_cpu, h.which("h2load"), "-c", str(args.clients),
+           "-m", str(args.streams), "-D", str(args.duration), "-t", "1", url]
+    p = bench.procs.start("h2load", cmd, stdout=subprocess.PIPE)
+    out, _ = p.popen.communicate(timeout=args.duration + 60)
+    bench.procs.stop(p)
+    text = out.decode(errors="replace")
+    match = H2LOAD_DONE.search(text)
+    if p.popen.returncode != 0 or not match:
+        raise RuntimeError(f"h2load failed ({p.popen.returncode}):\n{text[-1500:]}")
+    succeeded = int(match.group(4))
+    if succeeded < int(match.group(3)):
+        h.log(f"    h2load: {int(match.group(3)) - succeeded} requests failed")
+    return succeeded
+
+
+def measure(bench: h.Bench, proc: h.Proc, url: str, args) -> dict:
+    cpu0 = h.tree_cpu(proc.pid)
+    count = run_h2load(bench, url, args)
+    cpu = h.cpu_delta(cpu0, h.tree_cpu(proc.pid))
+    return {"count": count, "rate": count / args.duration,
+            "cpu_us": (cpu["user_s"] + cpu["sys_s"]) * 1e6 / max(count, 1), "proxy_cpu_share": cpu["cpu_share"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument("--clients", type=int, default=16, help="h2load -c: connections")
+    parser.add_argument("--streams", type=int, default=16, help="h2load -m: concurrent streams per connection")
+    parser.add_argument("--workloads", default="h2c,h2")
+    parser.add_argument("--load-cpu", default="0")
+    parser.add_argument("--proxy-cpu", default="1")
+    args = parser.parse_args(argv)
+    h.ensure_tools(["haproxy", "nginx", "h2load", "taskset", "curl"])
+    h.raise_nofile_limit()
+    workloads = args.workloads.split(",")
+    names = ["fastlb", "haproxy"]
+    bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu)
+    results: dict[str, dict[str, list[dict]]] = {w: {n: [] for n in names} for w in workloads}
+    try:
+        bench.start_backends()
+        pem = make_certificate(bench.tmp)
+        targets = start_targets(bench, pem, names)
+        h.log(f"fastlb vs HAProxy, HTTP/2 clients; {args.rounds} rounds x {args.duration}s; h2load -c "
+              f"{args.clients} -m {args.streams}; load CPU {args.load_cpu}, proxy CPU {args.proxy_cpu}")
+        for rnd in range(1, args.rounds + 1):
+            for workload in workloads:
+                order = names if rnd % 2 else names[::-1]
+                for name in order:
+                    proc, plain, secure = targets[name]
+                    url = f"http://{h.HOST}:{plain}/" if workload == "h2c" else f"https://{h.HOST}:{secure}/"
+                    m = measure(bench, proc, url, args)
+                    results[workload][name].append(m)
+                    h.log(f"round {rnd} {workload:4} {name:8} {m['rate']:9,.0f} req/s  proxy cpu "
+                          f"{m['cpu_us']:6.1f} us/req, {m['proxy_cpu_share'] * 100:3.0f}% of a CPU")
+                    time.sleep(0.5)           # (between measurements: let the last connections close)
+    finally:
+        bench.close()
+    rows = []
+    for workload in workloads:
+        f, hp = results[workload]["fastlb"], results[workload]["haproxy"]
+        rate_ratio = statistics.median(a["rate"] / b["rate"] for a, b in zip(f, hp))
+        cpu_ratio = statistics.median(a["cpu_us"] / b["cpu_us"] for a, b in zip(f, hp))
+        rows.append([workload, f"{statistics.median(m['rate'] for m in f):,.0f}",
+                     f"{statistics.median(m['rate'] for m in hp):,.0f}", f"{rate_ratio:.2f}",
+                     f"{statistics.median(m['cpu_us'] for m in f):.1f}",
+                     f"{statistics.median(m['cpu_us'] for m in hp):.1f}", f"{cpu_ratio:.2f}"])
+    print(h.render_table(["workload", "fastlb req/s", "haproxy req/s", "req/s ratio", "fastlb us/req",
+                          "haproxy us/req", "cpu ratio"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""A server-side HTTP/2 session of libnghttp2, for fastlb/http2/connection.py.
+
+libnghttp2 does the protocol: framing, HPACK (its inflater and deflater), stream states, flow control,
+SETTINGS, and the message checks of RFC 9113 section 8 (HTTP messaging is left on): header names
+lower-case tokens, values without CR, LF, NUL or surrounding white space, no connection-specific
+fields (Connection, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade; TE other than
+"trailers"), the pseudo-header fields (:method, :scheme, :path present once, before the regular fields,
+none unknown, no response pseudo-header in a request), content-length against the DATA received, and
+the limits set here (the CONTINUATION frames after a HEADERS, RST_STREAM rate,
+SETTINGS entries, outbound ACKs queued for a client that does not read). A stream that breaks one of
+them is reset by the library before fastlb sees a request.
+
+What libnghttp2 does not bound, this module does: concurrent streams before the client acknowledged
+the SETTINGS that announce the limit (refused here with REFUSED_STREAM), the decoded size of a header list (SETTINGS only
+advertises it: an HPACK bomb decodes to far more than it sends; fields past the limit are not kept and
+the stream is answered 431), and the frames that cost the server work without being a request (PING,
+SETTINGS, PRIORITY, RST_STREAM, empty DATA, streams reset before their response): a token
+bucket per connection, `control_burst` tokens, refilled at a tenth of that per second; when it is empty
+the connection ends with GOAWAY ENHANCE_YOUR_CALM.
+
+The Python side (`owner`) is called per stream event: new_stream, request (the header list is whole),
+body, body_end, stream_closed, drained. Streams live in `streams` (id -> stream object), so a session deleted with open
+streams leaks nothing. A response is submitted with its header list; its body is read by libnghttp2 from
+the stream's `out` (a bytearray) as flow control allows, `out_eof` saying it is all there.
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+
+cdef extern from "time.h" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+cdef extern from "nghttp2/nghttp2.h":
+    ctypedef struct nghttp2_session:
+        pass
+    ctypedef struct nghttp2_session_callbacks:
+        pass
+    ctypedef struct nghttp2_option:
+        pass
+    ctypedef struct nghttp2_frame_hd:
+        size_t length
+        int32_t stream_id
+        uint8_t type
+        uint8_t flags
+    ctypedef enum nghttp2_headers_category:
+        NGHTTP2_HCAT_REQUEST
+        NGHTTP2_HCAT_HEADERS
+    ctypedef struct nghttp2_headers:
+        nghttp2_frame_hd hd
+        nghttp2_headers_category cat
+    ctypedef union nghttp2_frame:
+        nghttp2_frame_hd hd
+        nghttp2_headers headers
+    ctypedef struct nghttp2_nv:
+        uint8_t *name
+        uint8_t *value
+        size_t namelen
+        size_t valuelen
+        uint8_t flags
+    ctypedef struct nghttp2_settings_entry:
+        int32_t settings_id
+        uint32_t value
+    ctypedef union nghttp2_data_source:
+        int fd
+        void *ptr
+    ctypedef ssize_t (*nghttp2_data_source_read_callback)(
+        nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
+        uint32_t *data_flags, nghttp2_data_source *source, void *user_data)
+    ctypedef struct nghttp2_data_provider:
+        nghttp2_data_source source
+        nghttp2_data_source_read_callback read_callback
+
+    enum:
+        NGHTTP2_DATA
+        NGHTTP2_HEADERS
+        NGHTTP2_PRIORITY
+        NGHTTP2_RST_STREAM
+        NGHTTP2_SETTINGS
+        NGHTTP2_PING
+        NGHTTP2_GOAWAY
+        NGHTTP2_WINDOW_UPDATE
+        NGHTTP2_FLAG_NONE
+        NGHTTP2_FLAG_END_STREAM
+        NGHTTP2_DATA_FLAG_EOF
+        NGHTTP2_NV_FLAG_NONE
+        NGHTTP2_ERR_DEFERRED
+        NGHTTP2_ERR_CALLBACK_FAILURE
+        NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+        NGHTTP2_NO_ERROR
+        NGHTTP2_PROTOCOL_ERROR
+        NGHTTP2_INTERNAL_ERROR
+        NGHTTP2_REFUSED_STREAM
+        NGHTTP2_CANCEL
+        NGHTTP2_ENHANCE_YOUR_CALM
+        NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
+        NGHTTP2_SETTINGS_ENABLE_PUSH
+        NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+        NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        NGHTTP2_SETTINGS_MAX_FRAME_SIZE
+        NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
+
+    ctypedef int (*on_frame_recv_cb)(nghttp2_session *, const nghttp2_frame *, void *)
+    ctypedef int (*on_begin_headers_cb)(nghttp2_session *, const nghttp2_frame *, void *)
+    ctypedef int (*on_header_cb)(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,
+                                 const uint8_t *, size_t, uint8_t, void *)
+    ctypedef int (*on_data_chunk_recv_cb)(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t,
+                                          void *)
+    ctypedef int (*on_stream_close_cb)(nghttp2_session *, int32_t, uint32_t, void *)
+
+    int nghttp2_session_callbacks_new(nghttp2_session_callbacks **)
+    void nghttp2_session_callbacks_del(nghttp2_session_callbacks *)
+    void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *, on_frame_recv_cb)
+    void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *,
+                                                                 on_begin_headers_cb)
+    void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, on_header_cb)
+    void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *,
+                                                                   on_data_chunk_recv_cb)
+    void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *,
+                                                                on_stream_close_cb)
+
+    int nghttp2_option_new(nghttp2_option **)
+    void nghttp2_option_del(nghttp2_option *)
+    void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int)
+    void nghttp2_option_set_max_outbound_ack(nghttp2_option *, size_t)
+    void nghttp2_option_set_max_settings(nghttp2_option *, size_t)
+    void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_t, uint64_t)
+    void nghttp2_option_set_max_continuations(nghttp2_option *, size_t)
+    void nghttp2_option_set_max_deflate_dynamic_table_size(nghttp2_option *, size_t)
+
+    int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+                                    const nghttp2_option *)
+    void nghttp2_session_del(nghttp2_session *)
+    ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t)
+    ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **)
+    int nghttp2_session_want_read(nghttp2_session *)
+    int nghttp2_session_want_write(nghttp2_session *)
+    int nghttp2_session_consume(nghttp2_session *, int32_t, size_t)
+    int nghttp2_session_consume_connection(nghttp2_session *, size_t)
+    int nghttp2_session_resume_data(nghttp2_session *, int32_t)
+    int nghttp2_session_terminate_session(nghttp2_session *, uint32_t)
+    int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t)
+    int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *)
+    int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t)
+    int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
+                                const nghttp2_data_provider *)
+    int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t)
+    int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *, size_t)
+    const char *nghttp2_strerror(int)
+
+
+# Error codes for Python (RST_STREAM / GOAWAY).
+NO_ERROR = NGHTTP2_NO_ERROR
+PROTOCOL_ERROR = NGHTTP2_PROTOCOL_ERROR
+INTERNAL_ERROR = NGHTTP2_INTERNAL_ERROR
+REFUSED_STREAM = NGHTTP2_REFUSED_STREAM
+CANCEL = NGHTTP2_CANCEL
+ENHANCE_YOUR_CALM = NGHTTP2_ENHANCE_YOUR_CALM
+
+# Bytes RFC 9113 6.5.2 counts per header field on top of its name and value (SETTINGS_MAX_HEADER_LIST_SIZE).
+cdef enum:
+    FIELD_OVERHEAD = 32
+# The HPACK table fastlb's encoder keeps for responses (the client may allow more; this bounds memory).
+cdef enum:
+    DEFLATE_TABLE_SIZE = 4096
+# ACKs (SETTINGS, PING) queued for a client that does not read before the session ends (libnghttp2's
+# default is 1000: each held ACK is memory).
+cdef enum:
+    MAX_OUTBOUND_ACK = 100
+# SETTINGS entries accepted in one frame.
+cdef enum:
+    MAX_SETTINGS = 32
+# CONTINUATION frames after a HEADERS frame (CVE-2024-27316): a request's header list fits in a few.
+cdef enum:
+    MAX_CONTINUATIONS = 8
+# Incoming RST_STREAM frames (CVE-2023-44487): libnghttp2's own bucket, before fastlb's control budget.
+cdef enum:
+    RESET_BURST = 1000
+cdef enum:
+    RESET_RATE = 33
+# The control budget's refill: a tenth of the burst per second.
+cdef enum:
+    CONTROL_REFILL_DIVISOR = 10
+
+
+cdef double monotonic_now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class Session:
+    cdef nghttp2_session *ptr
+    cdef public object owner          # fastlb/http2/connection.py's H2Connection
+    cdef public dict streams          # stream id -> its stream object
+    cdef public Py_ssize_t max_header_list, max_streams
+    cdef double tokens, burst, refill, refilled_at
+    cdef public bint flooded          # the control budget ran out: GOAWAY sent
+    cdef object error                 # an exception a callback raised, re-raised after mem_recv
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __init__(self, owner, int max_concurrent_streams, Py_ssize_t max_header_list,
+                 int initial_window_size, int connection_window_size, int control_burst):
+        cdef nghttp2_session_callbacks *callbacks
+        cdef nghttp2_option *option
+        cdef nghttp2_settings_entry settings[5]
+        cdef int rv
+        self.owner = owner
+        self.streams = {}
+        self.max_header_list = max_header_list
+        self.max_streams = max_concurrent_streams
+        self.burst = control_burst
+        self.tokens = control_burst
+        self.refill = control_burst / <double>CONTROL_REFILL_DIVISOR
+        self.refilled_at = monotonic_now()
+        self.error = None
+        if nghttp2_session_callbacks_new(&callbacks) != 0:
+            raise MemoryError()
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv)
+        nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers)
+        nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header)
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk_recv)
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close)
+        if nghttp2_option_new(&option) != 0:
+            nghttp2_session_callbacks_del(callbacks)
+            raise MemoryError()
+        # Request bodies are acknowledged (WINDOW_UPDATE) as fastlb passes them on, not as they arrive:
+        # a stream whose backend reads slowly holds at most its window.
+        nghttp2_option_set_no_auto_window_update(option, 1)
+        nghttp2_option_set_max_outbound_ack(option, MAX_OUTBOUND_ACK)
+        nghttp2_option_set_max_settings(option, MAX_SETTINGS)
+        nghttp2_option_set_stream_reset_rate_limit(option, RESET_BURST, RESET_RATE)
+        nghttp2_option_set_max_continuations(option, MAX_CONTINUATIONS)
+        nghttp2_option_set_max_deflate_dynamic_table_size(option, DEFLATE_TABLE_SIZE)
+        rv = nghttp2_session_server_new2(&self.ptr, callbacks, <void *>self, option)
+        nghttp2_option_del(option)
+        nghttp2_session_callbacks_del(callbacks)
+        if rv != 0:
+            raise MemoryError()
+        settings[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+        settings[0].value = max_concurrent_streams
+        settings[1].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
+        settings[1].value = <uint32_t>max_header_list
+        settings[2].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        settings[2].value = initial_window_size
+        settings[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+        settings[3].value = 0
+        settings[4].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
+        settings[4].value = DEFLATE_TABLE_SIZE
+        nghttp2_submit_settings(self.ptr, NGHTTP2_FLAG_NONE, settings, 5)
+        if connection_window_size > 65535:
+            nghttp2_session_set_local_window_size(self.ptr, NGHTTP2_FLAG_NONE, 0, connection_window_size)
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            nghttp2_session_del(self.ptr)
+            self.ptr = NULL
+
+    cdef bint spend(self) noexcept:
+        """One control token; False (and GOAWAY ENHANCE_YOUR_CALM) when the budget is spent."""
+        cdef double now = monotonic_now()
+        self.tokens += (now - self.refilled_at) * self.refill
+        self.refilled_at = now
+        if self.tokens > self.burst:
+            self.tokens = self.burst
+        if self.tokens < 1.0:
+            if not self.flooded:
+                self.flooded = True
+                nghttp2_session_terminate_session(self.ptr, NGHTTP2_ENHANCE_YOUR_CALM)
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def receive(self, bytes data):
+        """Feeds bytes read from the client; a negative libnghttp2 error ends the connection."""
+        cdef ssize_t rv = nghttp2_session_mem_recv(self.ptr, <const uint8_t *>PyBytes_AS_STRING(data),
+                                                   PyBytes_GET_SIZE(data))
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        if rv < 0:
+            return nghttp2_strerror(<int>rv).decode()
+        return None
+
+    def pending(self):
+        """The frames to write now (b"" when none); a libnghttp2 error as str."""
+        cdef const uint8_t *data
+        cdef ssize_t n
+        cdef list chunks = None
+        cdef bytes first = b""
+        while True:
+            n = nghttp2_session_mem_send(self.ptr, &data)
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            if n < 0:
+                return nghttp2_strerror(<int>n).decode()
+            if n == 0:
+                break
+            chunk = PyBytes_FromStringAndSize(<const char *>data, n)
+            if chunks is None and not first:
+                first = chunk
+            else:
+                if chunks is None:
+                    chunks = [first]
+                chunks.append(chunk)
+        return first if chunks is None else b"".join(chunks)
+
+    @property
+    def done(self):
+        """Neither side has anything more to say: the connection may close."""
+        return not nghttp2_session_want_read(self.ptr) and not nghttp2_session_want_write(self.ptr)
+
+    def respond(self, int32_t stream_id, bytes status, list fields, bint has_body):
+        """Submits a response head: `fields` a list of (lower-case name, value) bytes pairs; with a
+        body, it is read from the stream's `out` (see the module docstring)."""
+        cdef Py_ssize_t n = len(fields) + 1, i
+        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(n * sizeof(nghttp2_nv))
+        cdef nghttp2_data_provider provider
+        cdef bytes name, value
+        cdef int rv
+        if nva == NULL:
+            raise MemoryError()
+        nva[0].name = <uint8_t *>b":status"
+        nva[0].namelen = 7
+        nva[0].value = <uint8_t *>PyBytes_AS_STRING(status)
+        nva[0].valuelen = PyBytes_GET_SIZE(status)
+        nva[0].flags = NGHTTP2_NV_FLAG_NONE
+        for i in range(1, n):
+            name, value = fields[i - 1]
+            nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
+            nva[i].namelen = PyBytes_GET_SIZE(name)
+            nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
+            nva[i].valuelen = PyBytes_GET_SIZE(value)
+            nva[i].flags = NGHTTP2_NV_FLAG_NONE
+        provider.source.ptr = NULL
+        provider.read_callback = read_body
+        # libnghttp2 copies the fields into its own frame before returning.
+        rv = nghttp2_submit_response(self.ptr, stream_id, nva, n, &provider if has_body else NULL)
+        free(nva)
+        return rv == 0
+
+    def resume(self, int32_t stream_id):
+        """More of a response's body (or its end) is in the stream's `out`."""
+        nghttp2_session_resume_data(self.ptr, stream_id)
+
+    def consume(self, int32_t stream_id, size_t size):
+        """`size` bytes of a request body were passed on: the client may send that much more."""
+        if stream_id:
+            nghttp2_session_consume(self.ptr, stream_id, size)
+        else:
+            nghttp2_session_consume_connection(self.ptr, size)
+
+    def reset(self, int32_t stream_id, uint32_t code):
+        nghttp2_submit_rst_stream(self.ptr, NGHTTP2_FLAG_NONE, stream_id, code)
+
+    def goaway(self, uint32_t code):
+        """No new stream after the last one seen; those already open finish."""
+        nghttp2_submit_goaway(self.ptr, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(self.ptr),
+                              code, NULL, 0)
+
+
+# ---- callbacks (libnghttp2 calls them inside mem_recv / mem_send) --------------------------------------
+
+cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        return 0
+    if len(self.streams) >= self.max_streams:
+        # libnghttp2 enforces SETTINGS_MAX_CONCURRENT_STREAMS only once the client acknowledged it, and
+        # an attacker sends its streams before: refused here (safe to retry, RFC 9113 8.7). Its header
+        # fields are decoded (HPACK state) but not kept: it has no stream object.
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id, NGHTTP2_REFUSED_STREAM)
+        return 0
+    try:
+        self.streams[frame.hd.stream_id] = self.owner.new_stream(frame.hd.stream_id)
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                   const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    if frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        return 0                       # trailers: dropped, as the HTTP/1.1 path drops them
+    stream = self.streams.get(frame.hd.stream_id)
+    if stream is None:
+        return 0
+    try:
+        size = stream.header_size + namelen + valuelen + FIELD_OVERHEAD
+        stream.header_size = size
+        if size <= self.max_header_list:
+            stream.fields.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+                                  PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    cdef uint8_t kind = frame.hd.type
+    cdef bint end = frame.hd.flags & NGHTTP2_FLAG_END_STREAM
+    try:
+        if kind == NGHTTP2_HEADERS:
+            stream = self.streams.get(frame.hd.stream_id)
+            if stream is None:
+                return 0
+            if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+                self.owner.request(stream, end)
+            elif end:
+                self.owner.body_end(stream)        # after trailers
+            elif not self.spend():                 # HEADERS neither a request nor an end
+                return 0
+        elif kind == NGHTTP2_DATA:
+            stream = self.streams.get(frame.hd.stream_id)
+            if end:
+                if stream is not None:
+                    self.owner.body_end(stream)
+            elif frame.hd.length == 0:
+                self.spend()                       # an empty DATA frame carries nothing
+        elif kind == NGHTTP2_PING or kind == NGHTTP2_SETTINGS or kind == NGHTTP2_PRIORITY \
+                or kind == NGHTTP2_RST_STREAM:
+            # (Not WINDOW_UPDATE: a client reading a large response sends one per DATA frame or so.)
+            self.spend()
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
+                            size_t size, void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    stream = self.streams.get(stream_id)
+    if stream is None:
+        nghttp2_session_consume_connection(self.ptr, size)
+        return 0
+    try:
+        self.owner.body(stream, PyBytes_FromStringAndSize(<const char *>data, size))
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
+                         void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    stream = self.streams.pop(stream_id, None)
+    if stream is None:
+        return 0
+    try:
+        if error_code != NGHTTP2_NO_ERROR:
+            self.spend()                           # a stream reset before its end (Rapid Reset)
+        self.owner.stream_closed(stream, error_code)
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
+                       uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept:
+    cdef Session self = <Session>user_data
+    cdef Py_ssize_t n, have
+    cdef bytearray out
+    stream = self.streams.get(stream_id)
+    if stream is None:
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+    try:
+        out = stream.out
+        have = len(out)
+        n = have if <size_t>have <= length else <Py_ssize_t>length
+        if n:
+            memcpy(buf, <char *>out, n)
+            del out[:n]
+            if have - n < stream.low_water:
+                self.owner.drained(stream)
+        if n == have and stream.out_eof:
+            data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
+            return n
+        if n == 0:
+            return NGHTTP2_ERR_DEFERRED
+        return n
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
