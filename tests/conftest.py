@@ -9,15 +9,20 @@ from procs import REPO, Processes
 def pytest_configure(config):
     """Compiled modules shadow their Python sources: testing a stale one would test old code."""
     stale = []
-    for built in glob.glob(str(REPO / "fastlb" / "**" / "*.so"), recursive=True):
+    fastlb = REPO / "fastlb"
+    # What each compiled module includes or cimports beyond its own .py/.pxd/.pyx.
+    extra = {
+        "_core": glob.glob(str(fastlb / "core" / "*.pxi")),
+        "_crelay": [fastlb / "_ctls.pxi", fastlb / "_posix.pxd", fastlb / "_openssl.pxd"],
+        "_fast": [*glob.glob(str(fastlb / "http" / "*.pxi")), fastlb / "_posix.pxd", fastlb / "_admission.pxd",
+                  fastlb / "_openssl.pxd", fastlb / "constants.pxd"],
+        "_head": [fastlb / "http" / "_scan.pxi"],
+        "_admission": [fastlb / "constants.pxd"],
+    }
+    for built in glob.glob(str(fastlb / "**" / "*.so"), recursive=True):
         stem = built.split(".cpython-")[0]
         sources = [stem + ext for ext in (".py", ".pxd", ".pyx") if os.path.exists(stem + ext)]
-        sources += glob.glob(str(REPO / "fastlb" / "core" / "*.pxi")) if stem.endswith("_core") else []
-        sources += [str(REPO / "fastlb" / "_ctls.pxi")] if stem.endswith("_crelay") else []
-        sources += glob.glob(str(REPO / "fastlb" / "http" / "*.pxi")) if "/http/_" in stem else []
-        sources += [str(REPO / "fastlb" / "_posix.pxd")] if stem.endswith(("_crelay", "_fast")) else []
-        sources += [str(REPO / "fastlb" / "_admission.pxd")] if stem.endswith("_fast") else []
-        sources += [str(REPO / "fastlb" / "constants.pxd")] if stem.endswith(("_fast", "_admission")) else []
+        sources += [str(path) for path in extra.get(os.path.basename(stem), ()) if os.path.exists(path)]
         if any(os.path.getmtime(src) > os.path.getmtime(built) for src in sources):
             stale.append(os.path.relpath(built, REPO))
     if stale:
