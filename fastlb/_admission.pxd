@@ -65,3 +65,9 @@ cdef class Limiter:
     cdef double check_engine(self, int pool, const char *ip, Py_ssize_t ip_len, const char *buf,
                              const uint32_t *key_start, const int32_t *key_len, double now)
     cdef Entry *find(self, uint64_t ident, bint insert, double now)
+
+
+# A cookie's value in a Cookie header, as fastlb/http/routing.py's cookie_value finds it (also the
+# HTTP engine's cookie:NAME hashing key).
+cdef bint cookie_value(const char *h, Py_ssize_t n, const char *name, Py_ssize_t name_len,
+                       const char **value, Py_ssize_t *value_len) noexcept nogil

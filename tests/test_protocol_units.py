@@ -25,7 +25,7 @@ class Proxy:
             argv += ["--backend", f"127.0.0.1:{10001 + i}"]
         self.config = config_from_args([*argv, *flags])[1]
         self.network = FakeNetwork(self.loop)
-        self.runtime = HttpRuntime(self.config, self.loop, build_router(self.config, self.loop, 100), set())
+        self.runtime = HttpRuntime(self.config, self.loop, build_router(self.config, self.loop, 100))
         self.pool = self.runtime.router.default.pool
 
     def client(self):

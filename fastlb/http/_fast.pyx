@@ -56,7 +56,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE
 from fastlb._posix cimport *
 from fastlb.http.reuse cimport may_reuse, may_send_again_on
 from fastlb._accesslog cimport LogWriter
-from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS
+from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS, cookie_value
 # Deadline kinds (the sweep's; a connection's first request waits for WAIT_HEAD, then WAIT_IDLE between
 # requests, WAIT_BACKEND for a response; a TLS connection its handshake first) and the pool's hashing key,
 # as the Python side names them.
@@ -298,36 +298,13 @@ cdef bint valid_simple_host(const unsigned char *p, Py_ssize_t n):
     return True
 
 
-cdef inline bint is_space(unsigned char ch) noexcept:
-    """bytes.strip()'s whitespace."""
-    return ch == 32 or 9 <= ch <= 13
-
-
 cdef object cookie_key(const unsigned char *p, Py_ssize_t n, const char *name, Py_ssize_t name_len):
-    """fastlb/http/routing.py's cookie_value (the hashing key cookie:NAME) on a Cookie header: the first
-    pair NAME=value (pairs split at ';' and stripped), its value stripped of '"'; None when absent or
-    empty."""
-    cdef Py_ssize_t start = 0, end, a, b, eq
-    while start <= n:
-        end = start
-        while end < n and p[end] != 59:                       # ';'
-            end += 1
-        a, b = start, end
-        while a < b and is_space(p[a]):
-            a += 1
-        while b > a and is_space(p[b - 1]):
-            b -= 1
-        eq = a
-        while eq < b and p[eq] != 61:                         # '='
-            eq += 1
-        if eq < b and eq - a == name_len and memcmp(p + a, name, name_len) == 0:
-            a = eq + 1
-            while a < b and p[a] == 34:                       # '"'
-                a += 1
-            while b > a and p[b - 1] == 34:
-                b -= 1
-            return PyBytes_FromStringAndSize(<const char *>p + a, b - a) if b > a else None
-        start = end + 1
+    """fastlb/http/routing.py's cookie_value (the hashing key cookie:NAME) on a Cookie header, found by the
+    rate limits' own scanner (fastlb/_admission.pyx cookie_value): None when absent or empty."""
+    cdef const char *value
+    cdef Py_ssize_t value_len
+    if cookie_value(<const char *>p, n, name, name_len, &value, &value_len):
+        return PyBytes_FromStringAndSize(value, value_len)
     return None
 
 
