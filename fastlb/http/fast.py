@@ -240,7 +240,15 @@ class FastPath:
         return client_subject_block(format_subject(subject))
 
     def pool_for(self, backend):
-        return self.pool if self.pool is not None else self.pool_of[backend]
+        if self.pool is not None:
+            return self.pool
+        pool = self.pool_of.get(backend)
+        if pool is None:
+            # A backend the engine has not routed to: a connection the Python path parked in the one
+            # idle pool (Engine.park_socket). Its pool is the one that holds this very object.
+            pool = self.pool_of[backend] = next(route.pool for route in self.router.pools.values()
+                                                if route.pool.by_address.get(backend.address) is backend)
+        return pool
 
     def route_name(self, pool) -> str:
         return next(route.name for route in self.router.pools.values() if route.pool is pool)
