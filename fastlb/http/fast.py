@@ -167,6 +167,14 @@ class FastPath:
     def live(self) -> int:
         return self.engine.live + self.adopting
 
+    def counts(self) -> dict:
+        """What the engine served itself since start (requests answered in C), what it handed to the
+        Python path, by reason (Engine.HANDED_REASONS), and its TLS handshakes that failed or timed out:
+        the worker's snapshot (/stats.json "engine", the fastlb_http_engine_* metrics)."""
+        engine = self.engine
+        return {"requests": engine.served, "handed_over": engine.handed_over(),
+                "tls_handshake_failures": engine.handshake_failures}
+
     def listen(self, sock, bind, server_tls=None, handshake_timeout: float = 0.0) -> None:
         """The engine accepts the bind's connections itself (on a duplicate of its listening socket); a
         TLS bind's (server_tls: its fastlb.tls.ServerTLS) handshakes end within handshake_timeout."""
