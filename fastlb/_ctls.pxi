@@ -229,8 +229,8 @@ cdef class ServerContext:
     `certificates`: [(cert PEM path, key path or None, (server names, lower case), OCSP response (DER
     bytes) or None), ...], the first the default; `ciphers`: the TLS 1.2 cipher list; `ca` and `verify`
     ("none", "optional", "required", as tls.VERIFY_MODES): client certificates; h2: ALPN offers h2 before
-    http/1.1 (tls.alpn_for). Raises ValueError naming the file and OpenSSL's reason. The HTTP engine (fastlb/http/_fast.pyx) starts its handshakes on
-    `front_address()`."""
+    http/1.1 (tls.alpn_for). Raises ValueError naming the file and OpenSSL's reason. The HTTP engine
+    (fastlb/http/_fast.pyx) starts its handshakes on `front_address()`."""
 
     cdef TLSConf *conf
     cdef readonly str ciphers

@@ -2,8 +2,8 @@
 #
 # A client of a TLS bind has an SSL* (c.ssl) on its socket, made from the front SSL_CTX of the bind's
 # fastlb.tls.ServerTLS.native (fastlb/_ctls.pxi: SNI certificate sets, session tickets shared by every
-# worker, client certificates, ALPN h2 and http/1.1, tls.py's safe settings). Every read and write of a client
-# goes through client_recv / client_send (and the engine's write_answer, which gives TLS one contiguous
+# worker, client certificates, ALPN h2 and http/1.1, tls.py's safe settings). Every read and write of a
+# client goes through client_recv / client_send (and the engine's write_answer, which gives TLS one contiguous
 # buffer), so a protocol sitting on the connection never sees whether it is TLS. A client whose ALPN chose
 # h2 is handed, right after its handshake, to the Python path's HTTP/2 (fastlb/http2/) over the engine's
 # TLS tunnel (Engine.adopt).

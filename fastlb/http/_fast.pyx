@@ -27,8 +27,8 @@ timeouts), which hands the connected socket back. A connection that left the eng
 TLS binds (fastlb/http/_etls.pxi): the engine accepts, handshakes (within the connect timeout, as
 uvloop's ssl_handshake_timeout on the Python path) and reads and writes records itself with OpenSSL, on
 the SSL_CTX fastlb/tls.py built for the bind before the fork (ServerTLS.native: SNI certificate sets,
-session tickets every worker shares, client certificates, ALPN h2 and http/1.1). Per connection: its SSL*, the
-ALPN protocol agreed, and for a verified client certificate the `X-Client-Subject` line, made once
+session tickets every worker shares, client certificates, ALPN h2 and http/1.1). Per connection: its
+SSL*, the ALPN protocol agreed, and for a verified client certificate the `X-Client-Subject` line, made once
 (tls.format_subject, the Python path's own formatting) and added to each request head as the Python
 path adds it. Admission control runs after the handshake, as on the Python path. A failed or timed-out
 handshake is counted (Engine.handshake_failures) and the socket closed, not logged (uvloop logs neither).
@@ -1043,9 +1043,9 @@ cdef class Engine:
     cdef void adopt(self, Client *c, const char *data, Py_ssize_t size, int reason, bint limits_checked=False):
         """Hands the client (and the backend connection of its request in flight, if any) to the Python
         path with `data`: bytes read from the client (no request in flight) or from the backend (with
-        one); reason: HAND_*, counted. The sockets leave the epoll set first: uvloop registers them in its own. limits_checked:
-        the request was counted by the rate limits here (always so for one in flight): the Python path
-        does not count it again."""
+        one); reason: HAND_*, counted. The sockets leave the epoll set first: uvloop registers them in
+        its own. limits_checked: the request was counted by the rate limits here (always so for one in
+        flight): the Python path does not count it again."""
         cdef Backend *b = c.backend
         cdef object inflight = None
         cdef object tls = None
