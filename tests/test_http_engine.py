@@ -706,9 +706,11 @@ def test_engine_serves_tls_binds_with_sni_alpn_and_resumption_on_any_worker(proc
 
 @pytest.mark.parametrize("engine", ["c", "python"])
 def test_failed_and_silent_tls_handshakes_are_closed_and_the_bind_serves_on(procs, tls_pki, engine):
-    port, _, lb = start(procs, "--connect-timeout", "1s", engine=engine,
+    admin = free_port()
+    port, _, lb = start(procs, "--connect-timeout", "1s", "--admin", str(admin), engine=engine,
                         bind_options=tls_bind(tls_pki, "required"))
     assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+    before = engine_counts(admin)
     # A certificate from another CA, and none where one is required: refused within the handshake (TLS
     # 1.2, where the client learns it then; a TLS 1.3 client learns it at its first read).
     for cert in ("mallory", None):
@@ -725,6 +727,10 @@ def test_failed_and_silent_tls_handshakes_are_closed_and_the_bind_serves_on(proc
     with tls_connector(tls_pki, "alice")(port) as client:
         response = client.request("GET", "/served")
         assert response.status == 200 and response.body == b"a GET /served\n"
+    if engine == "c":                   # the four above, counted (/stats.json, fastlb_http_engine_*)
+        after = engine_counts(admin)
+        assert after["tls_handshake_failures"] - before["tls_handshake_failures"] == 4
+        assert after["requests"] - before["requests"] == 1
 
 
 HSTS_EXCHANGES = SERVED_IN_C + [
@@ -814,6 +820,12 @@ def test_h2_clients_of_a_tls_bind_go_to_the_http2_path_through_the_engines_tunne
             return client.request("GET", "/h1")
     response, served, handed = engine_work(admin, over_http11)
     assert response.status == 200 and (served, handed) == (1, {})
+    metrics = admin_get(admin, "/metrics")[1].decode()
+    assert 'fastlb_http_engine_handed_over_total{reason="h2"} 1.0' in metrics
+    assert re.search(r"^fastlb_http_engine_requests_total [1-9]", metrics, re.M)
+    # The port probe procs.fastlb made closed without a handshake: counted as a failed one.
+    failures = re.search(r"^fastlb_http_engine_tls_handshake_failures_total (\S+)$", metrics, re.M).group(1)
+    assert float(failures) == engine_counts(admin)["tls_handshake_failures"] >= 1
 
 
 @pytest.mark.parametrize("engine", ["c", "python"])
