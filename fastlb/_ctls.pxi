@@ -5,7 +5,8 @@
 # because it is made before the workers fork, every worker has the same ticket keys), and a generation
 # of one SSL_CTX per certificate that the servername callback switches the handshake to: exact name,
 # then `*.parent`, then the first certificate. Same settings as tls.py's `_hardened`: TLS 1.2-1.3, the
-# TLS 1.2 cipher list given, server preference, no compression, no renegotiation, ALPN http/1.1.
+# TLS 1.2 cipher list given, server preference, no compression, no renegotiation, ALPN http/1.1 (h2 first
+# where the HTTP mode serves HTTP/2: tls.alpn_for; the HTTP engine hands such connections to fastlb/http2).
 
 from libc.string cimport strlen, strcmp, strchr, memcpy
 from libc.stdlib cimport malloc, free, calloc
@@ -25,12 +26,17 @@ cdef struct TLSConf:
     SSL_CTX *front
 
 
-cdef const unsigned char *ALPN_HTTP11 = b"\x08http/1.1"
+# The protocols a context offers, in ALPN's wire form (each length-prefixed), in the server's preference.
+cdef const char *ALPN_HTTP11 = b"\x08http/1.1"
+cdef const char *ALPN_H2_HTTP11 = b"\x02h2\x08http/1.1"
 
 cdef int select_alpn(SSL *s, const unsigned char **out, unsigned char *outlen, const unsigned char *inp,
                      unsigned int inlen, void *arg) noexcept nogil:
-    # As Python's ssl module does: no protocol in common, no ALPN in the answer (not a failure).
-    if SSL_select_next_proto(<unsigned char **>out, outlen, ALPN_HTTP11, 9, inp, inlen) == OPENSSL_NPN_NEGOTIATED:
+    # arg: the context's ALPN_* list. As Python's ssl module does: the first of ours the client offers;
+    # no protocol in common, no ALPN in the answer (not a failure).
+    cdef const char *offered = <const char *>arg
+    if SSL_select_next_proto(<unsigned char **>out, outlen, <const unsigned char *>offered,
+                             <unsigned int>strlen(offered), inp, inlen) == OPENSSL_NPN_NEGOTIATED:
         return SSL_TLSEXT_ERR_OK
     return SSL_TLSEXT_ERR_NOACK
 
@@ -124,11 +130,11 @@ cdef int set_staple(SSL_CTX *ctx, bytes response) except -1:
     return 0
 
 
-cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key, bytes ca=None, int verify=SSL_VERIFY_NONE
-                          ) except NULL:
+cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key, bytes ca=None, int verify=SSL_VERIFY_NONE,
+                          const char *alpn=ALPN_HTTP11) except NULL:
     """One context with tls.py's settings and a certificate (`key`: None when cert holds it); with `ca`,
     client certificates are checked against it with `verify` (SSL_VERIFY_* as tls.VERIFY_MODES' ssl
-    constants map to them)."""
+    constants map to them); alpn: the protocols it agrees to (ALPN_*)."""
     cdef SSL_CTX *ctx = SSL_CTX_new(TLS_server_method())
     if ctx == NULL:
         raise ValueError(openssl_error())
@@ -142,7 +148,7 @@ cdef SSL_CTX *new_context(bytes ciphers, bytes cert, bytes key, bytes ca=None, i
     # A write that found the socket full is retried from the connection's pending buffer (moved);
     # idle connections give their record buffers back.
     SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS)
-    SSL_CTX_set_alpn_select_cb(ctx, select_alpn, NULL)
+    SSL_CTX_set_alpn_select_cb(ctx, select_alpn, <void *>alpn)
     if (SSL_CTX_set_cipher_list(ctx, ciphers) != 1
             or SSL_CTX_use_certificate_chain_file(ctx, cert) != 1
             or SSL_CTX_use_PrivateKey_file(ctx, key if key is not None else cert, SSL_FILETYPE_PEM) != 1
@@ -183,7 +189,8 @@ cdef void free_generation(Generation *gen) noexcept nogil:
     free(gen)
 
 
-cdef Generation *new_generation(bytes ciphers, list certificates, bytes ca, int verify) except NULL:
+cdef Generation *new_generation(bytes ciphers, list certificates, bytes ca, int verify, const char *alpn
+                                ) except NULL:
     cdef Generation *gen = <Generation *>calloc(1, sizeof(Generation))
     cdef int i, k = 0
     cdef bytes name
@@ -198,7 +205,7 @@ cdef Generation *new_generation(bytes ciphers, list certificates, bytes ca, int 
         raise MemoryError()
     try:
         for i, (cert, key, names, staple) in enumerate(certificates):
-            gen.ctxs[i] = new_context(ciphers, cert, key, ca, verify)
+            gen.ctxs[i] = new_context(ciphers, cert, key, ca, verify, alpn)
             gen.nctx = i + 1
             if staple is not None:
                 set_staple(gen.ctxs[i], staple)
@@ -221,17 +228,18 @@ cdef class ServerContext:
 
     `certificates`: [(cert PEM path, key path or None, (server names, lower case), OCSP response (DER
     bytes) or None), ...], the first the default; `ciphers`: the TLS 1.2 cipher list; `ca` and `verify`
-    ("none", "optional", "required", as tls.VERIFY_MODES): client certificates. Raises ValueError naming
-    the file and OpenSSL's reason. The HTTP engine (fastlb/http/_fast.pyx) starts its handshakes on
-    `front_address()`."""
+    ("none", "optional", "required", as tls.VERIFY_MODES): client certificates; h2: ALPN offers h2 before
+    http/1.1 (tls.alpn_for). Raises ValueError naming the file and OpenSSL's reason. The HTTP engine
+    (fastlb/http/_fast.pyx) starts its handshakes on `front_address()`."""
 
     cdef TLSConf *conf
     cdef readonly str ciphers
     cdef bytes ca
     cdef int verify
     cdef readonly bint verifies      # asks for client certificates (verify optional or required)
+    cdef const char *alpn            # ALPN_HTTP11 or ALPN_H2_HTTP11 (static)
 
-    def __cinit__(self, list certificates, str ciphers, str ca=None, str verify="none"):
+    def __cinit__(self, list certificates, str ciphers, str ca=None, str verify="none", bint h2=False):
         cdef TLSConf *conf = <TLSConf *>calloc(1, sizeof(TLSConf))
         if conf == NULL:
             raise MemoryError()
@@ -242,10 +250,11 @@ cdef class ServerContext:
         self.ca = ca.encode() if ca else None
         self.verify = VERIFY_FLAGS[verify] if ca else SSL_VERIFY_NONE
         self.verifies = self.verify != SSL_VERIFY_NONE
-        conf.front = new_context(ciphers.encode(), first_cert, first_key, self.ca, self.verify)
+        self.alpn = ALPN_H2_HTTP11 if h2 else ALPN_HTTP11
+        conf.front = new_context(ciphers.encode(), first_cert, first_key, self.ca, self.verify, self.alpn)
         SSL_CTX_set_tlsext_servername_callback(conf.front, on_server_name)
         SSL_CTX_set_tlsext_servername_arg(conf.front, conf)
-        conf.gen = new_generation(ciphers.encode(), certificates, self.ca, self.verify)
+        conf.gen = new_generation(ciphers.encode(), certificates, self.ca, self.verify, self.alpn)
         self.ciphers = ciphers
 
     @staticmethod
@@ -257,7 +266,7 @@ cdef class ServerContext:
         """Loads the certificates again: new handshakes use them, established connections keep theirs.
         On error (ValueError) the current ones stay."""
         cdef Generation *gen = new_generation(self.ciphers.encode(), self._encode(certificates), self.ca,
-                                              self.verify)
+                                              self.verify, self.alpn)
         cdef Generation *old
         pthread_mutex_lock(&self.conf.lock)
         old = self.conf.gen

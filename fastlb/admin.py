@@ -394,6 +394,7 @@ class MetricsCollector:
         for certificate in self.view.get("certificates", []):
             expiry.add_metric([certificate["bind"], certificate["file"]], certificate["days_left"])
         yield from admission_metrics(self.view.get("admission"))
+        yield from engine_metrics(self.view.get("engine"))
         for pool in self.view["pools"]:
             name = pool["name"]
             backends = pool["backends"]
@@ -416,6 +417,23 @@ class MetricsCollector:
         yield from (pool_connections, pool_refused, pool_bytes_in,
                     pool_bytes_out, pool_requests, pool_errors, pool_retries, pool_responses, pool_active,
                     pool_queued, pool_up, workers, expiry)
+
+
+def engine_metrics(view: dict | None):
+    """The HTTP engine's families (fastlb/http/fast.py FastPath.counts, by the workers reporting): what it
+    served in C, what it handed to the Python path and why, its failed TLS handshakes."""
+    if not view:
+        return
+    yield CounterMetricFamily("fastlb_http_engine_requests", "HTTP requests the C engine served itself",
+                              value=view["requests"])
+    handed = CounterMetricFamily("fastlb_http_engine_handed_over", "Client connections the C engine handed to "
+                                 "the Python path", labels=["reason"])
+    for reason, count in view["handed_over"].items():
+        handed.add_metric([reason], count)
+    yield handed
+    yield CounterMetricFamily("fastlb_http_engine_tls_handshake_failures",
+                              "TLS handshakes the C engine closed (failed or timed out)",
+                              value=view["tls_handshake_failures"])
 
 
 def admission_metrics(view: dict | None):

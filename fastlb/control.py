@@ -26,7 +26,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from fastlb.config import BackendSpec, Config, parse_backend, parse_weight
-from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES
+from fastlb.observe import LATENCY_BUCKETS, STATUS_CLASSES, sum_counts
 
 if TYPE_CHECKING:
     from fastlb.pool import BackendPool
@@ -383,7 +383,15 @@ def aggregate(table: BackendTable, snapshots: list[dict[str, Any]],
     return {"pools": [_aggregate_pool(name, specs, admin_states, sources, algorithm, by_pool.get(name, []),
                                       retired.get(name, {}))
                       for name, specs, admin_states, sources, algorithm in pools],
-            "workers": len(snapshots), "clients": _aggregate_clients(snapshots)}
+            "workers": len(snapshots), "clients": _aggregate_clients(snapshots),
+            **_aggregate_engine(snapshots)}
+
+
+def _aggregate_engine(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """The HTTP engine's counters summed over the workers reporting (fastlb/http/fast.py FastPath.counts),
+    as {"engine": ...}; {} where no worker's engine serves."""
+    engines = [snap["engine"] for snap in snapshots if "engine" in snap]
+    return {"engine": sum_counts(engines)} if engines else {}
 
 
 def _aggregate_clients(snapshots: list[dict[str, Any]]) -> dict[str, int]:

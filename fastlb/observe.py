@@ -43,6 +43,19 @@ _BYTES_OFFSET = 120
 _bytes = struct.Struct("=QQ")
 
 
+def sum_counts(views: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counters of several sources (a worker's HTTP engines, the workers' reports) added up, key by key,
+    nested dicts included (the HTTP engine's hand-overs by reason)."""
+    total: dict[str, Any] = {}
+    for view in views:
+        for key, value in view.items():
+            if isinstance(value, dict):
+                total[key] = sum_counts([total.get(key, {}), value])
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
 class Histogram:
     """Counts per bucket (not cumulative: the exposition adds them up) and the sum of observations."""
 

@@ -213,7 +213,7 @@ class ServerTLS:
         except ImportError:
             return None
         try:
-            return ServerContext(certificates, TLS12_CIPHERS, self.ca, self.verify)
+            return ServerContext(certificates, TLS12_CIPHERS, self.ca, self.verify, "h2" in self.alpn)
         except ValueError as exc:
             log.warning("TLS bind %s: served by the event loop, the relay thread cannot load it: %s",
                         self.address, exc)

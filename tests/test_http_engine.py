@@ -80,9 +80,8 @@ def test_engine_serves_plain_binds_and_steps_aside_when_python_is_needed(procs, 
 AFTER = b"GET /after HTTP/1.1\r\nHost: test\r\n\r\n"
 
 # (name, bytes sent, responses to read, HEAD?) -- each followed by AFTER on the same connection when
-# the connection is still open.
-EXCHANGES = [
-    # served by the engine
+# the connection is still open. By where the engine serves them (its counters say so: engine_counts).
+SERVED_IN_C = [
     ("plain", b"GET /p HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
     ("headers as sent", b"GET /h?q=1&r=%20x HTTP/1.1\r\nHost: test:8080\r\nX-A:   spaced value \t \r\n"
                         b"x-empty:\r\nX-Obs: caf\xe9\r\nAccept: */*\r\nuser-AGENT: t/1\r\n\r\n", 1, False),
@@ -99,7 +98,8 @@ EXCHANGES = [
     ("put", b"PUT /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\n\r\nabc", 1, False),
     ("patch", b"PATCH /echo HTTP/1.1\r\nContent-Length: 003\r\nHost: test\r\n\r\nxyz", 1, False),
     ("get with length 0", b"GET /z HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n", 1, False),
-    # handed to the Python path at the request
+]
+HANDED_AT_REQUEST = [
     ("x-forwarded-for", b"GET /x HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n", 1, False),
     ("connection names a header", b"GET /x HTTP/1.1\r\nHost: test\r\nConnection: keep-alive, X-S\r\n"
                                   b"X-S: 1\r\n\r\n", 1, False),
@@ -126,7 +126,8 @@ EXCHANGES = [
     ("space before colon", b"GET /x HTTP/1.1\r\nHost : test\r\n\r\n", 1, False),
     ("NUL in a value", b"GET /x HTTP/1.1\r\nHost: test\r\nX-A: a\x00b\r\n\r\n", 1, False),
     ("non-ASCII target", b"GET /caf\xe9 HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
-    # handed to the Python path at the response
+]
+HANDED_AT_RESPONSE = [
     ("chunked response", b"GET /chunked?n=3 HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
     ("large response", b"GET /big?n=300000 HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
     ("no content", b"GET /status?code=204 HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
@@ -135,6 +136,7 @@ EXCHANGES = [
     ("body until close", b"GET /eof HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
     ("bad framing", b"GET /garbage HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
 ]
+EXCHANGES = SERVED_IN_C + HANDED_AT_REQUEST + HANDED_AT_RESPONSE
 
 
 def exchange(port: int, data: bytes, count: int, head: bool, connect=Client) -> list:
@@ -171,13 +173,44 @@ def backend_view(backend, start: int, lb_port: int, connect=Client) -> list:
             for r in seen]
 
 
+def engine_counts(admin: int) -> dict | None:
+    """The engine's counters: /stats.json's "engine" (fastlb/http/fast.py FastPath.counts); None where
+    the engine serves no bind."""
+    status, data = admin_get(admin, "/stats.json")
+    assert status == 200
+    return json.loads(data).get("engine")
+
+
+def engine_work(admin: int, run):
+    """run()'s result, with what the engine did meanwhile by its counters: (result, requests it served
+    in C, {reason: connections it handed to the Python path})."""
+    before = engine_counts(admin)
+    result = run()
+    if before is None:
+        return result, None, None              # (the Python path alone)
+    after = engine_counts(admin)
+    handed = {reason: count - before["handed_over"][reason]
+              for reason, count in after["handed_over"].items() if count != before["handed_over"][reason]}
+    return result, after["requests"] - before["requests"], handed
+
+
+def expected_engine_work(name: str, seen: list) -> tuple[int, dict]:
+    """What the engine must have done for the EXCHANGES entry `name` whose client saw `seen`: served
+    each response itself, or handed the connection over (at the request or at the response) and
+    served none of them."""
+    if any(name == entry[0] for entry in SERVED_IN_C):
+        return sum(isinstance(item, tuple) for item in seen), {}
+    return 0, {"request" if any(name == entry[0] for entry in HANDED_AT_REQUEST) else "response": 1}
+
+
 @pytest.mark.parametrize("name,data,count,head", EXCHANGES, ids=[e[0] for e in EXCHANGES])
 def test_engine_and_python_path_answer_alike(paired, name, data, count, head):
-    (c_port, c_backend), (py_port, py_backend) = paired
+    (c_port, c_backend, c_admin), (py_port, py_backend) = paired
     c_start, py_start = len(c_backend.lines), len(py_backend.lines)
-    with_engine = exchange(c_port, data, count, head)
+    with_engine, served, handed = engine_work(c_admin, lambda: exchange(c_port, data, count, head))
     python_only = exchange(py_port, data, count, head)
     assert with_engine == python_only
+    assert (served, handed) == expected_engine_work(name, with_engine)
     # Both backends got the same requests: a marker request, sent last, is logged after all of them.
     assert backend_view(c_backend, c_start, c_port) == backend_view(py_backend, py_start, py_port)
 
@@ -186,10 +219,12 @@ def test_engine_and_python_path_answer_alike(paired, name, data, count, head):
 def paired():
     processes = Processes()
     try:
-        c_port, c_backend, _ = start(processes, "--response-timeout", "2s", "--max-body-size", "1000")
+        c_admin = free_port()
+        c_port, c_backend, _ = start(processes, "--response-timeout", "2s", "--max-body-size", "1000",
+                                     "--admin", str(c_admin))
         py_port, py_backend, _ = start(processes, "--response-timeout", "2s", "--max-body-size", "1000",
                                        engine="python")
-        yield (c_port, c_backend), (py_port, py_backend)
+        yield (c_port, c_backend, c_admin), (py_port, py_backend)
     finally:
         processes.cleanup()
 
@@ -347,13 +382,22 @@ KEYED_QUERIES = ([f"/q?u=user-{i}&x=1" for i in range(12)]
                  ["/q", "/q?u=", "/q?u#x", "/q?#u=1"])
 
 
+def keyless_count(hash_key: str) -> int:
+    """The requests without a key test_hashing_keys_pick_as_the_python_path_picks sends."""
+    keyed = {"header": KEYED_HEADERS, "cookie": KEYED_COOKIES, "query": KEYED_QUERIES}.get(hash_key.partition(":")[0])
+    return len(keyed[1]) if keyed else 0
+
+
 @pytest.mark.parametrize("hash_key", ["uri", "path", "source", "header:X-User", "cookie:uid", "query:u"])
 def test_hashing_keys_pick_as_the_python_path_picks(procs, hash_key):
     picks = []
+    admin = free_port()
     for engine in ("c", "python"):
-        port, _, lb = start(procs, "--algorithm", "hash", "--hash-key", hash_key, names=("a", "b", "c"),
-                            engine=engine)
+        port, _, lb = start(procs, "--algorithm", "hash", "--hash-key", hash_key, "--admin", str(admin),
+                            names=("a", "b", "c"), engine=engine)
         assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+        if engine == "c":
+            before = engine_counts(admin)
         with Client(port) as client:
             kind = hash_key.partition(":")[0]
             if kind in ("header", "cookie"):
@@ -367,6 +411,13 @@ def test_hashing_keys_pick_as_the_python_path_picks(procs, hash_key):
             else:
                 picks.append([client.request("GET", f"/item/{i}?page={i % 3}").header("X-Backend")
                               for i in range(30)])
+        if engine == "c":
+            # Every request, keyed or not, was the engine's (one connection: a hand-over would have
+            # left all the rest to the Python path).
+            after = engine_counts(admin)
+            assert after["requests"] - before["requests"] == len(picks[0]) + keyless_count(hash_key)
+            assert after["handed_over"] == before["handed_over"]
+        lb.kill()
     assert picks[0] == picks[1]
     assert len(set(picks[0])) == (1 if hash_key == "source" else 3)
 
@@ -591,13 +642,14 @@ def tls_bind(pki, verify="optional"):
 def tls_paired(tls_pki):
     processes = Processes()
     try:
+        c_admin = free_port()
         c_port, c_backend, c_lb = start(processes, "--response-timeout", "2s", "--max-body-size", "1000",
-                                        bind_options=tls_bind(tls_pki))
+                                        "--admin", str(c_admin), bind_options=tls_bind(tls_pki))
         assert engine_line(c_lb) == "c"
         py_port, py_backend, py_lb = start(processes, "--response-timeout", "2s", "--max-body-size", "1000",
                                            engine="python", bind_options=tls_bind(tls_pki))
         assert engine_line(py_lb) == "python (FASTLB_HTTP_ENGINE=python)"
-        yield (c_port, c_backend), (py_port, py_backend)
+        yield (c_port, c_backend, c_admin), (py_port, py_backend)
     finally:
         processes.cleanup()
 
@@ -608,12 +660,13 @@ def test_engine_and_python_path_answer_alike_over_tls(tls_paired, tls_pki, cert,
     """The differential test on an mTLS bind (verify=optional): what the engine serves in C and what it
     hands to the Python path over its tunnel, with and without a client certificate (the backends see
     the same X-Client-Subject and X-Forwarded-Proto: https)."""
-    (c_port, c_backend), (py_port, py_backend) = tls_paired
+    (c_port, c_backend, c_admin), (py_port, py_backend) = tls_paired
     connect = tls_connector(tls_pki, cert)
     c_start, py_start = len(c_backend.lines), len(py_backend.lines)
-    with_engine = exchange(c_port, data, count, head, connect)
+    with_engine, served, handed = engine_work(c_admin, lambda: exchange(c_port, data, count, head, connect))
     python_only = exchange(py_port, data, count, head, connect)
     assert with_engine == python_only
+    assert (served, handed) == expected_engine_work(name, with_engine)
     c_view = backend_view(c_backend, c_start, c_port, connect)
     assert c_view == backend_view(py_backend, py_start, py_port, connect)
     subjects = [value for _, _, _, _, headers in c_view for key, value in headers if key == "X-Client-Subject"]
@@ -629,18 +682,18 @@ def test_engine_serves_tls_binds_with_sni_alpn_and_resumption_on_any_worker(proc
             assert client.request("GET", "/x").status == 200
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(tls_pki["ca"])
-    context.set_alpn_protocols(["h2", "http/1.1"])
+    context.set_alpn_protocols(["http/1.1"])
     context.maximum_version = ssl.TLSVersion.TLSv1_2      # the session is usable right after the handshake
     with TLSClient(port, context, "lb.test") as client:
         assert client.sock.selected_alpn_protocol() == "http/1.1"
         assert client.request("GET", "/first").status == 200
         session = client.sock.session
-    only_h2 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    only_h2.load_verify_locations(tls_pki["ca"])
-    only_h2.set_alpn_protocols(["h2"])
-    with TLSClient(port, only_h2, "lb.test") as client:      # nothing in common: no ALPN, not a failure
+    unknown = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    unknown.load_verify_locations(tls_pki["ca"])
+    unknown.set_alpn_protocols(["spdy/3.1"])
+    with TLSClient(port, unknown, "lb.test") as client:      # nothing in common: no ALPN, not a failure
         assert client.sock.selected_alpn_protocol() is None
-        assert client.request("GET", "/h2-only").status == 200
+        assert client.request("GET", "/no-alpn").status == 200
     # Each connection lands on either worker: 12 resumptions in a row would fail with probability
     # 1 - 2^-12 if only the worker that issued the ticket could read it.
     for _ in range(12):
@@ -653,9 +706,11 @@ def test_engine_serves_tls_binds_with_sni_alpn_and_resumption_on_any_worker(proc
 
 @pytest.mark.parametrize("engine", ["c", "python"])
 def test_failed_and_silent_tls_handshakes_are_closed_and_the_bind_serves_on(procs, tls_pki, engine):
-    port, _, lb = start(procs, "--connect-timeout", "1s", engine=engine,
+    admin = free_port()
+    port, _, lb = start(procs, "--connect-timeout", "1s", "--admin", str(admin), engine=engine,
                         bind_options=tls_bind(tls_pki, "required"))
     assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
+    before = engine_counts(admin)
     # A certificate from another CA, and none where one is required: refused within the handshake (TLS
     # 1.2, where the client learns it then; a TLS 1.3 client learns it at its first read).
     for cert in ("mallory", None):
@@ -672,11 +727,37 @@ def test_failed_and_silent_tls_handshakes_are_closed_and_the_bind_serves_on(proc
     with tls_connector(tls_pki, "alice")(port) as client:
         response = client.request("GET", "/served")
         assert response.status == 200 and response.body == b"a GET /served\n"
+    if engine == "c":                   # the four above, counted (/stats.json, fastlb_http_engine_*)
+        after = engine_counts(admin)
+        assert after["tls_handshake_failures"] - before["tls_handshake_failures"] == 4
+        assert after["requests"] - before["requests"] == 1
 
 
-def test_engine_leaves_tls_binds_with_hsts_to_the_python_path(procs, tls_pki):
-    _, _, lb = start(procs, "--hsts", "60", bind_options=tls_bind(tls_pki))
-    assert engine_line(lb) == "python (HSTS on a TLS bind)"
+HSTS_EXCHANGES = SERVED_IN_C + [
+    ("backend's own", b"GET /hsts HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
+    ("chunked", b"GET /chunked?n=2 HTTP/1.1\r\nHost: test\r\n\r\n", 1, False),
+]
+
+
+def test_engine_serves_hsts_on_tls_binds_as_the_python_path(procs, tls_pki):
+    """--hsts on a TLS bind: the engine adds the pool's Strict-Transport-Security line (replacing a
+    backend's own) on what it serves, and the answers are the Python path's, byte for byte."""
+    admin = free_port()
+    c_port, _, c_lb = start(procs, "--hsts", "60", "--admin", str(admin), bind_options=tls_bind(tls_pki))
+    assert engine_line(c_lb) == "c"
+    py_port, _, py_lb = start(procs, "--hsts", "60", engine="python", bind_options=tls_bind(tls_pki))
+    assert engine_line(py_lb) == "python (FASTLB_HTTP_ENGINE=python)"
+    connect = tls_connector(tls_pki)
+    for name, data, count, head in HSTS_EXCHANGES:
+        with_engine, served, handed = engine_work(admin, lambda: exchange(c_port, data, count, head, connect))
+        assert with_engine == exchange(py_port, data, count, head, connect), name
+        answers = [item for item in with_engine if isinstance(item, tuple)]
+        assert all([value for key, value in headers if key == "Strict-Transport-Security"] == ["max-age=60"]
+                   for _, headers, _ in answers), name
+        if name == "chunked":             # not plain: the Python path's from there on, HSTS and all
+            assert (served, handed) == (0, {"response": 1})
+        else:
+            assert (served, handed) == (len(answers), {}), name
 
 
 def test_tls_connections_the_python_path_serves_go_through_the_engines_tunnel(procs, tls_pki):
@@ -701,6 +782,50 @@ def test_tls_connections_the_python_path_serves_go_through_the_engines_tunnel(pr
             assert chunk, "closed mid-echo"
             received += chunk
         assert received == b"early" + body
+
+
+def test_h2_clients_of_a_tls_bind_go_to_the_http2_path_through_the_engines_tunnel(procs, tls_pki):
+    """The engine's TLS binds offer h2 first (config h2 = true): a client choosing it is handed, right
+    after its handshake, to fastlb/http2 over the engine's TLS tunnel, its streams balanced per request
+    with the client-subject and X-Forwarded-* lines of HTTP/1.1; HTTP/1.1 clients stay the engine's."""
+    pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libnghttp2 (libnghttp2-dev)")
+    from h2_client import H2Client
+    admin = free_port()
+    port, backend, lb = start(procs, "--admin", str(admin), names=("a", "b"), bind_options=tls_bind(tls_pki))
+    assert engine_line(lb) == "c"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(tls_pki["ca"])
+    context.load_cert_chain(tls_pki["alice"])
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    start_line = len(backend.lines)
+
+    def over_h2():
+        with H2Client(port, context, "lb.test") as client:       # (asserts ALPN chose h2)
+            streams = [client.request("GET", f"/h2/{n}") for n in range(8)]
+            streams.append(client.request("POST", "/echo", body=b"over h2 via the tunnel"))
+            return client.wait(streams), streams
+    (responses, streams), served, handed = engine_work(admin, over_h2)
+    assert (served, handed) == (0, {"h2": 1})
+    assert [responses[s].status for s in streams] == [200] * 9
+    assert responses[streams[-1]].body == b"over h2 via the tunnel"
+    assert {responses[s].header("x-backend") for s in streams[:8]} == {"a", "b"}
+    seen = requests_seen(backend, start_line, at_least=9)
+    for request in seen:
+        headers = dict((name.lower(), value) for name, value in request["headers"])
+        assert headers["x-client-subject"] == r"CN=alice,O=Payments\, Inc"
+        assert headers["x-forwarded-proto"] == "https" and headers["x-forwarded-for"] == "127.0.0.1"
+    # HTTP/1.1 on the same bind: served in C.
+    def over_http11():
+        with tls_connector(tls_pki, "alice")(port) as client:
+            return client.request("GET", "/h1")
+    response, served, handed = engine_work(admin, over_http11)
+    assert response.status == 200 and (served, handed) == (1, {})
+    metrics = admin_get(admin, "/metrics")[1].decode()
+    assert 'fastlb_http_engine_handed_over_total{reason="h2"} 1.0' in metrics
+    assert re.search(r"^fastlb_http_engine_requests_total [1-9]", metrics, re.M)
+    # The port probe procs.fastlb made closed without a handshake: counted as a failed one.
+    failures = re.search(r"^fastlb_http_engine_tls_handshake_failures_total (\S+)$", metrics, re.M).group(1)
+    assert float(failures) == engine_counts(admin)["tls_handshake_failures"] >= 1
 
 
 @pytest.mark.parametrize("engine", ["c", "python"])
@@ -809,12 +934,33 @@ STICKY_RULES = {
 }
 
 
+def expected_sticky_work(rule: str, steps: list) -> list:
+    """(requests the engine served, its hand-overs by reason) for each of sticky_steps' exchanges (a
+    request, then another on the same connection): all in C but what the start log's "HTTP engine hands
+    to the Python path" names for the rule, and a backend's response the engine never forwards."""
+    reads_cookie = rule.startswith(("insert", "prefix", "learn-redis", "learn-store-down"))
+    reads_set_cookie = reads_cookie and rule != "insert-resent"       # (insert without indirect does not)
+    expected = []
+    for data, _ in steps:
+        path = data.split(b" ")[1]
+        if path == b"/garbage":                                      # the backend's bad framing
+            expected.append((0, {"response": 1}))
+        elif path == b"/two-cookie-headers" and reads_cookie:        # a repeated header the rule reads
+            expected.append((0, {"request": 1}))
+        elif path.startswith(b"/setcookie") and reads_set_cookie:    # a backend Set-Cookie the rule reads
+            expected.append((0, {"response": 1}))
+        else:
+            expected.append((2, {}))
+    return expected
+
+
 @pytest.mark.parametrize("rule", list(STICKY_RULES))
 def test_sticky_sessions_served_alike(procs, tmp_path, rule):
     """Each sticky rule, engine on and off in front of the same backends (so the same backend ids):
     the same answers (less cookie times), the same requests at the backends, the same access-log
     lines, for good, idle, old, forged and foreign cookies, learned ids in the local table, in the
-    store, in neither, and a store that is down."""
+    store, in neither, and a store that is down; and the engine served each in C but what the rule
+    hands over by design (its counters, exchange by exchange)."""
     backend, ports = procs.http_backends("a", "b", "c")
     redis_port = None
     if "{redis}" in " ".join(STICKY_RULES[rule]):
@@ -825,11 +971,12 @@ def test_sticky_sessions_served_alike(procs, tmp_path, rule):
              for flag in STICKY_RULES[rule]]
     results = []
     steps = sticky_steps(ports)
+    admin = free_port()
     for engine in ("c", "python"):
         port = free_port()
         log = tmp_path / f"{engine}.log"
         args = ["--bind", f"127.0.0.1:{port}", "--cookie-secret-file", str(tmp_path / "secret"),
-                "--access-log", str(log), *flags]
+                "--access-log", str(log), "--admin", str(admin), *flags]
         for name in ("a", "b", "c"):
             args += ["--backend", f"127.0.0.1:{ports[name]}"]
         if redis_port is not None:
@@ -845,9 +992,11 @@ def test_sticky_sessions_served_alike(procs, tmp_path, rule):
             lb = procs.fastlb(*args)
         assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
         start_line = len(backend.lines)
-        answers = [comparable_response(exchange(port, data, 1, False,
-                                                      lambda p, source=source: Client(p, source=source)))
-                   for data, source in steps]
+        work = [engine_work(admin, lambda data=data, source=source: exchange(
+                    port, data, 1, False, lambda p: Client(p, source=source))) for data, source in steps]
+        answers = [comparable_response(seen) for seen, _, _ in work]
+        if engine == "c":
+            engine_did = [(served, handed) for _, served, handed in work]
         at_backends = backend_view(backend, start_line, port)
         logged = [comparable(line, "text") for line in log_lines(log, 0)]
         results.append((answers, at_backends, logged))
@@ -865,6 +1014,7 @@ def test_sticky_sessions_served_alike(procs, tmp_path, rule):
         assert backends[18] == "c"                           # the store's mapping, fetched on a miss
     if rule.startswith("learn") and rule != "learn-header":
         assert backends[16] == backends[17] == backends[15]  # the id learned from the backend's Set-Cookie
+    assert engine_did == expected_sticky_work(rule, steps)
 
 
 RETRIED = [
@@ -882,11 +1032,12 @@ def test_retried_statuses_alike(procs, tmp_path, retries):
     requests at the backends (how many times each was sent), the same access-log lines."""
     backend, ports = procs.http_backends("a", "b", "c")
     results = []
+    admin = free_port()
     for engine in ("c", "python"):
         port = free_port()
         log = tmp_path / f"{engine}.log"
         args = ["--bind", f"127.0.0.1:{port}", "--retry-on", "503,502", "--retries", retries,
-                "--access-log", str(log)]
+                "--access-log", str(log), "--admin", str(admin)]
         for name in ("a", "b", "c"):
             args += ["--backend", f"127.0.0.1:{ports[name]}"]
         with pytest.MonkeyPatch.context() as patch:
@@ -894,7 +1045,10 @@ def test_retried_statuses_alike(procs, tmp_path, retries):
             lb = procs.fastlb(*args)
         assert engine_line(lb) == ("c" if engine == "c" else "python (FASTLB_HTTP_ENGINE=python)")
         start_line = len(backend.lines)
-        answers = [exchange(port, data, 1, False) for data in RETRIED]
+        work = [engine_work(admin, lambda data=data: exchange(port, data, 1, False)) for data in RETRIED]
+        answers = [seen for seen, _, _ in work]
+        if engine == "c":
+            engine_did = [(served, handed) for _, served, handed in work]
         results.append((answers, backend_view(backend, start_line, port),
                         [comparable(line, "text") for line in log_lines(log, 0)]))
         lb.kill()
@@ -903,3 +1057,10 @@ def test_retried_statuses_alike(procs, tmp_path, retries):
     sent = [request[:2] for request in results[0][1]]
     assert sent.count(("GET", "/status?code=503")) == int(retries) + 1
     assert sent.count(("POST", "/status?code=503")) == 1
+    # The engine served each answer (and the request after it) itself, but for a --retry-on status with a
+    # retry left for a request that may be sent again: that response went to the Python path, which
+    # retried (the connection then stayed the Python path's).
+    retried = {"retry_status": 1}
+    after_each = [2, 2, 2, 2, 1]                          # the last asked to close
+    assert engine_did == ([(0, retried), (2, {}), (0, retried), (2, {}), (0, retried)] if retries == "1"
+                          else [(n, {}) for n in after_each])

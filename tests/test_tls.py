@@ -818,8 +818,9 @@ def test_health_verdicts_reach_the_sni_group_pools_by_address(procs, pki, tmp_pa
 
 
 def test_hsts_is_added_to_responses_the_fast_path_would_take(procs, pki):
-    """The response fast path forwards a backend's header lines untouched; where fastlb adds HSTS (a TLS
-    bind, a pool with hsts) it must not be taken, or the header would be missing."""
+    """The response fast path (and the C engine) forward a backend's header lines as they are; where
+    fastlb adds HSTS (a TLS bind, a pool with hsts) they must add its line too (and drop the backend's
+    own), or the header would be missing."""
     from fastlb.http.runtime import HttpSettings
     from fastlb.http.upstream import scan_response
     backend, ports = procs.http_backends("a")

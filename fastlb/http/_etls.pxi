@@ -2,9 +2,11 @@
 #
 # A client of a TLS bind has an SSL* (c.ssl) on its socket, made from the front SSL_CTX of the bind's
 # fastlb.tls.ServerTLS.native (fastlb/_ctls.pxi: SNI certificate sets, session tickets shared by every
-# worker, client certificates, ALPN http/1.1, tls.py's safe settings). Every read and write of a client
-# goes through client_recv / client_send (and the engine's write_answer, which gives TLS one contiguous
-# buffer), so a protocol sitting on the connection (HTTP/2 later) never sees whether it is TLS.
+# worker, client certificates, ALPN h2 and http/1.1, tls.py's safe settings). Every read and write of a
+# client goes through client_recv / client_send (and the engine's write_answer, which gives TLS one contiguous
+# buffer), so a protocol sitting on the connection never sees whether it is TLS. A client whose ALPN chose
+# h2 is handed, right after its handshake, to the Python path's HTTP/2 (fastlb/http2/) over the engine's
+# TLS tunnel (Engine.adopt).
 #
 # The return conventions, the same for plain and TLS sockets:
 #   client_recv: > 0 bytes read; 0 the client's end (FIN or close_notify); WOULD_BLOCK; FAILED.
@@ -15,10 +17,11 @@ cdef enum:
     WOULD_BLOCK = -1
     FAILED = -2
 
-# What ALPN agreed on (Client.alpn): HTTP/2 will add its own.
+# What ALPN agreed on (Client.alpn).
 cdef enum:
     ALPN_NONE = 0
     ALPN_HTTP11 = 1
+    ALPN_H2 = 2
 
 
 cdef long note_short_read(BIO *b, int oper, const char *argp, size_t size, int argi, long argl, int ret,
@@ -122,6 +125,8 @@ cdef unsigned char alpn_of(SSL *ssl) noexcept:
     SSL_get0_alpn_selected(ssl, &data, &size)
     if size == 8 and memcmp(data, b"http/1.1", 8) == 0:
         return ALPN_HTTP11
+    if size == 2 and memcmp(data, b"h2", 2) == 0:
+        return ALPN_H2
     return ALPN_NONE
 
 

@@ -27,11 +27,12 @@ timeouts), which hands the connected socket back. A connection that left the eng
 TLS binds (fastlb/http/_etls.pxi): the engine accepts, handshakes (within the connect timeout, as
 uvloop's ssl_handshake_timeout on the Python path) and reads and writes records itself with OpenSSL, on
 the SSL_CTX fastlb/tls.py built for the bind before the fork (ServerTLS.native: SNI certificate sets,
-session tickets every worker shares, client certificates, ALPN http/1.1). Per connection: its SSL*, the
-ALPN protocol agreed, and for a verified client certificate the `X-Client-Subject` line, made once
+session tickets every worker shares, client certificates, ALPN h2 and http/1.1). Per connection: its
+SSL*, the ALPN protocol agreed, and for a verified client certificate the `X-Client-Subject` line, made once
 (tls.format_subject, the Python path's own formatting) and added to each request head as the Python
 path adds it. Admission control runs after the handshake, as on the Python path. A failed or timed-out
 handshake is counted (Engine.handshake_failures) and the socket closed, not logged (uvloop logs neither).
+A client whose ALPN chose h2 is handed over at once (below): HTTP/2 is the Python path's (fastlb/http2/).
 
 Adoption of a TLS connection: the SSL state lives here and cannot move to a uvloop transport, so the
 engine keeps the connection and hands the Python path one end of a socketpair instead of the client's
@@ -88,7 +89,7 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef enum:
     SCRATCH = 65536
     MAX_EVENTS = 256
-    MAX_IOV = MAX_SPANS + 5    # the head's spans, Connection: close, the added block, the insert cookie, CRLF, body
+    MAX_IOV = MAX_SPANS + 6    # the head's spans, Connection: close, the added block, HSTS, the insert cookie, CRLF, body
     COOKIE_CACHE = 4096        # distinct Cookie headers whose meaning (sticky rules) the engine keeps
     MAX_CACHED_COOKIE = 4096   # a longer Cookie header is looked up in Python every time
     MAX_FAST_HEAD = 12288      # a longer request head (or added block) goes to the Python path
@@ -109,6 +110,20 @@ cdef enum:
     WRITING = 3        # an answer is still being written to the client; nothing is read meanwhile
     HANDSHAKE = 4      # TLS: the handshake is under way
     TUNNEL = 5         # TLS, handed to the Python path: the engine relays the decrypted bytes (adopt())
+
+# Why a connection went to the Python path (adopt()): counted by reason (Engine.handed_over(), the metrics'
+# fastlb_http_engine_handed_over_total{reason}), named by HANDED_REASONS in this order.
+cdef enum:
+    HAND_REQUEST = 0           # a request the engine does not serve (malformed, unusual, a body, pipelined)
+    HAND_NO_BACKEND = 1        # nothing to pick now (down, full, a queue), a routed body over its limit
+    HAND_BACKEND_FAILED = 2    # the backend connection closed or failed before a response
+    HAND_RESPONSE = 3          # a response the engine does not forward itself (not plain, a watched header)
+    HAND_RETRY = 4             # a --retry-on status for a request that may be sent again
+    HAND_TIMEOUT = 5           # no response within response_timeout (Python answers 504 or retries)
+    HAND_H2 = 6                # TLS whose ALPN chose h2: HTTP/2 is the Python path's (fastlb/http2/)
+    HAND_REASONS = 7
+HANDED_REASONS = ("request", "no_backend", "backend_failed", "response", "retry_status", "response_timeout",
+                  "h2")
 
 # Request header names the engine acts on (from HttpSettings.request_actions): what it does with them.
 cdef enum:
@@ -432,11 +447,15 @@ cdef class Engine:
     cdef Backend *dead_backends
     # Counters (tests and the stats: how much the engine served itself).
     cdef public unsigned long long served, adopted, connects
+    cdef unsigned long long handed[HAND_REASONS]     # adoptions by reason (HAND_*)
     # The features the engine serves with the Python path's semantics (set_features).
     cdef LogWriter access_log          # None: no access log
     cdef double wall_offset            # time.time() - time.monotonic(), the Observer's
     cdef list log_names                # slot -> (pool name, backend address) as bytes
     cdef tuple response_dropped        # response header names (lower-case) not forwarded
+    cdef tuple hsts_dropped            # the same where HSTS applies: the backend's own line too
+    cdef bint hsts_on                  # a pool sets HSTS: TLS clients' responses get its line
+    cdef list slot_hsts                # slot -> its pool's Strict-Transport-Security line (b"": none)
     cdef public unsigned long long accepted    # client connections accepted since start
     # Admission control (fastlb/admission.py): the C table, checked per accept and per request without
     # Python (a 429's bytes come from Python: the limited path); the pool id of the unrouted pool.
@@ -510,6 +529,7 @@ cdef class Engine:
             raise MemoryError()
         self.backends = []
         self.slots = {}
+        self.slot_hsts = []
         self.http_request_timeout = settings.http_request_timeout
         self.keepalive_timeout = settings.keepalive_timeout
         self.response_timeout = settings.response_timeout
@@ -586,6 +606,8 @@ cdef class Engine:
         self.log_names = []
         self.response_dropped = settings.response_dropped
         self.response_watch = settings.response_watch
+        self.hsts_dropped = settings.hsts_dropped
+        self.hsts_on = glue.hsts_on
         for status in settings.retry_statuses:
             if 0 <= status < 600:
                 self.retry_status[status] = 1
@@ -684,6 +706,10 @@ cdef class Engine:
     @property
     def fileno(self):
         return self.epfd
+
+    def handed_over(self):
+        """Connections handed to the Python path since start, by reason (HANDED_REASONS)."""
+        return {name: self.handed[i] for i, name in enumerate(HANDED_REASONS)}
 
     # ---- clients in and out ------------------------------------------------------------------------
 
@@ -896,6 +922,11 @@ cdef class Engine:
                 self.close_client(c)
                 return
             c.counted = 1
+        if c.alpn == ALPN_H2:
+            # HTTP/2 (fastlb/http2/connection.py) over the tunnel from its first byte; the Python side is
+            # told ALPN's choice, which its end of the socketpair cannot tell.
+            self.adopt(c, NULL, 0, HAND_H2)
+            return
         self.on_client_readable(c)
 
     cdef void unlink(self, Client *c):
@@ -986,12 +1017,12 @@ cdef class Engine:
         epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         close(fd)
 
-    cdef void adopt(self, Client *c, const char *data, Py_ssize_t size, bint limits_checked=False):
+    cdef void adopt(self, Client *c, const char *data, Py_ssize_t size, int reason, bint limits_checked=False):
         """Hands the client (and the backend connection of its request in flight, if any) to the Python
         path with `data`: bytes read from the client (no request in flight) or from the backend (with
-        one). The sockets leave the epoll set first: uvloop registers them in its own. limits_checked:
-        the request was counted by the rate limits here (always so for one in flight): the Python path
-        does not count it again."""
+        one); reason: HAND_*, counted. The sockets leave the epoll set first: uvloop registers them in
+        its own. limits_checked: the request was counted by the rate limits here (always so for one in
+        flight): the Python path does not count it again."""
         cdef Backend *b = c.backend
         cdef object inflight = None
         cdef object tls = None
@@ -1006,7 +1037,8 @@ cdef class Engine:
                 return
             fd = pair[1]
             tls = (c.bind, PyBytes_FromStringAndSize(c.ip, c.ip_len),
-                   PyBytes_FromStringAndSize(c.tls_block, c.tls_block_len) if c.tls_block_len else b"")
+                   PyBytes_FromStringAndSize(c.tls_block, c.tls_block_len) if c.tls_block_len else b"",
+                   c.alpn == ALPN_H2)
         self.unlink(c)
         if c.ssl == NULL:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
@@ -1027,6 +1059,7 @@ cdef class Engine:
         if c.ssl == NULL:
             self.free_client(c)
         self.adopted += 1
+        self.handed[reason] += 1
         self.glue.adopt(fd, pending, inflight, limits_checked, tls)
         if tunneled:
             self.pump(c)            # records OpenSSL holds already: no edge will announce them
@@ -1243,7 +1276,7 @@ cdef class Engine:
             self.close_client(c)
             return
         if n == SCRATCH or not self.parse_request(c, <const unsigned char *>self.scratch, n):
-            self.adopt(c, self.scratch, n)
+            self.adopt(c, self.scratch, n, HAND_REQUEST)
             return
         self.dispatch(c)
 
@@ -1536,6 +1569,7 @@ cdef class Engine:
         self.idle[size] = NULL
         self.idle_count[size] = 0
         self.attempts[size] = self.glue.pool_for(backend).attempts
+        self.slot_hsts.append(self.glue.hsts_block(backend))
         self.fresh_line[size] = NULL
         self.fresh_second[size] = -1
         self.backends.append(backend)
@@ -1556,7 +1590,7 @@ cdef class Engine:
                 PyBytes_FromStringAndSize(c.ip, c.ip_len), c.body_len)
             if picked is None:
                 # (select_routed checked the rate limits first: the Python path must not count it again)
-                self.adopt(c, c.buf, c.req_len, self.limiter is not None)
+                self.adopt(c, c.buf, c.req_len, HAND_NO_BACKEND, self.limiter is not None)
                 return
             if type(picked) is float:         # over a rate limit (admission control): the 429
                 self.answer(c, self.limited_response(picked, c.close_after))
@@ -1604,7 +1638,7 @@ cdef class Engine:
         if backend is None:
             # Nothing to pick now (every backend down or full, a queue): the Python path waits or answers
             # (the rate limits were checked above: it must not count the request again).
-            self.adopt(c, c.buf, c.req_len, self.limiter is not None)
+            self.adopt(c, c.buf, c.req_len, HAND_NO_BACKEND, self.limiter is not None)
             return
         self.place(c, backend, key, pinned, sticky_key)
 
@@ -1697,7 +1731,7 @@ cdef class Engine:
                 if errno == EAGAIN:
                     return True             # EPOLLOUT on the backend socket resumes it
                 # The backend connection is broken: the Python path sees it fail and retries.
-                self.adopt(c, NULL, 0)
+                self.adopt(c, NULL, 0, HAND_BACKEND_FAILED)
                 return False
             c.head_sent += <uint32_t>n
         return True
@@ -1771,7 +1805,7 @@ cdef class Engine:
         cdef iovec iov[MAX_IOV]
         cdef int count = 0, i
         cdef bint close, ok
-        cdef object backend, cookie_line
+        cdef object backend, cookie_line, hsts = None
         if c == NULL:
             # An idle connection readable: the backend closed it (or sent bytes nobody asked for).
             self.unpark(b)
@@ -1780,15 +1814,25 @@ cdef class Engine:
         n = recv(b.fd, self.scratch, SCRATCH, 0)
         if n < 0 and (errno == EAGAIN or errno == EINTR):
             return
-        if (n <= 0 or n == SCRATCH
+        # Closed, failed, a response the engine does not forward itself (or that carries a header the
+        # sticky rule reads), or one --retry-on names for a request that may go to another backend:
+        # Python's from here, which retries or answers by the same rules.
+        if n <= 0:
+            self.adopt(c, self.scratch, 0, HAND_BACKEND_FAILED)
+            return
+        if c.ssl != NULL and self.hsts_on:
+            # The pool's HSTS replaces the backend's own line (upstream.py's on_header and fast path).
+            hsts = <object>PyList_GET_ITEM(self.slot_hsts, c.slot)
+            if not len(hsts):
+                hsts = None
+        if (n == SCRATCH
                 or not scan_plain(<const unsigned char *>self.scratch, n, self.response_watch,
-                                  self.response_dropped, &found)
-                or found.body_start > self.max_response_header_size
-                or self.retry_status[found.status] and self.may_send_again(c)):
-            # Closed, failed, a response the engine does not forward itself (or that carries a header
-            # the sticky rule reads), or one --retry-on names for a request that may go to another
-            # backend: Python's from here, which retries or answers by the same rules.
-            self.adopt(c, self.scratch, n if n > 0 else 0)
+                                  self.hsts_dropped if hsts is not None else self.response_dropped, &found)
+                or found.body_start > self.max_response_header_size):
+            self.adopt(c, self.scratch, n, HAND_RESPONSE)
+            return
+        if self.retry_status[found.status] and self.may_send_again(c):
+            self.adopt(c, self.scratch, n, HAND_RETRY)
             return
         close = c.close_after or self.draining
         for i in range(found.nspans):
@@ -1802,6 +1846,10 @@ cdef class Engine:
         if len(self.response_block):
             iov[count].iov_base = PyBytes_AS_STRING(self.response_block)
             iov[count].iov_len = len(self.response_block)
+            count += 1
+        if hsts is not None:
+            iov[count].iov_base = PyBytes_AS_STRING(hsts)
+            iov[count].iov_len = len(hsts)
             count += 1
         if self.sticky_kind == STICKY_COOKIE_INSERT:
             cookie_line = self.insert_cookie(c)
@@ -2043,7 +2091,7 @@ cdef class Engine:
                     self.handshake_failures += 1
                     self.close_client(c)
                 elif c.deadline_kind == WAIT_BACKEND:
-                    self.adopt(c, NULL, 0)        # Python answers 504 or retries, by its rules
+                    self.adopt(c, NULL, 0, HAND_TIMEOUT)   # Python answers 504 or retries, by its rules
             elif self.draining and c.state == WAITING and c.deadline_kind == WAIT_IDLE:
                 self.close_client(c)
             c = next_client

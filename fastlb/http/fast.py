@@ -9,8 +9,9 @@ request and response header rules (`--request-header-set/delete`, `--response-he
 `--via`), X-Forwarded-For, every hashing key, routing rules, TLS binds (the handshake and records in C,
 on the bind's ServerTLS.native: fastlb/http/_etls.pxi), sticky sessions (without routing rules:
 `select()` gets the backend a cookie pins, `select_sticky()` reads the stick table) and `--retry-on`
-statuses. Still the Python path's: redirect and PROXY-protocol binds, TLS binds when the C contexts are
-not built or a pool sets HSTS, sticky sessions and header/cookie keys with routing rules, TLS to backends
+statuses, HSTS on TLS binds. A TLS client whose ALPN chose h2 is handed over right after its handshake
+(HTTP/2 is fastlb/http2/'s). Still the Python path's: redirect and PROXY-protocol binds, TLS binds when the C
+contexts are not built, sticky sessions and header/cookie keys with routing rules, TLS to backends
 (`why_not` lists what applies; `handed_over` what the engine serving a bind still hands over because of
 the config; both logged at start).
 
@@ -55,8 +56,6 @@ def why_not(runtime, bind, server_tls=None) -> str | None:
     if bind.ssl:
         if server_tls is None or server_tls.native is None:
             reasons.append("TLS bind without its C contexts (fastlb._crelay not built, or OpenSSL refused the files)")
-        if any(route.hsts_block for route in routes):
-            reasons.append("HSTS on a TLS bind")
     if bind.redirect_https is not None:
         reasons.append("redirect bind")
     if bind.accept_proxy:
@@ -146,6 +145,7 @@ class FastPath:
         self.access_log = access_log.writer if access_log is not None else None
         self.wall_offset = self.observer.wall_offset if self.observer is not None else 0.0
         self.gate = None                      # the worker's AcceptGate (fastlb/l4.py), set when it has one
+        self.hsts_on = any(route.hsts_block for route in runtime.router.pools.values())
         self.engine = Engine(self, self.loop, runtime.settings, self.route is None,
                              self.route.max_body_size if self.route is not None else 0,
                              KEY_KINDS[self.route.key_kind] if self.route is not None else 0,
@@ -166,6 +166,14 @@ class FastPath:
     @property
     def live(self) -> int:
         return self.engine.live + self.adopting
+
+    def counts(self) -> dict:
+        """What the engine served itself since start (requests answered in C), what it handed to the
+        Python path, by reason (Engine.HANDED_REASONS), and its TLS handshakes that failed or timed out:
+        the worker's snapshot (/stats.json "engine", the fastlb_http_engine_* metrics)."""
+        engine = self.engine
+        return {"requests": engine.served, "handed_over": engine.handed_over(),
+                "tls_handshake_failures": engine.handshake_failures}
 
     def listen(self, sock, bind, server_tls=None, handshake_timeout: float = 0.0) -> None:
         """The engine accepts the bind's connections itself (on a duplicate of its listening socket); a
@@ -250,8 +258,15 @@ class FastPath:
                                                 if route.pool.by_address.get(backend.address) is backend)
         return pool
 
+    def route_of(self, pool):
+        return next(route for route in self.router.pools.values() if route.pool is pool)
+
     def route_name(self, pool) -> str:
-        return next(route.name for route in self.router.pools.values() if route.pool is pool)
+        return self.route_of(pool).name
+
+    def hsts_block(self, backend) -> bytes:
+        """The Strict-Transport-Security line of the backend's pool (b"": none), for its TLS clients."""
+        return self.route_of(self.pool_for(backend)).hsts_block
 
     def log_names(self, backend) -> tuple[bytes, bytes]:
         """The access log's pool and backend names for a backend the engine serves (once per backend)."""
@@ -315,8 +330,8 @@ class FastPath:
     async def _adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False, tls=None) -> None:
         """The client socket becomes a uvloop transport of a ClientConnection that is fed `data` (or the
         request in flight, attached to its backend connection, which is fed the response bytes read).
-        tls: a TLS client's (bind index, client address, client-subject header line): fd is then the
-        Python end of the socketpair the engine relays the decrypted stream over."""
+        tls: a TLS client's (bind index, client address, client-subject header line, ALPN chose h2): fd
+        is then the Python end of the socketpair the engine relays the decrypted stream over."""
         from fastlb.http.protocol import ClientConnection
         loop = self.loop
         backend_sock = None
@@ -324,10 +339,11 @@ class FastPath:
             if tls is None:
                 client = ClientConnection(self.runtime, self.bind)   # any plain bind will do
             else:
-                bind, client_ip, subject_block = tls
+                bind, client_ip, subject_block, h2 = tls
                 client = ClientConnection(self.runtime, self.binds[bind])
-                client.client_ip = client_ip         # the socketpair has no peer address
+                client.client_ip = client_ip         # the socketpair has no peer address, nor ALPN
                 client.tls_block = subject_block
+                client.alpn_h2 = h2
             client.admitted = self.runtime.admission is not None     # counted at the engine's accept
             client.limits_checked = limits_checked                   # its first request's rate limits too
             client_sock = socket.socket(fileno=fd)

@@ -23,6 +23,7 @@ cdef class ClientConnection:
     cdef public object loop, transport, parser, queue, connect_task, tunnel_buffer, peer, conn_tokens
     cdef public bytes client_ip, forward_block, checked_host, scheme, tls_block
     cdef public bint closed, closing, tunnel, tunnel_active, head_done, tls, mtls, admitted, limits_checked
+    cdef public bint alpn_h2
     cdef public object redirect, pending_input, adopting
     cdef public int paused, deadline_kind
     cdef public Py_ssize_t upgrade_body_left

@@ -131,6 +131,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         # a connection the C engine hands over (fastlb/http/fast.py): bytes it read, and the request
         # in flight with its backend connection (upstream, backend, sent_at)
         "pending_input", "adopting",
+        # a TLS connection the C engine hands over because ALPN chose h2 (a socketpair cannot tell)
+        "alpn_h2",
         # body bytes of an Upgrade request still to read (llhttp stops at the head: see upgrade_body)
         "upgrade_body_left",
         # counted in the admission table's connections per source (fastlb/admission.py); the rate
@@ -176,6 +178,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.redirect = None if port is None else (b"" if port == 443 else b":%d" % port)
         self.pending_input = None
         self.adopting = None
+        self.alpn_h2 = False
         self.upgrade_body_left = 0
         self.admitted = False
         self.limits_checked = False
@@ -199,7 +202,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
                 self.tls_block = client_subject_block(info.client_subject)
         self.parser = httptools.HttpRequestParser(self)
         self.runtime.connections.add(self)
-        if self.tls and self.runtime.h2 is not None and tls.negotiated_h2(transport):
+        if self.tls and self.runtime.h2 is not None and (self.alpn_h2 or tls.negotiated_h2(transport)):
             from fastlb.http2.connection import switch
             switch(self, b"")                 # ALPN chose HTTP/2
             return

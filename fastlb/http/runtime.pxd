@@ -12,7 +12,7 @@ cdef class HttpSettings:
     cdef public dict request_actions, response_actions
     cdef public bytes request_block, response_block, default_host
     cdef public object capture
-    cdef public tuple response_watch, response_dropped
+    cdef public tuple response_watch, response_dropped, hsts_dropped
 
 
 cdef class HttpRuntime:

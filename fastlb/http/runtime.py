@@ -30,6 +30,7 @@ class HttpSettings:
         "max_header_size", "max_headers", "max_uri_length", "max_response_header_size",
         "forwarded_for", "request_actions", "response_actions", "request_block", "response_block",
         "capture", "default_host", "fast_responses", "cookie_held", "response_watch", "response_dropped",
+        "hsts_dropped",
         # retry-on (config.parse_retry_on): what re-sends an idempotent request to another backend
         "retry_statuses", "retry_empty", "retry_junk", "retry_timeout",
     )
@@ -86,6 +87,8 @@ class HttpSettings:
         self.fast_responses = scan_response is not None
         self.response_dropped = tuple(name for name, action in response_actions.items()
                                       if action == R_DROP and name not in RESPONSE_SPECIAL)
+        # Where a pool's HSTS applies (a TLS bind), its header line replaces the backend's own.
+        self.hsts_dropped = self.response_dropped + (b"strict-transport-security",)
         self.request_block = format_header_block(extra)
         self.response_block = format_header_block(response_extra)
         self.capture = capture

@@ -167,11 +167,12 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         if not self.seen:
             self.seen = True
             req = self.request
-            # Not where fastlb adds HSTS (a TLS bind, a pool with HSTS): the fast path forwards the
-            # backend's header lines untouched, so it would neither add nor replace that header.
-            if (self.settings.fast_responses and not req.is_head
-                    and not (client.tls and req.route.hsts_block)):
-                found = scan_response(data, self.settings.response_watch, self.settings.response_dropped,
+            # Where fastlb adds HSTS (a TLS bind, a pool with HSTS) the fast path drops the backend's
+            # own line too, and _plain_response adds fastlb's (the C engine does the same).
+            if self.settings.fast_responses and not req.is_head:
+                found = scan_response(data, self.settings.response_watch,
+                                      self.settings.hsts_dropped if client.tls and req.route.hsts_block
+                                      else self.settings.response_dropped,
                                       self.settings.max_response_header_size)
                 if found is not None:
                     self._plain_response(client, found, data)
@@ -236,7 +237,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
                        if sticky is not None and sticky.kind == STICKY_COOKIE_INSERT else b"")
         client.transport.write(b"".join((
             head, b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n" if req.http10 else b"",
-            self.settings.response_block, req.extra_response_headers, cookie_line, b"\r\n",
+            self.settings.response_block, req.route.hsts_block if client.tls else b"", req.extra_response_headers,
+            cookie_line, b"\r\n",
             data[body_start:])))
         self.done = True
         self._finish()

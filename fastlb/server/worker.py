@@ -19,7 +19,7 @@ from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
 from fastlb.config import RESERVED_FDS, SMALL_MAXCONN, Config, connection_limits, open_files_limit
 from fastlb.control import apply_runtime, apply_to_pools
 from fastlb.l4 import AcceptGate
-from fastlb.observe import AccessLog, Observer, pool_snapshot
+from fastlb.observe import AccessLog, Observer, pool_snapshot, sum_counts
 from fastlb.pool import BackendPool
 from fastlb.server.controller import LocalController, reload_logged, warn_expiring
 from fastlb.server.datapath import Sweeper, build_paths, build_router
@@ -235,6 +235,9 @@ class Worker:
             if accepted is not None:
                 clients["accepted"] = clients.get("accepted", 0) + accepted
         result = {"pools": pools, "clients": clients}
+        engines = [path.fast.counts() for path in self.paths if getattr(path, "fast", None) is not None]
+        if engines:                     # HTTP mode with the C engine serving a bind (fastlb/http/fast.py)
+            result["engine"] = sum_counts(engines)
         if changes_only:
             removed, self.removed = self.removed, []
             result["removed"] = removed
