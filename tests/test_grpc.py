@@ -230,3 +230,46 @@ def test_proto_h2_needs_mode_http():
     with pytest.raises(ConfigError) as info:
         config_from_args(["--mode", "tcp", "--bind", "127.0.0.1:8", "--backend", "127.0.0.1:9,proto=h2"])
     assert "proto=h2" in str(info.value) and "mode 'http'" in str(info.value)
+
+
+# ---- the gRPC health check -----------------------------------------------------------------------
+
+def test_grpc_health_check_takes_a_not_serving_backend_out_and_back(tmp_path):
+    health = tmp_path / "h1-health"
+    health.write_text("SERVING")
+    processes = Processes()
+    try:
+        _, serving_port = start_grpc_backend(processes, "h0")
+        _, flipping_port = start_grpc_backend(processes, "h1", "--health-file", str(health))
+        port = free_port()
+        fastlb = processes.fastlb(
+            "--mode", "http", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{serving_port},proto=h2",
+            "--backend", f"127.0.0.1:{flipping_port},proto=h2", "--check", "grpc", "--check-interval", "0.2s",
+            "--check-timeout", "1s", "--rise", "2", "--fall", "2")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            unary = channel.unary_unary("/test.Echo/Unary")
+            assert {unary(b"x", timeout=CALL_TIMEOUT).split(b":")[0] for _ in range(4)} == {b"h0", b"h1"}
+            health.write_text("NOT_SERVING")
+            fastlb.wait_for_line(rf"backend 127.0.0.1:{flipping_port} DOWN: 2 consecutive check failures "
+                                 rf"\(not SERVING\)")
+            assert [unary(b"y", timeout=CALL_TIMEOUT) for _ in range(6)] == [b"h0:y"] * 6
+            health.write_text("SERVING")
+            fastlb.wait_for_line(rf"backend 127.0.0.1:{flipping_port} UP: 2 consecutive checks passed")
+            assert b"h1:z" in {unary(b"z", timeout=CALL_TIMEOUT) for _ in range(4)}
+        assert f"backend 127.0.0.1:{serving_port} DOWN" not in fastlb.output
+    finally:
+        processes.cleanup()
+
+
+def test_grpc_health_check_fails_on_a_server_without_the_service(tmp_path):
+    """An HTTP/1.1 server (no HTTP/2, no health service) is never taken for a healthy gRPC one."""
+    processes = Processes()
+    try:
+        _, ports = processes.http_backends("plain")
+        port = free_port()
+        fastlb = processes.fastlb("--mode", "http", "--bind", f"127.0.0.1:{port}", "--backend",
+                                  f"127.0.0.1:{ports['plain']}", "--check", "grpc", "--check-interval", "0.2s",
+                                  "--check-timeout", "1s")
+        fastlb.wait_for_line(rf"backend 127.0.0.1:{ports['plain']} DOWN")
+    finally:
+        processes.cleanup()

@@ -17,7 +17,7 @@ RELAYS = ("uvloop", "epoll")
 HASH_KEYS = ("source", "uri", "path", "header:NAME", "cookie:NAME", "query:NAME")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCESS_LOG_FORMATS = ("text", "json")
-CHECK_KINDS = ("none", "tcp", "http")
+CHECK_KINDS = ("none", "tcp", "http", "grpc")
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -222,8 +222,9 @@ class Config:
 
     # ---- health: active checks (defaults as HAProxy's inter 2s, rise 2, fall 3), each of which a backend
     # may set for itself (HEALTH_FIELDS) ...
-    check: str = HEALTH("none", HEALTH_FIELDS["check"], "active check: none (default), tcp (connect) or http "
-                        "(a request)", "none|tcp|http", pool=True)
+    check: str = HEALTH("none", HEALTH_FIELDS["check"], "active check: none (default), tcp (connect), http "
+                        "(a request) or grpc (grpc.health.v1.Health/Check over h2c, SERVING)", "none|tcp|http|grpc",
+                        pool=True)
     check_interval: float = HEALTH(2.0, HEALTH_FIELDS["check_interval"], "time between two checks of a "
                                    "backend (default 2s)", "DURATION", pool=True)
     check_timeout: float = HEALTH(1.0, HEALTH_FIELDS["check_timeout"], "a check not done within this fails "

@@ -26,6 +26,7 @@ import ssl
 
 import httptools
 
+from fastlb.health import HTTP_HEAD_LIMIT
 from fastlb.http2 import _nghttp2
 from fastlb.http2.connection import CONNECTION_SPECIFIC, STREAM_BUFFER_HIGH, STREAM_BUFFER_LOW
 from fastlb.tls import backend_context
@@ -441,3 +442,113 @@ class BackendStream:
             upstream.reused = True                   # the keep-alive race's rule: not the backend's failure
         self.closing = True
         self._tell_lost()
+
+
+# ---- the gRPC health check (`--check grpc`, fastlb/health.py) ------------------------------------------------
+
+GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+GRPC_EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"     # HealthCheckRequest{} (service "": the whole server), framed
+GRPC_SERVING = b"\x08\x01"                          # HealthCheckResponse{status: SERVING}
+GRPC_MESSAGE_PREFIX = 5                               # a message's compressed flag and length
+
+
+class _CheckStream:
+    """The health call's stream: its request body for read_body, what came back."""
+
+    __slots__ = ("out", "out_eof", "trailers", "low_water", "fields", "body", "done")
+
+    def __init__(self, loop) -> None:
+        self.out = bytearray(GRPC_EMPTY_MESSAGE)
+        self.out_eof = True
+        self.trailers = None
+        self.low_water = 0
+        self.fields: dict[bytes, bytes] = {}          # head and trailers together (Trailers-Only or not)
+        self.body = b""
+        self.done = loop.create_future()
+
+
+class _HealthCheckConnection(asyncio.Protocol):
+    """A connection that makes one gRPC health call: the ClientSession's owner for it."""
+
+    def __init__(self, loop, authority: bytes) -> None:
+        self.session = _nghttp2.ClientSession(self)
+        self.stream = _CheckStream(loop)
+        self.authority = authority
+        self.transport = None
+        self.receiving = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.session.request([(b":method", b"POST"), (b":scheme", b"http"), (b":authority", self.authority),
+                              (b":path", GRPC_HEALTH_PATH), (b"content-type", b"application/grpc"),
+                              (b"te", b"trailers"), (b"user-agent", b"fastlb-health-check")], self.stream, True)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.receiving = True
+        try:
+            error = self.session.receive(data)
+        finally:
+            self.receiving = False
+        if error is not None:
+            self._end(f"HTTP/2: {error}")
+        self.flush()
+
+    def flush(self) -> None:
+        if self.receiving or self.transport is None:
+            return
+        data = self.session.pending()
+        if isinstance(data, bytes) and data:
+            self.transport.write(data)
+
+    def connection_lost(self, exc) -> None:
+        self._end("connection closed before the answer")
+
+    def _end(self, problem: str | None) -> None:
+        if not self.stream.done.done():
+            self.stream.done.set_result(problem)
+
+    # the ClientSession's owner
+    def response_field(self, stream, name: bytes, value: bytes) -> None:
+        stream.fields[name] = value
+
+    def response_headers(self, stream, end: bool) -> None:
+        pass
+
+    def response_body(self, stream, data: bytes) -> None:
+        if len(stream.body) < HTTP_HEAD_LIMIT:
+            stream.body += data
+        self.session.consume(0, len(data))
+
+    def response_end(self, stream) -> None:
+        pass
+
+    def stream_closed(self, stream, error_code: int) -> None:
+        fields = stream.fields
+        if error_code != _nghttp2.NO_ERROR:
+            self._end(f"stream reset (HTTP/2 error {error_code})")
+        elif fields.get(b":status") != b"200":
+            self._end(f"HTTP {fields.get(b':status', b'?').decode()}, expected 200")
+        elif fields.get(b"grpc-status") != b"0":
+            self._end(f"grpc-status {fields.get(b'grpc-status', b'none').decode()}: "
+                      f"{fields.get(b'grpc-message', b'').decode(errors='replace')}")
+        elif stream.body[GRPC_MESSAGE_PREFIX:] != GRPC_SERVING:
+            self._end("not SERVING")
+        else:
+            self._end(None)
+
+    def drained(self, stream) -> None:
+        pass
+
+    def goaway_received(self) -> None:
+        pass
+
+
+async def grpc_health_check(loop, host: str, port: int, authority: str) -> str | None:
+    """None when the server answers SERVING, else why not (the caller bounds the time)."""
+    transport, conn = await loop.create_connection(lambda: _HealthCheckConnection(loop, authority.encode()),
+                                                   host, port)
+    try:
+        return await conn.stream.done
+    finally:
+        transport.abort()
