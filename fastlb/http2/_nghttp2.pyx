@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""A server-side HTTP/2 session of libnghttp2, for fastlb/http2/connection.py.
+"""libnghttp2 sessions: the server side (`Session`, for fastlb/http2/connection.py's client connections) and
+the client side (`ClientSession`, for fastlb/http2/backend.py's connections to proto=h2 backends and the
+gRPC health check). Both read a stream's body from its `out` and send its `trailers` after it (`read_body`).
 
 libnghttp2 does the protocol: framing, HPACK (its inflater and deflater), stream states, flow control,
 SETTINGS, and the message checks of RFC 9113 section 8 (HTTP messaging is left on): header names
