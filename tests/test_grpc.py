@@ -273,3 +273,47 @@ def test_grpc_health_check_fails_on_a_server_without_the_service(tmp_path):
         fastlb.wait_for_line(rf"backend 127.0.0.1:{ports['plain']} DOWN")
     finally:
         processes.cleanup()
+
+
+# ---- request trailers --------------------------------------------------------------------------------
+
+def test_request_trailers_of_an_h2_client_reach_an_http1_backend_in_the_chunked_end():
+    """An HTTP/2 request with trailers (and no content-length) reaches an HTTP/1.1 backend chunked, its
+    trailer fields after the last chunk; fields fastlb acts on (X-Forwarded-For) are not passed on."""
+    received = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    backend_port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n0\r\n" not in data or not data.endswith(b"\r\n\r\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            received.append(data)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    processes = Processes()
+    try:
+        port = free_port()
+        processes.fastlb("--mode", "http", "--bind", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}")
+        with H2Client(port) as client:
+            stream_id = client.request("POST", "/upload", body=b"payload", end=False)
+            client.conn.send_headers(stream_id, [("x-checksum", "abc123"), ("x-forwarded-for", "6.6.6.6")],
+                                     end_stream=True)
+            client.flush()
+            response = client.wait([stream_id])[stream_id]
+        assert response.status == 200 and response.body == b"ok"
+        thread.join(10)
+        request = received[0]
+        head, _, body = request.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        assert body == b"7\r\npayload\r\n0\r\nx-checksum: abc123\r\n\r\n"
+    finally:
+        processes.cleanup()
+        listener.close()
