@@ -383,10 +383,11 @@ class BackendStream:
         # gRPC's Trailers-Only response (a head that ends the stream, with grpc-status): its fields are the
         # call's trailers, content-type aside; they go in the chunked trailer section.
         trailers_only = end and any(name == b"grpc-status" for name, _ in fields)
+        grpc = any(name == b"content-type" and value.startswith(b"application/grpc") for name, value in fields)
         for name, value in fields:
             if name == b":status":
                 status = int(value)
-            elif name[:1] == b":":
+            elif name[:1] == b":" or grpc and not end and name == b"content-length":
                 continue
             elif trailers_only and name != b"content-type":
                 trailers.append(b"%s: %s\r\n" % (name, value))
@@ -408,7 +409,9 @@ class BackendStream:
                 rest = b"".join([b"0\r\n", *trailers, b"\r\n"])
             elif not has_length and not (self.is_head or status == 204 or status == 304):
                 head.append(b"content-length: 0\r\n")
-        elif not has_length and not (self.is_head or status == 204 or status == 304):
+        elif grpc or not has_length and not (self.is_head or status == 204 or status == 304):
+            # (A gRPC response is always chunked: its trailers carry the call's status, and a chunked body is
+            # the only HTTP/1.1 form with room for them; its content-length, if any, was left out.)
             self.chunked = True
             head.append(b"transfer-encoding: chunked\r\n")
         head.append(b"\r\n")
@@ -439,7 +442,11 @@ class BackendStream:
         self._unreserve()
         upstream = self.upstream
         if refused and upstream is not None and not self.status:
-            upstream.reused = True                   # the keep-alive race's rule: not the backend's failure
+            # RFC 9113 8.7: a refused stream was not processed, so any request may go again (a POST too), and
+            # it is not the backend's failure (the keep-alive race's rule, BackendConnection.connection_lost).
+            upstream.reused = True
+            if upstream.request is not None:
+                upstream.request.written = False
         self.closing = True
         self._tell_lost()
 
