@@ -26,9 +26,8 @@ import ssl
 
 import httptools
 
-from fastlb.health import HTTP_HEAD_LIMIT
 from fastlb.http2 import _nghttp2
-from fastlb.http2.connection import CONNECTION_SPECIFIC, STREAM_BUFFER_HIGH, STREAM_BUFFER_LOW
+from fastlb.http2.common import CONNECTION_SPECIFIC, STREAM_BUFFER_HIGH, STREAM_BUFFER_LOW
 from fastlb.tls import backend_context
 
 log = logging.getLogger("fastlb")
@@ -457,6 +456,7 @@ GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
 GRPC_EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"     # HealthCheckRequest{} (service "": the whole server), framed
 GRPC_SERVING = b"\x08\x01"                          # HealthCheckResponse{status: SERVING}
 GRPC_MESSAGE_PREFIX = 5                               # a message's compressed flag and length
+GRPC_CHECK_BODY_LIMIT = 4096                          # of an answer a few bytes long, at most this is kept
 
 
 class _CheckStream:
@@ -523,7 +523,7 @@ class _HealthCheckConnection(asyncio.Protocol):
         pass
 
     def response_body(self, stream, data: bytes) -> None:
-        if len(stream.body) < HTTP_HEAD_LIMIT:
+        if len(stream.body) < GRPC_CHECK_BODY_LIMIT:
             stream.body += data
         self.session.consume(0, len(data))
 

@@ -29,18 +29,13 @@ import httptools
 from fastlb.constants import WAIT_NONE, WAIT_STREAMS
 from fastlb.http.protocol import ClientConnection
 from fastlb.http2 import _nghttp2
+from fastlb.http2.common import CONNECTION_SPECIFIC, STREAM_BUFFER_HIGH, STREAM_BUFFER_LOW
 
 log = logging.getLogger("fastlb")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"    # RFC 9113 3.4: a client's first bytes, h2c with prior knowledge
 ALPN_H2 = "h2"
 
-# A response body held for a stream beyond this: the backend is not read until the client takes some.
-STREAM_BUFFER_HIGH = 256 * 1024
-STREAM_BUFFER_LOW = 64 * 1024
-# Response fields HTTP/2 forbids (RFC 9113 8.2.2), dropped from a backend's HTTP/1.1 response.
-CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                                 b"upgrade"))
 # A :path or :method byte that could not stay inside an HTTP/1.1 request line (white space, controls).
 LINE_BREAKER = re.compile(rb"[\x00-\x20\x7f]")
 
