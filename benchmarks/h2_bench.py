@@ -1,6 +1,8 @@
-"""HTTP/2 clients: fastlb against HAProxy with h2load, h2c (prior knowledge) and h2 over TLS, same run.
+"""HTTP/2 clients: fastlb against HAProxy with h2load, h2c (prior knowledge) and h2 over TLS, same run;
+and gRPC unary calls to HTTP/2 backends (workload `grpc`).
 
     python benchmarks/h2_bench.py [--rounds 3] [--duration 5] [--clients 16] [--streams 16]
+        [--workloads h2c,h2,grpc]
 
 Both proxies in HTTP mode, one process / thread each, in front of the two nginx backends of
 benchmarks/harness.py (HTTP/1.1, keep-alive): HAProxy with `bind ... proto h2` style detection of the
@@ -9,6 +11,12 @@ plain bind and a TLS bind (`--h2 true`, the default). h2load (nghttp2-client) ru
 STREAMS` for DURATION seconds on the load CPU; the proxies are alone on the proxy CPU. Targets are
 alternated within each round (A B, then B A) and the ratios of each round's pair are reported as a
 median, with each proxy's CPU time (user + kernel, /proc) per request.
+
+Workload `grpc`: gRPC-shaped unary calls, h2c from h2load (POST of one gRPC message, `content-type:
+application/grpc`, `te: trailers`) to each proxy's plain bind, and from the proxy over HTTP/2 to two
+nginx h2c backends (fastlb `--backend HOST:PORT,proto=h2`, HAProxy `server ... proto h2`) that answer each
+call 200 with a body and the trailer `grpc-status: 0`, as a gRPC server does (nginx, not a grpcio
+server: a Python server would be what is measured).
 """
 from __future__ import annotations
 
@@ -57,6 +65,87 @@ def haproxy_h2_conf(plain: int, secure: int, backends: list[int], pem: str, maxc
         """) + servers
 
 
+GRPC_PATH = "/bench.Echo/Unary"
+GRPC_REQUEST = b"\x00\x00\x00\x00\x05hello"         # one uncompressed gRPC message
+
+
+def grpc_backend_conf(tmp: str, ports: list[int]) -> str:
+    """nginx answering every call on h2c like a gRPC server: 200, a body, then the trailer grpc-status 0."""
+    servers = "".join(textwrap.dedent(f"""\
+        server {{
+            listen {h.HOST}:{port} http2 backlog=4096;
+            keepalive_requests 100000000;
+            location / {{
+                default_type application/grpc;
+                add_trailer grpc-status 0 always;
+                return 200 "grpc-shaped";
+            }}
+        }}
+        """) for port in ports)
+    return h.nginx_common(tmp, "grpc-backends", 12000) + "http {\n" + textwrap.indent(
+        h.nginx_http_common(tmp, "grpc-backends") + servers, "    ") + "}\n"
+
+
+def haproxy_grpc_conf(port: int, backends: list[int], maxconn: int) -> str:
+    servers = "".join(f"    server s{i} {h.HOST}:{b} proto h2\n" for i, b in enumerate(backends, 1))
+    return textwrap.dedent(f"""\
+        global
+            nbthread 1
+            maxconn {maxconn}
+
+        defaults
+            mode http
+            maxconn {maxconn}
+            timeout connect 5s
+            timeout client 300s
+            timeout server 300s
+
+        frontend fe
+            bind {h.HOST}:{port} proto h2
+            default_backend be
+
+        backend be
+            balance roundrobin
+            http-reuse always
+        """) + servers
+
+
+def start_grpc_targets(bench: h.Bench, names: list[str]) -> dict[str, tuple[h.Proc, int]]:
+    """The gRPC backends (nginx h2c, on the load CPU) and each proxy in front of them: name -> (proc, port)."""
+    ports = h.free_ports(2)
+    conf = os.path.join(bench.tmp, "grpc-backends.conf")
+    with open(conf, "w") as f:
+        f.write(grpc_backend_conf(bench.tmp, ports))
+    backends = bench.procs.start("grpc-backends", [h.which("nginx"), "-p", bench.tmp, "-e",
+                                                   os.path.join(bench.tmp, "grpc-backends.error.log"), "-c", conf,
+                                                   "-g", "daemon off;"], cpu=bench.load_cpu, log_dir=bench.tmp)
+    for port in ports:
+        h.wait_listening(port, backends)
+    targets = {}
+    for name in names:
+        port = h.free_port()
+        if name == "haproxy":
+            conf = os.path.join(bench.tmp, "haproxy-grpc.cfg")
+            with open(conf, "w") as f:
+                f.write(haproxy_grpc_conf(port, ports, h.haproxy_maxconn()))
+            cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
+        else:
+            env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
+            cmd = [sys.executable, "-m", "fastlb", "--mode", "http", "--bind", f"{h.HOST}:{port}",
+                   *(a for p in ports for a in ("--backend", f"{h.HOST}:{p},proto=h2")), "--log-level", "warning"]
+            cwd = h.REPO_ROOT
+        proc = bench.start_proxy(f"{name}-grpc", cmd, env, cwd)
+        h.wait_listening(port, proc)
+        check = subprocess.run(["nghttp", "-v", "-d", bench.grpc_request, "-H", "content-type: application/grpc",
+                                "-H", "te: trailers", f"http://{h.HOST}:{port}{GRPC_PATH}"],
+                               capture_output=True, timeout=10)
+        if b"grpc-status: 0" not in check.stdout:
+            raise RuntimeError(f"{name}: the gRPC call's trailers did not come through\n{check.stdout[-800:]!r}\n"
+                               f"{proc.log_tail()}")
+        targets[name] = (proc, port)
+    return targets
+
+
 def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple[h.Proc, int, int]]:
     b1, b2 = bench.backend_ports
     targets = {}
@@ -90,6 +179,8 @@ def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple
 def run_h2load(bench: h.Bench, url: str, args) -> int:
     cmd = [h.which("taskset") or "taskset", "-c", bench.load_cpu, h.which("h2load"), "-c", str(args.clients),
            "-m", str(args.streams), "-D", str(args.duration), "-t", "1", url]
+    if url.endswith(GRPC_PATH):
+        cmd[-1:-1] = ["-d", bench.grpc_request, "-H", "content-type: application/grpc", "-H", "te: trailers"]
     p = bench.procs.start("h2load", cmd, stdout=subprocess.PIPE)
     out, _ = p.popen.communicate(timeout=args.duration + 60)
     bench.procs.stop(p)
@@ -121,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--proxy-cpu", default="1")
     args = parser.parse_args(argv)
-    h.ensure_tools(["haproxy", "nginx", "h2load", "taskset", "curl"])
+    h.ensure_tools(["haproxy", "nginx", "h2load", "nghttp", "taskset", "curl"])
     h.raise_nofile_limit()
     workloads = args.workloads.split(",")
     names = ["fastlb", "haproxy"]
@@ -130,15 +221,24 @@ def main(argv=None) -> int:
     try:
         bench.start_backends()
         pem = make_certificate(bench.tmp)
-        targets = start_targets(bench, pem, names)
+        targets = start_targets(bench, pem, names) if set(workloads) - {"grpc"} else {}
+        if "grpc" in workloads:
+            bench.grpc_request = os.path.join(bench.tmp, "grpc-request.bin")
+            with open(bench.grpc_request, "wb") as f:
+                f.write(GRPC_REQUEST)
+            grpc_targets = start_grpc_targets(bench, names)
         h.log(f"fastlb vs HAProxy, HTTP/2 clients; {args.rounds} rounds x {args.duration}s; h2load -c "
               f"{args.clients} -m {args.streams}; load CPU {args.load_cpu}, proxy CPU {args.proxy_cpu}")
         for rnd in range(1, args.rounds + 1):
             for workload in workloads:
                 order = names if rnd % 2 else names[::-1]
                 for name in order:
-                    proc, plain, secure = targets[name]
-                    url = f"http://{h.HOST}:{plain}/" if workload == "h2c" else f"https://{h.HOST}:{secure}/"
+                    if workload == "grpc":
+                        proc, port = grpc_targets[name]
+                        url = f"http://{h.HOST}:{port}{GRPC_PATH}"
+                    else:
+                        proc, plain, secure = targets[name]
+                        url = f"http://{h.HOST}:{plain}/" if workload == "h2c" else f"https://{h.HOST}:{secure}/"
                     m = measure(bench, proc, url, args)
                     results[workload][name].append(m)
                     h.log(f"round {rnd} {workload:4} {name:8} {m['rate']:9,.0f} req/s  proxy cpu "

@@ -178,7 +178,15 @@ async def probe_http(loop: asyncio.AbstractEventLoop, target: CheckTarget) -> st
         writer.transport.abort()     # Connection: close was asked; nothing more to read or say
 
 
-PROBES = {"tcp": probe_tcp, "http": probe_http}
+async def probe_grpc(loop: asyncio.AbstractEventLoop, target: CheckTarget) -> str | None:
+    """One gRPC health call (grpc.health.v1.Health/Check, the whole server: an empty service name) over
+    cleartext HTTP/2 (libnghttp2: fastlb/http2/backend.py): passes on grpc-status 0 and SERVING."""
+    from fastlb.http2.backend import grpc_health_check
+    return await grpc_health_check(loop, target.host, target.port,
+                                   target.settings.check_host or target.address)
+
+
+PROBES = {"tcp": probe_tcp, "http": probe_http, "grpc": probe_grpc}
 
 
 class _CheckState:

@@ -62,7 +62,7 @@ class Backend:
 
     __slots__ = ("spec", "host", "port", "address", "is_backup", "maxconn", "send_proxy", "ssl_context",
                  "server_hostname", "index", "balancer", "removed", "state", "health", "inflight", "full",
-                 "traffic", "idle")
+                 "traffic", "idle", "h2")
 
     def __init__(self, spec: BackendSpec, index: int, balancer: Balancer) -> None:
         # Who it is
@@ -91,6 +91,9 @@ class Backend:
         # HTTP mode: idle keep-alive connections to this backend, oldest first (reused from the right,
         # expired from the left). They hold no slot: a slot is a request in flight.
         self.idle: collections.deque = collections.deque()
+        # proto=h2: its multiplexed connections (fastlb/http2/backend.py's H2Backend, set by the pool); a
+        # request's slot is taken and given back as for any other, its connection is shared.
+        self.h2 = None
 
     def take_idle(self):
         """An idle keep-alive connection (HTTP mode) still open, the most recently parked first; None."""
@@ -185,6 +188,9 @@ class BackendPool:
             if context is None:              # a backend added at run time with a verify of its own
                 context = self.tls_contexts[spec.verify] = backend_context(spec.verify)
             backend.ssl_context = context
+        if spec.proto == "h2":
+            from fastlb.http2.backend import H2Backend
+            backend.h2 = H2Backend(backend, self.loop, self.connect_timeout)
         group.append(backend)
         self.by_address[spec.address] = backend
         return backend
@@ -434,7 +440,9 @@ class BackendPool:
             precise_start = monotonic() if self.track_latency else 0.0   # uvloop's clock is in ms
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    if backend.ssl_context is None:
+                    if backend.h2 is not None:          # a stream on a shared connection (made if none)
+                        transport, protocol = await backend.h2.open_stream(protocol_factory)
+                    elif backend.ssl_context is None:
                         transport, protocol = await loop.create_connection(
                             protocol_factory, backend.host, backend.port)
                     else:

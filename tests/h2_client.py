@@ -25,6 +25,7 @@ class Response:
         self.body = b""
         self.ended = False
         self.reset: int | None = None            # RST_STREAM error code
+        self.trailers: list[tuple[str, str]] = []
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -94,6 +95,8 @@ class H2Client:
             elif isinstance(event, h2.events.DataReceived):
                 response.body += event.data
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.TrailersReceived):
+                response.trailers = list(event.headers)
             elif isinstance(event, h2.events.StreamEnded):
                 response.ended = True
             elif isinstance(event, h2.events.StreamReset):

@@ -17,7 +17,7 @@ RELAYS = ("uvloop", "epoll")
 HASH_KEYS = ("source", "uri", "path", "header:NAME", "cookie:NAME", "query:NAME")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCESS_LOG_FORMATS = ("text", "json")
-CHECK_KINDS = ("none", "tcp", "http")
+CHECK_KINDS = ("none", "tcp", "http", "grpc")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -331,7 +331,7 @@ def parse_via(value: Any) -> str:
 
 def parse_backend(text: Any) -> BackendSpec:
     """'HOST:PORT[,weight=N][,backup][,maxconn=N][,send-proxy|send-proxy-v2][,ssl[,verify=FILE|none]
-    [,sni=NAME]][,group=NAME]'."""
+    [,sni=NAME]][,group=NAME][,proto=h1|h2]'."""
     if not isinstance(text, str):
         raise ValueError(f"expected 'HOST:PORT[,weight=N][,backup][,maxconn=N]' (got {text!r})")
     address, *options = text.split(",")
@@ -358,15 +358,28 @@ def parse_backend(text: Any) -> BackendSpec:
             backend.sni = _option(parse_server_name, name, value)
         elif name == "group" and value:
             backend.group = _option(parse_group, name, value)
+        elif name == "proto" and value:
+            backend.proto = _option(parse_backend_proto, name, value)
         elif name.replace("-", "_") in HEALTH_FIELDS and value:
             backend.health[name.replace("-", "_")] = _option(HEALTH_FIELDS[name.replace("-", "_")],
                                                              name, value)
         else:
             raise ValueError(f"unknown backend option {option.strip()!r}; known: weight=N, maxconn=N, "
                              f"backup, send-proxy, send-proxy-v2, ssl, verify=FILE|none, sni=NAME, "
-                             f"group=NAME, and health settings such as check=tcp, check-port=N, rise=N")
+                             f"group=NAME, proto=h1|h2, and health settings such as check=tcp, check-port=N, rise=N")
     check_backend_tls(backend)
     return backend
+
+
+BACKEND_PROTOCOLS = ("h1", "h2")
+
+
+def parse_backend_proto(value: Any) -> str:
+    """A backend's protocol: h1 (HTTP/1.1, the default) or h2 (HTTP/2: cleartext with prior knowledge, or
+    ALPN h2 with the ssl option)."""
+    if value not in BACKEND_PROTOCOLS:
+        raise ValueError(f"expected h1 or h2 (got {value!r})")
+    return value
 
 
 def check_backend_tls(backend: BackendSpec) -> None:

@@ -21,6 +21,7 @@ from fastlb.config.parsers import (ACCESS_LOG_FORMATS, HEALTH_FIELDS, LOG_LEVELS
                                    parse_header_name, parse_hsts, parse_int, parse_methods, parse_path,
                                    parse_percent, parse_pool_name, parse_positive_duration, parse_redirect_port,
                                    parse_regex, parse_retry_on, parse_send_proxy, parse_server_name,
+                                   parse_backend_proto,
                                    parse_size, parse_sni_route, parse_sticky, parse_store, parse_text,
                                    parse_verify, parse_via, parse_weight, parse_window_size, parse_workers)
 from fastlb.config.specs import BackendSpec, BindSpec, HealthSettings, PoolSpec, RouteSpec, StickySpec
@@ -221,8 +222,9 @@ class Config:
 
     # ---- health: active checks (defaults as HAProxy's inter 2s, rise 2, fall 3), each of which a backend
     # may set for itself (HEALTH_FIELDS) ...
-    check: str = HEALTH("none", HEALTH_FIELDS["check"], "active check: none (default), tcp (connect) or http "
-                        "(a request)", "none|tcp|http", pool=True)
+    check: str = HEALTH("none", HEALTH_FIELDS["check"], "active check: none (default), tcp (connect), http "
+                        "(a request) or grpc (grpc.health.v1.Health/Check over h2c, SERVING)", "none|tcp|http|grpc",
+                        pool=True)
     check_interval: float = HEALTH(2.0, HEALTH_FIELDS["check_interval"], "time between two checks of a "
                                    "backend (default 2s)", "DURATION", pool=True)
     check_timeout: float = HEALTH(1.0, HEALTH_FIELDS["check_timeout"], "a check not done within this fails "
@@ -413,6 +415,8 @@ BACKEND_KEYS: dict[str, TableKey] = {
     "verify": TableKey(parse_backend_verify, "... or this CA file, or \"none\" (off: explicit only)"),
     "sni": TableKey(parse_server_name, "the name sent and verified (default: the address's host)"),
     "group": TableKey(parse_group, "the backend group [sni_routes] names (mode tcp)"),
+    "proto": TableKey(parse_backend_proto, "\"h1\" (HTTP/1.1, the default) or \"h2\": HTTP/2 to it, h2c "
+                      "with prior knowledge or ALPN h2 with ssl (mode http; docs/http2.md)"),
     **{name: TableKey(parser, "its own value of the top-level setting (in the flag syntax too: "
                               "`10.0.0.1:80,check-port=8081,rise=3`)") for name, parser in HEALTH_FIELDS.items()},
 }

@@ -55,6 +55,7 @@ class BackendSpec:
     verify: str | None = None  # ... verified against the system CA store (None), a CA file, or "none"
     sni: str | None = None    # server name sent and verified; default: the backend's host
     group: str = "default"    # the backend group SNI routes name (fastlb/sni.py)
+    proto: str = "h1"         # h1: HTTP/1.1 keep-alive pools; h2: HTTP/2, streams multiplexed (fastlb/http2/backend.py)
     # Per-backend health settings (HEALTH_FIELDS names -> values) over the global ones, and where each
     # came from for messages; `Config.health_for(spec)` merges them.
     health: dict[str, Any] = field(default_factory=dict)

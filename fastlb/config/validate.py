@@ -63,6 +63,8 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
             raise ConfigError(f"{where('binds')}: redirect-https answers HTTP requests: it needs mode 'http'")
         if config.hsts or any(p.hsts for p in config.pools):
             raise ConfigError(f"{where('hsts')}: HSTS is an HTTP response header: it needs mode 'http'")
+        if any(b.proto == "h2" for b in config.backends):
+            raise ConfigError(f"{where('backends')}: proto=h2 speaks HTTP/2 to a backend: it needs mode 'http'")
     else:
         # SNI passthrough relays TLS bytes without reading HTTP: it is an L4 feature.
         if any(b.sni_route for b in config.binds):
@@ -72,6 +74,15 @@ def build(values: dict[str, Any], sources: dict[str, str]) -> Config:
             raise ConfigError(f"{where('sni_routes')}: SNI routes need mode 'tcp'; HTTP mode routes "
                               f"requests to [[pool]]s by [[route]] rules")
         grouped = [b for pool in config.pools for b in pool.backends] + config.backends
+        h2_backends = [b for b in grouped if b.proto == "h2"]
+        if any(b.send_proxy for b in h2_backends):
+            raise ConfigError(f"{where('backends')}: proto=h2 backends do not take send-proxy (their "
+                              f"connections carry many clients' streams)")
+        if h2_backends:
+            from fastlb import http2
+            if not http2.available():
+                raise ConfigError(f"{where('backends')}: proto=h2 needs fastlb built with libnghttp2 "
+                                  f"(libnghttp2-dev)")
         if any(b.group != "default" for b in grouped):
             raise ConfigError(f"{where('backends')}: backend groups (group=) are for SNI routing in mode "
                               f"'tcp'; HTTP mode uses [[pool]]s")

@@ -93,6 +93,8 @@ def why_not(runtime, bind, server_tls=None) -> str | None:
         reasons.append("the response scanner is not built")
     if any(backend.ssl_context is not None for route in routes for backend in route.pool.backends):
         reasons.append("TLS to backends")
+    if any(backend.h2 is not None for route in routes for backend in route.pool.backends):
+        reasons.append("HTTP/2 backends (proto=h2)")
     try:
         from fastlb.http import _fast  # noqa: F401
     except ImportError:

@@ -10,7 +10,7 @@ cdef class Request:
     cdef public Py_ssize_t body_received, flushed, out_size, error
     cdef public dict captured
     cdef public object route, key, upstream, pinned, sticky_key, sticky_cookie
-    cdef public list tried, out
+    cdef public list tried, out, trailers
     cdef public double sent_at, started, sent_mono, response_seconds, retry_after
     cdef public object backend
     cdef public int status

@@ -58,6 +58,8 @@ class Request:
         # parsed
         "method", "url", "host", "http10", "keep_alive", "idempotent", "is_head", "chunked",
         "content_length", "body_received", "complete", "upgrade", "expect_continue", "captured",
+        # trailer fields of a chunked body, passed on after it (None: none)
+        "trailers",
         # routing; session persistence: the pinned backend, the key to record, the client's valid cookie
         "route", "key", "tried", "pinned", "sticky_key", "sticky_cookie",
         # outgoing bytes: out[flushed:] not yet written; out[:flushed] kept for a replay
@@ -82,6 +84,7 @@ class Request:
         self.idempotent = True
         self.is_head = False
         self.chunked = False
+        self.trailers = None
         self.content_length = None
         self.body_received = 0
         self.complete = False
@@ -386,10 +389,17 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.header_count += 1
         if self.header_size > settings.max_header_size or self.header_count > settings.max_headers:
             raise RequestError(431, "request headers too large")
-        if self.head_done:
-            return                         # a trailer field: dropped (counted against the limits)
         lname = name.lower()
         action = settings.request_actions.get(lname)
+        if self.head_done:
+            # A trailer field (counted against the limits): passed on after a chunked body, but not the
+            # fields fastlb acts on (framing, Host...): those are dropped.
+            req = self.req
+            if action is None and req is not None and req.chunked:
+                if req.trailers is None:
+                    req.trailers = []
+                req.trailers += (name, b": ", value, b"\r\n")
+            return
         if action is None:
             self.parts += (name, b": ", value, b"\r\n")
             if settings.capture and lname in settings.capture:
@@ -620,7 +630,10 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
     def complete_request(self, req: Request) -> None:
         """The request has been read to its end (head and body)."""
         if req.chunked:
-            req.out.append(b"0\r\n\r\n")
+            if req.trailers is None:
+                req.out.append(b"0\r\n\r\n")
+            else:
+                req.out += (b"0\r\n", *req.trailers, b"\r\n")
         req.complete = True
         self.req = None
         if not req.keep_alive or req.upgrade is not None:

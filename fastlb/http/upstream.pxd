@@ -13,7 +13,7 @@ cdef class BackendConnection:
     cdef public double idle_since
     cdef public ClientConnection client
     cdef public Request request
-    cdef public list out, parts
+    cdef public list out, parts, trailer_parts
     cdef public int status
     cdef public Py_ssize_t received, head_size
 

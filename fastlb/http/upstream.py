@@ -63,6 +63,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         "reused",
         # header bytes of this response (counted like a request's): over max_response_header_size, 502
         "head_size",
+        # trailer fields of a chunked response, passed on in its chunked end (None: none)
+        "trailer_parts",
     )
 
     def __init__(self, runtime) -> None:
@@ -102,6 +104,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.retrying = False
         self.received = 0
         self.head_size = 0
+        self.trailer_parts = None
 
     # ---- attach / detach -------------------------------------------------------------------------
 
@@ -260,7 +263,11 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.settings.max_response_header_size:
             raise HeadTooLarge(HEAD_TOO_LARGE)          # (trailers count too)
-        if self.status:                             # trailers after a chunked body: dropped
+        if self.status:                             # trailers after a chunked body (gRPC's grpc-status)
+            if self.chunked_out and self.settings.response_actions.get(name.lower()) is None:
+                if self.trailer_parts is None:
+                    self.trailer_parts = []
+                self.trailer_parts += (name, b": ", value, b"\r\n")     # (fields fastlb acts on: dropped)
             return
         action = self.settings.response_actions.get(name.lower())
         if action is None:
@@ -397,7 +404,10 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
             self.conn_tokens = None
             return
         if self.chunked_out:
-            self.out.append(b"0\r\n\r\n")
+            if self.trailer_parts is None:
+                self.out.append(b"0\r\n\r\n")
+            else:
+                self.out += (b"0\r\n", *self.trailer_parts, b"\r\n")
         self.done = True
 
     # ---- ends ------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""A server-side HTTP/2 session of libnghttp2, for fastlb/http2/connection.py.
+"""libnghttp2 sessions: the server side (`Session`, for fastlb/http2/connection.py's client connections) and
+the client side (`ClientSession`, for fastlb/http2/backend.py's connections to proto=h2 backends and the
+gRPC health check). Both read a stream's body from its `out` and send its `trailers` after it (`read_body`).
 
 libnghttp2 does the protocol: framing, HPACK (its inflater and deflater), stream states, flow control,
 SETTINGS, and the message checks of RFC 9113 section 8 (HTTP messaging is left on): header names
@@ -51,6 +53,8 @@ cdef extern from "nghttp2/nghttp2.h":
         uint8_t flags
     ctypedef enum nghttp2_headers_category:
         NGHTTP2_HCAT_REQUEST
+        NGHTTP2_HCAT_RESPONSE
+        NGHTTP2_HCAT_PUSH_RESPONSE
         NGHTTP2_HCAT_HEADERS
     ctypedef struct nghttp2_headers:
         nghttp2_frame_hd hd
@@ -89,6 +93,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_FLAG_NONE
         NGHTTP2_FLAG_END_STREAM
         NGHTTP2_DATA_FLAG_EOF
+        NGHTTP2_DATA_FLAG_NO_END_STREAM
         NGHTTP2_NV_FLAG_NONE
         NGHTTP2_ERR_DEFERRED
         NGHTTP2_ERR_CALLBACK_FAILURE
@@ -134,6 +139,12 @@ cdef extern from "nghttp2/nghttp2.h":
     void nghttp2_option_set_max_continuations(nghttp2_option *, size_t)
     void nghttp2_option_set_max_deflate_dynamic_table_size(nghttp2_option *, size_t)
 
+    int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+                                    const nghttp2_option *)
+    int32_t nghttp2_submit_request(nghttp2_session *, const void *, const nghttp2_nv *, size_t,
+                                   const nghttp2_data_provider *, void *)
+    int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t)
+    uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int)
     int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
                                     const nghttp2_option *)
     void nghttp2_session_del(nghttp2_session *)
@@ -195,17 +206,105 @@ cdef double monotonic_now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef class Session:
+cdef class _Session:
+    """What the server and the client sessions share: feeding and draining bytes, the streams, bodies read
+    from a stream's `out` (and its `trailers`, a list of (name, value) pairs or None, sent after it)."""
     cdef nghttp2_session *ptr
-    cdef public object owner          # fastlb/http2/connection.py's H2Connection
+    cdef public object owner          # the Python connection the callbacks report to
     cdef public dict streams          # stream id -> its stream object
-    cdef public Py_ssize_t max_header_list, max_streams
-    cdef double tokens, burst, refill, refilled_at
-    cdef public bint flooded          # the control budget ran out: GOAWAY sent
     cdef object error                 # an exception a callback raised, re-raised after mem_recv
 
     def __cinit__(self):
         self.ptr = NULL
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            nghttp2_session_del(self.ptr)
+            self.ptr = NULL
+
+    def receive(self, bytes data):
+        """Feeds bytes read from the peer; a negative libnghttp2 error ends the connection."""
+        cdef ssize_t rv = nghttp2_session_mem_recv(self.ptr, <const uint8_t *>PyBytes_AS_STRING(data),
+                                                   PyBytes_GET_SIZE(data))
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        if rv < 0:
+            return nghttp2_strerror(<int>rv).decode()
+        return None
+
+    def pending(self):
+        """The frames to write now (b"" when none); a libnghttp2 error as str."""
+        cdef const uint8_t *data
+        cdef ssize_t n
+        cdef list chunks = None
+        cdef bytes first = b""
+        while True:
+            n = nghttp2_session_mem_send(self.ptr, &data)
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+            if n < 0:
+                return nghttp2_strerror(<int>n).decode()
+            if n == 0:
+                break
+            chunk = PyBytes_FromStringAndSize(<const char *>data, n)
+            if chunks is None and not first:
+                first = chunk
+            else:
+                if chunks is None:
+                    chunks = [first]
+                chunks.append(chunk)
+        return first if chunks is None else b"".join(chunks)
+
+    @property
+    def done(self):
+        """Neither side has anything more to say: the connection may close."""
+        return not nghttp2_session_want_read(self.ptr) and not nghttp2_session_want_write(self.ptr)
+
+    def resume(self, int32_t stream_id):
+        """More of a body (or its end) is in the stream's `out`."""
+        nghttp2_session_resume_data(self.ptr, stream_id)
+
+    def consume(self, int32_t stream_id, size_t size):
+        """`size` bytes of a received body were passed on: the peer may send that much more."""
+        if stream_id:
+            nghttp2_session_consume(self.ptr, stream_id, size)
+        else:
+            nghttp2_session_consume_connection(self.ptr, size)
+
+    def reset(self, int32_t stream_id, uint32_t code):
+        nghttp2_submit_rst_stream(self.ptr, NGHTTP2_FLAG_NONE, stream_id, code)
+
+    def goaway(self, uint32_t code):
+        """No new stream after the last one seen; those already open finish."""
+        nghttp2_submit_goaway(self.ptr, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(self.ptr),
+                              code, NULL, 0)
+
+
+cdef nghttp2_nv *field_array(list fields, Py_ssize_t first) except NULL:
+    """An nghttp2_nv array for (name, value) bytes pairs, from index `first` on (the slots before are the
+    caller's: pseudo-header fields); the bytes stay the caller's, alive until the submit returns."""
+    cdef Py_ssize_t n = len(fields) + first, i
+    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc((n if n else 1) * sizeof(nghttp2_nv))
+    cdef bytes name, value
+    if nva == NULL:
+        raise MemoryError()
+    for i in range(first, n):
+        name, value = fields[i - first]
+        nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
+        nva[i].namelen = PyBytes_GET_SIZE(name)
+        nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
+        nva[i].valuelen = PyBytes_GET_SIZE(value)
+        nva[i].flags = NGHTTP2_NV_FLAG_NONE
+    return nva
+
+
+cdef class Session(_Session):
+    """The server side, one per HTTP/2 client connection (fastlb/http2/connection.py's H2Connection)."""
+    cdef public Py_ssize_t max_header_list, max_streams
+    cdef double tokens, burst, refill, refilled_at
+    cdef public bint flooded          # the control budget ran out: GOAWAY sent
 
     def __init__(self, owner, int max_concurrent_streams, Py_ssize_t max_header_list,
                  int initial_window_size, int connection_window_size, int control_burst):
@@ -259,11 +358,6 @@ cdef class Session:
         if connection_window_size > 65535:
             nghttp2_session_set_local_window_size(self.ptr, NGHTTP2_FLAG_NONE, 0, connection_window_size)
 
-    def __dealloc__(self):
-        if self.ptr != NULL:
-            nghttp2_session_del(self.ptr)
-            self.ptr = NULL
-
     cdef bint spend(self) noexcept:
         """One control token; False (and GOAWAY ENHANCE_YOUR_CALM) when the budget is spent."""
         cdef double now = monotonic_now()
@@ -279,93 +373,24 @@ cdef class Session:
         self.tokens -= 1.0
         return True
 
-    def receive(self, bytes data):
-        """Feeds bytes read from the client; a negative libnghttp2 error ends the connection."""
-        cdef ssize_t rv = nghttp2_session_mem_recv(self.ptr, <const uint8_t *>PyBytes_AS_STRING(data),
-                                                   PyBytes_GET_SIZE(data))
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        if rv < 0:
-            return nghttp2_strerror(<int>rv).decode()
-        return None
-
-    def pending(self):
-        """The frames to write now (b"" when none); a libnghttp2 error as str."""
-        cdef const uint8_t *data
-        cdef ssize_t n
-        cdef list chunks = None
-        cdef bytes first = b""
-        while True:
-            n = nghttp2_session_mem_send(self.ptr, &data)
-            if self.error is not None:
-                error, self.error = self.error, None
-                raise error
-            if n < 0:
-                return nghttp2_strerror(<int>n).decode()
-            if n == 0:
-                break
-            chunk = PyBytes_FromStringAndSize(<const char *>data, n)
-            if chunks is None and not first:
-                first = chunk
-            else:
-                if chunks is None:
-                    chunks = [first]
-                chunks.append(chunk)
-        return first if chunks is None else b"".join(chunks)
-
-    @property
-    def done(self):
-        """Neither side has anything more to say: the connection may close."""
-        return not nghttp2_session_want_read(self.ptr) and not nghttp2_session_want_write(self.ptr)
-
     def respond(self, int32_t stream_id, bytes status, list fields, bint has_body):
         """Submits a response head: `fields` a list of (lower-case name, value) bytes pairs; with a
         body, it is read from the stream's `out` (see the module docstring)."""
-        cdef Py_ssize_t n = len(fields) + 1, i
-        cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(n * sizeof(nghttp2_nv))
+        cdef Py_ssize_t n = len(fields) + 1
+        cdef nghttp2_nv *nva = field_array(fields, 1)
         cdef nghttp2_data_provider provider
-        cdef bytes name, value
         cdef int rv
-        if nva == NULL:
-            raise MemoryError()
         nva[0].name = <uint8_t *>b":status"
         nva[0].namelen = 7
         nva[0].value = <uint8_t *>PyBytes_AS_STRING(status)
         nva[0].valuelen = PyBytes_GET_SIZE(status)
         nva[0].flags = NGHTTP2_NV_FLAG_NONE
-        for i in range(1, n):
-            name, value = fields[i - 1]
-            nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
-            nva[i].namelen = PyBytes_GET_SIZE(name)
-            nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
-            nva[i].valuelen = PyBytes_GET_SIZE(value)
-            nva[i].flags = NGHTTP2_NV_FLAG_NONE
         provider.source.ptr = NULL
         provider.read_callback = read_body
         # libnghttp2 copies the fields into its own frame before returning.
         rv = nghttp2_submit_response(self.ptr, stream_id, nva, n, &provider if has_body else NULL)
         free(nva)
         return rv == 0
-
-    def resume(self, int32_t stream_id):
-        """More of a response's body (or its end) is in the stream's `out`."""
-        nghttp2_session_resume_data(self.ptr, stream_id)
-
-    def consume(self, int32_t stream_id, size_t size):
-        """`size` bytes of a request body were passed on: the client may send that much more."""
-        if stream_id:
-            nghttp2_session_consume(self.ptr, stream_id, size)
-        else:
-            nghttp2_session_consume_connection(self.ptr, size)
-
-    def reset(self, int32_t stream_id, uint32_t code):
-        nghttp2_submit_rst_stream(self.ptr, NGHTTP2_FLAG_NONE, stream_id, code)
-
-    def goaway(self, uint32_t code):
-        """No new stream after the last one seen; those already open finish."""
-        nghttp2_submit_goaway(self.ptr, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(self.ptr),
-                              code, NULL, 0)
 
 
 # ---- callbacks (libnghttp2 calls them inside mem_recv / mem_send) --------------------------------------
@@ -391,15 +416,19 @@ cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, 
 cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
                    const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data) noexcept:
     cdef Session self = <Session>user_data
-    if frame.headers.cat != NGHTTP2_HCAT_REQUEST:
-        return 0                       # trailers: dropped, as the HTTP/1.1 path drops them
     stream = self.streams.get(frame.hd.stream_id)
     if stream is None:
         return 0
     try:
         size = stream.header_size + namelen + valuelen + FIELD_OVERHEAD
         stream.header_size = size
-        if size <= self.max_header_list:
+        if frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+            # Trailers (gRPC's, mostly), under the same bound as the header list: sent on with the body's
+            # end (H2Connection.body_end); past the bound they are dropped.
+            if size <= self.max_header_list:
+                stream.trailers_in.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+                                           PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+        elif size <= self.max_header_list:
             stream.fields.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
                                   PyBytes_FromStringAndSize(<const char *>value, valuelen)))
     except BaseException as exc:
@@ -473,9 +502,11 @@ cdef int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t e
 
 cdef ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
                        uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept:
-    cdef Session self = <Session>user_data
+    """A body for either side, from the stream's `out`; at its end, the stream's `trailers` if it has any."""
+    cdef _Session self = <_Session>user_data
     cdef Py_ssize_t n, have
     cdef bytearray out
+    cdef nghttp2_nv *nva
     stream = self.streams.get(stream_id)
     if stream is None:
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
@@ -489,7 +520,16 @@ cdef ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf
             if have - n < stream.low_water:
                 self.owner.drained(stream)
         if n == have and stream.out_eof:
-            data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
+            trailers = stream.trailers
+            if trailers:
+                # The stream ends with a HEADERS frame of trailers, not with this DATA frame.
+                nva = field_array(trailers, 0)
+                nghttp2_submit_trailer(session, stream_id, nva, len(trailers))
+                free(nva)
+                stream.trailers = None
+                data_flags[0] |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM
+            else:
+                data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
             return n
         if n == 0:
             return NGHTTP2_ERR_DEFERRED
@@ -497,3 +537,140 @@ cdef ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf
     except BaseException as exc:
         self.error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+# ---- the client side: fastlb's connections to proto=h2 backends (fastlb/http2/backend.py) -------------------
+
+# The window fastlb gives a backend's response, per stream: acknowledged as the response goes on to the
+# client (a slow client holds at most this much of it), and for the connection, 16 streams' worth.
+cdef enum:
+    CLIENT_STREAM_WINDOW = 256 * 1024
+
+
+cdef class ClientSession(_Session):
+    """A client session on one connection to a backend, carrying many requests at once as streams. The
+    owner (fastlb/http2/backend.py's H2Backend) is called per stream event: response_field, response_headers
+    (a header block is whole: a response head, or trailers after the body), response_body, stream_closed,
+    goaway_received, drained (a request body's `out` went below its low-water mark)."""
+
+    def __init__(self, owner):
+        cdef nghttp2_session_callbacks *callbacks
+        cdef nghttp2_option *option
+        cdef nghttp2_settings_entry settings[3]
+        cdef int rv
+        self.owner = owner
+        self.streams = {}
+        self.error = None
+        if nghttp2_session_callbacks_new(&callbacks) != 0:
+            raise MemoryError()
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, client_on_frame_recv)
+        nghttp2_session_callbacks_set_on_header_callback(callbacks, client_on_header)
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, client_on_data_chunk_recv)
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, client_on_stream_close)
+        if nghttp2_option_new(&option) != 0:
+            nghttp2_session_callbacks_del(callbacks)
+            raise MemoryError()
+        nghttp2_option_set_no_auto_window_update(option, 1)
+        nghttp2_option_set_max_outbound_ack(option, MAX_OUTBOUND_ACK)
+        nghttp2_option_set_max_settings(option, MAX_SETTINGS)
+        nghttp2_option_set_max_continuations(option, MAX_CONTINUATIONS)
+        nghttp2_option_set_max_deflate_dynamic_table_size(option, DEFLATE_TABLE_SIZE)
+        rv = nghttp2_session_client_new2(&self.ptr, callbacks, <void *>self, option)
+        nghttp2_option_del(option)
+        nghttp2_session_callbacks_del(callbacks)
+        if rv != 0:
+            raise MemoryError()
+        settings[0].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+        settings[0].value = 0
+        settings[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        settings[1].value = CLIENT_STREAM_WINDOW
+        settings[2].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
+        settings[2].value = DEFLATE_TABLE_SIZE
+        nghttp2_submit_settings(self.ptr, NGHTTP2_FLAG_NONE, settings, 3)
+        nghttp2_session_set_local_window_size(self.ptr, NGHTTP2_FLAG_NONE, 0, CLIENT_STREAM_WINDOW * 16)
+
+    def request(self, list fields, stream, bint has_body):
+        """Submits a request head (`fields`: pseudo-header fields first, names lower-case); with a body, it
+        is read from the stream's `out`. The stream id (> 0), or a negative libnghttp2 error as str."""
+        cdef nghttp2_nv *nva = field_array(fields, 0)
+        cdef nghttp2_data_provider provider
+        cdef int32_t stream_id
+        provider.source.ptr = NULL
+        provider.read_callback = read_body
+        stream_id = nghttp2_submit_request(self.ptr, NULL, nva, len(fields),
+                                           &provider if has_body else NULL, NULL)
+        free(nva)
+        if stream_id < 0:
+            return nghttp2_strerror(stream_id).decode()
+        self.streams[stream_id] = stream
+        return stream_id
+
+    @property
+    def max_streams(self):
+        """The backend's SETTINGS_MAX_CONCURRENT_STREAMS (unbounded until it says)."""
+        return nghttp2_session_get_remote_settings(self.ptr, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
+
+
+cdef int client_on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
+                          size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                          void *user_data) noexcept:
+    cdef ClientSession self = <ClientSession>user_data
+    stream = self.streams.get(frame.hd.stream_id)
+    if stream is None:
+        return 0
+    try:
+        self.owner.response_field(stream, PyBytes_FromStringAndSize(<const char *>name, namelen),
+                                  PyBytes_FromStringAndSize(<const char *>value, valuelen))
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int client_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    cdef ClientSession self = <ClientSession>user_data
+    cdef uint8_t kind = frame.hd.type
+    cdef bint end = frame.hd.flags & NGHTTP2_FLAG_END_STREAM
+    try:
+        if kind == NGHTTP2_HEADERS or kind == NGHTTP2_DATA:
+            stream = self.streams.get(frame.hd.stream_id)
+            if stream is not None:
+                if kind == NGHTTP2_HEADERS:
+                    self.owner.response_headers(stream, end)
+                elif end:
+                    self.owner.response_end(stream)
+        elif kind == NGHTTP2_GOAWAY:
+            self.owner.goaway_received()
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int client_on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+                                   const uint8_t *data, size_t size, void *user_data) noexcept:
+    cdef ClientSession self = <ClientSession>user_data
+    stream = self.streams.get(stream_id)
+    if stream is None:
+        nghttp2_session_consume_connection(self.ptr, size)
+        return 0
+    try:
+        self.owner.response_body(stream, PyBytes_FromStringAndSize(<const char *>data, size))
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef int client_on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
+                                void *user_data) noexcept:
+    cdef ClientSession self = <ClientSession>user_data
+    stream = self.streams.pop(stream_id, None)
+    if stream is None:
+        return 0
+    try:
+        self.owner.stream_closed(stream, error_code)
+    except BaseException as exc:
+        self.error = exc
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0

@@ -29,20 +29,29 @@ import httptools
 from fastlb.constants import WAIT_NONE, WAIT_STREAMS
 from fastlb.http.protocol import ClientConnection
 from fastlb.http2 import _nghttp2
+from fastlb.http2.common import CONNECTION_SPECIFIC, STREAM_BUFFER_HIGH, STREAM_BUFFER_LOW
 
 log = logging.getLogger("fastlb")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"    # RFC 9113 3.4: a client's first bytes, h2c with prior knowledge
 ALPN_H2 = "h2"
 
-# A response body held for a stream beyond this: the backend is not read until the client takes some.
-STREAM_BUFFER_HIGH = 256 * 1024
-STREAM_BUFFER_LOW = 64 * 1024
-# Response fields HTTP/2 forbids (RFC 9113 8.2.2), dropped from a backend's HTTP/1.1 response.
-CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                                 b"upgrade"))
 # A :path or :method byte that could not stay inside an HTTP/1.1 request line (white space, controls).
 LINE_BREAKER = re.compile(rb"[\x00-\x20\x7f]")
+
+
+# gRPC's grpc-timeout (PROTOCOL-HTTP2.md): at most 8 digits and a unit.
+GRPC_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
+GRPC_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+GRPC_DEADLINE_EXCEEDED = b"4"        # grpc-status DEADLINE_EXCEEDED
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """A grpc-timeout value in seconds; None when it is not one (the field then goes on, unheeded)."""
+    match = GRPC_TIMEOUT.fullmatch(value)
+    if match is None:
+        return None
+    return int(match.group(1)) * GRPC_TIMEOUT_UNITS[match.group(2)]
 
 
 class H2Settings:
@@ -147,10 +156,15 @@ class ResponseSink:
     # ---- httptools callbacks: the backend's response, already checked by BackendConnection ---------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.status:
-            return                       # trailers (BackendConnection drops them before they get here)
         name = name.lower()
-        if name not in CONNECTION_SPECIFIC:
+        if name in CONNECTION_SPECIFIC:
+            return
+        if self.status:                  # trailers of a chunked response (gRPC's grpc-status): sent after the body
+            stream = self.stream
+            if stream.trailers is None:
+                stream.trailers = []
+            stream.trailers.append((name, value))
+        else:
             self.fields.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -200,7 +214,8 @@ class H2Stream(ClientConnection):
     header list, and whose transport is a ResponseSink."""
 
     __slots__ = ("conn", "stream_id", "fields", "header_size", "chunked", "out", "out_eof", "low_water",
-                 "read_paused", "write_paused", "unconsumed", "opened")
+                 "read_paused", "write_paused", "unconsumed", "opened", "trailers", "trailers_in",
+                 "grpc_deadline")
 
     def __init__(self, conn: "H2Connection", stream_id: int) -> None:
         super().__init__(conn.runtime, conn.bind)
@@ -217,6 +232,9 @@ class H2Stream(ClientConnection):
         self.write_paused = False
         self.unconsumed = 0
         self.opened = conn.runtime.now              # its header block must be whole within http_request_timeout
+        self.trailers = None                        # response trailers, sent after the body (_nghttp2.read_body)
+        self.trailers_in = []                       # request trailers, received after the body
+        self.grpc_deadline = 0.0                    # a gRPC call's grpc-timeout, as a loop time (0: none)
         self.head_started = -1.0                    # (not 0: a stream's bytes are never a connection preface)
         self.transport = ResponseSink(self)
         self.client_ip = origin.client_ip
@@ -349,7 +367,9 @@ class H2Connection:
                 self.flush()
                 self.transport.close()
                 return
-            if stream.deadline_kind and stream.deadline <= now:
+            if stream.grpc_deadline and stream.grpc_deadline <= now:
+                self.deadline_exceeded(stream)
+            elif stream.deadline_kind and stream.deadline <= now:
                 stream.on_deadline(now)
         if not streams:
             draining = self.runtime.draining
@@ -398,6 +418,10 @@ class H2Connection:
             elif name == b"te":
                 continue                                   # "trailers" only (libnghttp2): hop-by-hop
             else:
+                if name == b"grpc-timeout":
+                    timeout = grpc_timeout(value)
+                    if timeout is not None:
+                        stream.grpc_deadline = self.runtime.now + timeout
                 if name == b"content-length":
                     content_length = value
                 lines += (name, b": ", value, b"\r\n")
@@ -428,6 +452,37 @@ class H2Connection:
         self.idle_since = self.runtime.now
         stream.data_received(b"".join(head))
 
+    def deadline_exceeded(self, stream: H2Stream) -> None:
+        """A gRPC call past its grpc-timeout: its backend request is let go (its slot back, the backend
+        stream or connection closed) and the client gets DEADLINE_EXCEEDED, as a Trailers-Only response
+        when nothing of the backend's reached it yet, else a reset (CANCEL)."""
+        stream.grpc_deadline = 0.0
+        sink = stream.transport
+        if stream.queue:
+            req = stream.queue[0]
+            if req.upstream is not None:
+                req.upstream.abandon()
+                req.upstream = None
+            if stream.connect_task is not None:
+                stream.connect_task.cancel()
+                stream.connect_task = None
+            stream.queue.clear()
+        stream.deadline_kind = WAIT_NONE
+        stream.parser = None
+        if sink.ended:
+            return
+        sink.ended = True
+        if sink.submitted:
+            self.session.reset(stream.stream_id, _nghttp2.CANCEL)
+        else:
+            sink.submitted = True
+            stream.out_eof = True
+            self.session.respond(stream.stream_id, b"200", [(b"content-type", b"application/grpc"),
+                                                            (b"grpc-status", GRPC_DEADLINE_EXCEEDED),
+                                                            (b"grpc-message", b"deadline exceeded in fastlb")],
+                                 False)
+        self.flush_soon()
+
     def _refuse(self, stream: H2Stream, status: int) -> None:
         """A request refused before it reached the request parser: answered `status` at once."""
         stream.fields = None
@@ -451,7 +506,10 @@ class H2Connection:
 
     def body_end(self, stream: H2Stream) -> None:
         if stream.chunked and stream.parser is not None and not stream.closed:
-            stream.data_received(b"0\r\n\r\n")
+            # Request trailers (libnghttp2 checked them as it checks a header list) end the chunked body.
+            stream.data_received(b"".join([b"0\r\n", *(b"%s: %s\r\n" % field for field in stream.trailers_in),
+                                           b"\r\n"]))
+        stream.trailers_in = []
 
     def drained(self, stream: H2Stream) -> None:
         """The client took a response's body below the low-water mark: the backend is read again."""
