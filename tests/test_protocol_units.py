@@ -9,7 +9,8 @@ import pytest
 
 from fakes import FakeNetwork, FakeTransport
 from fastlb.cli import config_from_args
-from fastlb.http.runtime import HttpRuntime, build_router
+from fastlb.http.datapath import HttpPath
+from fastlb.http.runtime import build_router
 
 FORWARDED = b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: x\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
@@ -25,12 +26,13 @@ class Proxy:
             argv += ["--backend", f"127.0.0.1:{10001 + i}"]
         self.config = config_from_args([*argv, *flags])[1]
         self.network = FakeNetwork(self.loop)
-        self.runtime = HttpRuntime(self.config, self.loop, build_router(self.config, self.loop, 100), set())
+        self.path = HttpPath(self.config, self.loop, build_router(self.config, self.loop, 100))
+        self.runtime = self.path.runtime
         self.pool = self.runtime.router.default.pool
 
     def client(self):
         """A new client connection: (its protocol, its transport)."""
-        protocol = self.runtime.protocol_factory(self.config.binds[0])()
+        protocol = self.path.protocol_factory(self.config.binds[0])()
         transport = FakeTransport()
         protocol.connection_made(transport)
         return protocol, transport

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import re
 
+try:
+    from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
+except ImportError:                                   # not built: every response goes through httptools
+    scan_response = None
+
 # Actions for headers the request side handles itself (values of REQUEST_SPECIAL).
 H_HOST = 1
 H_CONNECTION = 2

@@ -21,15 +21,9 @@ from time import monotonic
 import httptools
 
 from fastlb.constants import PAUSE_BACKEND_FULL, STICKY_COOKIE_INSERT, STICKY_LEARN_HEADER, WAIT_BACKEND
-from fastlb.http import errors
-from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
-                                 R_UPGRADE, RESPONSE_SPECIAL)
+from fastlb.http.headers import (R_CONNECTION, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER, R_UPGRADE,
+                                 scan_response)
 from fastlb.http.reuse import may_reuse, may_send_again
-
-try:
-    from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
-except ImportError:                                   # not built: every response goes through httptools
-    scan_response = None
 
 log = logging.getLogger("fastlb")
 

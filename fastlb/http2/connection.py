@@ -32,7 +32,6 @@ from fastlb.http2 import _nghttp2
 
 log = logging.getLogger("fastlb")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"    # RFC 9113 3.4: a client's first bytes, h2c with prior knowledge
 ALPN_H2 = "h2"
 
 # A response body held for a stream beyond this: the backend is not read until the client takes some.
@@ -46,7 +45,8 @@ LINE_BREAKER = re.compile(rb"[\x00-\x20\x7f]")
 
 
 class H2Settings:
-    """The HTTP/2 limits (config fields h2_*), read once per worker."""
+    """The HTTP/2 limits (config fields h2_*), read once per worker, and the switch to HTTP/2 (the
+    runtime's `h2`: fastlb/http/protocol.py calls `switch` without importing this module)."""
 
     __slots__ = ("max_concurrent_streams", "max_header_list_size", "initial_window_size",
                  "connection_window_size", "max_control_frames")
@@ -58,6 +58,16 @@ class H2Settings:
         # The connection's window: every stream's at once, up to 16 of them.
         self.connection_window_size = min(2 ** 31 - 1, self.initial_window_size * 16)
         self.max_control_frames = config.h2_max_control_frames
+
+    def switch(self, origin: ClientConnection, data: bytes) -> None:
+        """The connection speaks HTTP/2 (the preface read, or ALPN h2): its protocol becomes an
+        H2Connection, fed `data` (what was read, preface included)."""
+        connection = H2Connection(origin, self)
+        origin.transport.set_protocol(connection)
+        if data:
+            connection.data_received(data)
+        else:
+            connection.flush()                                 # the server's SETTINGS go first
 
 
 class _StreamBind:
@@ -473,13 +483,3 @@ class H2Connection:
             # may run in (libnghttp2 closes streams while writing too, inside a backend's data_received).
             self.loop.call_soon(stream.connection_lost, None)
 
-
-def switch(origin: ClientConnection, data: bytes) -> None:
-    """The connection speaks HTTP/2 (the preface read, or ALPN h2): its protocol becomes an H2Connection,
-    fed `data` (what was read, preface included)."""
-    connection = H2Connection(origin, origin.runtime.h2)
-    origin.transport.set_protocol(connection)
-    if data:
-        connection.data_received(data)
-    else:
-        connection.flush()                                 # the server's SETTINGS go first
