@@ -198,3 +198,25 @@ def test_an_idle_backend_connection_that_speaks_is_closed(proxy):
     upstream.data_received(b"HTTP/1.1 200 OK\r\n")           # nothing was asked: out of step
     assert backend_transport.closed
     assert client_transport.take() == b""                    # nothing of it reaches a client
+
+
+def test_a_junk_response_is_sent_again_but_an_unasked_101_is_not(proxy):
+    """Both are bad responses (502 when nothing reached the client); --retry-on junk-response sends a
+    GET to the next backend after junk, never after a 101 to a request that asked for no upgrade."""
+    lb = proxy("--algorithm", "roundrobin", "--retry-on", "junk-response", backends=2)
+    client, client_transport = lb.send(b"GET /junk HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, upstream = lb.backend()
+    upstream.data_received(b"NOT HTTP AT ALL\r\n\r\n")
+    lb.settle()
+    retried_transport, retried = lb.backend()
+    assert retried is not upstream and lb.network.attempts == [10001, 10002]
+    assert retried_transport.take().startswith(b"GET /junk ")
+    retried.data_received(OK)
+    assert client_transport.take() == OK
+    client, client_transport = lb.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    backend_transport, upstream = lb.backend()
+    upstream.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    lb.settle()
+    assert client_transport.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert backend_transport.aborted and lb.pool.active == 0
+    assert retried_transport.take() == b""                 # (idle, and the next backend in turn)

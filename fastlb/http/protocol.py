@@ -115,6 +115,11 @@ class Request:
         self.response_seconds = -1.0
         self.retry_after = 0.0
 
+    def written_whole(self) -> bool:
+        """The request went to its backend whole: read to its end and every byte of it written (what a
+        backend connection's reuse and a 101's acceptance both need)."""
+        return self.complete and self.flushed == len(self.out)
+
 
 class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
     __slots__ = (
