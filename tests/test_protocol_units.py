@@ -220,3 +220,15 @@ def test_a_junk_response_is_sent_again_but_an_unasked_101_is_not(proxy):
     assert client_transport.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert backend_transport.aborted and lb.pool.active == 0
     assert retried_transport.take() == b""                 # (idle, and the next backend in turn)
+
+
+def test_draining_the_python_path_calls_back_when_its_last_connection_ends(proxy):
+    lb = proxy()
+    idle = []
+    first, _ = lb.client()
+    second, _ = lb.client()
+    lb.path.start_draining(lambda: idle.append(lb.path.live))
+    first.connection_lost(None)
+    assert idle == [] and lb.path.live == 1
+    second.connection_lost(None)
+    assert idle == [0]

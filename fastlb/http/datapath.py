@@ -72,11 +72,15 @@ class HttpPath:
         engine = self.runtime.fast
         return self.accepted + (engine.engine.accepted if engine is not None else 0)
 
-    def start_draining(self) -> None:
-        """Responses say Connection: close; idle keep-alive clients are closed (by the sweep)."""
-        self.runtime.draining = True
-        if self.runtime.fast is not None:
-            self.runtime.fast.engine.draining = True
+    def start_draining(self, on_idle) -> None:
+        """Responses say Connection: close; idle keep-alive clients are closed (by the sweep). The Python
+        path's connections and the engine's each call on_idle when their last one ends."""
+        runtime = self.runtime
+        runtime.draining = True
+        runtime.on_idle = on_idle
+        if runtime.fast is not None:
+            runtime.fast.engine.on_idle = on_idle
+            runtime.fast.engine.draining = True
 
     def close_all(self) -> None:
         for client in list(self.runtime.connections):

@@ -343,3 +343,5 @@ class FastPath:
                 backend_sock.close()
         finally:
             self.adopting -= 1
+            if not self.adopting and self.runtime.on_idle is not None:
+                self.runtime.on_idle()          # draining: a hand-over that failed may have been the last

@@ -225,7 +225,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if self.admitted:
             self.admitted = False
             self.runtime.admission.limiter.leave_ip(self.client_ip)
-        self.runtime.connections.discard(self)
+        self.runtime.forget(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None

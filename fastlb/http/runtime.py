@@ -185,11 +185,19 @@ class HttpRuntime:
         # HTTP/2 clients (fastlb/http2/connection.py's H2Settings: its limits, and `switch`), or None (off,
         # or libnghttp2 not built).
         self.h2 = h2
+        self.on_idle = None            # draining: called when the last connection ends (HttpPath.start_draining)
 
     def use_admission(self, admission) -> None:
         """Admission control: checked per connection and request; the headers its keys read are kept."""
         self.admission = admission
         self.settings.capture = frozenset(self.settings.capture | admission.capture)
+
+    def forget(self, connection) -> None:
+        """A client connection of the Python path ended (HTTP/1.1 or HTTP/2)."""
+        connections = self.connections
+        connections.discard(connection)
+        if not connections and self.on_idle is not None:
+            self.on_idle()                      # draining, and this was the last one
 
     # ---- idle backend connections ----------------------------------------------------------------
 

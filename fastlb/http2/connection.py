@@ -329,7 +329,7 @@ class H2Connection:
     def connection_lost(self, exc) -> None:
         self.closed = True
         runtime = self.runtime
-        runtime.connections.discard(self)
+        runtime.forget(self)
         if self.admitted:
             self.admitted = False
             runtime.admission.limiter.leave_ip(self.client_ip)

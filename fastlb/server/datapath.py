@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from fastlb.config import BindSpec
@@ -41,8 +41,10 @@ class DataPath(Protocol):
     def stop_accepting(self) -> None:
         """Accepts no more (drain); its listening sockets close."""
 
-    def start_draining(self) -> None:
-        """Keep-alive ends: responses say close, idle clients are closed."""
+    def start_draining(self, on_idle: Callable[[], None]) -> None:
+        """Keep-alive ends: responses say close, idle clients are closed. From now on the path calls
+        on_idle (on the event loop) when its live count falls to 0: the worker's drain waits on that,
+        not on a poll."""
 
     @property
     def live(self) -> int:
@@ -57,6 +59,34 @@ class DataPath(Protocol):
 
     def stop(self) -> None:
         """Releases everything (after the drain)."""
+
+
+async def drain_paths(loop: asyncio.AbstractEventLoop, paths: list[DataPath], grace_period: float) -> int:
+    """Every path starts draining; returns once no connection is live on any, or when grace_period is
+    over: how many are left then. Woken by the paths (`start_draining`'s on_idle), not by a poll."""
+    drained = asyncio.Event()
+
+    def live() -> int:
+        return sum([path.live for path in paths])
+
+    def check() -> None:
+        if not live():
+            drained.set()
+
+    def path_idle() -> None:
+        # A path's count reached 0; every path's is looked at once the code that said so has returned (a
+        # connection moving between two parts of one path, engine to Python, is counted again by then).
+        loop.call_soon(check)
+
+    for path in paths:
+        path.start_draining(path_idle)
+    if live():
+        log.info("draining %d connection(s), grace period %.3gs", live(), grace_period)
+        try:
+            await asyncio.wait_for(drained.wait(), grace_period)
+        except asyncio.TimeoutError:
+            pass
+    return live()
 
 
 class Sweeper:

@@ -23,16 +23,13 @@ from fastlb.observe import AccessLog, Observer, pool_snapshot
 from fastlb.pool import BackendPool
 from fastlb.server.controller import (ControllerBase, certificate_view, describe_certificate_reload, reload_logged,
                                       warn_expiring)
-from fastlb.server.datapath import DataPath, Sweeper
+from fastlb.server.datapath import DataPath, Sweeper, drain_paths
 from fastlb.tls import (ServerTLS, TLSConfigError, alpn_for, certificate_expiry, prepare_server_tls,
                         reload_certificates)
 
 log = logging.getLogger("fastlb")
 
 EXIT_STARTUP_FAILED = 3       # a worker that cannot start (e.g. address in use): the master gives up
-# While draining, how often the worker looks whether its connections are gone: the C engines report
-# no single close to Python, so there is no event to wait on.
-DRAIN_CHECK_INTERVAL = 0.05
 
 
 def setup_logging(level: str, worker_id: int | None = None) -> None:
@@ -387,14 +384,7 @@ class Worker:
         self.accept_gate.stop()
         if self.controller is not None:
             await self.controller.close()
-        for path in self.paths:
-            path.start_draining()
-        deadline = self.loop.time() + grace_period
-        if self.live:
-            log.info("draining %d connection(s), grace period %.3gs", self.live, grace_period)
-        while self.live and self.loop.time() < deadline:
-            await asyncio.sleep(min(DRAIN_CHECK_INTERVAL, max(0.0, deadline - self.loop.time())))
-        if self.live:
+        if await drain_paths(self.loop, self.paths, grace_period):
             log.warning("grace period over: closing %d connection(s)", self.live)
             for path in self.paths:
                 path.close_all()
