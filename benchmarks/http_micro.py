@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import uvloop  # noqa: E402
 
 from fastlb.config import BackendSpec, BindSpec, Config, parse_sticky  # noqa: E402
-from fastlb.http.runtime import HttpRuntime, build_router  # noqa: E402
+from fastlb.http.datapath import HttpPath  # noqa: E402
+from fastlb.http.runtime import build_router  # noqa: E402
 
 
 class FakeTransport:
@@ -42,13 +43,14 @@ if STICKY:
     from fastlb.sticky import SessionStore
     config.sticky = parse_sticky(STICKY)
     store = SessionStore(loop, config.stick_ttl, config.stick_table_size)
-rt = HttpRuntime(config, loop, build_router(config, loop, 10000, store=store))
+path = HttpPath(config, loop, build_router(config, loop, 10000, store=store))
+rt = path.runtime
 pool = rt.router.default.pool
 ups = []
 for b in pool.backends:
     u = rt.backend_factory(); t = FakeTransport(); u.connection_made(t); u.backend = b
     rt.park(u, b); ups.append(u)
-client = rt.protocol_factory(config.binds[0])()
+client = path.protocol_factory(config.binds[0])()
 ct = FakeTransport(); client.connection_made(ct)
 REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESP = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 21 Nov 2026 02:00:00 GMT\r\n"

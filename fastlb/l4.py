@@ -171,7 +171,7 @@ class ListenerSettings:
     data-path factory (fastlb/server/datapath.py)."""
 
     __slots__ = ("loop", "pool", "pools", "sni_routes", "hash_source", "header_timeout", "connections",
-                 "sticky", "observer", "admission")
+                 "sticky", "observer", "admission", "on_idle")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: BackendPool | None, *, header_timeout: float,
                  pools: dict[str, BackendPool] | None = None, sni_routes: dict[str, str] | None = None,
@@ -188,6 +188,7 @@ class ListenerSettings:
         self.sticky = sticky
         self.observer = observer            # metrics / access log, once per connection; None when off
         self.admission = admission          # fastlb/admission.py: lists and connections per source
+        self.on_idle = None                 # draining: called when the last of `connections` ends
 
 
 class Listener:
@@ -196,9 +197,10 @@ class Listener:
     connections (`--relay epoll`; None: they stay on the event loop)."""
 
     __slots__ = ("loop", "pool", "bind", "hash_source", "header_timeout", "connections", "failures",
-                 "last_failure_log", "pools", "sni_routes", "sticky", "observer", "relay", "admission")
+                 "last_failure_log", "pools", "sni_routes", "sticky", "observer", "relay", "admission", "settings")
 
     def __init__(self, settings: ListenerSettings, bind: "BindSpec", relay: "EpollRelay | None" = None) -> None:
+        self.settings = settings
         self.loop = settings.loop
         self.admission = settings.admission
         self.relay = relay
@@ -273,8 +275,9 @@ class TcpPath:
         self.gate.stop_serving(self.served)
         self.served = []
 
-    def start_draining(self) -> None:
+    def start_draining(self, on_idle) -> None:
         """Nothing to announce: a tcp connection ends when its client or backend ends it."""
+        self.settings.on_idle = on_idle
 
     @property
     def live(self) -> int:
@@ -489,7 +492,10 @@ class ClientSide(RelayEnd, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.leave()
-        self.listener.connections.discard(self)
+        connections = self.listener.connections
+        connections.discard(self)
+        if not connections and self.listener.settings.on_idle is not None:
+            self.listener.settings.on_idle()            # draining, and this was the last one
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -766,7 +772,7 @@ class EpollRelay:
 
     name = "relay"
 
-    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "warned", "numeric",
+    __slots__ = ("loop", "relay", "clients", "capacity", "listeners", "stopping", "on_idle", "warned", "numeric",
                  "inline", "sweep_interval", "settings", "backends", "binds", "servers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int, idle_timeout: float,
@@ -779,6 +785,7 @@ class EpollRelay:
         self.clients: dict[int, ClientSide] = {}     # the connections it holds: its `live`
         self.listeners: dict[int, Listener] = {}     # TLS listeners the thread accepts on, by index
         self.stopping = False
+        self.on_idle = None                           # draining: called when the last of `clients` ends
         self.warned = False
         self.numeric: dict[str, bool] = {}           # backend host -> an IP address (connect_here)
         self.inline = relay_inline()
@@ -822,8 +829,9 @@ class EpollRelay:
             server.close()
         self.servers = []
 
-    def start_draining(self) -> None:
+    def start_draining(self, on_idle) -> None:
         """Nothing to announce: a relayed connection ends when its client or backend ends it."""
+        self.on_idle = on_idle
 
     @property
     def live(self) -> int:
@@ -958,6 +966,8 @@ class EpollRelay:
             client = clients.pop(conn_id, None)
             if client is not None:
                 client.relay_closed(bytes_in, bytes_out)
+        if not clients and self.on_idle is not None:
+            self.on_idle()                  # draining, and the last one ended
 
     def _ready(self, conn_id: int, peer, index: int) -> None:
         """A TLS client finished its handshake in the thread: its backend is connected as for any."""

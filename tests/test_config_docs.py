@@ -2,6 +2,7 @@
 the committed file differs from what `python -m fastlb.config.docs` writes (then run `make docs`), and
 checks that the table covers every flag and TOML key."""
 import dataclasses
+import re
 from pathlib import Path
 
 from fastlb.cli import make_parser
@@ -33,3 +34,22 @@ def test_every_flag_comes_from_the_table():
     flags = {option for action in make_parser()._actions for option in action.option_strings
              if option.startswith("--")}
     assert flags - own == {flag_name(name) for name, s in SETTINGS.items() if not s.file_only}
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation out, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_topic_pages_link_to_sections_the_reference_has():
+    """The topic pages (docs/*.md) point at the generated reference instead of repeating its flag tables;
+    a link to a section it no longer has fails here."""
+    anchors = {github_anchor(line.lstrip("#")) for line in DOC.read_text(encoding="utf-8").splitlines()
+               if line.startswith("#")}
+    assert {"http-mode", "health", "operations", "pool", "backend"} <= anchors
+    linked = []
+    for page in DOC.parent.glob("*.md"):
+        for anchor in re.findall(r"\(configuration\.md#([\w-]+)\)", page.read_text(encoding="utf-8")):
+            linked.append((page.name, anchor))
+    assert linked, "no page links to the reference"
+    assert [link for link in linked if link[1] not in anchors] == []

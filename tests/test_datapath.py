@@ -1,11 +1,12 @@
 """The worker's one sweep and the tcp path's idle timeout, in one process, on a clock the test moves
-(fastlb/server/datapath.py Sweeper, fastlb/l4.py TcpPath.sweep). Idle timeouts end to end, and draining,
-are in test_l4.py and test_workers.py."""
+(fastlb/server/datapath.py Sweeper, fastlb/l4.py TcpPath.sweep), and the drain's wait on the paths
+(drain_paths). Idle timeouts end to end, and draining, are in test_l4.py and test_workers.py."""
+import asyncio
 import heapq
 import itertools
 
 from fastlb.l4 import ListenerSettings, TcpPath
-from fastlb.server.datapath import Sweeper
+from fastlb.server.datapath import Sweeper, drain_paths
 
 
 class ClockLoop:
@@ -148,3 +149,51 @@ def test_tcp_sweep_silent_connection_is_idle_since_it_began():
 
 def test_tcp_path_without_idle_timeout_asks_for_no_sweep():
     assert tcp_path(0.0).sweep_interval == 0.0
+
+
+class DrainingPath:
+    """A path with `live` connections that says when its last one ended, as a data path does."""
+
+    def __init__(self, live: int) -> None:
+        self.live = live
+        self.on_idle = None
+
+    def start_draining(self, on_idle) -> None:
+        self.on_idle = on_idle
+
+    def end_one(self) -> None:
+        self.live -= 1
+        if self.live == 0:
+            self.on_idle()
+
+
+def turns(loop, count: int = 5) -> None:
+    for _ in range(count):
+        loop.run_until_complete(asyncio.sleep(0))
+
+
+def test_the_drain_ends_when_the_last_path_says_its_last_connection_ended():
+    loop = asyncio.new_event_loop()
+    try:
+        first, second = DrainingPath(2), DrainingPath(1)
+        drain = loop.create_task(drain_paths(loop, [first, second], 3600.0))
+        turns(loop)
+        assert first.on_idle is not None and second.on_idle is not None and not drain.done()
+        first.end_one()
+        first.end_one()                                # one path idle, the other still has one
+        turns(loop)
+        assert not drain.done()
+        second.end_one()
+        turns(loop)
+        assert drain.done() and drain.result() == 0
+    finally:
+        loop.close()
+
+
+def test_the_drain_gives_up_after_the_grace_period_with_what_is_left():
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(drain_paths(loop, [DrainingPath(0), DrainingPath(3)], 0.0)) == 3
+        assert loop.run_until_complete(drain_paths(loop, [DrainingPath(0)], 3600.0)) == 0   # none to wait for
+    finally:
+        loop.close()

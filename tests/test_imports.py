@@ -1,11 +1,13 @@
 """No import cycles among fastlb's modules, read from the source (nothing is imported).
 
 Every import counts: at module level, inside a function (imported at run time) and under
-`if TYPE_CHECKING:` (a cycle hidden from the interpreter is still one a reader has to untangle). Only
-the Python sources are read (.py: the `ast` module cannot parse Cython); the compiled modules import
-no fastlb Python module that imports them back.
+`if TYPE_CHECKING:` (a cycle hidden from the interpreter is still one a reader has to untangle). The
+Cython sources count too (.pyx, .pxd: their imports and cimports, read line by line since `ast` cannot
+parse them): a module that cimports an extension type imports the type's module when it starts, so
+protocol.pxd's `cimport HttpRuntime` makes fastlb.http.protocol import fastlb.http.runtime.
 """
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = "fastlb"
@@ -39,14 +41,39 @@ def imported_names(tree: ast.Module, module: str, is_package: bool) -> set[str]:
     return names
 
 
+# `from a.b cimport X`, `from a.b import X`, `cimport a.b`, `import a.b` at a line's start (Cython)
+CYTHON_IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+c?import\s+\(?([\w, ]*)|c?import\s+([\w.]+))", re.M)
+
+
+def cython_imported_names(text: str) -> set[str]:
+    """What a .pyx / .pxd file imports and cimports, `from X cimport Y` giving both X and X.Y."""
+    names = set()
+    for match in CYTHON_IMPORT.finditer(text):
+        source, imported, module = match.groups()
+        if module:
+            names.add(module)
+        else:
+            names.add(source)
+            names.update(f"{source}.{name.strip()}" for name in imported.split(",") if name.strip())
+    return names
+
+
 def import_graph(root: Path = SOURCE) -> dict[str, set[str]]:
-    """module -> the fastlb modules it imports."""
-    paths = {module_name(path, root): path for path in root.rglob("*.py")}
+    """module -> the fastlb modules it imports (a module's .py, .pyx and .pxd together)."""
+    sources: dict[str, list[Path]] = {}
+    for pattern in ("*.py", "*.pyx", "*.pxd"):
+        for path in root.rglob(pattern):
+            sources.setdefault(module_name(path, root), []).append(path)
     graph = {}
-    for module, path in paths.items():
-        tree = ast.parse(path.read_text(), str(path))
-        names = imported_names(tree, module, path.name == "__init__.py")
-        graph[module] = {name for name in names if name in paths and name != module}
+    for module, paths in sources.items():
+        names = set()
+        for path in paths:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".py":
+                names |= imported_names(ast.parse(text, str(path)), module, path.name == "__init__.py")
+            else:
+                names |= cython_imported_names(text)
+        graph[module] = {name for name in names if name in sources and name != module}
     return graph
 
 
@@ -117,7 +144,7 @@ def _shortest_cycle(graph: dict[str, set[str]], component: set[str], start: str)
 
 def test_the_graph_sees_imports_of_every_kind(tmp_path):
     """The checker itself: a cycle made of a function-level import, a TYPE_CHECKING import and a
-    relative import is found; a graph without one passes."""
+    relative import is found, and one made of a Cython cimport; a graph without one passes."""
     package = tmp_path / PACKAGE
     (package / "sub").mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -127,11 +154,15 @@ def test_the_graph_sees_imports_of_every_kind(tmp_path):
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .c import C\n")
     (package / "sub" / "c.py").write_text("import fastlb.a\n")
     (package / "d.py").write_text("from fastlb import a\n")
+    (package / "e.pyx").write_text("")
     graph = import_graph(package)
     assert graph["fastlb.a"] == {"fastlb.sub", "fastlb.sub.b"}
     assert cycles(graph) == [["fastlb.a", "fastlb.sub.b", "fastlb.sub.c", "fastlb.a"]]
     (package / "sub" / "c.py").write_text("import os\n")
     assert cycles(import_graph(package)) == []
+    (package / "e.pxd").write_text("from libc.stdint cimport uint32_t\nfrom fastlb.d cimport D\n")
+    (package / "a.py").write_text("import fastlb.e\n")
+    assert cycles(import_graph(package)) == [["fastlb.a", "fastlb.e", "fastlb.d", "fastlb.a"]]
 
 
 def test_no_import_cycles():

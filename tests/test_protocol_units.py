@@ -9,7 +9,8 @@ import pytest
 
 from fakes import FakeNetwork, FakeTransport
 from fastlb.cli import config_from_args
-from fastlb.http.runtime import HttpRuntime, build_router
+from fastlb.http.datapath import HttpPath
+from fastlb.http.runtime import build_router
 
 FORWARDED = b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: x\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
@@ -25,12 +26,13 @@ class Proxy:
             argv += ["--backend", f"127.0.0.1:{10001 + i}"]
         self.config = config_from_args([*argv, *flags])[1]
         self.network = FakeNetwork(self.loop)
-        self.runtime = HttpRuntime(self.config, self.loop, build_router(self.config, self.loop, 100))
+        self.path = HttpPath(self.config, self.loop, build_router(self.config, self.loop, 100))
+        self.runtime = self.path.runtime
         self.pool = self.runtime.router.default.pool
 
     def client(self):
         """A new client connection: (its protocol, its transport)."""
-        protocol = self.runtime.protocol_factory(self.config.binds[0])()
+        protocol = self.path.protocol_factory(self.config.binds[0])()
         transport = FakeTransport()
         protocol.connection_made(transport)
         return protocol, transport
@@ -196,3 +198,37 @@ def test_an_idle_backend_connection_that_speaks_is_closed(proxy):
     upstream.data_received(b"HTTP/1.1 200 OK\r\n")           # nothing was asked: out of step
     assert backend_transport.closed
     assert client_transport.take() == b""                    # nothing of it reaches a client
+
+
+def test_a_junk_response_is_sent_again_but_an_unasked_101_is_not(proxy):
+    """Both are bad responses (502 when nothing reached the client); --retry-on junk-response sends a
+    GET to the next backend after junk, never after a 101 to a request that asked for no upgrade."""
+    lb = proxy("--algorithm", "roundrobin", "--retry-on", "junk-response", backends=2)
+    client, client_transport = lb.send(b"GET /junk HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, upstream = lb.backend()
+    upstream.data_received(b"NOT HTTP AT ALL\r\n\r\n")
+    lb.settle()
+    retried_transport, retried = lb.backend()
+    assert retried is not upstream and lb.network.attempts == [10001, 10002]
+    assert retried_transport.take().startswith(b"GET /junk ")
+    retried.data_received(OK)
+    assert client_transport.take() == OK
+    client, client_transport = lb.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    backend_transport, upstream = lb.backend()
+    upstream.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    lb.settle()
+    assert client_transport.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert backend_transport.aborted and lb.pool.active == 0
+    assert retried_transport.take() == b""                 # (idle, and the next backend in turn)
+
+
+def test_draining_the_python_path_calls_back_when_its_last_connection_ends(proxy):
+    lb = proxy()
+    idle = []
+    first, _ = lb.client()
+    second, _ = lb.client()
+    lb.path.start_draining(lambda: idle.append(lb.path.live))
+    first.connection_lost(None)
+    assert idle == [] and lb.path.live == 1
+    second.connection_lost(None)
+    assert idle == [0]

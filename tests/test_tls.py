@@ -822,7 +822,7 @@ def test_hsts_is_added_to_responses_the_fast_path_would_take(procs, pki):
     fastlb adds HSTS (a TLS bind, a pool with hsts) they must add its line too (and drop the backend's
     own), or the header would be missing."""
     from fastlb.http.runtime import HttpSettings
-    from fastlb.http.upstream import scan_response
+    from fastlb.http.headers import scan_response
     backend, ports = procs.http_backends("a")
     tls_port, plain_port = free_port(), free_port()
     args = ["--bind", f"127.0.0.1:{tls_port},ssl,cert={pki['default']}", "--bind", f"127.0.0.1:{plain_port}",

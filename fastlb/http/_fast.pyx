@@ -423,6 +423,7 @@ cdef class Engine:
     cdef public Py_ssize_t max_clients  # at this many clients the listeners rest (the worker's AcceptGate)
     cdef bint accept_paused
     cdef public bint draining
+    cdef public object on_idle          # draining: called when the last client goes (HttpPath.start_draining)
     # Per backend: the fastlb Backend object (slot -> object) and its idle connections (LIFO).
     cdef list backends
     cdef dict slots
@@ -938,6 +939,8 @@ cdef class Engine:
             c.next.prev = c.prev
         c.prev = c.next = NULL
         self.live -= 1
+        if self.live == 0 and self.on_idle is not None:
+            self.on_idle()
 
     cdef void free_client(self, Client *c):
         """Frees c now, or after the batch of events being handled (one of them may still name it)."""

@@ -30,6 +30,7 @@ from fastlb.constants import (KEY_COOKIE, KEY_HEADER, KEY_NONE, KEY_PATH, KEY_QU
                               MAX_KEY_HEADERS)
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_HOST
+from fastlb.http.protocol import REPLAY_LIMIT, ClientConnection, client_subject_block
 from fastlb.l4 import ACCEPT_PAUSE, DETACHED
 from fastlb.pool import NoBackendError, QueueError
 from fastlb.tls import format_subject
@@ -135,7 +136,6 @@ class FastPath:
         self.route = runtime.router.single
         self.pool = self.route.pool if self.route is not None else None
         self.sticky = self.route.sticky if self.route is not None else None
-        from fastlb.http.protocol import REPLAY_LIMIT
         self.STORE_MISS = STORE_MISS
         self.replay_limit = REPLAY_LIMIT
         self.pool_of: dict = {}
@@ -246,7 +246,6 @@ class FastPath:
     def subject_block(self, subject: tuple) -> bytes:
         """The client-subject header line of a verified client certificate (its subject as
         getpeercert() gives it), once per mTLS connection: the Python path's own."""
-        from fastlb.http.protocol import client_subject_block
         return client_subject_block(format_subject(subject))
 
     def pool_for(self, backend):
@@ -334,7 +333,6 @@ class FastPath:
         request in flight, attached to its backend connection, which is fed the response bytes read).
         tls: a TLS client's (bind index, client address, client-subject header line, ALPN chose h2): fd
         is then the Python end of the socketpair the engine relays the decrypted stream over."""
-        from fastlb.http.protocol import ClientConnection
         loop = self.loop
         backend_sock = None
         try:
@@ -371,3 +369,5 @@ class FastPath:
                 backend_sock.close()
         finally:
             self.adopting -= 1
+            if not self.adopting and self.runtime.on_idle is not None:
+                self.runtime.on_idle()          # draining: a hand-over that failed may have been the last

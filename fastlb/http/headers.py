@@ -2,11 +2,18 @@
 
 The client and backend protocols look a lower-cased name up in one dict per header (`REQUEST_SPECIAL`,
 `RESPONSE_SPECIAL`); every other header is copied to the outgoing head as received, without building a
-Python object per header beyond the name and value bytes httptools hands over.
+Python object per header beyond the name and value bytes httptools hands over. `scan_response` is the
+compiled one-pass scanner of plain responses (fastlb/http/_head.pyx), None where it is not built: the
+settings (runtime.py) and the backend side (upstream.py) both ask here.
 """
 from __future__ import annotations
 
 import re
+
+try:
+    from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
+except ImportError:                                   # not built: every response goes through httptools
+    scan_response = None
 
 # Actions for headers the request side handles itself (values of REQUEST_SPECIAL).
 H_HOST = 1

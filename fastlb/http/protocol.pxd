@@ -16,6 +16,8 @@ cdef class Request:
     cdef public int status
     cdef public Py_ssize_t bytes_out
 
+    cpdef bint written_whole(self)
+
 
 cdef class ClientConnection:
     cdef public HttpRuntime runtime

@@ -37,6 +37,7 @@ from fastlb.http.headers import (H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DRO
                                  H_REJECT, H_TRANSFER_ENCODING, H_UPGRADE, IDEMPOTENT_METHODS,
                                  connection_tokens, valid_host)
 from fastlb.http.reuse import may_send_again
+from fastlb.http2 import PREFACE
 from fastlb.pool import NoBackendError, QueueError
 
 log = logging.getLogger("fastlb")
@@ -116,6 +117,11 @@ class Request:
         self.sent_mono = 0.0
         self.response_seconds = -1.0
         self.retry_after = 0.0
+
+    def written_whole(self) -> bool:
+        """The request went to its backend whole: read to its end and every byte of it written (what a
+        backend connection's reuse and a 101's acceptance both need)."""
+        return self.complete and self.flushed == len(self.out)
 
 
 class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is an extension type)
@@ -206,8 +212,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         self.parser = httptools.HttpRequestParser(self)
         self.runtime.connections.add(self)
         if self.tls and self.runtime.h2 is not None and (self.alpn_h2 or tls.negotiated_h2(transport)):
-            from fastlb.http2.connection import switch
-            switch(self, b"")                 # ALPN chose HTTP/2
+            self.runtime.h2.switch(self, b"")      # ALPN chose HTTP/2
             return
         # A new connection must send its first request head within http_request_timeout.
         self.deadline = self.loop.time() + settings.http_request_timeout
@@ -226,7 +231,7 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
         if self.admitted:
             self.admitted = False
             self.runtime.admission.limiter.leave_ip(self.client_ip)
-        self.runtime.connections.discard(self)
+        self.runtime.forget(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
@@ -301,9 +306,8 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             data = held + data
         elif data[:1] != b"P":
             return False
-        from fastlb.http2.connection import PREFACE, switch
         if data.startswith(PREFACE):
-            switch(self, data)
+            self.runtime.h2.switch(self, data)
             return True
         if len(data) < len(PREFACE) and PREFACE.startswith(data):
             self.pending_input = data

@@ -17,9 +17,10 @@ cdef class HttpSettings:
 
 cdef class HttpRuntime:
     cdef public object loop, router, connections, backend_factory, observer, fast
-    cdef public object admission, gate, h2
-    cdef public list binds, served
+    cdef public object admission, h2, on_idle
     cdef public HttpSettings settings
     cdef public bint draining
-    cdef public Py_ssize_t failures, accepted
-    cdef public double last_failure_log, sweep_interval, now, handshake_timeout
+    cdef public Py_ssize_t failures
+    cdef public double last_failure_log, sweep_interval, now
+
+    cpdef forget(self, connection)

@@ -2,10 +2,11 @@
 
 `HttpSettings` turns the Config into what the hot path reads: limits as ints, timeouts as floats, the
 header action tables (with the operator's delete/set rules folded in) and the header blocks fastlb adds,
-preformatted as bytes once. `HttpRuntime` is the HTTP data path (fastlb/server/datapath.py), the Python
-path's connections and the C engine's: `HttpRuntime.sweep`, called by the worker's one sweep timer,
-enforces every HTTP timeout and expires idle backend connections, so no request arms or cancels a timer
-of its own.
+preformatted as bytes once. `HttpRuntime` is the state the Python path's connections (fastlb/http/
+protocol.py, upstream.py) and the C engine (fastlb/http/fast.py) read: `HttpRuntime.sweep`, called by
+the worker's one sweep timer, enforces every HTTP timeout and expires idle backend connections, so no
+request arms or cancels a timer of its own. This module imports none of them (they cimport it): the HTTP
+data path that builds them all is fastlb/http/datapath.py.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import os
 from fastlb.config import Config
 from fastlb.constants import STICKY_LEARN_HEADER, WAIT_IDLE
 from fastlb.http.headers import (FORWARDED_SET_BY_US, H_COOKIE, H_DROP, R_DROP, R_HSTS, R_SET_COOKIE,
-                                 R_STICKY_HEADER, REQUEST_SPECIAL, RESPONSE_SPECIAL, format_header_block)
+                                 R_STICKY_HEADER, REQUEST_SPECIAL, RESPONSE_SPECIAL, format_header_block,
+                                 scan_response)
 from fastlb.http.routing import Router, RoutePool, Rule
 from fastlb.pool import BackendPool
 
@@ -83,7 +85,6 @@ class HttpSettings:
             response_actions[b"via"] = R_DROP
         # The response fast path (and the C engine) forward header lines as they are, less the ones the
         # operator's rules delete or replace (response_dropped), and append response_block.
-        from fastlb.http.upstream import scan_response
         self.fast_responses = scan_response is not None
         self.response_dropped = tuple(name for name, action in response_actions.items()
                                       if action == R_DROP and name not in RESPONSE_SPECIAL)
@@ -156,13 +157,12 @@ def build_router(config: Config, loop: asyncio.AbstractEventLoop, maxconn: int,
 
 
 class HttpRuntime:
-    """The HTTP data path of one worker: its binds served by the C engine where it can (fastlb/http/fast.py)
-    and by the Python path's protocols (fastlb/http/protocol.py) on the others."""
+    """What the HTTP connections of one worker read and share (the Python path's and the C engine's):
+    settings, router, the live connections, idle backend connections, the sweep. Built by the HTTP data
+    path (fastlb/http/datapath.py), which gives it what makes backend connections and HTTP/2 ones."""
 
-    name = "http"
-
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, router: Router,
-                 observer=None, gate=None) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, router: Router, backend_class,
+                 observer=None, h2=None) -> None:
         self.loop = loop
         self.router = router
         # fastlb/observe.py's Observer (metrics, access log), called once per finished request; None
@@ -171,14 +171,9 @@ class HttpRuntime:
         self.settings = HttpSettings(config, router.capture)
         self.settings.watch_sticky(router)
         self.connections = set()   # the Python path's live ClientConnections
-        self.handshake_timeout = config.connect_timeout     # a TLS bind's, in the engine as in uvloop
-        self.gate = gate           # the worker's AcceptGate (fastlb/l4.py): its servers and the engine's rest at its limit
-        self.binds = []            # (bind, listening socket, ServerTLS or None): add_bind
-        self.served = []           # the gate's entries for the Python path's binds
         self.draining = False
         self.now = loop.time()     # the loop's clock as last read by a protocol (one read per data_received)
         self.failures = 0
-        self.accepted = 0          # client connections the Python path accepted (the engine counts its own)
         self.last_failure_log = 0.0
         shortest = min(t for t in (config.http_request_timeout, config.keepalive_timeout,
                                    config.response_timeout, config.tunnel_timeout,
@@ -186,110 +181,26 @@ class HttpRuntime:
         # Timeouts fire between t and t + interval: at most 10 % late, checked at most 20 times a second
         # (the worker's Sweeper calls `sweep` this often).
         self.sweep_interval = min(1.0, max(0.05, shortest / 10))
-        from fastlb.http.upstream import BackendConnection
-        self.backend_factory = lambda: BackendConnection(self)
+        # backend_class: fastlb/http/upstream.py's BackendConnection, what BackendPool.connect makes.
+        self.backend_factory = lambda: backend_class(self)
         self.fast = None               # the C engine (fastlb/http/fast.py), made for the first bind it serves
         self.admission = None          # fastlb/admission.py's Admission (use_admission), or None
-        # HTTP/2 clients (fastlb/http2/): its limits, or None (off, or libnghttp2 not built).
-        self.h2 = None
-        if config.h2:
-            from fastlb.http2 import available
-            if available():
-                from fastlb.http2.connection import H2Settings
-                self.h2 = H2Settings(config)
+        # HTTP/2 clients (fastlb/http2/connection.py's H2Settings: its limits, and `switch`), or None (off,
+        # or libnghttp2 not built).
+        self.h2 = h2
+        self.on_idle = None            # draining: called when the last connection ends (HttpPath.start_draining)
 
     def use_admission(self, admission) -> None:
         """Admission control: checked per connection and request; the headers its keys read are kept."""
         self.admission = admission
         self.settings.capture = frozenset(self.settings.capture | admission.capture)
 
-    # ---- the data path (fastlb/server/datapath.py) -------------------------------------------------
-
-    def serves(self, bind, tls) -> bool:
-        return True                     # every bind of an HTTP-mode worker
-
-    def add_bind(self, bind, sock, tls) -> None:
-        self.binds.append((bind, sock, tls))
-
-    async def start(self) -> None:
-        for bind, sock, tls in self.binds:
-            if self.serve_with_engine(bind, sock, tls):
-                # The engine accepts on its own duplicate: this copy goes, so that stopping the engine
-                # (drain) stops listening (a copy left open would queue connections nobody accepts).
-                sock.close()
-                continue
-            self.served.append(await self.gate.serve(self.protocol_factory(bind), sock, tls))
-        if self.fast is not None:
-            self.fast.start()
-
-    def stop_accepting(self) -> None:
-        if self.fast is not None:
-            self.fast.engine.stop_listening()
-        self.gate.stop_serving(self.served)
-        self.served = []
-
-    @property
-    def live(self) -> int:
-        """Client connections open (the Python path's and the engine's)."""
-        return len(self.connections) + (self.fast.live if self.fast is not None else 0)
-
-    @property
-    def clients_accepted(self) -> int:
-        """Client connections accepted since the worker started (the Python path's and the engine's)."""
-        return self.accepted + (self.fast.engine.accepted if self.fast is not None else 0)
-
-    def start_draining(self) -> None:
-        """Responses say Connection: close; idle keep-alive clients are closed (by the sweep)."""
-        self.draining = True
-        if self.fast is not None:
-            self.fast.engine.draining = True
-
-    def close_all(self) -> None:
-        for client in list(self.connections):
-            client.close()
-        if self.fast is not None:
-            self.fast.engine.close_all()
-
-    def stop(self) -> None:
-        if self.fast is not None:
-            self.fast.stop()
-        for route in self.router.pools.values():
-            for backend in route.pool.backends:
-                while backend.idle:
-                    backend.idle.pop().transport.close()
-            if route.name != "default":
-                route.pool.close()          # the default pool is the worker's, closed by it
-
-    def serve_with_engine(self, bind, sock, tls=None) -> bool:
-        """The C engine accepts and serves the bind where it can (fastlb/http/fast.py says when; a TLS
-        bind, tls: its fastlb.tls.ServerTLS, with its handshakes in C within --connect-timeout, as uvloop's
-        on the Python path); False: the bind needs a uvloop server with `protocol_factory`. The start log
-        says which, and why. The engine's listeners follow the worker's AcceptGate."""
-        from fastlb.http import fast
-        reason = fast.why_not(self, bind, tls)
-        if reason is not None:
-            log.info("%s: HTTP engine python (%s)", bind.address, reason)
-            return False
-        if self.fast is None:
-            self.fast = fast.FastPath(self, bind)
-            for route in self.router.pools.values():
-                route.pool.idle_keeper = self.fast.engine
-            gate = self.gate
-            if gate is not None:
-                self.fast.gate = gate
-                self.fast.engine.max_clients = gate.limit
-                gate.engines.append(self.fast.engine)
-        self.fast.listen(sock, bind, tls, self.handshake_timeout)
-        log.info("%s: HTTP engine c", bind.address)
-        return True
-
-    def protocol_factory(self, bind):
-        from fastlb.http.protocol import ClientConnection
-
-        def accepted():
-            self.accepted += 1              # per connection uvloop accepts (not for adopted ones)
-            return ClientConnection(self, bind)
-        return accepted
+    def forget(self, connection) -> None:
+        """A client connection of the Python path ended (HTTP/1.1 or HTTP/2)."""
+        connections = self.connections
+        connections.discard(connection)
+        if not connections and self.on_idle is not None:
+            self.on_idle()                      # draining, and this was the last one
 
     # ---- idle backend connections ----------------------------------------------------------------
 

@@ -21,15 +21,9 @@ from time import monotonic
 import httptools
 
 from fastlb.constants import PAUSE_BACKEND_FULL, STICKY_COOKIE_INSERT, STICKY_LEARN_HEADER, WAIT_BACKEND
-from fastlb.http import errors
-from fastlb.http.headers import (R_CONNECTION, R_DROP, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER,
-                                 R_UPGRADE, RESPONSE_SPECIAL)
+from fastlb.http.headers import (R_CONNECTION, R_FRAMING, R_HSTS, R_SET_COOKIE, R_STICKY_HEADER, R_UPGRADE,
+                                 scan_response)
 from fastlb.http.reuse import may_reuse, may_send_again
-
-try:
-    from fastlb.http._head import scan_response     # compiled: the one-pass fast path for plain responses
-except ImportError:                                   # not built: every response goes through httptools
-    scan_response = None
 
 log = logging.getLogger("fastlb")
 
@@ -209,15 +203,18 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         elif client.deadline_kind == WAIT_BACKEND:     # the backend is alive: wait again
             client.deadline = self.runtime.now + self.settings.response_timeout
 
-    def _bad_response(self, started: bool, detail: str) -> None:
-        """An unparsable response (or a head over the limit): 502 when nothing of it has reached the client
-        (what this read queued is dropped), else the client connection is cut; the backend's is closed."""
+    def _bad_response(self, started: bool, detail: str, retry: bool = True) -> None:
+        """An unparsable response (or a head over the limit, or a 101 nobody asked for): 502 when nothing
+        of it has reached the client (what this read queued is dropped), else the client connection is
+        cut; the backend's is closed. retry: False for a 101 nobody asked for (`_switch`): the backend took
+        the request and answered it, the request goes to no other."""
         log.debug("bad response from %s: %s", self.backend.address, detail)
         self.out.clear()
         self.reusable = False
         if not started:
             self.request.response_started = False   # the head parsed in this read was never written
-        self._failed(502, self.settings.retry_junk and self.may_retry(self.request), f"bad response: {detail}")
+        self._failed(502, retry and self.settings.retry_junk and self.may_retry(self.request),
+                     f"bad response: {detail}")
 
     def _plain_response(self, client, found, data: bytes) -> None:
         """The fast path: a whole plain response in one read (see _head.scan_response), forwarded in
@@ -422,7 +419,7 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         req.upstream = None
         req.status = self.status
         req.bytes_out = self.received
-        if may_reuse(req.complete and req.flushed == len(req.out),
+        if may_reuse(req.written_whole(),
                      self.done and self.reusable and not self.close_delimited and not self.lost,
                      self.keep_alive, self.runtime.draining):
             self.reused = True
@@ -437,11 +434,8 @@ class BackendConnection:     # an asyncio protocol (duck-typed: compiled, it is 
         the client's next bytes into a tunnel fastlb never parses (502, both connections closed)."""
         client = self.client
         req = self.request
-        if self.status != 101 or req.upgrade is None or not req.complete or req.flushed != len(req.out):
-            self.out.clear()
-            req.response_started = False
-            self.reusable = False
-            self._failed(502, False, "switching protocols unasked or before the request was sent")
+        if self.status != 101 or req.upgrade is None or not req.written_whole():
+            self._bad_response(False, "switching protocols unasked or before the request was sent", retry=False)
             return
         out = self.out
         if rest:

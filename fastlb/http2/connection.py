@@ -33,7 +33,6 @@ from fastlb.http2.common import CONNECTION_SPECIFIC, STREAM_BUFFER_HIGH, STREAM_
 
 log = logging.getLogger("fastlb")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"    # RFC 9113 3.4: a client's first bytes, h2c with prior knowledge
 ALPN_H2 = "h2"
 
 # A :path or :method byte that could not stay inside an HTTP/1.1 request line (white space, controls).
@@ -55,7 +54,8 @@ def grpc_timeout(value: bytes) -> float | None:
 
 
 class H2Settings:
-    """The HTTP/2 limits (config fields h2_*), read once per worker."""
+    """The HTTP/2 limits (config fields h2_*), read once per worker, and the switch to HTTP/2 (the
+    runtime's `h2`: fastlb/http/protocol.py calls `switch` without importing this module)."""
 
     __slots__ = ("max_concurrent_streams", "max_header_list_size", "initial_window_size",
                  "connection_window_size", "max_control_frames")
@@ -67,6 +67,16 @@ class H2Settings:
         # The connection's window: every stream's at once, up to 16 of them.
         self.connection_window_size = min(2 ** 31 - 1, self.initial_window_size * 16)
         self.max_control_frames = config.h2_max_control_frames
+
+    def switch(self, origin: ClientConnection, data: bytes) -> None:
+        """The connection speaks HTTP/2 (the preface read, or ALPN h2): its protocol becomes an
+        H2Connection, fed `data` (what was read, preface included)."""
+        connection = H2Connection(origin, self)
+        origin.transport.set_protocol(connection)
+        if data:
+            connection.data_received(data)
+        else:
+            connection.flush()                                 # the server's SETTINGS go first
 
 
 class _StreamBind:
@@ -337,7 +347,7 @@ class H2Connection:
     def connection_lost(self, exc) -> None:
         self.closed = True
         runtime = self.runtime
-        runtime.connections.discard(self)
+        runtime.forget(self)
         if self.admitted:
             self.admitted = False
             runtime.admission.limiter.leave_ip(self.client_ip)
@@ -531,13 +541,3 @@ class H2Connection:
             # may run in (libnghttp2 closes streams while writing too, inside a backend's data_received).
             self.loop.call_soon(stream.connection_lost, None)
 
-
-def switch(origin: ClientConnection, data: bytes) -> None:
-    """The connection speaks HTTP/2 (the preface read, or ALPN h2): its protocol becomes an H2Connection,
-    fed `data` (what was read, preface included)."""
-    connection = H2Connection(origin, origin.runtime.h2)
-    origin.transport.set_protocol(connection)
-    if data:
-        connection.data_received(data)
-    else:
-        connection.flush()                                 # the server's SETTINGS go first

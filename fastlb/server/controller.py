@@ -1,8 +1,8 @@
 """Who decides what the workers do: one `Controller` shape for the admin API (fastlb/admin.py) and
 discovery (fastlb/discovery.py), and its two forms.
 
-`--workers 1`: the worker is its own controller (`LocalController`): it runs the health checks, applies
-changes to its pools at once, serves the admin bind and runs discovery. `--workers N`: the master
+`--workers 1`: the worker is its own controller (`LocalController`, fastlb/server/worker.py): it runs the
+health checks, applies changes to its pools at once, serves the admin bind and runs discovery. `--workers N`: the master
 (fastlb/server/master.py) is, and sends every change to every worker over its channel. Both keep the
 backend table (fastlb/control.py) and take a change the same way (`ControllerBase.apply`): validated
 against the table, delivered, committed, and the active checks follow it.
@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from fastlb.admin import AdminServer
 from fastlb.admission import validate_change
 from fastlb.config import Config, ConfigError
-from fastlb.control import (BackendTable, ChangeError, aggregate, apply_to_pools, merge_snapshot, reload_changes,
-                            spec_from_dict)
+from fastlb.control import BackendTable, ChangeError, reload_changes, spec_from_dict
 from fastlb.discovery import Discovery
 from fastlb.health import HealthChecker, check_target, check_targets
 from fastlb.tls import ServerTLS, certificate_expiry
-
-if TYPE_CHECKING:
-    from fastlb.server.worker import Worker
 
 log = logging.getLogger("fastlb")
 
@@ -133,61 +129,6 @@ class ControllerBase:
             await self.admin.close()
         if self.checker is not None:
             self.checker.close()
-
-
-class LocalController(ControllerBase):
-    """`--workers 1`: the worker is its own controller: changes apply to its pools at once."""
-
-    def __init__(self, worker: Worker, reload_source=None) -> None:
-        super().__init__(worker.loop, worker.config, reload_source)
-        self.worker = worker
-        self.make_checker(worker.config)
-
-    async def start(self) -> None:
-        await self.start_services()
-
-    async def close(self) -> None:
-        await self.close_services()
-
-    def deliver(self, change: dict) -> None:
-        apply_to_pools(self.worker.pools, change, self.worker.named_pools)
-
-    def admission_specs(self):
-        admission = self.worker.admission
-        return admission.specs if admission is not None else None
-
-    def deliver_admission(self, change: dict) -> dict:
-        return self.worker.admission.apply(change)
-
-    async def snapshot(self) -> dict:
-        snapshot = merge_snapshot(None, self.worker.snapshot())
-        view = aggregate(self.table, [snapshot], {})
-        view["admission"] = snapshot.get("admission")
-        view["certificates"] = certificate_view(self.worker.certificate_expiry())
-        return view
-
-    async def sync(self) -> None:
-        """Changes apply in this process at once: nothing to wait for."""
-
-    async def reload(self) -> str:
-        """Reloads the TLS certificates, and applies the re-read config's backend changes in place.
-        Other settings need new workers, which one process cannot start beside itself: they are
-        reported, not applied."""
-        certificates = describe_certificate_reload(self.worker.server_tls, self.worker.reload_certificates())
-        if self.reload_source is None:
-            if certificates:
-                return certificates
-            raise ConfigError("no config to reload")
-        _, changes, other = self.reread_and_apply()
-        if other:
-            log.warning("reload: %s changed; with --workers 1 only backends change in place: restart "
-                        "fastlb (or run --workers 2+) to apply them", ", ".join(other))
-        message = f"reloaded: {len(changes)} backend change(s)" + (f"; not applied: {', '.join(other)}"
-                                                                    if other else "")
-        if certificates:
-            message += "; " + certificates
-        log.info("%s", message)
-        return message
 
 
 EXPIRY_WARNING_DAYS = 14

@@ -5,22 +5,20 @@ A data path accepts client connections on the binds it serves and carries them t
 - `EpollRelay` (fastlb/l4.py over fastlb/_crelay.pyx): `--relay epoll`, the C relay engine, in a thread
   of its own or inline in the event loop's; it takes the tcp path's established plaintext connections
   and terminates the TLS binds it can;
-- `HttpRuntime` (fastlb/http/runtime.py): HTTP mode, the C engine on the binds it can serve and the
-  Python path on the others (HTTP/2 connections will be its connections too).
-The worker holds a list of them (`build_paths`) and knows nothing of their insides: it gives each bind
-to the first path that `serves` it, starts them, sweeps them with one timer (`Sweeper`) and drains them.
+- `HttpPath` (fastlb/http/datapath.py): HTTP mode, the C engine on the binds it can serve and the
+  Python path on the others (HTTP/2 connections are its connections too).
+The worker holds a list of them (fastlb/server/worker.py `build_paths`) and knows nothing of their
+insides: it gives each bind to the first path that `serves` it, starts them, sweeps them with one timer
+(`Sweeper`) and drains them.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol
-
-from fastlb.l4 import EpollRelay, ListenerSettings, TcpPath
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from fastlb.config import BindSpec
-    from fastlb.server.worker import Worker
 
 log = logging.getLogger("fastlb")
 
@@ -43,8 +41,10 @@ class DataPath(Protocol):
     def stop_accepting(self) -> None:
         """Accepts no more (drain); its listening sockets close."""
 
-    def start_draining(self) -> None:
-        """Keep-alive ends: responses say close, idle clients are closed."""
+    def start_draining(self, on_idle: Callable[[], None]) -> None:
+        """Keep-alive ends: responses say close, idle clients are closed. From now on the path calls
+        on_idle (on the event loop) when its live count falls to 0: the worker's drain waits on that,
+        not on a poll."""
 
     @property
     def live(self) -> int:
@@ -61,44 +61,32 @@ class DataPath(Protocol):
         """Releases everything (after the drain)."""
 
 
-def build_router(worker: Worker):
-    """HTTP mode: the worker's pools and rules (fastlb/http/runtime.py build_router), which its admission
-    table, controller and snapshots name pools by; tcp mode: None."""
-    config = worker.config
-    if config.mode != "http":
-        return None
-    from fastlb.http.runtime import build_router as http_router
-    return http_router(config, worker.loop, worker.maxconn, worker.pool, worker.store)
+async def drain_paths(loop: asyncio.AbstractEventLoop, paths: list[DataPath], grace_period: float) -> int:
+    """Every path starts draining; returns once no connection is live on any, or when grace_period is
+    over: how many are left then. Woken by the paths (`start_draining`'s on_idle), not by a poll."""
+    drained = asyncio.Event()
 
+    def live() -> int:
+        return sum([path.live for path in paths])
 
-def build_paths(worker: Worker) -> list[DataPath]:
-    """The data paths of the worker's mode, in the order they are offered each bind. HTTP mode: the
-    HTTP path. tcp mode: the relay thread first (`--relay epoll`: it takes the TLS binds it can
-    terminate), then the event loop's tcp path (every other bind)."""
-    config, loop = worker.config, worker.loop
-    if config.mode == "http":
-        from fastlb.http.runtime import HttpRuntime
-        http = HttpRuntime(config, loop, worker.router, worker.observer, worker.accept_gate)
-        if worker.admission is not None:
-            http.use_admission(worker.admission)
-        return [http]
-    sticky = None
-    if config.sticky is not None and worker.pool is not None:
-        from fastlb.sticky import Sticky, default_secret
-        sticky = Sticky(config.sticky, "default", worker.pool, worker.store, default_secret(config))
-    settings = ListenerSettings(loop, worker.pool, pools=worker.pools, sni_routes=config.sni_routes,
-                                hash_source=config.hash_key == "source",
-                                header_timeout=config.connect_timeout, sticky=sticky,
-                                observer=worker.observer, admission=worker.admission)
-    paths: list[DataPath] = []
-    relay = None
-    if config.relay == "epoll" and worker.pool is not None:
-        # Room for the pool's queue too: TLS clients the thread accepts wait there like any other.
-        relay = EpollRelay(loop, worker.maxconn + config.queue_size, config.idle_timeout, settings,
-                           config.backends)
-        paths.append(relay)
-    paths.append(TcpPath(settings, worker.accept_gate, relay, config.idle_timeout))
-    return paths
+    def check() -> None:
+        if not live():
+            drained.set()
+
+    def path_idle() -> None:
+        # A path's count reached 0; every path's is looked at once the code that said so has returned (a
+        # connection moving between two parts of one path, engine to Python, is counted again by then).
+        loop.call_soon(check)
+
+    for path in paths:
+        path.start_draining(path_idle)
+    if live():
+        log.info("draining %d connection(s), grace period %.3gs", live(), grace_period)
+        try:
+            await asyncio.wait_for(drained.wait(), grace_period)
+        except asyncio.TimeoutError:
+            pass
+    return live()
 
 
 class Sweeper:

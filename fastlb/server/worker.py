@@ -16,22 +16,20 @@ import sys
 
 from fastlb.admission import configured as admission_configured
 from fastlb.channel import SNAPSHOT_INTERVAL, LineChannel
-from fastlb.config import RESERVED_FDS, SMALL_MAXCONN, Config, connection_limits, open_files_limit
-from fastlb.control import apply_runtime, apply_to_pools
-from fastlb.l4 import AcceptGate
+from fastlb.config import RESERVED_FDS, SMALL_MAXCONN, Config, ConfigError, connection_limits, open_files_limit
+from fastlb.control import aggregate, apply_runtime, apply_to_pools, merge_snapshot
+from fastlb.l4 import AcceptGate, EpollRelay, ListenerSettings, TcpPath
 from fastlb.observe import AccessLog, Observer, pool_snapshot, sum_counts
 from fastlb.pool import BackendPool
-from fastlb.server.controller import LocalController, reload_logged, warn_expiring
-from fastlb.server.datapath import Sweeper, build_paths, build_router
+from fastlb.server.controller import (ControllerBase, certificate_view, describe_certificate_reload, reload_logged,
+                                      warn_expiring)
+from fastlb.server.datapath import DataPath, Sweeper, drain_paths
 from fastlb.tls import (ServerTLS, TLSConfigError, alpn_for, certificate_expiry, prepare_server_tls,
                         reload_certificates)
 
 log = logging.getLogger("fastlb")
 
 EXIT_STARTUP_FAILED = 3       # a worker that cannot start (e.g. address in use): the master gives up
-# While draining, how often the worker looks whether its connections are gone: the C engines report
-# no single close to Python, so there is no event to wait on.
-DRAIN_CHECK_INTERVAL = 0.05
 
 
 def setup_logging(level: str, worker_id: int | None = None) -> None:
@@ -100,6 +98,91 @@ def check_addresses_free(config: Config) -> None:
                 raise StartupError(f"cannot listen on {bind.address}: {exc.strerror}") from None
 
 
+def build_paths(worker: Worker) -> list[DataPath]:
+    """The data paths of the worker's mode, in the order they are offered each bind. HTTP mode: the
+    HTTP path. tcp mode: the relay thread first (`--relay epoll`: it takes the TLS binds it can
+    terminate), then the event loop's tcp path (every other bind)."""
+    config, loop = worker.config, worker.loop
+    if config.mode == "http":
+        from fastlb.http.datapath import HttpPath
+        http = HttpPath(config, loop, worker.router, worker.observer, worker.accept_gate)
+        if worker.admission is not None:
+            http.runtime.use_admission(worker.admission)
+        return [http]
+    sticky = None
+    if config.sticky is not None and worker.pool is not None:
+        from fastlb.sticky import Sticky, default_secret
+        sticky = Sticky(config.sticky, "default", worker.pool, worker.store, default_secret(config))
+    settings = ListenerSettings(loop, worker.pool, pools=worker.pools, sni_routes=config.sni_routes,
+                                hash_source=config.hash_key == "source",
+                                header_timeout=config.connect_timeout, sticky=sticky,
+                                observer=worker.observer, admission=worker.admission)
+    paths: list[DataPath] = []
+    relay = None
+    if config.relay == "epoll" and worker.pool is not None:
+        # Room for the pool's queue too: TLS clients the thread accepts wait there like any other.
+        relay = EpollRelay(loop, worker.maxconn + config.queue_size, config.idle_timeout, settings,
+                           config.backends)
+        paths.append(relay)
+    paths.append(TcpPath(settings, worker.accept_gate, relay, config.idle_timeout))
+    return paths
+
+
+class LocalController(ControllerBase):
+    """`--workers 1`: the worker is its own controller: changes apply to its pools at once."""
+
+    def __init__(self, worker: Worker, reload_source=None) -> None:
+        super().__init__(worker.loop, worker.config, reload_source)
+        self.worker = worker
+        self.make_checker(worker.config)
+
+    async def start(self) -> None:
+        await self.start_services()
+
+    async def close(self) -> None:
+        await self.close_services()
+
+    def deliver(self, change: dict) -> None:
+        apply_to_pools(self.worker.pools, change, self.worker.named_pools)
+
+    def admission_specs(self):
+        admission = self.worker.admission
+        return admission.specs if admission is not None else None
+
+    def deliver_admission(self, change: dict) -> dict:
+        return self.worker.admission.apply(change)
+
+    async def snapshot(self) -> dict:
+        snapshot = merge_snapshot(None, self.worker.snapshot())
+        view = aggregate(self.table, [snapshot], {})
+        view["admission"] = snapshot.get("admission")
+        view["certificates"] = certificate_view(self.worker.certificate_expiry())
+        return view
+
+    async def sync(self) -> None:
+        """Changes apply in this process at once: nothing to wait for."""
+
+    async def reload(self) -> str:
+        """Reloads the TLS certificates, and applies the re-read config's backend changes in place.
+        Other settings need new workers, which one process cannot start beside itself: they are
+        reported, not applied."""
+        certificates = describe_certificate_reload(self.worker.server_tls, self.worker.reload_certificates())
+        if self.reload_source is None:
+            if certificates:
+                return certificates
+            raise ConfigError("no config to reload")
+        _, changes, other = self.reread_and_apply()
+        if other:
+            log.warning("reload: %s changed; with --workers 1 only backends change in place: restart "
+                        "fastlb (or run --workers 2+) to apply them", ", ".join(other))
+        message = f"reloaded: {len(changes)} backend change(s)" + (f"; not applied: {', '.join(other)}"
+                                                                    if other else "")
+        if certificates:
+            message += "; " + certificates
+        log.info("%s", message)
+        return message
+
+
 class StartupError(Exception):
     pass
 
@@ -156,7 +239,10 @@ class Worker:
             self.store = make_store(config, loop)
         # HTTP's pools and rules (None in tcp mode); its [[pool]]s by name: changes and verdicts naming
         # a pool go to them.
-        self.router = build_router(self)
+        self.router = None
+        if config.mode == "http":
+            from fastlb.http.runtime import build_router
+            self.router = build_router(config, loop, maxconn, self.pool, self.store)
         self.named_pools: dict[str, BackendPool] = {
             route.name: route.pool for route in (self.router.pools.values() if self.router else ())
             if route.pool is not self.pool}
@@ -235,7 +321,7 @@ class Worker:
             if accepted is not None:
                 clients["accepted"] = clients.get("accepted", 0) + accepted
         result = {"pools": pools, "clients": clients}
-        engines = [path.fast.counts() for path in self.paths if getattr(path, "fast", None) is not None]
+        engines = [counts for path in self.paths if (counts := getattr(path, "engine_counts", None))]
         if engines:                     # HTTP mode with the C engine serving a bind (fastlb/http/fast.py)
             result["engine"] = sum_counts(engines)
         if changes_only:
@@ -301,14 +387,7 @@ class Worker:
         self.accept_gate.stop()
         if self.controller is not None:
             await self.controller.close()
-        for path in self.paths:
-            path.start_draining()
-        deadline = self.loop.time() + grace_period
-        if self.live:
-            log.info("draining %d connection(s), grace period %.3gs", self.live, grace_period)
-        while self.live and self.loop.time() < deadline:
-            await asyncio.sleep(min(DRAIN_CHECK_INTERVAL, max(0.0, deadline - self.loop.time())))
-        if self.live:
+        if await drain_paths(self.loop, self.paths, grace_period):
             log.warning("grace period over: closing %d connection(s)", self.live)
             for path in self.paths:
                 path.close_all()
