@@ -430,6 +430,7 @@ cdef class Engine:
     cdef Backend **idle
     cdef int *idle_count
     cdef int slot_capacity
+    cdef int slot_count          # len(backends), kept in C: __dealloc__ may run after the list is cleared
     # Settings (HttpSettings), read once.
     cdef double http_request_timeout, keepalive_timeout, response_timeout, backend_idle_timeout
     cdef Py_ssize_t max_idle, max_header_size, max_headers, max_uri_length, max_body_size
@@ -695,7 +696,7 @@ cdef class Engine:
         free(self.attempts)
         free(self.decoded)
         if self.fresh_line != NULL:
-            for i in range(len(self.backends)):
+            for i in range(self.slot_count):
                 Py_XDECREF(self.fresh_line[i])
         free(self.fresh_line)
         free(self.fresh_second)
@@ -1577,6 +1578,7 @@ cdef class Engine:
         self.fresh_second[size] = -1
         self.backends.append(backend)
         self.slots[backend] = size
+        self.slot_count = size + 1
         return size
 
     cdef void dispatch(self, Client *c):
