@@ -1759,10 +1759,13 @@ cdef class Engine:
             return NULL
         return b
 
-    def connected(self, uintptr_t token, backend, int fd):
-        """Python connected a backend for the client `token` (dispatch()); the engine owns fd now."""
+    def connected(self, uintptr_t token, backend, int fd, bint reused=False):
+        """Python connected a backend for the client `token` (dispatch()); the engine owns fd now.
+        reused: it is a keep-alive connection the Python path had parked (the keep-alive race rules)."""
         cdef Client *c = <Client *>token
         cdef Backend *b = self.new_backend(backend, fd)
+        if b != NULL:
+            b.reused = reused
         self.now = monotonic_now()
         if c.gone:
             # The client left while we connected: the slot goes back, the connection waits for the next.
@@ -2002,9 +2005,30 @@ cdef class Engine:
         return True
 
     # ---- idle backend connections ------------------------------------------------------------------
-    # One idle pool per backend: while the engine runs, the Python path parks its plain keep-alive
-    # connections here too (park_socket) and takes them from here (take_idle_socket), so
-    # --backend-max-idle bounds them all and a removed backend's go at once (close_idle).
+    # One idle pool per backend, two storages: the engine's list here and the Python path's
+    # `Backend.idle` deque (each path takes its own first, a uvloop transport is not rebuilt per
+    # request). --backend-max-idle bounds the two together (park(), HttpRuntime.park), either path takes
+    # the other's when its own is empty (take_idle_socket; the Python connect glue reads the deque), and
+    # a removed backend's go at once from both (close_idle, BackendPool.remove_backend).
+
+    def idle_count_of(self, backend):
+        """How many of `backend`'s idle connections the engine holds (HttpRuntime.park's bound)."""
+        cdef object slot = self.slots.get(backend)
+        return 0 if slot is None else self.idle_count[<int>slot]
+
+    def drop_oldest_idle(self, backend):
+        """The Python path is at the bound with none of its own: the engine's oldest one goes."""
+        cdef object slot = self.slots.get(backend)
+        if slot is not None and self.idle[<int>slot] != NULL:
+            self.close_oldest_idle(<int>slot)
+
+    cdef void close_oldest_idle(self, int slot):
+        # The list is newest first: walk to its tail.
+        cdef Backend *oldest = self.idle[slot]
+        while oldest.next_idle != NULL:
+            oldest = oldest.next_idle
+        self.unpark(oldest)
+        self.close_backend(oldest)
 
     def park_socket(self, backend, int fd):
         """A keep-alive connection the Python path finished with: fd is the engine's now."""
@@ -2042,17 +2066,18 @@ cdef class Engine:
 
     cdef void park(self, Backend *b):
         cdef int slot = b.slot
-        cdef Backend *oldest
+        cdef object python_idle
         if self.max_idle <= 0:
             self.close_backend(b)
             return
-        if self.idle_count[slot] >= self.max_idle:
-            # The oldest goes first (the list is newest first: walk to its tail).
-            oldest = self.idle[slot]
-            while oldest.next_idle != NULL:
-                oldest = oldest.next_idle
-            self.unpark(oldest)
-            self.close_backend(oldest)
+        python_idle = (<object>self.backends[slot]).idle      # the Python path's storage (a deque)
+        if self.idle_count[slot] >= self.max_idle - len(python_idle):
+            # At the bound of the two storages together: the oldest of the engine's own goes first,
+            # else the Python path's oldest (rare: only after a burst of requests it served).
+            if self.idle[slot] != NULL:
+                self.close_oldest_idle(slot)
+            elif python_idle:
+                python_idle.popleft().transport.close()
         b.client = NULL
         b.idle_since = self.now
         b.reused = 1

@@ -297,7 +297,7 @@ class FastPath:
             else:
                 pool = self.pool_for(backend)
             # from_idle_keeper False: the engine looked in its idle pool already
-            backend, transport, _ = await pool.connect(key, lambda: DETACHED, [], backend, pinned, False)
+            backend, transport, protocol = await pool.connect(key, lambda: DETACHED, [], backend, pinned, False)
         except (NoBackendError, QueueError) as exc:
             runtime.failures += 1
             status = 502 if getattr(exc, "tls_failure", False) else 503
@@ -322,7 +322,8 @@ class FastPath:
             self.sticky.record(sticky_key, backend)
         if self.pool is None:
             self.pool_of[backend] = pool          # a retry may have connected another backend
-        self.engine.connected(token, backend, fd)
+        # Not DETACHED: a keep-alive connection the Python path had parked in Backend.idle.
+        self.engine.connected(token, backend, fd, protocol is not DETACHED)
 
     def adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False, tls=None) -> None:
         self.adopting += 1

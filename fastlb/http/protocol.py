@@ -701,13 +701,11 @@ class ClientConnection:      # an asyncio protocol (duck-typed: compiled, it is 
             return
         backend = route.pool.select_now(req.key, req.tried, req.pinned)
         if backend is not None:
-            idle = backend.idle
-            while idle:
-                upstream = idle.pop()
-                if upstream.transport is not None and not upstream.transport.is_closing():
-                    upstream.attach(self, req, backend)
-                    self.sent(req)
-                    return
+            upstream = backend.take_idle()
+            if upstream is not None:
+                upstream.attach(self, req, backend)
+                self.sent(req)
+                return
         self.deadline = self.loop.time() + self.settings.connect_wait_timeout
         self.deadline_kind = WAIT_BACKEND
         self.connect_task = self.loop.create_task(self._connect(req, backend, False))

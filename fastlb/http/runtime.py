@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from fastlb.config import Config
 from fastlb.constants import STICKY_LEARN_HEADER, WAIT_IDLE
@@ -211,23 +210,19 @@ class HttpRuntime:
             # ended, and go to the request after it: an idle connection must read (a close, the next
             # response), or the next request on it would wait for ever.
             transport.resume_reading()
-        if self.fast is not None and backend.ssl_context is None:
-            # One idle pool per backend: with the engine running, plain connections wait in its pool,
-            # which the engine's requests and this path's both take from (BackendPool.connect).
-            try:
-                fd = os.dup(transport.get_extra_info("socket").fileno())
-            except OSError:
-                transport.close()
-                return
-            transport.abort()             # no client: connection_lost only unparks (a no-op)
-            self.fast.engine.park_socket(backend, fd)
-            return
         idle = backend.idle
-        if len(idle) >= self.settings.backend_max_idle:
-            if not idle:                            # backend_max_idle 0: none is kept
+        limit = self.settings.backend_max_idle
+        if self.fast is not None:
+            # One bound for the backend's two storages: the engine's idle connections count too.
+            limit -= self.fast.engine.idle_count_of(backend)
+        if len(idle) >= limit:
+            if idle:
+                idle.popleft().transport.close()    # the oldest one goes first
+            elif limit < self.settings.backend_max_idle:
+                self.fast.engine.drop_oldest_idle(backend)
+            else:                                   # backend_max_idle 0: none is kept
                 transport.close()
                 return
-            idle.popleft().transport.close()        # the oldest one goes first
         upstream.idle_since = self.now
         idle.append(upstream)
 

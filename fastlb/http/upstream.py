@@ -5,7 +5,7 @@ While serving a request it parses the response with httptools, rewrites the head
 out, the framing fastlb forwards, `Connection: close` when the client connection ends after it) and
 queues head and body pieces in `out`; they are written to the client in one `write` after each
 `feed_data`, so a small response is a single syscall. Whether the connection then goes back to its
-backend's idle pool (the engine's while it runs, else `Backend.idle`: HttpRuntime.park) or closes is `fastlb.http.reuse.may_reuse`'s decision, the one
+backend's idle pool (`Backend.idle`, HttpRuntime.park; bounded with the engine's) or closes is `fastlb.http.reuse.may_reuse`'s decision, the one
 rule both HTTP data paths follow (request written whole, response read whole by its framing, backend
 keeps alive, not draining).
 
