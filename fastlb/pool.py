@@ -62,7 +62,7 @@ class Backend:
 
     __slots__ = ("spec", "host", "port", "address", "is_backup", "maxconn", "send_proxy", "ssl_context",
                  "server_hostname", "index", "balancer", "removed", "state", "health", "inflight", "full",
-                 "traffic", "idle", "h2")
+                 "traffic", "idle", "h2", "pool")
 
     def __init__(self, spec: BackendSpec, index: int, balancer: Balancer) -> None:
         # Who it is
@@ -76,7 +76,8 @@ class Backend:
         # TLS to the backend (set by the pool): a verification failure is a failed connect.
         self.ssl_context: ssl.SSLContext | None = None
         self.server_hostname = spec.sni or spec.host if spec.ssl else None
-        # Where the core keeps it
+        # Where the core keeps it, and the BackendPool holding it (set by the pool)
+        self.pool = None
         self.index = index
         self.balancer = balancer
         self.removed = False        # removed at run time: its core slot is gone, live connections finish
@@ -179,6 +180,7 @@ class BackendPool:
         group, balancer = (self.backups, self.backup) if spec.backup else (self.primaries, self.primary)
         # Indexes are the core's: it never reuses a removed slot, so neither do these lists.
         backend = Backend(spec, len(group), balancer)
+        backend.pool = self
         if added:
             balancer.add(spec.address, spec.weight * self.weight_scale)
         backend.health = self.health.track(backend, health, spec.weight * self.weight_scale, spec.backup,

@@ -1572,7 +1572,7 @@ cdef class Engine:
                 raise MemoryError()
         self.idle[size] = NULL
         self.idle_count[size] = 0
-        self.attempts[size] = self.glue.pool_for(backend).attempts
+        self.attempts[size] = backend.pool.attempts
         self.slot_hsts.append(self.glue.hsts_block(backend))
         self.fresh_line[size] = NULL
         self.fresh_second[size] = -1

@@ -131,14 +131,13 @@ class FastPath:
         self.binds: list = []                 # by the engine's listener index: the bind a client came on
         self.router = runtime.router
         # One pool without rules: the engine hashes and checks the body size itself, and select() is
-        # the pool's. With rules: select_routed() routes each request, and the pool of each backend
-        # picked is remembered for its connect and its release.
+        # the pool's. With rules: select_routed() routes each request; a backend's connect and release
+        # go to the pool holding it (Backend.pool).
         self.route = runtime.router.single
         self.pool = self.route.pool if self.route is not None else None
         self.sticky = self.route.sticky if self.route is not None else None
         self.STORE_MISS = STORE_MISS
         self.replay_limit = REPLAY_LIMIT
-        self.pool_of: dict = {}
         self.no_tries: list = []              # select_now's `tried`: never appended to
         self.bad_gateway = (errors.response(502, False), errors.response(502, True))   # by close
         self.adopting = 0                     # connections between the engine and the Python path
@@ -232,7 +231,6 @@ class FastPath:
         backend = self._take(route.pool, key)
         if backend is None:
             return None
-        self.pool_of[backend] = route.pool
         return backend, key
 
     def accept_paused(self, error: int) -> None:
@@ -248,17 +246,6 @@ class FastPath:
         getpeercert() gives it), once per mTLS connection: the Python path's own."""
         return client_subject_block(format_subject(subject))
 
-    def pool_for(self, backend):
-        if self.pool is not None:
-            return self.pool
-        pool = self.pool_of.get(backend)
-        if pool is None:
-            # A backend the engine has not routed to: a connection the Python path parked in the one
-            # idle pool (Engine.park_socket). Its pool is the one that holds this very object.
-            pool = self.pool_of[backend] = next(route.pool for route in self.router.pools.values()
-                                                if route.pool.by_address.get(backend.address) is backend)
-        return pool
-
     def route_of(self, pool):
         return next(route for route in self.router.pools.values() if route.pool is pool)
 
@@ -267,18 +254,18 @@ class FastPath:
 
     def hsts_block(self, backend) -> bytes:
         """The Strict-Transport-Security line of the backend's pool (b"": none), for its TLS clients."""
-        return self.route_of(self.pool_for(backend)).hsts_block
+        return self.route_of(backend.pool).hsts_block
 
     def log_names(self, backend) -> tuple[bytes, bytes]:
         """The access log's pool and backend names for a backend the engine serves (once per backend)."""
-        return self.route_name(self.pool_for(backend)).encode(), backend.address.encode()
+        return self.route_name(backend.pool).encode(), backend.address.encode()
 
     def finish(self, backend, seconds: float, ok: bool, status: int, bytes_in: int, bytes_out: int) -> None:
         """A request's slot goes back, with its outcome (BackendConnection.release, the same rules), and
         its counts when metrics are on (Observer.http_request's; status 0: the client left first)."""
         if self.observer is not None and status:
             self.observer.count_request(backend, status, bytes_in, bytes_out, seconds)
-        self.pool_for(backend).response_done(backend, seconds, ok, status)
+        backend.pool.response_done(backend, seconds, ok, status)
 
     def connect(self, token: int, backend, key, pinned=None, sticky_key=None) -> None:
         self.loop.create_task(self._connect(token, backend, key, pinned, sticky_key))
@@ -295,7 +282,7 @@ class FastPath:
             if backend is None:
                 pinned = await self.sticky.fetch(sticky_key)
             else:
-                pool = self.pool_for(backend)
+                pool = backend.pool
             # from_idle_keeper False: the engine looked in its idle pool already
             backend, transport, protocol = await pool.connect(key, lambda: DETACHED, [], backend, pinned, False)
         except (NoBackendError, QueueError) as exc:
@@ -320,8 +307,6 @@ class FastPath:
         transport.abort()                  # its protocol is DETACHED: nothing is told of the abort
         if sticky_key is not None and backend is not selected and self.sticky.sticks(pinned, backend):
             self.sticky.record(sticky_key, backend)
-        if self.pool is None:
-            self.pool_of[backend] = pool          # a retry may have connected another backend
         # Not DETACHED: a keep-alive connection the Python path had parked in Backend.idle.
         self.engine.connected(token, backend, fd, protocol is not DETACHED)
 
