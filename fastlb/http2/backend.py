@@ -565,8 +565,8 @@ class _HealthCheckConnection(asyncio.Protocol):
         elif fields.get(b":status") != b"200":
             self._end(f"HTTP {fields.get(b':status', b'?').decode()}, expected 200")
         elif fields.get(b"grpc-status") != b"0":
-            self._end(f"grpc-status {fields.get(b'grpc-status', b'none').decode()}: "
-                      f"{fields.get(b'grpc-message', b'').decode(errors='replace')}")
+            message = fields.get(b"grpc-message", b"").decode(errors="replace")
+            self._end(f"grpc-status {fields.get(b'grpc-status', b'none').decode()}{': ' if message else ''}{message}")
         elif stream.body[GRPC_MESSAGE_PREFIX:] != GRPC_SERVING:
             self._end("not SERVING")
         else:
