@@ -10,6 +10,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from grpc_backend import serve
+
 SERVICE = "svc.A"
 
 
@@ -35,16 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     health_pb2_grpc.add_HealthServicer_to_server(FileHealth(args.status_file), server)
-    if args.tls:
-        with open(args.tls[0], "rb") as cert, open(args.tls[1], "rb") as key:
-            credentials = grpc.ssl_server_credentials(((key.read(), cert.read()),))
-        server.add_secure_port(f"127.0.0.1:{args.port}", credentials)
-    else:
-        server.add_insecure_port(f"127.0.0.1:{args.port}")
-    server.start()
-    print("ready", flush=True)
-    server.wait_for_termination()
-
+    serve(server, args.port, args.tls)
 
 if __name__ == "__main__":
     main()
