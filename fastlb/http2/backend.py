@@ -6,7 +6,8 @@ is served by an ordinary `BackendConnection` (fastlb/http/upstream.py), whose tr
 `BackendStream`. What the BackendConnection writes (the HTTP/1.1 request head the client side built,
 its body) is parsed by the stream and submitted to libnghttp2 (fastlb/http2/_nghttp2.pyx's
 ClientSession) as a request stream; the backend's response comes back to the BackendConnection as an
-HTTP/1.1 response (chunked when it has no content-length, its trailers in the chunked trailer section).
+HTTP/1.1 response (chunked, its trailers in the chunked trailer section, when it has no content-length,
+is gRPC's, or goes to an HTTP/2 client: see BackendStream.header_block).
 So the slot accounting (BackendPool select, connect, response_done: one slot per request, not per
 connection), the passive health checks, the retry decision (fastlb/http/reuse.py), response rewriting,
 timeouts and the access log are those of every other request, unchanged.
