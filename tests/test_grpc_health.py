@@ -111,3 +111,12 @@ def test_check_host_is_the_grpc_checks_authority_too():
         config_from_args(["--mode", "http", "--bind", "127.0.0.1:8", "--check", "tcp", "--check-host", "h",
                           "--backend", "127.0.0.1:9"])
     assert "--check-host: applies to HTTP and grpc checks only" in str(info.value)
+
+
+@pytest.mark.parametrize("service", ["", "svc.A", "s" * 200])      # 200: a two-byte length varint
+def test_the_check_request_is_what_protobuf_encodes(service):
+    from grpc_health.v1 import health_pb2
+
+    from fastlb.http2.backend import health_check_request
+    message = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    assert health_check_request(service) == b"\x00" + len(message).to_bytes(4, "big") + message
