@@ -90,6 +90,9 @@ class CheckTarget:
     port: int                   # the check port, or the backend's
     settings: HealthSettings
     pool: str | None = None     # a named [[pool]]'s name; None: the top-level pool
+    ssl: bool = False           # the backend's TLS settings (its `ssl`, `verify=` and `sni=` options): the
+    verify: str | None = None   # grpc check speaks TLS to an ssl backend as its requests do
+    sni: str | None = None
 
     @property
     def key(self) -> str:
@@ -122,7 +125,8 @@ def check_target(config: Config, spec, index: int, pool: str | None = None) -> C
     settings = config.health_for(spec)
     if settings.check == "none":
         return None
-    return CheckTarget(index, spec.address, spec.host, settings.check_port or spec.port, settings, pool)
+    return CheckTarget(index, spec.address, spec.host, settings.check_port or spec.port, settings, pool,
+                       spec.ssl, spec.verify, spec.sni)
 
 
 async def probe_tcp(loop: asyncio.AbstractEventLoop, target: CheckTarget) -> str | None:
@@ -179,11 +183,14 @@ async def probe_http(loop: asyncio.AbstractEventLoop, target: CheckTarget) -> st
 
 
 async def probe_grpc(loop: asyncio.AbstractEventLoop, target: CheckTarget) -> str | None:
-    """One gRPC health call (grpc.health.v1.Health/Check, the whole server: an empty service name) over
-    cleartext HTTP/2 (libnghttp2: fastlb/http2/backend.py): passes on grpc-status 0 and SERVING."""
-    from fastlb.http2.backend import grpc_health_check
-    return await grpc_health_check(loop, target.host, target.port,
-                                   target.settings.check_host or target.address)
+    """One gRPC health call (grpc.health.v1.Health/Check for check_service, by default none: the whole
+    server) over HTTP/2 (libnghttp2: fastlb/http2/backend.py), TLS with ALPN h2 to an ssl backend:
+    passes on grpc-status 0 and SERVING."""
+    from fastlb.http2.backend import grpc_health_check, h2_context
+    settings = target.settings
+    context = h2_context(target.verify) if target.ssl else None
+    return await grpc_health_check(loop, target.host, target.port, settings.check_host or target.address,
+                                   settings.check_service or "", context, target.sni or target.host)
 
 
 PROBES = {"tcp": probe_tcp, "http": probe_http, "grpc": probe_grpc}

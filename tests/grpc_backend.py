@@ -79,8 +79,14 @@ def main() -> None:
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((handlers, health_handlers))
-    if args.tls:
-        with open(args.tls[0], "rb") as cert, open(args.tls[1], "rb") as key:
+    serve(server, port, args.tls)
+
+
+def serve(server, port, tls) -> None:
+    """Listens on 127.0.0.1:PORT (TLS with tls = (CERT, KEY)), says `ready`, serves until killed
+    (tests/grpc_health_backend.py's too)."""
+    if tls:
+        with open(tls[0], "rb") as cert, open(tls[1], "rb") as key:
             credentials = grpc.ssl_server_credentials(((key.read(), cert.read()),))
         server.add_secure_port(f"127.0.0.1:{port}", credentials)
     else:

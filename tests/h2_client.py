@@ -26,6 +26,7 @@ class Response:
         self.ended = False
         self.reset: int | None = None            # RST_STREAM error code
         self.trailers: list[tuple[str, str]] = []
+        self.interim: list[list[tuple[str, str]]] = []      # 1xx heads, in order
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -92,6 +93,8 @@ class H2Client:
             if isinstance(event, h2.events.ResponseReceived):
                 response.headers = list(event.headers)
                 response.status = int(response.header(":status"))
+            elif isinstance(event, h2.events.InformationalResponseReceived):
+                response.interim.append(list(event.headers))
             elif isinstance(event, h2.events.DataReceived):
                 response.body += event.data
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)

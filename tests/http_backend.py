@@ -11,6 +11,8 @@ Paths (the query string is ignored unless said):
   /...             200, body `NAME METHOD URL\\n`, header X-Backend: NAME
   /echo            200, the request body back (Content-Length), X-Body-Sha256
   /chunked?n=N     200, chunked, N chunks of 1000 bytes
+  /trailers        200, chunked body `hello` and the trailers X-Checksum: NAME-sum, grpc-status: 0
+  /early-hints     103 (Link: </style.css>; rel=preload), then 200 `hinted\n`
   /big?n=N         200, N bytes (Content-Length), streamed in 64 KiB writes
   /close           200 with Connection: close, then closes
   /eof             200 without Content-Length: the body ends at close
@@ -117,6 +119,14 @@ class Handler(asyncio.Protocol):
                 self.transport.write(b"3e8\r\n" + bytes([97 + i % 26]) * 1000 + b"\r\n")
                 await asyncio.sleep(0)
             self.transport.write(b"0\r\n\r\n")
+        elif path == "/trailers":
+            self.transport.write(f"HTTP/1.1 200 OK\r\nX-Backend: {self.name}\r\nTrailer: X-Checksum\r\n"
+                                 f"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                                 f"X-Checksum: {self.name}-sum\r\ngrpc-status: 0\r\n\r\n".encode())
+        elif path == "/early-hints":
+            self.transport.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            await asyncio.sleep(0)
+            self.send(200, b"hinted\n")
         elif path == "/big":
             n = int(query.get("n", 1 << 20))
             self.transport.write(f"HTTP/1.1 200 OK\r\nX-Backend: {self.name}\r\nContent-Length: {n}\r\n\r\n"

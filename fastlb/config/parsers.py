@@ -686,9 +686,12 @@ HEALTH_FIELDS: dict[str, Callable[[Any], Any]] = {
     "check_host": parse_header_text,
     "check_expect": parse_check_expect,
     "check_body": parse_header_text,
+    "check_service": parse_header_text,
     "slowstart": parse_duration,
 }
-HTTP_CHECK_FIELDS = ("check_method", "check_path", "check_host", "check_expect", "check_body")
+# The check settings that only some kinds of check read, and those kinds.
+CHECK_KIND_FIELDS = {"check_method": ("http",), "check_path": ("http",), "check_host": ("http", "grpc"),
+                     "check_expect": ("http",), "check_body": ("http",), "check_service": ("grpc",)}
 
 
 def parse_file_list(what: str) -> Callable[[Any], list[str]]:

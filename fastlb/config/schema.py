@@ -223,7 +223,7 @@ class Config:
     # ---- health: active checks (defaults as HAProxy's inter 2s, rise 2, fall 3), each of which a backend
     # may set for itself (HEALTH_FIELDS) ...
     check: str = HEALTH("none", HEALTH_FIELDS["check"], "active check: none (default), tcp (connect), http "
-                        "(a request) or grpc (grpc.health.v1.Health/Check over h2c, SERVING)", "none|tcp|http|grpc",
+                        "(a request) or grpc (grpc.health.v1.Health/Check over HTTP/2, TLS for an ssl backend; SERVING)", "none|tcp|http|grpc",
                         pool=True)
     check_interval: float = HEALTH(2.0, HEALTH_FIELDS["check_interval"], "time between two checks of a "
                                    "backend (default 2s)", "DURATION", pool=True)
@@ -241,12 +241,14 @@ class Config:
                                "GET)", "METHOD", pool=True)
     check_path: str = HEALTH("/", HEALTH_FIELDS["check_path"], "http checks: request path (default /)", "PATH",
                              pool=True)
-    check_host: str | None = HEALTH(None, HEALTH_FIELDS["check_host"], "http checks: Host header (default: "
-                                    "the backend's address)", "HOST", pool=True)
+    check_host: str | None = HEALTH(None, HEALTH_FIELDS["check_host"], "http checks: Host header; grpc checks: "
+                                    ":authority (default: the backend's address)", "HOST", pool=True)
     check_expect: tuple[int, int] = HEALTH((200, 399), HEALTH_FIELDS["check_expect"], "http checks: passing "
                                            "status or range (default 200-399)", "STATUS[-STATUS]", pool=True)
     check_body: str | None = HEALTH(None, HEALTH_FIELDS["check_body"], "http checks: text the response body "
                                     "must contain", "TEXT", pool=True)
+    check_service: str | None = HEALTH(None, HEALTH_FIELDS["check_service"], "grpc checks: the service "
+                                       "asked about (default: none, the whole server)", "NAME", pool=True)
     slowstart: float = HEALTH(0.0, HEALTH_FIELDS["slowstart"], "a backend coming back ramps its weight from "
                               "low to full over this time (default 0: at once)", "DURATION", pool=True)
     # ... and passive outlier detection (Envoy's defaults, but 50 % ejectable, not 10 %: with 3 backends

@@ -124,4 +124,5 @@ class HealthSettings:
     check_host: str | None
     check_expect: tuple[int, int]
     check_body: str | None
+    check_service: str | None
     slowstart: float

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from fastlb.config.admission import read_access_file
 from fastlb.config.files import read_token, unwritable_file
 from fastlb.config.limits import MAX_WORKERS_PER_CPU, cpu_count
-from fastlb.config.parsers import HTTP_CHECK_FIELDS
+from fastlb.config.parsers import CHECK_KIND_FIELDS
 from fastlb.config.schema import Config, flag_name
 from fastlb.config.specs import BackendSpec, ConfigError
 from fastlb.core_shared import HASHING_ALGORITHMS
@@ -233,11 +233,12 @@ def _check_health(config: Config, where: Callable[[str], str], explicit: set[str
             return spec.health_sources.get(name) or (
                 f"--backend {spec.address}" if name in spec.health else where(name))
 
-        if settings.check != "http":
-            for name in HTTP_CHECK_FIELDS:
-                if name in spec.health or (name in explicit and "check" not in spec.health):
-                    raise ConfigError(f"{source(name)}: applies to HTTP checks only; the check of "
-                                      f"{spec.address} is {settings.check!r}")
+        for name, kinds in CHECK_KIND_FIELDS.items():
+            if settings.check not in kinds and (
+                    name in spec.health or (name in explicit and "check" not in spec.health)):
+                kinds_text = " and ".join(kind.upper() if kind == "http" else kind for kind in kinds)
+                raise ConfigError(f"{source(name)}: applies to {kinds_text} checks only; the check of "
+                                  f"{spec.address} is {settings.check!r}")
         if settings.slowstart and config.algorithm not in DYNAMIC_WEIGHT_ALGORITHMS:
             raise ConfigError(f"{source('slowstart')}: slow start ramps weights, which the "
                               f"{config.algorithm!r} algorithm does not follow gradually; use one of "

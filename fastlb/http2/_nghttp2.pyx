@@ -21,8 +21,9 @@ SETTINGS, PRIORITY, RST_STREAM, empty DATA, streams reset before their response)
 bucket per connection, `control_burst` tokens, refilled at a tenth of that per second; when it is empty
 the connection ends with GOAWAY ENHANCE_YOUR_CALM.
 
-The Python side (`owner`) is called per stream event: new_stream, request (the header list is whole),
-body, body_end, stream_closed, drained. Streams live in `streams` (id -> stream object), so a session deleted with open
+The Python side (`owner`) is called per stream event, by one set of callbacks for both sides (see
+`_Session`): new_stream (server), headers (a header list is whole), body, body_end, stream_closed,
+drained, goaway_received. Streams live in `streams` (id -> stream object), so a session deleted with open
 streams leaks nothing. A response is submitted with its header list; its body is read by libnghttp2 from
 the stream's `out` (a bytearray) as flow control allows, `out_eof` saying it is all there.
 """
@@ -165,6 +166,13 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *, size_t)
     const char *nghttp2_strerror(int)
 
+# Declarations added by this module after the shared block above (kept apart: that block moves to a .pxd).
+cdef extern from "nghttp2/nghttp2.h":
+    ctypedef struct nghttp2_priority_spec:
+        pass
+    int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t, const nghttp2_priority_spec *,
+                                   const nghttp2_nv *, size_t, void *)
+
 
 # Error codes for Python (RST_STREAM / GOAWAY).
 NO_ERROR = NGHTTP2_NO_ERROR
@@ -207,11 +215,22 @@ cdef double monotonic_now() noexcept nogil:
 
 
 cdef class _Session:
-    """What the server and the client sessions share: feeding and draining bytes, the streams, bodies read
-    from a stream's `out` (and its `trailers`, a list of (name, value) pairs or None, sent after it)."""
+    """What the server and the client sessions share: one set of callbacks (below), feeding and draining
+    bytes, the streams, bodies read from a stream's `out` (and its `trailers`, a list of (name, value)
+    pairs or None, sent after it).
+
+    Both sides call the same owner methods: headers(stream, end) (a header block is whole: a request head
+    or response head, a 1xx, trailers; `end`: END_STREAM), body(stream, data), body_end(stream) (END_STREAM
+    on DATA), stream_closed(stream, error_code), drained(stream) (a body's `out` went below the stream's
+    `low_water`), goaway_received(); the server's also new_stream(stream_id). A header block's fields are
+    appended to the stream's `fields` (a list), or to its `trailers_in` once `fields` is None, within
+    `max_header_list` bytes counted as SETTINGS_MAX_HEADER_LIST_SIZE counts them (the stream's
+    `header_size`: past the bound, fields are counted but not kept)."""
     cdef nghttp2_session *ptr
     cdef public object owner          # the Python connection the callbacks report to
     cdef public dict streams          # stream id -> its stream object
+    cdef public Py_ssize_t max_header_list
+    cdef public bint receiving        # inside receive(): libnghttp2 is not reentrant, the owner's flush waits
     cdef object error                 # an exception a callback raised, re-raised after mem_recv
 
     def __cinit__(self):
@@ -222,10 +241,56 @@ cdef class _Session:
             nghttp2_session_del(self.ptr)
             self.ptr = NULL
 
+    cdef int open(self, bint server) except -1:
+        """Creates the libnghttp2 session with this module's callbacks and limits."""
+        cdef nghttp2_session_callbacks *callbacks
+        cdef nghttp2_option *option
+        cdef int rv
+        self.streams = {}
+        self.error = None
+        if nghttp2_session_callbacks_new(&callbacks) != 0:
+            raise MemoryError()
+        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv)
+        if server:
+            nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers)
+        nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header)
+        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk_recv)
+        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close)
+        if nghttp2_option_new(&option) != 0:
+            nghttp2_session_callbacks_del(callbacks)
+            raise MemoryError()
+        # Received bodies are acknowledged (WINDOW_UPDATE) as fastlb passes them on, not as they arrive:
+        # a stream whose receiver reads slowly holds at most its window.
+        nghttp2_option_set_no_auto_window_update(option, 1)
+        nghttp2_option_set_max_outbound_ack(option, MAX_OUTBOUND_ACK)
+        nghttp2_option_set_max_settings(option, MAX_SETTINGS)
+        nghttp2_option_set_max_continuations(option, MAX_CONTINUATIONS)
+        nghttp2_option_set_max_deflate_dynamic_table_size(option, DEFLATE_TABLE_SIZE)
+        if server:
+            nghttp2_option_set_stream_reset_rate_limit(option, RESET_BURST, RESET_RATE)
+            rv = nghttp2_session_server_new2(&self.ptr, callbacks, <void *>self, option)
+        else:
+            rv = nghttp2_session_client_new2(&self.ptr, callbacks, <void *>self, option)
+        nghttp2_option_del(option)
+        nghttp2_session_callbacks_del(callbacks)
+        if rv != 0:
+            raise MemoryError()
+        return 0
+
+    cdef bint spend(self) noexcept:
+        """A control frame's token (the server's budget, Session.spend); a backend is not budgeted."""
+        return True
+
     def receive(self, bytes data):
-        """Feeds bytes read from the peer; a negative libnghttp2 error ends the connection."""
-        cdef ssize_t rv = nghttp2_session_mem_recv(self.ptr, <const uint8_t *>PyBytes_AS_STRING(data),
-                                                   PyBytes_GET_SIZE(data))
+        """Feeds bytes read from the peer; a negative libnghttp2 error ends the connection (returned as
+        str). `receiving` is set meanwhile."""
+        cdef ssize_t rv
+        self.receiving = True
+        try:
+            rv = nghttp2_session_mem_recv(self.ptr, <const uint8_t *>PyBytes_AS_STRING(data),
+                                          PyBytes_GET_SIZE(data))
+        finally:
+            self.receiving = False
         if self.error is not None:
             error, self.error = self.error, None
             raise error
@@ -300,50 +365,34 @@ cdef nghttp2_nv *field_array(list fields, Py_ssize_t first) except NULL:
     return nva
 
 
+cdef nghttp2_nv *response_fields(bytes status, list fields) except NULL:
+    """A response head's nghttp2_nv array: :status, then `fields` (freed by the caller)."""
+    cdef nghttp2_nv *nva = field_array(fields, 1)
+    nva[0].name = <uint8_t *>b":status"
+    nva[0].namelen = 7
+    nva[0].value = <uint8_t *>PyBytes_AS_STRING(status)
+    nva[0].valuelen = PyBytes_GET_SIZE(status)
+    nva[0].flags = NGHTTP2_NV_FLAG_NONE
+    return nva
+
+
 cdef class Session(_Session):
     """The server side, one per HTTP/2 client connection (fastlb/http2/connection.py's H2Connection)."""
-    cdef public Py_ssize_t max_header_list, max_streams
+    cdef public Py_ssize_t max_streams
     cdef double tokens, burst, refill, refilled_at
     cdef public bint flooded          # the control budget ran out: GOAWAY sent
 
     def __init__(self, owner, int max_concurrent_streams, Py_ssize_t max_header_list,
                  int initial_window_size, int connection_window_size, int control_burst):
-        cdef nghttp2_session_callbacks *callbacks
-        cdef nghttp2_option *option
         cdef nghttp2_settings_entry settings[5]
-        cdef int rv
         self.owner = owner
-        self.streams = {}
         self.max_header_list = max_header_list
         self.max_streams = max_concurrent_streams
         self.burst = control_burst
         self.tokens = control_burst
         self.refill = control_burst / <double>CONTROL_REFILL_DIVISOR
         self.refilled_at = monotonic_now()
-        self.error = None
-        if nghttp2_session_callbacks_new(&callbacks) != 0:
-            raise MemoryError()
-        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv)
-        nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers)
-        nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header)
-        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk_recv)
-        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close)
-        if nghttp2_option_new(&option) != 0:
-            nghttp2_session_callbacks_del(callbacks)
-            raise MemoryError()
-        # Request bodies are acknowledged (WINDOW_UPDATE) as fastlb passes them on, not as they arrive:
-        # a stream whose backend reads slowly holds at most its window.
-        nghttp2_option_set_no_auto_window_update(option, 1)
-        nghttp2_option_set_max_outbound_ack(option, MAX_OUTBOUND_ACK)
-        nghttp2_option_set_max_settings(option, MAX_SETTINGS)
-        nghttp2_option_set_stream_reset_rate_limit(option, RESET_BURST, RESET_RATE)
-        nghttp2_option_set_max_continuations(option, MAX_CONTINUATIONS)
-        nghttp2_option_set_max_deflate_dynamic_table_size(option, DEFLATE_TABLE_SIZE)
-        rv = nghttp2_session_server_new2(&self.ptr, callbacks, <void *>self, option)
-        nghttp2_option_del(option)
-        nghttp2_session_callbacks_del(callbacks)
-        if rv != 0:
-            raise MemoryError()
+        self.open(True)
         settings[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
         settings[0].value = max_concurrent_streams
         settings[1].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
@@ -376,26 +425,84 @@ cdef class Session(_Session):
     def respond(self, int32_t stream_id, bytes status, list fields, bint has_body):
         """Submits a response head: `fields` a list of (lower-case name, value) bytes pairs; with a
         body, it is read from the stream's `out` (see the module docstring)."""
-        cdef Py_ssize_t n = len(fields) + 1
-        cdef nghttp2_nv *nva = field_array(fields, 1)
+        cdef nghttp2_nv *nva = response_fields(status, fields)
         cdef nghttp2_data_provider provider
         cdef int rv
-        nva[0].name = <uint8_t *>b":status"
-        nva[0].namelen = 7
-        nva[0].value = <uint8_t *>PyBytes_AS_STRING(status)
-        nva[0].valuelen = PyBytes_GET_SIZE(status)
-        nva[0].flags = NGHTTP2_NV_FLAG_NONE
         provider.source.ptr = NULL
         provider.read_callback = read_body
         # libnghttp2 copies the fields into its own frame before returning.
-        rv = nghttp2_submit_response(self.ptr, stream_id, nva, n, &provider if has_body else NULL)
+        rv = nghttp2_submit_response(self.ptr, stream_id, nva, len(fields) + 1, &provider if has_body else NULL)
         free(nva)
         return rv == 0
 
+    def inform(self, int32_t stream_id, bytes status, list fields):
+        """Submits an interim (1xx) response head: a HEADERS frame without END_STREAM, before the final
+        response (RFC 9113 8.1)."""
+        cdef nghttp2_nv *nva = response_fields(status, fields)
+        cdef int32_t rv = nghttp2_submit_headers(self.ptr, NGHTTP2_FLAG_NONE, stream_id, NULL, nva,
+                                                 len(fields) + 1, NULL)
+        free(nva)
+        return rv >= 0
 
-# ---- callbacks (libnghttp2 calls them inside mem_recv / mem_send) --------------------------------------
+
+# ---- the client side: fastlb's connections to proto=h2 backends (fastlb/http2/backend.py) -------------------
+
+# The window fastlb gives a backend's response, per stream: acknowledged as the response goes on to the
+# client (a slow client holds at most this much of it), and for the connection, 16 streams' worth.
+cdef enum:
+    CLIENT_STREAM_WINDOW = 256 * 1024
+# The decoded header fields kept of one response (head, interim heads and trailers together); beyond it the
+# response fails (fastlb/http2/backend.py: BackendStream.header_block). Advertised to the backend.
+cdef enum:
+    CLIENT_MAX_HEADER_LIST = 256 * 1024
+
+
+cdef class ClientSession(_Session):
+    """A client session on one connection to a backend, carrying many requests at once as streams (the
+    owner: fastlb/http2/backend.py's H2BackendConnection, or the gRPC health check's connection)."""
+
+    def __init__(self, owner):
+        cdef nghttp2_settings_entry settings[4]
+        self.owner = owner
+        self.max_header_list = CLIENT_MAX_HEADER_LIST
+        self.open(False)
+        settings[0].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+        settings[0].value = 0
+        settings[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        settings[1].value = CLIENT_STREAM_WINDOW
+        settings[2].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
+        settings[2].value = DEFLATE_TABLE_SIZE
+        settings[3].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
+        settings[3].value = CLIENT_MAX_HEADER_LIST
+        nghttp2_submit_settings(self.ptr, NGHTTP2_FLAG_NONE, settings, 4)
+        nghttp2_session_set_local_window_size(self.ptr, NGHTTP2_FLAG_NONE, 0, CLIENT_STREAM_WINDOW * 16)
+
+    def request(self, list fields, stream, bint has_body):
+        """Submits a request head (`fields`: pseudo-header fields first, names lower-case); with a body, it
+        is read from the stream's `out`. The stream id (> 0), or a negative libnghttp2 error as str."""
+        cdef nghttp2_nv *nva = field_array(fields, 0)
+        cdef nghttp2_data_provider provider
+        cdef int32_t stream_id
+        provider.source.ptr = NULL
+        provider.read_callback = read_body
+        stream_id = nghttp2_submit_request(self.ptr, NULL, nva, len(fields),
+                                           &provider if has_body else NULL, NULL)
+        free(nva)
+        if stream_id < 0:
+            return nghttp2_strerror(stream_id).decode()
+        self.streams[stream_id] = stream
+        return stream_id
+
+    @property
+    def max_streams(self):
+        """The backend's SETTINGS_MAX_CONCURRENT_STREAMS (unbounded until it says)."""
+        return nghttp2_session_get_remote_settings(self.ptr, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
+
+
+# ---- callbacks, both sides (libnghttp2 calls them inside mem_recv / mem_send) ---------------------------------
 
 cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    """A request's stream begins (the server side's only: a client session makes its streams itself)."""
     cdef Session self = <Session>user_data
     if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
         return 0
@@ -415,22 +522,20 @@ cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, 
 
 cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
                    const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data) noexcept:
-    cdef Session self = <Session>user_data
+    cdef _Session self = <_Session>user_data
     stream = self.streams.get(frame.hd.stream_id)
     if stream is None:
         return 0
     try:
         size = stream.header_size + namelen + valuelen + FIELD_OVERHEAD
         stream.header_size = size
-        if frame.headers.cat != NGHTTP2_HCAT_REQUEST:
-            # Trailers (gRPC's, mostly), under the same bound as the header list: sent on with the body's
-            # end (H2Connection.body_end); past the bound they are dropped.
-            if size <= self.max_header_list:
-                stream.trailers_in.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
-                                           PyBytes_FromStringAndSize(<const char *>value, valuelen)))
-        elif size <= self.max_header_list:
-            stream.fields.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
-                                  PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+        if size <= self.max_header_list:
+            # (Trailers, gRPC's mostly, are under the same bound as the header list.)
+            fields = stream.fields
+            if fields is None:
+                fields = stream.trailers_in
+            fields.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+                           PyBytes_FromStringAndSize(<const char *>value, valuelen)))
     except BaseException as exc:
         self.error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
@@ -438,7 +543,7 @@ cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const u
 
 
 cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
-    cdef Session self = <Session>user_data
+    cdef _Session self = <_Session>user_data
     cdef uint8_t kind = frame.hd.type
     cdef bint end = frame.hd.flags & NGHTTP2_FLAG_END_STREAM
     try:
@@ -446,19 +551,18 @@ cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, voi
             stream = self.streams.get(frame.hd.stream_id)
             if stream is None:
                 return 0
-            if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
-                self.owner.request(stream, end)
-            elif end:
-                self.owner.body_end(stream)        # after trailers
-            elif not self.spend():                 # HEADERS neither a request nor an end
-                return 0
+            if frame.headers.cat == NGHTTP2_HCAT_HEADERS and not end and not self.spend():
+                return 0                           # (a server's budget: HEADERS neither a request nor an end)
+            self.owner.headers(stream, end)
         elif kind == NGHTTP2_DATA:
-            stream = self.streams.get(frame.hd.stream_id)
             if end:
+                stream = self.streams.get(frame.hd.stream_id)
                 if stream is not None:
                     self.owner.body_end(stream)
             elif frame.hd.length == 0:
                 self.spend()                       # an empty DATA frame carries nothing
+        elif kind == NGHTTP2_GOAWAY:
+            self.owner.goaway_received()
         elif kind == NGHTTP2_PING or kind == NGHTTP2_SETTINGS or kind == NGHTTP2_PRIORITY \
                 or kind == NGHTTP2_RST_STREAM:
             # (Not WINDOW_UPDATE: a client reading a large response sends one per DATA frame or so.)
@@ -471,7 +575,7 @@ cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, voi
 
 cdef int on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
                             size_t size, void *user_data) noexcept:
-    cdef Session self = <Session>user_data
+    cdef _Session self = <_Session>user_data
     stream = self.streams.get(stream_id)
     if stream is None:
         nghttp2_session_consume_connection(self.ptr, size)
@@ -486,7 +590,7 @@ cdef int on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t str
 
 cdef int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
                          void *user_data) noexcept:
-    cdef Session self = <Session>user_data
+    cdef _Session self = <_Session>user_data
     stream = self.streams.pop(stream_id, None)
     if stream is None:
         return 0
@@ -537,140 +641,3 @@ cdef ssize_t read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf
     except BaseException as exc:
         self.error = exc
         return NGHTTP2_ERR_CALLBACK_FAILURE
-
-
-# ---- the client side: fastlb's connections to proto=h2 backends (fastlb/http2/backend.py) -------------------
-
-# The window fastlb gives a backend's response, per stream: acknowledged as the response goes on to the
-# client (a slow client holds at most this much of it), and for the connection, 16 streams' worth.
-cdef enum:
-    CLIENT_STREAM_WINDOW = 256 * 1024
-
-
-cdef class ClientSession(_Session):
-    """A client session on one connection to a backend, carrying many requests at once as streams. The
-    owner (fastlb/http2/backend.py's H2Backend) is called per stream event: response_field, response_headers
-    (a header block is whole: a response head, or trailers after the body), response_body, stream_closed,
-    goaway_received, drained (a request body's `out` went below its low-water mark)."""
-
-    def __init__(self, owner):
-        cdef nghttp2_session_callbacks *callbacks
-        cdef nghttp2_option *option
-        cdef nghttp2_settings_entry settings[3]
-        cdef int rv
-        self.owner = owner
-        self.streams = {}
-        self.error = None
-        if nghttp2_session_callbacks_new(&callbacks) != 0:
-            raise MemoryError()
-        nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, client_on_frame_recv)
-        nghttp2_session_callbacks_set_on_header_callback(callbacks, client_on_header)
-        nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, client_on_data_chunk_recv)
-        nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, client_on_stream_close)
-        if nghttp2_option_new(&option) != 0:
-            nghttp2_session_callbacks_del(callbacks)
-            raise MemoryError()
-        nghttp2_option_set_no_auto_window_update(option, 1)
-        nghttp2_option_set_max_outbound_ack(option, MAX_OUTBOUND_ACK)
-        nghttp2_option_set_max_settings(option, MAX_SETTINGS)
-        nghttp2_option_set_max_continuations(option, MAX_CONTINUATIONS)
-        nghttp2_option_set_max_deflate_dynamic_table_size(option, DEFLATE_TABLE_SIZE)
-        rv = nghttp2_session_client_new2(&self.ptr, callbacks, <void *>self, option)
-        nghttp2_option_del(option)
-        nghttp2_session_callbacks_del(callbacks)
-        if rv != 0:
-            raise MemoryError()
-        settings[0].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
-        settings[0].value = 0
-        settings[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
-        settings[1].value = CLIENT_STREAM_WINDOW
-        settings[2].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
-        settings[2].value = DEFLATE_TABLE_SIZE
-        nghttp2_submit_settings(self.ptr, NGHTTP2_FLAG_NONE, settings, 3)
-        nghttp2_session_set_local_window_size(self.ptr, NGHTTP2_FLAG_NONE, 0, CLIENT_STREAM_WINDOW * 16)
-
-    def request(self, list fields, stream, bint has_body):
-        """Submits a request head (`fields`: pseudo-header fields first, names lower-case); with a body, it
-        is read from the stream's `out`. The stream id (> 0), or a negative libnghttp2 error as str."""
-        cdef nghttp2_nv *nva = field_array(fields, 0)
-        cdef nghttp2_data_provider provider
-        cdef int32_t stream_id
-        provider.source.ptr = NULL
-        provider.read_callback = read_body
-        stream_id = nghttp2_submit_request(self.ptr, NULL, nva, len(fields),
-                                           &provider if has_body else NULL, NULL)
-        free(nva)
-        if stream_id < 0:
-            return nghttp2_strerror(stream_id).decode()
-        self.streams[stream_id] = stream
-        return stream_id
-
-    @property
-    def max_streams(self):
-        """The backend's SETTINGS_MAX_CONCURRENT_STREAMS (unbounded until it says)."""
-        return nghttp2_session_get_remote_settings(self.ptr, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
-
-
-cdef int client_on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
-                          size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
-                          void *user_data) noexcept:
-    cdef ClientSession self = <ClientSession>user_data
-    stream = self.streams.get(frame.hd.stream_id)
-    if stream is None:
-        return 0
-    try:
-        self.owner.response_field(stream, PyBytes_FromStringAndSize(<const char *>name, namelen),
-                                  PyBytes_FromStringAndSize(<const char *>value, valuelen))
-    except BaseException as exc:
-        self.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
-
-
-cdef int client_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
-    cdef ClientSession self = <ClientSession>user_data
-    cdef uint8_t kind = frame.hd.type
-    cdef bint end = frame.hd.flags & NGHTTP2_FLAG_END_STREAM
-    try:
-        if kind == NGHTTP2_HEADERS or kind == NGHTTP2_DATA:
-            stream = self.streams.get(frame.hd.stream_id)
-            if stream is not None:
-                if kind == NGHTTP2_HEADERS:
-                    self.owner.response_headers(stream, end)
-                elif end:
-                    self.owner.response_end(stream)
-        elif kind == NGHTTP2_GOAWAY:
-            self.owner.goaway_received()
-    except BaseException as exc:
-        self.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
-
-
-cdef int client_on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id,
-                                   const uint8_t *data, size_t size, void *user_data) noexcept:
-    cdef ClientSession self = <ClientSession>user_data
-    stream = self.streams.get(stream_id)
-    if stream is None:
-        nghttp2_session_consume_connection(self.ptr, size)
-        return 0
-    try:
-        self.owner.response_body(stream, PyBytes_FromStringAndSize(<const char *>data, size))
-    except BaseException as exc:
-        self.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0
-
-
-cdef int client_on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
-                                void *user_data) noexcept:
-    cdef ClientSession self = <ClientSession>user_data
-    stream = self.streams.pop(stream_id, None)
-    if stream is None:
-        return 0
-    try:
-        self.owner.stream_closed(stream, error_code)
-    except BaseException as exc:
-        self.error = exc
-        return NGHTTP2_ERR_CALLBACK_FAILURE
-    return 0

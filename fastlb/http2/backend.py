@@ -6,7 +6,8 @@ is served by an ordinary `BackendConnection` (fastlb/http/upstream.py), whose tr
 `BackendStream`. What the BackendConnection writes (the HTTP/1.1 request head the client side built,
 its body) is parsed by the stream and submitted to libnghttp2 (fastlb/http2/_nghttp2.pyx's
 ClientSession) as a request stream; the backend's response comes back to the BackendConnection as an
-HTTP/1.1 response (chunked when it has no content-length, its trailers in the chunked trailer section).
+HTTP/1.1 response (chunked, its trailers in the chunked trailer section, when it has no content-length,
+is gRPC's, or goes to an HTTP/2 client: see BackendStream.header_block).
 So the slot accounting (BackendPool select, connect, response_done: one slot per request, not per
 connection), the passive health checks, the retry decision (fastlb/http/reuse.py), response rewriting,
 timeouts and the access log are those of every other request, unchanged.
@@ -21,6 +22,7 @@ retry rule allows).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 
@@ -35,6 +37,16 @@ log = logging.getLogger("fastlb")
 ALPN_H2 = "h2"
 # Request fields not sent as HTTP/2 fields: Host becomes :authority; TE is sent as "trailers" (gRPC needs it).
 NOT_FORWARDED = CONNECTION_SPECIFIC | {b"host", b"te"}
+
+
+@functools.cache
+def h2_context(verify: str | None) -> ssl.SSLContext:
+    """The TLS context of HTTP/2 connections to ssl backends with this `verify=` (requests and gRPC checks),
+    offering h2 only (the shared HTTP/1.1 contexts must not offer it); one per setting, kept (loading CAs at
+    every health check would cost more than the check)."""
+    context = backend_context(verify)
+    context.set_alpn_protocols([ALPN_H2])
+    return context
 
 
 class BackendRefused(ConnectionError):
@@ -52,9 +64,7 @@ class H2Backend:
         self.connect_timeout = connect_timeout     # the shared connect's own bound (each waiter has its own)
         self.ssl_context = None
         if backend.spec.ssl:
-            # Its own context: the shared HTTP/1.1 ones must not offer h2.
-            self.ssl_context = backend_context(backend.spec.verify)
-            self.ssl_context.set_alpn_protocols([ALPN_H2])
+            self.ssl_context = h2_context(backend.spec.verify)
         self.connections: list[H2BackendConnection] = []
         self.connecting: asyncio.Future | None = None
 
@@ -118,8 +128,7 @@ class H2Backend:
 class H2BackendConnection:
     """An asyncio protocol: one connection to a proto=h2 backend, its ClientSession, its streams."""
 
-    __slots__ = ("owner", "loop", "transport", "session", "closed", "goaway", "reserved", "receiving",
-                 "flush_due")
+    __slots__ = ("owner", "loop", "transport", "session", "closed", "goaway", "reserved", "flush_due")
 
     def __init__(self, owner: H2Backend) -> None:
         self.owner = owner
@@ -129,7 +138,6 @@ class H2BackendConnection:
         self.closed = False
         self.goaway = False             # the backend said GOAWAY: no new stream on this connection
         self.reserved = 0               # BackendStreams made whose request is not submitted yet
-        self.receiving = False
         self.flush_due = False
 
     def connection_made(self, transport) -> None:
@@ -137,11 +145,7 @@ class H2BackendConnection:
         self.flush()                    # the connection preface and SETTINGS
 
     def data_received(self, data: bytes) -> None:
-        self.receiving = True
-        try:
-            error = self.session.receive(data)
-        finally:
-            self.receiving = False
+        error = self.session.receive(data)
         if error is not None:
             log.debug("HTTP/2 backend %s: %s", self.owner.backend.address, error)
             self.transport.abort()
@@ -156,7 +160,7 @@ class H2BackendConnection:
     def flush(self) -> None:
         """Writes what libnghttp2 has ready (never inside its own callbacks: it is not reentrant)."""
         self.flush_due = False
-        if self.receiving or self.closed or self.transport is None:
+        if self.session.receiving or self.closed or self.transport is None:
             return
         data = self.session.pending()
         if isinstance(data, str):
@@ -187,16 +191,13 @@ class H2BackendConnection:
 
     # ---- called by the session ---------------------------------------------------------------------------
 
-    def response_field(self, stream: "BackendStream", name: bytes, value: bytes) -> None:
-        stream.fields.append((name, value))
-
-    def response_headers(self, stream: "BackendStream", end: bool) -> None:
+    def headers(self, stream: "BackendStream", end: bool) -> None:
         stream.header_block(end)
 
-    def response_body(self, stream: "BackendStream", data: bytes) -> None:
+    def body(self, stream: "BackendStream", data: bytes) -> None:
         stream.body(data)
 
-    def response_end(self, stream: "BackendStream") -> None:
+    def body_end(self, stream: "BackendStream") -> None:
         stream.end()
 
     def stream_closed(self, stream: "BackendStream", error_code: int) -> None:
@@ -224,7 +225,8 @@ class BackendStream:
 
     __slots__ = ("conn", "upstream", "parser", "stream_id", "url", "authority", "request_fields",
                  "has_body", "is_head", "out", "out_eof", "trailers", "low_water", "write_paused",
-                 "fields", "status", "chunked", "ended", "closing", "gone", "read_paused", "unconsumed")
+                 "fields", "header_size", "status", "chunked", "ended", "closing", "gone", "read_paused",
+                 "unconsumed")
 
     def __init__(self, conn: H2BackendConnection, upstream) -> None:
         self.conn = conn
@@ -242,6 +244,7 @@ class BackendStream:
         self.low_water = STREAM_BUFFER_LOW
         self.write_paused = False
         self.fields: list = []          # the header block being received
+        self.header_size = 0            # of every header block received (_nghttp2 bounds what it keeps)
         self.status = 0                 # the final response status, once its head came
         self.chunked = False            # the response goes to the BackendConnection chunked
         self.ended = False              # the whole response went to the BackendConnection
@@ -370,29 +373,47 @@ class BackendStream:
 
     def header_block(self, end: bool) -> None:
         fields, self.fields = self.fields, []
+        if self.header_size > self.conn.session.max_header_list:
+            # Fields past the bound were not kept: the response is not passed on without them (502).
+            log.debug("response of HTTP/2 backend %s: header fields over %d bytes", self.conn.owner.backend.address,
+                      self.conn.session.max_header_list)
+            self.conn.session.reset(self.stream_id, _nghttp2.PROTOCOL_ERROR)
+            self.conn.flush_soon()
+            return
         if self.status:                              # trailers after the body
             self.ended = True
-            if self.chunked:                         # (a response with a content-length has no room for them)
+            if self.chunked:
                 self._deliver(b"".join([b"0\r\n", *(b"%s: %s\r\n" % field for field in fields), b"\r\n"]))
             return
         status = 0
-        lines = []
-        trailers = []
-        has_length = False
-        # gRPC's Trailers-Only response (a head that ends the stream, with grpc-status): its fields are the
-        # call's trailers, content-type aside; they go in the chunked trailer section.
-        trailers_only = end and any(name == b"grpc-status" for name, _ in fields)
-        grpc = any(name == b"content-type" and value.startswith(b"application/grpc") for name, value in fields)
+        has_length = grpc = has_grpc_status = False
         for name, value in fields:
             if name == b":status":
                 status = int(value)
-            elif name[:1] == b":" or grpc and not end and name == b"content-length":
+            elif name == b"content-length":
+                has_length = True
+            elif name == b"content-type":
+                grpc = value.startswith(b"application/grpc")
+            elif name == b"grpc-status":
+                has_grpc_status = True
+        no_body = self.is_head or status == 204 or status == 304
+        # gRPC's Trailers-Only response (a head that ends the stream, with grpc-status): its fields are the
+        # call's trailers, content-type aside; they go in the chunked trailer section.
+        trailers_only = end and has_grpc_status
+        # A body after which trailers may come goes on chunked, the only HTTP/1.1 form with room for them
+        # (its content-length left out): a gRPC response's always (its trailers carry the call's status),
+        # and any to an HTTP/2 client, which has room for trailers after every body.
+        client = self.upstream.client if self.upstream is not None else None
+        chunked = not end and not no_body and (
+            grpc or not has_length or getattr(client, "takes_trailers", False))   # (H2Stream's; not h1's)
+        lines = []
+        trailers = []
+        for name, value in fields:
+            if name[:1] == b":" or chunked and name == b"content-length":
                 continue
             elif trailers_only and name != b"content-type":
                 trailers.append(b"%s: %s\r\n" % (name, value))
             else:
-                if name == b"content-length":
-                    has_length = True
                 lines.append(b"%s: %s\r\n" % (name, value))
         if status < 200:
             # An interim response (103): passed on as HTTP/1.1 would have it.
@@ -406,11 +427,9 @@ class BackendStream:
             if trailers_only:
                 head.append(b"transfer-encoding: chunked\r\n")
                 rest = b"".join([b"0\r\n", *trailers, b"\r\n"])
-            elif not has_length and not (self.is_head or status == 204 or status == 304):
+            elif not has_length and not no_body:
                 head.append(b"content-length: 0\r\n")
-        elif grpc or not has_length and not (self.is_head or status == 204 or status == 304):
-            # (A gRPC response is always chunked: its trailers carry the call's status, and a chunked body is
-            # the only HTTP/1.1 form with room for them; its content-length, if any, was left out.)
+        elif chunked:
             self.chunked = True
             head.append(b"transfer-encoding: chunked\r\n")
         head.append(b"\r\n")
@@ -453,23 +472,40 @@ class BackendStream:
 # ---- the gRPC health check (`--check grpc`, fastlb/health.py) ------------------------------------------------
 
 GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
-GRPC_EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"     # HealthCheckRequest{} (service "": the whole server), framed
 GRPC_SERVING = b"\x08\x01"                          # HealthCheckResponse{status: SERVING}
 GRPC_MESSAGE_PREFIX = 5                               # a message's compressed flag and length
 GRPC_CHECK_BODY_LIMIT = 4096                          # of an answer a few bytes long, at most this is kept
+PROTOBUF_SERVICE_FIELD = b"\x0a"                      # HealthCheckRequest field 1 (service), length-delimited
+
+
+def health_check_request(service: str) -> bytes:
+    """HealthCheckRequest{service} as one gRPC message (uncompressed); an empty service is the whole
+    server, encoded as the empty message."""
+    name = service.encode()
+    message = b""
+    if name:
+        length = len(name)
+        varint = bytearray()
+        while length >= 0x80:
+            varint.append(length & 0x7F | 0x80)
+            length >>= 7
+        varint.append(length)
+        message = PROTOBUF_SERVICE_FIELD + bytes(varint) + name
+    return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
 class _CheckStream:
     """The health call's stream: its request body for read_body, what came back."""
 
-    __slots__ = ("out", "out_eof", "trailers", "low_water", "fields", "body", "done")
+    __slots__ = ("out", "out_eof", "trailers", "low_water", "fields", "header_size", "body", "done")
 
-    def __init__(self, loop) -> None:
-        self.out = bytearray(GRPC_EMPTY_MESSAGE)
+    def __init__(self, loop, message: bytes) -> None:
+        self.out = bytearray(message)
         self.out_eof = True
         self.trailers = None
         self.low_water = 0
-        self.fields: dict[bytes, bytes] = {}          # head and trailers together (Trailers-Only or not)
+        self.fields: list = []                        # head and trailers together (Trailers-Only or not)
+        self.header_size = 0
         self.body = b""
         self.done = loop.create_future()
 
@@ -477,32 +513,28 @@ class _CheckStream:
 class _HealthCheckConnection(asyncio.Protocol):
     """A connection that makes one gRPC health call: the ClientSession's owner for it."""
 
-    def __init__(self, loop, authority: bytes) -> None:
+    def __init__(self, loop, authority: bytes, scheme: bytes, message: bytes) -> None:
         self.session = _nghttp2.ClientSession(self)
-        self.stream = _CheckStream(loop)
+        self.stream = _CheckStream(loop, message)
         self.authority = authority
+        self.scheme = scheme
         self.transport = None
-        self.receiving = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        self.session.request([(b":method", b"POST"), (b":scheme", b"http"), (b":authority", self.authority),
+        self.session.request([(b":method", b"POST"), (b":scheme", self.scheme), (b":authority", self.authority),
                               (b":path", GRPC_HEALTH_PATH), (b"content-type", b"application/grpc"),
                               (b"te", b"trailers"), (b"user-agent", b"fastlb-health-check")], self.stream, True)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        self.receiving = True
-        try:
-            error = self.session.receive(data)
-        finally:
-            self.receiving = False
+        error = self.session.receive(data)
         if error is not None:
             self._end(f"HTTP/2: {error}")
         self.flush()
 
     def flush(self) -> None:
-        if self.receiving or self.transport is None:
+        if self.session.receiving or self.transport is None:
             return
         data = self.session.pending()
         if isinstance(data, bytes) and data:
@@ -516,29 +548,26 @@ class _HealthCheckConnection(asyncio.Protocol):
             self.stream.done.set_result(problem)
 
     # the ClientSession's owner
-    def response_field(self, stream, name: bytes, value: bytes) -> None:
-        stream.fields[name] = value
-
-    def response_headers(self, stream, end: bool) -> None:
+    def headers(self, stream, end: bool) -> None:
         pass
 
-    def response_body(self, stream, data: bytes) -> None:
+    def body(self, stream, data: bytes) -> None:
         if len(stream.body) < GRPC_CHECK_BODY_LIMIT:
             stream.body += data
         self.session.consume(0, len(data))
 
-    def response_end(self, stream) -> None:
+    def body_end(self, stream) -> None:
         pass
 
     def stream_closed(self, stream, error_code: int) -> None:
-        fields = stream.fields
+        fields = dict(stream.fields)
         if error_code != _nghttp2.NO_ERROR:
             self._end(f"stream reset (HTTP/2 error {error_code})")
         elif fields.get(b":status") != b"200":
             self._end(f"HTTP {fields.get(b':status', b'?').decode()}, expected 200")
         elif fields.get(b"grpc-status") != b"0":
-            self._end(f"grpc-status {fields.get(b'grpc-status', b'none').decode()}: "
-                      f"{fields.get(b'grpc-message', b'').decode(errors='replace')}")
+            message = fields.get(b"grpc-message", b"").decode(errors="replace")
+            self._end(f"grpc-status {fields.get(b'grpc-status', b'none').decode()}{': ' if message else ''}{message}")
         elif stream.body[GRPC_MESSAGE_PREFIX:] != GRPC_SERVING:
             self._end("not SERVING")
         else:
@@ -551,11 +580,21 @@ class _HealthCheckConnection(asyncio.Protocol):
         pass
 
 
-async def grpc_health_check(loop, host: str, port: int, authority: str) -> str | None:
-    """None when the server answers SERVING, else why not (the caller bounds the time)."""
-    transport, conn = await loop.create_connection(lambda: _HealthCheckConnection(loop, authority.encode()),
-                                                   host, port)
+async def grpc_health_check(loop, host: str, port: int, authority: str, service: str = "",
+                            context: ssl.SSLContext | None = None, server_name: str | None = None) -> str | None:
+    """None when the server answers SERVING for `service`, else why not (the caller bounds the time).
+    With `context`, over TLS (ALPN h2, `server_name` sent and verified)."""
+    message = health_check_request(service)
+    factory = functools.partial(_HealthCheckConnection, loop, authority.encode(),
+                                b"https" if context else b"http", message)
+    if context is None:
+        transport, conn = await loop.create_connection(factory, host, port)
+    else:
+        transport, conn = await loop.create_connection(factory, host, port, ssl=context,
+                                                       server_hostname=server_name)
     try:
+        if context is not None and transport.get_extra_info("ssl_object").selected_alpn_protocol() != ALPN_H2:
+            return "TLS: the backend did not agree to h2 by ALPN"
         return await conn.stream.done
     finally:
         transport.abort()

@@ -179,12 +179,15 @@ class ResponseSink:
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        stream = self.stream
         if status < 200:
-            self.interim = True          # 1xx: not forwarded over HTTP/2 (HTTP/1.1 sends 103 on)
+            # An interim response (103 Early Hints, fastlb's own 100 Continue): a HEADERS frame before the
+            # final one. What reaches this sink is what the HTTP/1.1 path forwards (not a backend's 100).
+            self.interim = True
+            stream.conn.session.inform(stream.stream_id, b"%d" % status, self.fields)
             self.fields = []
             return
         self.status = status
-        stream = self.stream
         req = stream.queue[0] if stream.queue else None
         has_body = not (status == 204 or status == 304 or req is not None and req.is_head)
         self.submitted = True
@@ -227,6 +230,10 @@ class H2Stream(ClientConnection):
                  "read_paused", "write_paused", "unconsumed", "opened", "trailers", "trailers_in",
                  "grpc_deadline")
 
+    # An HTTP/2 client has room for trailers after any body: a proto=h2 backend's response goes to it in a
+    # form that keeps them (fastlb/http2/backend.py: BackendStream.header_block).
+    takes_trailers = True
+
     def __init__(self, conn: "H2Connection", stream_id: int) -> None:
         super().__init__(conn.runtime, conn.bind)
         origin = conn.origin
@@ -260,7 +267,7 @@ class H2Connection:
     ClientConnection when the preface or ALPN says HTTP/2)."""
 
     __slots__ = ("runtime", "settings", "loop", "transport", "session", "origin", "bind", "client_ip",
-                 "closed", "deadline", "deadline_kind", "admitted", "receiving", "write_paused",
+                 "closed", "deadline", "deadline_kind", "admitted", "write_paused",
                  "idle_since", "goaway_sent", "flush_due")
 
     def __init__(self, origin: ClientConnection, h2: H2Settings) -> None:
@@ -283,7 +290,6 @@ class H2Connection:
         origin.deadline_kind = WAIT_NONE
         runtime.connections.discard(origin)
         runtime.connections.add(self)
-        self.receiving = False
         self.write_paused = False
         self.idle_since = runtime.now
         self.goaway_sent = False
@@ -296,11 +302,7 @@ class H2Connection:
 
     def data_received(self, data: bytes) -> None:
         self.runtime.now = self.loop.time()
-        self.receiving = True
-        try:
-            error = self.session.receive(data)
-        finally:
-            self.receiving = False
+        error = self.session.receive(data)
         if error is not None:
             log.debug("HTTP/2 connection from %s: %s", self.client_ip.decode(), error)
         self.flush()
@@ -318,7 +320,7 @@ class H2Connection:
         """Writes the frames libnghttp2 has ready (not while it is reading: it is not reentrant, and the
         read ends with a flush); none while the client does not read."""
         self.flush_due = False
-        if self.receiving or self.write_paused or self.closed:
+        if self.session.receiving or self.write_paused or self.closed:
             return
         data = self.session.pending()
         if isinstance(data, str):
@@ -400,10 +402,16 @@ class H2Connection:
     def new_stream(self, stream_id: int) -> H2Stream:
         return H2Stream(self, stream_id)
 
-    def request(self, stream: H2Stream, end: bool) -> None:
-        """The stream's header list is whole: checked, written as an HTTP/1.1 request head and parsed by
-        the stream (its body follows, re-framed, in `body`)."""
+    def headers(self, stream: H2Stream, end: bool) -> None:
+        """A header list is whole. The request's: checked, written as an HTTP/1.1 request head and parsed
+        by the stream (its body follows, re-framed, in `body`). Trailers (`fields` is None by then): they
+        end the body."""
+        if stream.fields is None:
+            if end:
+                self.body_end(stream)
+            return
         if self.goaway_sent:
+            stream.fields = None
             self.session.reset(stream.stream_id, _nghttp2.REFUSED_STREAM)
             return
         if stream.header_size > self.settings.max_header_list_size:
@@ -520,6 +528,9 @@ class H2Connection:
             stream.data_received(b"".join([b"0\r\n", *(b"%s: %s\r\n" % field for field in stream.trailers_in),
                                            b"\r\n"]))
         stream.trailers_in = []
+
+    def goaway_received(self) -> None:
+        """The client opens no new stream; libnghttp2 knows, and the open ones finish."""
 
     def drained(self, stream: H2Stream) -> None:
         """The client took a response's body below the low-water mark: the backend is read again."""
