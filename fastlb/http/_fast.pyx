@@ -161,6 +161,20 @@ cdef struct Backend:
     unsigned char reused   # it waited idle: closed before a byte of the next response, the keep-alive race
 
 
+cdef struct ClientCaptures:
+    # What the request in flight's headers give the pool's rules, in the same allocation behind its Client
+    # only when the engine's settings have rate limit key headers, captured headers or a sticky rule
+    # (Engine.captures_used): without them a client carries only the NULL pointer (issue 15).
+    uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
+    int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
+    uint32_t cap_start[MAX_CAPTURES]      # the request's captured headers in buf
+    int32_t cap_len[MAX_CAPTURES]         # -1: absent
+    # Sticky sessions: what the request's Cookie header means (from the engine's cache of them).
+    int pin_slot                # the backend its cookie pins (-1: none)
+    PyObject *session           # cookie insert: its valid, unexpired session (Sticky.pin's third), or NULL
+    PyObject *learned           # learn:NAME: the session id its cookie carries (b"": none), or NULL
+
+
 cdef struct ClientTls:
     # A TLS client's state, in the same allocation behind its Client (Engine.take_client): a client of a
     # plain bind carries only the NULL pointer (an idle connection's size, issue 15).
@@ -222,14 +236,7 @@ cdef struct Client:
     double started             # when its head was read (CLOCK_MONOTONIC, as time.monotonic())
     uint32_t header_size       # its header lines as the Python path counts them: name + value + 4 each
     unsigned char counted         # in the admission table's connections per source: leave() on close
-    uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
-    int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
-    uint32_t cap_start[MAX_CAPTURES]      # the request's captured headers in buf
-    int32_t cap_len[MAX_CAPTURES]         # -1: absent
-    # Sticky sessions: what the request's Cookie header means (from the engine's cache of them).
-    int pin_slot                # the backend its cookie pins (-1: none)
-    PyObject *session           # cookie insert: its valid, unexpired session (Sticky.pin's third), or NULL
-    PyObject *learned           # learn:NAME: the session id its cookie carries (b"": none), or NULL
+    ClientCaptures *caps          # NULL unless rate limit keys, captures or a sticky rule are set
     ClientTls *tls                # TLS (fastlb/http/_etls.pxi); NULL on a plain bind
 
 
@@ -474,6 +481,7 @@ cdef class Engine:
     # Hashing keys on a header, cookie or query parameter, and sticky sessions (a pool without routing
     # rules; set_captures): the captured headers' slots (-1: not captured), the key's name.
     cdef int cap_hash, cap_sticky, cap_cookie, ncaps
+    cdef bint captures_used        # nkeys, ncaps or a sticky rule: clients carry a ClientCaptures
     cdef bint cookie_held          # the Cookie header is re-emitted after the others (sticky rewrites it)
     cdef bytes key_name            # cookie:NAME / query:NAME (case-sensitive)
     cdef char *decoded             # query keys: a parameter's name or value percent-decoded
@@ -596,6 +604,7 @@ cdef class Engine:
             self.rules[i].action = H_CAPTURE + slot
             i += 1
         self.nkeys = len(key_headers)
+        self.captures_used = self.nkeys > 0 or self.ncaps > 0 or self.sticky_kind != STICKY_NONE
         self.nrules = i
         self.now = monotonic_now()
         self.set_features(glue, settings)
@@ -824,12 +833,19 @@ cdef class Engine:
         cdef bytes forward_after = self.tls_forward_after if l.ctx != NULL else self.forward_after
         cdef Py_ssize_t before = len(forward_before), after = len(forward_after)
         cdef uint32_t forward_len = <uint32_t>(before + ip_len + after) if before else 0
-        # One allocation: the Client, its ClientTls on a TLS bind, its X-Forwarded-For / -Proto bytes.
-        cdef size_t forward_at = sizeof(Client) + (sizeof(ClientTls) if l.ctx != NULL else 0)
+        # One allocation: the Client, its ClientTls on a TLS bind, its ClientCaptures where the settings
+        # use them, its X-Forwarded-For / -Proto bytes.
+        cdef size_t captures_at = sizeof(Client) + (sizeof(ClientTls) if l.ctx != NULL else 0)
+        cdef size_t forward_at = captures_at + (sizeof(ClientCaptures) if self.captures_used else 0)
         cdef Client *c = <Client *>malloc(forward_at + forward_len)
         if c == NULL:
             close(fd)
             return
+        c.caps = NULL
+        if self.captures_used:
+            c.caps = <ClientCaptures *>(<char *>c + captures_at)
+            c.caps.session = c.caps.learned = NULL
+            c.caps.pin_slot = -1
         c.tls = NULL
         if l.ctx != NULL:
             c.tls = <ClientTls *>(c + 1)
@@ -863,8 +879,6 @@ cdef class Engine:
             memcpy(c.forward + before, ip, ip_len)
             memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
-        c.session = c.learned = NULL
-        c.pin_slot = -1
         c.counted = self.limiter is not None and l.ctx == NULL
         c.ip_len = <int>min(ip_len, 47)
         memcpy(c.ip, ip, c.ip_len)
@@ -960,9 +974,10 @@ cdef class Engine:
             free(c.tls.up)
             c.tls.tls_block = c.tls.up = NULL
             c.tls.tunnel.kind = IS_FREED
-        Py_XDECREF(c.session)
-        Py_XDECREF(c.learned)
-        c.session = c.learned = NULL
+        if c.caps != NULL:
+            Py_XDECREF(c.caps.session)
+            Py_XDECREF(c.caps.learned)
+            c.caps.session = c.caps.learned = NULL
         c.kind = IS_FREED
         if self.in_batch:
             c.next = self.dead_clients
@@ -1482,11 +1497,11 @@ cdef class Engine:
         c.head_sent = 0
         c.close_after = close_after
         for i in range(self.nkeys):
-            c.key_start[i] = key_start[i]
-            c.key_len[i] = key_len[i]
+            c.caps.key_start[i] = key_start[i]
+            c.caps.key_len[i] = key_len[i]
         for i in range(self.ncaps):
-            c.cap_start[i] = cap_start[i]
-            c.cap_len[i] = cap_len[i]
+            c.caps.cap_start[i] = cap_start[i]
+            c.caps.cap_len[i] = cap_len[i]
         self.pin_by_cookie(c, cookie)
         return True
 
@@ -1546,10 +1561,12 @@ cdef class Engine:
         insert session or prefix cookie names, the session (insert) for the response's cookie, the
         learned id (learn:NAME). The client holds references until the next request."""
         cdef double now
-        Py_XDECREF(c.session)
-        Py_XDECREF(c.learned)
-        c.session = c.learned = NULL
-        c.pin_slot = -1
+        if c.caps == NULL:
+            return                          # no sticky rule (nor a cookie to read)
+        Py_XDECREF(c.caps.session)
+        Py_XDECREF(c.caps.learned)
+        c.caps.session = c.caps.learned = NULL
+        c.caps.pin_slot = -1
         if e == NULL:
             return
         if e.session != NULL:
@@ -1557,11 +1574,11 @@ cdef class Engine:
                 now = wall_now()
                 if self.maxlife and now - e.first > self.maxlife or self.maxidle and now - e.last > self.maxidle:
                     return                  # expired: balanced, and the response starts a new session
-            c.session = e.session
-            Py_INCREF(<object>c.session)
-        c.pin_slot = e.pin_slot
-        c.learned = e.learned
-        Py_INCREF(<object>c.learned)
+            c.caps.session = e.session
+            Py_INCREF(<object>c.caps.session)
+        c.caps.pin_slot = e.pin_slot
+        c.caps.learned = e.learned
+        Py_INCREF(<object>c.caps.learned)
 
     cdef int slot_of(self, backend) except -1:
         cdef object slot = self.slots.get(backend)
@@ -1613,8 +1630,10 @@ cdef class Engine:
             self.place(c, backend, key)
             return
         if self.limiter is not None and self.limiter.has_request_rules:
-            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, c.buf, c.key_start, c.key_len,
-                                             self.now)
+            # (no ClientCaptures: no key headers, nkeys 0, so check_engine reads no key)
+            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, c.buf,
+                                             c.caps.key_start if c.caps != NULL else NULL,
+                                             c.caps.key_len if c.caps != NULL else NULL, self.now)
             if wait > 0.0:
                 self.answer(c, self.limited_response(wait, c.close_after))
                 return
@@ -1622,17 +1641,18 @@ cdef class Engine:
         if self.sticky_kind == STICKY_NONE:
             backend = self.select(key, None)
         elif self.sticky_kind == STICKY_COOKIE_INSERT or self.sticky_kind == STICKY_COOKIE_PREFIX:
-            pinned = self.backends[c.pin_slot] if c.pin_slot >= 0 else None
+            pinned = self.backends[c.caps.pin_slot] if c.caps.pin_slot >= 0 else None
             backend = self.select(key, pinned)
         else:
             # A learned or source key: the pool's table (Sticky.pinned_by_key) is read by select_sticky.
             if self.sticky_kind == STICKY_SOURCE:
                 sticky_key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
             elif self.sticky_kind == STICKY_LEARN_COOKIE:
-                sticky_key = <object>c.learned if c.learned != NULL and len(<object>c.learned) else None
-            elif c.cap_len[self.cap_sticky] > 0:       # learn:header:NAME (Sticky.pin: an empty one is none)
-                sticky_key = PyBytes_FromStringAndSize(c.buf + c.cap_start[self.cap_sticky],
-                                                       c.cap_len[self.cap_sticky])
+                sticky_key = (<object>c.caps.learned if c.caps.learned != NULL and len(<object>c.caps.learned)
+                              else None)
+            elif c.caps.cap_len[self.cap_sticky] > 0:       # learn:header:NAME (Sticky.pin: an empty one is none)
+                sticky_key = PyBytes_FromStringAndSize(c.buf + c.caps.cap_start[self.cap_sticky],
+                                                       c.caps.cap_len[self.cap_sticky])
             if sticky_key is None:
                 backend = self.select(key, None)
             elif self.table_hit(sticky_key) >= 0:
@@ -1691,14 +1711,14 @@ cdef class Engine:
             return PyBytes_FromStringAndSize(c.buf + c.url_start, end - c.url_start)
         if self.key_kind == KEY_HEADER:
             slot = self.cap_hash
-            if c.cap_len[slot] < 0:
+            if c.caps.cap_len[slot] < 0:
                 return None
-            return PyBytes_FromStringAndSize(c.buf + c.cap_start[slot], c.cap_len[slot])
+            return PyBytes_FromStringAndSize(c.buf + c.caps.cap_start[slot], c.caps.cap_len[slot])
         if self.key_kind == KEY_COOKIE:
             slot = self.cap_cookie
-            if c.cap_len[slot] <= 0:
+            if c.caps.cap_len[slot] <= 0:
                 return None
-            return cookie_key(<const unsigned char *>c.buf + c.cap_start[slot], c.cap_len[slot],
+            return cookie_key(<const unsigned char *>c.buf + c.caps.cap_start[slot], c.caps.cap_len[slot],
                               PyBytes_AS_STRING(self.key_name), len(self.key_name))
         if self.key_kind == KEY_QUERY:
             return query_key(<const unsigned char *>c.buf + c.url_start, c.url_end - c.url_start,
@@ -1912,8 +1932,8 @@ cdef class Engine:
         cdef object session
         cdef long long second
         cdef object line
-        if c.session != NULL and c.pin_slot == c.slot:
-            session = <object>c.session
+        if c.caps.session != NULL and c.caps.pin_slot == c.slot:
+            session = <object>c.caps.session
             if not self.refresh_after or wall_now() - <double>session[2] < self.refresh_after:
                 return <object>PyTuple_GET_ITEM(session, 3)
             return self.cookie_line(session, self.backends[c.slot])
