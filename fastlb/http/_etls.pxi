@@ -1,6 +1,6 @@
 # TLS on the HTTP engine's client connections (included by fastlb/http/_fast.pyx after its structs).
 #
-# A client of a TLS bind has an SSL* (c.ssl) on its socket, made from the front SSL_CTX of the bind's
+# A client of a TLS bind has an SSL* (c.tls.ssl) on its socket, made from the front SSL_CTX of the bind's
 # fastlb.tls.ServerTLS.native (fastlb/_ctls.pxi: SNI certificate sets, session tickets shared by every
 # worker, client certificates, ALPN h2 and http/1.1, tls.py's safe settings). Every read and write of a
 # client goes through client_recv / client_send (and the engine's write_answer, which gives TLS one contiguous
@@ -17,7 +17,7 @@ cdef enum:
     WOULD_BLOCK = -1
     FAILED = -2
 
-# What ALPN agreed on (Client.alpn).
+# What ALPN agreed on (ClientTls.alpn).
 cdef enum:
     ALPN_NONE = 0
     ALPN_HTTP11 = 1
@@ -38,17 +38,17 @@ cdef long note_short_read(BIO *b, int oper, const char *argp, size_t size, int a
 
 
 cdef inline bint tls_prepare(Client *c, SSL_CTX *ctx, int fd) noexcept:
-    """c's SSL on fd, server side; False when OpenSSL could not make it."""
+    """c's SSL on fd, server side (c.tls is set); False when OpenSSL could not make it."""
     cdef BIO *bio
-    c.ssl = SSL_new(ctx)
-    if c.ssl == NULL or SSL_set_fd(c.ssl, fd) != 1:
+    c.tls.ssl = SSL_new(ctx)
+    if c.tls.ssl == NULL or SSL_set_fd(c.tls.ssl, fd) != 1:
         ERR_clear_error()
         return False
-    SSL_set_accept_state(c.ssl)
+    SSL_set_accept_state(c.tls.ssl)
     # A record in one recv, not its header then its body; and told when that recv drained the socket.
-    SSL_set_read_ahead(c.ssl, 1)
-    bio = SSL_get_rbio(c.ssl)
-    BIO_set_callback_arg(bio, <char *>&c.short_read)
+    SSL_set_read_ahead(c.tls.ssl, 1)
+    bio = SSL_get_rbio(c.tls.ssl)
+    BIO_set_callback_arg(bio, <char *>&c.tls.short_read)
     BIO_set_callback_ex(bio, note_short_read)
     return True
 
@@ -57,7 +57,7 @@ cdef inline ssize_t client_recv(Client *c, char *buf, size_t size) noexcept:
     cdef ssize_t n
     cdef size_t total = 0
     cdef int r, err
-    if c.ssl == NULL:
+    if c.tls == NULL:
         while True:
             n = recv(c.fd, buf, size, 0)
             if n >= 0:
@@ -67,15 +67,15 @@ cdef inline ssize_t client_recv(Client *c, char *buf, size_t size) noexcept:
             return WOULD_BLOCK if errno == EAGAIN else FAILED
     # Until the records in hand are read or buf is full: edge-triggered, nothing announces records
     # OpenSSL has buffered already. Stops early when the last socket read drained the socket.
-    c.short_read = 0
+    c.tls.short_read = 0
     while total < size:
-        r = SSL_read(c.ssl, buf + total, <int>min(size - total, 1 << 30))
+        r = SSL_read(c.tls.ssl, buf + total, <int>min(size - total, 1 << 30))
         if r > 0:
             total += r
-            if c.short_read and not SSL_has_pending(c.ssl):
+            if c.tls.short_read and not SSL_has_pending(c.tls.ssl):
                 break               # the socket had no more, OpenSSL holds no more: all there is
             continue
-        err = SSL_get_error(c.ssl, r)
+        err = SSL_get_error(c.tls.ssl, r)
         if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
             break
         ERR_clear_error()            # the queue is the thread's: a stale error would fail the next call
@@ -89,7 +89,7 @@ cdef inline ssize_t client_recv(Client *c, char *buf, size_t size) noexcept:
 cdef inline ssize_t client_send(Client *c, const char *buf, size_t size) noexcept:
     cdef ssize_t n
     cdef int r, err
-    if c.ssl == NULL:
+    if c.tls == NULL:
         while True:
             n = send(c.fd, buf, size, MSG_NOSIGNAL)
             if n >= 0:
@@ -97,10 +97,10 @@ cdef inline ssize_t client_send(Client *c, const char *buf, size_t size) noexcep
             if errno == EINTR:
                 continue
             return 0 if errno == EAGAIN else FAILED
-    r = SSL_write(c.ssl, buf, <int>size)
+    r = SSL_write(c.tls.ssl, buf, <int>size)
     if r > 0:
         return r
-    err = SSL_get_error(c.ssl, r)
+    err = SSL_get_error(c.tls.ssl, r)
     if err == SSL_ERROR_WANT_WRITE or err == SSL_ERROR_WANT_READ:
         return 0
     ERR_clear_error()
@@ -110,13 +110,13 @@ cdef inline ssize_t client_send(Client *c, const char *buf, size_t size) noexcep
 cdef void tls_end(Client *c, bint clean) noexcept:
     """Frees the client's SSL (the socket stays); clean: a close_notify first (one try, as uvloop's
     transport does on close)."""
-    if c.ssl == NULL:
+    if c.tls == NULL or c.tls.ssl == NULL:
         return
     if clean:
-        SSL_shutdown(c.ssl)
+        SSL_shutdown(c.tls.ssl)
     ERR_clear_error()
-    SSL_free(c.ssl)
-    c.ssl = NULL
+    SSL_free(c.tls.ssl)
+    c.tls.ssl = NULL
 
 
 cdef unsigned char alpn_of(SSL *ssl) noexcept:

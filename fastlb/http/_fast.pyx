@@ -161,6 +161,40 @@ cdef struct Backend:
     unsigned char reused   # it waited idle: closed before a byte of the next response, the keep-alive race
 
 
+cdef struct ClientCaptures:
+    # What the request in flight's headers give the pool's rules, in the same allocation behind its Client
+    # only when the engine's settings have rate limit key headers, captured headers or a sticky rule
+    # (Engine.captures_used): without them a client carries only the NULL pointer (issue 15).
+    uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
+    int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
+    uint32_t cap_start[MAX_CAPTURES]      # the request's captured headers in buf
+    int32_t cap_len[MAX_CAPTURES]         # -1: absent
+    # Sticky sessions: what the request's Cookie header means (from the engine's cache of them).
+    int pin_slot                # the backend its cookie pins (-1: none)
+    PyObject *session           # cookie insert: its valid, unexpired session (Sticky.pin's third), or NULL
+    PyObject *learned           # learn:NAME: the session id its cookie carries (b"": none), or NULL
+
+
+cdef struct ClientTls:
+    # A TLS client's state, in the same allocation behind its Client (Engine.take_client): a client of a
+    # plain bind carries only the NULL pointer (an idle connection's size, issue 15).
+    SSL *ssl
+    unsigned char alpn            # ALPN_*: what the handshake agreed on
+    unsigned char short_read      # the socket BIO's last read drained the socket (_etls.pxi)
+    unsigned char verifies        # the bind asks for client certificates (the subject header)
+    int bind                      # the listener's bind (FastPath.binds index)
+    char *tls_block               # `X-Client-Subject: ...` CRLF of a verified client certificate
+    uint32_t tls_block_len
+    sockaddr_storage peer         # admission control runs after the handshake, as on the Python path
+    # A TLS connection handed to the Python path (TUNNEL): the socketpair end, and what waits for it.
+    TunnelEnd tunnel
+    char *up                      # decrypted client bytes the socketpair did not take yet
+    uint32_t up_len
+    uint32_t up_off
+    unsigned char up_ended        # the client's end was passed on (SHUT_WR)
+    unsigned char down_ended      # the Python side closed its end: close once pending is written
+
+
 cdef struct Client:
     int kind
     int fd
@@ -202,30 +236,8 @@ cdef struct Client:
     double started             # when its head was read (CLOCK_MONOTONIC, as time.monotonic())
     uint32_t header_size       # its header lines as the Python path counts them: name + value + 4 each
     unsigned char counted         # in the admission table's connections per source: leave() on close
-    uint32_t key_start[MAX_KEY_HEADERS]   # the request's rate limit key headers in buf (admission)
-    int32_t key_len[MAX_KEY_HEADERS]      # -1: absent
-    uint32_t cap_start[MAX_CAPTURES]      # the request's captured headers in buf
-    int32_t cap_len[MAX_CAPTURES]         # -1: absent
-    # Sticky sessions: what the request's Cookie header means (from the engine's cache of them).
-    int pin_slot                # the backend its cookie pins (-1: none)
-    PyObject *session           # cookie insert: its valid, unexpired session (Sticky.pin's third), or NULL
-    PyObject *learned           # learn:NAME: the session id its cookie carries (b"": none), or NULL
-    # TLS (fastlb/http/_etls.pxi); ssl NULL on a plain bind.
-    SSL *ssl
-    unsigned char alpn            # ALPN_*: what the handshake agreed on
-    unsigned char short_read      # the socket BIO's last read drained the socket (_etls.pxi)
-    unsigned char verifies        # the bind asks for client certificates (the subject header)
-    int bind                      # the listener's bind (FastPath.binds index)
-    char *tls_block               # `X-Client-Subject: ...` CRLF of a verified client certificate
-    uint32_t tls_block_len
-    sockaddr_storage peer         # TLS: admission control runs after the handshake, as on the Python path
-    # A TLS connection handed to the Python path (TUNNEL): the socketpair end, and what waits for it.
-    TunnelEnd tunnel
-    char *up                      # decrypted client bytes the socketpair did not take yet
-    uint32_t up_len
-    uint32_t up_off
-    unsigned char up_ended        # the client's end was passed on (SHUT_WR)
-    unsigned char down_ended      # the Python side closed its end: close once pending is written
+    ClientCaptures *caps          # NULL unless rate limit keys, captures or a sticky rule are set
+    ClientTls *tls                # TLS (fastlb/http/_etls.pxi); NULL on a plain bind
 
 
 cdef struct Listener:
@@ -469,6 +481,7 @@ cdef class Engine:
     # Hashing keys on a header, cookie or query parameter, and sticky sessions (a pool without routing
     # rules; set_captures): the captured headers' slots (-1: not captured), the key's name.
     cdef int cap_hash, cap_sticky, cap_cookie, ncaps
+    cdef bint captures_used        # nkeys, ncaps or a sticky rule: clients carry a ClientCaptures
     cdef bint cookie_held          # the Cookie header is re-emitted after the others (sticky rewrites it)
     cdef bytes key_name            # cookie:NAME / query:NAME (case-sensitive)
     cdef char *decoded             # query keys: a parameter's name or value percent-decoded
@@ -591,6 +604,7 @@ cdef class Engine:
             self.rules[i].action = H_CAPTURE + slot
             i += 1
         self.nkeys = len(key_headers)
+        self.captures_used = self.nkeys > 0 or self.ncaps > 0 or self.sticky_kind != STICKY_NONE
         self.nrules = i
         self.now = monotonic_now()
         self.set_features(glue, settings)
@@ -815,25 +829,38 @@ cdef class Engine:
     cdef void take_client(self, int fd, const char *ip, Py_ssize_t ip_len, Listener *l,
                           sockaddr_storage *address):
         """A new client socket (the engine owns fd from now on); on a TLS bind its handshake starts."""
-        cdef Client *c = <Client *>malloc(sizeof(Client))
         cdef bytes forward_before = self.tls_forward_before if l.ctx != NULL else self.forward_before
         cdef bytes forward_after = self.tls_forward_after if l.ctx != NULL else self.forward_after
         cdef Py_ssize_t before = len(forward_before), after = len(forward_after)
+        cdef uint32_t forward_len = <uint32_t>(before + ip_len + after) if before else 0
+        # One allocation: the Client, its ClientTls on a TLS bind, its ClientCaptures where the settings
+        # use them, its X-Forwarded-For / -Proto bytes.
+        cdef size_t captures_at = sizeof(Client) + (sizeof(ClientTls) if l.ctx != NULL else 0)
+        cdef size_t forward_at = captures_at + (sizeof(ClientCaptures) if self.captures_used else 0)
+        cdef Client *c = <Client *>malloc(forward_at + forward_len)
         if c == NULL:
             close(fd)
             return
-        c.ssl = NULL
-        c.alpn = ALPN_NONE
-        c.verifies = l.verifies
-        c.bind = l.bind
-        c.tls_block = NULL
-        c.tls_block_len = 0
-        c.tunnel.kind = IS_FREED
-        c.tunnel.fd = -1
-        c.tunnel.client = c
-        c.up = NULL
-        c.up_len = c.up_off = 0
-        c.up_ended = c.down_ended = 0
+        c.caps = NULL
+        if self.captures_used:
+            c.caps = <ClientCaptures *>(<char *>c + captures_at)
+            c.caps.session = c.caps.learned = NULL
+            c.caps.pin_slot = -1
+        c.tls = NULL
+        if l.ctx != NULL:
+            c.tls = <ClientTls *>(c + 1)
+            c.tls.ssl = NULL
+            c.tls.alpn = ALPN_NONE
+            c.tls.verifies = l.verifies
+            c.tls.bind = l.bind
+            c.tls.tls_block = NULL
+            c.tls.tls_block_len = 0
+            c.tls.tunnel.kind = IS_FREED
+            c.tls.tunnel.fd = -1
+            c.tls.tunnel.client = c
+            c.tls.up = NULL
+            c.tls.up_len = c.tls.up_off = 0
+            c.tls.up_ended = c.tls.down_ended = 0
         c.kind = IS_CLIENT
         c.fd = fd
         c.state = WAITING
@@ -845,19 +872,13 @@ cdef class Engine:
         c.pending = NULL
         c.pending_len = c.pending_off = 0
         # X-Forwarded-For / -Proto: HttpSettings.forward_block_for's bytes around the address.
-        c.forward_len = <uint32_t>(before + ip_len + after) if before else 0
-        c.forward = <char *>malloc(c.forward_len + 1)
-        if c.forward == NULL:
-            free(c)
-            close(fd)
-            return
+        c.forward_len = forward_len
+        c.forward = <char *>c + forward_at
         if before:
             memcpy(c.forward, PyBytes_AS_STRING(forward_before), before)
             memcpy(c.forward + before, ip, ip_len)
             memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
-        c.session = c.learned = NULL
-        c.pin_slot = -1
         c.counted = self.limiter is not None and l.ctx == NULL
         c.ip_len = <int>min(ip_len, 47)
         memcpy(c.ip, ip, c.ip_len)
@@ -871,7 +892,7 @@ cdef class Engine:
         self.live += 1
         self.accepted += 1
         if l.ctx != NULL:
-            c.peer = address[0]
+            c.tls.peer = address[0]
             c.state = HANDSHAKE
             c.deadline = self.now + l.handshake_timeout
             c.deadline_kind = WAIT_HANDSHAKE
@@ -890,41 +911,41 @@ cdef class Engine:
     cdef void handshake(self, Client *c):
         """One step of a TLS client's handshake; done, the connection is a client like any other (its
         first request within http_request_timeout, as the Python path's connection_made sets)."""
-        cdef int r = SSL_do_handshake(c.ssl)
+        cdef int r = SSL_do_handshake(c.tls.ssl)
         cdef int err, verdict
         cdef bytes block
         cdef object subject
         if r != 1:
-            err = SSL_get_error(c.ssl, r)
+            err = SSL_get_error(c.tls.ssl, r)
             if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
                 return                  # edge-triggered both ways: the next event resumes it
             ERR_clear_error()
             self.handshake_failures += 1
             self.close_client(c)
             return
-        c.alpn = alpn_of(c.ssl)
-        if c.verifies:
-            subject = peer_subject(c.ssl)
+        c.tls.alpn = alpn_of(c.tls.ssl)
+        if c.tls.verifies:
+            subject = peer_subject(c.tls.ssl)
             if subject is not None:
                 block = self.glue.subject_block(subject)
-                c.tls_block = <char *>malloc(len(block))
-                if c.tls_block == NULL:
+                c.tls.tls_block = <char *>malloc(len(block))
+                if c.tls.tls_block == NULL:
                     self.close_client(c)
                     return
-                memcpy(c.tls_block, PyBytes_AS_STRING(block), len(block))
-                c.tls_block_len = <uint32_t>len(block)
+                memcpy(c.tls.tls_block, PyBytes_AS_STRING(block), len(block))
+                c.tls.tls_block_len = <uint32_t>len(block)
         c.state = WAITING
         c.deadline = self.now + self.http_request_timeout
         c.deadline_kind = WAIT_HEAD
         if self.limiter is not None:
-            verdict = self.limiter.admit_address(<sockaddr *>&c.peer, c.ip, c.ip_len)
+            verdict = self.limiter.admit_address(<sockaddr *>&c.tls.peer, c.ip, c.ip_len)
             if verdict != ADMIT:
                 if verdict != DENIED:           # over the connections per source: 429, then closed
                     client_send(c, PyBytes_AS_STRING(self.too_many_close), len(self.too_many_close))
                 self.close_client(c)
                 return
             c.counted = 1
-        if c.alpn == ALPN_H2:
+        if c.tls.alpn == ALPN_H2:
             # HTTP/2 (fastlb/http2/connection.py) over the tunnel from its first byte; the Python side is
             # told ALPN's choice, which its end of the socketpair cannot tell.
             self.adopt(c, NULL, 0, HAND_H2)
@@ -947,15 +968,17 @@ cdef class Engine:
         """Frees c now, or after the batch of events being handled (one of them may still name it)."""
         free(c.buf)
         free(c.pending)
-        free(c.forward)
-        free(c.tls_block)
-        free(c.up)
-        c.buf = c.pending = c.forward = c.tls_block = c.up = NULL
-        Py_XDECREF(c.session)
-        Py_XDECREF(c.learned)
-        c.session = c.learned = NULL
+        c.buf = c.pending = NULL
+        if c.tls != NULL:
+            free(c.tls.tls_block)
+            free(c.tls.up)
+            c.tls.tls_block = c.tls.up = NULL
+            c.tls.tunnel.kind = IS_FREED
+        if c.caps != NULL:
+            Py_XDECREF(c.caps.session)
+            Py_XDECREF(c.caps.learned)
+            c.caps.session = c.caps.learned = NULL
         c.kind = IS_FREED
-        c.tunnel.kind = IS_FREED
         if self.in_batch:
             c.next = self.dead_clients
             self.dead_clients = c
@@ -1033,18 +1056,18 @@ cdef class Engine:
         cdef int fd = c.fd
         cdef int pair[2]
         cdef bint tunneled
-        if c.ssl != NULL:
+        if c.tls != NULL:
             # The SSL state cannot leave: the engine keeps the connection and relays the decrypted bytes
             # over a socketpair whose other end the Python path takes as if it were the client's socket.
             if socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) < 0:
                 self.close_client(c)
                 return
             fd = pair[1]
-            tls = (c.bind, PyBytes_FromStringAndSize(c.ip, c.ip_len),
-                   PyBytes_FromStringAndSize(c.tls_block, c.tls_block_len) if c.tls_block_len else b"",
-                   c.alpn == ALPN_H2)
+            tls = (c.tls.bind, PyBytes_FromStringAndSize(c.ip, c.ip_len),
+                   PyBytes_FromStringAndSize(c.tls.tls_block, c.tls.tls_block_len) if c.tls.tls_block_len else b"",
+                   c.tls.alpn == ALPN_H2)
         self.unlink(c)
-        if c.ssl == NULL:
+        if c.tls == NULL:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         if b != NULL:
             limits_checked = self.limiter is not None      # the request in flight passed them already
@@ -1059,8 +1082,8 @@ cdef class Engine:
             data = NULL
             size = 0
         pending = PyBytes_FromStringAndSize(data, size) if size else b""
-        tunneled = c.ssl != NULL and self.start_tunnel(c, pair[0])
-        if c.ssl == NULL:
+        tunneled = c.tls != NULL and self.start_tunnel(c, pair[0])
+        if c.tls == NULL:
             self.free_client(c)
         self.adopted += 1
         self.handed[reason] += 1
@@ -1080,14 +1103,14 @@ cdef class Engine:
         c.state = TUNNEL
         c.counted = 0
         c.deadline_kind = WAIT_NONE
-        c.tunnel.kind = IS_TUNNEL_END
-        c.tunnel.fd = fd
+        c.tls.tunnel.kind = IS_TUNNEL_END
+        c.tls.tunnel.fd = fd
         c.prev = NULL
         c.next = self.tunnels
         if self.tunnels != NULL:
             self.tunnels.prev = c
         self.tunnels = c
-        if not self.watch(fd, &c.tunnel):
+        if not self.watch(fd, &c.tls.tunnel):
             self.end_tunnel(c, False)
             return False
         return True
@@ -1103,8 +1126,8 @@ cdef class Engine:
         tls_end(c, clean)
         close(c.fd)
         c.fd = -1
-        self.forget(c.tunnel.fd)
-        c.tunnel.fd = -1
+        self.forget(c.tls.tunnel.fd)
+        c.tls.tunnel.fd = -1
         self.free_client(c)
 
     cdef void pump(self, Client *c):
@@ -1129,10 +1152,10 @@ cdef class Engine:
                     free(c.pending)
                     c.pending = NULL
                     c.pending_len = c.pending_off = 0
-            if c.down_ended:
+            if c.tls.down_ended:
                 self.end_tunnel(c, True)
                 return False
-            n = recv(c.tunnel.fd, self.scratch, SCRATCH, 0)
+            n = recv(c.tls.tunnel.fd, self.scratch, SCRATCH, 0)
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -1142,7 +1165,7 @@ cdef class Engine:
                 return False
             if n == 0:
                 # The Python side closed: what it wrote goes out first, within the keep-alive timeout.
-                c.down_ended = 1
+                c.tls.down_ended = 1
                 c.deadline = self.now + self.keepalive_timeout
                 c.deadline_kind = WAIT_TUNNEL_FLUSH
                 continue
@@ -1164,31 +1187,31 @@ cdef class Engine:
         """Client -> Python side."""
         cdef ssize_t n, w
         while True:
-            while c.up != NULL:
-                w = send(c.tunnel.fd, c.up + c.up_off, c.up_len - c.up_off, MSG_NOSIGNAL)
+            while c.tls.up != NULL:
+                w = send(c.tls.tunnel.fd, c.tls.up + c.tls.up_off, c.tls.up_len - c.tls.up_off, MSG_NOSIGNAL)
                 if w < 0:
                     if errno == EINTR:
                         continue
                     if errno != EAGAIN:
                         self.end_tunnel(c, False)
                     return
-                c.up_off += <uint32_t>w
-                if c.up_off == c.up_len:
-                    free(c.up)
-                    c.up = NULL
-                    c.up_len = c.up_off = 0
-            if c.up_ended:
+                c.tls.up_off += <uint32_t>w
+                if c.tls.up_off == c.tls.up_len:
+                    free(c.tls.up)
+                    c.tls.up = NULL
+                    c.tls.up_len = c.tls.up_off = 0
+            if c.tls.up_ended:
                 return
             n = client_recv(c, self.scratch, SCRATCH)
             if n == WOULD_BLOCK:
                 return
             if n == 0 or n == FAILED:
                 # The client's end: the Python side reads its EOF (and closes, which ends the tunnel).
-                c.up_ended = 1
-                shutdown(c.tunnel.fd, SHUT_WR)
+                c.tls.up_ended = 1
+                shutdown(c.tls.tunnel.fd, SHUT_WR)
                 return
             while True:
-                w = send(c.tunnel.fd, self.scratch, n, MSG_NOSIGNAL)
+                w = send(c.tls.tunnel.fd, self.scratch, n, MSG_NOSIGNAL)
                 if w >= 0 or errno != EINTR:
                     break
             if w < 0:
@@ -1197,13 +1220,13 @@ cdef class Engine:
                     return
                 w = 0
             if w < n:
-                c.up = <char *>malloc(n - w)
-                if c.up == NULL:
+                c.tls.up = <char *>malloc(n - w)
+                if c.tls.up == NULL:
                     self.end_tunnel(c, False)
                     return
-                memcpy(c.up, self.scratch + w, n - w)
-                c.up_len = <uint32_t>(n - w)
-                c.up_off = 0
+                memcpy(c.tls.up, self.scratch + w, n - w)
+                c.tls.up_len = <uint32_t>(n - w)
+                c.tls.up_off = 0
                 return
 
     # ---- events ------------------------------------------------------------------------------------
@@ -1250,7 +1273,7 @@ cdef class Engine:
                     if ev & (EPOLLRDHUP | EPOLLHUP):
                         c.hung_up = 1           # no further edge will say so: checked after each answer
                     # (TLS: a write may wait for a read, so any event retries it)
-                    if c.state == WRITING and (ev & EPOLLOUT or c.ssl != NULL):
+                    if c.state == WRITING and (ev & EPOLLOUT or c.tls != NULL):
                         self.flush_client(c)
                     # (each step may have closed or handed over c: its kind says so)
                     if c.kind == IS_CLIENT and ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -1326,7 +1349,8 @@ cdef class Engine:
             key_len[i] = -1
         for i in range(self.ncaps):
             cap_len[i] = -1
-        if n > MAX_FAST_HEAD or c.forward_len + len(self.request_block) + c.tls_block_len > MAX_FAST_HEAD:
+        if n > MAX_FAST_HEAD or (c.forward_len + len(self.request_block)
+                                 + (c.tls.tls_block_len if c.tls != NULL else 0) > MAX_FAST_HEAD):
             return False                                    # keeps every part below within headbuf
         # Request line: a common method, an origin-form target, HTTP/1.1.
         if n >= 4 and memcmp(p, b"GET ", 4) == 0:
@@ -1450,8 +1474,8 @@ cdef class Engine:
             hlen = put(h, hlen, c.forward, c.forward_len)
             hlen = put_line(h, hlen, b"X-Forwarded-Host: ", 18, p + host_start, host_end - host_start)
         hlen = put(h, hlen, PyBytes_AS_STRING(self.request_block), len(self.request_block))
-        if c.tls_block_len:
-            hlen = put(h, hlen, c.tls_block, c.tls_block_len)
+        if c.tls != NULL and c.tls.tls_block_len:
+            hlen = put(h, hlen, c.tls.tls_block, c.tls.tls_block_len)
         if length_start >= 0:
             hlen = put_line(h, hlen, b"Content-Length: ", 16, p + length_start, length_end - length_start)
         hlen = put(h, hlen, b"\r\n", 2)
@@ -1473,11 +1497,11 @@ cdef class Engine:
         c.head_sent = 0
         c.close_after = close_after
         for i in range(self.nkeys):
-            c.key_start[i] = key_start[i]
-            c.key_len[i] = key_len[i]
+            c.caps.key_start[i] = key_start[i]
+            c.caps.key_len[i] = key_len[i]
         for i in range(self.ncaps):
-            c.cap_start[i] = cap_start[i]
-            c.cap_len[i] = cap_len[i]
+            c.caps.cap_start[i] = cap_start[i]
+            c.caps.cap_len[i] = cap_len[i]
         self.pin_by_cookie(c, cookie)
         return True
 
@@ -1537,10 +1561,12 @@ cdef class Engine:
         insert session or prefix cookie names, the session (insert) for the response's cookie, the
         learned id (learn:NAME). The client holds references until the next request."""
         cdef double now
-        Py_XDECREF(c.session)
-        Py_XDECREF(c.learned)
-        c.session = c.learned = NULL
-        c.pin_slot = -1
+        if c.caps == NULL:
+            return                          # no sticky rule (nor a cookie to read)
+        Py_XDECREF(c.caps.session)
+        Py_XDECREF(c.caps.learned)
+        c.caps.session = c.caps.learned = NULL
+        c.caps.pin_slot = -1
         if e == NULL:
             return
         if e.session != NULL:
@@ -1548,11 +1574,11 @@ cdef class Engine:
                 now = wall_now()
                 if self.maxlife and now - e.first > self.maxlife or self.maxidle and now - e.last > self.maxidle:
                     return                  # expired: balanced, and the response starts a new session
-            c.session = e.session
-            Py_INCREF(<object>c.session)
-        c.pin_slot = e.pin_slot
-        c.learned = e.learned
-        Py_INCREF(<object>c.learned)
+            c.caps.session = e.session
+            Py_INCREF(<object>c.caps.session)
+        c.caps.pin_slot = e.pin_slot
+        c.caps.learned = e.learned
+        Py_INCREF(<object>c.caps.learned)
 
     cdef int slot_of(self, backend) except -1:
         cdef object slot = self.slots.get(backend)
@@ -1604,8 +1630,10 @@ cdef class Engine:
             self.place(c, backend, key)
             return
         if self.limiter is not None and self.limiter.has_request_rules:
-            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, c.buf, c.key_start, c.key_len,
-                                             self.now)
+            # (no ClientCaptures: no key headers, nkeys 0, so check_engine reads no key)
+            wait = self.limiter.check_engine(self.limit_pool, c.ip, c.ip_len, c.buf,
+                                             c.caps.key_start if c.caps != NULL else NULL,
+                                             c.caps.key_len if c.caps != NULL else NULL, self.now)
             if wait > 0.0:
                 self.answer(c, self.limited_response(wait, c.close_after))
                 return
@@ -1613,17 +1641,18 @@ cdef class Engine:
         if self.sticky_kind == STICKY_NONE:
             backend = self.select(key, None)
         elif self.sticky_kind == STICKY_COOKIE_INSERT or self.sticky_kind == STICKY_COOKIE_PREFIX:
-            pinned = self.backends[c.pin_slot] if c.pin_slot >= 0 else None
+            pinned = self.backends[c.caps.pin_slot] if c.caps.pin_slot >= 0 else None
             backend = self.select(key, pinned)
         else:
             # A learned or source key: the pool's table (Sticky.pinned_by_key) is read by select_sticky.
             if self.sticky_kind == STICKY_SOURCE:
                 sticky_key = PyBytes_FromStringAndSize(c.ip, c.ip_len)
             elif self.sticky_kind == STICKY_LEARN_COOKIE:
-                sticky_key = <object>c.learned if c.learned != NULL and len(<object>c.learned) else None
-            elif c.cap_len[self.cap_sticky] > 0:       # learn:header:NAME (Sticky.pin: an empty one is none)
-                sticky_key = PyBytes_FromStringAndSize(c.buf + c.cap_start[self.cap_sticky],
-                                                       c.cap_len[self.cap_sticky])
+                sticky_key = (<object>c.caps.learned if c.caps.learned != NULL and len(<object>c.caps.learned)
+                              else None)
+            elif c.caps.cap_len[self.cap_sticky] > 0:       # learn:header:NAME (Sticky.pin: an empty one is none)
+                sticky_key = PyBytes_FromStringAndSize(c.buf + c.caps.cap_start[self.cap_sticky],
+                                                       c.caps.cap_len[self.cap_sticky])
             if sticky_key is None:
                 backend = self.select(key, None)
             elif self.table_hit(sticky_key) >= 0:
@@ -1682,14 +1711,14 @@ cdef class Engine:
             return PyBytes_FromStringAndSize(c.buf + c.url_start, end - c.url_start)
         if self.key_kind == KEY_HEADER:
             slot = self.cap_hash
-            if c.cap_len[slot] < 0:
+            if c.caps.cap_len[slot] < 0:
                 return None
-            return PyBytes_FromStringAndSize(c.buf + c.cap_start[slot], c.cap_len[slot])
+            return PyBytes_FromStringAndSize(c.buf + c.caps.cap_start[slot], c.caps.cap_len[slot])
         if self.key_kind == KEY_COOKIE:
             slot = self.cap_cookie
-            if c.cap_len[slot] <= 0:
+            if c.caps.cap_len[slot] <= 0:
                 return None
-            return cookie_key(<const unsigned char *>c.buf + c.cap_start[slot], c.cap_len[slot],
+            return cookie_key(<const unsigned char *>c.buf + c.caps.cap_start[slot], c.caps.cap_len[slot],
                               PyBytes_AS_STRING(self.key_name), len(self.key_name))
         if self.key_kind == KEY_QUERY:
             return query_key(<const unsigned char *>c.buf + c.url_start, c.url_end - c.url_start,
@@ -1828,7 +1857,7 @@ cdef class Engine:
         if n <= 0:
             self.adopt(c, self.scratch, 0, HAND_BACKEND_FAILED)
             return
-        if c.ssl != NULL and self.hsts_on:
+        if c.tls != NULL and self.hsts_on:
             # The pool's HSTS replaces the backend's own line (upstream.py's on_header and fast path).
             hsts = <object>PyList_GET_ITEM(self.slot_hsts, c.slot)
             if not len(hsts):
@@ -1906,8 +1935,8 @@ cdef class Engine:
         cdef object session
         cdef long long second
         cdef object line
-        if c.session != NULL and c.pin_slot == c.slot:
-            session = <object>c.session
+        if c.caps.session != NULL and c.caps.pin_slot == c.slot:
+            session = <object>c.caps.session
             if not self.refresh_after or wall_now() - <double>session[2] < self.refresh_after:
                 return <object>PyTuple_GET_ITEM(session, 3)
             return self.cookie_line(session, self.backends[c.slot])
@@ -1938,7 +1967,7 @@ cdef class Engine:
             count = 1
         if count == 1:
             n = client_send(c, <char *>iov[0].iov_base, iov[0].iov_len)
-        elif c.ssl != NULL:
+        elif c.tls != NULL:
             n = 0                   # TLS writes one buffer: the pending one, written at once below
             whole_to_pending = True
         else:
