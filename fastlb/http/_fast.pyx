@@ -62,6 +62,7 @@ from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS, cookie_v
 # requests, WAIT_BACKEND for a response; a TLS connection its handshake first) and the pool's hashing key,
 # as the Python side names them.
 from fastlb.constants cimport (WAIT_NONE, WAIT_HEAD, WAIT_IDLE, WAIT_BACKEND, WAIT_HANDSHAKE, WAIT_TUNNEL_FLUSH,
+                               WAIT_STREAMS,
                                KEY_NONE, KEY_SOURCE, KEY_URI, KEY_PATH, KEY_HEADER, KEY_COOKIE, KEY_QUERY,
                                STICKY_NONE, STICKY_COOKIE_INSERT, STICKY_COOKIE_PREFIX, STICKY_LEARN_COOKIE,
                                STICKY_LEARN_HEADER, STICKY_SOURCE)
@@ -120,7 +121,8 @@ cdef enum:
     HAND_RESPONSE = 3          # a response the engine does not forward itself (not plain, a watched header)
     HAND_RETRY = 4             # a --retry-on status for a request that may be sent again
     HAND_TIMEOUT = 5           # no response within response_timeout (Python answers 504 or retries)
-    HAND_H2 = 6                # TLS whose ALPN chose h2: HTTP/2 is the Python path's (fastlb/http2/)
+    HAND_H2 = 6                # ALPN h2 or an h2c preface: HTTP/2 is the Python path's (fastlb/http2/) unless
+                               # the engine serves it (_eh2.pxi)
     HAND_REASONS = 7
 HANDED_REASONS = ("request", "no_backend", "backend_failed", "response", "retry_status", "response_timeout",
                   "h2")
@@ -226,6 +228,7 @@ cdef struct Client:
     uint32_t up_off
     unsigned char up_ended        # the client's end was passed on (SHUT_WR)
     unsigned char down_ended      # the Python side closed its end: close once pending is written
+    void *h2                      # HTTP/2 (_eh2.pxi): a connection's H2Conn, a stream's H2Stream; else NULL
 
 
 cdef struct Listener:
@@ -240,6 +243,7 @@ cdef struct Listener:
 
 
 include "_etls.pxi"
+include "_eh2.pxi"
 
 
 cdef struct CookieEntry:
@@ -490,6 +494,13 @@ cdef class Engine:
     cdef int *attempts             # per slot: its pool's attempts per request (retries + 1)
     cdef unsigned char retry_status[600]   # --retry-on statuses
     cdef Py_ssize_t replay_limit   # a request over this many bytes (protocol.REPLAY_LIMIT) is never re-sent
+    # HTTP/2 clients served here (_eh2.pxi; h2_configure): on or off, the limits (H2Settings), counts.
+    cdef int h2_mode               # H2_OFF, H2_PYTHON, H2_ENGINE
+    cdef int h2_max_streams, h2_initial_window, h2_connection_window
+    cdef Py_ssize_t h2_max_header_list
+    cdef double h2_control_burst
+    cdef char *h2_request_buf     # a stream's HTTP/1.1 request head being written
+    cdef public unsigned long long h2_connections, h2_unserved_streams
 
     def __cinit__(self):
         self.epfd = -1
@@ -508,6 +519,7 @@ cdef class Engine:
         self.fresh_line = NULL
         self.fresh_second = NULL
         self.attempts = NULL
+        self.h2_request_buf = NULL
         self.max_clients = 1 << 40
         self.accept_paused = False
 
@@ -594,6 +606,7 @@ cdef class Engine:
         self.nrules = i
         self.now = monotonic_now()
         self.set_features(glue, settings)
+        h2_configure(self, glue)
         if admission is not None:
             self.limiter = admission.limiter
             self.limit_pool = limit_pool
@@ -695,6 +708,7 @@ cdef class Engine:
         free(self.idle_count)
         free(self.attempts)
         free(self.decoded)
+        free(self.h2_request_buf)
         if self.fresh_line != NULL:
             for i in range(self.slot_count):
                 Py_XDECREF(self.fresh_line[i])
@@ -834,6 +848,7 @@ cdef class Engine:
         c.up = NULL
         c.up_len = c.up_off = 0
         c.up_ended = c.down_ended = 0
+        c.h2 = NULL
         c.kind = IS_CLIENT
         c.fd = fd
         c.state = WAITING
@@ -925,6 +940,11 @@ cdef class Engine:
                 return
             c.counted = 1
         if c.alpn == ALPN_H2:
+            if self.h2_mode == H2_ENGINE and h2_start(self, c):
+                h2_flush(self, c)           # the server's SETTINGS first
+                if c.kind == IS_CLIENT:
+                    h2_readable(self, c)
+                return
             # HTTP/2 (fastlb/http2/connection.py) over the tunnel from its first byte; the Python side is
             # told ALPN's choice, which its end of the socketpair cannot tell.
             self.adopt(c, NULL, 0, HAND_H2)
@@ -950,6 +970,9 @@ cdef class Engine:
         free(c.forward)
         free(c.tls_block)
         free(c.up)
+        if c.kind == IS_STREAM:
+            free(c.h2)
+            c.h2 = NULL
         c.buf = c.pending = c.forward = c.tls_block = c.up = NULL
         Py_XDECREF(c.session)
         Py_XDECREF(c.learned)
@@ -986,6 +1009,8 @@ cdef class Engine:
         """Ends a client connection the engine holds (whatever its state)."""
         cdef Backend *b = c.backend
         cdef object backend
+        if c.h2 != NULL:
+            h2_end(self, c)
         self.unlink(c)
         tls_end(c, c.state != HANDSHAKE)
         close(c.fd)            # accepted by the engine, no duplicate: closing takes it out of the epoll set
@@ -1033,6 +1058,9 @@ cdef class Engine:
         cdef int fd = c.fd
         cdef int pair[2]
         cdef bint tunneled
+        if c.kind == IS_STREAM:
+            h2_handed(self, c, reason)
+            return
         if c.ssl != NULL:
             # The SSL state cannot leave: the engine keeps the connection and relays the decrypted bytes
             # over a socketpair whose other end the Python path takes as if it were the client's socket.
@@ -1247,6 +1275,9 @@ cdef class Engine:
                     if c.state == TUNNEL:
                         self.pump(c)
                         continue
+                    if c.h2 != NULL:
+                        h2_event(self, c, ev)
+                        continue
                     if ev & (EPOLLRDHUP | EPOLLHUP):
                         c.hung_up = 1           # no further edge will say so: checked after each answer
                     # (TLS: a write may wait for a read, so any event retries it)
@@ -1269,6 +1300,9 @@ cdef class Engine:
         if c.state == TUNNEL:
             self.pump(c)
             return
+        if c.h2 != NULL:
+            h2_readable(self, c)
+            return
         if c.state != WAITING:
             c.read_pending = 1      # read once the request in flight is answered
             return
@@ -1278,6 +1312,8 @@ cdef class Engine:
             return
         if n <= 0:
             self.close_client(c)
+            return
+        if self.scratch[0] == 80 and h2_preface(self, c, n):      # 'P': maybe HTTP/2's preface
             return
         if n == SCRATCH or not self.parse_request(c, <const unsigned char *>self.scratch, n):
             self.adopt(c, self.scratch, n, HAND_REQUEST)
@@ -1922,6 +1958,9 @@ cdef class Engine:
         cdef ssize_t n, total = 0, left
         cdef int i
         cdef bint whole_to_pending = False
+        if c.kind == IS_STREAM:
+            h2_answer(self, c, iov, count)
+            return
         for i in range(count):
             total += iov[i].iov_len
         if count > 1 and total <= SCRATCH:
@@ -2086,7 +2125,9 @@ cdef class Engine:
         self.now = monotonic_now()
         while c != NULL:
             next_client = c.next
-            if c.deadline_kind != WAIT_NONE and c.deadline <= self.now:
+            if c.h2 != NULL:
+                h2_sweep(self, c)
+            elif c.deadline_kind != WAIT_NONE and c.deadline <= self.now:
                 if c.deadline_kind == WAIT_IDLE:
                     self.close_client(c)
                 elif c.deadline_kind == WAIT_HEAD:

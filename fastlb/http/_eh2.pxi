@@ -1,0 +1,822 @@
+# HTTP/2 clients served by the HTTP engine with libnghttp2 (included by fastlb/http/_fast.pyx after
+# _etls.pxi). Experimental: on only with FASTLB_H2_ENGINE=1 (fastlb/http/fast.py, H2_ENGINE_ENV); otherwise
+# an h2c preface or ALPN h2 hands the connection to the Python path (fastlb/http2/) as before.
+#
+# Shape: an HTTP/2 connection is a Client whose `h2` is an H2Conn (its nghttp2 server session, the flood
+# budget, its open streams). Each stream is a Client of its own (kind IS_STREAM, no socket, `h2` its
+# H2Stream) that goes through the engine's HTTP/1.1 request machinery unchanged: its header list is
+# written as the HTTP/1.1 request head fastlb/http2/connection.py's H2Connection.request writes (same
+# checks, same `Connection: close`), parse_request reads it (header rules, captures, hashing keys, sticky
+# pins, limits), dispatch picks and places it on an idle backend connection (or Python connects), the one
+# sweep watches its response deadline, and on_backend_readable forwards a plain response (_scan.pxi), the
+# access log and counters included. Where the engine writes an answer to a client (write_answer), a
+# stream's HTTP/1.1 answer becomes a HEADERS frame (connection-specific fields dropped, as ResponseSink
+# does) and its body DATA frames read from the stream's pending buffer by a data provider.
+#
+# What a stream cannot finish here (the engine would hand an HTTP/1.1 client to the Python path: a
+# request it does not serve, no backend to pick now, a backend that failed, a response not plain, a
+# --retry-on status, a response timeout) is answered 502 today (h2_unserved): the gap that keeps this
+# path off by default. Request bodies are refused (RST_STREAM REFUSED_STREAM, RFC 9113 8.7: nothing was
+# processed) for the same reason.
+#
+# libnghttp2 is not reentrant: frames are written (mem_send) only outside mem_recv; answers submitted
+# while it reads are written when the read is done.
+
+from fastlb.http2.nghttp2 cimport *
+from os import environ
+
+cdef enum:
+    IS_STREAM = 5                # Client.kind of an HTTP/2 stream (never in the epoll set)
+
+# Engine.h2_mode: who serves HTTP/2 clients.
+cdef enum:
+    H2_OFF = 0                   # nobody (--h2 off): a preface is a bad HTTP/1.1 request
+    H2_PYTHON = 1                # the Python path (fastlb/http2/), handed over (HAND_H2)
+    H2_ENGINE = 2                # the engine (FASTLB_H2_ENGINE=1)
+
+H2_ENGINE_ENV = "FASTLB_H2_ENGINE"
+
+# A stream's header list as received: records of (name length, value length, name, value).
+cdef enum:
+    FIELD_RECORD = 8             # two uint32 lengths before the bytes
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# Response fields HTTP/2 forbids (fastlb/http2/common.py's CONNECTION_SPECIFIC).
+H2_CONNECTION_SPECIFIC = (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+
+
+cdef struct H2Conn:
+    nghttp2_session *session
+    void *engine                 # the Engine (borrowed: it outlives its clients)
+    Client *owner
+    Client *streams              # its open streams, linked by Client.prev / next
+    int nstreams
+    unsigned char receiving      # inside mem_recv: frames wait until it returns (not reentrant)
+    unsigned char goaway_sent
+    unsigned char flooded
+    double tokens, refilled_at   # the control-frame budget (_nghttp2.Session.spend's)
+    double idle_since
+
+
+cdef struct H2Stream:
+    Client *conn
+    int32_t id
+    unsigned char dispatched     # its request went to the engine's machinery
+    unsigned char is_head
+    uint32_t header_size         # RFC 9113 6.5.2 size of its header list
+    char *fields                 # FIELD_RECORD records, while its header block is read
+    uint32_t fields_len
+    uint32_t fields_cap
+    double opened
+
+
+cdef inline H2Conn *conn_of(Client *c) noexcept:
+    return <H2Conn *>c.h2
+
+
+cdef inline H2Stream *stream_of(Client *c) noexcept:
+    return <H2Stream *>c.h2
+
+
+cdef h2_configure(Engine self, glue):
+    """The HTTP/2 limits of the runtime's H2Settings (fastlb/http2/connection.py), read once."""
+    h2 = glue.runtime.h2
+    if h2 is None:
+        self.h2_mode = H2_OFF
+        return
+    self.h2_mode = H2_ENGINE if environ.get(H2_ENGINE_ENV) == "1" else H2_PYTHON
+    self.h2_max_streams = h2.max_concurrent_streams
+    self.h2_max_header_list = h2.max_header_list_size
+    self.h2_initial_window = h2.initial_window_size
+    self.h2_connection_window = h2.connection_window_size
+    self.h2_control_burst = h2.max_control_frames
+    if self.h2_mode == H2_ENGINE:
+        self.h2_request_buf = <char *>malloc(MAX_FAST_HEAD)
+        if self.h2_request_buf == NULL:
+            raise MemoryError()
+
+
+cdef bint h2_preface(Engine self, Client *c, Py_ssize_t n):
+    """A plain connection's first bytes (in scratch) that are HTTP/2's preface, or its start: served
+    here (H2_ENGINE) or handed to the Python path (which holds a partial preface). False: not a preface
+    at a connection's start, or HTTP/2 is off (the request parser's then)."""
+    if self.h2_mode == H2_OFF or c.deadline_kind != WAIT_HEAD or c.ssl != NULL:
+        return False
+    if memcmp(self.scratch, PyBytes_AS_STRING(H2_PREFACE), min(n, 24)) != 0:
+        return False
+    if n >= 24 and self.h2_mode == H2_ENGINE and h2_start(self, c):
+        h2_receive(self, c, self.scratch, n)
+        return True
+    self.adopt(c, self.scratch, n, HAND_H2)
+    return True
+
+
+cdef bint h2_start(Engine self, Client *c):
+    """c speaks HTTP/2 from now on (its preface read, or ALPN h2): its server session, the flood options
+    and SETTINGS the Python path's _nghttp2.Session uses. False: out of memory (c untouched)."""
+    cdef nghttp2_session_callbacks *callbacks
+    cdef nghttp2_option *option
+    cdef nghttp2_settings_entry settings[5]
+    cdef H2Conn *h = <H2Conn *>calloc(1, sizeof(H2Conn))
+    cdef int rv
+    if h == NULL:
+        return False
+    if nghttp2_session_callbacks_new(&callbacks) != 0:
+        free(h)
+        return False
+    nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, h2_on_frame_recv)
+    nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, h2_on_begin_headers)
+    nghttp2_session_callbacks_set_on_header_callback(callbacks, h2_on_header)
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, h2_on_data_chunk_recv)
+    nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, h2_on_stream_close)
+    if nghttp2_option_new(&option) != 0:
+        nghttp2_session_callbacks_del(callbacks)
+        free(h)
+        return False
+    nghttp2_option_set_max_outbound_ack(option, H2_MAX_OUTBOUND_ACK)
+    nghttp2_option_set_max_settings(option, H2_MAX_SETTINGS)
+    nghttp2_option_set_stream_reset_rate_limit(option, H2_RESET_BURST, H2_RESET_RATE)
+    nghttp2_option_set_max_continuations(option, H2_MAX_CONTINUATIONS)
+    nghttp2_option_set_max_deflate_dynamic_table_size(option, H2_DEFLATE_TABLE_SIZE)
+    rv = nghttp2_session_server_new2(&h.session, callbacks, <void *>c, option)
+    nghttp2_option_del(option)
+    nghttp2_session_callbacks_del(callbacks)
+    if rv != 0:
+        free(h)
+        return False
+    settings[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+    settings[0].value = self.h2_max_streams
+    settings[1].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
+    settings[1].value = <uint32_t>self.h2_max_header_list
+    settings[2].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+    settings[2].value = self.h2_initial_window
+    settings[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+    settings[3].value = 0
+    settings[4].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
+    settings[4].value = H2_DEFLATE_TABLE_SIZE
+    nghttp2_submit_settings(h.session, NGHTTP2_FLAG_NONE, settings, 5)
+    if self.h2_connection_window > 65535:
+        nghttp2_session_set_local_window_size(h.session, NGHTTP2_FLAG_NONE, 0, self.h2_connection_window)
+    h.engine = <void *>self
+    h.owner = c
+    h.tokens = self.h2_control_burst
+    h.refilled_at = self.now
+    h.idle_since = self.now
+    c.h2 = <void *>h
+    # Its deadlines are its streams' and its idleness (h2_sweep), not a request head's.
+    c.deadline_kind = WAIT_STREAMS
+    self.h2_connections += 1
+    return True
+
+
+cdef void h2_receive(Engine self, Client *c, const char *data, Py_ssize_t n):
+    """Bytes from an HTTP/2 client: fed to its session, then what it has to say is written."""
+    cdef H2Conn *h = conn_of(c)
+    cdef ssize_t rv
+    h.receiving = 1
+    rv = nghttp2_session_mem_recv(h.session, <const uint8_t *>data, n)
+    h.receiving = 0
+    if c.kind != IS_CLIENT:
+        return
+    if rv < 0:
+        # A connection error (libnghttp2 queued its GOAWAY): written, then closed.
+        h2_flush(self, c)
+        if c.kind == IS_CLIENT:
+            self.close_client(c)
+        return
+    h2_flush(self, c)
+
+
+cdef void h2_readable(Engine self, Client *c):
+    """Reads an HTTP/2 client until it would block (edge-triggered)."""
+    cdef ssize_t n
+    while c.kind == IS_CLIENT:
+        if c.pending != NULL:
+            return                  # a client that does not read what it asked for is not read either
+        n = client_recv(c, self.scratch, SCRATCH)
+        if n == WOULD_BLOCK:
+            return
+        if n <= 0:
+            self.close_client(c)
+            return
+        h2_receive(self, c, self.scratch, n)
+        if n < SCRATCH and c.ssl == NULL:
+            return                  # (plain: a short read drained the socket)
+
+
+cdef bint h2_flush(Engine self, Client *c):
+    """Writes the frames the session has ready, unless it is reading (then its caller does); False when
+    the connection ended."""
+    cdef H2Conn *h = conn_of(c)
+    cdef const uint8_t *data
+    cdef ssize_t n, w, have
+    if h.receiving:
+        return True
+    while c.pending != NULL:
+        w = client_send(c, c.pending + c.pending_off, c.pending_len - c.pending_off)
+        if w == FAILED:
+            self.close_client(c)
+            return False
+        if w == 0:
+            return True             # EPOLLOUT resumes (h2_event)
+        c.pending_off += <uint32_t>w
+        if c.pending_off == c.pending_len:
+            free(c.pending)
+            c.pending = NULL
+            c.pending_len = c.pending_off = 0
+    while True:
+        # Frames gathered in headbuf, written in one send (TLS: one record run).
+        have = 0
+        while True:
+            n = nghttp2_session_mem_send(h.session, &data)
+            if n < 0:
+                self.close_client(c)
+                return False
+            if n == 0:
+                break
+            if have + n > SCRATCH:
+                # Larger than what is left: what is gathered goes first, then this one alone.
+                if have:
+                    w = client_send(c, self.headbuf, have)
+                    if not h2_sent(self, c, self.headbuf, have, w):
+                        return False
+                    have = 0
+                    if c.pending != NULL:
+                        return h2_hold(self, c, <const char *>data, n)
+                w = client_send(c, <const char *>data, n)
+                if not h2_sent(self, c, <const char *>data, n, w):
+                    return False
+                if c.pending != NULL:
+                    return True
+                continue
+            memcpy(self.headbuf + have, data, n)
+            have += n
+        if have == 0:
+            break
+        w = client_send(c, self.headbuf, have)
+        if not h2_sent(self, c, self.headbuf, have, w):
+            return False
+        if c.pending != NULL:
+            return True
+    if not nghttp2_session_want_read(h.session) and not nghttp2_session_want_write(h.session):
+        self.close_client(c)        # GOAWAY sent and every stream done
+        return False
+    if c.read_pending:
+        # Bytes came while an answer waited for the client to read: read now (no edge will say so).
+        c.read_pending = 0
+        h2_readable(self, c)
+        return c.kind == IS_CLIENT
+    return True
+
+
+cdef bint h2_sent(Engine self, Client *c, const char *data, ssize_t size, ssize_t w):
+    """After a send of `size` bytes took `w`: the rest waits in c.pending. False when the client is gone."""
+    if w == FAILED:
+        self.close_client(c)
+        return False
+    if w < size:
+        return h2_hold(self, c, data + w, size - w)
+    return True
+
+
+cdef bint h2_hold(Engine self, Client *c, const char *data, ssize_t size):
+    """Bytes the socket did not take: written on EPOLLOUT (appended to what waits already)."""
+    cdef char *grown = <char *>realloc(c.pending, c.pending_len + size)
+    if grown == NULL:
+        self.close_client(c)
+        return False
+    memcpy(grown + c.pending_len, data, size)
+    c.pending = grown
+    c.pending_len += <uint32_t>size
+    return True
+
+
+cdef void h2_event(Engine self, Client *c, uint32_t ev):
+    """An epoll event on an HTTP/2 client."""
+    if ev & (EPOLLRDHUP | EPOLLHUP):
+        c.hung_up = 1
+    if c.pending != NULL and (ev & EPOLLOUT or c.ssl != NULL):
+        if not h2_flush(self, c):
+            return
+    if c.kind == IS_CLIENT and ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        if c.pending != NULL:
+            c.read_pending = 1
+            return
+        h2_readable(self, c)
+
+
+cdef bint h2_spend(Engine self, H2Conn *h) noexcept:
+    """One control-frame token (_nghttp2.Session.spend): False, and GOAWAY ENHANCE_YOUR_CALM, when the
+    budget is spent."""
+    cdef double now = monotonic_now()
+    h.tokens += (now - h.refilled_at) * (self.h2_control_burst / <double>H2_CONTROL_REFILL_DIVISOR)
+    h.refilled_at = now
+    if h.tokens > self.h2_control_burst:
+        h.tokens = self.h2_control_burst
+    if h.tokens < 1.0:
+        if not h.flooded:
+            h.flooded = 1
+            nghttp2_session_terminate_session(h.session, NGHTTP2_ENHANCE_YOUR_CALM)
+        return False
+    h.tokens -= 1.0
+    return True
+
+
+# ---- streams ------------------------------------------------------------------------------------------
+
+cdef Client *h2_new_stream(Engine self, Client *conn, int32_t stream_id):
+    """A request context for stream_id, copying what the engine reads of its connection."""
+    cdef Client *s = <Client *>calloc(1, sizeof(Client))
+    cdef H2Stream *st = <H2Stream *>calloc(1, sizeof(H2Stream))
+    cdef H2Conn *h = conn_of(conn)
+    if s == NULL or st == NULL:
+        free(s)
+        free(st)
+        return NULL
+    s.forward = <char *>malloc(conn.forward_len + 1)
+    if conn.tls_block_len:
+        s.tls_block = <char *>malloc(conn.tls_block_len)
+    if s.forward == NULL or (conn.tls_block_len and s.tls_block == NULL):
+        free(s.forward)
+        free(s.tls_block)
+        free(s)
+        free(st)
+        return NULL
+    memcpy(s.forward, conn.forward, conn.forward_len)
+    s.forward_len = conn.forward_len
+    if conn.tls_block_len:
+        memcpy(s.tls_block, conn.tls_block, conn.tls_block_len)
+        s.tls_block_len = conn.tls_block_len
+    s.kind = IS_STREAM
+    s.fd = -1
+    s.state = WAITING
+    s.slot = -1
+    s.pin_slot = -1
+    s.ssl = conn.ssl                # read only (HSTS applies to TLS clients); never written through
+    s.bind = conn.bind
+    s.ip_len = conn.ip_len
+    memcpy(s.ip, conn.ip, conn.ip_len)
+    s.tunnel.kind = IS_FREED
+    s.tunnel.fd = -1
+    st.conn = conn
+    st.id = stream_id
+    st.opened = self.now
+    s.h2 = <void *>st
+    s.prev = NULL
+    s.next = h.streams
+    if h.streams != NULL:
+        h.streams.prev = s
+    h.streams = s
+    h.nstreams += 1
+    return s
+
+
+cdef void h2_unlink_stream(Client *s):
+    cdef H2Stream *st = stream_of(s)
+    cdef H2Conn *h
+    if st.conn == NULL:
+        return
+    h = conn_of(st.conn)
+    if s.prev != NULL:
+        s.prev.next = s.next
+    else:
+        h.streams = s.next
+    if s.next != NULL:
+        s.next.prev = s.prev
+    s.prev = s.next = NULL
+    h.nstreams -= 1
+    h.idle_since = (<Engine>h.engine).now
+    st.conn = NULL
+
+
+cdef void h2_drop_stream(Engine self, Client *s):
+    """The stream is over for its connection (closed by the session, or the connection ended): a
+    request in flight lets its backend connection go (as close_client does); one Python connects for
+    is freed when it is connected (gone)."""
+    cdef Backend *b = s.backend
+    cdef H2Stream *st = stream_of(s)
+    h2_unlink_stream(s)
+    free(st.fields)
+    st.fields = NULL
+    if b != NULL:
+        s.backend = NULL
+        self.close_backend(b)
+        self.finish(self.backends[s.slot], self.now - s.sent_at, True, 0, self.request_size(s), 0)
+    if s.state == CONNECTING:
+        s.gone = 1
+        return
+    h2_free_stream(self, s)
+
+
+cdef void h2_free_stream(Engine self, Client *s):
+    s.ssl = NULL                    # its connection's
+    self.free_client(s)             # (and its H2Stream)
+
+
+cdef int h2_on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    cdef Client *c = <Client *>user_data
+    cdef H2Conn *h = conn_of(c)
+    cdef Engine self = <Engine>h.engine
+    cdef Client *s
+    if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        return 0
+    if h.nstreams >= self.h2_max_streams or h.goaway_sent:
+        # SETTINGS_MAX_CONCURRENT_STREAMS before the client acknowledged it (as _nghttp2.pyx), or draining.
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id, NGHTTP2_REFUSED_STREAM)
+        return 0
+    s = h2_new_stream(self, c, frame.hd.stream_id)
+    if s == NULL:
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    nghttp2_session_set_stream_user_data(session, frame.hd.stream_id, <void *>s)
+    return 0
+
+
+cdef int h2_on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                      const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data) noexcept:
+    cdef Client *c = <Client *>user_data
+    cdef Engine self = <Engine>conn_of(c).engine
+    cdef Client *s = <Client *>nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
+    cdef H2Stream *st
+    cdef uint32_t need, length
+    cdef char *grown
+    if s == NULL or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        return 0                    # (trailers: the stream was refused already, it has a body)
+    st = stream_of(s)
+    st.header_size += <uint32_t>(namelen + valuelen + H2_FIELD_OVERHEAD)
+    if st.header_size > self.h2_max_header_list:
+        return 0                    # not kept: answered 431 when the list is whole
+    need = st.fields_len + FIELD_RECORD + <uint32_t>(namelen + valuelen)
+    if need > st.fields_cap:
+        grown = <char *>realloc(st.fields, max(need, st.fields_cap * 2, 512))
+        if grown == NULL:
+            return NGHTTP2_ERR_CALLBACK_FAILURE
+        st.fields = grown
+        st.fields_cap = max(need, st.fields_cap * 2, 512)
+    length = <uint32_t>namelen
+    memcpy(st.fields + st.fields_len, &length, 4)
+    length = <uint32_t>valuelen
+    memcpy(st.fields + st.fields_len + 4, &length, 4)
+    memcpy(st.fields + st.fields_len + FIELD_RECORD, name, namelen)
+    memcpy(st.fields + st.fields_len + FIELD_RECORD + namelen, value, valuelen)
+    st.fields_len = need
+    return 0
+
+
+cdef int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    cdef Client *c = <Client *>user_data
+    cdef H2Conn *h = conn_of(c)
+    cdef Engine self = <Engine>h.engine
+    cdef uint8_t kind = frame.hd.type
+    cdef bint end = frame.hd.flags & NGHTTP2_FLAG_END_STREAM
+    cdef Client *s
+    if kind == NGHTTP2_HEADERS:
+        s = <Client *>nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
+        if s == NULL:
+            return 0
+        if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+            if not end:
+                # A request body: not the engine's yet. Nothing was processed: the client may retry.
+                nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id,
+                                          NGHTTP2_REFUSED_STREAM)
+                return 0
+            try:
+                h2_request(self, s)
+            except BaseException:
+                return NGHTTP2_ERR_CALLBACK_FAILURE
+        elif not end:
+            h2_spend(self, h)               # HEADERS neither a request nor an end
+    elif kind == NGHTTP2_DATA:
+        if not end and frame.hd.length == 0:
+            h2_spend(self, h)               # an empty DATA frame carries nothing
+    elif kind == NGHTTP2_PING or kind == NGHTTP2_SETTINGS or kind == NGHTTP2_PRIORITY \
+            or kind == NGHTTP2_RST_STREAM:
+        h2_spend(self, h)
+    return 0
+
+
+cdef int h2_on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
+                               size_t size, void *user_data) noexcept:
+    return 0                        # (bodies are refused: see h2_on_frame_recv)
+
+
+cdef int h2_on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
+                            void *user_data) noexcept:
+    cdef Client *c = <Client *>user_data
+    cdef H2Conn *h = conn_of(c)
+    cdef Engine self = <Engine>h.engine
+    cdef Client *s = <Client *>nghttp2_session_get_stream_user_data(session, stream_id)
+    if s == NULL:
+        return 0
+    nghttp2_session_set_stream_user_data(session, stream_id, NULL)
+    if error_code != NGHTTP2_NO_ERROR:
+        h2_spend(self, h)                   # a stream reset before its end (Rapid Reset)
+    try:
+        h2_drop_stream(self, s)
+    except BaseException:
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef inline bint line_breaker(const char *p, uint32_t n) noexcept:
+    """connection.py's LINE_BREAKER: a byte that could not stay inside a request line."""
+    cdef uint32_t i
+    for i in range(n):
+        if <unsigned char>p[i] <= 32 or <unsigned char>p[i] == 127:
+            return True
+    return False
+
+
+cdef void h2_request(Engine self, Client *s) except *:
+    """The stream's header list is whole: checked and written as H2Connection.request writes it, then
+    served as an HTTP/1.1 request of the engine."""
+    cdef H2Stream *st = stream_of(s)
+    cdef char *f = st.fields
+    cdef uint32_t pos = 0, nlen, vlen, size
+    cdef const char *name
+    cdef const char *value
+    cdef const char *method = NULL
+    cdef const char *path = NULL
+    cdef const char *authority = NULL
+    cdef const char *host = NULL
+    cdef uint32_t method_len = 0, path_len = 0, authority_len = 0, host_len = 0
+    cdef const char *target
+    cdef uint32_t target_len
+    cdef char *out = self.h2_request_buf
+    cdef Py_ssize_t at = 0, cookie_at = -1
+    cdef bint cookies = False
+    if st.header_size > self.h2_max_header_list:
+        h2_refuse(self, s, b"431")
+        return
+    # Pseudo-header fields first (libnghttp2 checked the set and their order), and Host.
+    while pos < st.fields_len:
+        memcpy(&nlen, f + pos, 4)
+        memcpy(&vlen, f + pos + 4, 4)
+        name = f + pos + FIELD_RECORD
+        value = name + nlen
+        pos += FIELD_RECORD + nlen + vlen
+        if nlen and name[0] == 58:
+            if nlen == 7 and memcmp(name, b":method", 7) == 0:
+                method, method_len = value, vlen
+            elif nlen == 5 and memcmp(name, b":path", 5) == 0:
+                path, path_len = value, vlen
+            elif nlen == 10 and memcmp(name, b":authority", 10) == 0:
+                authority, authority_len = value, vlen
+        elif nlen == 4 and memcmp(name, b"host", 4) == 0:
+            host, host_len = value, vlen
+    if authority != NULL and host != NULL and (host_len != authority_len
+                                               or memcmp(host, authority, host_len) != 0):
+        h2_refuse(self, s, b"400")          # RFC 9113 8.3.1: a Host naming another origin
+        return
+    if method == NULL or line_breaker(method, method_len) or (
+            path != NULL and (line_breaker(path, path_len) or path_len == 0
+                              or (path[0] != 47 and path[0] != 42))):
+        h2_refuse(self, s, b"400")
+        return
+    if path == NULL:
+        # CONNECT: the request parser refuses it (405), which only the Python path answers.
+        h2_unserved(self, s)
+        return
+    size = method_len + path_len + authority_len + host_len + st.fields_len * 2 + 64
+    if size > MAX_FAST_HEAD:
+        h2_unserved(self, s)                # a head the engine would not serve either
+        return
+    at = put(out, at, method, method_len)
+    out[at] = 32
+    at = put(out, at + 1, path, path_len)
+    at = put(out, at, b" HTTP/1.1\r\n", 11)
+    target = authority if authority != NULL else host
+    target_len = authority_len if authority != NULL else host_len
+    if target != NULL:
+        at = put_line(out, at, b"Host: ", 6, target, target_len)
+    pos = 0
+    while pos < st.fields_len:
+        memcpy(&nlen, f + pos, 4)
+        memcpy(&vlen, f + pos + 4, 4)
+        name = f + pos + FIELD_RECORD
+        value = name + nlen
+        pos += FIELD_RECORD + nlen + vlen
+        if nlen == 0 or name[0] == 58 or (nlen == 4 and memcmp(name, b"host", 4) == 0) \
+                or (nlen == 2 and memcmp(name, b"te", 2) == 0):
+            continue
+        if nlen == 6 and memcmp(name, b"cookie", 6) == 0:
+            cookies = True                  # RFC 9113 8.2.3: joined with "; ", after the other lines
+            continue
+        if nlen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
+            h2_unserved(self, s)            # a deadline the engine does not keep (H2Stream's)
+            return
+        at = put(out, at, name, nlen)
+        at = put_line(out, at, b": ", 2, value, vlen)
+    if cookies:
+        at = put(out, at, b"Cookie: ", 8)
+        cookie_at = at
+        pos = 0
+        while pos < st.fields_len:
+            memcpy(&nlen, f + pos, 4)
+            memcpy(&vlen, f + pos + 4, 4)
+            name = f + pos + FIELD_RECORD
+            pos += FIELD_RECORD + nlen + vlen
+            if nlen == 6 and memcmp(name, b"cookie", 6) == 0:
+                if at != cookie_at:
+                    at = put(out, at, b"; ", 2)
+                at = put(out, at, name + nlen, vlen)
+        at = put(out, at, b"\r\n", 2)
+    at = put(out, at, b"Connection: close\r\n\r\n", 21)
+    free(st.fields)
+    st.fields = NULL
+    st.fields_len = st.fields_cap = 0
+    st.is_head = method_len == 4 and memcmp(method, b"HEAD", 4) == 0
+    st.dispatched = 1
+    if not self.parse_request(s, <const unsigned char *>out, at):
+        h2_unserved(self, s)
+        return
+    self.dispatch(s)
+
+
+cdef void h2_refuse(Engine self, Client *s, const char *status):
+    """A request refused before it became one (H2Connection._refuse): `status`, no body."""
+    cdef H2Stream *st = stream_of(s)
+    cdef nghttp2_nv nva[2]
+    nva[0].name = <uint8_t *>b":status"
+    nva[0].namelen = 7
+    nva[0].value = <uint8_t *>status
+    nva[0].valuelen = 3
+    nva[0].flags = NGHTTP2_NV_FLAG_NONE
+    nva[1].name = <uint8_t *>b"content-length"
+    nva[1].namelen = 14
+    nva[1].value = <uint8_t *>b"0"
+    nva[1].valuelen = 1
+    nva[1].flags = NGHTTP2_NV_FLAG_NONE
+    free(st.fields)
+    st.fields = NULL
+    st.fields_len = st.fields_cap = 0
+    nghttp2_submit_response(conn_of(st.conn).session, st.id, nva, 2, NULL)
+
+
+cdef void h2_unserved(Engine self, Client *s):
+    """What the engine would hand an HTTP/1.1 client's request to the Python path for: the gap of this
+    experimental path (see the top): 502, counted as a hand-over would be."""
+    cdef H2Stream *st = stream_of(s)
+    self.h2_unserved_streams += 1
+    if st.conn == NULL:
+        return
+    h2_refuse(self, s, b"502")
+    h2_flush(self, st.conn)
+
+
+cdef void h2_handed(Engine self, Client *s, int reason):
+    """adopt() for a stream: its backend connection in flight (if any) is let go, its slot back; then
+    h2_unserved."""
+    cdef Backend *b = s.backend
+    if b != NULL:
+        s.backend = NULL
+        self.close_backend(b)
+        self.finish(self.backends[s.slot], self.now - s.sent_at, False, 0, self.request_size(s), 0)
+    s.state = WAITING
+    s.deadline_kind = WAIT_NONE
+    h2_unserved(self, s)
+
+
+cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
+    """write_answer for a stream: the engine's HTTP/1.1 answer (a backend's plain response with the
+    lines the engine adds, or fastlb's own) becomes a HEADERS frame and its body DATA frames."""
+    cdef H2Stream *st = stream_of(s)
+    cdef H2Conn *h
+    cdef Py_ssize_t total = 0, at = 0, pos, line, colon, end, value_start, body_start, i
+    cdef int n, j
+    cdef char *r
+    cdef nghttp2_nv nva[MAX_SPANS + 16]
+    cdef nghttp2_data_provider provider
+    cdef int status
+    cdef bint skip
+    cdef bytes word
+    s.state = WAITING
+    s.deadline_kind = WAIT_NONE
+    if st.conn == NULL:
+        return                      # reset meanwhile: nobody to tell
+    h = conn_of(st.conn)
+    for j in range(count):
+        total += iov[j].iov_len
+    free(s.pending)
+    s.pending = r = <char *>malloc(total + 1)
+    if r == NULL:
+        nghttp2_submit_rst_stream(h.session, NGHTTP2_FLAG_NONE, st.id, NGHTTP2_INTERNAL_ERROR)
+        h2_flush(self, st.conn)
+        return
+    for j in range(count):
+        memcpy(r + at, iov[j].iov_base, iov[j].iov_len)
+        at += iov[j].iov_len
+    # "HTTP/1.1 SSS reason" CRLF, field lines, CRLF, body (the engine's own bytes: well formed).
+    status = (r[9] - 48) * 100 + (r[10] - 48) * 10 + (r[11] - 48)
+    nva[0].name = <uint8_t *>b":status"
+    nva[0].namelen = 7
+    nva[0].value = <uint8_t *>(r + 9)
+    nva[0].valuelen = 3
+    nva[0].flags = NGHTTP2_NV_FLAG_NONE
+    n = 1
+    pos = 0
+    while r[pos] != 10:
+        pos += 1
+    pos += 1
+    while r[pos] != 13:
+        line = pos
+        colon = pos
+        while r[colon] != 58:
+            r[colon] = <char>lower(<unsigned char>r[colon])
+            colon += 1
+        end = colon
+        while r[end] != 13:
+            end += 1
+        value_start = colon + 1
+        while value_start < end and (r[value_start] == 32 or r[value_start] == 9):
+            value_start += 1
+        pos = end + 2
+        skip = False
+        for word in H2_CONNECTION_SPECIFIC:
+            if colon - line == len(word) and memcmp(r + line, PyBytes_AS_STRING(word), len(word)) == 0:
+                skip = True
+                break
+        if skip or n == MAX_SPANS + 16:
+            continue
+        nva[n].name = <uint8_t *>(r + line)
+        nva[n].namelen = colon - line
+        nva[n].value = <uint8_t *>(r + value_start)
+        nva[n].valuelen = end - value_start
+        nva[n].flags = NGHTTP2_NV_FLAG_NONE
+        n += 1
+    body_start = pos + 2
+    s.pending_off = <uint32_t>body_start
+    s.pending_len = <uint32_t>total
+    provider.source.ptr = <void *>s
+    provider.read_callback = h2_read_body
+    # (libnghttp2 copies the fields before returning; the body is read from s.pending as windows allow)
+    if status == 204 or status == 304 or st.is_head or body_start == total:
+        nghttp2_submit_response(h.session, st.id, nva, n, NULL)
+    else:
+        nghttp2_submit_response(h.session, st.id, nva, n, &provider)
+    h2_flush(self, st.conn)
+
+
+cdef ssize_t h2_read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
+                          uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept:
+    cdef Client *s = <Client *>source.ptr
+    cdef size_t n = s.pending_len - s.pending_off
+    if n > length:
+        n = length
+    memcpy(buf, s.pending + s.pending_off, n)
+    s.pending_off += <uint32_t>n
+    if s.pending_off == s.pending_len:
+        data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
+    return n
+
+
+# ---- the connection's end, its deadlines ----------------------------------------------------------------
+
+cdef void h2_end(Engine self, Client *c):
+    """close_client of an HTTP/2 client: its streams end with it."""
+    cdef H2Conn *h = conn_of(c)
+    while h.streams != NULL:
+        h2_drop_stream(self, h.streams)
+    nghttp2_session_del(h.session)
+    free(h)
+    c.h2 = NULL
+
+
+cdef void h2_sweep(Engine self, Client *c):
+    """The sweep's visit (H2Connection.on_deadline): a header block still not whole after
+    http_request_timeout ends the connection; a stream past its response deadline is what the engine
+    would hand over (h2_unserved); with no stream, idleness past keepalive_timeout or draining ends
+    it with GOAWAY."""
+    cdef H2Conn *h = conn_of(c)
+    cdef Client *s = h.streams
+    cdef Client *next_stream
+    cdef H2Stream *st
+    while s != NULL:
+        next_stream = s.next
+        st = stream_of(s)
+        if not st.dispatched and st.opened <= self.now - self.http_request_timeout:
+            nghttp2_submit_goaway(h.session, NGHTTP2_FLAG_NONE,
+                                  nghttp2_session_get_last_proc_stream_id(h.session), NGHTTP2_PROTOCOL_ERROR,
+                                  NULL, 0)
+            h2_flush(self, c)
+            if c.kind == IS_CLIENT:
+                self.close_client(c)
+            return
+        if s.deadline_kind == WAIT_BACKEND and s.deadline <= self.now:
+            h2_handed(self, s, HAND_TIMEOUT)
+            if c.kind != IS_CLIENT:
+                return
+        s = next_stream
+    if h.streams == NULL and (self.draining or self.now - h.idle_since >= self.keepalive_timeout):
+        if not h.goaway_sent:
+            h.goaway_sent = 1
+            nghttp2_submit_goaway(h.session, NGHTTP2_FLAG_NONE,
+                                  nghttp2_session_get_last_proc_stream_id(h.session), NGHTTP2_NO_ERROR, NULL, 0)
+        h2_flush(self, c)
+        if c.kind == IS_CLIENT:
+            self.close_client(c)
+        return
+    if self.draining and not h.goaway_sent:
+        h.goaway_sent = 1
+        nghttp2_submit_goaway(h.session, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(h.session),
+                              NGHTTP2_NO_ERROR, NULL, 0)
+        h2_flush(self, c)
