@@ -23,6 +23,8 @@
 # while it reads are written when the read is done.
 
 from fastlb.http2.nghttp2 cimport *
+from libc.stdint cimport uint8_t
+from libc.stdio cimport snprintf
 from os import environ
 
 cdef enum:
@@ -64,9 +66,12 @@ cdef struct H2Stream:
     unsigned char dispatched     # its request went to the engine's machinery
     unsigned char is_head
     uint32_t header_size         # RFC 9113 6.5.2 size of its header list
-    char *fields                 # FIELD_RECORD records, while its header block is read
-    uint32_t fields_len
-    uint32_t fields_cap
+    char *fields                 # FIELD_RECORD records, while its header block is read; then, while
+    uint32_t fields_len          # its body is read, the HTTP/1.1 request (head without its last CRLF,
+    uint32_t fields_cap          # body after it: see h2_body)
+    uint32_t head_len            # a request with a body: its head's length in `fields`
+    unsigned char has_length     # its head has a Content-Length
+    unsigned char in_body        # its body is being read
     double opened
 
 
@@ -440,7 +445,7 @@ cdef int h2_on_header(nghttp2_session *session, const nghttp2_frame *frame, cons
     cdef uint32_t need, length
     cdef char *grown
     if s == NULL or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
-        return 0                    # (trailers: the stream was refused already, it has a body)
+        return 0                    # (trailers: such a request is not served here, see h2_on_frame_recv)
     st = stream_of(s)
     st.header_size += <uint32_t>(namelen + valuelen + H2_FIELD_OVERHEAD)
     if st.header_size > self.h2_max_header_list:
@@ -473,20 +478,24 @@ cdef int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, 
         s = <Client *>nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
         if s == NULL:
             return 0
-        if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
-            if not end:
-                # A request body: not the engine's yet. Nothing was processed: the client may retry.
-                nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id,
-                                          NGHTTP2_REFUSED_STREAM)
-                return 0
+        try:
+            if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+                h2_request(self, s, end)
+            elif stream_of(s).in_body:
+                stream_of(s).in_body = 0
+                h2_unserved(self, s)        # request trailers: the Python path's chunked end, not here
+            elif not end:
+                h2_spend(self, h)           # HEADERS neither a request nor an end
+        except BaseException:
+            return NGHTTP2_ERR_CALLBACK_FAILURE
+    elif kind == NGHTTP2_DATA:
+        s = <Client *>nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
+        if end and s != NULL and stream_of(s).in_body:
             try:
-                h2_request(self, s)
+                h2_body_end(self, s)
             except BaseException:
                 return NGHTTP2_ERR_CALLBACK_FAILURE
-        elif not end:
-            h2_spend(self, h)               # HEADERS neither a request nor an end
-    elif kind == NGHTTP2_DATA:
-        if not end and frame.hd.length == 0:
+        elif not end and frame.hd.length == 0:
             h2_spend(self, h)               # an empty DATA frame carries nothing
     elif kind == NGHTTP2_PING or kind == NGHTTP2_SETTINGS or kind == NGHTTP2_PRIORITY \
             or kind == NGHTTP2_RST_STREAM:
@@ -496,7 +505,47 @@ cdef int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, 
 
 cdef int h2_on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
                                size_t size, void *user_data) noexcept:
-    return 0                        # (bodies are refused: see h2_on_frame_recv)
+    """A request body's bytes, kept after its head while the whole request fits what the engine serves
+    in one piece (MAX_FAST_HEAD, as an HTTP/1.1 request read at once)."""
+    cdef Client *c = <Client *>user_data
+    cdef Engine self = <Engine>conn_of(c).engine
+    cdef Client *s = <Client *>nghttp2_session_get_stream_user_data(session, stream_id)
+    cdef H2Stream *st
+    if s == NULL or not stream_of(s).in_body:
+        return 0
+    st = stream_of(s)
+    if st.fields_len + size + 64 > MAX_FAST_HEAD:
+        st.in_body = 0
+        try:
+            h2_unserved(self, s)        # a body larger than the engine serves at once
+        except BaseException:
+            return NGHTTP2_ERR_CALLBACK_FAILURE
+        return 0
+    memcpy(st.fields + st.fields_len, data, size)
+    st.fields_len += <uint32_t>size
+    return 0
+
+
+cdef void h2_body_end(Engine self, Client *s) except *:
+    """The request's body is whole (END_STREAM): its head (with a Content-Length when the client sent
+    none), the body, to the engine."""
+    cdef H2Stream *st = stream_of(s)
+    cdef char *out = self.h2_request_buf
+    cdef Py_ssize_t at = 0
+    cdef uint32_t body_len = st.fields_len - st.head_len
+    cdef char digits[24]
+    cdef int ndigits
+    st.in_body = 0
+    at = put(out, at, st.fields, st.head_len)
+    if not st.has_length:
+        ndigits = snprintf(digits, sizeof(digits), "%u", body_len)
+        at = put_line(out, at, b"Content-Length: ", 16, digits, ndigits)
+    at = put(out, at, b"\r\n", 2)
+    at = put(out, at, st.fields + st.head_len, body_len)
+    free(st.fields)
+    st.fields = NULL
+    st.fields_len = st.fields_cap = 0
+    h2_serve(self, s, out, at)
 
 
 cdef int h2_on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
@@ -526,9 +575,9 @@ cdef inline bint line_breaker(const char *p, uint32_t n) noexcept:
     return False
 
 
-cdef void h2_request(Engine self, Client *s) except *:
+cdef void h2_request(Engine self, Client *s, bint end) except *:
     """The stream's header list is whole: checked and written as H2Connection.request writes it, then
-    served as an HTTP/1.1 request of the engine."""
+    served as an HTTP/1.1 request of the engine (end: it has no body; else once its body is read)."""
     cdef H2Stream *st = stream_of(s)
     cdef char *f = st.fields
     cdef uint32_t pos = 0, nlen, vlen, size
@@ -543,7 +592,8 @@ cdef void h2_request(Engine self, Client *s) except *:
     cdef uint32_t target_len
     cdef char *out = self.h2_request_buf
     cdef Py_ssize_t at = 0, cookie_at = -1
-    cdef bint cookies = False
+    cdef bint cookies = False, has_length = False
+    cdef char *grown
     if st.header_size > self.h2_max_header_list:
         h2_refuse(self, s, b"431")
         return
@@ -604,6 +654,8 @@ cdef void h2_request(Engine self, Client *s) except *:
         if nlen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
             h2_unserved(self, s)            # a deadline the engine does not keep (H2Stream's)
             return
+        if nlen == 14 and memcmp(name, b"content-length", 14) == 0:
+            has_length = True
         at = put(out, at, name, nlen)
         at = put_line(out, at, b": ", 2, value, vlen)
     if cookies:
@@ -620,13 +672,31 @@ cdef void h2_request(Engine self, Client *s) except *:
                     at = put(out, at, b"; ", 2)
                 at = put(out, at, name + nlen, vlen)
         at = put(out, at, b"\r\n", 2)
-    at = put(out, at, b"Connection: close\r\n\r\n", 21)
+    at = put(out, at, b"Connection: close\r\n", 19)
+    st.is_head = method_len == 4 and memcmp(method, b"HEAD", 4) == 0
+    st.dispatched = 1
+    if not end:
+        # The head waits in `fields` for the body, appended after it (h2_on_data_chunk_recv).
+        grown = <char *>realloc(st.fields, MAX_FAST_HEAD)
+        if grown == NULL:
+            raise MemoryError()
+        st.fields = grown
+        st.fields_cap = MAX_FAST_HEAD
+        memcpy(st.fields, out, at)
+        st.fields_len = st.head_len = <uint32_t>at
+        st.has_length = has_length
+        st.in_body = 1
+        return
     free(st.fields)
     st.fields = NULL
     st.fields_len = st.fields_cap = 0
-    st.is_head = method_len == 4 and memcmp(method, b"HEAD", 4) == 0
-    st.dispatched = 1
-    if not self.parse_request(s, <const unsigned char *>out, at):
+    at = put(out, at, b"\r\n", 2)
+    h2_serve(self, s, out, at)
+
+
+cdef void h2_serve(Engine self, Client *s, const char *request, Py_ssize_t size) except *:
+    """The stream's HTTP/1.1 request, whole: parsed and dispatched as the engine serves any."""
+    if not self.parse_request(s, <const unsigned char *>request, size):
         h2_unserved(self, s)
         return
     self.dispatch(s)
