@@ -56,6 +56,7 @@ cdef struct H2Conn:
     unsigned char receiving      # inside mem_recv: frames wait until it returns (not reentrant)
     unsigned char goaway_sent
     unsigned char flooded
+    unsigned char flush_due      # in Engine.h2_due: written once the batch of events is handled
     double tokens, refilled_at   # the control-frame budget (_nghttp2.Session.spend's)
     double idle_since
 
@@ -272,6 +273,42 @@ cdef bint h2_flush(Engine self, Client *c):
         h2_readable(self, c)
         return c.kind == IS_CLIENT
     return True
+
+
+cdef void h2_flush_soon(Engine self, Client *c):
+    """Frames are ready (a backend's response): written after this batch of events, so the responses
+    of the streams a batch completes leave in one write (as the Python path's flush_soon)."""
+    cdef H2Conn *h = conn_of(c)
+    cdef Client **grown
+    if not self.in_batch:
+        h2_flush(self, c)
+        return
+    if h.flush_due:
+        return
+    if self.h2_due_count == self.h2_due_cap:
+        grown = <Client **>realloc(self.h2_due, sizeof(Client *) * (self.h2_due_cap * 2 + 16))
+        if grown == NULL:
+            h2_flush(self, c)
+            return
+        self.h2_due = grown
+        self.h2_due_cap = self.h2_due_cap * 2 + 16
+    h.flush_due = 1
+    self.h2_due[self.h2_due_count] = c
+    self.h2_due_count += 1
+
+
+cdef void h2_flush_due(Engine self):
+    """The end of a batch: every connection with frames ready writes them (one closed meanwhile is
+    skipped: its memory is freed only after the batch, by bury)."""
+    cdef int i = 0
+    cdef Client *c
+    while i < self.h2_due_count:          # (a flush that reads may add connections)
+        c = self.h2_due[i]
+        i += 1
+        if c.kind == IS_CLIENT and c.h2 != NULL and conn_of(c).flush_due:
+            conn_of(c).flush_due = 0
+            h2_flush(self, c)
+    self.h2_due_count = 0
 
 
 cdef bint h2_sent(Engine self, Client *c, const char *data, ssize_t size, ssize_t w):
@@ -730,7 +767,7 @@ cdef void h2_unserved(Engine self, Client *s):
     if st.conn == NULL:
         return
     h2_refuse(self, s, b"502")
-    h2_flush(self, st.conn)
+    h2_flush_soon(self, st.conn)
 
 
 cdef void h2_handed(Engine self, Client *s, int reason):
@@ -823,7 +860,7 @@ cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
         nghttp2_submit_response(h.session, st.id, nva, n, NULL)
     else:
         nghttp2_submit_response(h.session, st.id, nva, n, &provider)
-    h2_flush(self, st.conn)
+    h2_flush_soon(self, st.conn)
 
 
 cdef ssize_t h2_read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,

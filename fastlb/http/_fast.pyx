@@ -501,6 +501,8 @@ cdef class Engine:
     cdef double h2_control_burst
     cdef char *h2_request_buf     # a stream's HTTP/1.1 request head being written
     cdef public unsigned long long h2_connections, h2_unserved_streams
+    cdef Client **h2_due           # HTTP/2 connections with frames to write at the end of the batch
+    cdef int h2_due_count, h2_due_cap
 
     def __cinit__(self):
         self.epfd = -1
@@ -520,6 +522,7 @@ cdef class Engine:
         self.fresh_second = NULL
         self.attempts = NULL
         self.h2_request_buf = NULL
+        self.h2_due = NULL
         self.max_clients = 1 << 40
         self.accept_paused = False
 
@@ -709,6 +712,7 @@ cdef class Engine:
         free(self.attempts)
         free(self.decoded)
         free(self.h2_request_buf)
+        free(self.h2_due)
         if self.fresh_line != NULL:
             for i in range(self.slot_count):
                 Py_XDECREF(self.fresh_line[i])
@@ -1241,8 +1245,11 @@ cdef class Engine:
         self.in_batch = True
         try:
             self.handle_events()
+            if self.h2_due_count:
+                h2_flush_due(self)
         finally:
             self.in_batch = False
+            self.h2_due_count = 0
             self.bury()
 
     cdef void handle_events(self):
