@@ -38,6 +38,24 @@ cdef enum:
 
 H2_ENGINE_ENV = "FASTLB_H2_ENGINE"
 
+# What a stream handed to the Python path reads next of the HTTP/1.1 response coming back (H2Stream.rstate).
+cdef enum:
+    R_HEAD = 0                   # a response head (1xx heads are read and dropped, as ResponseSink does)
+    R_LENGTH = 1                 # a Content-Length body
+    R_CHUNK_SIZE = 2             # a chunk-size line
+    R_CHUNK_DATA = 3
+    R_CHUNK_END = 4              # the CRLF after a chunk
+    R_TRAILERS = 5               # the trailer section of a chunked body
+    R_UNTIL_CLOSE = 6            # a body that ends when the connection does
+    R_DONE = 7                   # the response is whole; anything after it is none of ours
+
+# A response body held for a stream handed to the Python path: past HIGH the socketpair is not read
+# until the client took it below LOW (fastlb/http2/common.py's STREAM_BUFFER_HIGH / _LOW).
+cdef enum:
+    H2_BUFFER_HIGH = 256 * 1024
+    H2_BUFFER_LOW = 64 * 1024
+    MAX_RESPONSE_LINE = 65536    # a response head or trailer section longer than this: the stream is reset
+
 # A stream's header list as received: records of (name length, value length, name, value).
 cdef enum:
     FIELD_RECORD = 8             # two uint32 lengths before the bytes
@@ -57,6 +75,7 @@ cdef struct H2Conn:
     unsigned char goaway_sent
     unsigned char flooded
     unsigned char flush_due      # in Engine.h2_due: written once the batch of events is handled
+    unsigned char wake           # a paused stream may read its socketpair again (h2_read_body)
     double tokens, refilled_at   # the control-frame budget (_nghttp2.Session.spend's)
     double idle_since
 
@@ -72,7 +91,25 @@ cdef struct H2Stream:
     uint32_t fields_cap          # body after it: see h2_body)
     uint32_t head_len            # a request with a body: its head's length in `fields`
     unsigned char has_length     # its head has a Content-Length
-    unsigned char in_body        # its body is being read
+    unsigned char in_body        # its body is being read (whole in `fields` until it ends or overflows)
+    unsigned char relay          # its body goes on to the Python path as it comes (h2_relay_start)
+    unsigned char chunked        # ... re-framed chunked (no Content-Length), as H2Connection does
+    uint32_t unconsumed          # body bytes received and not yet passed on (the client's window)
+    char *trailers_in            # request trailers as `name: value` CRLF lines
+    uint32_t trailers_in_len
+    double grpc_deadline         # a gRPC call's grpc-timeout as a monotonic time (0: none)
+    # Handed to the Python path (h2_handed): its HTTP/1.1 response read back from the socketpair
+    # (Client.tunnel) and turned into frames as ResponseSink does: the parser's state, the response's.
+    unsigned char rstate         # R_*
+    unsigned char submitted      # its HEADERS went to the session
+    unsigned char out_eof        # its body is all in the pending buffer (fast path: at once)
+    unsigned char paused         # the socketpair is not read while the client has not taken the body
+    uint64_t remaining           # bytes left of a Content-Length body or of a chunk
+    char *line                   # a response head, a chunk-size line or trailers being read
+    uint32_t line_len
+    uint32_t line_cap
+    nghttp2_nv *trailers         # response trailers (a chunked response's), sent after the body
+    int ntrailers
     double opened
 
 
@@ -97,7 +134,10 @@ cdef h2_configure(Engine self, glue):
     self.h2_connection_window = h2.connection_window_size
     self.h2_control_burst = h2.max_control_frames
     if self.h2_mode == H2_ENGINE:
-        self.h2_request_buf = <char *>malloc(MAX_FAST_HEAD)
+        # A stream's request head written whole (a header list's worth), or a head and a body the
+        # engine serves (MAX_FAST_HEAD).
+        self.h2_request_cap = MAX_FAST_HEAD + self.h2_max_header_list + 1024
+        self.h2_request_buf = <char *>malloc(self.h2_request_cap)
         if self.h2_request_buf == NULL:
             raise MemoryError()
 
@@ -139,6 +179,9 @@ cdef bint h2_start(Engine self, Client *c):
         nghttp2_session_callbacks_del(callbacks)
         free(h)
         return False
+    # Request bodies are acknowledged (WINDOW_UPDATE) as they are passed on (h2_consume), not as they
+    # arrive: a body relayed to a slow Python side holds at most its window.
+    nghttp2_option_set_no_auto_window_update(option, 1)
     nghttp2_option_set_max_outbound_ack(option, H2_MAX_OUTBOUND_ACK)
     nghttp2_option_set_max_settings(option, H2_MAX_SETTINGS)
     nghttp2_option_set_stream_reset_rate_limit(option, H2_RESET_BURST, H2_RESET_RATE)
@@ -264,6 +307,11 @@ cdef bint h2_flush(Engine self, Client *c):
             return False
         if c.pending != NULL:
             return True
+    if h.wake:
+        h.wake = 0
+        h2_wake_streams(self, c)
+        if c.kind != IS_CLIENT:
+            return False
     if not nghttp2_session_want_read(h.session) and not nghttp2_session_want_write(h.session):
         self.close_client(c)        # GOAWAY sent and every stream done
         return False
@@ -273,6 +321,17 @@ cdef bint h2_flush(Engine self, Client *c):
         h2_readable(self, c)
         return c.kind == IS_CLIENT
     return True
+
+
+cdef void h2_wake_streams(Engine self, Client *c):
+    """Streams whose socketpair reading paused and whose body the client took: read again."""
+    cdef Client *s = conn_of(c).streams
+    cdef Client *next_stream
+    while s != NULL and c.kind == IS_CLIENT:
+        next_stream = s.next
+        if not stream_of(s).paused and s.tunnel.fd >= 0:
+            h2_from_python(self, s)
+        s = next_stream
 
 
 cdef void h2_flush_soon(Engine self, Client *c):
@@ -437,9 +496,23 @@ cdef void h2_drop_stream(Engine self, Client *s):
     is freed when it is connected (gone)."""
     cdef Backend *b = s.backend
     cdef H2Stream *st = stream_of(s)
+    if st.unconsumed and st.conn != NULL:
+        # Its share of the connection's window (a body not passed on in full).
+        nghttp2_session_consume_connection(conn_of(st.conn).session, st.unconsumed)
+        st.unconsumed = 0
     h2_unlink_stream(s)
     free(st.fields)
     st.fields = NULL
+    free(st.line)
+    st.line = NULL
+    free(st.trailers_in)
+    st.trailers_in = NULL
+    h2_free_trailers(st)
+    if s.tunnel.fd >= 0:
+        # Handed to the Python path: its end of the socketpair sees the close (and lets its backend go).
+        self.forget(s.tunnel.fd)
+        s.tunnel.fd = -1
+        s.tunnel.kind = IS_FREED
     if b != NULL:
         s.backend = NULL
         self.close_backend(b)
@@ -481,9 +554,21 @@ cdef int h2_on_header(nghttp2_session *session, const nghttp2_frame *frame, cons
     cdef H2Stream *st
     cdef uint32_t need, length
     cdef char *grown
-    if s == NULL or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
-        return 0                    # (trailers: such a request is not served here, see h2_on_frame_recv)
+    if s == NULL:
+        return 0
     st = stream_of(s)
+    if frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+        # Request trailers, under the header list's bound (past it they are dropped, as _nghttp2.pyx does).
+        st.header_size += <uint32_t>(namelen + valuelen + H2_FIELD_OVERHEAD)
+        if st.header_size > self.h2_max_header_list:
+            return 0
+        grown = <char *>realloc(st.trailers_in, st.trailers_in_len + namelen + valuelen + 4)
+        if grown == NULL:
+            return NGHTTP2_ERR_CALLBACK_FAILURE
+        st.trailers_in = grown
+        st.trailers_in_len = <uint32_t>put(grown, st.trailers_in_len, name, namelen)
+        st.trailers_in_len = <uint32_t>put_line(grown, st.trailers_in_len, b": ", 2, value, valuelen)
+        return 0
     st.header_size += <uint32_t>(namelen + valuelen + H2_FIELD_OVERHEAD)
     if st.header_size > self.h2_max_header_list:
         return 0                    # not kept: answered 431 when the list is whole
@@ -518,16 +603,15 @@ cdef int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, 
         try:
             if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
                 h2_request(self, s, end)
-            elif stream_of(s).in_body:
-                stream_of(s).in_body = 0
-                h2_unserved(self, s)        # request trailers: the Python path's chunked end, not here
+            elif end and (stream_of(s).in_body or stream_of(s).relay):
+                h2_body_end(self, s)        # after request trailers
             elif not end:
                 h2_spend(self, h)           # HEADERS neither a request nor an end
         except BaseException:
             return NGHTTP2_ERR_CALLBACK_FAILURE
     elif kind == NGHTTP2_DATA:
         s = <Client *>nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
-        if end and s != NULL and stream_of(s).in_body:
+        if end and s != NULL and (stream_of(s).in_body or stream_of(s).relay):
             try:
                 h2_body_end(self, s)
             except BaseException:
@@ -542,36 +626,61 @@ cdef int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, 
 
 cdef int h2_on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
                                size_t size, void *user_data) noexcept:
-    """A request body's bytes, kept after its head while the whole request fits what the engine serves
-    in one piece (MAX_FAST_HEAD, as an HTTP/1.1 request read at once)."""
+    """A request body's bytes: kept after its head while the whole request fits what the engine serves
+    in one piece (MAX_FAST_HEAD, as an HTTP/1.1 request read at once); past that, the request goes to
+    the Python path and its body after it as it comes."""
     cdef Client *c = <Client *>user_data
     cdef Engine self = <Engine>conn_of(c).engine
     cdef Client *s = <Client *>nghttp2_session_get_stream_user_data(session, stream_id)
     cdef H2Stream *st
-    if s == NULL or not stream_of(s).in_body:
+    if s == NULL or not (stream_of(s).in_body or stream_of(s).relay):
+        h2_consume(session, stream_id, size)
         return 0
     st = stream_of(s)
-    if st.fields_len + size + 64 > MAX_FAST_HEAD:
-        st.in_body = 0
-        try:
-            h2_unserved(self, s)        # a body larger than the engine serves at once
-        except BaseException:
-            return NGHTTP2_ERR_CALLBACK_FAILURE
-        return 0
+    try:
+        if st.relay:
+            st.unconsumed += <uint32_t>size
+            h2_relay_body(self, s, <const char *>data, size)
+            return 0
+        h2_consume(session, stream_id, size)
+        if st.fields_len + size + 64 > MAX_FAST_HEAD:
+            h2_relay_start(self, s, <const char *>data, size)
+            return 0
+    except BaseException:
+        return NGHTTP2_ERR_CALLBACK_FAILURE
     memcpy(st.fields + st.fields_len, data, size)
     st.fields_len += <uint32_t>size
     return 0
 
 
+cdef inline void h2_consume(nghttp2_session *session, int32_t stream_id, size_t size) noexcept:
+    """Body bytes passed on (or dropped): the client may send as much more."""
+    if nghttp2_session_consume(session, stream_id, size) != 0:
+        nghttp2_session_consume_connection(session, size)
+
+
 cdef void h2_body_end(Engine self, Client *s) except *:
-    """The request's body is whole (END_STREAM): its head (with a Content-Length when the client sent
-    none), the body, to the engine."""
+    """The request's body is whole (END_STREAM): kept whole, its head (with a Content-Length when the
+    client sent none), the body, to the engine; relayed, its end to the Python path. Request trailers
+    end a chunked body (H2Connection.body_end); with a Content-Length they are dropped, as there."""
     cdef H2Stream *st = stream_of(s)
     cdef char *out = self.h2_request_buf
     cdef Py_ssize_t at = 0
     cdef uint32_t body_len = st.fields_len - st.head_len
     cdef char digits[24]
     cdef int ndigits
+    if st.relay:
+        st.relay = 0
+        if st.chunked:
+            h2_relay_send(self, s, b"0\r\n", 3)
+            if st.trailers_in_len:
+                h2_relay_send(self, s, st.trailers_in, st.trailers_in_len)
+            h2_relay_send(self, s, b"\r\n", 2)
+        return
+    if st.trailers_in_len and not st.has_length:
+        h2_relay_start(self, s, NULL, 0)            # a chunked body with its trailers: the Python path's
+        h2_body_end(self, s)
+        return
     st.in_body = 0
     at = put(out, at, st.fields, st.head_len)
     if not st.has_length:
@@ -583,6 +692,106 @@ cdef void h2_body_end(Engine self, Client *s) except *:
     st.fields = NULL
     st.fields_len = st.fields_cap = 0
     h2_serve(self, s, out, at)
+
+
+cdef void h2_relay_start(Engine self, Client *s, const char *data, size_t size) except *:
+    """The request goes to the Python path before its body is whole: its head (chunked when it has no
+    Content-Length), the body so far, then `data` and the rest as they come (h2_relay_body)."""
+    cdef H2Stream *st = stream_of(s)
+    cdef uint32_t body_len = st.fields_len - st.head_len
+    cdef char *out = <char *>malloc(st.head_len + body_len + 64)
+    cdef Py_ssize_t at = 0
+    cdef char digits[24]
+    cdef int ndigits
+    if out == NULL:
+        raise MemoryError()
+    st.in_body = 0
+    st.chunked = not st.has_length
+    at = put(out, at, st.fields, st.head_len)
+    if st.chunked:
+        at = put(out, at, b"Transfer-Encoding: chunked\r\n", 28)
+    at = put(out, at, b"\r\n", 2)
+    if body_len:
+        if st.chunked:
+            ndigits = snprintf(digits, sizeof(digits), "%x\r\n", body_len)
+            at = put(out, at, digits, ndigits)
+        at = put(out, at, st.fields + st.head_len, body_len)
+        if st.chunked:
+            at = put(out, at, b"\r\n", 2)
+    free(st.fields)
+    st.fields = NULL
+    st.fields_len = st.fields_cap = 0
+    try:
+        self.adopt(s, out, at, HAND_REQUEST)
+    finally:
+        free(out)
+    if s.state != TUNNEL:
+        return                          # could not be handed over: answered already
+    st.relay = 1
+    if size:
+        st.unconsumed += <uint32_t>size
+        h2_relay_body(self, s, data, size)
+
+
+cdef void h2_relay_body(Engine self, Client *s, const char *data, size_t size):
+    cdef char digits[24]
+    cdef int ndigits
+    if stream_of(s).chunked:
+        ndigits = snprintf(digits, sizeof(digits), "%zx\r\n", size)
+        h2_relay_send(self, s, digits, ndigits)
+        h2_relay_send(self, s, data, size)
+        h2_relay_send(self, s, b"\r\n", 2)
+    else:
+        h2_relay_send(self, s, data, size)
+
+
+cdef void h2_relay_send(Engine self, Client *s, const char *data, size_t size):
+    """Bytes for the Python side of a handed stream: sent, or kept (s.up) until its socket takes them."""
+    cdef ssize_t w = 0
+    cdef char *grown
+    if s.tunnel.fd < 0 or size == 0:
+        return
+    if s.up == NULL:
+        while True:
+            w = send(s.tunnel.fd, data, size, MSG_NOSIGNAL)
+            if w >= 0 or errno != EINTR:
+                break
+        if w < 0:
+            w = 0                       # (EAGAIN; a failed socket is seen when it is read)
+        if <size_t>w == size:
+            h2_relay_sent(s)
+            return
+    grown = <char *>realloc(s.up, s.up_len + size - w)
+    if grown == NULL:
+        return
+    s.up = grown
+    memcpy(s.up + s.up_len, data + w, size - w)
+    s.up_len += <uint32_t>(size - w)
+
+
+cdef void h2_relay_flush(Engine self, Client *s):
+    """What waits for a handed stream's socketpair: written as it takes it."""
+    cdef ssize_t w
+    while s.up != NULL and s.tunnel.fd >= 0:
+        w = send(s.tunnel.fd, s.up + s.up_off, s.up_len - s.up_off, MSG_NOSIGNAL)
+        if w < 0:
+            if errno == EINTR:
+                continue
+            return
+        s.up_off += <uint32_t>w
+        if s.up_off == s.up_len:
+            free(s.up)
+            s.up = NULL
+            s.up_len = s.up_off = 0
+            h2_relay_sent(s)
+
+
+cdef inline void h2_relay_sent(Client *s) noexcept:
+    """Every byte of the body so far reached the Python side: the client may send as much more."""
+    cdef H2Stream *st = stream_of(s)
+    if st.unconsumed and st.conn != NULL:
+        nghttp2_session_consume(conn_of(st.conn).session, st.id, st.unconsumed)
+        st.unconsumed = 0
 
 
 cdef int h2_on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
@@ -610,6 +819,32 @@ cdef inline bint line_breaker(const char *p, uint32_t n) noexcept:
         if <unsigned char>p[i] <= 32 or <unsigned char>p[i] == 127:
             return True
     return False
+
+
+cdef double grpc_timeout(const char *p, uint32_t n) noexcept:
+    """connection.py's grpc_timeout: 1-8 digits and a unit, in seconds; 0.0 when it is not one (the
+    field then goes on, unheeded)."""
+    cdef double value = 0.0
+    cdef uint32_t i
+    if n < 2 or n > 9:
+        return 0.0
+    for i in range(n - 1):
+        if not 48 <= <unsigned char>p[i] <= 57:
+            return 0.0
+        value = value * 10 + (p[i] - 48)
+    if p[n - 1] == 72:          # H
+        return value * 3600.0
+    if p[n - 1] == 77:          # M
+        return value * 60.0
+    if p[n - 1] == 83:          # S
+        return value
+    if p[n - 1] == 109:         # m
+        return value * 1e-3
+    if p[n - 1] == 117:         # u
+        return value * 1e-6
+    if p[n - 1] == 110:         # n
+        return value * 1e-9
+    return 0.0
 
 
 cdef void h2_request(Engine self, Client *s, bint end) except *:
@@ -660,12 +895,11 @@ cdef void h2_request(Engine self, Client *s, bint end) except *:
         h2_refuse(self, s, b"400")
         return
     if path == NULL:
-        # CONNECT: the request parser refuses it (405), which only the Python path answers.
-        h2_unserved(self, s)
-        return
-    size = method_len + path_len + authority_len + host_len + st.fields_len * 2 + 64
-    if size > MAX_FAST_HEAD:
-        h2_unserved(self, s)                # a head the engine would not serve either
+        # CONNECT: the request parser refuses it (405), the Python path's answer.
+        path, path_len = (authority, authority_len) if authority != NULL else (b"/", 1)
+    size = method_len + path_len + authority_len + host_len + st.fields_len + 64
+    if size > self.h2_request_cap:
+        h2_unserved(self, s)                # (not reached: the buffer holds a header list's worth)
         return
     at = put(out, at, method, method_len)
     out[at] = 32
@@ -689,8 +923,9 @@ cdef void h2_request(Engine self, Client *s, bint end) except *:
             cookies = True                  # RFC 9113 8.2.3: joined with "; ", after the other lines
             continue
         if nlen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
-            h2_unserved(self, s)            # a deadline the engine does not keep (H2Stream's)
-            return
+            st.grpc_deadline = grpc_timeout(value, vlen)
+            if st.grpc_deadline > 0.0:
+                st.grpc_deadline += self.now
         if nlen == 14 and memcmp(name, b"content-length", 14) == 0:
             has_length = True
         at = put(out, at, name, nlen)
@@ -734,7 +969,7 @@ cdef void h2_request(Engine self, Client *s, bint end) except *:
 cdef void h2_serve(Engine self, Client *s, const char *request, Py_ssize_t size) except *:
     """The stream's HTTP/1.1 request, whole: parsed and dispatched as the engine serves any."""
     if not self.parse_request(s, <const unsigned char *>request, size):
-        h2_unserved(self, s)
+        self.adopt(s, request, size, HAND_REQUEST)     # what the Python path answers (a 405, a 413...)
         return
     self.dispatch(s)
 
@@ -743,16 +978,8 @@ cdef void h2_refuse(Engine self, Client *s, const char *status):
     """A request refused before it became one (H2Connection._refuse): `status`, no body."""
     cdef H2Stream *st = stream_of(s)
     cdef nghttp2_nv nva[2]
-    nva[0].name = <uint8_t *>b":status"
-    nva[0].namelen = 7
-    nva[0].value = <uint8_t *>status
-    nva[0].valuelen = 3
-    nva[0].flags = NGHTTP2_NV_FLAG_NONE
-    nva[1].name = <uint8_t *>b"content-length"
-    nva[1].namelen = 14
-    nva[1].value = <uint8_t *>b"0"
-    nva[1].valuelen = 1
-    nva[1].flags = NGHTTP2_NV_FLAG_NONE
+    h2_field(&nva[0], b":status", status)
+    h2_field(&nva[1], b"content-length", b"0")
     free(st.fields)
     st.fields = NULL
     st.fields_len = st.fields_cap = 0
@@ -770,17 +997,395 @@ cdef void h2_unserved(Engine self, Client *s):
     h2_flush_soon(self, st.conn)
 
 
-cdef void h2_handed(Engine self, Client *s, int reason):
-    """adopt() for a stream: its backend connection in flight (if any) is let go, its slot back; then
-    h2_unserved."""
-    cdef Backend *b = s.backend
-    if b != NULL:
-        s.backend = NULL
-        self.close_backend(b)
-        self.finish(self.backends[s.slot], self.now - s.sent_at, False, 0, self.request_size(s), 0)
-    s.state = WAITING
+cdef void h2_handed(Engine self, Client *s, const char *data, Py_ssize_t size, int reason,
+                    bint limits_checked):
+    """adopt() for a stream: its HTTP/1.1 request (and its backend connection in flight, if any) goes to
+    the Python path over a socketpair, as a client of the stream's bind; the response it writes back
+    becomes the stream's frames (h2_from_python). The Python path's rules (errors, retries, timeouts,
+    bodies of any size) apply as to the HTTP/1.1 request H2Connection.request would have written."""
+    cdef H2Stream *st = stream_of(s)
+    cdef int pair[2]
+    cdef object inflight = None
+    cdef object tls
+    if st.conn == NULL or socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) < 0:
+        if s.backend != NULL:
+            b = s.backend
+            s.backend = NULL
+            self.close_backend(b)
+            self.finish(self.backends[s.slot], self.now - s.sent_at, False, 0, self.request_size(s), 0)
+        s.state = WAITING
+        s.deadline_kind = WAIT_NONE
+        h2_unserved(self, s)
+        return
+    if s.backend != NULL:
+        limits_checked = self.limiter is not None      # the request in flight passed them already
+        inflight = self.inflight(s, data, size)
+        data = NULL
+        size = 0
+    pending = PyBytes_FromStringAndSize(data, size) if size else b""
+    tls = (s.bind, PyBytes_FromStringAndSize(s.ip, s.ip_len),
+           PyBytes_FromStringAndSize(s.tls_block, s.tls_block_len) if s.tls_block_len else b"", False, True)
+    s.state = TUNNEL
     s.deadline_kind = WAIT_NONE
-    h2_unserved(self, s)
+    s.tunnel.kind = IS_TUNNEL_END
+    s.tunnel.fd = pair[0]
+    s.tunnel.client = s
+    st.rstate = R_HEAD
+    if not self.watch(pair[0], &s.tunnel):
+        close(pair[0])
+        close(pair[1])
+        s.tunnel.kind = IS_FREED
+        s.tunnel.fd = -1
+        h2_unserved(self, s)
+        return
+    self.adopted += 1
+    self.handed[reason] += 1
+    self.glue.adopt(pair[1], pending, inflight, limits_checked, tls)
+
+
+cdef void h2_from_python(Engine self, Client *s):
+    """An event on a handed stream's socketpair: its response read until the socket would block (or the
+    client has not taken enough of the body yet), then the frames written."""
+    cdef H2Stream *st = stream_of(s)
+    cdef Client *conn = st.conn
+    cdef ssize_t n
+    if conn == NULL or s.tunnel.fd < 0:
+        return
+    if s.up != NULL:
+        h2_relay_flush(self, s)
+    while s.tunnel.fd >= 0 and st.conn != NULL:
+        if s.pending_len - s.pending_off > H2_BUFFER_HIGH:
+            st.paused = 1                    # h2_read_body wakes it
+            break
+        n = recv(s.tunnel.fd, self.scratch, SCRATCH, 0)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                break
+            n = 0
+        if n == 0:
+            h2_python_ended(self, s)
+            break
+        if not h2_parse_response(self, s, self.scratch, n):
+            h2_python_ended(self, s)
+            break
+    if conn.kind == IS_CLIENT:
+        h2_flush_soon(self, conn)
+
+
+cdef void h2_python_ended(Engine self, Client *s):
+    """The Python side closed the socketpair (after its response, Connection: close) or it failed: a
+    body read until then ends; a response cut short is a reset (ResponseSink.close / abort)."""
+    cdef H2Stream *st = stream_of(s)
+    cdef nghttp2_session *session
+    self.forget(s.tunnel.fd)
+    s.tunnel.fd = -1
+    s.tunnel.kind = IS_FREED
+    if st.conn == NULL:
+        return
+    session = conn_of(st.conn).session
+    if st.rstate == R_UNTIL_CLOSE:
+        st.rstate = R_DONE
+        h2_body_done(s)
+    elif st.rstate != R_DONE:
+        st.rstate = R_DONE
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, st.id,
+                                  NGHTTP2_INTERNAL_ERROR if st.submitted else NGHTTP2_CANCEL)
+
+
+cdef inline void h2_body_done(Client *s) noexcept:
+    cdef H2Stream *st = stream_of(s)
+    st.out_eof = 1
+    if st.conn != NULL:
+        nghttp2_session_resume_data(conn_of(st.conn).session, st.id)
+
+
+cdef bint h2_keep_line(H2Stream *st, const char *p, Py_ssize_t n) noexcept:
+    """Appends to the line being read; False past MAX_RESPONSE_LINE (or out of memory)."""
+    cdef char *grown
+    if st.line_len + n > MAX_RESPONSE_LINE:
+        return False
+    if st.line_len + n > st.line_cap:
+        grown = <char *>realloc(st.line, st.line_len + n + 256)
+        if grown == NULL:
+            return False
+        st.line = grown
+        st.line_cap = <uint32_t>(st.line_len + n + 256)
+    memcpy(st.line + st.line_len, p, n)
+    st.line_len += <uint32_t>n
+    return True
+
+
+cdef bint h2_body_bytes(Engine self, Client *s, const char *p, Py_ssize_t n):
+    """Body bytes for the data provider (s.pending from pending_off)."""
+    cdef char *grown
+    if s.pending_off and s.pending_off == s.pending_len:
+        s.pending_off = s.pending_len = 0
+    elif s.pending_off > H2_BUFFER_LOW:
+        memmove(s.pending, s.pending + s.pending_off, s.pending_len - s.pending_off)
+        s.pending_len -= s.pending_off
+        s.pending_off = 0
+    grown = <char *>realloc(s.pending, s.pending_len + n + 1)
+    if grown == NULL:
+        return False
+    s.pending = grown
+    memcpy(s.pending + s.pending_len, p, n)
+    s.pending_len += <uint32_t>n
+    nghttp2_session_resume_data(conn_of(stream_of(s).conn).session, stream_of(s).id)
+    return True
+
+
+cdef Py_ssize_t find_crlf(const char *p, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    for i in range(n - 1):
+        if p[i] == 13 and p[i + 1] == 10:
+            return i
+    return -1
+
+
+cdef bint h2_parse_response(Engine self, Client *s, const char *p, Py_ssize_t n):
+    """Feeds bytes of the HTTP/1.1 response the Python path wrote; False: it is malformed (reset)."""
+    cdef H2Stream *st = stream_of(s)
+    cdef Py_ssize_t take, i, end
+    cdef uint64_t size
+    cdef int digit
+    while n > 0 and st.conn != NULL:
+        if st.rstate == R_DONE:
+            return True
+        if st.rstate == R_HEAD or st.rstate == R_TRAILERS:
+            # Up to the blank line: looked for in what is kept plus these bytes.
+            if not h2_keep_line(st, p, n):
+                return False
+            end = -1
+            i = 0
+            if st.rstate == R_TRAILERS and st.line_len >= 2 and st.line[0] == 13 and st.line[1] == 10:
+                end = 0
+            else:
+                while i + 3 < st.line_len:
+                    if st.line[i] == 13 and st.line[i + 1] == 10 and st.line[i + 2] == 13 and st.line[i + 3] == 10:
+                        end = i + 2
+                        break
+                    i += 1
+            if end < 0:
+                return True
+            # Bytes of this read after the section: fed again below.
+            take = n - (st.line_len - (end + 2))
+            if st.rstate == R_HEAD:
+                if not h2_response_head(self, s, end):
+                    return False
+            else:
+                h2_response_trailers(self, s, end)
+                st.rstate = R_DONE
+                h2_body_done(s)
+            st.line_len = 0
+            p += take
+            n -= take
+        elif st.rstate == R_LENGTH or st.rstate == R_CHUNK_DATA:
+            take = n if <uint64_t>n < st.remaining else <Py_ssize_t>st.remaining
+            if not h2_body_bytes(self, s, p, take):
+                return False
+            st.remaining -= take
+            p += take
+            n -= take
+            if st.remaining == 0:
+                if st.rstate == R_LENGTH:
+                    st.rstate = R_DONE
+                    h2_body_done(s)
+                else:
+                    st.rstate = R_CHUNK_END
+                    st.line_len = 0
+        elif st.rstate == R_CHUNK_END:
+            # The CRLF after a chunk's data (kept in `line` while it is split over reads).
+            take = min(n, 2 - st.line_len)
+            for i in range(take):
+                if p[i] != (13 if st.line_len + i == 0 else 10):
+                    return False
+            st.line_len += <uint32_t>take
+            p += take
+            n -= take
+            if st.line_len == 2:
+                st.line_len = 0
+                st.rstate = R_CHUNK_SIZE
+        elif st.rstate == R_CHUNK_SIZE:
+            end = find_crlf(p, n)
+            if end < 0:
+                return h2_keep_line(st, p, n)
+            if not h2_keep_line(st, p, end):
+                return False
+            size = 0
+            i = 0
+            while i < st.line_len and st.line[i] != 59 and st.line[i] != 32 and st.line[i] != 9:    # ';' ext
+                digit = hex_value(<unsigned char>st.line[i])
+                if digit < 0 or size >> 59:
+                    return False
+                size = size * 16 + digit
+                i += 1
+            if i == 0:
+                return False
+            st.line_len = 0
+            p += end + 2
+            n -= end + 2
+            if size == 0:
+                st.rstate = R_TRAILERS
+            else:
+                st.remaining = size
+                st.rstate = R_CHUNK_DATA
+        elif st.rstate == R_UNTIL_CLOSE:
+            if not h2_body_bytes(self, s, p, n):
+                return False
+            n = 0
+    return True
+
+
+cdef bint h2_response_head(Engine self, Client *s, Py_ssize_t end):
+    """The response head in st.line[:end] (its last CRLF at end): submitted as HEADERS (1xx dropped,
+    connection-specific fields out), and how its body is framed."""
+    cdef H2Stream *st = stream_of(s)
+    cdef char *r = st.line
+    cdef nghttp2_nv *nva
+    cdef int n = 1, status, count = 0
+    cdef Py_ssize_t pos, line, colon, stop, value_start, i
+    cdef bint chunked = False, has_length = False, skip
+    cdef uint64_t length = 0
+    cdef nghttp2_data_provider provider
+    cdef bytes word
+    if end < 12 or memcmp(r, b"HTTP/1.", 7) != 0:
+        return False
+    status = (r[9] - 48) * 100 + (r[10] - 48) * 10 + (r[11] - 48)
+    if not 100 <= status <= 599:
+        return False
+    if status < 200:
+        st.line_len = 0
+        return True                      # 1xx: not forwarded over HTTP/2 (ResponseSink)
+    for i in range(end):
+        if r[i] == 10:
+            count += 1
+    nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (count + 1))
+    if nva == NULL:
+        return False
+    nva[0].name = <uint8_t *>b":status"
+    nva[0].namelen = 7
+    nva[0].value = <uint8_t *>(r + 9)
+    nva[0].valuelen = 3
+    nva[0].flags = NGHTTP2_NV_FLAG_NONE
+    pos = find_crlf(r, end) + 2
+    while pos < end:
+        line = pos
+        stop = pos + find_crlf(r + pos, end + 2 - pos)
+        colon = line
+        while colon < stop and r[colon] != 58:
+            r[colon] = <char>lower(<unsigned char>r[colon])
+            colon += 1
+        if colon == stop:
+            free(nva)
+            return False
+        value_start = colon + 1
+        while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
+            value_start += 1
+        pos = stop + 2
+        if colon - line == 17 and memcmp(r + line, b"transfer-encoding", 17) == 0:
+            chunked = True               # (the Python path forwards only chunked as a transfer coding)
+        elif colon - line == 14 and memcmp(r + line, b"content-length", 14) == 0:
+            has_length = True
+            length = 0
+            for i in range(value_start, stop):
+                if not 48 <= r[i] <= 57:
+                    free(nva)
+                    return False
+                length = length * 10 + (r[i] - 48)
+        skip = False
+        for word in H2_CONNECTION_SPECIFIC:
+            if colon - line == len(word) and memcmp(r + line, PyBytes_AS_STRING(word), len(word)) == 0:
+                skip = True
+                break
+        if skip:
+            continue
+        nva[n].name = <uint8_t *>(r + line)
+        nva[n].namelen = colon - line
+        nva[n].value = <uint8_t *>(r + value_start)
+        nva[n].valuelen = stop - value_start
+        nva[n].flags = NGHTTP2_NV_FLAG_NONE
+        n += 1
+    st.submitted = 1
+    provider.source.ptr = <void *>s
+    provider.read_callback = h2_read_body
+    if status == 204 or status == 304 or st.is_head:
+        st.rstate = R_DONE
+        st.out_eof = 1
+        nghttp2_submit_response(conn_of(st.conn).session, st.id, nva, n, NULL)
+    else:
+        if chunked:
+            st.rstate = R_CHUNK_SIZE
+        elif has_length:
+            st.rstate = R_LENGTH
+            st.remaining = length
+            if length == 0:
+                st.rstate = R_DONE
+                st.out_eof = 1
+        else:
+            st.rstate = R_UNTIL_CLOSE
+        nghttp2_submit_response(conn_of(st.conn).session, st.id, nva, n, &provider)
+    free(nva)
+    return True
+
+
+cdef void h2_response_trailers(Engine self, Client *s, Py_ssize_t end):
+    """A chunked response's trailer section (st.line[:end]): kept, lower-cased, connection-specific
+    fields out, for h2_read_body to send after the body."""
+    cdef H2Stream *st = stream_of(s)
+    cdef char *r
+    cdef Py_ssize_t pos = 0, line, colon, stop, value_start, count = 0, i
+    if end == 0:
+        return
+    # The section moves to its own buffer: the nv entries point into it until they are submitted.
+    r = <char *>malloc(end + 2)
+    if r == NULL:
+        return
+    memcpy(r, st.line, end + 2)
+    for i in range(end):
+        if r[i] == 10:
+            count += 1
+    st.trailers = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (count + 1) + 1)
+    if st.trailers == NULL:
+        free(r)
+        return
+    while pos < end:
+        line = pos
+        stop = pos + find_crlf(r + pos, end + 2 - pos)
+        colon = line
+        while colon < stop and r[colon] != 58:
+            r[colon] = <char>lower(<unsigned char>r[colon])
+            colon += 1
+        pos = stop + 2
+        if colon == stop:
+            continue
+        value_start = colon + 1
+        while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
+            value_start += 1
+        st.trailers[st.ntrailers].name = <uint8_t *>(r + line)
+        st.trailers[st.ntrailers].namelen = colon - line
+        st.trailers[st.ntrailers].value = <uint8_t *>(r + value_start)
+        st.trailers[st.ntrailers].valuelen = stop - value_start
+        st.trailers[st.ntrailers].flags = NGHTTP2_NV_FLAG_NONE
+        st.ntrailers += 1
+    # The buffer is found again by the first entry's name (freed with the array: h2_free_trailers).
+    if st.ntrailers == 0:
+        free(r)
+        free(st.trailers)
+        st.trailers = NULL
+    else:
+        st.trailers[count].name = <uint8_t *>r
+
+
+cdef void h2_free_trailers(H2Stream *st) noexcept:
+    cdef Py_ssize_t count = 0
+    if st.trailers == NULL:
+        return
+    free(st.trailers[0].name)           # the section's buffer starts at the first field's name
+    free(st.trailers)
+    st.trailers = NULL
+    st.ntrailers = 0
 
 
 cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
@@ -853,6 +1458,8 @@ cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
     body_start = pos + 2
     s.pending_off = <uint32_t>body_start
     s.pending_len = <uint32_t>total
+    st.out_eof = 1
+    st.submitted = 1
     provider.source.ptr = <void *>s
     provider.read_callback = h2_read_body
     # (libnghttp2 copies the fields before returning; the body is read from s.pending as windows allow)
@@ -865,15 +1472,37 @@ cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
 
 cdef ssize_t h2_read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
                           uint32_t *data_flags, nghttp2_data_source *source, void *user_data) noexcept:
+    """A stream's body from its pending buffer, as flow control allows; at its end, its trailers if it
+    has any (_nghttp2.read_body's way)."""
     cdef Client *s = <Client *>source.ptr
+    cdef H2Stream *st = stream_of(s)
     cdef size_t n = s.pending_len - s.pending_off
     if n > length:
         n = length
-    memcpy(buf, s.pending + s.pending_off, n)
-    s.pending_off += <uint32_t>n
-    if s.pending_off == s.pending_len:
-        data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
+    if n:
+        memcpy(buf, s.pending + s.pending_off, n)
+        s.pending_off += <uint32_t>n
+        if st.paused and s.pending_len - s.pending_off < H2_BUFFER_LOW:
+            st.paused = 0
+            h2_wake(conn_of(st.conn), s)
+    if s.pending_off == s.pending_len and st.out_eof:
+        if st.trailers != NULL:
+            # The stream ends with a HEADERS frame of trailers, not with this DATA frame.
+            nghttp2_submit_trailer(session, stream_id, st.trailers, st.ntrailers)
+            h2_free_trailers(st)
+            data_flags[0] |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM
+        else:
+            data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
+        return n
+    if n == 0:
+        return NGHTTP2_ERR_DEFERRED
     return n
+
+
+cdef inline void h2_wake(H2Conn *h, Client *s) noexcept:
+    """A paused stream's body went below the low-water mark: its socketpair is read again after the
+    write under way (h2_flush), not inside libnghttp2's callback."""
+    h.wake = 1
 
 
 # ---- the connection's end, its deadlines ----------------------------------------------------------------
@@ -886,6 +1515,48 @@ cdef void h2_end(Engine self, Client *c):
     nghttp2_session_del(h.session)
     free(h)
     c.h2 = NULL
+
+
+cdef void h2_deadline_exceeded(Engine self, Client *s):
+    """A gRPC call past its grpc-timeout (H2Connection.deadline_exceeded): its backend request is let go
+    (its slot back; handed to the Python path: the socketpair closes) and the client gets
+    DEADLINE_EXCEEDED, as a Trailers-Only response when nothing of the response reached it yet, else a
+    reset (CANCEL)."""
+    cdef H2Stream *st = stream_of(s)
+    cdef nghttp2_session *session = conn_of(st.conn).session
+    cdef Backend *b = s.backend
+    cdef nghttp2_nv nva[4]
+    st.grpc_deadline = 0.0
+    if b != NULL:
+        s.backend = NULL
+        self.close_backend(b)
+        self.finish(self.backends[s.slot], self.now - s.sent_at, True, 0, self.request_size(s), 0)
+    if s.tunnel.fd >= 0:
+        self.forget(s.tunnel.fd)
+        s.tunnel.fd = -1
+        s.tunnel.kind = IS_FREED
+    s.deadline_kind = WAIT_NONE
+    st.relay = st.in_body = 0
+    if st.submitted:
+        st.rstate = R_DONE
+        nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, st.id, NGHTTP2_CANCEL)
+    else:
+        st.submitted = 1
+        st.rstate = R_DONE
+        h2_field(&nva[0], b":status", b"200")
+        h2_field(&nva[1], b"content-type", b"application/grpc")
+        h2_field(&nva[2], b"grpc-status", b"4")                 # DEADLINE_EXCEEDED
+        h2_field(&nva[3], b"grpc-message", b"deadline exceeded in fastlb")
+        nghttp2_submit_response(session, st.id, nva, 4, NULL)
+    h2_flush(self, st.conn)
+
+
+cdef inline void h2_field(nghttp2_nv *nv, const char *name, const char *value) noexcept:
+    nv.name = <uint8_t *>name
+    nv.namelen = strlen(name)
+    nv.value = <uint8_t *>value
+    nv.valuelen = strlen(value)
+    nv.flags = NGHTTP2_NV_FLAG_NONE
 
 
 cdef void h2_sweep(Engine self, Client *c):
@@ -908,8 +1579,12 @@ cdef void h2_sweep(Engine self, Client *c):
             if c.kind == IS_CLIENT:
                 self.close_client(c)
             return
-        if s.deadline_kind == WAIT_BACKEND and s.deadline <= self.now:
-            h2_handed(self, s, HAND_TIMEOUT)
+        if st.grpc_deadline and st.grpc_deadline <= self.now:
+            h2_deadline_exceeded(self, s)
+            if c.kind != IS_CLIENT:
+                return
+        elif s.deadline_kind == WAIT_BACKEND and s.deadline <= self.now:
+            self.adopt(s, NULL, 0, HAND_TIMEOUT)       # Python answers 504 or retries, by its rules
             if c.kind != IS_CLIENT:
                 return
         s = next_stream

@@ -500,6 +500,7 @@ cdef class Engine:
     cdef Py_ssize_t h2_max_header_list
     cdef double h2_control_burst
     cdef char *h2_request_buf     # a stream's HTTP/1.1 request head being written
+    cdef Py_ssize_t h2_request_cap
     cdef public unsigned long long h2_connections, h2_unserved_streams
     cdef Client **h2_due           # HTTP/2 connections with frames to write at the end of the batch
     cdef int h2_due_count, h2_due_cap
@@ -1063,7 +1064,7 @@ cdef class Engine:
         cdef int pair[2]
         cdef bint tunneled
         if c.kind == IS_STREAM:
-            h2_handed(self, c, reason)
+            h2_handed(self, c, data, size, reason, limits_checked)
             return
         if c.ssl != NULL:
             # The SSL state cannot leave: the engine keeps the connection and relays the decrypted bytes
@@ -1074,20 +1075,13 @@ cdef class Engine:
             fd = pair[1]
             tls = (c.bind, PyBytes_FromStringAndSize(c.ip, c.ip_len),
                    PyBytes_FromStringAndSize(c.tls_block, c.tls_block_len) if c.tls_block_len else b"",
-                   c.alpn == ALPN_H2)
+                   c.alpn == ALPN_H2, False)
         self.unlink(c)
         if c.ssl == NULL:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         if b != NULL:
             limits_checked = self.limiter is not None      # the request in flight passed them already
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
-            # How much of the request reached the backend: all of it, part, or nothing (a send failed).
-            inflight = (self.backends[c.slot], b.fd,
-                        PyBytes_FromStringAndSize(c.buf, c.req_len),
-                        PyBytes_FromStringAndSize(data, size), c.sent_at,
-                        c.head_sent == c.head_len, c.head_sent > 0, bool(b.reused))
-            self.free_backend(b)
-            c.backend = NULL
+            inflight = self.inflight(c, data, size)
             data = NULL
             size = 0
         pending = PyBytes_FromStringAndSize(data, size) if size else b""
@@ -1099,6 +1093,20 @@ cdef class Engine:
         self.glue.adopt(fd, pending, inflight, limits_checked, tls)
         if tunneled:
             self.pump(c)            # records OpenSSL holds already: no edge will announce them
+
+    cdef object inflight(self, Client *c, const char *data, Py_ssize_t size):
+        """adopt()'s request in flight, for the Python path: its backend connection leaves the epoll set
+        (and the engine) with how much of the request reached it: all of it, part, or nothing (a send
+        failed); data: what was read of the response."""
+        cdef Backend *b = c.backend
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
+        inflight = (self.backends[c.slot], b.fd,
+                    PyBytes_FromStringAndSize(c.buf, c.req_len),
+                    PyBytes_FromStringAndSize(data, size), c.sent_at,
+                    c.head_sent == c.head_len, c.head_sent > 0, bool(b.reused))
+        self.free_backend(b)
+        c.backend = NULL
+        return inflight
 
     # ---- TLS connections the Python path serves: the tunnel ----------------------------------------
 
@@ -1142,6 +1150,9 @@ cdef class Engine:
     cdef void pump(self, Client *c):
         """Any event on a tunnel's sockets: the Python side's bytes to the client, then the client's to
         the Python side, each until a socket would block (edge-triggered)."""
+        if c.kind == IS_STREAM:
+            h2_from_python(self, c)         # an HTTP/2 stream the Python path serves (_eh2.pxi)
+            return
         if self.pump_down(c):
             self.pump_up(c)
 
