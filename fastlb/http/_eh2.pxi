@@ -34,7 +34,7 @@ cdef enum:
 cdef enum:
     H2_OFF = 0                   # nobody (--h2 off): a preface is a bad HTTP/1.1 request
     H2_PYTHON = 1                # the Python path (fastlb/http2/), handed over (HAND_H2)
-    H2_ENGINE = 2                # the engine (FASTLB_H2_ENGINE=1)
+    H2_ENGINE = 2                # the engine (unless FASTLB_H2_ENGINE=0)
 
 H2_ENGINE_ENV = "FASTLB_H2_ENGINE"
 
@@ -49,11 +49,12 @@ cdef enum:
     R_UNTIL_CLOSE = 6            # a body that ends when the connection does
     R_DONE = 7                   # the response is whole; anything after it is none of ours
 
-# A response body held for a stream handed to the Python path: past HIGH the socketpair is not read
-# until the client took it below LOW (fastlb/http2/common.py's STREAM_BUFFER_HIGH / _LOW).
+# A response body held for a stream handed to the Python path: from HIGH on the socketpair is not read
+# until the client took it below LOW. (Lower than the Python path's STREAM_BUFFER_HIGH / _LOW: the
+# socketpair and the Python side's transport hold some of the body too.)
 cdef enum:
-    H2_BUFFER_HIGH = 256 * 1024
-    H2_BUFFER_LOW = 64 * 1024
+    H2_BUFFER_HIGH = 64 * 1024
+    H2_BUFFER_LOW = 16 * 1024
     MAX_RESPONSE_LINE = 65536    # a response head or trailer section longer than this: the stream is reset
 
 # A stream's header list as received: records of (name length, value length, name, value).
@@ -127,7 +128,7 @@ cdef h2_configure(Engine self, glue):
     if h2 is None:
         self.h2_mode = H2_OFF
         return
-    self.h2_mode = H2_ENGINE if environ.get(H2_ENGINE_ENV) == "1" else H2_PYTHON
+    self.h2_mode = H2_PYTHON if environ.get(H2_ENGINE_ENV) == "0" else H2_ENGINE
     self.h2_max_streams = h2.max_concurrent_streams
     self.h2_max_header_list = h2.max_header_list_size
     self.h2_initial_window = h2.initial_window_size
@@ -1054,7 +1055,7 @@ cdef void h2_from_python(Engine self, Client *s):
     if s.up != NULL:
         h2_relay_flush(self, s)
     while s.tunnel.fd >= 0 and st.conn != NULL:
-        if s.pending_len - s.pending_off > H2_BUFFER_HIGH:
+        if s.pending_len - s.pending_off >= H2_BUFFER_HIGH:
             st.paused = 1                    # h2_read_body wakes it
             break
         n = recv(s.tunnel.fd, self.scratch, SCRATCH, 0)

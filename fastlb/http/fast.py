@@ -188,7 +188,7 @@ class FastPath:
         the worker's snapshot (/stats.json "engine", the fastlb_http_engine_* metrics)."""
         engine = self.engine
         return {"requests": engine.served, "handed_over": engine.handed_over(),
-                "tls_handshake_failures": engine.handshake_failures}
+                "tls_handshake_failures": engine.handshake_failures, "h2_connections": engine.h2_connections}
 
     def listen(self, sock, bind, server_tls=None, handshake_timeout: float = 0.0) -> None:
         """The engine accepts the bind's connections itself (on a duplicate of its listening socket); a
