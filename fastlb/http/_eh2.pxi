@@ -62,8 +62,19 @@ cdef enum:
     FIELD_RECORD = 8             # two uint32 lengths before the bytes
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# Response fields HTTP/2 forbids (fastlb/http2/common.py's CONNECTION_SPECIFIC).
-H2_CONNECTION_SPECIFIC = (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+
+
+cdef inline bint connection_specific(const char *name, Py_ssize_t n) noexcept:
+    """A lower-case response field name HTTP/2 forbids (fastlb/http2/common.py's CONNECTION_SPECIFIC)."""
+    if n == 10:
+        return memcmp(name, b"connection", 10) == 0 or memcmp(name, b"keep-alive", 10) == 0
+    if n == 7:
+        return memcmp(name, b"upgrade", 7) == 0
+    if n == 17:
+        return memcmp(name, b"transfer-encoding", 17) == 0
+    if n == 16:
+        return memcmp(name, b"proxy-connection", 16) == 0
+    return False
 
 
 cdef struct H2Conn:
@@ -1247,10 +1258,9 @@ cdef bint h2_response_head(Engine self, Client *s, Py_ssize_t end):
     cdef nghttp2_nv *nva
     cdef int n = 1, status, count = 0
     cdef Py_ssize_t pos, line, colon, stop, value_start, i
-    cdef bint chunked = False, has_length = False, skip
+    cdef bint chunked = False, has_length = False
     cdef uint64_t length = 0
     cdef nghttp2_data_provider provider
-    cdef bytes word
     if end < 12 or memcmp(r, b"HTTP/1.", 7) != 0:
         return False
     status = (r[9] - 48) * 100 + (r[10] - 48) * 10 + (r[11] - 48)
@@ -1295,12 +1305,7 @@ cdef bint h2_response_head(Engine self, Client *s, Py_ssize_t end):
                     free(nva)
                     return False
                 length = length * 10 + (r[i] - 48)
-        skip = False
-        for word in H2_CONNECTION_SPECIFIC:
-            if colon - line == len(word) and memcmp(r + line, PyBytes_AS_STRING(word), len(word)) == 0:
-                skip = True
-                break
-        if skip:
+        if connection_specific(r + line, colon - line):
             continue
         nva[n].name = <uint8_t *>(r + line)
         nva[n].namelen = colon - line
@@ -1400,8 +1405,6 @@ cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
     cdef nghttp2_nv nva[MAX_SPANS + 16]
     cdef nghttp2_data_provider provider
     cdef int status
-    cdef bint skip
-    cdef bytes word
     s.state = WAITING
     s.deadline_kind = WAIT_NONE
     if st.conn == NULL:
@@ -1443,12 +1446,7 @@ cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
         while value_start < end and (r[value_start] == 32 or r[value_start] == 9):
             value_start += 1
         pos = end + 2
-        skip = False
-        for word in H2_CONNECTION_SPECIFIC:
-            if colon - line == len(word) and memcmp(r + line, PyBytes_AS_STRING(word), len(word)) == 0:
-                skip = True
-                break
-        if skip or n == MAX_SPANS + 16:
+        if connection_specific(r + line, colon - line) or n == MAX_SPANS + 16:
             continue
         nva[n].name = <uint8_t *>(r + line)
         nva[n].namelen = colon - line
