@@ -1,6 +1,6 @@
 # HTTP/2 clients served by the HTTP engine with libnghttp2 (included by fastlb/http/_fast.pyx after
-# _etls.pxi). Experimental: on only with FASTLB_H2_ENGINE=1 (fastlb/http/fast.py, H2_ENGINE_ENV); otherwise
-# an h2c preface or ALPN h2 hands the connection to the Python path (fastlb/http2/) as before.
+# _etls.pxi): h2c when a plain connection's first bytes are the preface, h2 when ALPN chose it. With
+# FASTLB_H2_ENGINE=0 such a connection is handed whole to the Python path (fastlb/http2/) instead.
 #
 # Shape: an HTTP/2 connection is a Client whose `h2` is an H2Conn (its nghttp2 server session, the flood
 # budget, its open streams). Each stream is a Client of its own (kind IS_STREAM, no socket, `h2` its
@@ -13,11 +13,12 @@
 # stream's HTTP/1.1 answer becomes a HEADERS frame (connection-specific fields dropped, as ResponseSink
 # does) and its body DATA frames read from the stream's pending buffer by a data provider.
 #
-# What a stream cannot finish here (the engine would hand an HTTP/1.1 client to the Python path: a
+# What a stream cannot finish here (where the engine hands an HTTP/1.1 client to the Python path: a
 # request it does not serve, no backend to pick now, a backend that failed, a response not plain, a
-# --retry-on status, a response timeout) is answered 502 today (h2_unserved): the gap that keeps this
-# path off by default. Request bodies are refused (RST_STREAM REFUSED_STREAM, RFC 9113 8.7: nothing was
-# processed) for the same reason.
+# --retry-on status, a response timeout; and a request body larger than one engine read, request
+# trailers) is handed over alone (h2_handed): its HTTP/1.1 request goes to the Python path over a
+# socketpair, which serves it as the Python path serves an HTTP/2 stream's request, and the HTTP/1.1
+# response it writes back is turned into frames here (h2_parse_response), as ResponseSink does.
 #
 # libnghttp2 is not reentrant: frames are written (mem_send) only outside mem_recv; answers submitted
 # while it reads are written when the read is done.
@@ -77,6 +78,65 @@ cdef inline bint connection_specific(const char *name, Py_ssize_t n) noexcept:
     return False
 
 
+cdef struct FieldLines:
+    int count                    # fields put in the nv array
+    unsigned char chunked        # a Transfer-Encoding line (the only coding the Python path forwards)
+    unsigned char has_length     # a Content-Length line, of value `length`
+    uint64_t length
+
+
+cdef bint field_lines(char *r, Py_ssize_t pos, Py_ssize_t end, nghttp2_nv *nva, int room,
+                      FieldLines *out) noexcept:
+    """HTTP/1.1 field lines r[pos:end] (each ending in CRLF) into nva, at most `room` of them: names
+    lower-cased in place, values without their leading white space, connection-specific fields out (as
+    ResponseSink does); Transfer-Encoding and Content-Length noted. False: a line without a colon, or a
+    Content-Length that is not digits."""
+    cdef Py_ssize_t line, colon, stop, value_start, i
+    out.count = 0
+    out.chunked = out.has_length = 0
+    out.length = 0
+    while pos < end:
+        line = pos
+        stop = pos + find_crlf(r + pos, end - pos)
+        colon = line
+        while colon < stop and r[colon] != 58:
+            r[colon] = <char>lower(<unsigned char>r[colon])
+            colon += 1
+        if colon == stop:
+            return False
+        value_start = colon + 1
+        while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
+            value_start += 1
+        pos = stop + 2
+        if colon - line == 17 and memcmp(r + line, b"transfer-encoding", 17) == 0:
+            out.chunked = 1
+        elif colon - line == 14 and memcmp(r + line, b"content-length", 14) == 0:
+            out.has_length = 1
+            out.length = 0
+            for i in range(value_start, stop):
+                if not 48 <= r[i] <= 57:
+                    return False
+                out.length = out.length * 10 + (r[i] - 48)
+        if connection_specific(r + line, colon - line) or out.count == room:
+            continue
+        nva[out.count].name = <uint8_t *>(r + line)
+        nva[out.count].namelen = colon - line
+        nva[out.count].value = <uint8_t *>(r + value_start)
+        nva[out.count].valuelen = stop - value_start
+        nva[out.count].flags = NGHTTP2_NV_FLAG_NONE
+        out.count += 1
+    return True
+
+
+cdef inline int count_lines(const char *r, Py_ssize_t end) noexcept:
+    cdef int count = 0
+    cdef Py_ssize_t i
+    for i in range(end):
+        if r[i] == 10:
+            count += 1
+    return count
+
+
 cdef struct H2Conn:
     nghttp2_session *session
     void *engine                 # the Engine (borrowed: it outlives its clients)
@@ -120,7 +180,8 @@ cdef struct H2Stream:
     char *line                   # a response head, a chunk-size line or trailers being read
     uint32_t line_len
     uint32_t line_cap
-    nghttp2_nv *trailers         # response trailers (a chunked response's), sent after the body
+    nghttp2_nv *trailers         # response trailers (a chunked response's), sent after the body,
+    char *trailer_buf            # ... pointing into this copy of their section
     int ntrailers
     double opened
 
@@ -999,8 +1060,8 @@ cdef void h2_refuse(Engine self, Client *s, const char *status):
 
 
 cdef void h2_unserved(Engine self, Client *s):
-    """What the engine would hand an HTTP/1.1 client's request to the Python path for: the gap of this
-    experimental path (see the top): 502, counted as a hand-over would be."""
+    """A stream that could not be handed to the Python path (no socketpair: out of files or memory):
+    502, counted (Engine.h2_unserved_streams)."""
     cdef H2Stream *st = stream_of(s)
     self.h2_unserved_streams += 1
     if st.conn == NULL:
@@ -1256,10 +1317,10 @@ cdef bint h2_response_head(Engine self, Client *s, Py_ssize_t end):
     cdef H2Stream *st = stream_of(s)
     cdef char *r = st.line
     cdef nghttp2_nv *nva
-    cdef int n = 1, status, count = 0
-    cdef Py_ssize_t pos, line, colon, stop, value_start, i
-    cdef bint chunked = False, has_length = False
-    cdef uint64_t length = 0
+    cdef int n, status, count
+    cdef bint chunked, has_length
+    cdef uint64_t length
+    cdef FieldLines fields
     cdef nghttp2_data_provider provider
     if end < 12 or memcmp(r, b"HTTP/1.", 7) != 0:
         return False
@@ -1269,50 +1330,20 @@ cdef bint h2_response_head(Engine self, Client *s, Py_ssize_t end):
     if status < 200:
         st.line_len = 0
         return True                      # 1xx: not forwarded over HTTP/2 (ResponseSink)
-    for i in range(end):
-        if r[i] == 10:
-            count += 1
+    count = count_lines(r, end)
     nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (count + 1))
     if nva == NULL:
         return False
-    nva[0].name = <uint8_t *>b":status"
-    nva[0].namelen = 7
+    h2_field(&nva[0], b":status", b"")
     nva[0].value = <uint8_t *>(r + 9)
     nva[0].valuelen = 3
-    nva[0].flags = NGHTTP2_NV_FLAG_NONE
-    pos = find_crlf(r, end) + 2
-    while pos < end:
-        line = pos
-        stop = pos + find_crlf(r + pos, end + 2 - pos)
-        colon = line
-        while colon < stop and r[colon] != 58:
-            r[colon] = <char>lower(<unsigned char>r[colon])
-            colon += 1
-        if colon == stop:
-            free(nva)
-            return False
-        value_start = colon + 1
-        while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
-            value_start += 1
-        pos = stop + 2
-        if colon - line == 17 and memcmp(r + line, b"transfer-encoding", 17) == 0:
-            chunked = True               # (the Python path forwards only chunked as a transfer coding)
-        elif colon - line == 14 and memcmp(r + line, b"content-length", 14) == 0:
-            has_length = True
-            length = 0
-            for i in range(value_start, stop):
-                if not 48 <= r[i] <= 57:
-                    free(nva)
-                    return False
-                length = length * 10 + (r[i] - 48)
-        if connection_specific(r + line, colon - line):
-            continue
-        nva[n].name = <uint8_t *>(r + line)
-        nva[n].namelen = colon - line
-        nva[n].value = <uint8_t *>(r + value_start)
-        nva[n].valuelen = stop - value_start
-        nva[n].flags = NGHTTP2_NV_FLAG_NONE
-        n += 1
+    if not field_lines(r, find_crlf(r, end) + 2, end, nva + 1, count, &fields):
+        free(nva)
+        return False
+    n = fields.count + 1
+    chunked = fields.chunked
+    has_length = fields.has_length
+    length = fields.length
     st.submitted = 1
     provider.source.ptr = <void *>s
     provider.read_callback = h2_read_body
@@ -1341,7 +1372,8 @@ cdef void h2_response_trailers(Engine self, Client *s, Py_ssize_t end):
     fields out, for h2_read_body to send after the body."""
     cdef H2Stream *st = stream_of(s)
     cdef char *r
-    cdef Py_ssize_t pos = 0, line, colon, stop, value_start, count = 0, i
+    cdef int count
+    cdef FieldLines fields
     if end == 0:
         return
     # The section moves to its own buffer: the nv entries point into it until they are submitted.
@@ -1349,47 +1381,22 @@ cdef void h2_response_trailers(Engine self, Client *s, Py_ssize_t end):
     if r == NULL:
         return
     memcpy(r, st.line, end + 2)
-    for i in range(end):
-        if r[i] == 10:
-            count += 1
-    st.trailers = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (count + 1) + 1)
+    count = count_lines(r, end)
+    st.trailers = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (count + 1))
     if st.trailers == NULL:
         free(r)
         return
-    while pos < end:
-        line = pos
-        stop = pos + find_crlf(r + pos, end + 2 - pos)
-        colon = line
-        while colon < stop and r[colon] != 58:
-            r[colon] = <char>lower(<unsigned char>r[colon])
-            colon += 1
-        pos = stop + 2
-        if colon == stop:
-            continue
-        value_start = colon + 1
-        while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
-            value_start += 1
-        st.trailers[st.ntrailers].name = <uint8_t *>(r + line)
-        st.trailers[st.ntrailers].namelen = colon - line
-        st.trailers[st.ntrailers].value = <uint8_t *>(r + value_start)
-        st.trailers[st.ntrailers].valuelen = stop - value_start
-        st.trailers[st.ntrailers].flags = NGHTTP2_NV_FLAG_NONE
-        st.ntrailers += 1
-    # The buffer is found again by the first entry's name (freed with the array: h2_free_trailers).
+    field_lines(r, 0, end, st.trailers, count, &fields)
+    st.ntrailers = fields.count
+    st.trailer_buf = r
     if st.ntrailers == 0:
-        free(r)
-        free(st.trailers)
-        st.trailers = NULL
-    else:
-        st.trailers[count].name = <uint8_t *>r
+        h2_free_trailers(st)
 
 
 cdef void h2_free_trailers(H2Stream *st) noexcept:
-    cdef Py_ssize_t count = 0
-    if st.trailers == NULL:
-        return
-    free(st.trailers[0].name)           # the section's buffer starts at the first field's name
+    free(st.trailer_buf)
     free(st.trailers)
+    st.trailer_buf = NULL
     st.trailers = NULL
     st.ntrailers = 0
 
@@ -1399,10 +1406,11 @@ cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
     lines the engine adds, or fastlb's own) becomes a HEADERS frame and its body DATA frames."""
     cdef H2Stream *st = stream_of(s)
     cdef H2Conn *h
-    cdef Py_ssize_t total = 0, at = 0, pos, line, colon, end, value_start, body_start, i
+    cdef Py_ssize_t total = 0, at = 0, head_end, body_start
     cdef int n, j
     cdef char *r
     cdef nghttp2_nv nva[MAX_SPANS + 16]
+    cdef FieldLines fields
     cdef nghttp2_data_provider provider
     cdef int status
     s.state = WAITING
@@ -1423,38 +1431,15 @@ cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
         at += iov[j].iov_len
     # "HTTP/1.1 SSS reason" CRLF, field lines, CRLF, body (the engine's own bytes: well formed).
     status = (r[9] - 48) * 100 + (r[10] - 48) * 10 + (r[11] - 48)
-    nva[0].name = <uint8_t *>b":status"
-    nva[0].namelen = 7
+    h2_field(&nva[0], b":status", b"")
     nva[0].value = <uint8_t *>(r + 9)
     nva[0].valuelen = 3
-    nva[0].flags = NGHTTP2_NV_FLAG_NONE
-    n = 1
-    pos = 0
-    while r[pos] != 10:
-        pos += 1
-    pos += 1
-    while r[pos] != 13:
-        line = pos
-        colon = pos
-        while r[colon] != 58:
-            r[colon] = <char>lower(<unsigned char>r[colon])
-            colon += 1
-        end = colon
-        while r[end] != 13:
-            end += 1
-        value_start = colon + 1
-        while value_start < end and (r[value_start] == 32 or r[value_start] == 9):
-            value_start += 1
-        pos = end + 2
-        if connection_specific(r + line, colon - line) or n == MAX_SPANS + 16:
-            continue
-        nva[n].name = <uint8_t *>(r + line)
-        nva[n].namelen = colon - line
-        nva[n].value = <uint8_t *>(r + value_start)
-        nva[n].valuelen = end - value_start
-        nva[n].flags = NGHTTP2_NV_FLAG_NONE
-        n += 1
-    body_start = pos + 2
+    head_end = 0
+    while not (r[head_end] == 13 and r[head_end + 1] == 10 and r[head_end + 2] == 13 and r[head_end + 3] == 10):
+        head_end += 1
+    field_lines(r, find_crlf(r, total) + 2, head_end + 2, nva + 1, MAX_SPANS + 15, &fields)
+    n = fields.count + 1
+    body_start = head_end + 4
     s.pending_off = <uint32_t>body_start
     s.pending_len = <uint32_t>total
     st.out_eof = 1
@@ -1560,9 +1545,9 @@ cdef inline void h2_field(nghttp2_nv *nv, const char *name, const char *value) n
 
 cdef void h2_sweep(Engine self, Client *c):
     """The sweep's visit (H2Connection.on_deadline): a header block still not whole after
-    http_request_timeout ends the connection; a stream past its response deadline is what the engine
-    would hand over (h2_unserved); with no stream, idleness past keepalive_timeout or draining ends
-    it with GOAWAY."""
+    http_request_timeout ends the connection; a gRPC call past its grpc-timeout is answered
+    DEADLINE_EXCEEDED; a stream past its response deadline is handed over (the Python path answers 504
+    or retries); with no stream, idleness past keepalive_timeout or draining ends it with GOAWAY."""
     cdef H2Conn *h = conn_of(c)
     cdef Client *s = h.streams
     cdef Client *next_stream
