@@ -234,8 +234,6 @@ cdef bint h2_start(Engine self, Client *c):
     """c speaks HTTP/2 from now on (its preface read, or ALPN h2): its server session, the flood options
     and SETTINGS the Python path's _nghttp2.Session uses. False: out of memory (c untouched)."""
     cdef nghttp2_session_callbacks *callbacks
-    cdef nghttp2_option *option
-    cdef nghttp2_settings_entry settings[5]
     cdef H2Conn *h = <H2Conn *>calloc(1, sizeof(H2Conn))
     cdef int rv
     if h == NULL:
@@ -248,37 +246,12 @@ cdef bint h2_start(Engine self, Client *c):
     nghttp2_session_callbacks_set_on_header_callback(callbacks, h2_on_header)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, h2_on_data_chunk_recv)
     nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, h2_on_stream_close)
-    if nghttp2_option_new(&option) != 0:
-        nghttp2_session_callbacks_del(callbacks)
-        free(h)
-        return False
-    # Request bodies are acknowledged (WINDOW_UPDATE) as they are passed on (h2_consume), not as they
-    # arrive: a body relayed to a slow Python side holds at most its window.
-    nghttp2_option_set_no_auto_window_update(option, 1)
-    nghttp2_option_set_max_outbound_ack(option, H2_MAX_OUTBOUND_ACK)
-    nghttp2_option_set_max_settings(option, H2_MAX_SETTINGS)
-    nghttp2_option_set_stream_reset_rate_limit(option, H2_RESET_BURST, H2_RESET_RATE)
-    nghttp2_option_set_max_continuations(option, H2_MAX_CONTINUATIONS)
-    nghttp2_option_set_max_deflate_dynamic_table_size(option, H2_DEFLATE_TABLE_SIZE)
-    rv = nghttp2_session_server_new2(&h.session, callbacks, <void *>c, option)
-    nghttp2_option_del(option)
+    rv = server_session(&h.session, callbacks, <void *>c, self.h2_max_streams, self.h2_max_header_list,
+                        self.h2_initial_window, self.h2_connection_window)
     nghttp2_session_callbacks_del(callbacks)
     if rv != 0:
         free(h)
         return False
-    settings[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
-    settings[0].value = self.h2_max_streams
-    settings[1].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
-    settings[1].value = <uint32_t>self.h2_max_header_list
-    settings[2].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
-    settings[2].value = self.h2_initial_window
-    settings[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
-    settings[3].value = 0
-    settings[4].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
-    settings[4].value = H2_DEFLATE_TABLE_SIZE
-    nghttp2_submit_settings(h.session, NGHTTP2_FLAG_NONE, settings, 5)
-    if self.h2_connection_window > 65535:
-        nghttp2_session_set_local_window_size(h.session, NGHTTP2_FLAG_NONE, 0, self.h2_connection_window)
     h.engine = <void *>self
     h.owner = c
     h.tokens = self.h2_control_burst

@@ -142,3 +142,42 @@ cdef enum:
     H2_RESET_BURST = 1000           # incoming RST_STREAM bucket (CVE-2023-44487), before the control budget
     H2_RESET_RATE = 33
     H2_CONTROL_REFILL_DIVISOR = 10  # the control budget refills a tenth of its burst per second
+
+
+cdef inline int server_session(nghttp2_session **session, const nghttp2_session_callbacks *callbacks,
+                               void *user_data, int max_concurrent_streams, Py_ssize_t max_header_list,
+                               int initial_window_size, int connection_window_size) noexcept:
+    """A server session with fastlb's flood options and its SETTINGS queued (the limits of the config's
+    h2_* fields): the engine's (fastlb/http/_eh2.pxi), and what _nghttp2.Session sets up the same way.
+    0, or libnghttp2's error."""
+    cdef nghttp2_option *option
+    cdef nghttp2_settings_entry settings[5]
+    cdef int rv = nghttp2_option_new(&option)
+    if rv != 0:
+        return rv
+    # Request bodies are acknowledged (WINDOW_UPDATE) as they are passed on (nghttp2_session_consume),
+    # not as they arrive: a stream whose receiver reads slowly holds at most its window.
+    nghttp2_option_set_no_auto_window_update(option, 1)
+    nghttp2_option_set_max_outbound_ack(option, H2_MAX_OUTBOUND_ACK)
+    nghttp2_option_set_max_settings(option, H2_MAX_SETTINGS)
+    nghttp2_option_set_stream_reset_rate_limit(option, H2_RESET_BURST, H2_RESET_RATE)
+    nghttp2_option_set_max_continuations(option, H2_MAX_CONTINUATIONS)
+    nghttp2_option_set_max_deflate_dynamic_table_size(option, H2_DEFLATE_TABLE_SIZE)
+    rv = nghttp2_session_server_new2(session, callbacks, user_data, option)
+    nghttp2_option_del(option)
+    if rv != 0:
+        return rv
+    settings[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+    settings[0].value = max_concurrent_streams
+    settings[1].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
+    settings[1].value = <uint32_t>max_header_list
+    settings[2].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+    settings[2].value = initial_window_size
+    settings[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
+    settings[3].value = 0
+    settings[4].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
+    settings[4].value = H2_DEFLATE_TABLE_SIZE
+    nghttp2_submit_settings(session[0], NGHTTP2_FLAG_NONE, settings, 5)
+    if connection_window_size > 65535:
+        nghttp2_session_set_local_window_size(session[0], NGHTTP2_FLAG_NONE, 0, connection_window_size)
+    return 0
