@@ -50,7 +50,7 @@ system-packages:
 
 # The editable install compiles the core, the relay and the HTTP hot path (fastlb/http/*, fastlb/pool.py)
 # in place; it reruns when one of their sources changes (a stale .so would shadow the edited .py).
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi fastlb/*.pxd fastlb/core/*.pxi fastlb/http2/*.pyx) \
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard fastlb/*.pyx fastlb/*.pxi fastlb/*.pxd fastlb/core/*.pxi fastlb/http2/*.pyx fastlb/http2/*.pxd) \
 		fastlb/pool.py $(wildcard fastlb/http/*.py fastlb/http/*.pxd fastlb/http/*.pyx fastlb/http/*.pxi)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -54,8 +54,9 @@ python_modules = [
 python_directives = {"language_level": 3, "annotation_typing": False}
 head_scanner = Extension("fastlb.http._head", ["fastlb/http/_head.pyx"], extra_compile_args=compile_args)
 # The C engine of HTTP mode (fastlb/http/fast.py says when it serves).
-# It terminates TLS binds with the system OpenSSL too (fastlb/http/_etls.pxi).
-http_engine = Extension("fastlb.http._fast", ["fastlb/http/_fast.pyx"], libraries=["ssl", "crypto"],
+# It terminates TLS binds with the system OpenSSL too (fastlb/http/_etls.pxi), and serves HTTP/2 clients
+# with libnghttp2 (fastlb/http/_eh2.pxi).
+http_engine = Extension("fastlb.http._fast", ["fastlb/http/_fast.pyx"], libraries=["ssl", "crypto", "nghttp2"],
                         extra_compile_args=compile_args)
 # Admission control's table (rate limits, connection counts, CIDR lists), cimported by the HTTP engine.
 admission = Extension("fastlb._admission", ["fastlb/_admission.pyx"], extra_compile_args=compile_args)

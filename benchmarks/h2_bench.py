@@ -146,6 +146,11 @@ def start_grpc_targets(bench: h.Bench, names: list[str]) -> dict[str, tuple[h.Pr
     return targets
 
 
+# The fastlb variants measured: who serves HTTP/2 streams (FASTLB_H2_ENGINE).
+H2_ENGINES = {"fastlb": "0", "fastlb-eh2": "1"}
+H2_ENGINE_NAMES = {"python": ["fastlb"], "c": ["fastlb-eh2"], "both": ["fastlb", "fastlb-eh2"]}
+
+
 def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple[h.Proc, int, int]]:
     b1, b2 = bench.backend_ports
     targets = {}
@@ -157,7 +162,9 @@ def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple
                 f.write(haproxy_h2_conf(plain, secure, [b1, b2], pem, h.haproxy_maxconn()))
             cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
         else:
-            env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
+            # FASTLB_H2_ENGINE (fastlb/http/_eh2.pxi): the HTTP engine serves the streams itself, or the
+            # Python path (fastlb/http2/) does.
+            env = dict(os.environ, PYTHONPATH=h.REPO_ROOT, FASTLB_H2_ENGINE=H2_ENGINES[name])
             cmd = [sys.executable, "-m", "fastlb", "--mode", "http", "--bind", f"{h.HOST}:{plain}",
                    "--bind", f"{h.HOST}:{secure},ssl,cert={pem}", "--backend", f"{h.HOST}:{b1}",
                    "--backend", f"{h.HOST}:{b2}", "--log-level", "warning"]
@@ -211,11 +218,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="h2c,h2")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--proxy-cpu", default="1")
+    parser.add_argument("--h2-engine", choices=list(H2_ENGINE_NAMES), default="python",
+                        help="who serves fastlb's HTTP/2 streams: the Python path (fastlb), the HTTP engine "
+                             "(fastlb-eh2, FASTLB_H2_ENGINE=1), or both in the same run (h2c and h2 only)")
     args = parser.parse_args(argv)
     h.ensure_tools(["haproxy", "nginx", "h2load", "nghttp", "taskset", "curl"])
     h.raise_nofile_limit()
     workloads = args.workloads.split(",")
-    names = ["fastlb", "haproxy"]
+    fastlbs = H2_ENGINE_NAMES[args.h2_engine] if set(workloads) - {"grpc"} else ["fastlb"]
+    names = [*fastlbs, "haproxy"]
     bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu)
     results: dict[str, dict[str, list[dict]]] = {w: {n: [] for n in names} for w in workloads}
     try:
@@ -226,12 +237,14 @@ def main(argv=None) -> int:
             bench.grpc_request = os.path.join(bench.tmp, "grpc-request.bin")
             with open(bench.grpc_request, "wb") as f:
                 f.write(GRPC_REQUEST)
-            grpc_targets = start_grpc_targets(bench, names)
+            grpc_targets = start_grpc_targets(bench, ["fastlb", "haproxy"])
         h.log(f"fastlb vs HAProxy, HTTP/2 clients; {args.rounds} rounds x {args.duration}s; h2load -c "
               f"{args.clients} -m {args.streams}; load CPU {args.load_cpu}, proxy CPU {args.proxy_cpu}")
         for rnd in range(1, args.rounds + 1):
             for workload in workloads:
                 order = names if rnd % 2 else names[::-1]
+                if workload == "grpc":
+                    order = [name for name in order if name in ("fastlb", "haproxy")]
                 for name in order:
                     if workload == "grpc":
                         proc, port = grpc_targets[name]
@@ -241,17 +254,17 @@ def main(argv=None) -> int:
                         url = f"http://{h.HOST}:{plain}/" if workload == "h2c" else f"https://{h.HOST}:{secure}/"
                     m = measure(bench, proc, url, args)
                     results[workload][name].append(m)
-                    h.log(f"round {rnd} {workload:4} {name:8} {m['rate']:9,.0f} req/s  proxy cpu "
+                    h.log(f"round {rnd} {workload:4} {name:10} {m['rate']:9,.0f} req/s  proxy cpu "
                           f"{m['cpu_us']:6.1f} us/req, {m['proxy_cpu_share'] * 100:3.0f}% of a CPU")
                     time.sleep(0.5)           # (between measurements: let the last connections close)
     finally:
         bench.close()
     rows = []
-    for workload in workloads:
-        f, hp = results[workload]["fastlb"], results[workload]["haproxy"]
+    for workload, fastlb in [(w, name) for w in workloads for name in (fastlbs if w != "grpc" else ["fastlb"])]:
+        f, hp = results[workload][fastlb], results[workload]["haproxy"]
         rate_ratio = statistics.median(a["rate"] / b["rate"] for a, b in zip(f, hp))
         cpu_ratio = statistics.median(a["cpu_us"] / b["cpu_us"] for a, b in zip(f, hp))
-        rows.append([workload, f"{statistics.median(m['rate'] for m in f):,.0f}",
+        rows.append([f"{workload} {fastlb}", f"{statistics.median(m['rate'] for m in f):,.0f}",
                      f"{statistics.median(m['rate'] for m in hp):,.0f}", f"{rate_ratio:.2f}",
                      f"{statistics.median(m['cpu_us'] for m in f):.1f}",
                      f"{statistics.median(m['cpu_us'] for m in hp):.1f}", f"{cpu_ratio:.2f}"])

@@ -426,14 +426,17 @@ def engine_metrics(view: dict | None):
         return
     yield CounterMetricFamily("fastlb_http_engine_requests", "HTTP requests the C engine served itself",
                               value=view["requests"])
-    handed = CounterMetricFamily("fastlb_http_engine_handed_over", "Client connections the C engine handed to "
-                                 "the Python path", labels=["reason"])
+    handed = CounterMetricFamily("fastlb_http_engine_handed_over", "Client connections (and HTTP/2 streams) "
+                                 "the C engine handed to the Python path", labels=["reason"])
     for reason, count in view["handed_over"].items():
         handed.add_metric([reason], count)
     yield handed
     yield CounterMetricFamily("fastlb_http_engine_tls_handshake_failures",
                               "TLS handshakes the C engine closed (failed or timed out)",
                               value=view["tls_handshake_failures"])
+    yield CounterMetricFamily("fastlb_http_engine_h2_connections", "HTTP/2 client connections the C engine "
+                              "served (their streams count as requests, or as handed over)",
+                              value=view.get("h2_connections", 0))
 
 
 def admission_metrics(view: dict | None):

@@ -34,8 +34,15 @@ def grpc_frame(message: bytes) -> bytes:
     return struct.pack(">BI", 0, len(message)) + message
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_each_path(http_engine):
+    """Every test here runs with the C engine serving the HTTP/2 connections (fastlb/http/_eh2.pxi),
+    then with the Python path alone."""
+    return http_engine
+
+
 @pytest.fixture(scope="module")
-def balancer():
+def balancer(http_engine):
     """fastlb (an h2c-capable plain bind) over two gRPC backends g0, g1 (proto=h2, cleartext)."""
     processes = Processes()
     try:

@@ -2,6 +2,7 @@
 TLS bind, each stream a request to the HTTP/1.1 backends (tests/http_backend.py), which log what reached
 them."""
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import ssl
 import subprocess
 
 import pytest
+import re
 from hpack import Encoder
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
 
@@ -30,18 +32,27 @@ def pki(tmp_path_factory):
     return {"ca": str(ca.path), "cert": str(ca.issue("default", "default.test", ("default.test",)))}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_each_path(http_engine):
+    """Every test here runs with the C engine serving the HTTP/2 connections (fastlb/http/_eh2.pxi, the
+    streams it does not serve handed to the Python path one by one), then with the Python path alone."""
+    return http_engine
+
+
 @pytest.fixture(scope="module")
-def balancer(pki):
-    """fastlb over backends a, b, c: a plain bind and a TLS bind."""
+def balancer(pki, http_engine):
+    """fastlb over backends a, b, c: a plain bind and a TLS bind (and the admin port: its counters)."""
     processes = Processes()
     try:
         backend, ports = processes.http_backends("a", "b", "c")
-        plain, secure = free_port(), free_port()
-        args = ["--bind", f"127.0.0.1:{plain}", "--bind", f"127.0.0.1:{secure},ssl,cert={pki['cert']}"]
+        plain, secure, admin = free_port(), free_port(), free_port()
+        args = ["--bind", f"127.0.0.1:{plain}", "--bind", f"127.0.0.1:{secure},ssl,cert={pki['cert']}",
+                "--admin", str(admin)]
         for port in ports.values():
             args += ["--backend", f"127.0.0.1:{port}"]
         proc = processes.fastlb(*args, "--max-body-size", "1m")
-        yield {"plain": plain, "tls": secure, "backend": backend, "proc": proc}
+        yield {"plain": plain, "tls": secure, "admin": admin, "backend": backend, "proc": proc,
+               "engine": http_engine}
     finally:
         processes.cleanup()
 
@@ -61,8 +72,8 @@ def backend_of(response) -> str:
 @pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_curl_http2_prior_knowledge_on_a_plain_bind(balancer):
     start = len(balancer["backend"].lines)
-    # The plain bind is the C engine's (unless the tests run the Python path alone): it hands the
-    # preface, not a request it serves, to the Python path.
+    # The plain bind is the C engine's (unless the tests run the Python path alone): it reads the preface
+    # and serves the connection.
     engine = "python" if os.environ.get(ENGINE_ENV) == "python" else "c"
     balancer["proc"].wait_for_line(rf"127.0.0.1:{balancer['plain']}: HTTP engine {engine}")
     result = subprocess.run([CURL, "-sS", "--http2-prior-knowledge", "-w", "\\n%{http_version} %{http_code}",
@@ -119,6 +130,37 @@ def test_many_concurrent_streams_spread_over_every_backend(balancer, pki, secure
         assert response.body.decode().endswith(f"GET /stream/{n}\n")
     by_backend = {backend_of(r) for r in responses.values()}
     assert by_backend == {"a", "b", "c"}            # balanced per request, not per connection
+
+
+def engine_metric(admin: int, name: str) -> float | None:
+    """A fastlb_http_engine_* counter from /metrics (None: no engine serves)."""
+    connection = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    match = re.search(rf"^fastlb_http_engine_{name} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["h2c", "h2"])
+def test_streams_are_served_by_the_engine_on_its_path(balancer, pki, secure):
+    """On the C engine's path the engine serves the connection and its plain streams itself (its
+    counters say so: one more HTTP/2 connection, a request per stream, nothing handed over); on the
+    Python path alone there is no engine to count."""
+    admin = balancer["admin"]
+    before = (engine_metric(admin, "h2_connections_total"), engine_metric(admin, "requests_total"))
+    port = balancer["tls" if secure else "plain"]
+    with H2Client(port, tls_context(pki) if secure else None, "default.test") as client:
+        streams = [client.request("GET", f"/counted/{n}") for n in range(20)]
+        responses = client.wait(streams)
+    assert [responses[s].status for s in streams] == [200] * 20
+    after = (engine_metric(admin, "h2_connections_total"), engine_metric(admin, "requests_total"))
+    if balancer["engine"] == "python":
+        assert before == after == (None, None)
+    else:
+        assert after[0] == before[0] + 1 and after[1] >= before[1] + 20
 
 
 def test_request_bodies_with_and_without_content_length(balancer):

@@ -49,6 +49,13 @@ def rss(pid: int) -> int:
     return total
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_each_path(http_engine):
+    """Every test here runs with the C engine serving the HTTP/2 connections (fastlb/http/_eh2.pxi),
+    then with the Python path alone."""
+    return http_engine
+
+
 @pytest.fixture
 def target():
     processes = Processes()

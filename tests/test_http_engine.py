@@ -784,12 +784,16 @@ def test_tls_connections_the_python_path_serves_go_through_the_engines_tunnel(pr
         assert received == b"early" + body
 
 
-def test_h2_clients_of_a_tls_bind_go_to_the_http2_path_through_the_engines_tunnel(procs, tls_pki):
-    """The engine's TLS binds offer h2 first (config h2 = true): a client choosing it is handed, right
-    after its handshake, to fastlb/http2 over the engine's TLS tunnel, its streams balanced per request
-    with the client-subject and X-Forwarded-* lines of HTTP/1.1; HTTP/1.1 clients stay the engine's."""
+@pytest.mark.parametrize("h2_engine", ["1", "0"])
+def test_h2_clients_of_a_tls_bind_are_served_by_the_engine_or_the_http2_path(procs, tls_pki, monkeypatch,
+                                                                             h2_engine):
+    """The engine's TLS binds offer h2 first (config h2 = true): a client choosing it is served by the
+    engine's HTTP/2 (fastlb/http/_eh2.pxi), or with FASTLB_H2_ENGINE=0 handed, right after its handshake,
+    to fastlb/http2 over the engine's TLS tunnel; either way its streams are balanced per request with
+    the client-subject and X-Forwarded-* lines of HTTP/1.1; HTTP/1.1 clients stay the engine's."""
     pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libnghttp2 (libnghttp2-dev)")
     from h2_client import H2Client
+    monkeypatch.setenv("FASTLB_H2_ENGINE", h2_engine)
     admin = free_port()
     port, backend, lb = start(procs, "--admin", str(admin), names=("a", "b"), bind_options=tls_bind(tls_pki))
     assert engine_line(lb) == "c"
@@ -805,7 +809,7 @@ def test_h2_clients_of_a_tls_bind_go_to_the_http2_path_through_the_engines_tunne
             streams.append(client.request("POST", "/echo", body=b"over h2 via the tunnel"))
             return client.wait(streams), streams
     (responses, streams), served, handed = engine_work(admin, over_h2)
-    assert (served, handed) == (0, {"h2": 1})
+    assert (served, handed) == ((9, {}) if h2_engine == "1" else (0, {"h2": 1}))
     assert [responses[s].status for s in streams] == [200] * 9
     assert responses[streams[-1]].body == b"over h2 via the tunnel"
     assert {responses[s].header("x-backend") for s in streams[:8]} == {"a", "b"}
@@ -821,7 +825,10 @@ def test_h2_clients_of_a_tls_bind_go_to_the_http2_path_through_the_engines_tunne
     response, served, handed = engine_work(admin, over_http11)
     assert response.status == 200 and (served, handed) == (1, {})
     metrics = admin_get(admin, "/metrics")[1].decode()
-    assert 'fastlb_http_engine_handed_over_total{reason="h2"} 1.0' in metrics
+    if h2_engine == "1":
+        assert "fastlb_http_engine_h2_connections_total 1.0" in metrics
+    else:
+        assert 'fastlb_http_engine_handed_over_total{reason="h2"} 1.0' in metrics
     assert re.search(r"^fastlb_http_engine_requests_total [1-9]", metrics, re.M)
     # The port probe procs.fastlb made closed without a handshake: counted as a failed one.
     failures = re.search(r"^fastlb_http_engine_tls_handshake_failures_total (\S+)$", metrics, re.M).group(1)

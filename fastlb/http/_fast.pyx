@@ -62,6 +62,7 @@ from fastlb._admission cimport Limiter, ADMIT, DENIED, MAX_KEY_HEADERS, cookie_v
 # requests, WAIT_BACKEND for a response; a TLS connection its handshake first) and the pool's hashing key,
 # as the Python side names them.
 from fastlb.constants cimport (WAIT_NONE, WAIT_HEAD, WAIT_IDLE, WAIT_BACKEND, WAIT_HANDSHAKE, WAIT_TUNNEL_FLUSH,
+                               WAIT_STREAMS,
                                KEY_NONE, KEY_SOURCE, KEY_URI, KEY_PATH, KEY_HEADER, KEY_COOKIE, KEY_QUERY,
                                STICKY_NONE, STICKY_COOKIE_INSERT, STICKY_COOKIE_PREFIX, STICKY_LEARN_COOKIE,
                                STICKY_LEARN_HEADER, STICKY_SOURCE)
@@ -120,7 +121,8 @@ cdef enum:
     HAND_RESPONSE = 3          # a response the engine does not forward itself (not plain, a watched header)
     HAND_RETRY = 4             # a --retry-on status for a request that may be sent again
     HAND_TIMEOUT = 5           # no response within response_timeout (Python answers 504 or retries)
-    HAND_H2 = 6                # TLS whose ALPN chose h2: HTTP/2 is the Python path's (fastlb/http2/)
+    HAND_H2 = 6                # ALPN h2 or an h2c preface: HTTP/2 is the Python path's (fastlb/http2/) unless
+                               # the engine serves it (_eh2.pxi)
     HAND_REASONS = 7
 HANDED_REASONS = ("request", "no_backend", "backend_failed", "response", "retry_status", "response_timeout",
                   "h2")
@@ -182,7 +184,6 @@ cdef struct ClientTls:
     unsigned char alpn            # ALPN_*: what the handshake agreed on
     unsigned char short_read      # the socket BIO's last read drained the socket (_etls.pxi)
     unsigned char verifies        # the bind asks for client certificates (the subject header)
-    int bind                      # the listener's bind (FastPath.binds index)
     char *tls_block               # `X-Client-Subject: ...` CRLF of a verified client certificate
     uint32_t tls_block_len
     sockaddr_storage peer         # admission control runs after the handshake, as on the Python path
@@ -236,8 +237,11 @@ cdef struct Client:
     double started             # when its head was read (CLOCK_MONOTONIC, as time.monotonic())
     uint32_t header_size       # its header lines as the Python path counts them: name + value + 4 each
     unsigned char counted         # in the admission table's connections per source: leave() on close
+    int bind                      # the listener's bind (FastPath.binds index)
     ClientCaptures *caps          # NULL unless rate limit keys, captures or a sticky rule are set
-    ClientTls *tls                # TLS (fastlb/http/_etls.pxi); NULL on a plain bind
+    ClientTls *tls                # TLS (fastlb/http/_etls.pxi); NULL on a plain bind (but a stream's,
+                                  # whose ssl is its connection's: NULL on h2c)
+    void *h2                      # HTTP/2 (_eh2.pxi): a connection's H2Conn, a stream's H2Stream; else NULL
 
 
 cdef struct Listener:
@@ -252,6 +256,7 @@ cdef struct Listener:
 
 
 include "_etls.pxi"
+include "_eh2.pxi"
 
 
 cdef struct CookieEntry:
@@ -503,6 +508,16 @@ cdef class Engine:
     cdef int *attempts             # per slot: its pool's attempts per request (retries + 1)
     cdef unsigned char retry_status[600]   # --retry-on statuses
     cdef Py_ssize_t replay_limit   # a request over this many bytes (protocol.REPLAY_LIMIT) is never re-sent
+    # HTTP/2 clients served here (_eh2.pxi; h2_configure): on or off, the limits (H2Settings), counts.
+    cdef int h2_mode               # H2_OFF, H2_PYTHON, H2_ENGINE
+    cdef int h2_max_streams, h2_initial_window, h2_connection_window
+    cdef Py_ssize_t h2_max_header_list
+    cdef double h2_control_burst
+    cdef char *h2_request_buf     # a stream's HTTP/1.1 request head being written
+    cdef Py_ssize_t h2_request_cap
+    cdef public unsigned long long h2_connections, h2_unserved_streams
+    cdef Client **h2_due           # HTTP/2 connections with frames to write at the end of the batch
+    cdef int h2_due_count, h2_due_cap
 
     def __cinit__(self):
         self.epfd = -1
@@ -521,6 +536,8 @@ cdef class Engine:
         self.fresh_line = NULL
         self.fresh_second = NULL
         self.attempts = NULL
+        self.h2_request_buf = NULL
+        self.h2_due = NULL
         self.max_clients = 1 << 40
         self.accept_paused = False
 
@@ -608,6 +625,7 @@ cdef class Engine:
         self.nrules = i
         self.now = monotonic_now()
         self.set_features(glue, settings)
+        h2_configure(self, glue)
         if admission is not None:
             self.limiter = admission.limiter
             self.limit_pool = limit_pool
@@ -709,6 +727,8 @@ cdef class Engine:
         free(self.idle_count)
         free(self.attempts)
         free(self.decoded)
+        free(self.h2_request_buf)
+        free(self.h2_due)
         if self.fresh_line != NULL:
             for i in range(self.slot_count):
                 Py_XDECREF(self.fresh_line[i])
@@ -852,7 +872,6 @@ cdef class Engine:
             c.tls.ssl = NULL
             c.tls.alpn = ALPN_NONE
             c.tls.verifies = l.verifies
-            c.tls.bind = l.bind
             c.tls.tls_block = NULL
             c.tls.tls_block_len = 0
             c.tls.tunnel.kind = IS_FREED
@@ -861,6 +880,8 @@ cdef class Engine:
             c.tls.up = NULL
             c.tls.up_len = c.tls.up_off = 0
             c.tls.up_ended = c.tls.down_ended = 0
+        c.bind = l.bind
+        c.h2 = NULL
         c.kind = IS_CLIENT
         c.fd = fd
         c.state = WAITING
@@ -946,6 +967,11 @@ cdef class Engine:
                 return
             c.counted = 1
         if c.tls.alpn == ALPN_H2:
+            if self.h2_mode == H2_ENGINE and h2_start(self, c):
+                h2_flush(self, c)           # the server's SETTINGS first
+                if c.kind == IS_CLIENT:
+                    h2_readable(self, c)
+                return
             # HTTP/2 (fastlb/http2/connection.py) over the tunnel from its first byte; the Python side is
             # told ALPN's choice, which its end of the socketpair cannot tell.
             self.adopt(c, NULL, 0, HAND_H2)
@@ -978,6 +1004,9 @@ cdef class Engine:
             Py_XDECREF(c.caps.session)
             Py_XDECREF(c.caps.learned)
             c.caps.session = c.caps.learned = NULL
+        if c.kind == IS_STREAM:
+            free(c.h2)
+            c.h2 = NULL
         c.kind = IS_FREED
         if self.in_batch:
             c.next = self.dead_clients
@@ -1009,6 +1038,8 @@ cdef class Engine:
         """Ends a client connection the engine holds (whatever its state)."""
         cdef Backend *b = c.backend
         cdef object backend
+        if c.h2 != NULL:
+            h2_end(self, c)
         self.unlink(c)
         tls_end(c, c.state != HANDSHAKE)
         close(c.fd)            # accepted by the engine, no duplicate: closing takes it out of the epoll set
@@ -1056,6 +1087,9 @@ cdef class Engine:
         cdef int fd = c.fd
         cdef int pair[2]
         cdef bint tunneled
+        if c.kind == IS_STREAM:
+            h2_handed(self, c, data, size, reason, limits_checked)
+            return
         if c.tls != NULL:
             # The SSL state cannot leave: the engine keeps the connection and relays the decrypted bytes
             # over a socketpair whose other end the Python path takes as if it were the client's socket.
@@ -1063,22 +1097,15 @@ cdef class Engine:
                 self.close_client(c)
                 return
             fd = pair[1]
-            tls = (c.tls.bind, PyBytes_FromStringAndSize(c.ip, c.ip_len),
+            tls = (c.bind, PyBytes_FromStringAndSize(c.ip, c.ip_len),
                    PyBytes_FromStringAndSize(c.tls.tls_block, c.tls.tls_block_len) if c.tls.tls_block_len else b"",
-                   c.tls.alpn == ALPN_H2)
+                   c.tls.alpn == ALPN_H2, False)
         self.unlink(c)
         if c.tls == NULL:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
         if b != NULL:
             limits_checked = self.limiter is not None      # the request in flight passed them already
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
-            # How much of the request reached the backend: all of it, part, or nothing (a send failed).
-            inflight = (self.backends[c.slot], b.fd,
-                        PyBytes_FromStringAndSize(c.buf, c.req_len),
-                        PyBytes_FromStringAndSize(data, size), c.sent_at,
-                        c.head_sent == c.head_len, c.head_sent > 0, bool(b.reused))
-            self.free_backend(b)
-            c.backend = NULL
+            inflight = self.inflight(c, data, size)
             data = NULL
             size = 0
         pending = PyBytes_FromStringAndSize(data, size) if size else b""
@@ -1090,6 +1117,20 @@ cdef class Engine:
         self.glue.adopt(fd, pending, inflight, limits_checked, tls)
         if tunneled:
             self.pump(c)            # records OpenSSL holds already: no edge will announce them
+
+    cdef object inflight(self, Client *c, const char *data, Py_ssize_t size):
+        """adopt()'s request in flight, for the Python path: its backend connection leaves the epoll set
+        (and the engine) with how much of the request reached it: all of it, part, or nothing (a send
+        failed); data: what was read of the response."""
+        cdef Backend *b = c.backend
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, b.fd, NULL)
+        inflight = (self.backends[c.slot], b.fd,
+                    PyBytes_FromStringAndSize(c.buf, c.req_len),
+                    PyBytes_FromStringAndSize(data, size), c.sent_at,
+                    c.head_sent == c.head_len, c.head_sent > 0, bool(b.reused))
+        self.free_backend(b)
+        c.backend = NULL
+        return inflight
 
     # ---- TLS connections the Python path serves: the tunnel ----------------------------------------
 
@@ -1133,6 +1174,9 @@ cdef class Engine:
     cdef void pump(self, Client *c):
         """Any event on a tunnel's sockets: the Python side's bytes to the client, then the client's to
         the Python side, each until a socket would block (edge-triggered)."""
+        if c.kind == IS_STREAM:
+            h2_from_python(self, c)         # an HTTP/2 stream the Python path serves (_eh2.pxi)
+            return
         if self.pump_down(c):
             self.pump_up(c)
 
@@ -1236,8 +1280,11 @@ cdef class Engine:
         self.in_batch = True
         try:
             self.handle_events()
+            if self.h2_due_count:
+                h2_flush_due(self)
         finally:
             self.in_batch = False
+            self.h2_due_count = 0
             self.bury()
 
     cdef void handle_events(self):
@@ -1270,6 +1317,9 @@ cdef class Engine:
                     if c.state == TUNNEL:
                         self.pump(c)
                         continue
+                    if c.h2 != NULL:
+                        h2_event(self, c, ev)
+                        continue
                     if ev & (EPOLLRDHUP | EPOLLHUP):
                         c.hung_up = 1           # no further edge will say so: checked after each answer
                     # (TLS: a write may wait for a read, so any event retries it)
@@ -1292,6 +1342,9 @@ cdef class Engine:
         if c.state == TUNNEL:
             self.pump(c)
             return
+        if c.h2 != NULL:
+            h2_readable(self, c)
+            return
         if c.state != WAITING:
             c.read_pending = 1      # read once the request in flight is answered
             return
@@ -1301,6 +1354,8 @@ cdef class Engine:
             return
         if n <= 0:
             self.close_client(c)
+            return
+        if self.scratch[0] == 80 and h2_preface(self, c, n):      # 'P': maybe HTTP/2's preface
             return
         if n == SCRATCH or not self.parse_request(c, <const unsigned char *>self.scratch, n):
             self.adopt(c, self.scratch, n, HAND_REQUEST)
@@ -1857,7 +1912,7 @@ cdef class Engine:
         if n <= 0:
             self.adopt(c, self.scratch, 0, HAND_BACKEND_FAILED)
             return
-        if c.tls != NULL and self.hsts_on:
+        if self.hsts_on and c.tls != NULL and c.tls.ssl != NULL:     # (a stream of h2c has a ClientTls, no SSL)
             # The pool's HSTS replaces the backend's own line (upstream.py's on_header and fast path).
             hsts = <object>PyList_GET_ITEM(self.slot_hsts, c.slot)
             if not len(hsts):
@@ -1954,6 +2009,9 @@ cdef class Engine:
         cdef ssize_t n, total = 0, left
         cdef int i
         cdef bint whole_to_pending = False
+        if c.kind == IS_STREAM:
+            h2_answer(self, c, iov, count)
+            return
         for i in range(count):
             total += iov[i].iov_len
         if count > 1 and total <= SCRATCH:
@@ -2140,7 +2198,9 @@ cdef class Engine:
         self.now = monotonic_now()
         while c != NULL:
             next_client = c.next
-            if c.deadline_kind != WAIT_NONE and c.deadline <= self.now:
+            if c.h2 != NULL:
+                h2_sweep(self, c)
+            elif c.deadline_kind != WAIT_NONE and c.deadline <= self.now:
                 if c.deadline_kind == WAIT_IDLE:
                     self.close_client(c)
                 elif c.deadline_kind == WAIT_HEAD:

@@ -120,6 +120,19 @@ def handed_over(runtime) -> list[str]:
     return handed
 
 
+class EngineStream(ClientConnection):
+    """An HTTP/2 stream of a connection the engine serves (fastlb/http/_eh2.pxi), handed to the Python
+    path: its one HTTP/1.1 request comes over a socketpair, its response goes back over it. The engine
+    counts the connection (admission): the stream neither enters nor leaves the count."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport) -> None:
+        self.head_started = -1.0            # (a stream's request is never a connection preface)
+        super().connection_made(transport)
+        self.admitted = False
+
+
 class FastPath:
     """One worker's engine and the Python it calls."""
 
@@ -174,7 +187,7 @@ class FastPath:
         the worker's snapshot (/stats.json "engine", the fastlb_http_engine_* metrics)."""
         engine = self.engine
         return {"requests": engine.served, "handed_over": engine.handed_over(),
-                "tls_handshake_failures": engine.handshake_failures}
+                "tls_handshake_failures": engine.handshake_failures, "h2_connections": engine.h2_connections}
 
     def listen(self, sock, bind, server_tls=None, handshake_timeout: float = 0.0) -> None:
         """The engine accepts the bind's connections itself (on a duplicate of its listening socket); a
@@ -317,16 +330,19 @@ class FastPath:
     async def _adopt(self, fd: int, data: bytes, inflight, limits_checked: bool = False, tls=None) -> None:
         """The client socket becomes a uvloop transport of a ClientConnection that is fed `data` (or the
         request in flight, attached to its backend connection, which is fed the response bytes read).
-        tls: a TLS client's (bind index, client address, client-subject header line, ALPN chose h2): fd
-        is then the Python end of the socketpair the engine relays the decrypted stream over."""
+        tls: a TLS client's (bind index, client address, client-subject header line, ALPN chose h2, False):
+        fd is then the Python end of the socketpair the engine relays the decrypted stream over; or an
+        HTTP/2 stream's the engine serves the connection of (..., False, True): its one HTTP/1.1 request
+        arrives and its response leaves over the socketpair (fastlb/http/_eh2.pxi), and the connection
+        is counted (admission) by the engine, not here."""
         loop = self.loop
         backend_sock = None
         try:
             if tls is None:
                 client = ClientConnection(self.runtime, self.bind)   # any plain bind will do
             else:
-                bind, client_ip, subject_block, h2 = tls
-                client = ClientConnection(self.runtime, self.binds[bind])
+                bind, client_ip, subject_block, h2, stream = tls
+                client = (EngineStream if stream else ClientConnection)(self.runtime, self.binds[bind])
                 client.client_ip = client_ip         # the socketpair has no peer address, nor ALPN
                 client.tls_block = subject_block
                 client.alpn_h2 = h2
