@@ -422,8 +422,8 @@ cdef class Engine:
 
     cdef int epfd
     cdef object glue, loop
-    # Per request the engine calls the pool itself (what FastPath.select / finish do, without their frame):
-    # the single pool's select_now, and per slot its pool's response_done; metrics (when on) are
+    # Per request the engine calls the pool itself, without a frame of fast.py's: the single pool's
+    # select_now (select()), and per slot its pool's response_done (finish()); metrics (when on) are
     # counted in C per slot (SlotCounts) and added to the backends' Traffic on read (flush_counts).
     cdef object select_now, no_tries
     cdef bint counting
@@ -1698,8 +1698,8 @@ cdef class Engine:
         self.place(c, backend, key, pinned, sticky_key)
 
     cdef object select(self, object key, object pinned):
-        """FastPath.select: the pool's pick with its slot taken, or None (nothing to pick now, or a backend
-        that speaks TLS, added at run time: the engine relays plain bytes)."""
+        """The single pool's pick with its slot taken (FastPath._take's rules), or None: nothing to pick
+        now, or a backend that speaks TLS (added at run time: the engine relays plain bytes)."""
         cdef object backend = self.select_now(key, self.no_tries, pinned)
         if backend is not None and self.slot_tls[self.slot_of(backend)]:
             self.glue.pool.release(backend)
@@ -1708,8 +1708,9 @@ cdef class Engine:
 
     cdef void finish(self, int slot, double seconds, bint ok, int status, long long bytes_in,
                      long long bytes_out):
-        """FastPath.finish: the request's slot goes back with its outcome (the pool's response_done),
-        and its counts when metrics are on (status 0: the client left first)."""
+        """The request's slot goes back with its outcome (its pool's response_done: the Python path's
+        BackendConnection.release rules), and its counts when metrics are on (status 0: the client
+        left first: not counted, as Observer.http_request)."""
         cdef SlotCounts *k
         cdef int bucket = 0
         if self.counting and status:
