@@ -180,6 +180,55 @@ cdef inline Py_ssize_t printed(int n, int limit) noexcept:
     return n if 0 <= n < limit else (limit - 1 if n >= limit else 0)
 
 
+cdef char *put_integer(char *out, long long value) noexcept:
+    """'%lld': value in decimal."""
+    cdef char digits[24]
+    cdef int n = 0
+    cdef unsigned long long magnitude
+    if value < 0:
+        out[0] = 45
+        out += 1
+        magnitude = <unsigned long long>(-(value + 1)) + 1
+    else:
+        magnitude = <unsigned long long>value
+    while True:
+        digits[n] = <char>(48 + magnitude % 10)
+        n += 1
+        magnitude //= 10
+        if magnitude == 0:
+            break
+    while n:
+        n -= 1
+        out[0] = digits[n]
+        out += 1
+    return out
+
+
+cdef char *put_milliseconds(char *out, double seconds) noexcept:
+    """'%.3f' of seconds * 1000 (glibc's and Python's: the exact value rounded, ties to even), without
+    printf where that is plain: v * 1000 (the thousandths) is computed within 2**-24 of its exact value
+    below 2**30, so away from a tie (over 1e-6 from .5) rounding it gives the exact value's rounding.
+    Ties, negative and huge values are snprintf's."""
+    cdef double ms = seconds * 1000
+    cdef double thousandths = ms * 1000
+    cdef long long whole
+    cdef double fraction
+    if not (0.0 <= thousandths < 1073741824.0):
+        return out + printed(snprintf(out, 40, b"%.3f", ms), 40)
+    whole = <long long>thousandths
+    fraction = thousandths - whole
+    if 0.499999 < fraction < 0.500001:
+        return out + printed(snprintf(out, 40, b"%.3f", ms), 40)
+    if fraction > 0.5:
+        whole += 1
+    out = put_integer(out, whole // 1000)
+    out[0] = 46
+    out[1] = <char>(48 + whole // 100 % 10)
+    out[2] = <char>(48 + whole // 10 % 10)
+    out[3] = <char>(48 + whole % 10)
+    return out + 4
+
+
 cdef char *put_escaped(char *out, const unsigned char *p, Py_ssize_t n) noexcept:
     """p[:n] (latin-1 text) as json.dumps writes it between its quotes (ensure_ascii): at most 6n bytes."""
     cdef Py_ssize_t i
@@ -338,6 +387,7 @@ cdef class LogWriter:
         cdef char *out
         cdef char *start
         cdef Py_ssize_t bound
+        cdef int millis
         if s == NULL:
             return
         if second != self.stamp_second:
@@ -356,7 +406,16 @@ cdef class LogWriter:
         if self.json:
             out = put(out, b'{"time":"', 9)
         out = put(out, self.stamp, STAMP_LENGTH)
-        out += printed(snprintf(out, 8, b".%03dZ", <int>((wall - second) * 1000)), 8)
+        millis = <int>((wall - second) * 1000)          # '.%03dZ'
+        if 0 <= millis < 1000:
+            out[0] = 46
+            out[1] = <char>(48 + millis // 100)
+            out[2] = <char>(48 + millis // 10 % 10)
+            out[3] = <char>(48 + millis % 10)
+            out[4] = 90
+            out += 5
+        else:
+            out += printed(snprintf(out, 8, b".%03dZ", millis), 8)
         if self.json:
             out = put(out, b'","client":"', 12)
             out = put(out, client, client_len)
@@ -371,9 +430,11 @@ cdef class LogWriter:
                 out[0] = 34
                 out += 1
             else:
-                out += printed(snprintf(out, 24, b"%ld", status), 24)
-            out += printed(snprintf(out, 120, b',"bytes_in":%lld,"bytes_out":%lld,"connect_ms":%.3f,"total_ms":%.3f',
-                                    bytes_in, bytes_out, connect_seconds * 1000, total_seconds * 1000), 120)
+                out = put_integer(out, status)
+            out = put_integer(put(out, b',"bytes_in":', 12), bytes_in)
+            out = put_integer(put(out, b',"bytes_out":', 13), bytes_out)
+            out = put_milliseconds(put(out, b',"connect_ms":', 14), connect_seconds)
+            out = put_milliseconds(put(out, b',"total_ms":', 12), total_seconds)
             if method != NULL:
                 out = put(out, b',"method":"', 11)
                 out = put_escaped(out, <const unsigned char *>method, method_len)
@@ -393,9 +454,15 @@ cdef class LogWriter:
             if status_text != NULL:
                 out = put(out + 1, status_text, status_len)
             else:
-                out += 1 + printed(snprintf(out + 1, 24, b"%ld", status), 24)
-            out += printed(snprintf(out, 120, b" %lld %lld %.3f %.3f", bytes_in, bytes_out,
-                                    connect_seconds * 1000, total_seconds * 1000), 120)
+                out = put_integer(out + 1, status)
+            out[0] = 32
+            out = put_integer(out + 1, bytes_in)
+            out[0] = 32
+            out = put_integer(out + 1, bytes_out)
+            out[0] = 32
+            out = put_milliseconds(out + 1, connect_seconds)
+            out[0] = 32
+            out = put_milliseconds(out + 1, total_seconds)
             if method != NULL:
                 out[0] = 32
                 out = put(out + 1, method, method_len)

@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 # Latency buckets (seconds), upper bounds; a last implicit +Inf bucket. From 0.5 ms (a loopback connect)
 # to 10 s (a slow backend response).
@@ -264,6 +264,13 @@ class Observer:
         # monotonic -> wall clock, for access-log timestamps without a time.time() call per entry.
         # (Timings use time.monotonic(), not loop.time(): uvloop's clock moves in milliseconds.)
         self.wall_offset = time.time() - time.monotonic()
+        # What counts requests elsewhere (the HTTP engine's Engine.flush_counts): adds them to the
+        # backends' Traffic before a read (collect()).
+        self.collectors: list[Callable[[], None]] = []
+
+    def collect(self) -> None:
+        for flush in self.collectors:
+            flush()
 
     def tcp_closed(self, client, gone: str | None) -> None:
         """A relayed connection ends. `gone`: which socket is already closed ("client", "backend", or
@@ -361,6 +368,8 @@ def pool_snapshot(name: str, pool: Any, observer: Observer | None,
     aggregates over workers. sent (address -> what was last sent of it): only the backends that changed
     since are listed, so a snapshot of thousands of idle backends costs a pass over them, not their
     encoding and decoding."""
+    if observer is not None:
+        observer.collect()
     backends = []
     for backend in pool.backends:
         health = backend.health

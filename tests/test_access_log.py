@@ -2,6 +2,7 @@
 Python reference's (observe.AccessLog._format_text / _format_json) byte for byte, and a disk that does
 not keep up costs dropped lines, never a blocked caller or unbounded memory."""
 import os
+import random
 import threading
 
 import pytest
@@ -25,18 +26,50 @@ ENTRIES = [
 ]
 
 
-@pytest.mark.parametrize("fmt", ["text", "json"])
-def test_lines_are_the_python_reference_lines(tmp_path, fmt):
+def written_and_expected(tmp_path, fmt, entries) -> tuple[str, str]:
+    """The C writer's file after `entries`, and the Python reference's lines for them."""
     path = tmp_path / "access.log"
     log = AccessLog(None, str(path), fmt)
     assert log.writer is not None
-    for entry in ENTRIES:
+    for entry in entries:
         log.add(entry)
     log.close()
     reference = AccessLog(None, str(tmp_path / "unused.log"), fmt, reference=True)
-    expected = "".join(map(reference._format_json if fmt == "json" else reference._format_text, ENTRIES))
+    expected = "".join(map(reference._format_json if fmt == "json" else reference._format_text, entries))
     reference.close()
-    assert path.read_text() == expected
+    return path.read_text(), expected
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_lines_are_the_python_reference_lines(tmp_path, fmt):
+    written, expected = written_and_expected(tmp_path, fmt, ENTRIES)
+    assert written == expected
+
+
+def timing_values():
+    """Seconds whose milliseconds '%.3f' rounds at every kind of edge: exact ties of the thousandths
+    (x.xxx5 ms), values a hair either side of one, whole milliseconds, large values (the formatter's
+    snprintf side) and a spread of random ones."""
+    rng = random.Random(16)
+    values = [0.0, 1e-9, 5e-7, 0.0000005, 0.0025005, 1.0000005, 0.1234565, 999.9999995, 1073.7418235,
+              1073.741824, 1073741.824, 5000.0, 86400.123456, 1e12, 0.5, 2.0 ** -20]
+    for _ in range(500):
+        thousandths = rng.randrange(0, 10 ** rng.randrange(1, 10))
+        values.append((thousandths + 0.5) / 1e6)                       # a tie, as a decimal
+        values.append((thousandths + rng.choice((0.4999999, 0.5000001, 0.0, 0.999))) / 1e6)
+        values.append(rng.random() * 10.0 ** rng.randrange(-6, 4))
+    return values
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_times_are_rounded_as_the_python_reference_rounds_them(tmp_path, fmt):
+    """The formatter writes numbers without printf where it can: its milliseconds are '%.3f's."""
+    values = timing_values()
+    entries = [(1700000000.0 + i % 1000 / 1000, "127.0.0.1", "default", "127.0.0.1:8080", 200, i, 2 ** 62 + i,
+                seconds, values[-1 - i], "GET", "/") for i, seconds in enumerate(values)]
+    written, expected = written_and_expected(tmp_path, fmt, entries)
+    assert written.count("\n") == len(entries)
+    assert written == expected
 
 
 def test_a_quiet_log_is_written_without_a_close(tmp_path):

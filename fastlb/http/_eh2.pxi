@@ -567,7 +567,7 @@ cdef void h2_drop_stream(Engine self, Client *s):
     if b != NULL:
         s.backend = NULL
         self.close_backend(b)
-        self.finish(self.backends[s.slot], self.now - s.sent_at, True, 0, self.request_size(s), 0)
+        self.finish(s.slot, self.now - s.sent_at, True, 0, self.request_size(s), 0)
     if s.state == CONNECTING:
         s.gone = 1
         return
@@ -1069,7 +1069,7 @@ cdef void h2_handed(Engine self, Client *s, const char *data, Py_ssize_t size, i
             b = s.backend
             s.backend = NULL
             self.close_backend(b)
-            self.finish(self.backends[s.slot], self.now - s.sent_at, False, 0, self.request_size(s), 0)
+            self.finish(s.slot, self.now - s.sent_at, False, 0, self.request_size(s), 0)
         s.state = WAITING
         s.deadline_kind = WAIT_NONE
         h2_unserved(self, s)
@@ -1502,7 +1502,7 @@ cdef void h2_deadline_exceeded(Engine self, Client *s):
     if b != NULL:
         s.backend = NULL
         self.close_backend(b)
-        self.finish(self.backends[s.slot], self.now - s.sent_at, True, 0, self.request_size(s), 0)
+        self.finish(s.slot, self.now - s.sent_at, True, 0, self.request_size(s), 0)
     if s.tls.tunnel.fd >= 0:
         self.forget(s.tls.tunnel.fd)
         s.tls.tunnel.fd = -1

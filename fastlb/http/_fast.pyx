@@ -13,8 +13,8 @@ How: the engine owns an epoll set that uvloop watches as one file descriptor (`l
 and backend sockets are in it edge-triggered, registered once (no epoll_ctl per request). Per request:
 one recv from the client, one scan of the head, the backend's head built into a buffer, one send on an
 idle backend connection the engine keeps per backend, one recv of the response, one scan, one writev to
-the client. Python is called twice (the pool picks a backend and takes its slot; the slot is released
-with the outcome), both on compiled code.
+the client. Python is called twice (the pool picks a backend and takes its slot: select_now; the slot
+is released with the outcome: response_done), both compiled code called directly.
 
 Everything else leaves the engine at once, by adoption: the client socket (and, mid-request, the
 backend socket) becomes a uvloop transport with the ordinary Python protocol (fastlb/http/protocol.py),
@@ -44,7 +44,7 @@ written to the client (within keepalive_timeout), then a close_notify; the clien
 an EOF. Rare by design (what the engine does not serve), it costs one extra local hop per byte.
 """
 from libc.stdlib cimport malloc, calloc, free, realloc
-from libc.string cimport memcpy, memcmp, memmove, strlen
+from libc.string cimport memcpy, memcmp, memmove, memset, strlen
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint32_t, int32_t, uint64_t, uintptr_t
 from posix.unistd cimport close
@@ -94,6 +94,7 @@ cdef enum:
     COOKIE_CACHE = 4096        # distinct Cookie headers whose meaning (sticky rules) the engine keeps
     MAX_CACHED_COOKIE = 4096   # a longer Cookie header is looked up in Python every time
     MAX_FAST_HEAD = 12288      # a longer request head (or added block) goes to the Python path
+    MAX_LATENCY_BUCKETS = 32   # observe.LATENCY_BUCKETS and the overflow bucket fit
 
 # What a socket in the epoll set is (the first field of both structs).
 cdef enum:
@@ -272,6 +273,17 @@ cdef struct CookieEntry:
     PyObject *learned      # learn:NAME: the session id (bytes; b"": none)
 
 
+cdef struct SlotCounts:
+    # A backend's request counts (observe.Observer.count_request's), added here per request and into its
+    # Traffic when Python reads them (Engine.flush_counts, before every snapshot: observe.pool_snapshot).
+    unsigned long long requests
+    unsigned long long responses[5]    # by status class 1xx..5xx
+    long long bytes_in, bytes_out
+    unsigned long long latency[MAX_LATENCY_BUCKETS]   # observe.Histogram's counts (response time)
+    double latency_sum
+    unsigned char dirty
+
+
 cdef struct HeaderRule:
     const char *name       # lower-case
     int length
@@ -421,12 +433,22 @@ cdef inline bint lower_equals(const unsigned char *p, Py_ssize_t n, const char *
 
 
 cdef class Engine:
-    """One worker's engine. `glue` (fastlb/http/fast.py's FastPath) answers select(), finish(),
-    connect(), adopt() and refused()."""
+    """One worker's engine. `glue` (fastlb/http/fast.py's FastPath) answers connect(), adopt(),
+    select_sticky(), select_routed() and the rest; per request the engine calls the pools themselves
+    (select, finish)."""
 
     cdef int epfd
     cdef object glue, loop
-    cdef object select, finish          # glue.select / glue.finish, bound once (called per request)
+    # Per request the engine calls the pool itself, without a frame of fast.py's: the single pool's
+    # select_now (select()), and per slot its pool's response_done (finish()); metrics (when on) are
+    # counted in C per slot (SlotCounts) and added to the backends' Traffic on read (flush_counts).
+    cdef object select_now, no_tries
+    cdef bint counting
+    cdef SlotCounts *counts
+    cdef double latency_bounds[MAX_LATENCY_BUCKETS]    # observe.LATENCY_BUCKETS
+    cdef int nbounds
+    cdef list slot_done             # slot -> its pool's response_done
+    cdef unsigned char *slot_tls    # slot -> the backend speaks TLS (FastPath._take: never the engine's)
     cdef char *scratch         # one read at a time, shared by every socket
     cdef char *headbuf         # the backend head being built
     cdef Client *clients       # every client the engine holds (for the sweep and close_all)
@@ -538,6 +560,8 @@ cdef class Engine:
         self.attempts = NULL
         self.h2_request_buf = NULL
         self.h2_due = NULL
+        self.slot_tls = NULL
+        self.counts = NULL
         self.max_clients = 1 << 40
         self.accept_paused = False
 
@@ -546,12 +570,20 @@ cdef class Engine:
                  int limit_pool=-1):
         """request_actions: HttpSettings.request_actions (lower-case name -> action); action_codes maps
         the actions the engine handles itself: {'drop': H_DROP, 'host': H_HOST, 'connection': ...}."""
-        cdef int i = 0
+        cdef int i = 0, bucket
         cdef bytes name
         self.glue = glue
         self.loop = loop
-        self.select = glue.select
-        self.finish = glue.finish
+        self.select_now = glue.pool.select_now if glue.pool is not None else None
+        self.no_tries = glue.no_tries
+        self.counting = glue.observer is not None
+        from fastlb.observe import LATENCY_BUCKETS
+        if len(LATENCY_BUCKETS) >= MAX_LATENCY_BUCKETS:
+            raise ValueError("observe.LATENCY_BUCKETS has more buckets than the engine counts")
+        self.nbounds = len(LATENCY_BUCKETS)
+        for bucket, bound in enumerate(LATENCY_BUCKETS):
+            self.latency_bounds[bucket] = bound
+        self.slot_done = []
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
@@ -726,6 +758,8 @@ cdef class Engine:
         free(self.idle)
         free(self.idle_count)
         free(self.attempts)
+        free(self.slot_tls)
+        free(self.counts)
         free(self.decoded)
         free(self.h2_request_buf)
         free(self.h2_due)
@@ -1052,7 +1086,7 @@ cdef class Engine:
             c.backend = NULL
             self.close_backend(b)
             backend = self.backends[c.slot]
-            self.finish(backend, self.now - c.sent_at, True, 0, self.request_size(c), 0)
+            self.finish(c.slot, self.now - c.sent_at, True, 0, self.request_size(c), 0)
         if c.state == CONNECTING:
             c.gone = 1             # Python holds its address until connected() / connect_failed()
         else:
@@ -1564,14 +1598,23 @@ cdef class Engine:
         """What the Cookie header p[:n] means to the sticky rule: from the cache, or asked of the rule
         once (Sticky.cookie_facts) and cached. NULL: the rule failed, or the header is too long to cache
         (the Python path's)."""
-        cdef uint64_t h = self.cookie_seed ^ 1469598103934665603ULL
-        cdef Py_ssize_t i
+        cdef uint64_t h = self.cookie_seed ^ (<uint64_t>n * 0x9E3779B97F4A7C15ULL)
+        cdef uint64_t word
+        cdef Py_ssize_t i = 0
         cdef CookieEntry *e
         cdef object facts, session, prefixed
         if n > MAX_CACHED_COOKIE:
             return NULL
-        for i in range(n):                  # FNV-1a, seeded per process: entries cannot be aimed at
-            h = (h ^ p[i]) * 1099511628211ULL
+        # Eight bytes a step (multiply, xor-shift), seeded per process: entries cannot be aimed at.
+        while i + 8 <= n:
+            memcpy(&word, p + i, 8)
+            h = (h ^ word) * 0xFF51AFD7ED558CCDULL
+            h ^= h >> 32
+            i += 8
+        word = 0
+        memcpy(&word, p + i, n - i)
+        h = (h ^ word) * 0xC4CEB9FE1A85EC53ULL
+        h ^= h >> 29
         e = &self.cookie_cache[h % COOKIE_CACHE]
         if e.key != NULL and e.hash == h and e.key_len == n and memcmp(e.key, p, n) == 0:
             return e
@@ -1637,6 +1680,7 @@ cdef class Engine:
 
     cdef int slot_of(self, backend) except -1:
         cdef object slot = self.slots.get(backend)
+        cdef object pool
         cdef int size
         if slot is not None:
             return slot
@@ -1648,15 +1692,21 @@ cdef class Engine:
             self.attempts = <int *>realloc(self.attempts, sizeof(int) * self.slot_capacity)
             self.fresh_line = <PyObject **>realloc(self.fresh_line, sizeof(PyObject *) * self.slot_capacity)
             self.fresh_second = <long long *>realloc(self.fresh_second, sizeof(long long) * self.slot_capacity)
+            self.slot_tls = <unsigned char *>realloc(self.slot_tls, self.slot_capacity)
+            self.counts = <SlotCounts *>realloc(self.counts, sizeof(SlotCounts) * self.slot_capacity)
             if (self.idle == NULL or self.idle_count == NULL or self.attempts == NULL or self.fresh_line == NULL
-                    or self.fresh_second == NULL):
+                    or self.fresh_second == NULL or self.slot_tls == NULL or self.counts == NULL):
                 raise MemoryError()
         self.idle[size] = NULL
         self.idle_count[size] = 0
-        self.attempts[size] = backend.pool.attempts
+        pool = backend.pool
+        self.attempts[size] = pool.attempts
+        self.slot_done.append(pool.response_done)
+        self.slot_tls[size] = backend.ssl_context is not None
         self.slot_hsts.append(self.glue.hsts_block(backend))
         self.fresh_line[size] = NULL
         self.fresh_second[size] = -1
+        memset(&self.counts[size], 0, sizeof(SlotCounts))
         self.backends.append(backend)
         self.slots[backend] = size
         self.slot_count = size + 1
@@ -1730,6 +1780,60 @@ cdef class Engine:
             self.adopt(c, c.buf, c.req_len, HAND_NO_BACKEND, self.limiter is not None)
             return
         self.place(c, backend, key, pinned, sticky_key)
+
+    cdef object select(self, object key, object pinned):
+        """The single pool's pick with its slot taken (FastPath._take's rules), or None: nothing to pick
+        now, or a backend that speaks TLS (added at run time: the engine relays plain bytes)."""
+        cdef object backend = self.select_now(key, self.no_tries, pinned)
+        if backend is not None and self.slot_tls[self.slot_of(backend)]:
+            self.glue.pool.release(backend)
+            return None
+        return backend
+
+    cdef void finish(self, int slot, double seconds, bint ok, int status, long long bytes_in,
+                     long long bytes_out):
+        """The request's slot goes back with its outcome (its pool's response_done: the Python path's
+        BackendConnection.release rules), and its counts when metrics are on (status 0: the client
+        left first: not counted, as Observer.http_request)."""
+        cdef SlotCounts *k
+        cdef int bucket = 0
+        if self.counting and status:
+            k = &self.counts[slot]
+            k.requests += 1
+            if 100 <= status < 600:
+                k.responses[status // 100 - 1] += 1
+            k.bytes_in += bytes_in
+            k.bytes_out += bytes_out
+            while bucket < self.nbounds and self.latency_bounds[bucket] < seconds:
+                bucket += 1             # bisect_left, as Histogram.observe
+            k.latency[bucket] += 1
+            k.latency_sum += seconds
+            k.dirty = 1
+        (<object>PyList_GET_ITEM(self.slot_done, slot))(<object>PyList_GET_ITEM(self.backends, slot), seconds,
+                                                        ok, status)
+
+    def flush_counts(self):
+        """Adds what the engine counted since the last call to its backends' Traffic (observe.Observer
+        .count_request's counters): called before they are read (Observer.collect)."""
+        cdef SlotCounts *k
+        cdef int slot, i
+        for slot in range(self.slot_count):
+            k = &self.counts[slot]
+            if not k.dirty:
+                continue
+            traffic = self.backends[slot].traffic
+            traffic.requests += k.requests
+            responses = traffic.responses
+            for i in range(5):
+                responses[i] += k.responses[i]
+            traffic.bytes_in += k.bytes_in
+            traffic.bytes_out += k.bytes_out
+            histogram = traffic.response_time
+            latency = histogram.counts
+            for i in range(self.nbounds + 1):
+                latency[i] += k.latency[i]
+            histogram.sum += k.latency_sum
+            memset(k, 0, sizeof(SlotCounts))
 
     cdef int table_hit(self, object key):
         """StickTable.get + Sticky.pinned_by_key for the common case, in place: key's entry, unexpired,
@@ -1853,14 +1957,14 @@ cdef class Engine:
         self.now = monotonic_now()
         if c.gone:
             # The client left while we connected: the slot goes back, the connection waits for the next.
-            self.finish(backend, 0.0, True, 0, 0, 0)
+            self.finish(self.slot_of(backend), 0.0, True, 0, 0, 0)
             self.free_client(c)
             if b != NULL:
                 self.park(b)
             return
         c.slot = b.slot if b != NULL else c.slot
         if b == NULL:
-            self.finish(backend, 0.0, True, 0, 0, 0)
+            self.finish(self.slot_of(backend), 0.0, True, 0, 0, 0)
             self.answer(c, self.glue.bad_gateway[c.close_after])
             return
         self.attach(c, b)
@@ -1960,7 +2064,6 @@ cdef class Engine:
         # goes back, and the connection is reusable at once if the request was also written whole
         # (a backend may answer before reading all of it: then it still expects the rest).
         ok = found.status < 500
-        backend = self.backends[c.slot]
         c.backend = NULL
         b.client = NULL
         if may_reuse(c.head_sent == c.head_len, True, not found.backend_close, self.draining):
@@ -1968,7 +2071,7 @@ cdef class Engine:
         else:
             self.close_backend(b)
         self.served += 1
-        self.finish(backend, self.now - c.sent_at, ok, found.status, self.request_size(c), n)
+        self.finish(c.slot, self.now - c.sent_at, ok, found.status, self.request_size(c), n)
         if self.access_log is not None:
             self.log_request(c, c.slot, None, found.status, self.request_size(c), n,
                              max(0.0, c.sent_at - c.started))

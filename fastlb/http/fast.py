@@ -8,17 +8,19 @@ access log (lines formatted in C into the same writer as the Python path's: fast
 request and response header rules (`--request-header-set/delete`, `--response-header-set/delete`,
 `--via`), X-Forwarded-For, every hashing key, routing rules, TLS binds (the handshake and records in C,
 on the bind's ServerTLS.native: fastlb/http/_etls.pxi), sticky sessions (without routing rules:
-`select()` gets the backend a cookie pins, `select_sticky()` reads the stick table) and `--retry-on`
+the engine gives the pool the backend a cookie pins, `select_sticky()` reads the stick table) and `--retry-on`
 statuses, HSTS on TLS binds. A TLS client whose ALPN chose h2 is handed over right after its handshake
 (HTTP/2 is fastlb/http2/'s). Still the Python path's: redirect and PROXY-protocol binds, TLS binds when the C
 contexts are not built, sticky sessions and header/cookie keys with routing rules, TLS to backends
 (`why_not` lists what applies; `handed_over` what the engine serving a bind still hands over because of
 the config; both logged at start).
 
-The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls
-`select()` and `finish()`; rarely `connect()` (no idle backend connection: the pool connects, with its
-retries, queue and timeouts, and the socket goes to the engine) and `adopt()`, which gives a connection
-back to the Python path with the bytes the engine read and did not answer.
+The engine accepts on the bind's listening socket itself (`listen()`). Per request it calls the pool
+itself, without a frame of this module: the single pool's `select_now` (with routing rules,
+`select_routed()`) and, when the response is in, the backend's pool's `response_done` (and the
+observer's counters when metrics are on, kept in C and added on read: Observer.collect); rarely `connect()` (no idle backend connection: the pool
+connects, with its retries, queue and timeouts, and the socket goes to the engine) and `adopt()`, which
+gives a connection back to the Python path with the bytes the engine read and did not answer.
 """
 from __future__ import annotations
 
@@ -143,9 +145,9 @@ class FastPath:
         self.bind = bind
         self.binds: list = []                 # by the engine's listener index: the bind a client came on
         self.router = runtime.router
-        # One pool without rules: the engine hashes and checks the body size itself, and select() is
-        # the pool's. With rules: select_routed() routes each request; a backend's connect and release
-        # go to the pool holding it (Backend.pool).
+        # One pool without rules: the engine hashes and checks the body size itself, and picks with the
+        # pool's select_now (Engine.select). With rules: select_routed() routes each request; a backend's
+        # connect and release go to the pool holding it (Backend.pool).
         self.route = runtime.router.single
         self.pool = self.route.pool if self.route is not None else None
         self.sticky = self.route.sticky if self.route is not None else None
@@ -171,11 +173,16 @@ class FastPath:
                              if runtime.admission is not None and self.route is not None else -1)
 
     def start(self) -> None:
+        if self.observer is not None:
+            self.observer.collectors.append(self.engine.flush_counts)
         self.loop.add_reader(self.engine.fileno, self.engine.on_ready)
 
     def stop(self) -> None:
         self.loop.remove_reader(self.engine.fileno)
         self.engine.close_all()
+        if self.observer is not None and self.engine.flush_counts in self.observer.collectors:
+            self.engine.flush_counts()
+            self.observer.collectors.remove(self.engine.flush_counts)
 
     @property
     def live(self) -> int:
@@ -201,11 +208,6 @@ class FastPath:
 
     # ---- called by the engine ----------------------------------------------------------------------
 
-    def select(self, key, pinned):
-        """A backend with a slot taken, or None: the Python path must queue or refuse. pinned: the
-        backend a sticky cookie names (insert, prefix), preferred while it can serve."""
-        return self._take(self.pool, key, pinned)
-
     def select_sticky(self, key, sticky_key):
         """A learned or source sticky key (the pool without routing rules): (backend with a slot taken
         or None, the backend its local table pins or None), as the Python path picks and records it;
@@ -221,7 +223,7 @@ class FastPath:
 
     def _take(self, pool, key, pinned=None):
         """pool's pick with its slot taken; None when nothing can be picked now, or the pick speaks TLS
-        (a backend added at run time: the engine relays plain bytes)."""
+        (a backend added at run time: the engine relays plain bytes). Engine.select is the same in C."""
         backend = pool.select_now(key, self.no_tries, pinned)
         if backend is not None and backend.ssl_context is not None:
             pool.release(backend)
@@ -272,13 +274,6 @@ class FastPath:
     def log_names(self, backend) -> tuple[bytes, bytes]:
         """The access log's pool and backend names for a backend the engine serves (once per backend)."""
         return self.route_name(backend.pool).encode(), backend.address.encode()
-
-    def finish(self, backend, seconds: float, ok: bool, status: int, bytes_in: int, bytes_out: int) -> None:
-        """A request's slot goes back, with its outcome (BackendConnection.release, the same rules), and
-        its counts when metrics are on (Observer.http_request's; status 0: the client left first)."""
-        if self.observer is not None and status:
-            self.observer.count_request(backend, status, bytes_in, bytes_out, seconds)
-        backend.pool.response_done(backend, seconds, ok, status)
 
     def connect(self, token: int, backend, key, pinned=None, sticky_key=None) -> None:
         self.loop.create_task(self._connect(token, backend, key, pinned, sticky_key))
