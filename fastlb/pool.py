@@ -159,8 +159,9 @@ class BackendPool:
         self.by_address: dict[str, Backend] = {}      # what health and admin messages name
         self.config = config
         self.track_latency = False           # connect-time histogram, on when metrics are served
-        # HTTP mode with the C engine running: the engine holds this pool's plain idle keep-alive
-        # connections (one idle pool per backend, fastlb/http/_fast.pyx park_socket/take_idle_socket).
+        # HTTP mode with the C engine running: the engine, the other storage of its backends' idle
+        # keep-alive connections (one pool per backend, two storages: connect() takes the engine's when
+        # Backend.idle is empty; remove_backend closes both; fastlb/http/_fast.pyx take_idle_socket).
         self.idle_keeper = None
         # Client contexts for TLS backends, one per `verify` setting (shared: they hold the session cache).
         self.tls_contexts = backend_contexts(config.backends)

@@ -2220,13 +2220,6 @@ cdef class Engine:
         self.unpark(oldest)
         self.close_backend(oldest)
 
-    def park_socket(self, backend, int fd):
-        """A keep-alive connection the Python path finished with: fd is the engine's now."""
-        cdef Backend *b = self.new_backend(backend, fd)
-        if b != NULL:
-            self.now = monotonic_now()
-            self.park(b)
-
     def take_idle_socket(self, backend):
         """The most recently parked connection to `backend`, for the Python path: its descriptor (the
         caller's now, out of the epoll set), or -1."""
