@@ -60,9 +60,7 @@ class Backend:
     backup Balancer); `state` is what its health publishes; `health` is that health (only the pool's
     BackendHealth changes it)."""
 
-    __slots__ = ("spec", "host", "port", "address", "is_backup", "maxconn", "send_proxy", "ssl_context",
-                 "server_hostname", "index", "balancer", "removed", "state", "health", "inflight", "full",
-                 "traffic", "idle", "h2", "pool")
+    # Compiled, its attributes are the C fields that fastlb/pool.pxd declares (no others can be set).
 
     def __init__(self, spec: BackendSpec, index: int, balancer: Balancer) -> None:
         # Who it is
@@ -290,16 +288,24 @@ class BackendPool:
         if backend is None:
             # Primaries at their maxconn are busy, not unavailable: wait for them (HAProxy does the
             # same); backups are for when no primary is up or every one failed this connection.
-            if any(b.full and b.state == "up" and b not in tried for b in self.primaries):
+            if self._busy(self.primaries, tried):
                 return _FULL
             if self.backup is not None:
                 backend = self._pick(self.backup, self.backups, key, tried)
             if backend is None:
-                if any(b.full and b.state == "up" for b in self.backups):
+                if self._busy(self.backups, None):
                     return _FULL
                 return None
         self._take(backend)
         return backend
+
+    @staticmethod
+    def _busy(backends: list[Backend], tried: list[Backend] | None) -> bool:
+        """Whether one of `backends` is up but at its maxconn (and not tried): then the request waits."""
+        for b in backends:
+            if b.full and b.state == "up" and (tried is None or b not in tried):
+                return True
+        return False
 
     @staticmethod
     def _pick(balancer: Balancer, backends: list[Backend], key: bytes | None,

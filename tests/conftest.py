@@ -15,7 +15,8 @@ def pytest_configure(config):
         "_core": glob.glob(str(fastlb / "core" / "*.pxi")),
         "_crelay": [fastlb / "_ctls.pxi", fastlb / "_posix.pxd", fastlb / "_openssl.pxd"],
         "_fast": [*glob.glob(str(fastlb / "http" / "*.pxi")), fastlb / "_posix.pxd", fastlb / "_admission.pxd",
-                  fastlb / "_openssl.pxd", fastlb / "constants.pxd"],
+                  fastlb / "_openssl.pxd", fastlb / "constants.pxd", fastlb / "http2" / "nghttp2.pxd"],
+        "_nghttp2": [fastlb / "http2" / "nghttp2.pxd"],
         "_head": [fastlb / "http" / "_scan.pxi"],
         "_admission": [fastlb / "constants.pxd"],
     }
