@@ -51,30 +51,8 @@ REFUSED_STREAM = NGHTTP2_REFUSED_STREAM
 CANCEL = NGHTTP2_CANCEL
 ENHANCE_YOUR_CALM = NGHTTP2_ENHANCE_YOUR_CALM
 
-# Bytes RFC 9113 6.5.2 counts per header field on top of its name and value (SETTINGS_MAX_HEADER_LIST_SIZE).
-cdef enum:
-    FIELD_OVERHEAD = 32
-# The HPACK table fastlb's encoder keeps for responses (the client may allow more; this bounds memory).
-cdef enum:
-    DEFLATE_TABLE_SIZE = 4096
-# ACKs (SETTINGS, PING) queued for a client that does not read before the session ends (libnghttp2's
-# default is 1000: each held ACK is memory).
-cdef enum:
-    MAX_OUTBOUND_ACK = 100
-# SETTINGS entries accepted in one frame.
-cdef enum:
-    MAX_SETTINGS = 32
-# CONTINUATION frames after a HEADERS frame (CVE-2024-27316): a request's header list fits in a few.
-cdef enum:
-    MAX_CONTINUATIONS = 8
-# Incoming RST_STREAM frames (CVE-2023-44487): libnghttp2's own bucket, before fastlb's control budget.
-cdef enum:
-    RESET_BURST = 1000
-cdef enum:
-    RESET_RATE = 33
-# The control budget's refill: a tenth of the burst per second.
-cdef enum:
-    CONTROL_REFILL_DIVISOR = 10
+# The limits (H2_* flood options, HPACK table, control budget refill) are fastlb/http2/nghttp2.pxd's, the
+# engine's too (fastlb/http/_eh2.pxi).
 
 
 cdef double monotonic_now() noexcept nogil:
@@ -110,8 +88,11 @@ cdef class _Session:
             nghttp2_session_del(self.ptr)
             self.ptr = NULL
 
-    cdef int open(self, bint server) except -1:
-        """Creates the libnghttp2 session with this module's callbacks and limits."""
+    cdef int open(self, bint server, int max_streams=0, Py_ssize_t max_header_list=0, int initial_window=0,
+                  int connection_window=0) except -1:
+        """Creates the libnghttp2 session with this module's callbacks: a server's with its SETTINGS and
+        flood options (nghttp2.pxd's server_session, the engine's own), a client's with the options that
+        apply to one."""
         cdef nghttp2_session_callbacks *callbacks
         cdef nghttp2_option *option
         cdef int rv
@@ -125,22 +106,21 @@ cdef class _Session:
         nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header)
         nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk_recv)
         nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close)
-        if nghttp2_option_new(&option) != 0:
-            nghttp2_session_callbacks_del(callbacks)
-            raise MemoryError()
-        # Received bodies are acknowledged (WINDOW_UPDATE) as fastlb passes them on, not as they arrive:
-        # a stream whose receiver reads slowly holds at most its window.
-        nghttp2_option_set_no_auto_window_update(option, 1)
-        nghttp2_option_set_max_outbound_ack(option, MAX_OUTBOUND_ACK)
-        nghttp2_option_set_max_settings(option, MAX_SETTINGS)
-        nghttp2_option_set_max_continuations(option, MAX_CONTINUATIONS)
-        nghttp2_option_set_max_deflate_dynamic_table_size(option, DEFLATE_TABLE_SIZE)
         if server:
-            nghttp2_option_set_stream_reset_rate_limit(option, RESET_BURST, RESET_RATE)
-            rv = nghttp2_session_server_new2(&self.ptr, callbacks, <void *>self, option)
+            rv = server_session(&self.ptr, callbacks, <void *>self, max_streams, max_header_list,
+                                initial_window, connection_window)
+        elif nghttp2_option_new(&option) != 0:
+            rv = -1
         else:
+            # Received bodies are acknowledged (WINDOW_UPDATE) as fastlb passes them on, not as they
+            # arrive: a stream whose receiver reads slowly holds at most its window.
+            nghttp2_option_set_no_auto_window_update(option, 1)
+            nghttp2_option_set_max_outbound_ack(option, H2_MAX_OUTBOUND_ACK)
+            nghttp2_option_set_max_settings(option, H2_MAX_SETTINGS)
+            nghttp2_option_set_max_continuations(option, H2_MAX_CONTINUATIONS)
+            nghttp2_option_set_max_deflate_dynamic_table_size(option, H2_DEFLATE_TABLE_SIZE)
             rv = nghttp2_session_client_new2(&self.ptr, callbacks, <void *>self, option)
-        nghttp2_option_del(option)
+            nghttp2_option_del(option)
         nghttp2_session_callbacks_del(callbacks)
         if rv != 0:
             raise MemoryError()
@@ -253,28 +233,14 @@ cdef class Session(_Session):
 
     def __init__(self, owner, int max_concurrent_streams, Py_ssize_t max_header_list,
                  int initial_window_size, int connection_window_size, int control_burst):
-        cdef nghttp2_settings_entry settings[5]
         self.owner = owner
         self.max_header_list = max_header_list
         self.max_streams = max_concurrent_streams
         self.burst = control_burst
         self.tokens = control_burst
-        self.refill = control_burst / <double>CONTROL_REFILL_DIVISOR
+        self.refill = control_burst / <double>H2_CONTROL_REFILL_DIVISOR
         self.refilled_at = monotonic_now()
-        self.open(True)
-        settings[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
-        settings[0].value = max_concurrent_streams
-        settings[1].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
-        settings[1].value = <uint32_t>max_header_list
-        settings[2].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
-        settings[2].value = initial_window_size
-        settings[3].settings_id = NGHTTP2_SETTINGS_ENABLE_PUSH
-        settings[3].value = 0
-        settings[4].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
-        settings[4].value = DEFLATE_TABLE_SIZE
-        nghttp2_submit_settings(self.ptr, NGHTTP2_FLAG_NONE, settings, 5)
-        if connection_window_size > 65535:
-            nghttp2_session_set_local_window_size(self.ptr, NGHTTP2_FLAG_NONE, 0, connection_window_size)
+        self.open(True, max_concurrent_streams, max_header_list, initial_window_size, connection_window_size)
 
     cdef bint spend(self) noexcept:
         """One control token; False (and GOAWAY ENHANCE_YOUR_CALM) when the budget is spent."""
@@ -340,7 +306,7 @@ cdef class ClientSession(_Session):
         settings[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
         settings[1].value = CLIENT_STREAM_WINDOW
         settings[2].settings_id = NGHTTP2_SETTINGS_HEADER_TABLE_SIZE
-        settings[2].value = DEFLATE_TABLE_SIZE
+        settings[2].value = H2_DEFLATE_TABLE_SIZE
         settings[3].settings_id = NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE
         settings[3].value = CLIENT_MAX_HEADER_LIST
         nghttp2_submit_settings(self.ptr, NGHTTP2_FLAG_NONE, settings, 4)
@@ -396,7 +362,7 @@ cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const u
     if stream is None:
         return 0
     try:
-        size = stream.header_size + namelen + valuelen + FIELD_OVERHEAD
+        size = stream.header_size + namelen + valuelen + H2_FIELD_OVERHEAD
         stream.header_size = size
         if size <= self.max_header_list:
             # (Trailers, gRPC's mostly, are under the same bound as the header list.)

@@ -136,8 +136,8 @@ cdef extern from "nghttp2/nghttp2.h":
     void *nghttp2_session_get_stream_user_data(nghttp2_session *, int32_t)
 
 
-# The flood limits of fastlb's server sessions, the Python path's (fastlb/http2/_nghttp2.pyx, which still
-# names its own copies) and the engine's (fastlb/http/_eh2.pxi).
+# The flood limits of fastlb's server sessions, the Python path's (fastlb/http2/_nghttp2.pyx) and the
+# engine's (fastlb/http/_eh2.pxi), both made by server_session() below.
 cdef enum:
     H2_FIELD_OVERHEAD = 32          # RFC 9113 6.5.2: bytes counted per field on top of its name and value
     H2_DEFLATE_TABLE_SIZE = 4096    # the HPACK table the response encoder keeps
@@ -153,7 +153,7 @@ cdef inline int server_session(nghttp2_session **session, const nghttp2_session_
                                void *user_data, int max_concurrent_streams, Py_ssize_t max_header_list,
                                int initial_window_size, int connection_window_size) noexcept:
     """A server session with fastlb's flood options and its SETTINGS queued (the limits of the config's
-    h2_* fields): the engine's (fastlb/http/_eh2.pxi), and what _nghttp2.Session sets up the same way.
+    h2_* fields): the engine's (fastlb/http/_eh2.pxi) and _nghttp2.Session's.
     0, or libnghttp2's error."""
     cdef nghttp2_option *option
     cdef nghttp2_settings_entry settings[5]
