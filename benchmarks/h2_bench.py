@@ -39,30 +39,9 @@ H2LOAD_DONE = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d
 
 
 def haproxy_h2_conf(plain: int, secure: int, backends: list[int], pem: str, maxconn: int) -> str:
-    servers = "".join(f"    server s{i} {h.HOST}:{b}\n" for i, b in enumerate(backends, 1))
-    return textwrap.dedent(f"""\
-        global
-            nbthread 1
-            maxconn {maxconn}
-            ssl-default-bind-options ssl-min-ver TLSv1.2
-
-        defaults
-            mode http
-            maxconn {maxconn}
-            timeout connect 5s
-            timeout client 300s
-            timeout server 300s
-            option http-keep-alive
-
-        frontend fe
-            bind {h.HOST}:{plain}
-            bind {h.HOST}:{secure} ssl crt {pem} alpn h2,http/1.1
-            default_backend be
-
-        backend be
-            balance roundrobin
-            http-reuse always
-        """) + servers
+    return h.haproxy_text("http", maxconn, [f"{h.HOST}:{plain}", f"{h.HOST}:{secure} ssl crt {pem} alpn h2,http/1.1"],
+                          backends, global_lines=["ssl-default-bind-options ssl-min-ver TLSv1.2"],
+                          defaults_lines=["option http-keep-alive"], backend_lines=["http-reuse always"])
 
 
 GRPC_PATH = "/bench.Echo/Unary"
@@ -87,27 +66,8 @@ def grpc_backend_conf(tmp: str, ports: list[int]) -> str:
 
 
 def haproxy_grpc_conf(port: int, backends: list[int], maxconn: int) -> str:
-    servers = "".join(f"    server s{i} {h.HOST}:{b} proto h2\n" for i, b in enumerate(backends, 1))
-    return textwrap.dedent(f"""\
-        global
-            nbthread 1
-            maxconn {maxconn}
-
-        defaults
-            mode http
-            maxconn {maxconn}
-            timeout connect 5s
-            timeout client 300s
-            timeout server 300s
-
-        frontend fe
-            bind {h.HOST}:{port} proto h2
-            default_backend be
-
-        backend be
-            balance roundrobin
-            http-reuse always
-        """) + servers
+    return h.haproxy_text("http", maxconn, [f"{h.HOST}:{port} proto h2"], backends,
+                          backend_lines=["http-reuse always"], server_options=" proto h2")
 
 
 def start_grpc_targets(bench: h.Bench, names: list[str]) -> dict[str, tuple[h.Proc, int]]:

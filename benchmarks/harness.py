@@ -793,33 +793,29 @@ def nginx_proxy_conf(tmp: str, port: int, backends: Sequence[int], connections: 
         nginx_http_common(tmp, "nginx-proxy") + http, "    ") + "}\n"
 
 
+def haproxy_text(mode: str, maxconn: int, binds: Sequence[str], backends: Sequence[int], *,
+                 global_lines: Sequence[str] = (), defaults_lines: Sequence[str] = (),
+                 backend_lines: Sequence[str] = (), server_options: str = "") -> str:
+    """One HAProxy 2.6 config, one thread, the shape every bench's HAProxy shares: `binds` are what
+    follows `bind` (address and options), `*_lines` what a bench adds to each section."""
+    def lines(items: Sequence[str]) -> str:
+        return "".join(f"    {item}\n" for item in items)
+    servers = "".join(f"    server s{i} {HOST}:{b}{server_options}\n" for i, b in enumerate(backends, 1))
+    return (f"global\n    nbthread 1\n    maxconn {maxconn}\n{lines(global_lines)}\n"
+            f"defaults\n    mode {mode}\n    maxconn {maxconn}\n    timeout connect 5s\n"
+            f"    timeout client 300s\n    timeout server 300s\n{lines(defaults_lines)}\n"
+            f"frontend fe\n{lines(f'bind {bind}' for bind in binds)}    default_backend be\n\n"
+            f"backend be\n    balance roundrobin\n{lines(backend_lines)}{servers}")
+
+
 def haproxy_conf(mode: str, port: int, backends: Sequence[int], maxconn: int) -> str:
     """HAProxy 2.6, one thread; http mode: backend keep-alive reused across clients, X-Forwarded-For."""
     assert mode in ("tcp", "http")
-    http_lines = ("    option forwardfor\n    http-reuse always\n    option http-keep-alive\n"
-                  if mode == "http" else "")
-    servers = "".join(f"    server s{i} {HOST}:{b}\n" for i, b in enumerate(backends, 1))
-    return textwrap.dedent(f"""\
-        global
-            nbthread 1
-            maxconn {maxconn}
-
-        defaults
-            mode {mode}
-            maxconn {maxconn}
-            timeout connect 5s
-            timeout client 300s
-            timeout server 300s
-            timeout http-request 60s
-            timeout http-keep-alive 300s
-
-        frontend fe
-            bind {HOST}:{port}
-            default_backend be
-
-        backend be
-            balance roundrobin
-        """) + http_lines + servers
+    http = mode == "http"
+    return haproxy_text(mode, maxconn, [f"{HOST}:{port}"], backends,
+                        defaults_lines=["timeout http-request 60s", "timeout http-keep-alive 300s"],
+                        backend_lines=["option forwardfor", "http-reuse always", "option http-keep-alive"]
+                        if http else ())
 
 
 def haproxy_maxconn() -> int:

@@ -27,7 +27,6 @@ import re
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,28 +53,9 @@ def make_certificate(directory: str) -> str:
 def haproxy_tls_conf(port: int, backends: list[int], pem: str, maxconn: int) -> str:
     """HAProxy with fastlb's TLS settings: 1.2-1.3, the same 1.2 ciphers (1.3 suites: OpenSSL's
     defaults in both), ALPN http/1.1; server cipher order and session tickets are HAProxy's defaults."""
-    servers = "".join(f"    server s{i} {h.HOST}:{b}\n" for i, b in enumerate(backends, 1))
-    return textwrap.dedent(f"""\
-        global
-            nbthread 1
-            maxconn {maxconn}
-            ssl-default-bind-options ssl-min-ver TLSv1.2
-            ssl-default-bind-ciphers {TLS12_CIPHERS}
-
-        defaults
-            mode tcp
-            maxconn {maxconn}
-            timeout connect 5s
-            timeout client 300s
-            timeout server 300s
-
-        frontend fe
-            bind {h.HOST}:{port} ssl crt {pem} alpn http/1.1
-            default_backend be
-
-        backend be
-            balance roundrobin
-        """) + servers
+    return h.haproxy_text("tcp", maxconn, [f"{h.HOST}:{port} ssl crt {pem} alpn http/1.1"], backends,
+                          global_lines=["ssl-default-bind-options ssl-min-ver TLSv1.2",
+                                        f"ssl-default-bind-ciphers {TLS12_CIPHERS}"])
 
 
 def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple[h.Proc, int]]:
