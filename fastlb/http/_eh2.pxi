@@ -478,7 +478,7 @@ cdef Client *h2_new_stream(Engine self, Client *conn, int32_t stream_id):
     the settings use them."""
     cdef size_t captures_at = sizeof(Client) + sizeof(ClientTls)
     cdef size_t forward_at = captures_at + (sizeof(ClientCaptures) if self.captures_used else 0)
-    cdef Client *s = <Client *>calloc(1, forward_at + conn.forward_len + 1)
+    cdef Client *s = <Client *>calloc(1, forward_at + conn.forward_len + conn.ip_len + 1)
     cdef H2Stream *st = <H2Stream *>calloc(1, sizeof(H2Stream))
     cdef H2Conn *h = conn_of(conn)
     if s == NULL or st == NULL:
@@ -507,6 +507,7 @@ cdef Client *h2_new_stream(Engine self, Client *conn, int32_t stream_id):
     s.tls.ssl = conn.tls.ssl if conn.tls != NULL else NULL   # read only (HSTS applies to TLS clients)
     s.bind = conn.bind
     s.ip_len = conn.ip_len
+    s.ip = s.forward + conn.forward_len
     memcpy(s.ip, conn.ip, conn.ip_len)
     s.tls.tunnel.kind = IS_FREED
     s.tls.tunnel.fd = -1

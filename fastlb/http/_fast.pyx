@@ -90,6 +90,9 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef enum:
     SCRATCH = 65536
     MAX_EVENTS = 256
+    SPARE_BUF_BYTES = 262144   # request buffers kept for reuse between requests (Engine.spare_bufs)
+    SPARE_BUF_MIN = 16         # a smaller one cannot hold the list's link and capacity: freed
+    MAX_IP_TEXT = 47           # a client address as text (inet_ntop's IPv6 form is at most 45)
     MAX_IOV = MAX_SPANS + 6    # the head's spans, Connection: close, the added block, HSTS, the insert cookie, CRLF, body
     COOKIE_CACHE = 4096        # distinct Cookie headers whose meaning (sticky rules) the engine keeps
     MAX_CACHED_COOKIE = 4096   # a longer Cookie header is looked up in Python every time
@@ -198,29 +201,36 @@ cdef struct ClientTls:
 
 
 cdef struct Client:
+    # Laid out widest first, the small fields packed at the end: its size is each idle connection's
+    # (issue 15; 184 bytes, plus the address and X-Forwarded-For bytes in the same allocation).
     int kind
     int fd
-    int state
-    int deadline_kind
     double deadline
     Client *prev
     Client *next
     Backend *backend       # serving the request in flight
-    int slot               # its backend's index in Engine.backends (-1: none)
     double sent_at
+    # The request in flight as the metrics and the access log see it (request_size, log_request).
+    double started             # when its head was read (CLOCK_MONOTONIC, as time.monotonic())
     # The request in flight: buf[0:req_len] as the client sent it (for an adoption), then
     # buf[req_len:req_len + head_len] the head for the backend, sent up to head_sent.
     char *buf
+    # An answer not yet written in full.
+    char *pending
+    # X-Forwarded-For / -Proto for this client (HttpSettings.forward_block_for), made once.
+    char *forward
+    char *ip                   # the client's address as text (the hashing key `source`): in the same
+                               # allocation, after forward
+    ClientCaptures *caps          # NULL unless rate limit keys, captures or a sticky rule are set
+    ClientTls *tls                # TLS (fastlb/http/_etls.pxi); NULL on a plain bind (but a stream's,
+                                  # whose ssl is its connection's: NULL on h2c)
+    void *h2                      # HTTP/2 (_eh2.pxi): a connection's H2Conn, a stream's H2Stream; else NULL
     uint32_t buf_cap
     uint32_t req_len
     uint32_t head_len
     uint32_t head_sent
-    # An answer not yet written in full.
-    char *pending
     uint32_t pending_len
     uint32_t pending_off
-    # X-Forwarded-For / -Proto for this client (HttpSettings.forward_block_for), made once.
-    char *forward
     uint32_t forward_len
     uint32_t url_start         # the request target in buf (the hashing key `uri` / `path`)
     uint32_t url_end
@@ -228,21 +238,17 @@ cdef struct Client:
     uint32_t host_end
     uint32_t method_len
     uint32_t body_len
-    char ip[48]                # the client's address as text (the hashing key `source`)
-    int ip_len
+    uint32_t header_size       # its header lines as the Python path counts them: name + value + 4 each
+    int slot                   # its backend's index in Engine.backends (-1: none)
+    int bind                   # the listener's bind (FastPath.binds index)
+    unsigned char state           # WAITING..TUNNEL
+    unsigned char deadline_kind   # WAIT_*
+    unsigned char ip_len
     unsigned char close_after     # close once the answer is written (Connection: close, draining)
     unsigned char read_pending    # readable while busy: read once back to WAITING
     unsigned char hung_up         # the client shut its side (EPOLLRDHUP): read again after each answer
     unsigned char gone            # closed while Python was connecting for it: freed on the callback
-    # The request in flight as the metrics and the access log see it (request_size, log_request).
-    double started             # when its head was read (CLOCK_MONOTONIC, as time.monotonic())
-    uint32_t header_size       # its header lines as the Python path counts them: name + value + 4 each
     unsigned char counted         # in the admission table's connections per source: leave() on close
-    int bind                      # the listener's bind (FastPath.binds index)
-    ClientCaptures *caps          # NULL unless rate limit keys, captures or a sticky rule are set
-    ClientTls *tls                # TLS (fastlb/http/_etls.pxi); NULL on a plain bind (but a stream's,
-                                  # whose ssl is its connection's: NULL on h2c)
-    void *h2                      # HTTP/2 (_eh2.pxi): a connection's H2Conn, a stream's H2Stream; else NULL
 
 
 cdef struct Listener:
@@ -451,6 +457,11 @@ cdef class Engine:
     cdef unsigned char *slot_tls    # slot -> the backend speaks TLS (FastPath._take: never the engine's)
     cdef char *scratch         # one read at a time, shared by every socket
     cdef char *headbuf         # the backend head being built
+    # Request buffers (Client.buf) of clients waiting between requests, for the next request of any
+    # client: an idle keep-alive connection holds none, and a request mallocs none once warm. A list
+    # linked through each buffer's first 8 bytes (its capacity in the next 4), bounded in bytes.
+    cdef char *spare_bufs
+    cdef size_t spare_bytes
     cdef Client *clients       # every client the engine holds (for the sweep and close_all)
     cdef Listener *listeners
     cdef bytes forward_before, forward_after    # X-Forwarded-For / -Proto around the client address
@@ -545,6 +556,8 @@ cdef class Engine:
         self.epfd = -1
         self.scratch = NULL
         self.headbuf = NULL
+        self.spare_bufs = NULL
+        self.spare_bytes = 0
         self.clients = NULL
         self.idle = NULL
         self.idle_count = NULL
@@ -750,10 +763,15 @@ cdef class Engine:
 
     def __dealloc__(self):
         cdef Py_ssize_t i
+        cdef char *spare
         if self.epfd >= 0:
             close(self.epfd)
         free(self.scratch)
         free(self.headbuf)
+        while self.spare_bufs != NULL:
+            spare = self.spare_bufs
+            self.spare_bufs = (<char **>spare)[0]
+            free(spare)
         free(self.rules)
         free(self.idle)
         free(self.idle_count)
@@ -891,7 +909,9 @@ cdef class Engine:
         # use them, its X-Forwarded-For / -Proto bytes.
         cdef size_t captures_at = sizeof(Client) + (sizeof(ClientTls) if l.ctx != NULL else 0)
         cdef size_t forward_at = captures_at + (sizeof(ClientCaptures) if self.captures_used else 0)
-        cdef Client *c = <Client *>malloc(forward_at + forward_len)
+        cdef Client *c
+        ip_len = min(ip_len, MAX_IP_TEXT)
+        c = <Client *>malloc(forward_at + forward_len + ip_len)
         if c == NULL:
             close(fd)
             return
@@ -935,8 +955,9 @@ cdef class Engine:
             memcpy(c.forward + before + ip_len, PyBytes_AS_STRING(forward_after), after)
         c.close_after = c.read_pending = c.hung_up = c.gone = 0
         c.counted = self.limiter is not None and l.ctx == NULL
-        c.ip_len = <int>min(ip_len, 47)
-        memcpy(c.ip, ip, c.ip_len)
+        c.ip_len = <unsigned char>ip_len
+        c.ip = c.forward + forward_len
+        memcpy(c.ip, ip, ip_len)
         c.deadline = self.now + self.http_request_timeout
         c.deadline_kind = WAIT_HEAD
         c.prev = NULL
@@ -1407,6 +1428,11 @@ cdef class Engine:
 
     cdef bint reserve(self, Client *c, Py_ssize_t size):
         cdef char *grown
+        if c.buf == NULL and self.spare_bufs != NULL:
+            c.buf = self.spare_bufs
+            self.spare_bufs = (<char **>c.buf)[0]
+            c.buf_cap = (<uint32_t *>(c.buf + sizeof(char *)))[0]
+            self.spare_bytes -= c.buf_cap
         if size <= c.buf_cap:
             return True
         grown = <char *>realloc(c.buf, size)
@@ -2181,11 +2207,27 @@ cdef class Engine:
         c.pending_len = c.pending_off = 0
         return self.answered(c)
 
+    cdef void spare_buf(self, Client *c):
+        """c waits for its next request: its buffer goes to the spare list (or is freed past the bound)."""
+        if c.buf == NULL:
+            return
+        if c.buf_cap >= SPARE_BUF_MIN and self.spare_bytes + c.buf_cap <= SPARE_BUF_BYTES:
+            (<char **>c.buf)[0] = self.spare_bufs
+            (<uint32_t *>(c.buf + sizeof(char *)))[0] = c.buf_cap
+            self.spare_bufs = c.buf
+            self.spare_bytes += c.buf_cap
+        else:
+            free(c.buf)
+        c.buf = NULL
+        c.buf_cap = 0
+
     cdef bint answered(self, Client *c):
         """The answer is out: close, or wait for the next request (reading what came meanwhile)."""
         if c.close_after:
             self.close_client(c)
             return False
+        if c.kind == IS_CLIENT:
+            self.spare_buf(c)
         c.state = WAITING
         c.slot = -1
         c.deadline = self.now + self.keepalive_timeout
