@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     fastlbs = H2_ENGINE_NAMES[args.h2_engine] if set(workloads) - {"grpc"} else ["fastlb"]
     names = [*fastlbs, "haproxy"]
     bench = h.Bench(load_cpu=args.load_cpu, proxy_cpu=args.proxy_cpu)
-    results: dict[str, dict[str, list[dict]]] = {w: {n: [] for n in names} for w in workloads}
+    results: dict[str, dict[str, list[dict]]] = {
+        w: {n: [] for n in (["fastlb", "haproxy"] if w == "grpc" else names)} for w in workloads}
     try:
         bench.start_backends()
         pem = make_certificate(bench.tmp)
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
             for workload in workloads:
                 order = names if rnd % 2 else names[::-1]
                 if workload == "grpc":
-                    order = [name for name in order if name in ("fastlb", "haproxy")]
+                    # one fastlb for gRPC whatever --h2-engine says: a proto=h2 backend keeps the engine off
+                    order = ["fastlb", "haproxy"] if rnd % 2 else ["haproxy", "fastlb"]
                 for name in order:
                     if workload == "grpc":
                         proc, port = grpc_targets[name]
