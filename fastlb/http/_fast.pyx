@@ -32,7 +32,8 @@ SSL*, the ALPN protocol agreed, and for a verified client certificate the `X-Cli
 (tls.format_subject, the Python path's own formatting) and added to each request head as the Python
 path adds it. Admission control runs after the handshake, as on the Python path. A failed or timed-out
 handshake is counted (Engine.handshake_failures) and the socket closed, not logged (uvloop logs neither).
-A client whose ALPN chose h2 is handed over at once (below): HTTP/2 is the Python path's (fastlb/http2/).
+A client whose ALPN chose h2 (or a plain one that opens with the h2c preface) is served by _eh2.pxi's
+HTTP/2 (FASTLB_H2_ENGINE=0: handed over at once to the Python path's, fastlb/http2/).
 
 Adoption of a TLS connection: the SSL state lives here and cannot move to a uvloop transport, so the
 engine keeps the connection and hands the Python path one end of a socketpair instead of the client's
