@@ -136,10 +136,8 @@ def start(bench: h.Bench, name: str, features, pem: str, tree: str,
         cmd = fastlb_command(features, target.port, bench.backend_ports, bench.tmp, pem, redis_port)
         env, cwd = dict(os.environ, PYTHONPATH=tree), tree
     else:
-        conf = os.path.join(bench.tmp, f"{name}.cfg")
-        with open(conf, "w") as f:
-            f.write(haproxy_config(features, target.port, bench.backend_ports, pem))
-        cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
+        cmd, env, cwd = h.haproxy_command(bench.tmp, name,
+                                          haproxy_config(features, target.port, bench.backend_ports, pem))
     target.proc = bench.start_proxy(name, cmd, env, cwd)
     h.wait_listening(target.port, target.proc)
     scheme = "https" if "tls" in features else "http"

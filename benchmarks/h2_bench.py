@@ -85,10 +85,8 @@ def start_grpc_targets(bench: h.Bench, names: list[str]) -> dict[str, tuple[h.Pr
     for name in names:
         port = h.free_port()
         if name == "haproxy":
-            conf = os.path.join(bench.tmp, "haproxy-grpc.cfg")
-            with open(conf, "w") as f:
-                f.write(haproxy_grpc_conf(port, ports, h.haproxy_maxconn()))
-            cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
+            cmd, env, cwd = h.haproxy_command(bench.tmp, "haproxy-grpc",
+                                              haproxy_grpc_conf(port, ports, h.haproxy_maxconn()))
         else:
             env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
             cmd = [sys.executable, "-m", "fastlb", "--mode", "http", "--bind", f"{h.HOST}:{port}",
@@ -117,10 +115,8 @@ def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple
     for name in names:
         plain, secure = h.free_ports(2)
         if name == "haproxy":
-            conf = os.path.join(bench.tmp, "haproxy-h2.cfg")
-            with open(conf, "w") as f:
-                f.write(haproxy_h2_conf(plain, secure, [b1, b2], pem, h.haproxy_maxconn()))
-            cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
+            cmd, env, cwd = h.haproxy_command(bench.tmp, "haproxy-h2",
+                                              haproxy_h2_conf(plain, secure, [b1, b2], pem, h.haproxy_maxconn()))
         else:
             # FASTLB_H2_ENGINE (fastlb/http/_eh2.pxi): the HTTP engine serves the streams itself, or the
             # Python path (fastlb/http2/) does.

@@ -818,6 +818,14 @@ def haproxy_conf(mode: str, port: int, backends: Sequence[int], maxconn: int) ->
                         if http else ())
 
 
+def haproxy_command(directory: str, name: str, config: str) -> tuple[list[str], None, str]:
+    """HAProxy in the foreground on `config`, written to directory/name.cfg: (command, env, cwd)."""
+    path = os.path.join(directory, f"{name}.cfg")
+    with open(path, "w") as f:
+        f.write(config)
+    return [which("haproxy"), "-db", "-f", path], None, directory
+
+
 def haproxy_maxconn() -> int:
     """As many connections as the open-files hard limit allows (each relayed connection takes 2 fds)."""
     return max(1000, min(9000, (nofile_hard_limit() - 200) // 2))
@@ -1015,10 +1023,8 @@ class Bench:
     def _command(self, spec: TargetSpec, port: int, b1: int, b2: int):
         bind = f"{HOST}:{port}"
         if spec.kind == "haproxy":
-            conf = os.path.join(self.tmp, f"{spec.name}.cfg")
-            with open(conf, "w") as f:
-                f.write(haproxy_conf(spec.mode, port, self.backend_ports, haproxy_maxconn()))
-            return [which("haproxy"), "-db", "-f", conf], None, self.tmp
+            return haproxy_command(self.tmp, spec.name,
+                                   haproxy_conf(spec.mode, port, self.backend_ports, haproxy_maxconn()))
         if spec.kind == "nginx":
             conf = os.path.join(self.tmp, f"{spec.name}.conf")
             with open(conf, "w") as f:

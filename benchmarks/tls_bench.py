@@ -64,10 +64,8 @@ def start_targets(bench: h.Bench, pem: str, names: list[str]) -> dict[str, tuple
     for name in names:
         port = h.free_port()
         if name == "haproxy":
-            conf = os.path.join(bench.tmp, "haproxy-tls.cfg")
-            with open(conf, "w") as f:
-                f.write(haproxy_tls_conf(port, [b1, b2], pem, h.haproxy_maxconn()))
-            cmd, env, cwd = [h.which("haproxy"), "-db", "-f", conf], None, bench.tmp
+            cmd, env, cwd = h.haproxy_command(bench.tmp, "haproxy-tls",
+                                              haproxy_tls_conf(port, [b1, b2], pem, h.haproxy_maxconn()))
         else:
             env = dict(os.environ, PYTHONPATH=h.REPO_ROOT)
             cmd = [sys.executable, "-m", "fastlb", "--mode", "tcp", "--bind", f"{h.HOST}:{port},ssl,cert={pem}",
