@@ -23,7 +23,7 @@ import threading
 import pytest
 
 from http_client import Client, build
-from procs import free_port
+from procs import free_port, wait_until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HEADER_STREAM_LIMIT = 32 * 1024 * 1024     # what the endless header sends at most (the test is bounded)
@@ -272,3 +272,112 @@ def test_a_reused_connection_the_backend_closed_after_answering_is_not_used_agai
             assert client.request("GET", f"/s{i}").body == b"ok"
     assert len(backend.requests) == 5
     assert " 503 " not in lb.output and " 502 " not in lb.output
+
+
+# ---- a body longer than one read: the engine relays it (relay_body), the Python path streams it -----
+
+LONG_BODY = 64 * 1024 * 1024          # promised by the heads below: more than the kernel buffers hold
+
+
+def long_head(number: int) -> bytes:
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {LONG_BODY}\r\nX-Connection: {number}\r\n\r\n".encode()
+
+
+def long_body_then(ending):
+    """A script: `/long` gets a head promising LONG_BODY bytes and 256 KiB of them, then ending(backend,
+    conn); any other path gets OK."""
+    def script(backend, conn, number):
+        while (request := backend.read_request(conn, number)) is not None:
+            if b"GET /long " not in request:
+                conn.sendall(OK)
+                continue
+            conn.sendall(long_head(number) + b"b" * (256 * 1024))
+            ending(backend, conn)
+            return
+    return script
+
+
+def read_head_and_some(client, size: int) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < size:
+        chunk = client.sock.recv(65536)
+        assert chunk, data[:200]
+        data += chunk
+    return data
+
+
+def test_a_backend_closing_mid_body_cuts_the_client_connection(scripted):
+    """The head (and some of the body) was forwarded: the client's connection ends short of the
+    promised length, and the next client is served on a fresh backend connection."""
+    port, backend, _ = scripted(long_body_then(lambda backend, conn: None))      # returns: closed
+    with Client(port) as client:
+        client.send(build("GET", "/long"))
+        data = read_head_and_some(client, 1024)
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n") and f"Content-Length: {LONG_BODY}".encode() in data
+        assert client.closed()
+    with Client(port) as client:
+        assert client.request("GET", "/ok").body == b"ok"
+    assert backend.connections == 2
+
+
+def stall_until_closed(backend, conn):
+    """Sends nothing more; records whether fastlb closed the connection (a read sees EOF or a reset)."""
+    conn.settimeout(60)
+    try:
+        backend.results.append(conn.recv(1) == b"")
+    except OSError:
+        backend.results.append(True)
+
+
+def test_a_body_that_stalls_ends_both_connections_at_the_response_timeout(scripted):
+    port, backend, _ = scripted(long_body_then(stall_until_closed), "--response-timeout", "1s")
+    with Client(port, timeout=30) as client:
+        client.send(build("GET", "/long"))
+        read_head_and_some(client, 1024)
+        assert client.closed(timeout=30)
+    wait_until(lambda: backend.results, what="the backend connection closed by fastlb")
+    assert backend.results == [True]
+
+
+def send_until_refused(backend, conn):
+    """Keeps sending the promised body until fastlb closes the connection (bounded by LONG_BODY)."""
+    sent = 256 * 1024
+    try:
+        while sent < LONG_BODY:
+            conn.sendall(b"b" * 65536)
+            sent += 65536
+        backend.results.append("all sent")
+    except OSError:
+        backend.results.append("refused")
+
+
+def test_a_client_leaving_mid_body_closes_the_backend_connection(scripted):
+    port, backend, _ = scripted(long_body_then(send_until_refused))
+    client = Client(port)
+    client.send(build("GET", "/long"))
+    read_head_and_some(client, 1024)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # RST
+    client.sock.close()
+    wait_until(lambda: backend.results, what="the backend's sending to end")
+    assert backend.results == ["refused"]                 # fastlb did not read the rest to keep it
+    with Client(port) as client:
+        assert client.request("GET", "/ok").body == b"ok"
+    assert backend.connections == 2
+
+
+def long_body_with_connection_close(backend, conn, number):
+    """A whole long body under `Connection: close`, then the connection left open, answering more."""
+    while (request := backend.read_request(conn, number)) is not None:
+        if b"GET /long " in request:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 300000\r\n\r\n" + b"c" * 300000)
+        else:
+            conn.sendall(OK)
+
+
+def test_a_long_body_under_connection_close_is_relayed_whole_and_its_connection_not_reused(scripted):
+    port, backend, _ = scripted(long_body_with_connection_close)
+    with Client(port) as client:
+        response = client.request("GET", "/long")
+        assert (response.status, response.body) == (200, b"c" * 300000)
+        assert client.request("GET", "/ok").body == b"ok"
+    assert backend.connections == 2

@@ -116,6 +116,13 @@ cdef enum:
     WRITING = 3        # an answer is still being written to the client; nothing is read meanwhile
     HANDSHAKE = 4      # TLS: the handshake is under way
     TUNNEL = 5         # TLS, handed to the Python path: the engine relays the decrypted bytes (adopt())
+    RELAYING = 6       # the response's head is out, the rest of its Content-Length body follows (relay_body)
+
+# What send_answer did with an answer.
+cdef enum:
+    ANSWER_SENT = 0
+    ANSWER_PENDING = 1     # the rest waits in c.pending for the client's EPOLLOUT (flush_client)
+    ANSWER_FAILED = 2      # the client is closed
 
 # Why a connection went to the Python path (adopt()): counted by reason (Engine.handed_over(), the metrics'
 # fastlb_http_engine_handed_over_total{reason}), named by HANDED_REASONS in this order.
@@ -165,7 +172,13 @@ cdef struct Backend:
     Backend *next_idle
     Backend *prev_idle
     double idle_since
+    # A response whose body the engine relays (the client RELAYING): what is still to come of it, and
+    # what the metrics and the access log are told at its end.
+    long long body_left
+    long long response_bytes
+    int status
     unsigned char reused   # it waited idle: closed before a byte of the next response, the keep-alive race
+    unsigned char closing  # the response said Connection: close: not parked at its end
 
 
 cdef struct ClientCaptures:
@@ -1094,6 +1107,9 @@ cdef class Engine:
         """Ends a client connection the engine holds (whatever its state)."""
         cdef Backend *b = c.backend
         cdef object backend
+        if b != NULL and c.state == RELAYING:
+            self.end_relay(c)      # (which comes back here with no backend)
+            return
         if c.h2 != NULL:
             h2_end(self, c)
         self.unlink(c)
@@ -1379,7 +1395,7 @@ cdef class Engine:
                     if ev & (EPOLLRDHUP | EPOLLHUP):
                         c.hung_up = 1           # no further edge will say so: checked after each answer
                     # (TLS: a write may wait for a read, so any event retries it)
-                    if c.state == WRITING and (ev & EPOLLOUT or c.tls != NULL):
+                    if (c.state == WRITING or c.state == RELAYING) and (ev & EPOLLOUT or c.tls != NULL):
                         self.flush_client(c)
                     # (each step may have closed or handed over c: its kind says so)
                     if c.kind == IS_CLIENT and ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -2027,12 +2043,16 @@ cdef class Engine:
         cdef PlainResponse found
         cdef iovec iov[MAX_IOV]
         cdef int count = 0, i
-        cdef bint close, ok
+        cdef bint close
         cdef object backend, cookie_line, hsts = None
         if c == NULL:
             # An idle connection readable: the backend closed it (or sent bytes nobody asked for).
             self.unpark(b)
             self.close_backend(b)
+            return
+        if c.state == RELAYING:
+            if c.pending == NULL:      # (else the client's EPOLLOUT resumes the relay once it drained)
+                self.relay_body(c, b)
             return
         n = recv(b.fd, self.scratch, SCRATCH, 0)
         if n < 0 and (errno == EAGAIN or errno == EINTR):
@@ -2048,10 +2068,12 @@ cdef class Engine:
             hsts = <object>PyList_GET_ITEM(self.slot_hsts, c.slot)
             if not len(hsts):
                 hsts = None
-        if (n == SCRATCH
-                or not scan_plain(<const unsigned char *>self.scratch, n, self.response_watch,
-                                  self.hsts_dropped if hsts is not None else self.response_dropped, &found)
-                or found.body_start > self.max_response_header_size):
+        # A body still to come is relayed by the engine (relay_body) for an HTTP/1.1 client; an HTTP/2
+        # stream's goes to the Python path, which frames it.
+        if (not scan_plain(<const unsigned char *>self.scratch, n, self.response_watch,
+                           self.hsts_dropped if hsts is not None else self.response_dropped, &found)
+                or found.body_start > self.max_response_header_size
+                or (found.body_left and c.kind == IS_STREAM)):
             self.adopt(c, self.scratch, n, HAND_RESPONSE)
             return
         if self.retry_status[found.status] and self.may_send_again(c):
@@ -2087,23 +2109,90 @@ cdef class Engine:
             iov[count].iov_base = self.scratch + found.body_start
             iov[count].iov_len = n - found.body_start
             count += 1
-        # The response is read in full (scan_plain: by its Content-Length, nothing after it): the slot
-        # goes back, and the connection is reusable at once if the request was also written whole
-        # (a backend may answer before reading all of it: then it still expects the rest).
-        ok = found.status < 500
+        c.close_after = close
+        b.status = found.status
+        b.response_bytes = n + found.body_left
+        b.closing = found.backend_close
+        if found.body_left:
+            # The rest of the body follows: the head and what came of the body go out now, the rest as
+            # it comes (relay_body), and the backend connection stays this client's until its end.
+            b.body_left = found.body_left
+            b.reused = 0
+            c.state = RELAYING
+            c.deadline = self.now + self.response_timeout
+            c.deadline_kind = WAIT_BACKEND
+            if self.send_answer(c, iov, count) == ANSWER_SENT:
+                self.relay_body(c, b)
+            return
+        self.response_done(c, b)
+        self.write_answer(c, iov, count)
+
+    cdef void response_done(self, Client *c, Backend *b):
+        """The response is read in full (by its Content-Length, nothing after it): the slot goes back,
+        and the connection is reusable at once if the request was also written whole (a backend may
+        answer before reading all of it: then it still expects the rest)."""
         c.backend = NULL
         b.client = NULL
-        if may_reuse(c.head_sent == c.head_len, True, not found.backend_close, self.draining):
+        if may_reuse(c.head_sent == c.head_len, True, not b.closing, self.draining):
             self.park(b)
         else:
             self.close_backend(b)
         self.served += 1
-        self.finish(c.slot, self.now - c.sent_at, ok, found.status, self.request_size(c), n)
+        self.finish(c.slot, self.now - c.sent_at, b.status < 500, b.status, self.request_size(c),
+                    b.response_bytes)
         if self.access_log is not None:
-            self.log_request(c, c.slot, None, found.status, self.request_size(c), n,
+            self.log_request(c, c.slot, None, b.status, self.request_size(c), b.response_bytes,
                              max(0.0, c.sent_at - c.started))
-        c.close_after = close
-        self.write_answer(c, iov, count)
+
+    cdef void relay_body(self, Client *c, Backend *b):
+        """The rest of a response body, backend -> client, one read at a time: only what the body still
+        owes is read (the connection stays in step), and a client that does not keep up stops the
+        reading (its pending bytes first; its EPOLLOUT resumes here through flush_client). The sockets
+        are edge-triggered: each step reads until EAGAIN or until the client is full."""
+        cdef ssize_t n, w
+        while b.body_left > 0:
+            n = recv(b.fd, self.scratch, <size_t>min(<long long>SCRATCH, b.body_left), 0)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return
+            if n <= 0:
+                # The backend closed or failed mid-body: the client has a head that promised more, so
+                # its connection ends too (as the Python path cuts it).
+                self.end_relay(c)
+                return
+            b.body_left -= n
+            c.deadline = self.now + self.response_timeout
+            w = client_send(c, self.scratch, n)
+            if w == FAILED:
+                self.end_relay(c)
+                return
+            if w < n:
+                c.pending = <char *>malloc(n - w)
+                if c.pending == NULL:
+                    self.end_relay(c)
+                    return
+                memcpy(c.pending, self.scratch + w, n - w)
+                c.pending_len = <uint32_t>(n - w)
+                c.pending_off = 0
+                return
+        self.response_done(c, b)
+        self.answered(c)
+
+    cdef void end_relay(self, Client *c):
+        """A relayed body cut short (the backend or the client failed, or a timeout): both connections
+        end; the access log says what was promised, the metrics count it as failed."""
+        cdef Backend *b = c.backend
+        c.backend = NULL
+        b.client = NULL
+        self.close_backend(b)
+        self.finish(c.slot, self.now - c.sent_at, False, b.status, self.request_size(c),
+                    b.response_bytes - b.body_left)
+        if self.access_log is not None:
+            self.log_request(c, c.slot, None, b.status, self.request_size(c), b.response_bytes - b.body_left,
+                             max(0.0, c.sent_at - c.started))
+        self.close_client(c)
 
     cdef bint may_send_again(self, Client *c):
         """reuse.may_send_again for the engine's request, its first attempt: nothing of a response
@@ -2136,12 +2225,17 @@ cdef class Engine:
 
     cdef void write_answer(self, Client *c, iovec *iov, int count):
         """Writes an answer to the client; what the socket does not take now waits in c.pending."""
+        if c.kind == IS_STREAM:
+            h2_answer(self, c, iov, count)
+        elif self.send_answer(c, iov, count) == ANSWER_SENT:
+            self.answered(c)
+
+    cdef int send_answer(self, Client *c, iovec *iov, int count):
+        """Writes iov to an HTTP/1.1 client: ANSWER_SENT, ANSWER_PENDING (the rest waits in c.pending for
+        EPOLLOUT: flush_client) or ANSWER_FAILED (the client is closed)."""
         cdef ssize_t n, total = 0, left
         cdef int i
         cdef bint whole_to_pending = False
-        if c.kind == IS_STREAM:
-            h2_answer(self, c, iov, count)
-            return
         for i in range(count):
             total += iov[i].iov_len
         if count > 1 and total <= SCRATCH:
@@ -2167,13 +2261,13 @@ cdef class Engine:
                 n = 0 if errno == EAGAIN else FAILED
         if n == FAILED:
             self.close_client(c)
-            return
+            return ANSWER_FAILED
         if n < total:
             left = total - n
             c.pending = <char *>malloc(left)
             if c.pending == NULL:
                 self.close_client(c)
-                return
+                return ANSWER_FAILED
             c.pending_len = <uint32_t>left
             c.pending_off = 0
             left = 0
@@ -2184,13 +2278,14 @@ cdef class Engine:
                 memcpy(c.pending + left, <char *>iov[i].iov_base + n, iov[i].iov_len - n)
                 left += iov[i].iov_len - n
                 n = 0
-            c.state = WRITING
-            c.deadline = self.now + self.keepalive_timeout
-            c.deadline_kind = WAIT_IDLE
+            if c.state != RELAYING:
+                c.state = WRITING
+                c.deadline = self.now + self.keepalive_timeout
+                c.deadline_kind = WAIT_IDLE
             if whole_to_pending:
                 self.flush_client(c)
-            return
-        self.answered(c)
+            return ANSWER_PENDING
+        return ANSWER_SENT
 
     cdef bint flush_client(self, Client *c):
         """EPOLLOUT while an answer waits; False when the client is gone."""
@@ -2206,6 +2301,10 @@ cdef class Engine:
         free(c.pending)
         c.pending = NULL
         c.pending_len = c.pending_off = 0
+        if c.state == RELAYING:
+            c.deadline = self.now + self.response_timeout
+            self.relay_body(c, c.backend)
+            return c.kind == IS_CLIENT
         return self.answered(c)
 
     cdef void spare_buf(self, Client *c):
@@ -2348,6 +2447,8 @@ cdef class Engine:
                 elif c.deadline_kind == WAIT_HANDSHAKE:
                     self.handshake_failures += 1
                     self.close_client(c)
+                elif c.deadline_kind == WAIT_BACKEND and c.state == RELAYING:
+                    self.end_relay(c)                      # a body stalled (either side) for response_timeout
                 elif c.deadline_kind == WAIT_BACKEND:
                     self.adopt(c, NULL, 0, HAND_TIMEOUT)   # Python answers 504 or retries, by its rules
             elif self.draining and c.state == WAITING and c.deadline_kind == WAIT_IDLE:

@@ -25,8 +25,8 @@ def scan_response(bytes data, tuple watched=(), tuple dropped=(), Py_ssize_t max
     cdef PlainResponse found
     cdef int i
     if not scan_plain(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), watched,
-                      dropped, &found):
-        return None
+                      dropped, &found) or found.body_left:
+        return None                   # (a body still to come: httptools follows it)
     if found.body_start > max_head:
         return None
     if found.nspans == 1:

@@ -96,6 +96,7 @@ cdef struct HeadSpan:
 cdef struct PlainResponse:
     int status
     Py_ssize_t body_start
+    Py_ssize_t body_left       # Content-Length bytes not in this read yet (0: the response is whole)
     bint backend_close
     int nspans
     HeadSpan spans[MAX_SPANS]
@@ -103,10 +104,11 @@ cdef struct PlainResponse:
 
 cdef bint scan_plain(const unsigned char* buf, Py_ssize_t size, tuple watched, tuple dropped,
                      PlainResponse* out):
-    """True when buf[:size] is a plain complete response (see the module docstring of _head.pyx): then
+    """True when buf[:size] starts a plain response (see the module docstring of _head.pyx): then
     `out` holds the status, the spans of the head to forward (without the header lines named in
-    `dropped`: the operator's response rules), where the body starts, and whether the backend asked to
-    close. False for anything else, having consumed nothing."""
+    `dropped`: the operator's response rules), where the body starts, how many of its Content-Length
+    bytes are still to come (body_left; 0: whole in this read), and whether the backend asked to
+    close. False for anything else (bytes after the body included), having consumed nothing."""
     cdef Py_ssize_t pos, line_start, line_end, name_end, value_start, value_end, i
     cdef Py_ssize_t content_length = -1, body_start
     cdef int status, kind
@@ -196,12 +198,13 @@ cdef bint scan_plain(const unsigned char* buf, Py_ssize_t size, tuple watched, t
             elif not value_is(buf + value_start, value_end - value_start, b"keep-alive", 10):
                 return False           # a list, or names of headers to drop: httptools' job
         # DROP and CONN lines are not forwarded: the current run ends before them.
-    if content_length < 0 or size - body_start != content_length:
-        return False                   # no length, a body still to come, or bytes after it
+    if content_length < 0 or size - body_start > content_length:
+        return False                   # no length, or bytes after the body
     out.spans[nspans].start = run_start
     out.spans[nspans].end = run_end
     out.nspans = nspans + 1
     out.status = status
     out.body_start = body_start
+    out.body_left = content_length - (size - body_start)
     out.backend_close = backend_close
     return True
