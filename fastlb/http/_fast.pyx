@@ -90,6 +90,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef enum:
     SCRATCH = 65536
+    RELAY_BYTES = 262144       # relay_body's read size: the Python path's (uvloop's) too
     MAX_EVENTS = 256
     SPARE_BUF_BYTES = 262144   # request buffers kept for reuse between requests (Engine.spare_bufs)
     SPARE_BUF_MIN = 16         # a smaller one cannot hold the list's link and capacity: freed
@@ -471,6 +472,7 @@ cdef class Engine:
     cdef unsigned char *slot_tls    # slot -> the backend speaks TLS (FastPath._take: never the engine's)
     cdef char *scratch         # one read at a time, shared by every socket
     cdef char *headbuf         # the backend head being built
+    cdef char *relay_buf       # relay_body's reads (RELAY_BYTES): a long body in few system calls
     # Request buffers (Client.buf) of clients waiting between requests, for the next request of any
     # client: an idle keep-alive connection holds none, and a request mallocs none once warm. A list
     # linked through each buffer's first 8 bytes (its capacity in the next 4), bounded in bytes.
@@ -570,6 +572,7 @@ cdef class Engine:
         self.epfd = -1
         self.scratch = NULL
         self.headbuf = NULL
+        self.relay_buf = NULL
         self.spare_bufs = NULL
         self.spare_bytes = 0
         self.clients = NULL
@@ -616,7 +619,8 @@ cdef class Engine:
             raise OSError(errno, "epoll_create1")
         self.scratch = <char *>malloc(SCRATCH)
         self.headbuf = <char *>malloc(SCRATCH)
-        if self.scratch == NULL or self.headbuf == NULL:
+        self.relay_buf = <char *>malloc(RELAY_BYTES)
+        if self.scratch == NULL or self.headbuf == NULL or self.relay_buf == NULL:
             raise MemoryError()
         self.backends = []
         self.slots = {}
@@ -782,6 +786,7 @@ cdef class Engine:
             close(self.epfd)
         free(self.scratch)
         free(self.headbuf)
+        free(self.relay_buf)
         while self.spare_bufs != NULL:
             spare = self.spare_bufs
             self.spare_bufs = (<char **>spare)[0]
@@ -2151,7 +2156,7 @@ cdef class Engine:
         are edge-triggered: each step reads until EAGAIN or until the client is full."""
         cdef ssize_t n, w
         while b.body_left > 0:
-            n = recv(b.fd, self.scratch, <size_t>min(<long long>SCRATCH, b.body_left), 0)
+            n = recv(b.fd, self.relay_buf, <size_t>min(<long long>RELAY_BYTES, b.body_left), 0)
             if n < 0:
                 if errno == EINTR:
                     continue
@@ -2164,7 +2169,7 @@ cdef class Engine:
                 return
             b.body_left -= n
             c.deadline = self.now + self.response_timeout
-            w = client_send(c, self.scratch, n)
+            w = client_send(c, self.relay_buf, n)
             if w == FAILED:
                 self.end_relay(c)
                 return
@@ -2173,7 +2178,7 @@ cdef class Engine:
                 if c.pending == NULL:
                     self.end_relay(c)
                     return
-                memcpy(c.pending, self.scratch + w, n - w)
+                memcpy(c.pending, self.relay_buf + w, n - w)
                 c.pending_len = <uint32_t>(n - w)
                 c.pending_off = 0
                 return
