@@ -7,7 +7,8 @@ fastlb/_accesslog.pyx's thread), header rules, hashing keys, sticky sessions (a 
 Cookie header means to the rule) and --retry-on statuses (listed and retryable: Python's), a keep-alive
 HTTP/1.1 client whose request (GET, POST, PUT, PATCH, DELETE,
 OPTIONS; no body, or a Content-Length body) is complete in one read, made of bytes a strict subset of RFC 9112 allows, and
-whose backend answers with a plain response complete in one read (fastlb/http/_scan.pxi).
+whose backend answers with a plain response (fastlb/http/_scan.pxi) whose head is in its first read: a
+body that the read does not hold whole is relayed read by read (relay_body, RELAYING) to an HTTP/1.1 client.
 
 How: the engine owns an epoll set that uvloop watches as one file descriptor (`loop.add_reader`). Client
 and backend sockets are in it edge-triggered, registered once (no epoll_ctl per request). Per request:
