@@ -352,7 +352,8 @@ def send_until_refused(backend, conn):
 
 
 def test_a_client_leaving_mid_body_closes_the_backend_connection(scripted):
-    port, backend, _ = scripted(long_body_then(send_until_refused))
+    """...and is not the backend's fault: passive health does not count it (one failure would eject)."""
+    port, backend, lb = scripted(long_body_then(send_until_refused), "--outlier-failures", "1")
     client = Client(port)
     client.send(build("GET", "/long"))
     read_head_and_some(client, 1024)
@@ -363,6 +364,7 @@ def test_a_client_leaving_mid_body_closes_the_backend_connection(scripted):
     with Client(port) as client:
         assert client.request("GET", "/ok").body == b"ok"
     assert backend.connections == 2
+    assert "eject" not in lb.output
 
 
 def long_body_with_connection_close(backend, conn, number):
@@ -381,3 +383,36 @@ def test_a_long_body_under_connection_close_is_relayed_whole_and_its_connection_
         assert (response.status, response.body) == (200, b"c" * 300000)
         assert client.request("GET", "/ok").body == b"ok"
     assert backend.connections == 2
+
+
+SLOW_READ_BODY = bytes(range(256)) * (32 * 1024)      # 8 MiB: many times what the kernel buffers hold
+
+
+def whole_long_body(backend, conn, number):
+    while (request := backend.read_request(conn, number)) is not None:
+        if b"GET /long " in request:
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(SLOW_READ_BODY)}\r\n\r\n".encode() + SLOW_READ_BODY)
+        else:
+            conn.sendall(OK)
+
+
+def test_a_client_reading_slowly_gets_every_byte_in_order_and_keeps_its_connection(scripted):
+    """The client's small receive buffer fills over and over: what the relay could not write waits
+    (the engine stops reading the backend meanwhile) and goes out in order."""
+    port, backend, _ = scripted(whole_long_body)
+    with Client(port, timeout=30) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)     # (no autotuning past it)
+        client.send(build("GET", "/long"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += client.sock.recv(4096)
+        head, first = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        body = bytearray(first)
+        while len(body) < len(SLOW_READ_BODY):
+            chunk = client.sock.recv(65536)
+            assert chunk, len(body)
+            body += chunk
+        assert body == SLOW_READ_BODY
+        assert client.request("GET", "/ok").body == b"ok"
+    assert backend.connections == 1

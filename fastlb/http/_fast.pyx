@@ -49,7 +49,7 @@ from libc.stdlib cimport malloc, calloc, free, realloc
 from libc.string cimport memcpy, memcmp, memmove, memset, strlen
 from libc.errno cimport errno, EAGAIN, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM
 from libc.stdint cimport uint32_t, int32_t, uint64_t, uintptr_t
-from posix.unistd cimport close
+from posix.unistd cimport close, read
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM
@@ -82,6 +82,14 @@ cdef extern from "<sys/uio.h>" nogil:
         void *iov_base
         size_t iov_len
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<fcntl.h>" nogil:
+    # (Python.h defines _GNU_SOURCE, which declares these)
+    ssize_t splice(int fd_in, void *off_in, int fd_out, void *off_out, size_t size, unsigned int flags)
+    int pipe2(int *pipefd, int flags)
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        SPLICE_F_MOVE, SPLICE_F_NONBLOCK, F_SETPIPE_SZ, O_NONBLOCK, O_CLOEXEC
 
 cdef extern from "<sys/socket.h>" nogil:
     int socketpair(int domain, int type, int protocol, int *sv)
@@ -474,6 +482,7 @@ cdef class Engine:
     cdef char *scratch         # one read at a time, shared by every socket
     cdef char *headbuf         # the backend head being built
     cdef char *relay_buf       # relay_body's reads (RELAY_BYTES): a long body in few system calls
+    cdef int relay_pipe[2]     # relay_body's splice between plain sockets (-1: none); empty between steps
     # Request buffers (Client.buf) of clients waiting between requests, for the next request of any
     # client: an idle keep-alive connection holds none, and a request mallocs none once warm. A list
     # linked through each buffer's first 8 bytes (its capacity in the next 4), bounded in bytes.
@@ -574,6 +583,7 @@ cdef class Engine:
         self.scratch = NULL
         self.headbuf = NULL
         self.relay_buf = NULL
+        self.relay_pipe[0] = self.relay_pipe[1] = -1
         self.spare_bufs = NULL
         self.spare_bytes = 0
         self.clients = NULL
@@ -623,6 +633,10 @@ cdef class Engine:
         self.relay_buf = <char *>malloc(RELAY_BYTES)
         if self.scratch == NULL or self.headbuf == NULL or self.relay_buf == NULL:
             raise MemoryError()
+        if pipe2(self.relay_pipe, O_NONBLOCK | O_CLOEXEC) == 0:
+            fcntl(self.relay_pipe[1], F_SETPIPE_SZ, <int>RELAY_BYTES)     # (else 64 KiB a step)
+        else:
+            self.relay_pipe[0] = self.relay_pipe[1] = -1                   # read and send, then
         self.backends = []
         self.slots = {}
         self.slot_hsts = []
@@ -788,6 +802,9 @@ cdef class Engine:
         free(self.scratch)
         free(self.headbuf)
         free(self.relay_buf)
+        if self.relay_pipe[0] >= 0:
+            close(self.relay_pipe[0])
+            close(self.relay_pipe[1])
         while self.spare_bufs != NULL:
             spare = self.spare_bufs
             self.spare_bufs = (<char **>spare)[0]
@@ -1114,7 +1131,7 @@ cdef class Engine:
         cdef Backend *b = c.backend
         cdef object backend
         if b != NULL and c.state == RELAYING:
-            self.end_relay(c)      # (which comes back here with no backend)
+            self.end_relay(c, False)     # (which comes back here with no backend)
             return
         if c.h2 != NULL:
             h2_end(self, c)
@@ -2156,6 +2173,9 @@ cdef class Engine:
         reading (its pending bytes first; its EPOLLOUT resumes here through flush_client). The sockets
         are edge-triggered: each step reads until EAGAIN or until the client is full."""
         cdef ssize_t n, w
+        if c.tls == NULL and self.relay_pipe[0] >= 0:
+            self.splice_body(c, b)
+            return
         while b.body_left > 0:
             n = recv(b.fd, self.relay_buf, <size_t>min(<long long>RELAY_BYTES, b.body_left), 0)
             if n < 0:
@@ -2166,18 +2186,18 @@ cdef class Engine:
             if n <= 0:
                 # The backend closed or failed mid-body: the client has a head that promised more, so
                 # its connection ends too (as the Python path cuts it).
-                self.end_relay(c)
+                self.end_relay(c, True)
                 return
             b.body_left -= n
             c.deadline = self.now + self.response_timeout
             w = client_send(c, self.relay_buf, n)
             if w == FAILED:
-                self.end_relay(c)
+                self.end_relay(c, False)
                 return
             if w < n:
                 c.pending = <char *>malloc(n - w)
                 if c.pending == NULL:
-                    self.end_relay(c)
+                    self.end_relay(c, False)
                     return
                 memcpy(c.pending, self.relay_buf + w, n - w)
                 c.pending_len = <uint32_t>(n - w)
@@ -2186,14 +2206,76 @@ cdef class Engine:
         self.response_done(c, b)
         self.answered(c)
 
-    cdef void end_relay(self, Client *c):
+    cdef void splice_body(self, Client *c, Backend *b):
+        """relay_body between two plain sockets: the bytes go through the engine's pipe without a copy to
+        user space and back (splice). What the client does not take now is read out of the pipe into
+        c.pending, so the pipe is empty for the next relay."""
+        cdef ssize_t n, w, m
+        while b.body_left > 0:
+            n = splice(b.fd, NULL, self.relay_pipe[1], NULL, <size_t>min(<long long>RELAY_BYTES, b.body_left),
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    return
+            if n <= 0:
+                self.end_relay(c, True)
+                return
+            b.body_left -= n
+            c.deadline = self.now + self.response_timeout
+            w = 0
+            while w < n:
+                m = splice(self.relay_pipe[0], NULL, c.fd, NULL, <size_t>(n - w), SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if m > 0:
+                    w += m
+                elif m < 0 and errno == EINTR:
+                    continue
+                elif m < 0 and errno == EAGAIN:
+                    break
+                else:
+                    self.empty_relay_pipe(n - w)
+                    self.end_relay(c, False)
+                    return
+            if w < n:
+                c.pending = <char *>malloc(n - w)
+                if c.pending == NULL:
+                    self.empty_relay_pipe(n - w)
+                    self.end_relay(c, False)
+                    return
+                c.pending_len = <uint32_t>(n - w)
+                c.pending_off = 0
+                while w < n:
+                    m = read(self.relay_pipe[0], c.pending + c.pending_len - (n - w), <size_t>(n - w))
+                    if m > 0:
+                        w += m
+                    elif m < 0 and errno == EINTR:
+                        continue
+                    else:
+                        break              # (cannot happen: the pipe holds those bytes)
+                return
+        self.response_done(c, b)
+        self.answered(c)
+
+    cdef void empty_relay_pipe(self, ssize_t size):
+        cdef ssize_t m
+        while size > 0:
+            m = read(self.relay_pipe[0], self.relay_buf, <size_t>min(size, <ssize_t>RELAY_BYTES))
+            if m < 0 and errno == EINTR:
+                continue
+            if m <= 0:
+                return
+            size -= m
+
+    cdef void end_relay(self, Client *c, bint backend_failed):
         """A relayed body cut short (the backend or the client failed, or a timeout): both connections
-        end; the access log says what was promised, the metrics count it as failed."""
+        end; the access log says what came of it. backend_failed: the backend closed, failed or stalled
+        (passive health counts it); else the client left or did not read (the backend is not at fault)."""
         cdef Backend *b = c.backend
         c.backend = NULL
         b.client = NULL
         self.close_backend(b)
-        self.finish(c.slot, self.now - c.sent_at, False, b.status, self.request_size(c),
+        self.finish(c.slot, self.now - c.sent_at, not backend_failed, b.status, self.request_size(c),
                     b.response_bytes - b.body_left)
         if self.access_log is not None:
             self.log_request(c, c.slot, None, b.status, self.request_size(c), b.response_bytes - b.body_left,
@@ -2454,7 +2536,7 @@ cdef class Engine:
                     self.handshake_failures += 1
                     self.close_client(c)
                 elif c.deadline_kind == WAIT_BACKEND and c.state == RELAYING:
-                    self.end_relay(c)                      # a body stalled (either side) for response_timeout
+                    self.end_relay(c, c.pending == NULL)   # stalled: the backend's fault unless the client's
                 elif c.deadline_kind == WAIT_BACKEND:
                     self.adopt(c, NULL, 0, HAND_TIMEOUT)   # Python answers 504 or retries, by its rules
             elif self.draining and c.state == WAITING and c.deadline_kind == WAIT_IDLE:
