@@ -75,6 +75,95 @@ cdef enum:
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
+# libnghttp2's allocations for the engine's sessions (a stream costs it four or five: its stream, its
+# frames, the response's fields): blocks of a few sizes, each size's freed blocks kept for reuse (at most
+# H2_MEM_KEPT of each: the rest go back to malloc), larger ones straight from malloc. A block carries its
+# size class in the H2_MEM_HEADER bytes before it (16: malloc's alignment kept). The engine runs on one
+# thread, holding the GIL: one pool for the process.
+cdef enum:
+    H2_MEM_CLASSES = 5           # blocks of 64, 128, 256, 512 and 1024 bytes
+    H2_MEM_SMALLEST = 64
+    H2_MEM_LARGE = H2_MEM_CLASSES    # the class of a block from malloc
+    H2_MEM_KEPT = 512
+    H2_MEM_HEADER = 16
+
+cdef void *h2_mem_kept[H2_MEM_CLASSES]      # each class's freed blocks, linked through their first bytes
+cdef int h2_mem_count[H2_MEM_CLASSES]
+
+
+cdef void *h2_mem_malloc(size_t size, void *user_data) noexcept:
+    cdef size_t k = 0, room = H2_MEM_SMALLEST
+    cdef char *block
+    while room < size and k < H2_MEM_CLASSES:
+        room <<= 1
+        k += 1
+    if k < H2_MEM_CLASSES and h2_mem_kept[k] != NULL:
+        block = <char *>h2_mem_kept[k]
+        h2_mem_kept[k] = (<void **>block)[0]
+        h2_mem_count[k] -= 1
+        return block
+    block = <char *>malloc((room if k < H2_MEM_CLASSES else size) + H2_MEM_HEADER)
+    if block == NULL:
+        return NULL
+    (<size_t *>block)[0] = k
+    return block + H2_MEM_HEADER
+
+
+cdef void h2_mem_free(void *ptr, void *user_data) noexcept:
+    cdef size_t k
+    if ptr == NULL:
+        return
+    k = (<size_t *>(<char *>ptr - H2_MEM_HEADER))[0]
+    if k == H2_MEM_LARGE or h2_mem_count[k] >= H2_MEM_KEPT:
+        free(<char *>ptr - H2_MEM_HEADER)
+        return
+    (<void **>ptr)[0] = h2_mem_kept[k]
+    h2_mem_kept[k] = ptr
+    h2_mem_count[k] += 1
+
+
+cdef void *h2_mem_calloc(size_t count, size_t size, void *user_data) noexcept:
+    cdef void *ptr
+    if size and count > (<size_t>-1) // size:
+        return NULL
+    ptr = h2_mem_malloc(count * size, user_data)
+    if ptr != NULL:
+        memset(ptr, 0, count * size)
+    return ptr
+
+
+cdef void *h2_mem_realloc(void *ptr, size_t size, void *user_data) noexcept:
+    cdef size_t k, room
+    cdef char *block
+    cdef void *grown
+    if ptr == NULL:
+        return h2_mem_malloc(size, user_data)
+    if size == 0:
+        h2_mem_free(ptr, user_data)
+        return NULL
+    block = <char *>ptr - H2_MEM_HEADER
+    k = (<size_t *>block)[0]
+    if k == H2_MEM_LARGE:
+        block = <char *>realloc(block, size + H2_MEM_HEADER)
+        return block + H2_MEM_HEADER if block != NULL else NULL
+    room = <size_t>H2_MEM_SMALLEST << k
+    if size <= room:
+        return ptr
+    grown = h2_mem_malloc(size, user_data)
+    if grown != NULL:
+        memcpy(grown, ptr, room)
+        h2_mem_free(ptr, user_data)
+    return grown
+
+
+cdef nghttp2_mem h2_mem
+h2_mem.mem_user_data = NULL
+h2_mem.mem_malloc = h2_mem_malloc
+h2_mem.mem_free = h2_mem_free
+h2_mem.mem_calloc = h2_mem_calloc
+h2_mem.mem_realloc = h2_mem_realloc
+
+
 cdef inline bint connection_specific(const unsigned char *name, Py_ssize_t n) noexcept:
     """A response field name HTTP/2 forbids (fastlb/http2/common.py's CONNECTION_SPECIFIC; any case)."""
     if n == 10:
@@ -274,7 +363,7 @@ cdef bint h2_start(Engine self, Client *c):
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, h2_on_data_chunk_recv)
     nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, h2_on_stream_close)
     rv = server_session(&h.session, callbacks, <void *>c, self.h2_max_streams, self.h2_max_header_list,
-                        self.h2_initial_window, self.h2_connection_window)
+                        self.h2_initial_window, self.h2_connection_window, &h2_mem)
     nghttp2_session_callbacks_del(callbacks)
     if rv != 0:
         free(h)
