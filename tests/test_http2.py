@@ -132,6 +132,39 @@ def test_many_concurrent_streams_spread_over_every_backend(balancer, pki, secure
     assert by_backend == {"a", "b", "c"}            # balanced per request, not per connection
 
 
+def test_streams_after_ended_ones_carry_nothing_of_them(balancer, pki):
+    """The engine serves new streams with the contexts and buffers of ended ones (_eh2.pxi h2_spare, the
+    nghttp2 block pool): each response is exactly its own, larger and smaller than the last in turn, and
+    each request reaches a backend with its own fields only, X-Forwarded-Proto of its own connection (h2,
+    then h2c, then h2 again)."""
+    start = len(balancer["backend"].lines)
+    sent = []
+    for round_number, secure in enumerate([True, False, True]):
+        port = balancer["tls" if secure else "plain"]
+        with H2Client(port, tls_context(pki) if secure else None, "default.test") as client:
+            expected = {}
+            for n in range(40):
+                tag = f"{round_number}-{n}"
+                payload = (tag.encode() + b".") * (700 if n % 3 == 0 else 1)    # ~4 kB, then a few bytes
+                if n % 5 == 4:          # a HEAD: no body for it, and its context's next request has one
+                    stream_id = client.request("HEAD", f"/echo?tag={tag}", headers=[(f"x-only-{tag}", tag)])
+                    payload = b""
+                else:
+                    stream_id = client.request("POST", f"/echo?tag={tag}", headers=[(f"x-only-{tag}", tag)],
+                                               body=payload)
+                expected[stream_id] = payload
+                sent.append((tag, "https" if secure else "http"))
+            responses = client.wait(list(expected))
+        for stream_id, payload in expected.items():
+            assert responses[stream_id].status == 200 and responses[stream_id].body == payload
+    seen = {request["url"].split("tag=")[1]: request for request in requests_seen(balancer["backend"], start,
+                                                                                  at_least=len(sent))}
+    for tag, proto in sent:
+        headers = {k.lower(): v for k, v in seen[tag]["headers"]}
+        assert [k for k in headers if k.startswith("x-only-")] == [f"x-only-{tag}"]
+        assert headers["x-forwarded-proto"] == proto and headers["x-forwarded-for"] == "127.0.0.1"
+
+
 def engine_metric(admin: int, name: str) -> float | None:
     """A fastlb_http_engine_* counter from /metrics (None: no engine serves)."""
     connection = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)

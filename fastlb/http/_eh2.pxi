@@ -26,6 +26,7 @@
 from fastlb.http2.nghttp2 cimport *
 from libc.stdint cimport uint8_t
 from libc.stdio cimport snprintf
+from libc.string cimport memchr
 from os import environ
 
 cdef enum:
@@ -62,70 +63,183 @@ cdef enum:
 cdef enum:
     FIELD_RECORD = 8             # two uint32 lengths before the bytes
 
+# Ended streams' contexts are kept for the next streams (Engine.h2_spare: no allocation per stream), at
+# most H2_SPARE_STREAMS of them per engine (streams opened and reset in a flood do not grow it), each with
+# its header-list and body buffers when they are no larger than H2_SPARE_BUFFER.
+cdef enum:
+    H2_SPARE_STREAMS = 256
+    H2_SPARE_BUFFER = 2048
+    H2_STREAM_TAIL = 160         # a new context's room for its X-Forwarded-* block and address (or more)
+    H2_ANSWER_FIELDS = 64        # an answer's fields read into an array on the stack (more: one allocated)
+
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-cdef inline bint connection_specific(const char *name, Py_ssize_t n) noexcept:
-    """A lower-case response field name HTTP/2 forbids (fastlb/http2/common.py's CONNECTION_SPECIFIC)."""
+# libnghttp2's allocations for the engine's sessions (a stream costs it four or five: its stream, its
+# frames, the response's fields): blocks of a few sizes, each size's freed blocks kept for reuse (at most
+# H2_MEM_KEPT of each: the rest go back to malloc), larger ones straight from malloc. A block carries its
+# size class in the H2_MEM_HEADER bytes before it (16: malloc's alignment kept). The engine runs on one
+# thread, holding the GIL: one pool for the process.
+cdef enum:
+    H2_MEM_CLASSES = 5           # blocks of 64, 128, 256, 512 and 1024 bytes
+    H2_MEM_SMALLEST = 64
+    H2_MEM_LARGE = H2_MEM_CLASSES    # the class of a block from malloc
+    H2_MEM_KEPT = 512
+    H2_MEM_HEADER = 16
+
+cdef void *h2_mem_kept[H2_MEM_CLASSES]      # each class's freed blocks, linked through their first bytes
+cdef int h2_mem_count[H2_MEM_CLASSES]
+
+
+cdef void *h2_mem_malloc(size_t size, void *user_data) noexcept:
+    cdef size_t k = 0, room = H2_MEM_SMALLEST
+    cdef char *block
+    while room < size and k < H2_MEM_CLASSES:
+        room <<= 1
+        k += 1
+    if k < H2_MEM_CLASSES and h2_mem_kept[k] != NULL:
+        block = <char *>h2_mem_kept[k]
+        h2_mem_kept[k] = (<void **>block)[0]
+        h2_mem_count[k] -= 1
+        return block
+    block = <char *>malloc((room if k < H2_MEM_CLASSES else size) + H2_MEM_HEADER)
+    if block == NULL:
+        return NULL
+    (<size_t *>block)[0] = k
+    return block + H2_MEM_HEADER
+
+
+cdef void h2_mem_free(void *ptr, void *user_data) noexcept:
+    cdef size_t k
+    if ptr == NULL:
+        return
+    k = (<size_t *>(<char *>ptr - H2_MEM_HEADER))[0]
+    if k == H2_MEM_LARGE or h2_mem_count[k] >= H2_MEM_KEPT:
+        free(<char *>ptr - H2_MEM_HEADER)
+        return
+    (<void **>ptr)[0] = h2_mem_kept[k]
+    h2_mem_kept[k] = ptr
+    h2_mem_count[k] += 1
+
+
+cdef void *h2_mem_calloc(size_t count, size_t size, void *user_data) noexcept:
+    cdef void *ptr
+    if size and count > (<size_t>-1) // size:
+        return NULL
+    ptr = h2_mem_malloc(count * size, user_data)
+    if ptr != NULL:
+        memset(ptr, 0, count * size)
+    return ptr
+
+
+cdef void *h2_mem_realloc(void *ptr, size_t size, void *user_data) noexcept:
+    cdef size_t k, room
+    cdef char *block
+    cdef void *grown
+    if ptr == NULL:
+        return h2_mem_malloc(size, user_data)
+    if size == 0:
+        h2_mem_free(ptr, user_data)
+        return NULL
+    block = <char *>ptr - H2_MEM_HEADER
+    k = (<size_t *>block)[0]
+    if k == H2_MEM_LARGE:
+        block = <char *>realloc(block, size + H2_MEM_HEADER)
+        return block + H2_MEM_HEADER if block != NULL else NULL
+    room = <size_t>H2_MEM_SMALLEST << k
+    if size <= room:
+        return ptr
+    grown = h2_mem_malloc(size, user_data)
+    if grown != NULL:
+        memcpy(grown, ptr, room)
+        h2_mem_free(ptr, user_data)
+    return grown
+
+
+cdef nghttp2_mem h2_mem
+h2_mem.mem_user_data = NULL
+h2_mem.mem_malloc = h2_mem_malloc
+h2_mem.mem_free = h2_mem_free
+h2_mem.mem_calloc = h2_mem_calloc
+h2_mem.mem_realloc = h2_mem_realloc
+
+
+cdef inline bint connection_specific(const unsigned char *name, Py_ssize_t n) noexcept:
+    """A response field name HTTP/2 forbids (fastlb/http2/common.py's CONNECTION_SPECIFIC; any case)."""
     if n == 10:
-        return memcmp(name, b"connection", 10) == 0 or memcmp(name, b"keep-alive", 10) == 0
+        return name_is(name, n, b"connection", 10) or name_is(name, n, b"keep-alive", 10)
     if n == 7:
-        return memcmp(name, b"upgrade", 7) == 0
+        return name_is(name, n, b"upgrade", 7)
     if n == 17:
-        return memcmp(name, b"transfer-encoding", 17) == 0
+        return name_is(name, n, b"transfer-encoding", 17)
     if n == 16:
-        return memcmp(name, b"proxy-connection", 16) == 0
+        return name_is(name, n, b"proxy-connection", 16)
     return False
 
 
 cdef struct FieldLines:
     int count                    # fields put in the nv array
+    int room                     # the array's size
+    unsigned char full           # lines left out for want of room
+    unsigned char blank          # the blank line that ends a head was read
     unsigned char chunked        # a Transfer-Encoding line (the only coding the Python path forwards)
     unsigned char has_length     # a Content-Length line, of value `length`
     uint64_t length
 
 
-cdef bint field_lines(char *r, Py_ssize_t pos, Py_ssize_t end, nghttp2_nv *nva, int room,
-                      FieldLines *out) noexcept:
-    """HTTP/1.1 field lines r[pos:end] (each ending in CRLF) into nva, at most `room` of them: names
-    lower-cased in place, values without their leading white space, connection-specific fields out (as
-    ResponseSink does); Transfer-Encoding and Content-Length noted. False: a line without a colon, or a
-    Content-Length that is not digits."""
-    cdef Py_ssize_t line, colon, stop, value_start, i
-    out.count = 0
-    out.chunked = out.has_length = 0
-    out.length = 0
+cdef inline void fields_start(FieldLines *out, int room) noexcept:
+    memset(out, 0, sizeof(FieldLines))
+    out.room = room
+
+
+cdef Py_ssize_t field_lines(const char *r, Py_ssize_t pos, Py_ssize_t end, nghttp2_nv *nva,
+                            FieldLines *out) noexcept:
+    """HTTP/1.1 field lines r[pos:end] (each ending in CRLF), up to a blank line, added to nva (from
+    out.count, out.room at most): values without their leading white space, connection-specific fields
+    out (as ResponseSink does; libnghttp2 lower-cases the names as it copies them, so they are read in
+    place); Transfer-Encoding and Content-Length noted. Where it stopped: end, or after the blank line
+    (out.blank); -1: a line without a colon or its CRLF, or a Content-Length that is not digits."""
+    cdef const char *colon_at
+    cdef Py_ssize_t line, colon, stop, value_start, i, name_len
     while pos < end:
         line = pos
         stop = pos + find_crlf(r + pos, end - pos)
-        colon = line
-        while colon < stop and r[colon] != 58:
-            r[colon] = <char>lower(<unsigned char>r[colon])
-            colon += 1
-        if colon == stop:
-            return False
+        if stop < pos:
+            return -1
+        pos = stop + 2
+        if stop == line:
+            out.blank = 1
+            return pos
+        colon_at = <const char *>memchr(r + line, 58, stop - line)
+        if colon_at == NULL:
+            return -1
+        colon = colon_at - r
+        name_len = colon - line
         value_start = colon + 1
         while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
             value_start += 1
-        pos = stop + 2
-        if colon - line == 17 and memcmp(r + line, b"transfer-encoding", 17) == 0:
+        if name_len == 17 and name_is(<const unsigned char *>r + line, 17, b"transfer-encoding", 17):
             out.chunked = 1
-        elif colon - line == 14 and memcmp(r + line, b"content-length", 14) == 0:
+            continue
+        if name_len == 14 and name_is(<const unsigned char *>r + line, 14, b"content-length", 14):
             out.has_length = 1
             out.length = 0
             for i in range(value_start, stop):
                 if not 48 <= r[i] <= 57:
-                    return False
+                    return -1
                 out.length = out.length * 10 + (r[i] - 48)
-        if connection_specific(r + line, colon - line) or out.count == room:
+        elif connection_specific(<const unsigned char *>r + line, name_len):
+            continue
+        if out.count == out.room:
+            out.full = 1
             continue
         nva[out.count].name = <uint8_t *>(r + line)
-        nva[out.count].namelen = colon - line
+        nva[out.count].namelen = name_len
         nva[out.count].value = <uint8_t *>(r + value_start)
         nva[out.count].valuelen = stop - value_start
         nva[out.count].flags = NGHTTP2_NV_FLAG_NONE
         out.count += 1
-    return True
+    return pos
 
 
 cdef inline int count_lines(const char *r, Py_ssize_t end) noexcept:
@@ -184,6 +298,8 @@ cdef struct H2Stream:
     char *trailer_buf            # ... pointing into this copy of their section
     int ntrailers
     double opened
+    uint32_t pending_cap         # the size of the Client's pending buffer (the body for the client)
+    uint32_t room                # the bytes its allocation has for the X-Forwarded-* block and address
 
 
 cdef inline H2Conn *conn_of(Client *c) noexcept:
@@ -247,7 +363,7 @@ cdef bint h2_start(Engine self, Client *c):
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, h2_on_data_chunk_recv)
     nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, h2_on_stream_close)
     rv = server_session(&h.session, callbacks, <void *>c, self.h2_max_streams, self.h2_max_header_list,
-                        self.h2_initial_window, self.h2_connection_window)
+                        self.h2_initial_window, self.h2_connection_window, &h2_mem)
     nghttp2_session_callbacks_del(callbacks)
     if rv != 0:
         free(h)
@@ -472,25 +588,44 @@ cdef bint h2_spend(Engine self, H2Conn *h) noexcept:
 # ---- streams ------------------------------------------------------------------------------------------
 
 cdef Client *h2_new_stream(Engine self, Client *conn, int32_t stream_id):
-    """A request context for stream_id, copying what the engine reads of its connection. One
-    allocation as take_client's, always with a ClientTls (its tunnel is the socketpair of a stream
-    handed to the Python path; its ssl is the connection's, NULL on h2c) and with ClientCaptures where
-    the settings use them."""
-    cdef size_t captures_at = sizeof(Client) + sizeof(ClientTls)
+    """A request context for stream_id, copying what the engine reads of its connection: an ended
+    stream's (Engine.h2_spare) with its buffers, or a new one. One allocation: the Client, always a
+    ClientTls (its tunnel is the socketpair of a stream handed to the Python path; its ssl is the
+    connection's, NULL on h2c), the H2Stream, ClientCaptures where the settings use them, then room for
+    the X-Forwarded-* block and the address."""
+    cdef size_t stream_at = sizeof(Client) + sizeof(ClientTls)
+    cdef size_t captures_at = stream_at + sizeof(H2Stream)
     cdef size_t forward_at = captures_at + (sizeof(ClientCaptures) if self.captures_used else 0)
-    cdef Client *s = <Client *>calloc(1, forward_at + conn.forward_len + conn.ip_len + 1)
-    cdef H2Stream *st = <H2Stream *>calloc(1, sizeof(H2Stream))
+    cdef uint32_t need = conn.forward_len + conn.ip_len
+    cdef Client *s = self.h2_spare
+    cdef H2Stream *st
     cdef H2Conn *h = conn_of(conn)
-    if s == NULL or st == NULL:
-        free(s)
-        free(st)
-        return NULL
+    cdef char *fields = NULL
+    cdef char *pending = NULL
+    cdef uint32_t fields_cap = 0, pending_cap = 0, room
+    if s != NULL and stream_of(s).room >= need:
+        self.h2_spare = s.next
+        self.h2_spare_count -= 1
+        st = stream_of(s)
+        fields, fields_cap, pending, pending_cap, room = st.fields, st.fields_cap, s.pending, st.pending_cap, st.room
+        memset(s, 0, forward_at)
+    else:
+        room = max(need, <uint32_t>H2_STREAM_TAIL)
+        s = <Client *>calloc(1, forward_at + room)
+        if s == NULL:
+            return NULL
+    st = <H2Stream *>(<char *>s + stream_at)
+    st.fields = fields
+    st.fields_cap = fields_cap
+    st.room = room
+    s.pending = pending
+    st.pending_cap = pending_cap
     s.tls = <ClientTls *>(s + 1)
+    s.h2 = <void *>st
     if conn.tls != NULL and conn.tls.tls_block_len:
         s.tls.tls_block = <char *>malloc(conn.tls.tls_block_len)
         if s.tls.tls_block == NULL:
-            free(s)
-            free(st)
+            h2_free_context(s)
             return NULL
         memcpy(s.tls.tls_block, conn.tls.tls_block, conn.tls.tls_block_len)
         s.tls.tls_block_len = conn.tls.tls_block_len
@@ -514,7 +649,6 @@ cdef Client *h2_new_stream(Engine self, Client *conn, int32_t stream_id):
     st.conn = conn
     st.id = stream_id
     st.opened = self.now
-    s.h2 = <void *>st
     s.prev = NULL
     s.next = h.streams
     if h.streams != NULL:
@@ -522,6 +656,75 @@ cdef Client *h2_new_stream(Engine self, Client *conn, int32_t stream_id):
     h.streams = s
     h.nstreams += 1
     return s
+
+
+cdef void h2_retire(Engine self, Client *s):
+    """free_client of a stream: its request buffer to the engine's spares (spare_buf), its context kept
+    for the next stream (after the batch of events being handled: one of them may still name its
+    tunnel), with its header-list and body buffers while they are small."""
+    cdef H2Stream *st = stream_of(s)
+    self.spare_buf(s)
+    if st.pending_cap > H2_SPARE_BUFFER:
+        free(s.pending)
+        s.pending = NULL
+        st.pending_cap = 0
+    if st.fields_cap > H2_SPARE_BUFFER:
+        free(st.fields)
+        st.fields = NULL
+        st.fields_cap = 0
+    free(st.line)
+    free(st.trailers_in)
+    st.line = st.trailers_in = NULL
+    h2_free_trailers(st)
+    free(s.tls.tls_block)
+    free(s.tls.up)
+    s.tls.tls_block = s.tls.up = NULL
+    s.tls.tunnel.kind = IS_FREED
+    if s.caps != NULL:
+        Py_XDECREF(s.caps.session)
+        Py_XDECREF(s.caps.learned)
+        s.caps.session = s.caps.learned = NULL
+    s.kind = IS_FREED
+    if self.in_batch:
+        s.next = self.h2_retired
+        self.h2_retired = s
+    else:
+        h2_keep_spare(self, s)
+
+
+cdef void h2_keep_spare(Engine self, Client *s):
+    if self.h2_spare_count >= H2_SPARE_STREAMS:
+        h2_free_context(s)
+        return
+    s.next = self.h2_spare
+    self.h2_spare = s
+    self.h2_spare_count += 1
+
+
+cdef void h2_bury(Engine self):
+    """The end of a batch of events (Engine.bury): the streams it ended become spares."""
+    cdef Client *s
+    while self.h2_retired != NULL:
+        s = self.h2_retired
+        self.h2_retired = s.next
+        h2_keep_spare(self, s)
+
+
+cdef void h2_free_context(Client *s):
+    free(stream_of(s).fields)
+    free(s.pending)
+    free(s)
+
+
+cdef void h2_free_spares(Engine self):
+    """The engine's end: the kept contexts freed."""
+    cdef Client *s
+    h2_bury(self)
+    while self.h2_spare != NULL:
+        s = self.h2_spare
+        self.h2_spare = s.next
+        h2_free_context(s)
+    self.h2_spare_count = 0
 
 
 cdef void h2_unlink_stream(Client *s):
@@ -553,8 +756,7 @@ cdef void h2_drop_stream(Engine self, Client *s):
         nghttp2_session_consume_connection(conn_of(st.conn).session, st.unconsumed)
         st.unconsumed = 0
     h2_unlink_stream(s)
-    free(st.fields)
-    st.fields = NULL
+    st.fields_len = 0
     free(st.line)
     st.line = NULL
     free(st.trailers_in)
@@ -577,7 +779,7 @@ cdef void h2_drop_stream(Engine self, Client *s):
 
 cdef void h2_free_stream(Engine self, Client *s):
     s.tls.ssl = NULL                # its connection's
-    self.free_client(s)             # (and its H2Stream)
+    self.free_client(s)             # (kept for the next stream: h2_retire)
 
 
 cdef int h2_on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
@@ -740,9 +942,7 @@ cdef void h2_body_end(Engine self, Client *s) except *:
         at = put_line(out, at, b"Content-Length: ", 16, digits, ndigits)
     at = put(out, at, b"\r\n", 2)
     at = put(out, at, st.fields + st.head_len, body_len)
-    free(st.fields)
-    st.fields = NULL
-    st.fields_len = st.fields_cap = 0
+    st.fields_len = 0               # (the buffer stays with the context: h2_retire)
     h2_serve(self, s, out, at)
 
 
@@ -770,9 +970,7 @@ cdef void h2_relay_start(Engine self, Client *s, const char *data, size_t size) 
         at = put(out, at, st.fields + st.head_len, body_len)
         if st.chunked:
             at = put(out, at, b"\r\n", 2)
-    free(st.fields)
-    st.fields = NULL
-    st.fields_len = st.fields_cap = 0
+    st.fields_len = 0               # (the buffer stays with the context: h2_retire)
     try:
         self.adopt(s, out, at, HAND_REQUEST)
     finally:
@@ -1017,9 +1215,7 @@ cdef void h2_request(Engine self, Client *s, bint end) except *:
             # for an HTTP/1.1 client, once the request reached a backend), the body is relayed after.
             h2_relay_start(self, s, NULL, 0)
         return
-    free(st.fields)
-    st.fields = NULL
-    st.fields_len = st.fields_cap = 0
+    st.fields_len = 0               # (the buffer stays with the context: h2_retire)
     at = put(out, at, b"\r\n", 2)
     h2_serve(self, s, out, at)
 
@@ -1038,9 +1234,7 @@ cdef void h2_refuse(Engine self, Client *s, const char *status):
     cdef nghttp2_nv nva[2]
     h2_field(&nva[0], b":status", status)
     h2_field(&nva[1], b"content-length", b"0")
-    free(st.fields)
-    st.fields = NULL
-    st.fields_len = st.fields_cap = 0
+    st.fields_len = 0               # (the buffer stays with the context: h2_retire)
     nghttp2_submit_response(conn_of(st.conn).session, st.id, nva, 2, NULL)
 
 
@@ -1177,17 +1371,14 @@ cdef bint h2_keep_line(H2Stream *st, const char *p, Py_ssize_t n) noexcept:
 
 cdef bint h2_body_bytes(Engine self, Client *s, const char *p, Py_ssize_t n):
     """Body bytes for the data provider (s.pending from pending_off)."""
-    cdef char *grown
     if s.pending_off and s.pending_off == s.pending_len:
         s.pending_off = s.pending_len = 0
     elif s.pending_off > H2_BUFFER_LOW:
         memmove(s.pending, s.pending + s.pending_off, s.pending_len - s.pending_off)
         s.pending_len -= s.pending_off
         s.pending_off = 0
-    grown = <char *>realloc(s.pending, s.pending_len + n + 1)
-    if grown == NULL:
+    if not h2_pending_room(s, s.pending_len + n):
         return False
-    s.pending = grown
     memcpy(s.pending + s.pending_len, p, n)
     s.pending_len += <uint32_t>n
     nghttp2_session_resume_data(conn_of(stream_of(s).conn).session, stream_of(s).id)
@@ -1195,10 +1386,17 @@ cdef bint h2_body_bytes(Engine self, Client *s, const char *p, Py_ssize_t n):
 
 
 cdef Py_ssize_t find_crlf(const char *p, Py_ssize_t n) noexcept:
-    cdef Py_ssize_t i
-    for i in range(n - 1):
-        if p[i] == 13 and p[i + 1] == 10:
-            return i
+    """Where the first CRLF of p[:n] starts (-1: none). (memchr: a field line's bytes are not looked at
+    one by one.)"""
+    cdef const char *at = p
+    cdef const char *last = p + n - 1          # a CR needs its LF after it
+    while at < last:
+        at = <const char *>memchr(at, 13, last - at)
+        if at == NULL:
+            return -1
+        if at[1] == 10:
+            return at - p
+        at += 1
     return -1
 
 
@@ -1319,7 +1517,8 @@ cdef bint h2_response_head(Engine self, Client *s, Py_ssize_t end):
     h2_field(&nva[0], b":status", b"")
     nva[0].value = <uint8_t *>(r + 9)
     nva[0].valuelen = 3
-    if not field_lines(r, find_crlf(r, end) + 2, end, nva + 1, count, &fields):
+    fields_start(&fields, count)
+    if field_lines(r, find_crlf(r, end) + 2, end, nva + 1, &fields) < 0:
         free(nva)
         return False
     n = fields.count + 1
@@ -1375,7 +1574,8 @@ cdef void h2_response_trailers(Engine self, Client *s, Py_ssize_t end):
     if st.trailers == NULL:
         free(r)
         return
-    field_lines(r, 0, end, st.trailers, count, &fields)
+    fields_start(&fields, count)
+    field_lines(r, 0, end, st.trailers, &fields)
     st.ntrailers = fields.count
     st.trailer_buf = r
     if st.ntrailers == 0:
@@ -1392,55 +1592,106 @@ cdef void h2_free_trailers(H2Stream *st) noexcept:
 
 cdef void h2_answer(Engine self, Client *s, iovec *iov, int count):
     """write_answer for a stream: the engine's HTTP/1.1 answer (a backend's plain response with the
-    lines the engine adds, or fastlb's own) becomes a HEADERS frame and its body DATA frames."""
+    lines the engine adds, or fastlb's own; whole lines in each iov entry up to the blank line) becomes a
+    HEADERS frame, its fields read in place (libnghttp2 copies them), and its body DATA frames, read from
+    a copy in the stream's pending buffer."""
     cdef H2Stream *st = stream_of(s)
     cdef H2Conn *h
-    cdef Py_ssize_t total = 0, at = 0, head_end, body_start
-    cdef int n, j
-    cdef char *r
-    cdef nghttp2_nv nva[MAX_SPANS + 16]
+    cdef nghttp2_nv local[H2_ANSWER_FIELDS]
+    cdef nghttp2_nv *nva = local
     cdef FieldLines fields
     cdef nghttp2_data_provider provider
-    cdef int status
+    cdef const char *r = <const char *>iov[0].iov_base
+    cdef Py_ssize_t body_pos = 0, body_len = 0, at
+    cdef int status, j, body_iov = count, lines = 0
     s.state = WAITING
     s.deadline_kind = WAIT_NONE
     if st.conn == NULL:
         return                      # reset meanwhile: nobody to tell
     h = conn_of(st.conn)
-    for j in range(count):
-        total += iov[j].iov_len
-    free(s.pending)
-    s.pending = r = <char *>malloc(total + 1)
-    if r == NULL:
-        nghttp2_submit_rst_stream(h.session, NGHTTP2_FLAG_NONE, st.id, NGHTTP2_INTERNAL_ERROR)
-        h2_flush(self, st.conn)
-        return
-    for j in range(count):
-        memcpy(r + at, iov[j].iov_base, iov[j].iov_len)
-        at += iov[j].iov_len
     # "HTTP/1.1 SSS reason" CRLF, field lines, CRLF, body (the engine's own bytes: well formed).
     status = (r[9] - 48) * 100 + (r[10] - 48) * 10 + (r[11] - 48)
+    fields_start(&fields, H2_ANSWER_FIELDS - 1)
+    if not answer_fields(iov, count, nva + 1, &fields, &body_iov, &body_pos):
+        if fields.full:
+            # More lines than the array on the stack holds: an array for all of them.
+            for j in range(count):
+                lines += count_lines(<const char *>iov[j].iov_base, iov[j].iov_len)
+            nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (lines + 1))
+            fields_start(&fields, lines)
+        if nva == NULL or not answer_fields(iov, count, nva + 1, &fields, &body_iov, &body_pos):
+            if nva != local:
+                free(nva)
+            nghttp2_submit_rst_stream(h.session, NGHTTP2_FLAG_NONE, st.id, NGHTTP2_INTERNAL_ERROR)
+            h2_flush_soon(self, st.conn)
+            return
     h2_field(&nva[0], b":status", b"")
     nva[0].value = <uint8_t *>(r + 9)
     nva[0].valuelen = 3
-    head_end = 0
-    while not (r[head_end] == 13 and r[head_end + 1] == 10 and r[head_end + 2] == 13 and r[head_end + 3] == 10):
-        head_end += 1
-    field_lines(r, find_crlf(r, total) + 2, head_end + 2, nva + 1, MAX_SPANS + 15, &fields)
-    n = fields.count + 1
-    body_start = head_end + 4
-    s.pending_off = <uint32_t>body_start
-    s.pending_len = <uint32_t>total
+    if not (status == 204 or status == 304 or st.is_head):
+        for j in range(body_iov, count):
+            body_len += iov[j].iov_len
+        body_len -= body_pos
+    s.pending_off = s.pending_len = 0
+    if body_len and h2_pending_room(s, body_len):
+        at = 0
+        for j in range(body_iov, count):
+            memcpy(s.pending + at, <const char *>iov[j].iov_base + body_pos, iov[j].iov_len - body_pos)
+            at += iov[j].iov_len - body_pos
+            body_pos = 0
+        s.pending_len = <uint32_t>body_len
     st.out_eof = 1
     st.submitted = 1
     provider.source.ptr = <void *>s
     provider.read_callback = h2_read_body
     # (libnghttp2 copies the fields before returning; the body is read from s.pending as windows allow)
-    if status == 204 or status == 304 or st.is_head or body_start == total:
-        nghttp2_submit_response(h.session, st.id, nva, n, NULL)
+    if s.pending_len == 0:
+        nghttp2_submit_response(h.session, st.id, nva, fields.count + 1, NULL)
     else:
-        nghttp2_submit_response(h.session, st.id, nva, n, &provider)
+        nghttp2_submit_response(h.session, st.id, nva, fields.count + 1, &provider)
+    if nva != local:
+        free(nva)
     h2_flush_soon(self, st.conn)
+
+
+cdef bint answer_fields(iovec *iov, int count, nghttp2_nv *nva, FieldLines *fields, int *body_iov,
+                        Py_ssize_t *body_pos) noexcept:
+    """The field lines of an answer's iov (after its status line) into nva: where its body starts (the
+    entry, the offset in it). False: no room for them all (fields.full), or not lines."""
+    cdef const char *p
+    cdef Py_ssize_t pos, n
+    cdef int j
+    for j in range(count):
+        p = <const char *>iov[j].iov_base
+        n = iov[j].iov_len
+        pos = find_crlf(p, n) + 2 if j == 0 else 0
+        pos = field_lines(p, pos, n, nva, fields)
+        if pos < 0:
+            return False
+        if fields.blank:
+            if fields.full:
+                return False
+            body_iov[0] = j
+            body_pos[0] = pos
+            if pos == n:
+                body_iov[0] = j + 1
+                body_pos[0] = 0
+            return True
+    return False
+
+
+cdef bint h2_pending_room(Client *s, size_t size) noexcept:
+    """The stream's pending buffer holds at least `size` bytes (grown as needed, its bytes kept)."""
+    cdef H2Stream *st = stream_of(s)
+    cdef char *grown
+    if size <= st.pending_cap:
+        return True
+    grown = <char *>realloc(s.pending, size)
+    if grown == NULL:
+        return False
+    s.pending = grown
+    st.pending_cap = <uint32_t>size
+    return True
 
 
 cdef ssize_t h2_read_body(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,

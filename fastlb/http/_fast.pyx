@@ -577,6 +577,9 @@ cdef class Engine:
     cdef public unsigned long long h2_connections, h2_unserved_streams
     cdef Client **h2_due           # HTTP/2 connections with frames to write at the end of the batch
     cdef int h2_due_count, h2_due_cap
+    cdef Client *h2_spare          # ended streams' contexts kept for the next streams (h2_retire), and
+    cdef Client *h2_retired        # those ended in the batch being handled (spare after it: h2_bury)
+    cdef int h2_spare_count
 
     def __cinit__(self):
         self.epfd = -1
@@ -601,6 +604,8 @@ cdef class Engine:
         self.attempts = NULL
         self.h2_request_buf = NULL
         self.h2_due = NULL
+        self.h2_spare = self.h2_retired = NULL
+        self.h2_spare_count = 0
         self.slot_tls = NULL
         self.counts = NULL
         self.max_clients = 1 << 40
@@ -818,6 +823,7 @@ cdef class Engine:
         free(self.decoded)
         free(self.h2_request_buf)
         free(self.h2_due)
+        h2_free_spares(self)
         if self.fresh_line != NULL:
             for i in range(self.slot_count):
                 Py_XDECREF(self.fresh_line[i])
@@ -1084,6 +1090,9 @@ cdef class Engine:
 
     cdef void free_client(self, Client *c):
         """Frees c now, or after the batch of events being handled (one of them may still name it)."""
+        if c.kind == IS_STREAM:
+            h2_retire(self, c)          # kept for the next stream (_eh2.pxi)
+            return
         free(c.buf)
         free(c.pending)
         c.buf = c.pending = NULL
@@ -1096,9 +1105,6 @@ cdef class Engine:
             Py_XDECREF(c.caps.session)
             Py_XDECREF(c.caps.learned)
             c.caps.session = c.caps.learned = NULL
-        if c.kind == IS_STREAM:
-            free(c.h2)
-            c.h2 = NULL
         c.kind = IS_FREED
         if self.in_batch:
             c.next = self.dead_clients
@@ -1117,6 +1123,8 @@ cdef class Engine:
     cdef void bury(self):
         cdef Client *c
         cdef Backend *b
+        if self.h2_retired != NULL:
+            h2_bury(self)
         while self.dead_clients != NULL:
             c = self.dead_clients
             self.dead_clients = c.next

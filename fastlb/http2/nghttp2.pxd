@@ -110,6 +110,15 @@ cdef extern from "nghttp2/nghttp2.h":
     uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int)
     int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
                                     const nghttp2_option *)
+    # A session's own allocator (the engine's block pool: fastlb/http/_eh2.pxi).
+    ctypedef struct nghttp2_mem:
+        void *mem_user_data
+        void *(*mem_malloc "malloc")(size_t, void *) noexcept
+        void (*mem_free "free")(void *, void *) noexcept
+        void *(*mem_calloc "calloc")(size_t, size_t, void *) noexcept
+        void *(*mem_realloc "realloc")(void *, size_t, void *) noexcept
+    int nghttp2_session_server_new3(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+                                    const nghttp2_option *, nghttp2_mem *)
     void nghttp2_session_del(nghttp2_session *)
     ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t)
     ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **)
@@ -151,10 +160,11 @@ cdef enum:
 
 cdef inline int server_session(nghttp2_session **session, const nghttp2_session_callbacks *callbacks,
                                void *user_data, int max_concurrent_streams, Py_ssize_t max_header_list,
-                               int initial_window_size, int connection_window_size) noexcept:
+                               int initial_window_size, int connection_window_size,
+                               nghttp2_mem *mem=NULL) noexcept:
     """A server session with fastlb's flood options and its SETTINGS queued (the limits of the config's
-    h2_* fields): the engine's (fastlb/http/_eh2.pxi) and _nghttp2.Session's.
-    0, or libnghttp2's error."""
+    h2_* fields): the engine's (fastlb/http/_eh2.pxi) and _nghttp2.Session's; mem: its allocator (NULL:
+    libc's). 0, or libnghttp2's error."""
     cdef nghttp2_option *option
     cdef nghttp2_settings_entry settings[5]
     cdef int rv = nghttp2_option_new(&option)
@@ -168,7 +178,7 @@ cdef inline int server_session(nghttp2_session **session, const nghttp2_session_
     nghttp2_option_set_stream_reset_rate_limit(option, H2_RESET_BURST, H2_RESET_RATE)
     nghttp2_option_set_max_continuations(option, H2_MAX_CONTINUATIONS)
     nghttp2_option_set_max_deflate_dynamic_table_size(option, H2_DEFLATE_TABLE_SIZE)
-    rv = nghttp2_session_server_new2(session, callbacks, user_data, option)
+    rv = nghttp2_session_server_new3(session, callbacks, user_data, option, mem)
     nghttp2_option_del(option)
     if rv != 0:
         return rv
