@@ -19,7 +19,7 @@ from fastlb.http.fast import ENGINE_ENV
 from h2_client import H2Client, headers_frame, raw_connection, read_frames, request_block
 from http_client import Client, requests_seen
 from pki import CA
-from procs import Processes, free_port
+from procs import Processes, free_port, wait_until
 
 pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libnghttp2 (libnghttp2-dev)")
 CURL = shutil.which("curl")
@@ -157,8 +157,13 @@ def test_streams_after_ended_ones_carry_nothing_of_them(balancer, pki):
             responses = client.wait(list(expected))
         for stream_id, payload in expected.items():
             assert responses[stream_id].status == 200 and responses[stream_id].body == payload
-    seen = {request["url"].split("tag=")[1]: request for request in requests_seen(balancer["backend"], start,
-                                                                                  at_least=len(sent))}
+    def tagged() -> dict:
+        # (the module's balancer's backend also logs other tests' and health requests: only this test's)
+        return {request["url"].split("tag=")[1]: request for request in requests_seen(balancer["backend"], start)
+                if "tag=" in request["url"]}
+
+    wait_until(lambda: len(tagged()) >= len(sent), what="every tagged request logged by the backend")
+    seen = tagged()
     for tag, proto in sent:
         headers = {k.lower(): v for k, v in seen[tag]["headers"]}
         assert [k for k in headers if k.startswith("x-only-")] == [f"x-only-{tag}"]
