@@ -265,6 +265,7 @@ cdef struct Listener:
 
 include "_etls.pxi"
 include "_eh2.pxi"
+include "_eh2b.pxi"
 
 
 cdef struct CookieEntry:
@@ -552,6 +553,17 @@ cdef class Engine:
     cdef public unsigned long long h2_connections, h2_unserved_streams
     cdef Client **h2_due           # HTTP/2 connections with frames to write at the end of the batch
     cdef int h2_due_count, h2_due_cap
+    # HTTP/2 to backends (_eh2b.pxi): on or off, per slot, the stream dispatched at its HEADERS, the
+    # connections with frames to write at the end of the batch, those closed, their write buffer.
+    cdef bint h2b_on
+    cdef H2bSlot *h2b_slots
+    cdef int h2b_slot_cap
+    cdef Client *h2b_early
+    cdef H2Up **h2b_due
+    cdef int h2b_due_count, h2b_due_cap
+    cdef H2Up *h2b_dead
+    cdef char *h2b_buf
+    cdef public unsigned long long h2_backend_streams
 
     def __cinit__(self):
         self.epfd = -1
@@ -574,6 +586,11 @@ cdef class Engine:
         self.attempts = NULL
         self.h2_request_buf = NULL
         self.h2_due = NULL
+        self.h2b_slots = NULL
+        self.h2b_due = NULL
+        self.h2b_dead = NULL
+        self.h2b_buf = NULL
+        self.h2b_early = NULL
         self.slot_tls = NULL
         self.counts = NULL
         self.max_clients = 1 << 40
@@ -588,6 +605,7 @@ cdef class Engine:
         cdef bytes name
         self.glue = glue
         self.loop = loop
+        h2b_configure(self, glue)
         self.select_now = glue.pool.select_now if glue.pool is not None else None
         self.no_tries = glue.no_tries
         self.counting = glue.observer is not None
@@ -782,6 +800,9 @@ cdef class Engine:
         free(self.decoded)
         free(self.h2_request_buf)
         free(self.h2_due)
+        free(self.h2b_slots)
+        free(self.h2b_due)
+        free(self.h2b_buf)
         if self.fresh_line != NULL:
             for i in range(self.slot_count):
                 Py_XDECREF(self.fresh_line[i])
@@ -1338,6 +1359,8 @@ cdef class Engine:
             self.handle_events()
             if self.h2_due_count:
                 h2_flush_due(self)
+            if self.h2b_due_count or self.h2b_dead != NULL:
+                h2b_flush_due(self)         # HTTP/2 to backends (_eh2b.pxi)
         finally:
             self.in_batch = False
             self.h2_due_count = 0
@@ -1365,6 +1388,8 @@ cdef class Engine:
                     self.on_listener_ready(<Listener *>events[i].data.ptr)
                 elif kind == IS_TUNNEL_END:
                     self.pump((<TunnelEnd *>events[i].data.ptr).client)
+                elif kind == IS_H2_UPSTREAM:
+                    h2b_event(self, <H2Up *>events[i].data.ptr, ev)     # _eh2b.pxi
                 elif kind == IS_CLIENT:
                     c = <Client *>events[i].data.ptr
                     if c.state == HANDSHAKE:
@@ -1734,6 +1759,7 @@ cdef class Engine:
         self.fresh_line[size] = NULL
         self.fresh_second[size] = -1
         memset(&self.counts[size], 0, sizeof(SlotCounts))
+        h2b_slot(self, size, backend)          # HTTP/2 to backends (_eh2b.pxi)
         self.backends.append(backend)
         self.slots[backend] = size
         self.slot_count = size + 1
@@ -1917,6 +1943,8 @@ cdef class Engine:
         cdef int slot = self.slot_of(backend)
         cdef Backend *b = self.idle[slot]
         c.slot = slot
+        if self.h2b_on and h2b_place(self, c, backend, slot):
+            return                  # HTTP/2 to backends (_eh2b.pxi), or the Python path's
         if b != NULL:
             self.unpark(b)
             self.attach(c, b)
@@ -2359,6 +2387,7 @@ cdef class Engine:
             if c.deadline_kind == WAIT_TUNNEL_FLUSH and c.deadline <= self.now:
                 self.end_tunnel(c, False)
             c = next_client
+        h2b_sweep(self)             # HTTP/2 to backends (_eh2b.pxi)
         expire = self.now - self.backend_idle_timeout
         for slot in range(len(self.backends)):
             b = self.idle[slot]
@@ -2378,6 +2407,7 @@ cdef class Engine:
             self.close_client(self.clients)
         while self.tunnels != NULL:
             self.end_tunnel(self.tunnels, False)
+        h2b_close_all(self)
         for slot in range(len(self.backends)):
             while self.idle[slot] != NULL:
                 b = self.idle[slot]
