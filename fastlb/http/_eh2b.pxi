@@ -609,12 +609,10 @@ cdef int h2b_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     if u == NULL or u.s == NULL:
         return 0
     if frame.hd.type == NGHTTP2_HEADERS:
-        if frame.headers.cat == NGHTTP2_HCAT_RESPONSE:
-            if u.status < 200:
-                u.fields_len = u.fields_size = 0      # an interim head (100, 103): not passed on
-                return 0
+        if frame.headers.cat == NGHTTP2_HCAT_RESPONSE or not u.responded:
+            # (an interim one, 1xx, goes on as such; the final one after it comes as HCAT_HEADERS)
             h2b_response_head(self, u, end)
-        elif end and u.responded:
+        elif end:
             h2b_trailers(self, u)
         u.fields_len = u.fields_size = 0
     if end:
@@ -646,6 +644,12 @@ cdef void h2b_response_head(Engine self, H2UpStream *u, bint end) noexcept:
     status[2] = <char>(48 + u.status % 10)
     status[3] = 0
     h2_field(&nva[0], b":status", status)
+    if u.status < 200:
+        # An interim response (103 Early Hints): HEADERS without END_STREAM before the final one.
+        nghttp2_submit_headers(conn_of(st.conn).session, NGHTTP2_FLAG_NONE, st.id, NULL, nva, n, NULL)
+        free(nva)
+        h2_flush_soon(self, st.conn)
+        return
     u.responded = 1
     st.submitted = 1
     s.state = WAITING
