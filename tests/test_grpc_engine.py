@@ -1,9 +1,10 @@
 """gRPC through the C engine's HTTP/2 to backends (fastlb/http/_eh2b.pxi): many concurrent calls spread
 over two proto=h2 backends on few backend connections, a backend's SETTINGS_MAX_CONCURRENT_STREAMS
 honoured (a new connection when one is full), a client's streams bounded by --h2-max-concurrent-streams,
-a backend stream that never answers ended by --response-timeout. Each asserts by the engine's counter
+a backend stream that never answers ended by --response-timeout, a stream the backend refused sent to
+another, one it may have processed never sent again. Each asserts by the engine's counter
 (h2_backend_streams) that the engine, not the Python path, sent the calls."""
-import concurrent.futures
+import socket
 import threading
 
 import pytest
@@ -14,7 +15,10 @@ from test_grpc import CALL_TIMEOUT, backend_streams, grpc_frame, start_grpc_back
 
 grpc = pytest.importorskip("grpc", reason="grpcio not installed (the test extras)")
 pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libnghttp2 (libnghttp2-dev)")
+import h2.config  # noqa: E402
+import h2.connection  # noqa: E402
 import h2.errors  # noqa: E402
+import h2.events  # noqa: E402
 from hpack import Encoder  # noqa: E402
 from hyperframe.frame import PingFrame, RstStreamFrame  # noqa: E402
 
@@ -129,3 +133,72 @@ def test_a_backend_stream_that_never_answers_ends_by_the_response_timeout(proces
         assert response.status == 200 and b"t0:q" in response.body
         assert dict(response.trailers)["grpc-status"] == "0"
     assert backend_streams(admin) == 3
+
+
+class FailingBackend:
+    """An h2c backend (the `h2` package, a thread of the test) that fails every request it is sent:
+    `refuse` resets each stream REFUSED_STREAM (not processed: it may go to another backend), `drop`
+    closes the connection once a request arrived (maybe processed: it must never be sent again)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.requests = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        with sock:
+            sock.sendall(conn.data_to_send())
+            while data := sock.recv(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.requests += 1
+                        if self.how == "drop":
+                            return
+                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                sock.sendall(conn.data_to_send())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_refused_stream_goes_to_another_backend(processes):
+    refuser = FailingBackend("refuse")
+    try:
+        _, good_port = start_grpc_backend(processes, "ok")
+        port, admin = start_balancer(processes, [refuser.port, good_port])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            unary = channel.unary_unary("/test.Echo/Unary")
+            answers = [unary(b"r%d" % i, timeout=CALL_TIMEOUT) for i in range(6)]
+        assert answers == [b"ok:r%d" % i for i in range(6)]
+        assert refuser.requests >= 1                 # the balancer did send it some, each refused
+        assert backend_streams(admin) == 6
+    finally:
+        refuser.close()
+
+
+def test_a_stream_maybe_processed_is_never_sent_again(processes):
+    """The backend's connection closes after a request reached it: the call fails UNAVAILABLE, and the
+    request is not sent again (to it or any other), whatever --retries allows."""
+    dropper = FailingBackend("drop")
+    try:
+        port, admin = start_balancer(processes, [dropper.port], "--retries", "3")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/test.Echo/Unary")(b"once", timeout=CALL_TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dropper.requests == 1
+        assert backend_streams(admin) == 1
+    finally:
+        dropper.close()
