@@ -31,7 +31,8 @@ import socket as _socket
 
 cdef enum:
     IS_H2_UPSTREAM = 6             # an H2Up in the epoll set (its first field, as Client.kind)
-    H2B_STREAMS_BEFORE_SETTINGS = 100   # streams put on a connection before the backend's SETTINGS came
+    H2B_STREAMS_BEFORE_SETTINGS = 100   # streams put on a connection before any SETTINGS of its backend came
+    H2B_STREAMS_ASSUMED_MAX = 1000 # ... and at most, whatever the backend's last SETTINGS said
     H2B_FLUSH_ROUNDS = 8           # end of a batch: backend and client writes feeding each other, bounded
 
 cdef struct H2UpStream
@@ -45,6 +46,8 @@ cdef struct H2bSlot:
     socklen_t addrlen
     double connect_timeout
     H2Up *conns                    # its connections, newest first
+    uint32_t max_streams           # the backend's last SETTINGS_MAX_CONCURRENT_STREAMS: a new connection's
+                                   # bound until its own SETTINGS come
 
 
 cdef struct H2Up:
@@ -146,6 +149,7 @@ cdef h2b_slot(Engine self, int slot, backend):
     else:
         return
     e.connect_timeout = backend.pool.connect_timeout
+    e.max_streams = H2B_STREAMS_BEFORE_SETTINGS
     e.h2 = 1
 
 
@@ -223,8 +227,8 @@ cdef H2Up *h2b_connection(Engine self, int slot):
     while up != NULL:
         if not up.goaway and not up.dead:
             limit = nghttp2_session_get_remote_settings(up.session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS)
-            if not up.settled and limit > H2B_STREAMS_BEFORE_SETTINGS:
-                limit = H2B_STREAMS_BEFORE_SETTINGS
+            if not up.settled and limit > e.max_streams:
+                limit = e.max_streams
             if <uint32_t>up.nstreams < limit:
                 return up
         up = up.next
@@ -599,6 +603,9 @@ cdef int h2b_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     cdef bint end = frame.hd.flags & NGHTTP2_FLAG_END_STREAM
     if frame.hd.type == NGHTTP2_SETTINGS:
         up.settled = 1
+        self.h2b_slots[up.slot].max_streams = min(
+            nghttp2_session_get_remote_settings(session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS),
+            <uint32_t>H2B_STREAMS_ASSUMED_MAX)
         return 0
     if frame.hd.type == NGHTTP2_GOAWAY:
         up.goaway = 1               # no new stream; those past its last id close REFUSED_STREAM
