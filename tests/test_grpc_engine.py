@@ -138,11 +138,13 @@ def test_a_backend_stream_that_never_answers_ends_by_the_response_timeout(proces
 class FailingBackend:
     """An h2c backend (the `h2` package, a thread of the test) that fails every request it is sent:
     `refuse` resets each stream REFUSED_STREAM (not processed: it may go to another backend), `drop`
-    closes the connection once a request arrived (maybe processed: it must never be sent again)."""
+    closes the connection once a request arrived (maybe processed: it must never be sent again), `hang`
+    never answers (and counts the streams fastlb resets)."""
 
     def __init__(self, how: str) -> None:
         self.how = how
         self.requests = 0
+        self.resets = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -166,7 +168,10 @@ class FailingBackend:
                         self.requests += 1
                         if self.how == "drop":
                             return
-                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                        if self.how == "refuse":
+                            conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    elif isinstance(event, h2.events.StreamReset):
+                        self.resets += 1
                 sock.sendall(conn.data_to_send())
 
     def close(self) -> None:
@@ -202,3 +207,25 @@ def test_a_stream_maybe_processed_is_never_sent_again(processes):
         assert backend_streams(admin) == 1
     finally:
         dropper.close()
+
+
+def test_grpc_timeout_is_enforced_on_a_stream_to_an_h2_backend(processes):
+    """A raw client that does not enforce its own deadline, a backend that ignores it and never answers:
+    fastlb answers DEADLINE_EXCEEDED at the call's grpc-timeout (Trailers-Only), cancels the backend
+    stream, and the connection keeps serving."""
+    hanger = FailingBackend("hang")
+    try:
+        port, admin = start_balancer(processes, [hanger.port], "--response-timeout", "2s")
+        with H2Client(port, timeout=20) as client:
+            call = client.request("POST", "/test.Echo/Sleep", headers=[
+                ("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "300m")],
+                body=grpc_frame(b"30"))
+            response = client.wait([call], timeout=15)[call]
+            assert response.status == 200 and response.ended
+            assert response.header("grpc-status") == "4"
+            assert response.header("grpc-message") == "deadline exceeded in fastlb"
+            wait_until(lambda: hanger.resets == 1, what="the backend stream cancelled")
+            assert client.get("/again").status == 504     # the connection still serves (its timeout)
+        assert hanger.requests == 2 and backend_streams(admin) == 2
+    finally:
+        hanger.close()

@@ -26,7 +26,8 @@
 # on. Deadlines: a gRPC call's grpc-timeout (_eh2.pxi's DEADLINE_EXCEEDED), a response head not come
 # within response_timeout (504; gRPC UNAVAILABLE).
 
-from libc.errno cimport EINPROGRESS
+from libc.errno cimport EINPROGRESS, ETIMEDOUT
+from libc.string cimport strerror
 import socket as _socket
 
 cdef enum:
@@ -65,7 +66,8 @@ cdef struct H2Up:
     unsigned char goaway           # the backend said GOAWAY (or the connection failed): no new stream
     unsigned char settled          # the backend's SETTINGS came (its stream limit is known)
     unsigned char flush_due        # in Engine.h2b_due
-    unsigned char dead             # closed: freed after the batch
+    unsigned char dead             # closed: freed after the batch (2: its connect failed)
+    int error                      # the failed connect's errno
     char *pending                  # frames the socket did not take
     uint32_t pending_len
     uint32_t pending_off
@@ -296,6 +298,7 @@ cdef H2Up *h2b_open(Engine self, int slot):
         e.conns.prev = up
     e.conns = up
     if connect(fd, <sockaddr *>&e.addr, e.addrlen) < 0 and errno != EINPROGRESS:
+        up.error = errno
         up.connecting = 0                 # refused at once: failed when its streams are on it (h2b_submit)
         up.goaway = 1
         up.dead = 2                       # (2: the connect failed; freed by h2b_connect_failed)
@@ -897,6 +900,7 @@ cdef void h2b_event(Engine self, H2Up *up, uint32_t ev) except *:
             return
         getsockopt(up.fd, SOL_SOCKET, SO_ERROR, &err, &size)
         if err or ev & (EPOLLERR | EPOLLHUP):
+            up.error = err
             up.connecting = 0
             up.goaway = 1
             up.dead = 2
@@ -1124,8 +1128,9 @@ cdef void h2b_connect_failed(Engine self, H2Up *up) except *:
         if not reported and not u.finished:
             reported = True
             u.finished = 1
-            backend.pool.connect_attempt_failed(backend, ConnectionRefusedError(111, "connect failed"),
-                                                self.now - up.started, [])
+            backend.pool.connect_attempt_failed(
+                backend, OSError(up.error, strerror(up.error).decode()) if up.error else ConnectionError(
+                    "connection closed while connecting"), self.now - up.started, [])
         h2b_again(self, u)
 
 
@@ -1144,6 +1149,7 @@ cdef void h2b_sweep(Engine self) except *:
         while up != NULL:
             next_up = up.next
             if up.connecting and self.now - up.started > self.h2b_slots[slot].connect_timeout:
+                up.error = ETIMEDOUT
                 up.connecting = 0
                 up.dead = 2
                 h2b_connect_failed(self, up)
