@@ -142,6 +142,18 @@ def test_grpc_timeout_is_passed_on_and_enforced_by_fastlb(balancer, served_in_c)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def assert_deadline_exceeded_by_fastlb(client, path: str) -> None:
+    """A gRPC call on `client` (tests/h2_client.py) with a grpc-timeout of 300 ms that neither side ends:
+    fastlb answers DEADLINE_EXCEEDED, Trailers-Only, with its own message."""
+    stream_id = client.request("POST", path, headers=[
+        ("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "300m")],
+        body=grpc_frame(b"x"))
+    response = client.wait([stream_id], timeout=15)[stream_id]
+    assert response.status == 200 and response.ended
+    assert response.header("grpc-status") == "4"          # DEADLINE_EXCEEDED, Trailers-Only
+    assert response.header("grpc-message") == "deadline exceeded in fastlb"
+
+
 def test_grpc_timeout_is_enforced_by_fastlb():
     """A client that does not enforce its own deadline (a raw HTTP/2 client) and a backend that ignores
     it (HTTP/1.1, answering after 30 s): fastlb ends the call at its grpc-timeout, DEADLINE_EXCEEDED, and
@@ -153,13 +165,7 @@ def test_grpc_timeout_is_enforced_by_fastlb():
         processes.fastlb("--mode", "http", "--bind", f"127.0.0.1:{port}", "--backend",
                          f"127.0.0.1:{ports['slow']}", "--response-timeout", "60s")
         with H2Client(port, timeout=20) as client:
-            stream_id = client.request("POST", "/slow?ms=30000", headers=[
-                ("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "300m")],
-                body=grpc_frame(b"x"))
-            response = client.wait([stream_id], timeout=15)[stream_id]
-            assert response.status == 200 and response.ended
-            assert response.header("grpc-status") == "4"          # DEADLINE_EXCEEDED, Trailers-Only
-            assert response.header("grpc-message") == "deadline exceeded in fastlb"
+            assert_deadline_exceeded_by_fastlb(client, "/slow?ms=30000")
             assert client.get("/after").status == 200             # the connection still serves
     finally:
         processes.cleanup()

@@ -11,7 +11,8 @@ import pytest
 
 from h2_client import H2Client, headers_frame, raw_connection, read_frames, request_block
 from procs import Processes, free_port, wait_until
-from test_grpc import CALL_TIMEOUT, backend_streams, grpc_frame, start_grpc_backend
+from test_grpc import (CALL_TIMEOUT, assert_deadline_exceeded_by_fastlb, backend_streams, grpc_frame,
+                       start_grpc_backend)
 
 grpc = pytest.importorskip("grpc", reason="grpcio not installed (the test extras)")
 pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libnghttp2 (libnghttp2-dev)")
@@ -217,13 +218,7 @@ def test_grpc_timeout_is_enforced_on_a_stream_to_an_h2_backend(processes):
     try:
         port, admin = start_balancer(processes, [hanger.port], "--response-timeout", "2s")
         with H2Client(port, timeout=20) as client:
-            call = client.request("POST", "/test.Echo/Sleep", headers=[
-                ("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "300m")],
-                body=grpc_frame(b"30"))
-            response = client.wait([call], timeout=15)[call]
-            assert response.status == 200 and response.ended
-            assert response.header("grpc-status") == "4"
-            assert response.header("grpc-message") == "deadline exceeded in fastlb"
+            assert_deadline_exceeded_by_fastlb(client, "/test.Echo/Sleep")
             wait_until(lambda: hanger.resets == 1, what="the backend stream cancelled")
             assert client.get("/again").status == 504     # the connection still serves (its timeout)
         assert hanger.requests == 2 and backend_streams(admin) == 2

@@ -1016,9 +1016,12 @@ cdef void h2b_flush(Engine self, H2Up *up) except *:
             memcpy(self.h2b_buf + have, data, n)
             have += n
         if have:
-            w = send(up.fd, self.h2b_buf, have, MSG_NOSIGNAL)
+            while True:
+                w = send(up.fd, self.h2b_buf, have, MSG_NOSIGNAL)
+                if w >= 0 or errno != EINTR:
+                    break
             if w < 0:
-                if errno != EAGAIN and errno != EINTR:
+                if errno != EAGAIN:
                     h2b_close(self, up)
                     return
                 w = 0
