@@ -138,8 +138,9 @@ def test_a_backend_stream_that_never_answers_ends_by_the_response_timeout(proces
 
 class FailingBackend:
     """An h2c backend (the `h2` package, a thread of the test) that fails every request it is sent:
-    `refuse` resets each stream REFUSED_STREAM (not processed: it may go to another backend), `drop`
-    closes the connection once a request arrived (maybe processed: it must never be sent again), `hang`
+    `refuse` resets each stream REFUSED_STREAM, `goaway` says GOAWAY below it and closes (not processed
+    either way: it may go to another backend), `drop` closes the connection once a request arrived, and
+    `goaway_kept` says GOAWAY at its stream and closes (maybe processed: it must never be sent again), `hang`
     never answers (and counts the streams fastlb resets)."""
 
     def __init__(self, how: str) -> None:
@@ -171,6 +172,11 @@ class FailingBackend:
                             return
                         if self.how == "refuse":
                             conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                        elif self.how in ("goaway", "goaway_kept"):
+                            kept = event.stream_id if self.how == "goaway_kept" else event.stream_id - 2
+                            conn.close_connection(last_stream_id=max(0, kept))
+                            sock.sendall(conn.data_to_send())
+                            return
                     elif isinstance(event, h2.events.StreamReset):
                         self.resets += 1
                 sock.sendall(conn.data_to_send())
@@ -179,8 +185,9 @@ class FailingBackend:
         self.listener.close()
 
 
-def test_a_refused_stream_goes_to_another_backend(processes):
-    refuser = FailingBackend("refuse")
+@pytest.mark.parametrize("how", ["refuse", "goaway"])
+def test_a_refused_stream_goes_to_another_backend(processes, how):
+    refuser = FailingBackend(how)
     try:
         _, good_port = start_grpc_backend(processes, "ok")
         port, admin = start_balancer(processes, [refuser.port, good_port])
@@ -194,10 +201,12 @@ def test_a_refused_stream_goes_to_another_backend(processes):
         refuser.close()
 
 
-def test_a_stream_maybe_processed_is_never_sent_again(processes):
-    """The backend's connection closes after a request reached it: the call fails UNAVAILABLE, and the
-    request is not sent again (to it or any other), whatever --retries allows."""
-    dropper = FailingBackend("drop")
+@pytest.mark.parametrize("how", ["drop", "goaway_kept"])
+def test_a_stream_maybe_processed_is_never_sent_again(processes, how):
+    """The backend's connection closes after a request reached it (with a GOAWAY that keeps its stream,
+    or without a word): the call fails UNAVAILABLE, and the request is not sent again (to it or any
+    other), whatever --retries allows."""
+    dropper = FailingBackend(how)
     try:
         port, admin = start_balancer(processes, [dropper.port], "--retries", "3")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

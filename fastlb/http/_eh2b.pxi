@@ -933,8 +933,8 @@ cdef void h2b_event(Engine self, H2Up *up, uint32_t ev) except *:
         if rv < 0:
             h2b_close(self, up)
             return
-        if n < SCRATCH:
-            break
+        if n < SCRATCH and not ev & (EPOLLRDHUP | EPOLLHUP):
+            break               # a short read drained the socket (but the peer's close has no edge of its own)
     h2b_flush_soon(self, up)
 
 
