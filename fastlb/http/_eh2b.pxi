@@ -43,6 +43,8 @@ cdef struct H2Up
 cdef struct H2bSlot:
     # Per engine slot (Engine.backends index): whether the engine serves it over HTTP/2 and where it is.
     unsigned char h2
+    unsigned char python           # a proto=h2 backend the engine does not serve (TLS, a host name): its
+                                   # requests are handed to the Python path
     sockaddr_storage addr
     socklen_t addrlen
     double connect_timeout
@@ -120,8 +122,8 @@ cdef h2b_configure(Engine self, glue):
 
 
 cdef h2b_slot(Engine self, int slot, backend):
-    """slot_of's new slot: served over HTTP/2 here when it is a cleartext proto=h2 backend (its address
-    resolved once, as the Python path's create_connection would)."""
+    """slot_of's new slot: served over HTTP/2 here when it is a cleartext proto=h2 backend at an IP
+    address (a host name would be resolved in the event loop, blocking it: the Python path's)."""
     cdef H2bSlot *grown
     cdef H2bSlot *e
     if self.h2b_slot_cap < self.slot_capacity:
@@ -132,12 +134,16 @@ cdef h2b_slot(Engine self, int slot, backend):
         self.h2b_slot_cap = self.slot_capacity
     e = &self.h2b_slots[slot]
     memset(e, 0, sizeof(H2bSlot))
-    if not self.h2b_on or backend.h2 is None or backend.ssl_context is not None:
+    if not self.h2b_on or backend.h2 is None:
+        return
+    e.python = 1
+    if backend.ssl_context is not None:
         return
     try:
-        family, _, _, _, address = _socket.getaddrinfo(backend.host, backend.port, type=_socket.SOCK_STREAM)[0]
+        family, _, _, _, address = _socket.getaddrinfo(backend.host, backend.port, type=_socket.SOCK_STREAM,
+                                                       flags=_socket.AI_NUMERICHOST)[0]
     except OSError:
-        return                        # (the Python path's, which reports it per request)
+        return
     if family == _socket.AF_INET:
         (<sockaddr_in *>&e.addr).sin_family = AF_INET
         (<sockaddr_in *>&e.addr).sin_port = htons(address[1])
@@ -152,6 +158,7 @@ cdef h2b_slot(Engine self, int slot, backend):
         return
     e.connect_timeout = backend.pool.connect_timeout
     e.max_streams = H2B_STREAMS_BEFORE_SETTINGS
+    e.python = 0
     e.h2 = 1
 
 
@@ -184,7 +191,7 @@ cdef bint h2b_place(Engine self, Client *c, object backend, int slot) except *:
     cdef H2UpStream *u
     cdef H2Stream *st
     cdef uint32_t body_at
-    if not h2 and not (c.kind == IS_STREAM and self.h2b_early == c):
+    if not h2 and not self.h2b_slots[slot].python and not (c.kind == IS_STREAM and self.h2b_early == c):
         return False
     if not h2 or c.kind != IS_STREAM:
         # The Python path picks again (its own h2 streams, or the early stream's relayed body).

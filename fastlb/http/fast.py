@@ -24,6 +24,7 @@ gives a connection back to the Python path with the bytes the engine read and di
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -98,8 +99,9 @@ def why_not(runtime, bind, server_tls=None) -> str | None:
         reasons.append("TLS to backends")
     if any(backend.h2 is not None for route in routes for backend in route.pool.backends) \
             and not h2_backends_served(runtime):
-        reasons.append("HTTP/2 backends (proto=h2) other than cleartext ones of one pool without routing "
-                       "rules, sticky sessions or response header rules, with the engine's HTTP/2 on")
+        reasons.append("HTTP/2 backends (proto=h2) other than cleartext ones at IP addresses of one pool "
+                       "without routing rules, sticky sessions or response header rules, with the engine's "
+                       "HTTP/2 on")
     try:
         from fastlb.http import _fast  # noqa: F401
     except ImportError:
@@ -110,8 +112,8 @@ def why_not(runtime, bind, server_tls=None) -> str | None:
 def h2_backends_served(runtime) -> bool:
     """Whether the engine serves HTTP/2 clients' streams to the pool's proto=h2 backends itself
     (fastlb/http/_eh2b.pxi): one pool without routing rules or a sticky rule, its backends all proto=h2
-    in cleartext, no response header rules or HSTS, the engine's HTTP/2 on. (HTTP/1.1 clients of such a
-    pool are handed to the Python path per request.)"""
+    in cleartext at IP addresses, no response header rules or HSTS, the engine's HTTP/2 on. (HTTP/1.1
+    clients of such a pool are handed to the Python path per request.)"""
     try:
         from fastlb.http._fast import H2_ENGINE_ENV
     except ImportError:
@@ -121,8 +123,18 @@ def h2_backends_served(runtime) -> bool:
     return (route is not None and route.sticky is None and runtime.h2 is not None
             and os.environ.get(H2_ENGINE_ENV) != "0"
             and bool(route.pool.backends)
-            and all(backend.h2 is not None and backend.ssl_context is None for backend in route.pool.backends)
+            and all(backend.h2 is not None and backend.ssl_context is None and is_ip_address(backend.host)
+                    for backend in route.pool.backends)
             and not settings.response_block and not settings.response_dropped and not route.hsts_block)
+
+
+def is_ip_address(host: str) -> bool:
+    """A backend host the engine connects to without a lookup (a name would block its event loop)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def handed_over(runtime) -> list[str]:
