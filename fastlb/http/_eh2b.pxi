@@ -134,10 +134,10 @@ cdef h2b_slot(Engine self, int slot, backend):
         self.h2b_slot_cap = self.slot_capacity
     e = &self.h2b_slots[slot]
     memset(e, 0, sizeof(H2bSlot))
-    if not self.h2b_on or backend.h2 is None:
+    if backend.h2 is None:
         return
-    e.python = 1
-    if backend.ssl_context is not None:
+    e.python = 1                      # (also where the engine serves no h2 backend: one added at run time)
+    if not self.h2b_on or backend.h2 is None or backend.ssl_context is not None:
         return
     try:
         family, _, _, _, address = _socket.getaddrinfo(backend.host, backend.port, type=_socket.SOCK_STREAM,
@@ -183,8 +183,8 @@ cdef void h2b_dispatch_early(Engine self, Client *s) except *:
         st.fields_len = st.fields_cap = 0
 
 
-cdef bint h2b_place(Engine self, Client *c, object backend, int slot) except *:
-    """place()'s hook: True when the request went elsewhere than an HTTP/1.1 connection of the engine:
+cdef int h2b_place(Engine self, Client *c, object backend, int slot) except -1:
+    """place()'s hook: 1 when the request went elsewhere than an HTTP/1.1 connection of the engine:
     to an h2 backend here (a stream), to the Python path (an HTTP/1.1 client of an h2 backend, its slot
     given back first; a stream dispatched early to an HTTP/1.1 backend)."""
     cdef bint h2 = self.h2b_slots[slot].h2
@@ -192,13 +192,13 @@ cdef bint h2b_place(Engine self, Client *c, object backend, int slot) except *:
     cdef H2Stream *st
     cdef uint32_t body_at
     if not h2 and not self.h2b_slots[slot].python and not (c.kind == IS_STREAM and self.h2b_early == c):
-        return False
+        return 0
     if not h2 or c.kind != IS_STREAM:
         # The Python path picks again (its own h2 streams, or the early stream's relayed body).
         backend.pool.release(backend)
         c.slot = -1
         self.adopt(c, c.buf, c.req_len, HAND_NO_BACKEND, self.limiter is not None)
-        return True
+        return 1
     st = stream_of(c)
     u = <H2UpStream *>calloc(1, sizeof(H2UpStream))
     if u == NULL:
@@ -224,7 +224,7 @@ cdef bint h2b_place(Engine self, Client *c, object backend, int slot) except *:
     c.deadline_kind = WAIT_BACKEND
     self.h2_backend_streams += 1
     h2b_submit(self, c, slot)
-    return True
+    return 1
 
 
 cdef H2Up *h2b_connection(Engine self, int slot):

@@ -1943,7 +1943,7 @@ cdef class Engine:
         cdef int slot = self.slot_of(backend)
         cdef Backend *b = self.idle[slot]
         c.slot = slot
-        if self.h2b_on and h2b_place(self, c, backend, slot):
+        if h2b_place(self, c, backend, slot):
             return                  # HTTP/2 to backends (_eh2b.pxi), or the Python path's
         if b != NULL:
             self.unpark(b)
