@@ -11,7 +11,7 @@
 # header rules, limits and pick: parse_request, dispatch). A request with a body is dispatched at its
 # HEADERS (h2b_dispatch_early), so its body streams after it (gRPC client streaming and bidi); where
 # place() would put it on an HTTP/1.1 connection it goes to h2b_place instead: the head becomes the
-# backend stream's header list (field_lines), submitted on a connection of the backend (H2Up) with a
+# backend stream's header list, submitted on a connection of the backend (H2Up) with a
 # stream to spare (the backend's SETTINGS_MAX_CONCURRENT_STREAMS), else on a new one. Bodies flow both
 # ways under flow control: the client's DATA is acknowledged (WINDOW_UPDATE) as the backend stream
 # takes it, the backend's as the client stream takes it; response HEADERS, DATA and trailers go on as
@@ -323,10 +323,10 @@ cdef void h2b_submit(Engine self, Client *s, int slot) except *:
     cdef H2Up *up = h2b_connection(self, slot)
     cdef char *r = s.buf + s.req_len
     cdef Py_ssize_t end = s.head_len - s.body_len - 2     # the blank line's CRLF
-    cdef Py_ssize_t sp1 = 0, sp2, line_end, i
-    cdef int count, n, j
+    cdef Py_ssize_t sp1 = 0, sp2, pos, stop, colon, value_start
+    cdef int count, n
     cdef nghttp2_nv *nva
-    cdef FieldLines fields
+    cdef const unsigned char *name
     cdef nghttp2_data_provider provider
     cdef const uint8_t *authority = NULL
     cdef size_t authority_len = 0
@@ -349,25 +349,37 @@ cdef void h2b_submit(Engine self, Client *s, int slot) except *:
     sp2 = sp1 + 1
     while r[sp2] != 32:
         sp2 += 1
-    line_end = find_crlf(r, end + 2) + 2
-    count = count_lines(r + line_end, end - line_end)
+    pos = find_crlf(r, end + 2) + 2
+    count = count_lines(r + pos, end - pos)
     nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (count + 5))
     if nva == NULL:
         raise MemoryError()
-    field_lines(r, line_end, end, nva + 4, count, &fields)
     n = 4
-    for j in range(fields.count):
-        # Host becomes :authority (RFC 9113 8.3.1); TE is sent as "trailers" below (gRPC needs it).
-        if nva[4 + j].namelen == 4 and memcmp(nva[4 + j].name, b"host", 4) == 0:
-            authority, authority_len = nva[4 + j].value, nva[4 + j].valuelen
-            continue
-        if nva[4 + j].namelen == 2 and memcmp(nva[4 + j].name, b"te", 2) == 0:
-            continue
-        if (nva[4 + j].namelen == 12 and memcmp(nva[4 + j].name, b"content-type", 12) == 0
-                and nva[4 + j].valuelen >= 16 and memcmp(nva[4 + j].value, b"application/grpc", 16) == 0):
-            u.grpc = 1
-        nva[n] = nva[4 + j]
-        n += 1
+    # The head's field lines (the engine wrote them: `Name: value` CRLF each): Host becomes :authority
+    # (RFC 9113 8.3.1), TE is sent as "trailers" below (gRPC needs it), connection-specific ones are out
+    # (libnghttp2 lower-cases the names as it copies them).
+    while pos < end:
+        stop = pos + find_crlf(r + pos, end - pos)
+        colon = pos
+        while r[colon] != 58:
+            colon += 1
+        value_start = colon + 1
+        while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
+            value_start += 1
+        name = <const unsigned char *>(r + pos)
+        if colon - pos == 4 and name_is(name, 4, b"host", 4):
+            authority, authority_len = <const uint8_t *>(r + value_start), stop - value_start
+        elif not h2b_hop_by_hop(name, colon - pos):
+            if (colon - pos == 12 and name_is(name, 12, b"content-type", 12) and stop - value_start >= 16
+                    and memcmp(r + value_start, b"application/grpc", 16) == 0):
+                u.grpc = 1
+            nva[n].name = <uint8_t *>(r + pos)
+            nva[n].namelen = colon - pos
+            nva[n].value = <uint8_t *>(r + value_start)
+            nva[n].valuelen = stop - value_start
+            nva[n].flags = NGHTTP2_NV_FLAG_NONE
+            n += 1
+        pos = stop + 2
     h2_field(&nva[0], b":method", b"")
     nva[0].value = <uint8_t *>r
     nva[0].valuelen = sp1
@@ -394,6 +406,22 @@ cdef void h2b_submit(Engine self, Client *s, int slot) except *:
         h2b_unavailable(self, s, 0)
         return
     h2b_flush_soon(self, up)
+
+
+cdef inline bint h2b_hop_by_hop(const unsigned char *name, Py_ssize_t n) noexcept:
+    """A request field not sent as an HTTP/2 field: TE (sent as "trailers") and the connection-specific
+    ones (RFC 9113 8.2.2); any case."""
+    if n == 2:
+        return name_is(name, n, b"te", 2)
+    if n == 10:
+        return name_is(name, n, b"connection", 10) or name_is(name, n, b"keep-alive", 10)
+    if n == 7:
+        return name_is(name, n, b"upgrade", 7)
+    if n == 17:
+        return name_is(name, n, b"transfer-encoding", 17)
+    if n == 16:
+        return name_is(name, n, b"proxy-connection", 16)
+    return False
 
 
 cdef void h2b_detach(Engine self, H2UpStream *u) noexcept:
@@ -557,8 +585,8 @@ cdef int h2b_on_header(nghttp2_session *session, const nghttp2_frame *frame, con
         if valuelen == 3:
             u.status = (value[0] - 48) * 100 + (value[1] - 48) * 10 + (value[2] - 48)
         return 0
-    if namelen and name[0] == 58 or connection_specific(<const char *>name, namelen):
-        return 0
+    if namelen and name[0] == 58:
+        return 0                    # (libnghttp2 refuses connection-specific fields in a response itself)
     need = u.fields_len + FIELD_RECORD + <uint32_t>(namelen + valuelen)
     if need > u.fields_cap:
         grown = <char *>realloc(u.fields, max(need, u.fields_cap * 2, 512))
