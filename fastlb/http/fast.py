@@ -24,7 +24,6 @@ gives a connection back to the Python path with the bytes the engine read and di
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -34,7 +33,7 @@ from fastlb.constants import (KEY_COOKIE, KEY_HEADER, KEY_NONE, KEY_PATH, KEY_QU
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_HOST
 from fastlb.http.protocol import REPLAY_LIMIT, ClientConnection, client_subject_block
-from fastlb.l4 import ACCEPT_PAUSE, DETACHED
+from fastlb.l4 import ACCEPT_PAUSE, DETACHED, is_ip_address
 from fastlb.pool import NoBackendError, QueueError
 from fastlb.tls import format_subject
 
@@ -112,8 +111,9 @@ def why_not(runtime, bind, server_tls=None) -> str | None:
 def h2_backends_served(runtime) -> bool:
     """Whether the engine serves HTTP/2 clients' streams to the pool's proto=h2 backends itself
     (fastlb/http/_eh2b.pxi): one pool without routing rules or a sticky rule, its backends all proto=h2
-    in cleartext at IP addresses, no response header rules or HSTS, the engine's HTTP/2 on. (HTTP/1.1
-    clients of such a pool are handed to the Python path per request.)"""
+    in cleartext at IP addresses (a name would be looked up in the engine's event loop), no response
+    header rules or HSTS, the engine's HTTP/2 on. (HTTP/1.1 clients of such a pool are handed to the
+    Python path per request.)"""
     try:
         from fastlb.http._fast import H2_ENGINE_ENV
     except ImportError:
@@ -126,15 +126,6 @@ def h2_backends_served(runtime) -> bool:
             and all(backend.h2 is not None and backend.ssl_context is None and is_ip_address(backend.host)
                     for backend in route.pool.backends)
             and not settings.response_block and not settings.response_dropped and not route.hsts_block)
-
-
-def is_ip_address(host: str) -> bool:
-    """A backend host the engine connects to without a lookup (a name would block its event loop)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def handed_over(runtime) -> list[str]:
