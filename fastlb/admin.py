@@ -437,6 +437,9 @@ def engine_metrics(view: dict | None):
     yield CounterMetricFamily("fastlb_http_engine_h2_connections", "HTTP/2 client connections the C engine "
                               "served (their streams count as requests, or as handed over)",
                               value=view.get("h2_connections", 0))
+    yield CounterMetricFamily("fastlb_http_engine_h2_backend_streams", "HTTP/2 client streams the C engine "
+                              "sent to proto=h2 backends itself (fastlb/http/_eh2b.pxi)",
+                              value=view.get("h2_backend_streams", 0))
 
 
 def admission_metrics(view: dict | None):

@@ -9,7 +9,7 @@ Messages are raw bytes (identity serializers). Methods of the service `test.Echo
 - Sleep: sleeps the request's seconds (a float), then answers `NAME:slept`;
 - Deadline: answers the grpc-timeout the call arrived with (what fastlb passed on).
 And `grpc.health.v1.Health/Check`, SERVING (protobuf `08 01`) unless the file named by `--health-file`
-says NOT_SERVING.
+says NOT_SERVING. `--max-streams N`: the SETTINGS_MAX_CONCURRENT_STREAMS it announces (default: none).
 Prints `ready` once serving.
 """
 import argparse
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("listen")
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     parser.add_argument("--health-file")
+    parser.add_argument("--max-streams", type=int)
     args = parser.parse_args()
     name, port = args.listen.rsplit(":", 1)
 
@@ -77,7 +78,8 @@ def main() -> None:
     health_handlers = grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
         "Check": grpc.unary_unary_rpc_method_handler(health),
     })
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    options = [("grpc.max_concurrent_streams", args.max_streams)] if args.max_streams else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
     server.add_generic_rpc_handlers((handlers, health_handlers))
     serve(server, port, args.tls)
 

@@ -14,6 +14,7 @@ from fastlb.config import ConfigError
 from h2_client import H2Client
 from pki import CA
 from procs import Processes, free_port, replace_file, wait_until
+from test_http_engine import engine_counts
 
 grpc = pytest.importorskip("grpc", reason="grpcio not installed (the test extras)")
 pytest.importorskip("fastlb.http2._nghttp2", reason="fastlb built without libnghttp2 (libnghttp2-dev)")
@@ -47,19 +48,38 @@ def balancer(http_engine):
     processes = Processes()
     try:
         backends = dict(start_grpc_backend(processes, name) for name in ("g0", "g1"))
-        port = free_port()
-        args = ["--mode", "http", "--bind", f"127.0.0.1:{port}"]
+        port, admin = free_port(), free_port()
+        args = ["--mode", "http", "--bind", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]
         for backend_port in backends.values():
             args += ["--backend", f"127.0.0.1:{backend_port},proto=h2"]
         proc = processes.fastlb(*args)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        yield {"port": port, "channel": channel, "proc": proc}
+        yield {"port": port, "channel": channel, "proc": proc, "admin": admin, "engine": http_engine}
         channel.close()
     finally:
         processes.cleanup()
 
 
-def test_unary_calls_spread_over_the_backends_with_metadata_and_trailers(balancer):
+def backend_streams(admin: int) -> int | None:
+    """Streams the C engine sent to h2 backends itself (fastlb/http/_eh2b.pxi); None: no engine."""
+    counts = engine_counts(admin)
+    return None if counts is None else counts["h2_backend_streams"]
+
+
+@pytest.fixture
+def served_in_c(balancer):
+    """The test's calls reached the h2 backends through the C engine (its counter grew), or, on the
+    Python path, no engine ran at all."""
+    before = backend_streams(balancer["admin"])
+    yield
+    after = backend_streams(balancer["admin"])
+    if balancer["engine"] == "c":
+        assert after > before
+    else:
+        assert before is None and after is None
+
+
+def test_unary_calls_spread_over_the_backends_with_metadata_and_trailers(balancer, served_in_c):
     unary = balancer["channel"].unary_unary("/test.Echo/Unary")
     seen = set()
     for i in range(6):
@@ -73,14 +93,14 @@ def test_unary_calls_spread_over_the_backends_with_metadata_and_trailers(balance
     assert seen == {"g0", "g1"}                   # balanced per call, not per connection
 
 
-def test_server_streaming(balancer):
+def test_server_streaming(balancer, served_in_c):
     stream = balancer["channel"].unary_stream("/test.Echo/ServerStream")
     responses = list(stream(b"50", timeout=CALL_TIMEOUT))
     backend = responses[0].split(b":")[0]
     assert responses == [backend + b":%d" % i for i in range(50)]
 
 
-def test_bidi_streaming_answers_each_message_before_the_next_is_sent(balancer):
+def test_bidi_streaming_answers_each_message_before_the_next_is_sent(balancer, served_in_c):
     bidi = balancer["channel"].stream_stream("/test.Echo/Bidi")
     sent = []
     answered = threading.Semaphore(0)
@@ -101,7 +121,7 @@ def test_bidi_streaming_answers_each_message_before_the_next_is_sent(balancer):
     assert sent == list(range(5))
 
 
-def test_grpc_status_message_and_trailers_of_a_failed_call_arrive_intact(balancer):
+def test_grpc_status_message_and_trailers_of_a_failed_call_arrive_intact(balancer, served_in_c):
     fail = balancer["channel"].unary_unary("/test.Echo/Fail")
     with pytest.raises(grpc.RpcError) as info:
         fail(b"nope", timeout=CALL_TIMEOUT)
@@ -111,7 +131,7 @@ def test_grpc_status_message_and_trailers_of_a_failed_call_arrive_intact(balance
     assert dict(error.trailing_metadata())["x-why"] == "refused"
 
 
-def test_grpc_timeout_is_passed_on_and_enforced_by_fastlb(balancer):
+def test_grpc_timeout_is_passed_on_and_enforced_by_fastlb(balancer, served_in_c):
     deadline = balancer["channel"].unary_unary("/test.Echo/Deadline")
     remaining = float(deadline(b"", timeout=5.0))
     assert 0 < remaining <= 5.1                 # the backend saw the call's deadline (grpc rounds it up)
@@ -120,6 +140,18 @@ def test_grpc_timeout_is_passed_on_and_enforced_by_fastlb(balancer):
     with pytest.raises(grpc.RpcError) as info:
         balancer["channel"].unary_unary("/test.Echo/Sleep")(b"30", timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def assert_deadline_exceeded_by_fastlb(client, path: str) -> None:
+    """A gRPC call on `client` (tests/h2_client.py) with a grpc-timeout of 300 ms that neither side ends:
+    fastlb answers DEADLINE_EXCEEDED, Trailers-Only, with its own message."""
+    stream_id = client.request("POST", path, headers=[
+        ("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "300m")],
+        body=grpc_frame(b"x"))
+    response = client.wait([stream_id], timeout=15)[stream_id]
+    assert response.status == 200 and response.ended
+    assert response.header("grpc-status") == "4"          # DEADLINE_EXCEEDED, Trailers-Only
+    assert response.header("grpc-message") == "deadline exceeded in fastlb"
 
 
 def test_grpc_timeout_is_enforced_by_fastlb():
@@ -133,13 +165,7 @@ def test_grpc_timeout_is_enforced_by_fastlb():
         processes.fastlb("--mode", "http", "--bind", f"127.0.0.1:{port}", "--backend",
                          f"127.0.0.1:{ports['slow']}", "--response-timeout", "60s")
         with H2Client(port, timeout=20) as client:
-            stream_id = client.request("POST", "/slow?ms=30000", headers=[
-                ("content-type", "application/grpc"), ("te", "trailers"), ("grpc-timeout", "300m")],
-                body=grpc_frame(b"x"))
-            response = client.wait([stream_id], timeout=15)[stream_id]
-            assert response.status == 200 and response.ended
-            assert response.header("grpc-status") == "4"          # DEADLINE_EXCEEDED, Trailers-Only
-            assert response.header("grpc-message") == "deadline exceeded in fastlb"
+            assert_deadline_exceeded_by_fastlb(client, "/slow?ms=30000")
             assert client.get("/after").status == 200             # the connection still serves
     finally:
         processes.cleanup()

@@ -300,6 +300,7 @@ cdef struct H2Stream:
     double opened
     uint32_t pending_cap         # the size of the Client's pending buffer (the body for the client)
     uint32_t room                # the bytes its allocation has for the X-Forwarded-* block and address
+    void *up                     # its request on an HTTP/2 backend (_eh2b.pxi's H2UpStream), or NULL
 
 
 cdef inline H2Conn *conn_of(Client *c) noexcept:
@@ -751,6 +752,8 @@ cdef void h2_drop_stream(Engine self, Client *s):
     is freed when it is connected (gone)."""
     cdef Backend *b = s.backend
     cdef H2Stream *st = stream_of(s)
+    if st.up != NULL:
+        h2b_client_gone(self, s)            # HTTP/2 to backends (_eh2b.pxi)
     if st.unconsumed and st.conn != NULL:
         # Its share of the connection's window (a body not passed on in full).
         nghttp2_session_consume_connection(conn_of(st.conn).session, st.unconsumed)
@@ -850,6 +853,9 @@ cdef int h2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, 
     cdef uint8_t kind = frame.hd.type
     cdef bint end = frame.hd.flags & NGHTTP2_FLAG_END_STREAM
     cdef Client *s
+    if end and (kind == NGHTTP2_DATA or kind == NGHTTP2_HEADERS) and h2b_client_end(self, session,
+                                                                                  frame.hd.stream_id):
+        return 0                            # a request streamed to an HTTP/2 backend (_eh2b.pxi)
     if kind == NGHTTP2_HEADERS:
         s = <Client *>nghttp2_session_get_stream_user_data(session, frame.hd.stream_id)
         if s == NULL:
@@ -887,6 +893,8 @@ cdef int h2_on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t 
     cdef Engine self = <Engine>conn_of(c).engine
     cdef Client *s = <Client *>nghttp2_session_get_stream_user_data(session, stream_id)
     cdef H2Stream *st
+    if s != NULL and stream_of(s).up != NULL:
+        return h2b_client_data(self, s, <const char *>data, size)     # to its HTTP/2 backend (_eh2b.pxi)
     if s == NULL or not (stream_of(s).in_body or stream_of(s).relay):
         h2_consume(session, stream_id, size)
         return 0
@@ -1214,6 +1222,8 @@ cdef void h2_request(Engine self, Client *s, bint end) except *:
             # The client waits for 100 Continue before its body: the Python path answers Expect (as
             # for an HTTP/1.1 client, once the request reached a backend), the body is relayed after.
             h2_relay_start(self, s, NULL, 0)
+        elif self.h2b_on and not has_length:
+            h2b_dispatch_early(self, s)     # to an HTTP/2 backend, its body streamed after (_eh2b.pxi)
         return
     st.fields_len = 0               # (the buffer stays with the context: h2_retire)
     at = put(out, at, b"\r\n", 2)
@@ -1259,6 +1269,11 @@ cdef void h2_handed(Engine self, Client *s, const char *data, Py_ssize_t size, i
     cdef int pair[2]
     cdef object inflight = None
     cdef object tls
+    if self.h2b_early == s:
+        # Dispatched at its HEADERS (_eh2b.pxi): handed over with its body relayed as it comes.
+        self.h2b_early = NULL
+        h2_relay_start(self, s, NULL, 0)
+        return
     if st.conn == NULL or socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) < 0:
         if s.backend != NULL:
             b = s.backend
@@ -1795,6 +1810,12 @@ cdef void h2_sweep(Engine self, Client *c):
     while s != NULL:
         next_stream = s.next
         st = stream_of(s)
+        if st.up != NULL:
+            h2b_sweep_stream(self, s)       # a stream to an HTTP/2 backend (_eh2b.pxi)
+            if c.kind != IS_CLIENT:
+                return
+            s = next_stream
+            continue
         if not st.dispatched and st.opened <= self.now - self.http_request_timeout:
             nghttp2_submit_goaway(h.session, NGHTTP2_FLAG_NONE,
                                   nghttp2_session_get_last_proc_stream_id(h.session), NGHTTP2_PROTOCOL_ERROR,

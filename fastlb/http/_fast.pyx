@@ -288,6 +288,7 @@ cdef struct Listener:
 
 include "_etls.pxi"
 include "_eh2.pxi"
+include "_eh2b.pxi"
 
 
 cdef struct CookieEntry:
@@ -580,6 +581,17 @@ cdef class Engine:
     cdef Client *h2_spare          # ended streams' contexts kept for the next streams (h2_retire), and
     cdef Client *h2_retired        # those ended in the batch being handled (spare after it: h2_bury)
     cdef int h2_spare_count
+    # HTTP/2 to backends (_eh2b.pxi): on or off, per slot, the stream dispatched at its HEADERS, the
+    # connections with frames to write at the end of the batch, those closed, their write buffer.
+    cdef bint h2b_on
+    cdef H2bSlot *h2b_slots
+    cdef int h2b_slot_cap
+    cdef Client *h2b_early
+    cdef H2Up **h2b_due
+    cdef int h2b_due_count, h2b_due_cap
+    cdef H2Up *h2b_dead
+    cdef char *h2b_buf
+    cdef public unsigned long long h2_backend_streams
 
     def __cinit__(self):
         self.epfd = -1
@@ -606,6 +618,11 @@ cdef class Engine:
         self.h2_due = NULL
         self.h2_spare = self.h2_retired = NULL
         self.h2_spare_count = 0
+        self.h2b_slots = NULL
+        self.h2b_due = NULL
+        self.h2b_dead = NULL
+        self.h2b_buf = NULL
+        self.h2b_early = NULL
         self.slot_tls = NULL
         self.counts = NULL
         self.max_clients = 1 << 40
@@ -620,6 +637,7 @@ cdef class Engine:
         cdef bytes name
         self.glue = glue
         self.loop = loop
+        h2b_configure(self, glue)
         self.select_now = glue.pool.select_now if glue.pool is not None else None
         self.no_tries = glue.no_tries
         self.counting = glue.observer is not None
@@ -824,6 +842,9 @@ cdef class Engine:
         free(self.h2_request_buf)
         free(self.h2_due)
         h2_free_spares(self)
+        free(self.h2b_slots)
+        free(self.h2b_due)
+        free(self.h2b_buf)
         if self.fresh_line != NULL:
             for i in range(self.slot_count):
                 Py_XDECREF(self.fresh_line[i])
@@ -1385,6 +1406,8 @@ cdef class Engine:
             self.handle_events()
             if self.h2_due_count:
                 h2_flush_due(self)
+            if self.h2b_due_count or self.h2b_dead != NULL:
+                h2b_flush_due(self)         # HTTP/2 to backends (_eh2b.pxi)
         finally:
             self.in_batch = False
             self.h2_due_count = 0
@@ -1412,6 +1435,8 @@ cdef class Engine:
                     self.on_listener_ready(<Listener *>events[i].data.ptr)
                 elif kind == IS_TUNNEL_END:
                     self.pump((<TunnelEnd *>events[i].data.ptr).client)
+                elif kind == IS_H2_UPSTREAM:
+                    h2b_event(self, <H2Up *>events[i].data.ptr, ev)     # _eh2b.pxi
                 elif kind == IS_CLIENT:
                     c = <Client *>events[i].data.ptr
                     if c.state == HANDSHAKE:
@@ -1781,6 +1806,7 @@ cdef class Engine:
         self.fresh_line[size] = NULL
         self.fresh_second[size] = -1
         memset(&self.counts[size], 0, sizeof(SlotCounts))
+        h2b_slot(self, size, backend)          # HTTP/2 to backends (_eh2b.pxi)
         self.backends.append(backend)
         self.slots[backend] = size
         self.slot_count = size + 1
@@ -1964,6 +1990,8 @@ cdef class Engine:
         cdef int slot = self.slot_of(backend)
         cdef Backend *b = self.idle[slot]
         c.slot = slot
+        if h2b_place(self, c, backend, slot):
+            return                  # HTTP/2 to backends (_eh2b.pxi), or the Python path's
         if b != NULL:
             self.unpark(b)
             self.attach(c, b)
@@ -2556,6 +2584,7 @@ cdef class Engine:
             if c.deadline_kind == WAIT_TUNNEL_FLUSH and c.deadline <= self.now:
                 self.end_tunnel(c, False)
             c = next_client
+        h2b_sweep(self)             # HTTP/2 to backends (_eh2b.pxi)
         expire = self.now - self.backend_idle_timeout
         for slot in range(len(self.backends)):
             b = self.idle[slot]
@@ -2575,6 +2604,7 @@ cdef class Engine:
             self.close_client(self.clients)
         while self.tunnels != NULL:
             self.end_tunnel(self.tunnels, False)
+        h2b_close_all(self)
         for slot in range(len(self.backends)):
             while self.idle[slot] != NULL:
                 b = self.idle[slot]

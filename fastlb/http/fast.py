@@ -33,7 +33,7 @@ from fastlb.constants import (KEY_COOKIE, KEY_HEADER, KEY_NONE, KEY_PATH, KEY_QU
 from fastlb.http import errors
 from fastlb.http.headers import H_CONNECTION, H_CONTENT_LENGTH, H_COOKIE, H_DROP, H_HOST
 from fastlb.http.protocol import REPLAY_LIMIT, ClientConnection, client_subject_block
-from fastlb.l4 import ACCEPT_PAUSE, DETACHED
+from fastlb.l4 import ACCEPT_PAUSE, DETACHED, is_ip_address
 from fastlb.pool import NoBackendError, QueueError
 from fastlb.tls import format_subject
 
@@ -96,13 +96,36 @@ def why_not(runtime, bind, server_tls=None) -> str | None:
         reasons.append("the response scanner is not built")
     if any(backend.ssl_context is not None for route in routes for backend in route.pool.backends):
         reasons.append("TLS to backends")
-    if any(backend.h2 is not None for route in routes for backend in route.pool.backends):
-        reasons.append("HTTP/2 backends (proto=h2)")
+    if any(backend.h2 is not None for route in routes for backend in route.pool.backends) \
+            and not h2_backends_served(runtime):
+        reasons.append("HTTP/2 backends (proto=h2) other than cleartext ones at IP addresses of one pool "
+                       "without routing rules, sticky sessions or response header rules, with the engine's "
+                       "HTTP/2 on")
     try:
         from fastlb.http import _fast  # noqa: F401
     except ImportError:
         reasons.append("the engine is not built")
     return "; ".join(reasons) or None
+
+
+def h2_backends_served(runtime) -> bool:
+    """Whether the engine serves HTTP/2 clients' streams to the pool's proto=h2 backends itself
+    (fastlb/http/_eh2b.pxi): one pool without routing rules or a sticky rule, its backends all proto=h2
+    in cleartext at IP addresses (a name would be looked up in the engine's event loop), no response
+    header rules or HSTS, the engine's HTTP/2 on. (HTTP/1.1 clients of such a pool are handed to the
+    Python path per request.)"""
+    try:
+        from fastlb.http._fast import H2_ENGINE_ENV
+    except ImportError:
+        return False
+    route = runtime.router.single
+    settings = runtime.settings
+    return (route is not None and route.sticky is None and runtime.h2 is not None
+            and os.environ.get(H2_ENGINE_ENV) != "0"
+            and bool(route.pool.backends)
+            and all(backend.h2 is not None and backend.ssl_context is None and is_ip_address(backend.host)
+                    for backend in route.pool.backends)
+            and not settings.response_block and not settings.response_dropped and not route.hsts_block)
 
 
 def handed_over(runtime) -> list[str]:
@@ -161,6 +184,7 @@ class FastPath:
         self.access_log = access_log.writer if access_log is not None else None
         self.wall_offset = self.observer.wall_offset if self.observer is not None else 0.0
         self.gate = None                      # the worker's AcceptGate (fastlb/l4.py), set when it has one
+        self.h2_backends_served = h2_backends_served(runtime)
         self.hsts_on = any(route.hsts_block for route in runtime.router.pools.values())
         self.engine = Engine(self, self.loop, runtime.settings, self.route is None,
                              self.route.max_body_size if self.route is not None else 0,
@@ -194,7 +218,8 @@ class FastPath:
         the worker's snapshot (/stats.json "engine", the fastlb_http_engine_* metrics)."""
         engine = self.engine
         return {"requests": engine.served, "handed_over": engine.handed_over(),
-                "tls_handshake_failures": engine.handshake_failures, "h2_connections": engine.h2_connections}
+                "tls_handshake_failures": engine.handshake_failures, "h2_connections": engine.h2_connections,
+                "h2_backend_streams": engine.h2_backend_streams}
 
     def listen(self, sock, bind, server_tls=None, handshake_timeout: float = 0.0) -> None:
         """The engine accepts the bind's connections itself (on a duplicate of its listening socket); a
