@@ -301,3 +301,18 @@ def drain_blocking(sock: socket.socket) -> bytes:
         if not data:
             return rest
         rest += data
+
+
+def test_a_client_whose_close_comes_with_its_last_bytes_is_closed_at_once(target):
+    """The FIN right behind the preface and SETTINGS (often in the same edge-triggered event as them):
+    fastlb reads on to the end and closes, instead of holding the connection to the 60 s idle timeout."""
+    sock = socket.create_connection(("127.0.0.1", target["port"]))
+    try:
+        sock.sendall(PREFACE + SettingsFrame(0).serialize())
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(15)                       # well under the keep-alive timeout (60 s)
+        while sock.recv(1 << 16):
+            pass                                  # fastlb's SETTINGS, maybe a GOAWAY, then the end
+    finally:
+        sock.close()
+    still_serving(target)

@@ -412,8 +412,8 @@ cdef void h2_readable(Engine self, Client *c):
             self.close_client(c)
             return
         h2_receive(self, c, self.scratch, n)
-        if n < SCRATCH and c.tls == NULL:
-            return                  # (plain: a short read drained the socket)
+        if n < SCRATCH and c.tls == NULL and not c.hung_up:
+            return                  # (plain: a short read drained the socket; after a FIN, read its EOF)
 
 
 cdef bint h2_flush(Engine self, Client *c):
