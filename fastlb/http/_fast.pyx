@@ -2204,21 +2204,25 @@ cdef class Engine:
                              max(0.0, c.sent_at - c.started))
 
     cdef void relay_body(self, Client *c, Backend *b):
-        """The rest of a response body, backend -> client, one read at a time: only what the body still
+        """The rest of a response body, backend -> client, RELAY_BYTES at a time: only what the body still
         owes is read (the connection stays in step), and a client that does not keep up stops the
         reading (its pending bytes first; its EPOLLOUT resumes here through flush_client). The sockets
-        are edge-triggered: each step reads until EAGAIN or until the client is full."""
+        are edge-triggered: each call reads until EAGAIN or until the client is full. Between two plain
+        sockets the bytes go through the engine's pipe (splice: no copy to user space and back), else
+        through relay_buf (TLS clients)."""
+        cdef bint through_pipe = c.tls == NULL and self.relay_pipe[0] >= 0
+        cdef size_t size
         cdef ssize_t n, w
-        if c.tls == NULL and self.relay_pipe[0] >= 0:
-            self.splice_body(c, b)
-            return
         while b.body_left > 0:
-            n = recv(b.fd, self.relay_buf, <size_t>min(<long long>RELAY_BYTES, b.body_left), 0)
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    return
+            size = <size_t>min(<long long>RELAY_BYTES, b.body_left)
+            if through_pipe:
+                n = splice(b.fd, NULL, self.relay_pipe[1], NULL, size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            else:
+                n = recv(b.fd, self.relay_buf, size, 0)
+            if n < 0 and errno == EINTR:
+                continue
+            if n < 0 and errno == EAGAIN:
+                return
             if n <= 0:
                 # The backend closed or failed mid-body: the client has a head that promised more, so
                 # its connection ends too (as the Python path cuts it).
@@ -2226,82 +2230,61 @@ cdef class Engine:
                 return
             b.body_left -= n
             c.deadline = self.now + self.response_timeout
-            w = client_send(c, self.relay_buf, n)
-            if w == FAILED:
+            w = self.relay_step_out(c, n, through_pipe)
+            if w == FAILED or (w < n and not self.keep_rest(c, w, n, through_pipe)):
+                if through_pipe:
+                    self.empty_relay_pipe()
                 self.end_relay(c, False)
                 return
             if w < n:
-                c.pending = <char *>malloc(n - w)
-                if c.pending == NULL:
-                    self.end_relay(c, False)
-                    return
-                memcpy(c.pending, self.relay_buf + w, n - w)
-                c.pending_len = <uint32_t>(n - w)
-                c.pending_off = 0
                 return
         self.response_done(c, b)
         self.answered(c)
 
-    cdef void splice_body(self, Client *c, Backend *b):
-        """relay_body between two plain sockets: the bytes go through the engine's pipe without a copy to
-        user space and back (splice). What the client does not take now is read out of the pipe into
-        c.pending, so the pipe is empty for the next relay."""
-        cdef ssize_t n, w, m
-        while b.body_left > 0:
-            n = splice(b.fd, NULL, self.relay_pipe[1], NULL, <size_t>min(<long long>RELAY_BYTES, b.body_left),
-                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    return
-            if n <= 0:
-                self.end_relay(c, True)
-                return
-            b.body_left -= n
-            c.deadline = self.now + self.response_timeout
-            w = 0
-            while w < n:
-                m = splice(self.relay_pipe[0], NULL, c.fd, NULL, <size_t>(n - w), SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-                if m > 0:
-                    w += m
-                elif m < 0 and errno == EINTR:
-                    continue
-                elif m < 0 and errno == EAGAIN:
-                    break
-                else:
-                    self.empty_relay_pipe(n - w)
-                    self.end_relay(c, False)
-                    return
-            if w < n:
-                c.pending = <char *>malloc(n - w)
-                if c.pending == NULL:
-                    self.empty_relay_pipe(n - w)
-                    self.end_relay(c, False)
-                    return
-                c.pending_len = <uint32_t>(n - w)
-                c.pending_off = 0
-                while w < n:
-                    m = read(self.relay_pipe[0], c.pending + c.pending_len - (n - w), <size_t>(n - w))
-                    if m > 0:
-                        w += m
-                    elif m < 0 and errno == EINTR:
-                        continue
-                    else:
-                        break              # (cannot happen: the pipe holds those bytes)
-                return
-        self.response_done(c, b)
-        self.answered(c)
-
-    cdef void empty_relay_pipe(self, ssize_t size):
-        cdef ssize_t m
-        while size > 0:
-            m = read(self.relay_pipe[0], self.relay_buf, <size_t>min(size, <ssize_t>RELAY_BYTES))
-            if m < 0 and errno == EINTR:
+    cdef ssize_t relay_step_out(self, Client *c, ssize_t n, bint through_pipe):
+        """Writes the n bytes relay_body just took to the client: how many it took now, or FAILED."""
+        cdef ssize_t w = 0, m
+        if not through_pipe:
+            return client_send(c, self.relay_buf, n)
+        while w < n:
+            m = splice(self.relay_pipe[0], NULL, c.fd, NULL, <size_t>(n - w), SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if m > 0:
+                w += m
+            elif m < 0 and errno == EINTR:
                 continue
-            if m <= 0:
+            elif m < 0 and errno == EAGAIN:
+                break
+            else:
+                return FAILED
+        return w
+
+    cdef bint keep_rest(self, Client *c, ssize_t w, ssize_t n, bint through_pipe):
+        """Bytes w..n of the step, which the client did not take, into c.pending (out of the pipe: it is
+        empty again for the next relay); False when out of memory."""
+        cdef ssize_t m, got = 0
+        c.pending = <char *>malloc(n - w)
+        if c.pending == NULL:
+            return False
+        if through_pipe:
+            while got < n - w:
+                m = read(self.relay_pipe[0], c.pending + got, <size_t>(n - w - got))
+                if m > 0:
+                    got += m
+                elif not (m < 0 and errno == EINTR):
+                    break              # (cannot happen: the pipe holds those bytes)
+        else:
+            memcpy(c.pending, self.relay_buf + w, n - w)
+        c.pending_len = <uint32_t>(n - w)
+        c.pending_off = 0
+        return True
+
+    cdef void empty_relay_pipe(self):
+        """Drops what a failed step left in the pipe (non-blocking: until it is empty)."""
+        cdef ssize_t m
+        while True:
+            m = read(self.relay_pipe[0], self.relay_buf, RELAY_BYTES)
+            if m <= 0 and not (m < 0 and errno == EINTR):
                 return
-            size -= m
 
     cdef void end_relay(self, Client *c, bint backend_failed):
         """A relayed body cut short (the backend or the client failed, or a timeout): both connections
