@@ -323,10 +323,11 @@ cdef void h2b_submit(Engine self, Client *s, int slot) except *:
     cdef H2Up *up = h2b_connection(self, slot)
     cdef char *r = s.buf + s.req_len
     cdef Py_ssize_t end = s.head_len - s.body_len - 2     # the blank line's CRLF
-    cdef Py_ssize_t sp1 = 0, sp2, pos, stop, colon, value_start
-    cdef int count, n
+    cdef Py_ssize_t sp1 = 0, sp2, pos
+    cdef int i, n
+    cdef FieldLines fields
     cdef nghttp2_nv *nva
-    cdef const unsigned char *name
+    cdef nghttp2_nv *field
     cdef nghttp2_data_provider provider
     cdef const uint8_t *authority = NULL
     cdef size_t authority_len = 0
@@ -350,36 +351,27 @@ cdef void h2b_submit(Engine self, Client *s, int slot) except *:
     while r[sp2] != 32:
         sp2 += 1
     pos = find_crlf(r, end + 2) + 2
-    count = count_lines(r + pos, end - pos)
-    nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (count + 5))
+    fields_start(&fields, count_lines(r + pos, end - pos))
+    nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (fields.room + 5))
     if nva == NULL:
         raise MemoryError()
+    # The head's field lines (the engine wrote them), read as a response's are (field_lines: the
+    # connection-specific ones out), after room for the four pseudo-headers. Then Host becomes :authority
+    # (RFC 9113 8.3.1) and TE is sent as "trailers" below (gRPC needs it).
+    field_lines(r, pos, end, nva + 4, &fields)
     n = 4
-    # The head's field lines (the engine wrote them: `Name: value` CRLF each): Host becomes :authority
-    # (RFC 9113 8.3.1), TE is sent as "trailers" below (gRPC needs it), connection-specific ones are out
-    # (libnghttp2 lower-cases the names as it copies them).
-    while pos < end:
-        stop = pos + find_crlf(r + pos, end - pos)
-        colon = pos
-        while r[colon] != 58:
-            colon += 1
-        value_start = colon + 1
-        while value_start < stop and (r[value_start] == 32 or r[value_start] == 9):
-            value_start += 1
-        name = <const unsigned char *>(r + pos)
-        if colon - pos == 4 and name_is(name, 4, b"host", 4):
-            authority, authority_len = <const uint8_t *>(r + value_start), stop - value_start
-        elif not h2b_hop_by_hop(name, colon - pos):
-            if (colon - pos == 12 and name_is(name, 12, b"content-type", 12) and stop - value_start >= 16
-                    and memcmp(r + value_start, b"application/grpc", 16) == 0):
-                u.grpc = 1
-            nva[n].name = <uint8_t *>(r + pos)
-            nva[n].namelen = colon - pos
-            nva[n].value = <uint8_t *>(r + value_start)
-            nva[n].valuelen = stop - value_start
-            nva[n].flags = NGHTTP2_NV_FLAG_NONE
-            n += 1
-        pos = stop + 2
+    for i in range(4, 4 + fields.count):
+        field = &nva[i]
+        if field.namelen == 4 and name_is(field.name, 4, b"host", 4):
+            authority, authority_len = field.value, field.valuelen
+            continue
+        if field.namelen == 2 and name_is(field.name, 2, b"te", 2):
+            continue
+        if (field.namelen == 12 and name_is(field.name, 12, b"content-type", 12) and field.valuelen >= 16
+                and memcmp(field.value, b"application/grpc", 16) == 0):
+            u.grpc = 1
+        nva[n] = field[0]
+        n += 1
     h2_field(&nva[0], b":method", b"")
     nva[0].value = <uint8_t *>r
     nva[0].valuelen = sp1
@@ -406,22 +398,6 @@ cdef void h2b_submit(Engine self, Client *s, int slot) except *:
         h2b_unavailable(self, s, 0)
         return
     h2b_flush_soon(self, up)
-
-
-cdef inline bint h2b_hop_by_hop(const unsigned char *name, Py_ssize_t n) noexcept:
-    """A request field not sent as an HTTP/2 field: TE (sent as "trailers") and the connection-specific
-    ones (RFC 9113 8.2.2); any case."""
-    if n == 2:
-        return name_is(name, n, b"te", 2)
-    if n == 10:
-        return name_is(name, n, b"connection", 10) or name_is(name, n, b"keep-alive", 10)
-    if n == 7:
-        return name_is(name, n, b"upgrade", 7)
-    if n == 17:
-        return name_is(name, n, b"transfer-encoding", 17)
-    if n == 16:
-        return name_is(name, n, b"proxy-connection", 16)
-    return False
 
 
 cdef void h2b_detach(Engine self, H2UpStream *u) noexcept:
