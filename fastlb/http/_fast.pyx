@@ -2176,7 +2176,6 @@ cdef class Engine:
             # The rest of the body follows: the head and what came of the body go out now, the rest as
             # it comes (relay_body), and the backend connection stays this client's until its end.
             b.body_left = found.body_left
-            b.reused = 0
             c.state = RELAYING
             c.deadline = self.now + self.response_timeout
             c.deadline_kind = WAIT_BACKEND
