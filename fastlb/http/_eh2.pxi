@@ -1764,7 +1764,6 @@ cdef void h2_deadline_exceeded(Engine self, Client *s):
     cdef H2Stream *st = stream_of(s)
     cdef nghttp2_session *session = conn_of(st.conn).session
     cdef Backend *b = s.backend
-    cdef nghttp2_nv nva[4]
     st.grpc_deadline = 0.0
     if b != NULL:
         s.backend = NULL
@@ -1782,12 +1781,20 @@ cdef void h2_deadline_exceeded(Engine self, Client *s):
     else:
         st.submitted = 1
         st.rstate = R_DONE
-        h2_field(&nva[0], b":status", b"200")
-        h2_field(&nva[1], b"content-type", b"application/grpc")
-        h2_field(&nva[2], b"grpc-status", b"4")                 # DEADLINE_EXCEEDED
-        h2_field(&nva[3], b"grpc-message", b"deadline exceeded in fastlb")
-        nghttp2_submit_response(session, st.id, nva, 4, NULL)
+        h2_grpc_only(session, st.id, b"4", b"deadline exceeded in fastlb")        # DEADLINE_EXCEEDED
     h2_flush(self, st.conn)
+
+
+cdef void h2_grpc_only(nghttp2_session *session, int32_t stream_id, const char *status,
+                       const char *message) noexcept:
+    """fastlb's own gRPC answer to a stream nothing of a response reached yet: Trailers-Only (200,
+    application/grpc, grpc-status and grpc-message in the one HEADERS frame)."""
+    cdef nghttp2_nv nva[4]
+    h2_field(&nva[0], b":status", b"200")
+    h2_field(&nva[1], b"content-type", b"application/grpc")
+    h2_field(&nva[2], b"grpc-status", status)
+    h2_field(&nva[3], b"grpc-message", message)
+    nghttp2_submit_response(session, stream_id, nva, 4, NULL)
 
 
 cdef inline void h2_field(nghttp2_nv *nv, const char *name, const char *value) noexcept:

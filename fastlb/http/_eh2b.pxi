@@ -810,7 +810,6 @@ cdef void h2b_unavailable(Engine self, Client *s, uint32_t error_code) noexcept:
     cdef H2Stream *st = stream_of(s)
     cdef H2UpStream *u = up_of(s)
     cdef nghttp2_session *session
-    cdef nghttp2_nv nva[4]
     s.state = WAITING
     s.deadline_kind = WAIT_NONE
     if st.conn == NULL:
@@ -832,11 +831,7 @@ cdef void h2b_unavailable(Engine self, Client *s, uint32_t error_code) noexcept:
                                   error_code if error_code != NGHTTP2_NO_ERROR else NGHTTP2_INTERNAL_ERROR)
     elif u != NULL and u.grpc:
         st.submitted = 1
-        h2_field(&nva[0], b":status", b"200")
-        h2_field(&nva[1], b"content-type", b"application/grpc")
-        h2_field(&nva[2], b"grpc-status", b"14")               # UNAVAILABLE
-        h2_field(&nva[3], b"grpc-message", b"no backend answered in fastlb")
-        nghttp2_submit_response(session, st.id, nva, 4, NULL)
+        h2_grpc_only(session, st.id, b"14", b"no backend answered in fastlb")     # UNAVAILABLE
     else:
         h2_refuse(self, s, b"502")
     if u != NULL:
